@@ -1,0 +1,17 @@
+# Sourced by demo.sh and test.sh: make sure .venv exists and holds the project (and its extras).
+# Usage: ensure_venv [extras]   e.g. ensure_venv dev
+ensure_venv() {
+  local extras=${1:-}
+  local spec="." imports="vitdist, torch, torchvision, timm, webdataset, tensorboard, yaml, tqdm"
+  if [ -n "$extras" ]; then spec=".[$extras]"; fi
+  if [ "$extras" = dev ]; then imports="$imports, pytest"; fi
+  if [ ! -x .venv/bin/python ]; then
+    echo "creating .venv"
+    python3 -m venv .venv
+  fi
+  if ! .venv/bin/python -c "import $imports" 2>/dev/null; then
+    echo "installing vitdist$([ -n "$extras" ] && echo "[$extras]") into .venv (torch is large: a few minutes the first time)"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec"
+  fi
+  export PATH="$PWD/.venv/bin:$PATH"
+}

@@ -1,0 +1,1 @@
+"""vitdist: distributed Vision Transformer pretraining on WebDataset shards."""

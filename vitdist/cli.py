@@ -1,0 +1,46 @@
+"""The `vitdist` command: dataset and config utilities (training itself runs under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitdist", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    shards = commands.add_parser("make-shards", help="turn an ImageFolder (one sub-folder per class) into WebDataset shards")
+    shards.add_argument("src", help="folder with one sub-folder of images per class")
+    shards.add_argument("out", help="output folder for <prefix>-NNNNNN.tar and classes.json")
+    shards.add_argument("--prefix", default="train", help="shard file prefix (default: train)")
+    shards.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
+    shards.add_argument("--max-shard-bytes", type=float, default=1e9, help="start a new shard past this size (default: 1e9)")
+    shards.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle before writing")
+
+    demo = commands.add_parser("demo-data", help="write the built-in shapes dataset as shards")
+    demo.add_argument("out", help="output folder")
+
+    commands.add_parser("config-reference", help="print the config reference (markdown)")
+
+    args = parser.parse_args(argv)
+    if args.command == "make-shards":
+        from .shards import make_shards
+        try:
+            pattern = make_shards(args.src, args.out, args.prefix, args.samples_per_shard, args.max_shard_bytes, args.seed)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"vitdist make-shards: {e}", file=sys.stderr)
+            return 2
+        print(f"shards: {pattern}")
+    elif args.command == "demo-data":
+        from .demo_data import write_demo_dataset
+        for split, pattern in write_demo_dataset(args.out).items():
+            print(f"{split}: {pattern}")
+    else:
+        from .config import reference_markdown
+        print(reference_markdown(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

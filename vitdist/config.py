@@ -1,0 +1,285 @@
+"""Typed run configuration: dataclass sections, loaded from YAML, overridden by `key.sub=value`.
+
+Every key is checked against the dataclasses before any process group starts, so a misspelt
+key or a wrong type fails at once with the key's name, never silently hours later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that vitdist refuses."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _opt("vit_base_patch16_224", "timm architecture name; exports name it so timm.create_model rebuilds the model")
+    img_size: int = _opt(224, "input resolution in pixels (square)")
+    patch_size: int | None = _opt(None, "patch size in pixels; null keeps the arch's own")
+    embed_dim: int | None = _opt(None, "token width; null keeps the arch's own")
+    depth: int | None = _opt(None, "number of encoder blocks; null keeps the arch's own")
+    num_heads: int | None = _opt(None, "attention heads; null keeps the arch's own")
+    mlp_ratio: float | None = _opt(None, "MLP hidden width / token width; null keeps the arch's own")
+    num_classes: int = _opt(1000, "classifier outputs; labels must lie in [0, num_classes)")
+    drop_path_rate: float = _opt(0.0, "stochastic depth rate of the last block (linear from 0)")
+    grad_checkpointing: bool = _opt(False, "recompute every block's activations in backward to save memory")
+
+
+@dataclass
+class DataConfig:
+    train_shards: Union[str, list[str]] = _opt("", "training shards: a brace pattern, a list, or a .txt file of URLs (paths or pipe:)")
+    val_shards: Union[str, list[str], None] = _opt(None, "validation shards, same forms; null: no validation")
+    micro_batch_size: int = _opt(64, "samples per rank per forward/backward; accumulation makes up the global batch")
+    num_workers: int = _opt(4, "loader worker processes per rank")
+    streams: int = _opt(8, "virtual data streams; a multiple of ranks x workers; fixes the data order independently of hardware")
+    shuffle_block: int = _opt(1000, "samples shuffled together within a stream (memory holds the encoded bytes)")
+    seed: int = _opt(0, "seed of shard order and sample shuffling")
+    crop_scale: list[float] = _opt([0.08, 1.0], "RandomResizedCrop area range")
+    crop_ratio: list[float] = _opt([0.75, 1.3333333], "RandomResizedCrop aspect ratio range")
+    hflip: float = _opt(0.5, "probability of a horizontal flip")
+    val_crop_frac: float = _opt(0.875, "validation: resize to img_size / val_crop_frac, then center crop img_size")
+    mean: list[float] = _opt([0.485, 0.456, 0.406], "per-channel normalisation mean (0..1 scale)")
+    std: list[float] = _opt([0.229, 0.224, 0.225], "per-channel normalisation std (0..1 scale)")
+    prefetch_factor: int = _opt(4, "chunks each loader worker prepares ahead")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = _opt(1e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _opt(1000, "optimizer steps of linear warmup")
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to norms, biases, pos_embed, cls_token)")
+    betas: list[float] = _opt([0.9, 0.999], "AdamW betas")
+    eps: float = _opt(1e-8, "AdamW epsilon")
+    clip_grad_norm: float = _opt(1.0, "clip gradients to this global norm; 0 disables clipping")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _opt(10000, "optimizer steps to train")
+    global_batch_size: int = _opt(1024, "samples per optimizer step, over all ranks")
+    precision: Literal["bf16", "fp32"] = _opt("bf16", "autocast dtype of forward/backward; weights and optimizer stay fp32")
+    seed: int = _opt(0, "seed of model initialisation and augmentation")
+    compile: bool = _opt(False, "torch.compile the model")
+    resume: str = _opt("auto", "auto: newest complete checkpoint in run.dir if any; none: start fresh; or a checkpoint path")
+    eval_every_steps: int = _opt(0, "validate every N steps (and at the end); 0: only at the end")
+    label_smoothing: float = _opt(0.1, "label smoothing of the classification loss")
+    mixup_alpha: float = _opt(0.0, "mixup alpha (timm Mixup); 0 disables")
+    cutmix_alpha: float = _opt(0.0, "cutmix alpha (timm Mixup); 0 disables")
+
+
+@dataclass
+class DistConfig:
+    strategy: Literal["ddp"] = _opt("ddp", "data parallelism: ddp")
+    backend: Literal["auto", "nccl", "gloo"] = _opt("auto", "auto: nccl with GPUs, gloo on CPU")
+    timeout_s: int = _opt(600, "collective timeout in seconds")
+
+
+@dataclass
+class CkptConfig:
+    every_steps: int = _opt(1000, "save a checkpoint every N steps (and at the end); 0: only at the end")
+    keep: int = _opt(3, "keep the newest K complete checkpoints; 0 keeps all")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = _opt(10, "console and TensorBoard line every N steps")
+
+
+@dataclass
+class RunConfig:
+    dir: str = _opt("runs/default", "run directory: config.yaml, checkpoints/, tb/")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is Union:
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming the key."""
+    origin = get_origin(tp)
+    if origin is Union:
+        for option in get_args(tp):
+            try:
+                return _check_value(key, value, option)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_check_value(f"{key}[{i}]", v, get_args(tp)[0]) for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    sections = _sections()
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(f"unknown config key '{key}'; keys are <section>.<name> with sections: {', '.join(sections)}")
+    section, name = parts
+    hints = typing.get_type_hints(sections[section])
+    if name not in hints:
+        raise ConfigError(f"unknown config key '{key}'; valid keys in '{section}': {', '.join(hints)}")
+    setattr(getattr(cfg, section), name, _check_value(key, value, hints[name]))
+
+
+def _flatten(tree: Any, source: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
+    flat = {}
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys, got {values!r}")
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` with the value read as YAML (so 1e-3 is a float, [1,2] a list)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then `key.sub=value` overrides, each key checked."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        for key, value in _flatten(tree, str(path)).items():
+            _set(cfg, key, value)
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks of single values that the types cannot express."""
+    positive = {
+        "model.img_size": cfg.model.img_size, "model.num_classes": cfg.model.num_classes,
+        "data.micro_batch_size": cfg.data.micro_batch_size, "data.streams": cfg.data.streams,
+        "data.shuffle_block": cfg.data.shuffle_block, "data.prefetch_factor": cfg.data.prefetch_factor,
+        "train.steps": cfg.train.steps, "train.global_batch_size": cfg.train.global_batch_size,
+        "log.every_steps": cfg.log.every_steps, "dist.timeout_s": cfg.dist.timeout_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    non_negative = {
+        "data.num_workers": cfg.data.num_workers, "optim.warmup_steps": cfg.optim.warmup_steps,
+        "ckpt.every_steps": cfg.ckpt.every_steps, "ckpt.keep": cfg.ckpt.keep,
+        "train.eval_every_steps": cfg.train.eval_every_steps, "optim.lr": cfg.optim.lr,
+        "optim.min_lr": cfg.optim.min_lr,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    for key, value in {"data.crop_scale": cfg.data.crop_scale, "data.crop_ratio": cfg.data.crop_ratio,
+                       "optim.betas": cfg.optim.betas}.items():
+        if len(value) != 2:
+            raise ConfigError(f"config key '{key}' must have 2 numbers, got {value}")
+    for key, value in {"data.mean": cfg.data.mean, "data.std": cfg.data.std}.items():
+        if len(value) != 3:
+            raise ConfigError(f"config key '{key}' must have 3 numbers (RGB), got {value}")
+    if not cfg.data.train_shards:
+        raise ConfigError("config key 'data.train_shards' is empty: give a brace pattern, a list or a .txt file of shards")
+    if cfg.train.global_batch_size % cfg.data.streams:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by data.streams={cfg.data.streams}: "
+            "every global batch takes the same number of samples from each stream")
+
+
+def batch_layout(cfg: Config, world_size: int) -> int:
+    """Gradient accumulation steps for this world size; a layout that cannot divide is a ConfigError."""
+    global_batch, micro, streams = cfg.train.global_batch_size, cfg.data.micro_batch_size, cfg.data.streams
+    slots = world_size * max(1, cfg.data.num_workers)
+    if global_batch % (world_size * micro):
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not divisible by world size {world_size} x "
+            f"data.micro_batch_size={micro}; pick sizes so that global = world x micro x accumulation steps")
+    if streams % slots:
+        raise ConfigError(
+            f"data.streams={streams} is not a multiple of ranks x workers = {world_size} x "
+            f"{max(1, cfg.data.num_workers)} = {slots}; each loader worker must own whole streams")
+    return global_batch // (world_size * micro)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def reference_markdown() -> str:
+    """The config reference table for README.md, generated from the dataclasses."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for section, cls in _sections().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"| `{section}.{f.name}` | {_type_name(hints[f.name])} | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,304 @@
+"""WebDataset shards in, uint8 image batches out.
+
+The order of training samples is a contract: it depends on `data.seed`, the shard list and the
+global batch size only, never on world size, loader workers or micro-batch size. It is built
+from `data.streams` virtual streams. Stream s walks its own share of the shards (a fresh shard
+permutation every epoch) through a block-wise shuffle; each optimizer step takes
+`global_batch_size / streams` samples from every stream. Ranks and loader workers own whole
+streams, so changing the hardware only changes who reads a stream, not what it yields. A
+stream's position is a sample count, so resuming replays it exactly on any world size.
+
+Images leave the workers as uint8 (a quarter of the bytes of float32); normalisation happens
+on the device.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import braceexpand
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from .config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_MAX_WARNINGS = 20
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """Shard URLs from a brace pattern, a list of patterns, or a .txt file with one per line."""
+    if isinstance(spec, str) and spec.endswith(".txt") and not spec.startswith("pipe:"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"shard list file '{spec}' does not exist")
+        spec = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    patterns = [spec] if isinstance(spec, str) else spec
+    urls = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
+    missing = [u for u in urls if not u.startswith(("pipe:", "http:", "https:")) and not Path(u).is_file()]
+    if missing:
+        raise ConfigError(f"{len(missing)} shard file(s) do not exist, first: '{missing[0]}'")
+    if not urls:
+        raise ConfigError(f"no shards in {spec!r}")
+    return urls
+
+
+def _warn_on_read_error(exn: Exception) -> bool:
+    log.warning("skipping the rest of a shard after a read error: %s", exn)
+    return True
+
+
+def read_samples(url: str) -> Iterator[dict]:
+    """Raw samples of one shard: {'__key__', '__url__', ext: bytes}; a truncated tar ends early."""
+    files = tar_file_expander(url_opener([{"url": url}], handler=_warn_on_read_error), handler=_warn_on_read_error)
+    yield from group_by_keys(files, handler=_warn_on_read_error)
+
+
+class BadSample(ValueError):
+    """A sample that is skipped and counted: no image, no label, an undecodable image."""
+
+
+def decode(sample: dict, num_classes: int) -> tuple[Image.Image, int]:
+    """The RGB image and class index of a raw sample, or BadSample."""
+    if "cls" not in sample:
+        raise BadSample("no .cls label")
+    try:
+        label = int(sample["cls"].decode().strip())
+    except ValueError:
+        raise BadSample(f"label {sample['cls'][:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise BadSample(f"label {label} outside [0, {num_classes})")
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if data is None:
+        raise BadSample(f"no image (.jpg/.png/.webp) among {sorted(k for k in sample if not k.startswith('__'))}")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB"), label
+    except Exception as e:
+        raise BadSample(f"undecodable image: {e}") from None
+
+
+def sample_crop(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (left, top, right, bottom), drawn from `rng` (same law as torchvision's)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    # Fall back to a center crop at the nearest allowed aspect ratio.
+    in_ratio = width / height
+    w, h = (width, round(width / ratio[0])) if in_ratio < ratio[0] else (
+        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def train_transform(image: Image.Image, rng: random.Random, cfg: DataConfig, size: int) -> torch.Tensor:
+    box = sample_crop(rng, image.width, image.height, cfg.crop_scale, cfg.crop_ratio)
+    image = image.resize((size, size), Image.BICUBIC, box=box)
+    if rng.random() < cfg.hflip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_uint8_tensor(image)
+
+
+def eval_transform(image: Image.Image, cfg: DataConfig, size: int) -> torch.Tensor:
+    short = round(size / cfg.val_crop_frac)
+    scale = short / min(image.width, image.height)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    left, top = (w - size) // 2, (h - size) // 2
+    image = image.resize((w, h), Image.BICUBIC).crop((left, top, left + size, top + size))
+    return to_uint8_tensor(image)
+
+
+class Stream:
+    """One virtual stream: an endless, deterministic walk over its share of the shards.
+
+    `position` counts raw samples taken (good or bad); a stream built with `position=p`
+    yields exactly what an uninterrupted one yields after p samples.
+    """
+
+    def __init__(self, urls: list[str], stream_id: int, num_streams: int, cfg: DataConfig, position: int = 0):
+        self.urls, self.stream_id, self.num_streams, self.cfg = urls, stream_id, num_streams, cfg
+        self.position = position
+        self._raw = self._walk()
+        for _ in range(position):
+            next(self._raw)
+
+    def _walk(self) -> Iterator[dict]:
+        epoch = 0
+        while True:
+            shards = list(self.urls)
+            random.Random(f"{self.cfg.seed}/shards/{epoch}").shuffle(shards)
+            rng = random.Random(f"{self.cfg.seed}/block/{epoch}/{self.stream_id}")
+            block: list[dict] = []
+            taken = 0
+            for url in shards[self.stream_id :: self.num_streams]:
+                for sample in read_samples(url):
+                    taken += 1
+                    block.append(sample)
+                    if len(block) == self.cfg.shuffle_block:
+                        rng.shuffle(block)
+                        yield from block
+                        block = []
+            if not taken:
+                raise RuntimeError(f"data stream {self.stream_id} found no samples in its shards (epoch {epoch})")
+            rng.shuffle(block)
+            yield from block
+            epoch += 1
+
+    def next_raw(self) -> tuple[dict, random.Random]:
+        """The next raw sample and an augmentation rng seeded by its position (exact on resume)."""
+        sample = next(self._raw)
+        rng = random.Random(f"{self.cfg.seed}/aug/{self.stream_id}/{self.position}")
+        self.position += 1
+        return sample, rng
+
+
+@dataclass
+class Skips:
+    """Bad samples met by one worker, and how many of them were already reported."""
+    count: int = 0
+
+    def report(self, sample: dict, reason: BadSample) -> None:
+        self.count += 1
+        if self.count <= _MAX_WARNINGS:
+            log.warning("skipped sample '%s' in %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
+
+
+class TrainChunks(IterableDataset):
+    """In each worker: round-robin over the worker's streams, one chunk (a collated batch of
+    `global_batch / streams` samples) per stream per optimizer step."""
+
+    def __init__(self, urls, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
+                 chunk_size: int, positions: dict[int, int] | None = None):
+        self.urls, self.cfg, self.img_size, self.num_classes = urls, cfg, img_size, num_classes
+        self.rank, self.world_size, self.chunk_size = rank, world_size, chunk_size
+        self.positions = positions or {}
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        per_rank = self.cfg.streams // self.world_size
+        ids = [self.rank * per_rank + i for i in range(worker, per_rank, num_workers)]
+        streams = [Stream(self.urls, s, self.cfg.streams, self.cfg, self.positions.get(s, 0)) for s in ids]
+        skips = Skips()
+        while True:
+            for stream in streams:
+                yield self._chunk(stream, skips)
+
+    def _chunk(self, stream: Stream, skips: Skips) -> dict:
+        images, labels, keys, skipped_before = [], [], [], skips.count
+        while len(images) < self.chunk_size:
+            sample, rng = stream.next_raw()
+            try:
+                image, label = decode(sample, self.num_classes)
+            except BadSample as reason:
+                skips.report(sample, reason)
+                continue
+            images.append(train_transform(image, rng, self.cfg, self.img_size))
+            labels.append(label)
+            keys.append(sample["__key__"])
+        return {"image": torch.stack(images), "label": torch.tensor(labels), "key": keys,
+                "stream": stream.stream_id, "position": stream.position, "skipped": skips.count - skipped_before}
+
+
+def check_shards(cfg: DataConfig) -> list[str]:
+    """The training shard URLs, refused (ConfigError) when missing or too few for the streams."""
+    urls = expand_urls(cfg.train_shards)
+    if len(urls) < cfg.streams:
+        raise ConfigError(
+            f"{len(urls)} training shard(s) for data.streams={cfg.streams}, which must be a multiple of ranks x "
+            "workers: every stream needs at least one shard; write more, smaller shards or lower data.streams")
+    if cfg.val_shards:
+        expand_urls(cfg.val_shards)
+    return urls
+
+
+class TrainLoader:
+    """Yields, per optimizer step, this rank's share of the global batch: one chunk from each of
+    its streams, in stream order. `positions` (stream -> samples taken) is what a checkpoint saves."""
+
+    def __init__(self, cfg: DataConfig, img_size: int, num_classes: int, global_batch_size: int,
+                 rank: int, world_size: int, positions: dict[int, int] | None = None, pin_memory: bool = False):
+        urls = check_shards(cfg)
+        self.per_rank = cfg.streams // world_size
+        self.positions = {int(k): v for k, v in (positions or {}).items()}
+        chunks = TrainChunks(urls, cfg, img_size, num_classes, rank, world_size,
+                             global_batch_size // cfg.streams, self.positions)
+        # The loader's round-robin over workers meets the workers' round-robin over their
+        # streams, so the first `per_rank` items are exactly one chunk of every stream.
+        self.loader = DataLoader(chunks, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
+                                 prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+                                 persistent_workers=cfg.num_workers > 0)
+
+    def __iter__(self) -> Iterator[dict]:
+        chunks = iter(self.loader)
+        while True:
+            step = sorted((next(chunks) for _ in range(self.per_rank)), key=lambda c: c["stream"])
+            for c in step:
+                self.positions[c["stream"]] = c["position"]
+            yield {"image": torch.cat([c["image"] for c in step]), "label": torch.cat([c["label"] for c in step]),
+                   "key": [k for c in step for k in c["key"]], "skipped": sum(c["skipped"] for c in step)}
+
+
+class EvalSamples(IterableDataset):
+    """Every validation sample exactly once over all ranks and workers: whole shards per slot when
+    there are enough of them, else every slot reads all shards and keeps every n-th sample."""
+
+    def __init__(self, urls, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int):
+        self.urls, self.cfg, self.img_size, self.num_classes = urls, cfg, img_size, num_classes
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        slots, slot = self.world_size * num_workers, self.rank * num_workers + worker
+        by_shard = len(self.urls) >= slots
+        urls = self.urls[slot::slots] if by_shard else self.urls
+        skips = Skips()
+        index = 0
+        for url in urls:
+            for sample in read_samples(url):
+                index += 1
+                if not by_shard and (index - 1) % slots != slot:
+                    continue
+                try:
+                    image, label = decode(sample, self.num_classes)
+                except BadSample as reason:
+                    skips.report(sample, reason)
+                    continue
+                yield {"image": eval_transform(image, self.cfg, self.img_size), "label": label}
+
+
+def eval_loader(cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
+                pin_memory: bool = False) -> DataLoader:
+    dataset = EvalSamples(expand_urls(cfg.val_shards), cfg, img_size, num_classes, rank, world_size)
+    return DataLoader(dataset, batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, pin_memory=pin_memory)
+
+
+def normalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """uint8 NCHW on the device -> normalised float32."""
+    mean = torch.tensor(cfg.mean, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std

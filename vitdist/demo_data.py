@@ -1,0 +1,69 @@
+"""A built-in dataset a ViT can learn on a CPU in minutes: shapes drawn at random colour,
+position, scale and rotation on a noisy background, one class per shape."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .shards import make_shards
+
+CLASSES = ("circle", "ring", "square", "frame", "triangle", "diamond", "plus", "cross")
+
+
+def _polygon(cx: float, cy: float, r: float, corners: int, turn: float) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(turn + 2 * math.pi * k / corners), cy + r * math.sin(turn + 2 * math.pi * k / corners))
+            for k in range(corners)]
+
+
+def draw_shape(name: str, size: int, rng: random.Random) -> Image.Image:
+    background = tuple(rng.randrange(256) for _ in range(3))
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 12, (size, size, 3))
+    image = Image.fromarray(np.clip(np.array(background) + noise, 0, 255).astype(np.uint8))
+    # Foreground far from the background in at least one channel, so every shape is visible.
+    foreground = tuple((c + rng.randrange(96, 160)) % 256 for c in background)
+    draw = ImageDraw.Draw(image)
+    r = rng.uniform(0.2, 0.4) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    turn = rng.uniform(-0.3, 0.3)
+    width = max(2, round(r * 0.35))
+    if name == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=foreground)
+    elif name == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=foreground, width=width)
+    elif name == "square":
+        draw.polygon(_polygon(cx, cy, r * 1.2, 4, turn + math.pi / 4), fill=foreground)
+    elif name == "frame":
+        draw.polygon(_polygon(cx, cy, r * 1.2, 4, turn + math.pi / 4), outline=foreground, width=width)
+    elif name == "triangle":
+        draw.polygon(_polygon(cx, cy, r * 1.2, 3, turn - math.pi / 2), fill=foreground)
+    elif name == "diamond":
+        draw.polygon(_polygon(cx, cy, r * 1.2, 4, turn), fill=foreground)
+    else:  # plus, cross: two bars, upright or diagonal
+        base = turn + (math.pi / 4 if name == "cross" else 0.0)
+        for angle in (base, base + math.pi / 2):
+            dx, dy = r * math.cos(angle), r * math.sin(angle)
+            draw.line((cx - dx, cy - dy, cx + dx, cy + dy), fill=foreground, width=width)
+    return image
+
+
+def write_demo_dataset(out_dir: str | Path, train_per_class: int = 600, val_per_class: int = 100,
+                       image_size: int = 40, samples_per_shard: int = 300, seed: int = 0) -> dict[str, str]:
+    """Draw the images as an ImageFolder under `out_dir/images`, then shard them with make-shards,
+    as a user would. Returns the brace patterns of the train and val shards."""
+    out_dir = Path(out_dir)
+    rng = random.Random(seed)
+    patterns = {}
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for name in CLASSES:
+            folder = out_dir / "images" / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                draw_shape(name, image_size, rng).save(folder / f"{name}_{i:05d}.png")
+        patterns[split] = make_shards(out_dir / "images" / split, out_dir / "shards", prefix=split,
+                                      samples_per_shard=samples_per_shard, seed=seed, progress=False)
+    return patterns

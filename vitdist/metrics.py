@@ -1,0 +1,33 @@
+"""Scalars to TensorBoard and the console, from rank 0 only."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_CONSOLE = {  # tag -> (short name, format)
+    "train/loss": ("loss", "{:.4f}"), "train/lr": ("lr", "{:.2e}"), "train/grad_norm": ("grad_norm", "{:.3f}"),
+    "perf/images_per_sec": ("img/s", "{:.1f}"), "perf/data_wait_frac": ("data_wait", "{:.1%}"),
+    "data/skipped": ("skipped", "{:.0f}"), "val/loss": ("val_loss", "{:.4f}"), "val/top1": ("val_top1", "{:.2%}"),
+}
+
+
+class MetricLogger:
+    def __init__(self, tb_dir: str | Path, total_steps: int, enabled: bool):
+        self.total_steps, self.writer = total_steps, None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(tb_dir))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+        fields = [f"{_CONSOLE[t][0]} {_CONSOLE[t][1].format(v)}" for t, v in scalars.items() if t in _CONSOLE]
+        print(f"step {step}/{self.total_steps} | " + " | ".join(fields), file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

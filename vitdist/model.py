@@ -1,0 +1,40 @@
+"""The ViT: timm's VisionTransformer, so that a saved state dict loads in timm by name + kwargs."""
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from .config import ConfigError, ModelConfig
+
+
+def timm_kwargs(cfg: ModelConfig) -> dict:
+    """Arguments to `timm.create_model(cfg.arch, **kwargs)` that rebuild this architecture."""
+    kwargs = {"img_size": cfg.img_size, "num_classes": cfg.num_classes}
+    for name in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"):
+        if getattr(cfg, name) is not None:
+            kwargs[name] = getattr(cfg, name)
+    return kwargs
+
+
+def build_model(cfg: ModelConfig) -> VisionTransformer:
+    if not timm.is_model(cfg.arch):
+        raise ConfigError(f"model.arch '{cfg.arch}' is not a timm model; e.g. {', '.join(timm.list_models('vit_*')[:5])}")
+    model = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate, **timm_kwargs(cfg))
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"model.arch '{cfg.arch}' builds a {type(model).__name__}, not a VisionTransformer")
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Build the model on the meta device (no memory, no compute) so that an impossible
+    architecture is a ConfigError before any process group starts."""
+    with torch.device("meta"):
+        try:
+            build_model(cfg)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"timm cannot build model.arch '{cfg.arch}' with {timm_kwargs(cfg)}: {e}") from None
+    if cfg.img_size % (cfg.patch_size or 1):
+        raise ConfigError(f"model.img_size={cfg.img_size} is not a multiple of model.patch_size={cfg.patch_size}")

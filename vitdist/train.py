@@ -1,0 +1,172 @@
+"""The pretraining loop: model, optimizer, data and objective in; checkpoints and curves out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, distributed
+from .config import Config, batch_layout, save_config
+from .data import TrainLoader, eval_loader, normalize
+from .metrics import MetricLogger
+from .model import build_model
+from .objective import Classification
+from .optim import build_optimizer
+from .schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Window:
+    """What happened since the last log line, summed on this rank."""
+    loss: torch.Tensor | float = 0.0
+    grad_norm: torch.Tensor | float = 0.0
+    steps: int = 0
+    images: int = 0
+    data_wait_s: float = 0.0
+    skipped: int = 0
+    start: float = 0.0
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Random draws on the device (drop path, mixup) depend on (seed, rank, step) only, so a resumed
+    run draws what the uninterrupted one would have."""
+    torch.manual_seed(hash((seed, rank, step)) % 2**63)
+    np.random.seed([seed, rank, step])
+
+
+def pretrain(cfg: Config) -> Path:
+    """Run (or resume) pretraining under torchrun, or as one process. Returns the last checkpoint."""
+    ctx = distributed.init(cfg.dist)
+    try:
+        return _pretrain(cfg, ctx)
+    finally:
+        distributed.close()
+
+
+def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
+    accum_steps = batch_layout(cfg, ctx.world_size)
+    run_dir, ckpt_dir = Path(cfg.run.dir), Path(cfg.run.dir) / "checkpoints"
+    if ctx.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model).to(ctx.device)
+    optimizer = build_optimizer(model, cfg.optim)
+    objective = Classification(cfg.train, cfg.model.num_classes)
+
+    step, positions, skipped_total = 0, {}, 0
+    resume_from = checkpoint.resume_path(cfg.train.resume, ckpt_dir)
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model, optimizer)
+        step, positions, skipped_total = state["step"], state["data_positions"], state["skipped"]
+        log.info("resumed from %s at step %d", resume_from, step)
+
+    if cfg.train.compile:
+        model.compile()  # in place, so state dict keys carry no _orig_mod. prefix
+    dp_model = distributed.parallelize(model, cfg.dist, ctx)
+    pin = ctx.device.type == "cuda"
+    loader = TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, cfg.train.global_batch_size,
+                         ctx.rank, ctx.world_size, positions, pin_memory=pin)
+    val_loader = (eval_loader(cfg.data, cfg.model.img_size, cfg.model.num_classes, ctx.rank, ctx.world_size, pin)
+                  if cfg.data.val_shards else None)
+    logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main)
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    if ctx.is_main:
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{cfg.model.arch}: {params / 1e6:.2f}M params | {ctx.world_size} rank(s) on {ctx.device.type} | "
+              f"global batch {cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x "
+              f"{accum_steps} accumulation step(s) | steps {step} -> {cfg.train.steps}", flush=True)
+
+    batches = iter(loader)
+    window = Window(start=time.perf_counter())
+    last_ckpt = resume_from
+    while step < cfg.train.steps:
+        wait_start = time.perf_counter()
+        batch = next(batches)
+        window.data_wait_s += time.perf_counter() - wait_start
+        window.skipped += batch["skipped"]
+
+        seed_step(cfg.train.seed, ctx.rank, step)
+        lr = lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
+                   total_steps=cfg.train.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = normalize(batch["image"].to(ctx.device, non_blocking=True), cfg.data)
+        labels = batch["label"].to(ctx.device, non_blocking=True)
+        micro_batches = zip(images.split(cfg.data.micro_batch_size), labels.split(cfg.data.micro_batch_size))
+        for i, (x, y) in enumerate(micro_batches):
+            with distributed.grad_sync(dp_model, enabled=i == accum_steps - 1):
+                with autocast:
+                    loss = objective(dp_model, x, y) / accum_steps
+                loss.backward()
+            window.loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window.grad_norm += grad_norm.detach()
+        window.steps += 1
+        window.images += cfg.train.global_batch_size
+
+        scalars = {}
+        if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
+            scalars.update(_window_scalars(window, lr, ctx))
+            skipped_total += int(scalars.pop("data/skipped_in_window"))
+            scalars["data/skipped"] = skipped_total
+            window = Window(start=time.perf_counter())
+        if val_loader is not None and (step == cfg.train.steps or (
+                cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)):
+            scalars.update(evaluate(model, val_loader, cfg, ctx, autocast))
+        if scalars:
+            logger.log(step, scalars)
+        if step == cfg.train.steps or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0):
+            train_state = {"step": step, "data_positions": loader.positions, "skipped": skipped_total}
+            last_ckpt = checkpoint.save(ckpt_dir, step, model, optimizer, train_state, cfg.ckpt.keep)
+
+    logger.close()
+    if ctx.is_main:
+        print(f"checkpoint: {last_ckpt}\ntensorboard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
+    return last_ckpt
+
+
+def _window_scalars(window: Window, lr: float, ctx: distributed.DistContext) -> dict:
+    elapsed = time.perf_counter() - window.start
+    sums = distributed.all_reduce_sum(torch.stack([
+        torch.as_tensor(window.loss, dtype=torch.float32, device=ctx.device),
+        torch.tensor(float(window.skipped), device=ctx.device),
+        torch.tensor(window.data_wait_s / elapsed, device=ctx.device)]))
+    return {
+        "train/loss": sums[0].item() / (window.steps * ctx.world_size),
+        "train/lr": lr,
+        "train/grad_norm": float(window.grad_norm) / window.steps,
+        "perf/images_per_sec": window.images / elapsed,
+        "perf/data_wait_frac": sums[2].item() / ctx.world_size,
+        "data/skipped_in_window": sums[1].item(),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistContext, autocast) -> dict:
+    """Loss and top-1 over the whole validation set, every sample counted once over all ranks."""
+    model.eval()
+    totals = torch.zeros(3, device=ctx.device)  # loss sum, correct, count
+    for batch in loader:
+        images = normalize(batch["image"].to(ctx.device, non_blocking=True), cfg.data)
+        labels = batch["label"].to(ctx.device, non_blocking=True)
+        with autocast:
+            logits = model(images).float()
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                               (logits.argmax(-1) == labels).sum().float(),
+                               torch.tensor(float(len(labels)), device=ctx.device)])
+    model.train()
+    totals = distributed.all_reduce_sum(totals)
+    count = max(totals[2].item(), 1.0)
+    return {"val/loss": totals[0].item() / count, "val/top1": totals[1].item() / count}
