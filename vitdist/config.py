@@ -7,6 +7,7 @@ key or a wrong type fails at once with the key's name, never silently hours late
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ class DataConfig:
     val_crop_frac: float = _opt(0.875, "validation: resize to img_size / val_crop_frac, then center crop img_size")
     mean: list[float] = _opt([0.485, 0.456, 0.406], "per-channel normalisation mean (0..1 scale)")
     std: list[float] = _opt([0.229, 0.224, 0.225], "per-channel normalisation std (0..1 scale)")
-    prefetch_factor: int = _opt(4, "chunks each loader worker prepares ahead")
+    prefetch_steps: int = _opt(2, "optimizer steps of data each loader worker prepares ahead")
 
 
 @dataclass
@@ -117,10 +118,14 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
-    if get_origin(tp) is Union:
+    if _is_union(tp):
         return " | ".join(_type_name(a) for a in get_args(tp))
     if get_origin(tp) is list:
         return f"list[{_type_name(get_args(tp)[0])}]"
@@ -130,7 +135,7 @@ def _type_name(tp: Any) -> str:
 def _check_value(key: str, value: Any, tp: Any) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming the key."""
     origin = get_origin(tp)
-    if origin is Union:
+    if _is_union(tp):
         for option in get_args(tp):
             try:
                 return _check_value(key, value, option)
@@ -148,6 +153,11 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -219,7 +229,7 @@ def validate(cfg: Config) -> None:
     positive = {
         "model.img_size": cfg.model.img_size, "model.num_classes": cfg.model.num_classes,
         "data.micro_batch_size": cfg.data.micro_batch_size, "data.streams": cfg.data.streams,
-        "data.shuffle_block": cfg.data.shuffle_block, "data.prefetch_factor": cfg.data.prefetch_factor,
+        "data.shuffle_block": cfg.data.shuffle_block, "data.prefetch_steps": cfg.data.prefetch_steps,
         "train.steps": cfg.train.steps, "train.global_batch_size": cfg.train.global_batch_size,
         "log.every_steps": cfg.log.every_steps, "dist.timeout_s": cfg.dist.timeout_s,
     }
@@ -281,5 +291,7 @@ def reference_markdown() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"| `{section}.{f.name}` | {_type_name(hints[f.name])} | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {f.metadata['help']} |")
+            shown = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
+            type_name = _type_name(hints[f.name]).replace("|", "\\|")
+            lines.append(f"| `{section}.{f.name}` | {type_name} | `{shown}` | {f.metadata['help']} |")
     return "\n".join(lines) + "\n"

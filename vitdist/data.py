@@ -248,8 +248,9 @@ class TrainLoader:
                              global_batch_size // cfg.streams, self.positions)
         # The loader's round-robin over workers meets the workers' round-robin over their
         # streams, so the first `per_rank` items are exactly one chunk of every stream.
+        workers = max(1, cfg.num_workers)
         self.loader = DataLoader(chunks, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
-                                 prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+                                 prefetch_factor=cfg.prefetch_steps * self.per_rank // workers if cfg.num_workers else None,
                                  persistent_workers=cfg.num_workers > 0)
 
     def __iter__(self) -> Iterator[dict]:

@@ -1,0 +1,44 @@
+"""Shared fixtures: small real shards of the built-in dataset, and real training processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> dict[str, str]:
+    """16 train shards of 32 samples (512) and 4 val shards of 16 (64): real PNGs, real tars."""
+    from vitdist.demo_data import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), train_per_class=64, val_per_class=8,
+                              samples_per_shard=32, seed=0)
+
+
+def shard_overrides(shards: dict[str, str]) -> list[str]:
+    return [f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}"]
+
+
+def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=nproc launch/pretrain.py` on the tiny config; nproc=0 runs the
+    script directly, as one process without torchrun."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    cmd = [*launcher, str(REPO / "launch" / "pretrain.py"), "--config", str(TINY), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar curve in a TensorBoard directory, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

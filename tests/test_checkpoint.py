@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import TINY
+from vitdist import checkpoint
+from vitdist.config import load_config
+from vitdist.model import build_model
+from vitdist.optim import build_optimizer
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A real one-rank gloo group in this process (multi-rank saves are covered by test_train)."""
+    from vitdist.distributed import _free_port
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def trained_pair(seed):
+    cfg = load_config(TINY)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_save_then_load_restores_model_optimizer_and_state(tmp_path, process_group):
+    model, optimizer = trained_pair(0)
+    path = checkpoint.save(tmp_path, 7, model, optimizer, {"step": 7, "data_positions": {"0": 12}}, keep=0)
+    assert path == tmp_path / "step_7" and (path / ".metadata").is_file()
+    assert json.loads((path / "train_state.json").read_text()) == {"step": 7, "data_positions": {"0": 12}}
+
+    other, other_optimizer = trained_pair(1)
+    assert not torch.equal(other.pos_embed, model.pos_embed)
+    state = checkpoint.load(path, other, other_optimizer)
+    assert state["step"] == 7
+    for (name, p), q in zip(model.state_dict().items(), other.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+    for p, q in zip(model.parameters(), other.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(other_optimizer.state[q][key], optimizer.state[p][key], rtol=0, atol=0)
+
+
+def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group):
+    model, optimizer = trained_pair(0)
+    for step in (10, 20):
+        checkpoint.save(tmp_path, step, model, optimizer, {"step": step}, keep=0)
+    (tmp_path / "step_30.tmp").mkdir()  # a save killed half-way
+    (tmp_path / "step_30.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    assert checkpoint.resume_path("auto", tmp_path) == tmp_path / "step_20"
+    assert checkpoint.resume_path("none", tmp_path) is None
+    assert checkpoint.resume_path("auto", tmp_path / "empty") is None
+    assert checkpoint.resume_path(str(tmp_path / "step_10"), tmp_path) == tmp_path / "step_10"
+    with pytest.raises(FileNotFoundError, match="step_30.tmp' is not a complete checkpoint"):
+        checkpoint.resume_path(str(tmp_path / "step_30.tmp"), tmp_path)
+
+
+def test_keep_counts_complete_checkpoints_and_partials_go_once_superseded(tmp_path, process_group):
+    model, optimizer = trained_pair(0)
+    (tmp_path / "step_15.tmp").mkdir(parents=True)
+    (tmp_path / "step_45.tmp").mkdir()
+    for step in (10, 20, 30, 40):
+        checkpoint.save(tmp_path, step, model, optimizer, {"step": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_30", "step_40", "step_45.tmp"]
+    checkpoint.save(tmp_path, 45, model, optimizer, {"step": 45}, keep=2)  # the killed step saved again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_40", "step_45"]

@@ -1,0 +1,119 @@
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY
+from vitdist.config import ConfigError, Config, batch_layout, load_config, reference_markdown, save_config
+
+SHARDS = "data.train_shards=/x/train-{0..3}.tar"
+
+
+def test_yaml_then_overrides_typed_as_yaml():
+    cfg = load_config(TINY, ["optim.lr=1e-2", "train.steps=7", "model.grad_checkpointing=true",
+                             "data.crop_scale=[0.3, 1]", "data.val_shards=null", "run.dir=runs/x"])
+    assert cfg.optim.lr == 0.01 and cfg.train.steps == 7 and cfg.model.grad_checkpointing is True
+    assert cfg.data.crop_scale == [0.3, 1.0] and all(isinstance(v, float) for v in cfg.data.crop_scale)
+    assert cfg.data.val_shards is None and cfg.run.dir == "runs/x"
+    assert cfg.model.embed_dim == 128  # from the file, untouched by the overrides
+    assert cfg.train.global_batch_size == 128 and cfg.dist.strategy == "ddp"  # file value; default
+
+
+def test_every_shipped_config_loads():
+    for path in (REPO / "configs").rglob("*.yaml"):
+        load_config(path)
+
+
+def test_vit_b16_is_the_paper_size():
+    cfg = load_config(REPO / "configs/pretrain/vit_b16.yaml")
+    from vitdist.model import build_model
+    import torch
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    assert len(model.blocks) == 12 and model.embed_dim == 768 and model.blocks[0].attn.num_heads == 12
+    assert model.blocks[0].mlp.fc1.out_features == 3072 and cfg.model.img_size == 224
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'; valid keys in 'optim': lr, min_lr"),
+    ("optimizer.lr=1", "unknown config key 'optimizer.lr'; keys are <section>.<name> with sections: model, data"),
+    ("lr=1", "unknown config key 'lr'"),
+    ("optim.lr=fast", "config key 'optim.lr' must be float, got 'fast'"),
+    ("train.steps=1.5", "config key 'train.steps' must be int, got 1.5"),
+    ("train.steps=true", "config key 'train.steps' must be int, got True"),
+    ("model.grad_checkpointing=1", "config key 'model.grad_checkpointing' must be bool, got 1"),
+    ("train.precision=fp16", "config key 'train.precision' must be 'bf16' | 'fp32', got 'fp16'"),
+    ("dist.strategy=zero", "config key 'dist.strategy' must be 'ddp'"),
+    ("data.crop_scale=[0.1, x]", "config key 'data.crop_scale[1]' must be float, got 'x'"),
+    ("data.crop_scale=0.5", "config key 'data.crop_scale' must be list[float], got 0.5"),
+    ("model.num_classes=null", "config key 'model.num_classes' must be int, got None"),
+    ("model.patch_size=true", "config key 'model.patch_size' must be int | null, got True"),
+    ("model.patch_size=8.5", "config key 'model.patch_size' must be int | null, got 8.5"),
+    ("data.val_shards=3", "config key 'data.val_shards' must be str | list[str] | null, got 3"),
+    ("train.steps", "override 'train.steps' is not of the form key.sub=value"),
+    ("optim.betas=[0.9, 0.99, 0.5]", "config key 'optim.betas' must have 2 numbers"),
+    ("train.steps=0", "config key 'train.steps' must be positive, got 0"),
+    ("optim.warmup_steps=-1", "config key 'optim.warmup_steps' must be >= 0"),
+    ("data.streams=3", "train.global_batch_size=128 is not divisible by data.streams=3"),
+    ("data.train_shards=''", "config key 'data.train_shards' is empty"),
+    ("data.train_shards=[]", "config key 'data.train_shards' is empty"),
+])
+def test_refusals_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert message in str(e.value)
+
+
+def test_bad_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="config file '.*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml' is not valid YAML"):
+        load_config(bad)
+    bad.write_text("model: 3\n")
+    with pytest.raises(ConfigError, match="section 'model' must be a mapping"):
+        load_config(bad)
+    bad.write_text("model:\n  depht: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.depht'; valid keys in 'model': arch, img_size"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("world, micro, workers, message", [
+    (3, 64, 1, "train.global_batch_size=128 is not divisible by world size 3 x data.micro_batch_size=64"),
+    (2, 48, 1, "not divisible by world size 2 x data.micro_batch_size=48"),
+    (4, 32, 3, "data.streams=16 is not a multiple of ranks x workers = 4 x 3 = 12"),
+])
+def test_batch_layout_refusals(world, micro, workers, message):
+    cfg = load_config(TINY, [f"data.micro_batch_size={micro}", f"data.num_workers={workers}"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        batch_layout(cfg, world)
+
+
+def test_batch_layout_accumulation():
+    cfg = load_config(TINY, ["data.micro_batch_size=16"])
+    assert batch_layout(cfg, 1) == 8 and batch_layout(cfg, 2) == 4 and batch_layout(cfg, 8) == 1
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(TINY, ["optim.lr=0.5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 0.5
+
+
+def test_readme_reference_is_current():
+    readme = (REPO / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate with: vitdist config-reference"
+    assert set(Config.__dataclass_fields__) == {"model", "data", "optim", "train", "dist", "ckpt", "log", "run"}
+
+
+def test_entry_point_refuses_before_any_process_group(tmp_path):
+    """A bad key exits with code 2 and the key's name, before torch.distributed is touched."""
+    run = subprocess.run([sys.executable, "launch/pretrain.py", "--config", str(TINY), "optim.lrr=1",
+                          f"run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "config error: unknown config key 'optim.lrr'" in run.stderr
+    assert not (tmp_path / "config.yaml").exists()

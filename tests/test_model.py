@@ -1,0 +1,79 @@
+import copy
+
+import pytest
+import timm
+import torch
+
+from conftest import TINY
+from vitdist.config import ConfigError, load_config
+from vitdist.model import build_model, check_model, timm_kwargs
+from vitdist.optim import build_optimizer
+
+
+def tiny_model(*overrides):
+    cfg = load_config(TINY, list(overrides))
+    torch.manual_seed(0)
+    return build_model(cfg.model), cfg
+
+
+def test_state_dict_loads_in_timm_by_arch_name():
+    model, cfg = tiny_model()
+    reference = timm.create_model(cfg.model.arch, pretrained=False, **timm_kwargs(cfg.model))
+    reference.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), reference.eval()
+    torch.testing.assert_close(reference(x), model(x), rtol=0, atol=0)
+    assert type(reference) is type(model)
+
+
+def test_architecture_follows_the_config():
+    model, _ = tiny_model("model.depth=3", "model.embed_dim=64", "model.num_heads=2", "model.num_classes=5")
+    assert len(model.blocks) == 3 and model.embed_dim == 64 and model.head.out_features == 5
+    assert model.patch_embed.patch_size == (8, 8) and model.pos_embed.shape == (1, 1 + 16, 64)
+    assert model.cls_token is not None
+
+
+def test_grad_checkpointing_recomputes_blocks_and_changes_nothing():
+    model, _ = tiny_model()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    calls = {"plain": 0, "ckpt": 0}
+    # Pre-hooks: the recomputation stops early, once it has what backward needs, so post-hooks miss it.
+    model.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("plain", calls["plain"] + 1))
+    checkpointed.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("ckpt", calls["ckpt"] + 1))
+    x = torch.randn(4, 3, 32, 32)
+    for m in (model, checkpointed):
+        m(x).square().mean().backward()
+    assert calls == {"plain": 1, "ckpt": 2}  # the block ran again in backward: activations were not kept
+    torch.testing.assert_close(checkpointed(x), model(x), rtol=0, atol=0)
+    for (name, p), q in zip(model.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_grad_checkpointing_flag_from_config():
+    model, _ = tiny_model("model.grad_checkpointing=true")
+    assert model.grad_checkpointing
+
+
+def test_weight_decay_groups():
+    model, cfg = tiny_model()
+    optimizer = build_optimizer(model, cfg.optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"pos_embed", "cls_token", "norm.weight", "norm.bias", "blocks.0.norm1.weight", "head.bias",
+            "blocks.0.attn.qkv.bias"} <= no_decay
+    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.weight"} <= decay
+    assert decay | no_decay == set(names.values()) and not decay & no_decay
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.arch=vit_nonexistent", "model.arch 'vit_nonexistent' is not a timm model"),
+    ("model.arch=beit_base_patch16_224", "builds a Beit, not a VisionTransformer"),
+    ("model.arch=resnet18", "timm cannot build model.arch 'resnet18'"),
+    ("model.num_heads=3", "dim should be divisible by num_heads"),
+    ("model.img_size=36", "model.img_size=36 is not a multiple of model.patch_size=8"),
+])
+def test_impossible_models_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_model(load_config(TINY, [override]).model)
