@@ -9,10 +9,8 @@ import logging
 import os
 import sys
 
-from vitdist.config import ConfigError, batch_layout, load_config
-from vitdist.data import check_shards
-from vitdist.model import check_model
-from vitdist.train import pretrain
+from vitdist.config import ConfigError, load_config
+from vitdist.train import preflight, pretrain
 
 
 def main() -> int:
@@ -22,9 +20,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)
-        batch_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        check_shards(cfg.data)
-        check_model(cfg.model)
+        preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

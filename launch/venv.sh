@@ -11,7 +11,11 @@ ensure_venv() {
   fi
   if ! .venv/bin/python -c "import $imports" 2>/dev/null; then
     echo "installing vitdist$([ -n "$extras" ] && echo "[$extras]") into .venv (torch is large: a few minutes the first time)"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec"
+    if ! .venv/bin/python -m pip install --disable-pip-version-check -e "$spec" > .venv/install.log 2>&1; then
+      tail -n 30 .venv/install.log
+      echo "installing into .venv failed; the whole log is .venv/install.log" >&2
+      return 1
+    fi
   fi
   export PATH="$PWD/.venv/bin:$PATH"
 }

@@ -2,22 +2,12 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from conftest import TINY
 from vitdist import checkpoint
 from vitdist.config import load_config
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A real one-rank gloo group in this process (multi-rank saves are covered by test_train)."""
-    from vitdist.distributed import _free_port
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def trained_pair(seed):

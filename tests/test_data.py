@@ -1,6 +1,7 @@
 import io
 import json
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -13,12 +14,12 @@ from PIL import Image
 
 from conftest import REPO, TINY
 from vitdist.config import ConfigError, load_config
-from vitdist.data import EvalSamples, TrainLoader, check_shards, expand_urls, sample_crop
+from vitdist.data import EvalSamples, TrainLoader, train_shard_urls, expand_urls, sample_crop
 from vitdist.shards import make_shards
 
 
 def data_cfg(shards, *overrides):
-    return load_config(TINY, [f"data.train_shards={shards['train']}", *overrides])
+    return load_config(TINY, [f"data.train_shards={shards['train']}", "data.val_shards=null", *overrides])
 
 
 def keys_by_step(cfg, world_size, steps, positions=None):
@@ -107,9 +108,15 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
 
 
 def test_fewer_shards_than_streams_is_a_clear_error(demo_shards):
-    cfg = data_cfg(demo_shards, "data.streams=32", "train.global_batch_size=128")
-    with pytest.raises(ConfigError, match=r"16 training shard\(s\) for data.streams=32"):
-        check_shards(cfg.data)
+    cfg = data_cfg(demo_shards, "data.streams=32", "train.global_batch_size=128", "data.num_workers=2")
+    with pytest.raises(ConfigError, match=re.escape("16 training shard(s) for data.streams=32 (at least ranks x workers = 8 x 2)")):
+        train_shard_urls(cfg.data, 8)
+
+
+def test_resume_with_other_streams_is_refused(demo_shards):
+    cfg = data_cfg(demo_shards, "data.num_workers=0")
+    with pytest.raises(ConfigError, match="positions of 4 data streams, the config has data.streams=16"):
+        TrainLoader(cfg.data, 32, 8, 128, 0, 1, positions={s: 10 for s in range(4)})
 
 
 def test_shard_specs(demo_shards, tmp_path):

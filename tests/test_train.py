@@ -1,5 +1,7 @@
 """Real training runs: torchrun processes, gloo process groups, shards, TensorBoard files."""
 
+import json
+
 import yaml
 import pytest
 import timm
@@ -43,6 +45,9 @@ def test_pretrain_on_2_ranks_then_resume(demo_shards, tmp_path):
     # The checkpoint is timm's model under the same name: convert, load strictly into timm.
     ckpt = run_dir / "checkpoints" / "step_30"
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step_15", "step_30"]
+    positions = json.loads((ckpt / "train_state.json").read_text())["data_positions"]
+    assert sorted(map(int, positions)) == list(range(16))  # every stream, from both ranks
+    assert sum(positions.values()) == 30 * 64  # samples taken (no bad samples in these shards)
     dcp_to_torch_save(ckpt, tmp_path / "flat.pt")
     weights = torch.load(tmp_path / "flat.pt", weights_only=True)["model"]
     cfg = load_config(run_dir / "config.yaml")

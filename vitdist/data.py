@@ -223,15 +223,13 @@ class TrainChunks(IterableDataset):
                 "stream": stream.stream_id, "position": stream.position, "skipped": skips.count - skipped_before}
 
 
-def check_shards(cfg: DataConfig) -> list[str]:
+def train_shard_urls(cfg: DataConfig, world_size: int) -> list[str]:
     """The training shard URLs, refused (ConfigError) when missing or too few for the streams."""
     urls = expand_urls(cfg.train_shards)
     if len(urls) < cfg.streams:
         raise ConfigError(
-            f"{len(urls)} training shard(s) for data.streams={cfg.streams}, which must be a multiple of ranks x "
-            "workers: every stream needs at least one shard; write more, smaller shards or lower data.streams")
-    if cfg.val_shards:
-        expand_urls(cfg.val_shards)
+            f"{len(urls)} training shard(s) for data.streams={cfg.streams} (at least ranks x workers = {world_size} x "
+            f"{max(1, cfg.num_workers)}): every stream needs a shard; write more, smaller shards or lower data.streams")
     return urls
 
 
@@ -241,7 +239,10 @@ class TrainLoader:
 
     def __init__(self, cfg: DataConfig, img_size: int, num_classes: int, global_batch_size: int,
                  rank: int, world_size: int, positions: dict[int, int] | None = None, pin_memory: bool = False):
-        urls = check_shards(cfg)
+        urls = train_shard_urls(cfg, world_size)
+        if positions and len(positions) != cfg.streams:
+            raise ConfigError(f"the checkpoint holds positions of {len(positions)} data streams, the config has "
+                              f"data.streams={cfg.streams}: resume with the streams the run started with")
         self.per_rank = cfg.streams // world_size
         self.positions = {int(k): v for k, v in (positions or {}).items()}
         chunks = TrainChunks(urls, cfg, img_size, num_classes, rank, world_size,

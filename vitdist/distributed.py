@@ -57,9 +57,7 @@ def close() -> None:
 
 
 def parallelize(model: torch.nn.Module, cfg: DistConfig, ctx: DistContext) -> torch.nn.Module:
-    # ViT has no buffers that change in training, so there is nothing to broadcast each step.
-    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
@@ -73,3 +71,10 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def merge_across_ranks(local: dict) -> dict:
+    """The union of every rank's small dict (e.g. the positions of the data streams each rank owns)."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from . import checkpoint, distributed
 from .config import Config, batch_layout, save_config
-from .data import TrainLoader, eval_loader, normalize
+from .data import TrainLoader, eval_loader, expand_urls, normalize, train_shard_urls
 from .metrics import MetricLogger
-from .model import build_model
+from .model import build_model, check_model
 from .objective import Classification
 from .optim import build_optimizer
 from .schedule import lr_at
@@ -40,6 +40,16 @@ def seed_step(seed: int, rank: int, step: int) -> None:
     run draws what the uninterrupted one would have."""
     torch.manual_seed(hash((seed, rank, step)) % 2**63)
     np.random.seed([seed, rank, step])
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Everything that can be refused before a process group starts (ConfigError): the batch
+    layout for this world size, the shard lists, the architecture."""
+    batch_layout(cfg, world_size)
+    train_shard_urls(cfg.data, world_size)
+    if cfg.data.val_shards:
+        expand_urls(cfg.data.val_shards)
+    check_model(cfg.model)
 
 
 def pretrain(cfg: Config) -> Path:
@@ -128,7 +138,8 @@ def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
         if scalars:
             logger.log(step, scalars)
         if step == cfg.train.steps or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0):
-            train_state = {"step": step, "data_positions": loader.positions, "skipped": skipped_total}
+            positions = distributed.merge_across_ranks(loader.positions)
+            train_state = {"step": step, "data_positions": positions, "skipped": skipped_total}
             last_ckpt = checkpoint.save(ckpt_dir, step, model, optimizer, train_state, cfg.ckpt.keep)
 
     logger.close()

@@ -1,0 +1,70 @@
+"""The pieces of one training step: gradient sync, precision, objective."""
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from conftest import TINY
+from vitdist import distributed
+from vitdist.config import load_config
+from vitdist.model import build_model
+from vitdist.objective import Classification
+from vitdist.optim import build_optimizer
+
+
+def tiny(*overrides):
+    cfg = load_config(TINY, list(overrides))
+    torch.manual_seed(0)
+    return build_model(cfg.model), cfg
+
+
+def test_accumulation_micro_steps_do_not_all_reduce(process_group):
+    model, cfg = tiny()
+    ctx = distributed.DistContext(0, 1, 0, torch.device("cpu"))
+    dp_model = distributed.parallelize(model, cfg.dist, ctx)
+    assert isinstance(dp_model, DistributedDataParallel)
+    reduced = []
+
+    def count(state, bucket):
+        reduced.append(bucket.index())
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    dp_model.register_comm_hook(None, count)
+    objective = Classification(cfg.train, cfg.model.num_classes)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 8, (8,))
+    for i, (xs, ys) in enumerate(zip(x.split(2), y.split(2))):
+        with distributed.grad_sync(dp_model, enabled=i == 3):
+            objective(dp_model, xs, ys).backward()
+        assert (len(reduced) > 0) == (i == 3), f"micro-step {i}"
+    assert sorted(set(reduced)) == sorted(reduced)  # each bucket once, on the last micro-step
+
+
+def test_bf16_autocast_keeps_fp32_weights_grads_and_optimizer_state():
+    model, cfg = tiny()
+    optimizer = build_optimizer(model, cfg.optim)
+    objective = Classification(cfg.train, cfg.model.num_classes)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 8, (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16  # the matmuls ran in bf16
+        loss = objective(model, x, y)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    optimizer.step()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+
+
+def test_objective_label_smoothing_and_mixup():
+    model, cfg = tiny()
+    model.eval()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 8, (8,))
+    plain = Classification(load_config(TINY, ["train.label_smoothing=0.0"]).train, 8)(model, x, y)
+    expected = torch.nn.functional.cross_entropy(model(x), y)
+    torch.testing.assert_close(plain, expected)
+    smoothed = Classification(load_config(TINY, ["train.label_smoothing=0.1"]).train, 8)(model, x, y)
+    assert not torch.allclose(smoothed, plain)
+    mixed = Classification(load_config(TINY, ["train.mixup_alpha=0.8", "train.cutmix_alpha=1.0"]).train, 8)
+    assert mixed.mixup is not None
+    loss = mixed(model, x, y)
+    assert torch.isfinite(loss) and not torch.allclose(loss, smoothed)
