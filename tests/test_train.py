@@ -62,13 +62,13 @@ def test_pretrain_on_2_ranks_then_resume(demo_shards, tmp_path):
     assert (run_dir / "checkpoints" / "step_40" / ".metadata").is_file()
 
 
-def first_losses(shards, tmp_path, name, nproc, micro, workers):
+def first_losses(shards, tmp_path, name, nproc, micro, workers, *extra):
     run_dir = tmp_path / name
     run = run_pretrain(nproc, [*shard_overrides(shards), "data.val_shards=null", f"run.dir={run_dir}",
                                "train.steps=3", "log.every_steps=1", "ckpt.every_steps=0", "train.precision=fp32",
                                "model.drop_path_rate=0.0", "train.label_smoothing=0.0", "optim.warmup_steps=1",
                                "train.global_batch_size=64", f"data.micro_batch_size={micro}",
-                               f"data.num_workers={workers}"])
+                               f"data.num_workers={workers}", *extra])
     assert run.returncode == 0, run.stderr[-3000:]
     return [v for _, v in read_scalars(run_dir / "tb")["train/loss"]]
 
@@ -81,6 +81,18 @@ def test_one_and_two_ranks_see_the_same_global_batch(demo_shards, tmp_path):
     small_micro = first_losses(demo_shards, tmp_path, "two_small", nproc=2, micro=16, workers=2)
     assert single[0] == pytest.approx(double[0], rel=1e-5) == pytest.approx(small_micro[0], rel=1e-5)
     assert single == pytest.approx(double, rel=1e-4) and single == pytest.approx(small_micro, rel=1e-4)
+
+
+def test_compiled_model_trains_like_eager_and_saves_clean_keys(demo_shards, tmp_path):
+    """torch.compile (inductor, here on the CPU) changes speed, not results, and no _orig_mod. prefix
+    reaches the checkpoint."""
+    eager = first_losses(demo_shards, tmp_path, "eager", 0, 32, 1)
+    compiled = first_losses(demo_shards, tmp_path, "compiled", 0, 32, 1, "train.compile=true")
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    dcp_to_torch_save(tmp_path / "compiled" / "checkpoints" / "step_3", tmp_path / "flat.pt")
+    weights = torch.load(tmp_path / "flat.pt", weights_only=True)["model"]
+    cfg = load_config(tmp_path / "compiled" / "config.yaml")
+    timm.create_model(cfg.model.arch, **timm_kwargs(cfg.model)).load_state_dict(weights, strict=True)
 
 
 @pytest.mark.parametrize("override, message", [
