@@ -126,12 +126,9 @@ def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
         window.steps += 1
         window.images += cfg.train.global_batch_size
 
-        scalars = {}
-        if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
-            scalars.update(_window_scalars(window, lr, ctx))
-            skipped_total += int(scalars.pop("data/skipped_in_window"))
-            scalars["data/skipped"] = skipped_total
-            window = Window(start=time.perf_counter())
+        at_log_step = step % cfg.log.every_steps == 0 or step == cfg.train.steps
+        scalars = _window_scalars(window, lr, skipped_total, ctx) if at_log_step else {}
+        skipped_total = int(scalars.get("data/skipped", skipped_total))
         if val_loader is not None and (step == cfg.train.steps or (
                 cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)):
             scalars.update(evaluate(model, val_loader, cfg, ctx, autocast))
@@ -141,6 +138,8 @@ def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
             positions = distributed.merge_across_ranks(loader.positions)
             train_state = {"step": step, "data_positions": positions, "skipped": skipped_total}
             last_ckpt = checkpoint.save(ckpt_dir, step, model, optimizer, train_state, cfg.ckpt.keep)
+        if at_log_step:
+            window = Window(start=time.perf_counter())  # validation and checkpoint time stay out of perf/
 
     logger.close()
     if ctx.is_main:
@@ -148,7 +147,7 @@ def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
     return last_ckpt
 
 
-def _window_scalars(window: Window, lr: float, ctx: distributed.DistContext) -> dict:
+def _window_scalars(window: Window, lr: float, skipped_before: int, ctx: distributed.DistContext) -> dict:
     elapsed = time.perf_counter() - window.start
     sums = distributed.all_reduce_sum(torch.stack([
         torch.as_tensor(window.loss, dtype=torch.float32, device=ctx.device),
@@ -160,7 +159,7 @@ def _window_scalars(window: Window, lr: float, ctx: distributed.DistContext) -> 
         "train/grad_norm": float(window.grad_norm) / window.steps,
         "perf/images_per_sec": window.images / elapsed,
         "perf/data_wait_frac": sums[2].item() / ctx.world_size,
-        "data/skipped_in_window": sums[1].item(),
+        "data/skipped": skipped_before + sums[1].item(),
     }
 
 
