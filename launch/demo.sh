@@ -14,6 +14,7 @@ if [ ! -f "$data_dir/shards/classes.json" ]; then
   vitdist demo-data "$data_dir"
 fi
 
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one per process: the ranks and loader workers share the cores
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -gt 0 ]; then
   nproc=1
