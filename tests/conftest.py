@@ -26,13 +26,26 @@ def shard_overrides(shards: dict[str, str]) -> list[str]:
     return [f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}"]
 
 
-def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300) -> subprocess.CompletedProcess:
+def pretrain_command(nproc: int, overrides: list[str]) -> list[str]:
     """`torchrun --nproc_per_node=nproc launch/pretrain.py` on the tiny config; nproc=0 runs the
     script directly, as one process without torchrun."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    cmd = [*launcher, str(REPO / "launch" / "pretrain.py"), "--config", str(TINY), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    return [*launcher, str(REPO / "launch" / "pretrain.py"), "--config", str(TINY), *overrides]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(pretrain_command(nproc, overrides), cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def start_pretrain(nproc: int, overrides: list[str], log_path: Path) -> subprocess.Popen:
+    """A run in the background, in its own process group (so a test can signal or kill all of it)."""
+    log = open(log_path, "w")
+    return subprocess.Popen(pretrain_command(nproc, overrides), cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:

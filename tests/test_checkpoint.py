@@ -5,7 +5,7 @@ import torch
 
 from conftest import TINY
 from vitdist import checkpoint
-from vitdist.config import load_config
+from vitdist.config import CkptConfig, load_config
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer
 
@@ -22,9 +22,11 @@ def trained_pair(seed):
 
 def test_save_then_load_restores_model_optimizer_and_state(tmp_path, process_group):
     model, optimizer = trained_pair(0)
-    path = checkpoint.save(tmp_path, 7, model, optimizer, {"step": 7, "data_positions": {"0": 12}}, keep=0)
+    saver = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=0), {"arch": "x"})
+    path = saver.save(7, model, optimizer, {"step": 7, "data_positions": {"0": [0, 1, 2]}})
     assert path == tmp_path / "step_7" and (path / ".metadata").is_file()
-    assert json.loads((path / "train_state.json").read_text()) == {"step": 7, "data_positions": {"0": 12}}
+    assert json.loads((path / "train_state.json").read_text()) == {"step": 7, "data_positions": {"0": [0, 1, 2]}}
+    assert json.loads((path / "model.json").read_text()) == {"arch": "x"}
 
     other, other_optimizer = trained_pair(1)
     assert not torch.equal(other.pos_embed, model.pos_embed)
@@ -39,8 +41,9 @@ def test_save_then_load_restores_model_optimizer_and_state(tmp_path, process_gro
 
 def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group):
     model, optimizer = trained_pair(0)
+    saver = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=0), {})
     for step in (10, 20):
-        checkpoint.save(tmp_path, step, model, optimizer, {"step": step}, keep=0)
+        saver.save(step, model, optimizer, {"step": step})
     (tmp_path / "step_30.tmp").mkdir()  # a save killed half-way
     (tmp_path / "step_30.tmp" / "__0_0.distcp").write_bytes(b"partial")
     assert checkpoint.resume_path("auto", tmp_path) == tmp_path / "step_20"
@@ -55,8 +58,21 @@ def test_keep_counts_complete_checkpoints_and_partials_go_once_superseded(tmp_pa
     model, optimizer = trained_pair(0)
     (tmp_path / "step_15.tmp").mkdir(parents=True)
     (tmp_path / "step_45.tmp").mkdir()
+    saver = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=2), {})
     for step in (10, 20, 30, 40):
-        checkpoint.save(tmp_path, step, model, optimizer, {"step": step}, keep=2)
+        saver.save(step, model, optimizer, {"step": step})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_30", "step_40", "step_45.tmp"]
-    checkpoint.save(tmp_path, 45, model, optimizer, {"step": 45}, keep=2)  # the killed step saved again
+    saver.save(45, model, optimizer, {"step": 45})  # the killed step saved again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_40", "step_45"]
+
+
+def test_keep_every_and_async_save(tmp_path, process_group):
+    model, optimizer = trained_pair(0)
+    saver = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=1, keep_every=20, async_save=True), {})
+    for step in (10, 20, 30, 40, 50):
+        saver.save(step, model, optimizer, {"step": step})
+    saver.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_20", "step_40", "step_50"]
+    other, other_optimizer = trained_pair(1)
+    assert checkpoint.load(tmp_path / "step_50", other, other_optimizer) == {"step": 50}
+    torch.testing.assert_close(other.state_dict(), model.state_dict(), rtol=0, atol=0)

@@ -51,11 +51,13 @@ def test_global_batches_do_not_depend_on_ranks_or_workers(demo_shards):
     assert keys_by_step(data_cfg(demo_shards, "data.num_workers=0", "data.seed=1"), 1, 6) != reference
 
 
-def test_stream_positions_resume_exactly(demo_shards):
-    cfg = data_cfg(demo_shards, "data.num_workers=1")
+@pytest.mark.parametrize("block, steps", [(128, 3), (10, 5), (10, 8)])
+def test_stream_positions_resume_exactly(demo_shards, block, steps):
+    """Resume mid-block, mid-shard and at an epoch boundary (8 steps x 8 samples = 2 shards of 32)."""
+    cfg = data_cfg(demo_shards, "data.num_workers=1", f"data.shuffle_block={block}")
     loader = TrainLoader(cfg.data, 32, 8, 128, 0, 1)
     batches = iter(loader)
-    for _ in range(3):
+    for _ in range(steps):
         next(batches)
     positions = dict(loader.positions)
     expected = [next(batches) for _ in range(3)]
@@ -116,7 +118,7 @@ def test_fewer_shards_than_streams_is_a_clear_error(demo_shards):
 def test_resume_with_other_streams_is_refused(demo_shards):
     cfg = data_cfg(demo_shards, "data.num_workers=0")
     with pytest.raises(ConfigError, match="positions of 4 data streams, the config has data.streams=16"):
-        TrainLoader(cfg.data, 32, 8, 128, 0, 1, positions={s: 10 for s in range(4)})
+        TrainLoader(cfg.data, 32, 8, 128, 0, 1, positions={s: (0, 0, 10) for s in range(4)})
 
 
 def test_shard_specs(demo_shards, tmp_path):

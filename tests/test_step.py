@@ -20,7 +20,7 @@ def tiny(*overrides):
 def test_accumulation_micro_steps_do_not_all_reduce(process_group):
     model, cfg = tiny()
     ctx = distributed.DistContext(0, 1, 0, torch.device("cpu"))
-    dp_model = distributed.parallelize(model, cfg.dist, ctx)
+    dp_model = distributed.parallelize(model, cfg.dist, "fp32", ctx)
     assert isinstance(dp_model, DistributedDataParallel)
     reduced = []
 

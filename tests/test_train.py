@@ -1,11 +1,14 @@
 """Real training runs: torchrun processes, gloo process groups, shards, TensorBoard files."""
 
 import json
+import subprocess
+import sys
 
 import yaml
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import read_scalars, run_pretrain, shard_overrides
@@ -47,11 +50,24 @@ def test_pretrain_on_2_ranks_then_resume(demo_shards, tmp_path):
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step_15", "step_30"]
     positions = json.loads((ckpt / "train_state.json").read_text())["data_positions"]
     assert sorted(map(int, positions)) == list(range(16))  # every stream, from both ranks
-    assert sum(positions.values()) == 30 * 64  # samples taken (no bad samples in these shards)
+    # Each stream gave 30 steps x 4 samples: 3 epochs of its one 32-sample shard, and 24 more.
+    assert all(p == [3, 0, 24] for p in positions.values()), positions
     dcp_to_torch_save(ckpt, tmp_path / "flat.pt")
     weights = torch.load(tmp_path / "flat.pt", weights_only=True)["model"]
     cfg = load_config(run_dir / "config.yaml")
-    timm.create_model(cfg.model.arch, **timm_kwargs(cfg.model)).load_state_dict(weights, strict=True)
+    reference = timm.create_model(cfg.model.arch, **timm_kwargs(cfg.model))
+    reference.load_state_dict(weights, strict=True)
+
+    # The single-file export: timm rebuilds the model from the JSON and loads it strictly.
+    export = subprocess.run([sys.executable, "-m", "vitdist.cli", "export", "--checkpoint", str(ckpt), "--out",
+                             str(tmp_path / "vit.safetensors")], capture_output=True, text=True, timeout=120)
+    assert export.returncode == 0, export.stderr
+    meta = json.loads((tmp_path / "vit.json").read_text())
+    assert meta["arch"] == cfg.model.arch and meta["img_size"] == 32 and meta["num_classes"] == 8
+    exported = timm.create_model(meta["arch"], **meta["timm_kwargs"])
+    exported.load_state_dict(load_file(tmp_path / "vit.safetensors"), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(exported.eval()(x), reference.eval()(x), rtol=0, atol=0)
 
     resumed = run_pretrain(2, [*overrides, "train.steps=40"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,8 +1,10 @@
-"""Checkpoints with torch.distributed.checkpoint: `<dir>/step_<N>/`, each rank writing its part.
+"""Checkpoints with torch.distributed.checkpoint: `<dir>/step_<N>/`, each rank writing its shard.
 
 A save goes to `step_<N>.tmp/` and is renamed by rank 0 only after every rank has finished,
 so a directory named `step_<N>` is always complete and a killed save is never resumed from.
-Beside the tensors, `train_state.json` holds the loop's and the data streams' positions.
+Beside the tensors: `train_state.json` (loop and data-stream positions) and `model.json` (what
+timm needs to rebuild the model). The state dicts are keyed by parameter name, not by rank, so
+a checkpoint loads on any number of processes, under DDP or FSDP.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -18,9 +21,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from .config import CkptConfig
+
 _COMPLETE = re.compile(r"^step_(\d+)$")
 _PARTIAL = re.compile(r"^step_(\d+)\.tmp$")
-TRAIN_STATE = "train_state.json"
+TRAIN_STATE, MODEL_META = "train_state.json", "model.json"
 
 
 def _steps(root: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
@@ -48,37 +53,66 @@ def resume_path(spec: str, root: str | Path) -> Path | None:
     return path
 
 
-def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         train_state: dict, keep: int) -> Path:
-    root = Path(root)
-    final, partial = root / f"step_{step}", root / f"step_{step}.tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
-    dist.barrier()
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=partial)
-    if dist.get_rank() == 0:
-        (partial / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        _prune(root, keep)
-    dist.barrier()
-    return final
-
-
-def _prune(root: Path, keep: int) -> None:
+def prune(root: Path, keep: int, keep_every: int) -> None:
+    """Keep the newest `keep` complete checkpoints and those at multiples of `keep_every`; drop a
+    partial one only once a newer complete one exists."""
     complete = complete_checkpoints(root)
     if keep > 0:
-        for _, path in complete[:-keep]:
-            shutil.rmtree(path)
+        for step, path in complete[:-keep]:
+            if not (keep_every and step % keep_every == 0):
+                shutil.rmtree(path)
     newest = complete[-1][0] if complete else -1
     for step, path in _steps(root, _PARTIAL):
         if step < newest:
             shutil.rmtree(path)
 
 
+class Checkpointer:
+    """Saves (sync or async) and finalises checkpoints under `root`. Its collectives run on a gloo
+    group of its own, so that an async save's background thread never meets another collective."""
+
+    def __init__(self, root: str | Path, cfg: CkptConfig, model_meta: dict):
+        self.root, self.cfg, self.model_meta = Path(root), cfg, model_meta
+        self.group = dist.new_group(backend="gloo")
+        self._pending: tuple[Future, int, dict] | None = None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> Path:
+        self.wait()
+        partial = self.root / f"step_{step}.tmp"
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+        dist.barrier(group=self.group)
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        if self.cfg.async_save:
+            response = dcp.async_save(state, checkpoint_id=partial, process_group=self.group)
+            self._pending = (getattr(response, "upload_completion", response), step, train_state)
+        else:
+            dcp.save(state, checkpoint_id=partial, process_group=self.group)
+            self._finalize(step, train_state)
+        return self.root / f"step_{step}"
+
+    def wait(self) -> None:
+        """Finish the async save in flight, if any (before the next save, and before exit)."""
+        if self._pending is not None:
+            future, step, train_state = self._pending
+            self._pending = None
+            future.result()
+            self._finalize(step, train_state)
+
+    def _finalize(self, step: int, train_state: dict) -> None:
+        dist.barrier(group=self.group)  # every rank has written its part
+        if dist.get_rank() == 0:
+            partial, final = self.root / f"step_{step}.tmp", self.root / f"step_{step}"
+            (partial / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+            (partial / MODEL_META).write_text(json.dumps(self.model_meta, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            prune(self.root, self.cfg.keep, self.cfg.keep_every)
+        dist.barrier(group=self.group)
+
+
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Load model and optimizer in place (any world size); return the train state."""
+    """Load model and optimizer in place (any world size, DDP or FSDP); return the train state."""
     path = Path(path)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=path)

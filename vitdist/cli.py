@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo-data", help="write the built-in shapes dataset as shards")
     demo.add_argument("out", help="output folder")
 
+    export = commands.add_parser("export", help="write a checkpoint as one timm-loadable safetensors file (+ .json)")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint directory, e.g. runs/b16/checkpoints/step_1000")
+    export.add_argument("--out", required=True, help="output file, e.g. b16.safetensors")
+
     commands.add_parser("config-reference", help="print the config reference (markdown)")
 
     args = parser.parse_args(argv)
@@ -36,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         from .demo_data import write_demo_dataset
         for split, pattern in write_demo_dataset(args.out).items():
             print(f"{split}: {pattern}")
+    elif args.command == "export":
+        from .export import export
+        try:
+            out = export(args.checkpoint, args.out)
+        except FileNotFoundError as e:
+            print(f"vitdist export: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {out} and {out.with_suffix('.json')}")
     else:
         from .config import reference_markdown
         print(reference_markdown(), end="")

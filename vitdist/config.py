@@ -85,7 +85,9 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    strategy: Literal["ddp"] = _opt("ddp", "data parallelism: ddp")
+    strategy: Literal["ddp", "fsdp"] = _opt("ddp", "ddp: replicated model; fsdp: FSDP2, parameters, gradients and optimizer state sharded")
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = _opt("fp32", "fsdp: dtype of the gradient reduce-scatter")
+    fsdp_reshard_after_forward: bool = _opt(True, "fsdp: free gathered parameters after forward (less memory, one more all-gather)")
     backend: Literal["auto", "nccl", "gloo"] = _opt("auto", "auto: nccl with GPUs, gloo on CPU")
     timeout_s: int = _opt(600, "collective timeout in seconds")
 
@@ -94,6 +96,8 @@ class DistConfig:
 class CkptConfig:
     every_steps: int = _opt(1000, "save a checkpoint every N steps (and at the end); 0: only at the end")
     keep: int = _opt(3, "keep the newest K complete checkpoints; 0 keeps all")
+    keep_every: int = _opt(0, "also keep every checkpoint whose step is a multiple of N; 0: none")
+    async_save: bool = _opt(False, "write in a background thread; training stalls only for the copy to host memory")
 
 
 @dataclass
@@ -238,7 +242,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
     non_negative = {
         "data.num_workers": cfg.data.num_workers, "optim.warmup_steps": cfg.optim.warmup_steps,
-        "ckpt.every_steps": cfg.ckpt.every_steps, "ckpt.keep": cfg.ckpt.keep,
+        "ckpt.every_steps": cfg.ckpt.every_steps, "ckpt.keep": cfg.ckpt.keep, "ckpt.keep_every": cfg.ckpt.keep_every,
         "train.eval_every_steps": cfg.train.eval_every_steps, "optim.lr": cfg.optim.lr,
         "optim.min_lr": cfg.optim.min_lr,
     }

@@ -15,9 +15,11 @@ on the device.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from .config import ConfigError, DataConfig
+from .preemption import SIGNALS as PREEMPTION_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -134,44 +137,44 @@ def eval_transform(image: Image.Image, cfg: DataConfig, size: int) -> torch.Tens
 class Stream:
     """One virtual stream: an endless, deterministic walk over its share of the shards.
 
-    `position` counts raw samples taken (good or bad); a stream built with `position=p`
-    yields exactly what an uninterrupted one yields after p samples.
+    Epoch e deals the shards, permuted by (seed, e), out to the streams. A stream reads its
+    shards in turn, each in blocks of `shuffle_block` samples, every block shuffled by its own
+    seed. `position` is (epoch, shard index, offset in shard) of the next sample; a stream built
+    at a position yields exactly what the uninterrupted stream yields from there, after reading
+    (not decoding) the part of that one shard before it.
     """
 
-    def __init__(self, urls: list[str], stream_id: int, num_streams: int, cfg: DataConfig, position: int = 0):
+    def __init__(self, urls: list[str], stream_id: int, num_streams: int, cfg: DataConfig,
+                 position: tuple[int, int, int] = (0, 0, 0)):
         self.urls, self.stream_id, self.num_streams, self.cfg = urls, stream_id, num_streams, cfg
-        self.position = position
-        self._raw = self._walk()
-        for _ in range(position):
-            next(self._raw)
+        self.position = tuple(position)
+        self._samples = self._walk(*self.position)
 
-    def _walk(self) -> Iterator[dict]:
-        epoch = 0
+    def _walk(self, epoch: int, shard_index: int, offset: int) -> Iterator[tuple[dict, tuple[int, int, int]]]:
+        """(sample, position after it), forever."""
+        block_size, seed = self.cfg.shuffle_block, self.cfg.seed
         while True:
             shards = list(self.urls)
-            random.Random(f"{self.cfg.seed}/shards/{epoch}").shuffle(shards)
-            rng = random.Random(f"{self.cfg.seed}/block/{epoch}/{self.stream_id}")
-            block: list[dict] = []
-            taken = 0
-            for url in shards[self.stream_id :: self.num_streams]:
-                for sample in read_samples(url):
-                    taken += 1
-                    block.append(sample)
-                    if len(block) == self.cfg.shuffle_block:
-                        rng.shuffle(block)
-                        yield from block
-                        block = []
-            if not taken:
+            random.Random(f"{seed}/shards/{epoch}").shuffle(shards)
+            fresh_epoch, taken = shard_index == 0 and offset == 0, 0
+            for index, url in enumerate(shards[self.stream_id :: self.num_streams][shard_index:], start=shard_index):
+                start = offset - offset % block_size
+                samples = itertools.islice(read_samples(url), start, None)
+                while block := list(itertools.islice(samples, block_size)):
+                    random.Random(f"{seed}/block/{epoch}/{self.stream_id}/{index}/{start}").shuffle(block)
+                    for k in range(offset - start, len(block)):
+                        yield block[k], (epoch, index, start + k + 1)
+                    taken += len(block)
+                    start = offset = start + len(block)
+                offset = 0
+            if fresh_epoch and not taken:
                 raise RuntimeError(f"data stream {self.stream_id} found no samples in its shards (epoch {epoch})")
-            rng.shuffle(block)
-            yield from block
-            epoch += 1
+            epoch, shard_index = epoch + 1, 0
 
     def next_raw(self) -> tuple[dict, random.Random]:
         """The next raw sample and an augmentation rng seeded by its position (exact on resume)."""
-        sample = next(self._raw)
         rng = random.Random(f"{self.cfg.seed}/aug/{self.stream_id}/{self.position}")
-        self.position += 1
+        sample, self.position = next(self._samples)
         return sample, rng
 
 
@@ -191,7 +194,7 @@ class TrainChunks(IterableDataset):
     `global_batch / streams` samples) per stream per optimizer step."""
 
     def __init__(self, urls, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
-                 chunk_size: int, positions: dict[int, int] | None = None):
+                 chunk_size: int, positions: dict[int, tuple[int, int, int]] | None = None):
         self.urls, self.cfg, self.img_size, self.num_classes = urls, cfg, img_size, num_classes
         self.rank, self.world_size, self.chunk_size = rank, world_size, chunk_size
         self.positions = positions or {}
@@ -201,7 +204,7 @@ class TrainChunks(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         per_rank = self.cfg.streams // self.world_size
         ids = [self.rank * per_rank + i for i in range(worker, per_rank, num_workers)]
-        streams = [Stream(self.urls, s, self.cfg.streams, self.cfg, self.positions.get(s, 0)) for s in ids]
+        streams = [Stream(self.urls, s, self.cfg.streams, self.cfg, self.positions.get(s, (0, 0, 0))) for s in ids]
         skips = Skips()
         while True:
             for stream in streams:
@@ -223,6 +226,13 @@ class TrainChunks(IterableDataset):
                 "stream": stream.stream_id, "position": stream.position, "skipped": skips.count - skipped_before}
 
 
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints before it
+    stops; by default torch's workers die of them and take the step down with them."""
+    for signum in PREEMPTION_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def train_shard_urls(cfg: DataConfig, world_size: int) -> list[str]:
     """The training shard URLs, refused (ConfigError) when missing or too few for the streams."""
     urls = expand_urls(cfg.train_shards)
@@ -235,16 +245,17 @@ def train_shard_urls(cfg: DataConfig, world_size: int) -> list[str]:
 
 class TrainLoader:
     """Yields, per optimizer step, this rank's share of the global batch: one chunk from each of
-    its streams, in stream order. `positions` (stream -> samples taken) is what a checkpoint saves."""
+    its streams, in stream order. `positions` (stream -> position) is what a checkpoint saves."""
 
     def __init__(self, cfg: DataConfig, img_size: int, num_classes: int, global_batch_size: int,
-                 rank: int, world_size: int, positions: dict[int, int] | None = None, pin_memory: bool = False):
+                 rank: int, world_size: int, positions: dict | None = None, pin_memory: bool = False):
         urls = train_shard_urls(cfg, world_size)
         if positions and len(positions) != cfg.streams:
             raise ConfigError(f"the checkpoint holds positions of {len(positions)} data streams, the config has "
                               f"data.streams={cfg.streams}: resume with the streams the run started with")
         self.per_rank = cfg.streams // world_size
-        self.positions = {int(k): v for k, v in (positions or {}).items()}
+        mine = range(rank * self.per_rank, (rank + 1) * self.per_rank)
+        self.positions = {int(k): tuple(v) for k, v in (positions or {}).items() if int(k) in mine}
         chunks = TrainChunks(urls, cfg, img_size, num_classes, rank, world_size,
                              global_batch_size // cfg.streams, self.positions)
         # The loader's round-robin over workers meets the workers' round-robin over their
@@ -252,7 +263,7 @@ class TrainLoader:
         workers = max(1, cfg.num_workers)
         self.loader = DataLoader(chunks, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
                                  prefetch_factor=cfg.prefetch_steps * self.per_rank // workers if cfg.num_workers else None,
-                                 persistent_workers=cfg.num_workers > 0)
+                                 persistent_workers=cfg.num_workers > 0, worker_init_fn=_ignore_preemption_signals)
 
     def __iter__(self) -> Iterator[dict]:
         chunks = iter(self.loader)
@@ -296,7 +307,8 @@ class EvalSamples(IterableDataset):
 def eval_loader(cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
                 pin_memory: bool = False) -> DataLoader:
     dataset = EvalSamples(expand_urls(cfg.val_shards), cfg, img_size, num_classes, rank, world_size)
-    return DataLoader(dataset, batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, pin_memory=pin_memory,
+                      worker_init_fn=_ignore_preemption_signals)
 
 
 def normalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:

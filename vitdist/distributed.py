@@ -1,18 +1,26 @@
-"""Process group set-up and the data-parallel wrapper, applied to the model from outside."""
+"""Process groups and data parallelism (DDP or FSDP2), applied to the model from outside."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import DistConfig
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -21,6 +29,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    control: dist.ProcessGroup | None = None  # gloo, for small host-side agreements off the training stream
 
     @property
     def is_main(self) -> bool:
@@ -33,9 +42,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_launcher() -> None:
+    """torchrun starts workers in sessions of their own: if torchrun is SIGKILLed, they would go on
+    training, unseen, beside the next run. Ask Linux to kill this worker when its parent dies."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the launcher died before the request was in place
+            os._exit(1)
+
+
 def init(cfg: DistConfig) -> DistContext:
     """Join torchrun's process group; without torchrun, a one-process group, so every code path
     (collectives, distributed checkpoints) is the same with 1 process as with 1,000."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _die_with_launcher()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -46,9 +66,10 @@ def init(cfg: DistConfig) -> DistContext:
     else:
         device = torch.device("cpu")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s),
-                            device_id=device if backend == "nccl" else None)
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    timeout = timedelta(seconds=cfg.timeout_s)
+    dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+    control = dist.new_group(backend="gloo", timeout=timeout)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control)
 
 
 def close() -> None:
@@ -56,15 +77,48 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: torch.nn.Module, cfg: DistConfig, ctx: DistContext) -> torch.nn.Module:
-    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+def parallelize(model: torch.nn.Module, cfg: DistConfig, precision: str, ctx: DistContext) -> torch.nn.Module:
+    """DDP: a wrapper around the model. FSDP2: each block, then the root, sharded in place, with
+    parameters gathered in the compute dtype and gradients reduced in `dist.fsdp_reduce_dtype`."""
+    if cfg.strategy == "ddp":
+        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=_DTYPES[precision], reduce_dtype=_DTYPES[cfg.fsdp_reduce_dtype])
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    return model
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: FSDPModule):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-    """On accumulation micro-steps gradients stay local: one all-reduce per optimizer step."""
-    if not enabled and isinstance(model, DistributedDataParallel):
+    """On accumulation micro-steps gradients stay local: one reduction per optimizer step."""
+    if enabled:
+        return contextlib.nullcontext()
+    if isinstance(model, DistributedDataParallel):
         return model.no_sync()
+    if isinstance(model, FSDPModule):
+        return _fsdp_no_sync(model)
     return contextlib.nullcontext()
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip to a global norm (over all shards under FSDP); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def local_numel(model: torch.nn.Module) -> int:
+    """Parameter elements held by this rank (a shard of each under FSDP)."""
+    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -73,8 +127,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def merge_across_ranks(local: dict) -> dict:
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank if it is true on any (over the gloo control group: no device sync)."""
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ctx.control)
+    return bool(value.item())
+
+
+def merge_across_ranks(local: dict, ctx: DistContext) -> dict:
     """The union of every rank's small dict (e.g. the positions of the data streams each rank owns)."""
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
+    parts = [None] * ctx.world_size
+    dist.all_gather_object(parts, local, group=ctx.control)
     return {k: v for part in parts for k, v in part.items()}

@@ -13,11 +13,12 @@ _CONSOLE = {  # tag -> (short name, format)
 
 
 class MetricLogger:
-    def __init__(self, tb_dir: str | Path, total_steps: int, enabled: bool):
+    def __init__(self, tb_dir: str | Path, total_steps: int, enabled: bool, purge_step: int | None = None):
+        """`purge_step`: on resume, hide whatever an earlier, killed run logged from this step on."""
         self.total_steps, self.writer = total_steps, None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(tb_dir))
+            self.writer = SummaryWriter(str(tb_dir), purge_step=purge_step)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, distributed
-from .config import Config, batch_layout, save_config
+from .checkpoint import Checkpointer
+from .config import Config, DataConfig, ModelConfig, batch_layout, save_config
 from .data import TrainLoader, eval_loader, expand_urls, normalize, train_shard_urls
 from .metrics import MetricLogger
-from .model import build_model, check_model
+from .model import build_model, check_model, timm_kwargs
 from .objective import Classification
 from .optim import build_optimizer
+from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,8 @@ def preflight(cfg: Config, world_size: int) -> None:
 
 
 def pretrain(cfg: Config) -> Path:
-    """Run (or resume) pretraining under torchrun, or as one process. Returns the last checkpoint."""
+    """Run (or resume) pretraining under torchrun, or as one process. Returns the last checkpoint;
+    exits with PREEMPTED_EXIT_CODE after checkpointing on SIGTERM/SIGUSR1."""
     ctx = distributed.init(cfg.dist)
     try:
         return _pretrain(cfg, ctx)
@@ -63,37 +67,42 @@ def pretrain(cfg: Config) -> Path:
 
 def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
     accum_steps = batch_layout(cfg, ctx.world_size)
-    run_dir, ckpt_dir = Path(cfg.run.dir), Path(cfg.run.dir) / "checkpoints"
+    run_dir = Path(cfg.run.dir)
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
+    preemption = Preemption()
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model).to(ctx.device)
+    params = sum(p.numel() for p in model.parameters())
+    if cfg.train.compile:
+        for block in model.blocks:
+            block.compile()  # in place, per block: state dict keys keep their names
+    dp_model = distributed.parallelize(model, cfg.dist, cfg.train.precision, ctx)
     optimizer = build_optimizer(model, cfg.optim)
     objective = Classification(cfg.train, cfg.model.num_classes)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, model_meta(cfg.model, cfg.data))
 
     step, positions, skipped_total = 0, {}, 0
-    resume_from = checkpoint.resume_path(cfg.train.resume, ckpt_dir)
+    resume_from = checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints")
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer)
         step, positions, skipped_total = state["step"], state["data_positions"], state["skipped"]
         log.info("resumed from %s at step %d", resume_from, step)
 
-    if cfg.train.compile:
-        model.compile()  # in place, so state dict keys carry no _orig_mod. prefix
-    dp_model = distributed.parallelize(model, cfg.dist, ctx)
     pin = ctx.device.type == "cuda"
     loader = TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, cfg.train.global_batch_size,
                          ctx.rank, ctx.world_size, positions, pin_memory=pin)
     val_loader = (eval_loader(cfg.data, cfg.model.img_size, cfg.model.num_classes, ctx.rank, ctx.world_size, pin)
                   if cfg.data.val_shards else None)
-    logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main)
+    # On resume, TensorBoard drops what a killed run logged after the checkpoint: no duplicate steps.
+    logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=step + 1 if resume_from else None)
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     if ctx.is_main:
-        params = sum(p.numel() for p in model.parameters())
-        print(f"{cfg.model.arch}: {params / 1e6:.2f}M params | {ctx.world_size} rank(s) on {ctx.device.type} | "
-              f"global batch {cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x "
-              f"{accum_steps} accumulation step(s) | steps {step} -> {cfg.train.steps}", flush=True)
+        print(f"{cfg.model.arch}: {params / 1e6:.2f}M params ({distributed.local_numel(model) / 1e6:.2f}M on rank 0) | "
+              f"{cfg.dist.strategy} over {ctx.world_size} rank(s) on {ctx.device.type} | global batch "
+              f"{cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x {accum_steps} "
+              f"accumulation step(s) | steps {step} -> {cfg.train.steps}", flush=True)
 
     batches = iter(loader)
     window = Window(start=time.perf_counter())
@@ -118,7 +127,7 @@ def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
                     loss = objective(dp_model, x, y) / accum_steps
                 loss.backward()
             window.loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
+        grad_norm = distributed.clip_grad_norm(model, cfg.optim.clip_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -134,17 +143,29 @@ def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
             scalars.update(evaluate(model, val_loader, cfg, ctx, autocast))
         if scalars:
             logger.log(step, scalars)
-        if step == cfg.train.steps or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0):
-            positions = distributed.merge_across_ranks(loader.positions)
-            train_state = {"step": step, "data_positions": positions, "skipped": skipped_total}
-            last_ckpt = checkpoint.save(ckpt_dir, step, model, optimizer, train_state, cfg.ckpt.keep)
+        preempted = preemption.requested(ctx)
+        if preempted or step == cfg.train.steps or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0):
+            train_state = {"step": step, "data_positions": distributed.merge_across_ranks(loader.positions, ctx),
+                           "skipped": skipped_total}
+            last_ckpt = checkpointer.save(step, model, optimizer, train_state)
+        if preempted:
+            checkpointer.wait()
+            logger.close()
+            log.warning("preempted: checkpoint %s written, exiting with %d", last_ckpt, PREEMPTED_EXIT_CODE)
+            sys.exit(PREEMPTED_EXIT_CODE)
         if at_log_step:
             window = Window(start=time.perf_counter())  # validation and checkpoint time stay out of perf/
 
+    checkpointer.wait()
     logger.close()
     if ctx.is_main:
         print(f"checkpoint: {last_ckpt}\ntensorboard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
     return last_ckpt
+
+
+def model_meta(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict:
+    """What rebuilds the model in timm and feeds it: written into every checkpoint."""
+    return {"arch": model_cfg.arch, "timm_kwargs": timm_kwargs(model_cfg), "mean": data_cfg.mean, "std": data_cfg.std}
 
 
 def _window_scalars(window: Window, lr: float, skipped_before: int, ctx: distributed.DistContext) -> dict:
@@ -165,10 +186,19 @@ def _window_scalars(window: Window, lr: float, skipped_before: int, ctx: distrib
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistContext, autocast) -> dict:
-    """Loss and top-1 over the whole validation set, every sample counted once over all ranks."""
+    """Loss and top-1 over the whole validation set, every sample counted once over all ranks.
+    Ranks run the same number of forward passes (under FSDP each one gathers parameters from
+    all ranks): a rank whose share has run out runs an empty batch."""
     model.eval()
     totals = torch.zeros(3, device=ctx.device)  # loss sum, correct, count
-    for batch in loader:
+    empty = {"image": torch.zeros(0, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.uint8),
+             "label": torch.zeros(0, dtype=torch.long)}
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        if not distributed.any_rank(batch is not None, ctx):
+            break
+        batch = batch or empty
         images = normalize(batch["image"].to(ctx.device, non_blocking=True), cfg.data)
         labels = batch["label"].to(ctx.device, non_blocking=True)
         with autocast:

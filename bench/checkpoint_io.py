@@ -1,0 +1,75 @@
+"""Checkpoint figures: size, sync save time, async save stall (what training waits for) and
+total, load time; for one process, through vitdist's own Checkpointer.
+
+    python bench/checkpoint_io.py --config configs/pretrain/tiny.yaml
+    python bench/checkpoint_io.py --config configs/pretrain/vit_b16.yaml   # on a GPU: the model lives there
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vitdist import checkpoint
+from vitdist.config import load_config
+from vitdist.distributed import _free_port
+from vitdist.model import build_model
+from vitdist.optim import build_optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
+    args = parser.parse_args()
+    cfg = load_config(args.config, ["data.train_shards=unused"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    model(torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size, device=device)).sum().backward()
+    optimizer.step()  # optimizer state exists, as in a real checkpoint
+    root = Path(args.dir or tempfile.mkdtemp(prefix="vitdist-ckpt-"))
+    results = {}
+    for mode in ("sync", "async"):
+        cfg.ckpt.async_save, cfg.ckpt.keep = mode == "async", 1
+        saver = checkpoint.Checkpointer(root / mode, cfg.ckpt, {})
+        stalls, totals = [], []
+        for step in range(args.repeats):
+            sync = lambda: torch.cuda.synchronize() if device.type == "cuda" else None
+            sync()
+            start = time.perf_counter()
+            saver.save(step, model, optimizer, {"step": step})
+            stalls.append(time.perf_counter() - start)
+            saver.wait()
+            totals.append(time.perf_counter() - start)
+        results[mode] = (statistics.median(stalls), statistics.median(totals))
+    path = checkpoint.complete_checkpoints(root / "sync")[-1][1]
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    loads = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        checkpoint.load(path, model, optimizer)
+        loads.append(time.perf_counter() - start)
+    params = sum(p.numel() for p in model.parameters())
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"| config | device | params | size | sync save | async stall | async total | load |")
+    print(f"| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {Path(args.config).name} | {name} | {params / 1e6:.1f}M | {size / 2**20:.1f} MiB | "
+          f"{results['sync'][0]:.3f} s | {results['async'][0]:.3f} s | {results['async'][1]:.3f} s | "
+          f"{statistics.median(loads):.3f} s |")
+    if args.dir is None:
+        shutil.rmtree(root)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

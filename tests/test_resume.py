@@ -1,0 +1,107 @@
+"""Exact resume on any world size and strategy, after SIGKILL, SIGTERM or a killed save."""
+
+import json
+import os
+import re
+import signal
+import time
+
+import pytest
+import timm
+from safetensors.torch import load_file
+
+from conftest import read_scalars, run_pretrain, shard_overrides, start_pretrain
+from vitdist.export import export
+
+pytestmark = pytest.mark.slow
+
+# fp32, no dropout or drop path, constant lr after a 1-step warmup (so that runs of different
+# lengths share a schedule), a checkpoint every 4 steps, a loss logged every step.
+EXACT = ["data.val_shards=null", "train.precision=fp32", "model.drop_path_rate=0.0", "optim.warmup_steps=1",
+         "optim.min_lr=2e-3", "optim.lr=2e-3", "train.global_batch_size=64", "log.every_steps=1",
+         "ckpt.every_steps=4", "ckpt.keep=2"]
+
+
+def losses(run_dir):
+    return dict(read_scalars(run_dir / "tb")["train/loss"])
+
+
+def positions(run_dir, step):
+    return json.loads((run_dir / "checkpoints" / f"step_{step}" / "train_state.json").read_text())["data_positions"]
+
+
+def wait_for(predicate, process, timeout_s=240):
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert process.poll() is None, "the run ended before the test could interrupt it"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(demo_shards, tmp_path):
+    common = [*shard_overrides(demo_shards), *EXACT, "train.steps=28", "data.micro_batch_size=32"]
+    reference = run_pretrain(2, [*common, f"run.dir={tmp_path / 'ref'}", "ckpt.async_save=true"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    process = start_pretrain(2, [*common, f"run.dir={run_dir}"], tmp_path / "killed.log")
+    wait_for(lambda: (run_dir / "checkpoints" / "step_8").is_dir(), process)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun, no warning; its ranks must die with it
+    process.wait()
+    done = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*[0-9]"))
+    time.sleep(3)
+    assert sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*[0-9]")) == done
+    assert done[-1] < 28
+    (run_dir / "checkpoints" / f"step_{done[-1] + 2}.tmp").mkdir()  # as if killed while saving
+
+    resumed = run_pretrain(2, [*common, f"run.dir={run_dir}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{done[-1]}'} at step {done[-1]}" in resumed.stderr
+    expected, got = losses(tmp_path / "ref"), losses(run_dir)
+    assert sorted(got) == list(range(1, 29))  # no step twice, none missing, in TensorBoard's view
+    assert got == expected  # bitwise
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_24", "step_28"]
+    assert positions(run_dir, 28) == positions(tmp_path / "ref", 28)
+
+
+def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
+    """FSDP x2 -> DDP x1 -> FSDP x2 -> DDP x4 against one uninterrupted DDP x2 run: the same
+    losses within float tolerance and the same stream positions (8 steps = one epoch)."""
+    common = [*shard_overrides(demo_shards), *EXACT, "ckpt.keep=0", "data.num_workers=1", "data.micro_batch_size=16"]
+    reference = run_pretrain(2, [*common, "train.steps=32", f"run.dir={tmp_path / 'ref'}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "chain"
+    for nproc, strategy, steps in ((2, "fsdp", 8), (0, "ddp", 16), (2, "fsdp", 24), (4, "ddp", 32)):
+        run = run_pretrain(nproc, [*common, f"dist.strategy={strategy}", f"train.steps={steps}", f"run.dir={run_dir}"])
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert f"steps {steps - 8} -> {steps}" in run.stdout
+        if strategy == "fsdp":  # each rank holds about half of the parameters
+            total, local = map(float, re.search(r"([\d.]+)M params \(([\d.]+)M on rank 0\)", run.stdout).groups())
+            assert local == pytest.approx(total / 2, rel=0.05)
+        assert positions(run_dir, steps) == positions(tmp_path / "ref", steps)
+    assert all(p == [3, 0, 32] for p in positions(run_dir, 32).values())  # 4 epochs, each sample once per epoch
+    expected, got = losses(tmp_path / "ref"), losses(run_dir)
+    assert sorted(got) == list(range(1, 33))
+    # A checkpoint written by FSDP exports to one file that timm loads strictly.
+    out = export(run_dir / "checkpoints" / "step_24", tmp_path / "fsdp.safetensors")
+    meta = json.loads(out.with_suffix(".json").read_text())
+    timm.create_model(meta["arch"], **meta["timm_kwargs"]).load_state_dict(load_file(out), strict=True)
+    assert [got[s] for s in range(1, 33)] == pytest.approx([expected[s] for s in range(1, 33)], rel=1e-4)
+
+
+def test_sigterm_checkpoints_at_the_current_step_and_exits_75(demo_shards, tmp_path):
+    common = [*shard_overrides(demo_shards), *EXACT, "ckpt.every_steps=0", "data.micro_batch_size=32",
+              f"run.dir={tmp_path}"]
+    process = start_pretrain(0, [*common, "train.steps=1000"], tmp_path / "run.log")
+    wait_for(lambda: (tmp_path / "tb").is_dir() and len(read_scalars(tmp_path / "tb").get("train/loss", [])) >= 3,
+             process)
+    os.killpg(process.pid, signal.SIGTERM)  # the process and its loader workers, as SLURM signals a job
+    assert process.wait(timeout=120) == 75
+    log = (tmp_path / "run.log").read_text()
+    step = int(re.search(r"checkpoint .*step_(\d+) written, exiting with 75", log).group(1))
+    assert 3 <= step < 1000 and (tmp_path / "checkpoints" / f"step_{step}" / ".metadata").is_file()
+
+    resumed = run_pretrain(0, [*common, f"train.steps={step + 2}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {step}" in resumed.stderr and f"steps {step} -> {step + 2}" in resumed.stdout
