@@ -5,6 +5,7 @@ normalisation. Needs no process group and reads only the model's tensors."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import timm
@@ -22,7 +23,9 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
     meta = json.loads(meta_path.read_text())
     model = timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"])
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=checkpoint_dir, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=checkpoint_dir, no_dist=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state["model"].items()}, str(out), metadata={"arch": meta["arch"]})
     info = {**meta, "img_size": meta["timm_kwargs"]["img_size"], "num_classes": meta["timm_kwargs"]["num_classes"],
