@@ -65,15 +65,18 @@ def test_sigkill_then_resume_is_bitwise_identical(demo_shards, tmp_path):
 
 
 def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
-    """FSDP x2 -> DDP x1 -> FSDP x2 -> DDP x4 against one uninterrupted DDP x2 run: the same
-    losses within float tolerance and the same stream positions (8 steps = one epoch)."""
+    """FSDP x2 -> DDP x1 -> FSDP x2 with activation checkpointing -> DDP x4, against one
+    uninterrupted DDP x2 run: the same losses within float tolerance and the same stream
+    positions (8 steps = one epoch)."""
     common = [*shard_overrides(demo_shards), *EXACT, "ckpt.keep=0", "data.num_workers=1", "data.micro_batch_size=16"]
     reference = run_pretrain(2, [*common, "train.steps=32", f"run.dir={tmp_path / 'ref'}"])
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run_dir = tmp_path / "chain"
-    for nproc, strategy, steps in ((2, "fsdp", 8), (0, "ddp", 16), (2, "fsdp", 24), (4, "ddp", 32)):
-        run = run_pretrain(nproc, [*common, f"dist.strategy={strategy}", f"train.steps={steps}", f"run.dir={run_dir}"])
+    chain = ((2, "fsdp", 8, False), (0, "ddp", 16, False), (2, "fsdp", 24, True), (4, "ddp", 32, False))
+    for nproc, strategy, steps, grad_ckpt in chain:
+        run = run_pretrain(nproc, [*common, f"dist.strategy={strategy}", f"train.steps={steps}", f"run.dir={run_dir}",
+                                   f"model.grad_checkpointing={str(grad_ckpt).lower()}"])
         assert run.returncode == 0, run.stderr[-3000:]
         assert f"steps {steps - 8} -> {steps}" in run.stdout
         if strategy == "fsdp":  # each rank holds about half of the parameters
