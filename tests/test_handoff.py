@@ -1,0 +1,92 @@
+import io
+import os
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from conftest import TINY
+from vitdist import checkpoint
+from vitdist.config import CkptConfig, load_config
+from vitdist.export import export
+from vitdist.handoff import HandoffError, load_pretrained
+from vitdist.model import build_model
+from vitdist.optim import build_optimizer
+
+
+def tiny(*overrides, seed=0):
+    torch.manual_seed(seed)
+    return build_model(load_config(TINY, list(overrides)).model).eval()
+
+
+def test_torchvision_vit_b16_gives_torchvisions_logits(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.vit_b_16().eval()  # random weights: nothing is downloaded
+    torch.save(reference.state_dict(), tmp_path / "vit_b_16.pth")
+    model = build_model(load_config(TINY, ["model.arch=vit_base_patch16_224", "model.img_size=224",
+                                           "model.patch_size=null", "model.embed_dim=null", "model.depth=null",
+                                           "model.num_heads=null", "model.num_classes=1000"]).model).eval()
+    kind, fresh = load_pretrained(model, tmp_path / "vit_b_16.pth")
+    assert kind == "torchvision ViT" and fresh == []
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_new_head_and_resolution(tmp_path):
+    source = tiny()
+    torch.save({"model": source.state_dict()}, tmp_path / "timm.pth")
+    target = tiny("model.img_size=48", "model.num_classes=5", seed=1)
+    kind, fresh = load_pretrained(target, tmp_path / "timm.pth")
+    assert kind == "torch state dict" and fresh == ["head.bias", "head.weight"]
+    assert target.pos_embed.shape == (1, 1 + 36, 128)  # 4x4 grid resampled to 6x6
+    torch.testing.assert_close(target.pos_embed[:, :1], source.pos_embed[:, :1])  # [CLS] position kept
+    torch.testing.assert_close(target.blocks[2].mlp.fc1.weight, source.blocks[2].mlp.fc1.weight)
+    assert target(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+
+
+def test_export_and_checkpoint_directory(tmp_path, process_group):
+    source = tiny()
+    saver = checkpoint.Checkpointer(tmp_path / "ckpts", CkptConfig(keep=0),
+                                    {"arch": "vit_tiny_patch16_224", "timm_kwargs": {
+                                        "img_size": 32, "num_classes": 8, "patch_size": 8, "embed_dim": 128,
+                                        "depth": 4, "num_heads": 4}})
+    step_dir = saver.save(1, source, build_optimizer(source, load_config(TINY).optim), {"step": 1})
+    out = export(step_dir, tmp_path / "vit.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    for path, kind in ((step_dir, "vitdist checkpoint"), (out, "safetensors")):
+        target = tiny(seed=1)
+        assert load_pretrained(target, path) == (kind, [])
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_wrong_architecture_lists_the_keys(tmp_path):
+    torch.save(tiny().state_dict(), tmp_path / "depth4.pth")
+    with pytest.raises(HandoffError, match=r"model keys the checkpoint lacks: blocks\.4\.attn\.proj\.bias"):
+        load_pretrained(tiny("model.depth=6"), tmp_path / "depth4.pth")
+    with pytest.raises(HandoffError, match=r"shapes that differ: .*blocks\.0\.attn\.qkv\.weight \(384, 128\) vs \(192, 64\)"):
+        load_pretrained(tiny("model.embed_dim=64"), tmp_path / "depth4.pth")
+    save_file({"something.else": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(HandoffError, match="keys the model does not have: something.else"):
+        load_pretrained(tiny(), tmp_path / "other.safetensors")
+
+
+def test_unreadable_and_unsafe_checkpoints(tmp_path):
+    torch.save(tiny().state_dict(), tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(HandoffError, match="cannot read '.*cut.pth' as a checkpoint"):
+        load_pretrained(tiny(), tmp_path / "cut.pth")
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    torch.save({"model": Exploit()}, tmp_path / "evil.pth", _use_new_zipfile_serialization=True)
+    with pytest.raises(HandoffError, match="refusing to unpickle"):
+        load_pretrained(tiny(), tmp_path / "evil.pth")
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(HandoffError, match="does not exist"):
+        load_pretrained(tiny(), tmp_path / "missing.pth")

@@ -1,0 +1,131 @@
+"""Pretrained weights into a ViT whose head, resolution or patch size may differ: from a vitdist
+checkpoint directory or export, a timm state dict (.pth/.bin/.pt/.safetensors), or a torchvision
+`vit_*` state dict. Loading never unpickles arbitrary objects (`weights_only=True`, safetensors).
+
+As in MAE's fine-tuning: the head is dropped when its shape differs, position embeddings are
+resampled to the new patch grid, the rest loads, and the only keys allowed to be missing are
+the head's. Anything else is a HandoffError that lists the offending keys.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+from .checkpoint import MODEL_META
+
+HEAD_KEYS = ("head.weight", "head.bias")
+_TORCHVISION = [  # torchvision ViT key -> timm ViT key
+    (r"^class_token$", "cls_token"),
+    (r"^conv_proj\.", "patch_embed.proj."),
+    (r"^encoder\.pos_embedding$", "pos_embed"),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.ln_1\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.ln_2\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(0|linear_1)\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(3|linear_2)\.", r"blocks.\1.mlp.fc2."),
+    (r"^encoder\.ln\.", "norm."),
+    (r"^heads\.head\.", "head."),
+]
+
+
+class HandoffError(ValueError):
+    """A checkpoint that cannot initialise the model: unreadable, unsafe, or another architecture."""
+
+
+def _list(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    converted = {}
+    for key, value in state.items():
+        for pattern, replacement in _TORCHVISION:
+            if re.match(pattern, key):
+                converted[re.sub(pattern, replacement, key)] = value
+                break
+        else:
+            raise HandoffError(f"torchvision ViT key '{key}' has no timm equivalent")
+    return converted
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights at `path` with timm's key names, and which kind of checkpoint it was."""
+    path = Path(path)
+    if not path.exists():
+        raise HandoffError(f"checkpoint '{path}' does not exist")
+    if path.is_dir():
+        if not (path / ".metadata").is_file() or not (path / MODEL_META).is_file():
+            raise HandoffError(f"'{path}' is a directory but not a complete vitdist checkpoint")
+        meta = json.loads((path / MODEL_META).read_text())
+        state = {"model": timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"]).state_dict()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+        return state["model"], "vitdist checkpoint"
+    try:
+        if path.suffix == ".safetensors":
+            state, kind = load_file(str(path)), "safetensors"
+        else:
+            state, kind = torch.load(path, map_location="cpu", weights_only=True), "torch state dict"
+    except pickle.UnpicklingError as e:
+        raise HandoffError(f"'{path}' holds objects other than tensors; refusing to unpickle them ({e})") from None
+    except Exception as e:
+        raise HandoffError(f"cannot read '{path}' as a checkpoint (truncated or not a state dict?): {e}") from None
+    for wrapper in ("model", "state_dict", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise HandoffError(f"'{path}' is not a state dict of tensors")
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+    if "conv_proj.weight" in state:
+        return from_torchvision(state), "torchvision ViT"
+    return state, kind
+
+
+def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Fit `state` to `model`: new head, resampled position and patch embeddings; else refuse."""
+    target = model.state_dict()
+    state = dict(state)
+    if any(k in state and state[k].shape != target[k].shape for k in HEAD_KEYS):
+        for key in HEAD_KEYS:
+            state.pop(key, None)
+    if "pos_embed" in state and state["pos_embed"].shape != target["pos_embed"].shape:
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.patch_embed.grid_size),
+                                                    num_prefix_tokens=model.num_prefix_tokens)
+    key = "patch_embed.proj.weight"
+    if key in state and state[key].shape[-2:] != target[key].shape[-2:]:
+        state[key] = resample_patch_embed(state[key], new_size=list(target[key].shape[-2:]))
+    unexpected = set(state) - set(target)
+    missing = set(target) - set(state) - set(HEAD_KEYS)
+    mismatched = {k for k in set(state) & set(target) if state[k].shape != target[k].shape}
+    problems = []
+    if unexpected:
+        problems.append(f"keys the model does not have: {_list(unexpected)}")
+    if missing:
+        problems.append(f"model keys the checkpoint lacks: {_list(missing)}")
+    if mismatched:
+        problems.append("shapes that differ: " + _list(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+                                                       for k in mismatched))
+    if problems:
+        raise HandoffError("the checkpoint does not fit the model (another architecture?): " + "; ".join(problems))
+    return state
+
+
+def load_pretrained(model: torch.nn.Module, path: str | Path) -> tuple[str, list[str]]:
+    """Initialise `model` from the checkpoint at `path`. Returns the checkpoint's kind and the keys
+    left at their fresh initialisation (the head's, when it was replaced)."""
+    state, kind = read_state_dict(path)
+    result = model.load_state_dict(adapt(state, model), strict=False)
+    return kind, sorted(result.missing_keys)
