@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The demo: set up .venv, write the built-in shapes dataset as WebDataset shards, pretrain the
-# tiny ViT with torchrun (one process per GPU, or 2 gloo processes on CPU), print where it went.
-# Extra arguments are config overrides, e.g.: bash launch/demo.sh train.steps=100
+# The demo: set up .venv, write the demo datasets as WebDataset shards, pretrain the tiny ViT on
+# the built-in shapes with torchrun (one process per GPU, or 2 gloo processes on CPU), then
+# fine-tune it on real handwritten digits, and print where everything went.
+# Extra arguments are pretraining config overrides, e.g.: bash launch/demo.sh train.steps=100
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/venv.sh
-ensure_venv
+ensure_venv demo
 
 data_dir=${VITDIST_DEMO_DATA:-demo}
 run_dir=runs/demo-$(date +%Y%m%d-%H%M%S)
-if [ ! -f "$data_dir/shards/classes.json" ]; then
-  echo "writing the demo dataset to $data_dir/"
+if [ ! -f "$data_dir/digits/shards/classes.json" ]; then
+  echo "writing the demo datasets to $data_dir/"
   vitdist demo-data "$data_dir"
 fi
 
@@ -23,9 +24,19 @@ else
   nproc=2
 fi
 # A micro-batch of 128/nproc keeps the global batch of 128 (and its 16 streams) for any power of 2 up to 16.
+layout=(data.micro_batch_size=$((128 / nproc)))
+
+echo "== pretraining on shapes"
 torchrun --standalone --nproc_per_node="$nproc" launch/pretrain.py --config configs/pretrain/tiny.yaml \
-  "data.train_shards=$data_dir/shards/train-{000000..000015}.tar" \
-  "data.val_shards=$data_dir/shards/val-{000000..000002}.tar" \
-  data.micro_batch_size=$((128 / nproc)) "run.dir=$run_dir" "$@"
-echo "demo done: run directory $run_dir (config.yaml, checkpoints/, tb/)"
-echo "watch it: tensorboard --logdir $run_dir/tb"
+  "data.train_shards=$data_dir/shapes/shards/train-{000000..000015}.tar" \
+  "data.val_shards=$data_dir/shapes/shards/val-{000000..000002}.tar" "${layout[@]}" "run.dir=$run_dir" "$@"
+
+echo "== fine-tuning on handwritten digits (scikit-learn's scans)"
+checkpoint=$(ls -d "$run_dir"/checkpoints/step_* | sort -V | tail -n 1)
+torchrun --standalone --nproc_per_node="$nproc" launch/finetune.py --config configs/finetune/tiny_digits.yaml \
+  "data.train_shards=$data_dir/digits/shards/train-{000000..000016}.tar" \
+  "data.val_shards=$data_dir/digits/shards/val-{000000..000016}.tar" "${layout[@]}" \
+  "finetune.init=$checkpoint" "run.dir=$run_dir-digits"
+
+echo "demo done: pretraining in $run_dir, fine-tuning in $run_dir-digits (best weights: $run_dir-digits/best.safetensors)"
+echo "watch both: tensorboard --logdir_spec pretrain:$run_dir/tb,finetune:$run_dir-digits/tb"

@@ -4,7 +4,8 @@ ensure_venv() {
   local extras=${1:-}
   local spec="." imports="vitdist, torch, torchvision, timm, webdataset, tensorboard, yaml, tqdm"
   if [ -n "$extras" ]; then spec=".[$extras]"; fi
-  if [ "$extras" = dev ]; then imports="$imports, pytest"; fi
+  if [ "$extras" = demo ]; then imports="$imports, sklearn"; fi
+  if [ "$extras" = dev ]; then imports="$imports, sklearn, pytest"; fi
   if [ ! -x .venv/bin/python ]; then
     echo "creating .venv"
     python3 -m venv .venv

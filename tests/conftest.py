@@ -26,19 +26,19 @@ def shard_overrides(shards: dict[str, str]) -> list[str]:
     return [f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}"]
 
 
-def pretrain_command(nproc: int, overrides: list[str]) -> list[str]:
-    """`torchrun --nproc_per_node=nproc launch/pretrain.py` on the tiny config; nproc=0 runs the
+def pretrain_command(nproc: int, overrides: list[str], launcher: str = "pretrain") -> list[str]:
+    """`torchrun --nproc_per_node=nproc launch/<launcher>.py` on the tiny config; nproc=0 runs the
     script directly, as one process without torchrun."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    return [*launcher, str(REPO / "launch" / "pretrain.py"), "--config", str(TINY), *overrides]
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    return [*runner, str(REPO / "launch" / f"{launcher}.py"), "--config", str(TINY), *overrides]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(pretrain_command(nproc, overrides), cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout_s)
+def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300, launcher: str = "pretrain"):
+    return subprocess.run(pretrain_command(nproc, overrides, launcher), cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=timeout_s)
 
 
 def start_pretrain(nproc: int, overrides: list[str], log_path: Path) -> subprocess.Popen:

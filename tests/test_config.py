@@ -107,7 +107,7 @@ def test_saved_config_round_trips(tmp_path):
 def test_readme_reference_is_current():
     readme = (REPO / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate with: vitdist config-reference"
-    assert set(Config.__dataclass_fields__) == {"model", "data", "optim", "train", "dist", "ckpt", "log", "run"}
+    assert set(Config.__dataclass_fields__) == {"model", "data", "optim", "train", "dist", "ckpt", "log", "finetune", "run"}
 
 
 def test_entry_point_refuses_before_any_process_group(tmp_path):

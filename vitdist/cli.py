@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     shards.add_argument("--max-shard-bytes", type=float, default=1e9, help="start a new shard past this size (default: 1e9)")
     shards.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle before writing")
 
-    demo = commands.add_parser("demo-data", help="write the built-in shapes dataset as shards")
-    demo.add_argument("out", help="output folder")
+    demo = commands.add_parser("demo-data", help="write the demo datasets as shards: shapes (built in), digits (scikit-learn)")
+    demo.add_argument("out", help="output folder: <out>/shapes, <out>/digits")
 
     export = commands.add_parser("export", help="write a checkpoint as one timm-loadable safetensors file (+ .json)")
     export.add_argument("--checkpoint", required=True, help="a checkpoint directory, e.g. runs/b16/checkpoints/step_1000")
@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"shards: {pattern}")
     elif args.command == "demo-data":
-        from .demo_data import write_demo_dataset
-        for split, pattern in write_demo_dataset(args.out).items():
-            print(f"{split}: {pattern}")
+        from .demo_data import write_demo_dataset, write_digits_dataset
+        for name, write in (("shapes", write_demo_dataset), ("digits", write_digits_dataset)):
+            for split, pattern in write(f"{args.out}/{name}").items():
+                print(f"{name} {split}: {pattern}")
     elif args.command == "export":
         from .export import export
         try:

@@ -106,6 +106,13 @@ class LogConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init: str | None = _opt(None, "weights to start from: a vitdist checkpoint or export, a timm or torchvision ViT state dict")
+    layer_decay: float = _opt(1.0, "layer-wise lr decay: block i gets lr x decay^(depth - i), the head lr; 1: off")
+    freeze: Literal["none", "backbone"] = _opt("none", "backbone: train the head only (linear probe)")
+
+
+@dataclass
 class RunConfig:
     dir: str = _opt("runs/default", "run directory: config.yaml, checkpoints/, tb/")
 
@@ -119,6 +126,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -256,6 +264,8 @@ def validate(cfg: Config) -> None:
     for key, value in {"data.mean": cfg.data.mean, "data.std": cfg.data.std}.items():
         if len(value) != 3:
             raise ConfigError(f"config key '{key}' must have 3 numbers (RGB), got {value}")
+    if not 0 < cfg.finetune.layer_decay <= 1:
+        raise ConfigError(f"config key 'finetune.layer_decay' must be in (0, 1], got {cfg.finetune.layer_decay}")
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: give a brace pattern, a list or a .txt file of shards")
     if cfg.train.global_batch_size % cfg.data.streams:

@@ -1,5 +1,6 @@
-"""A built-in dataset a ViT can learn on a CPU in minutes: shapes drawn at random colour,
-position, scale and rotation on a noisy background, one class per shape."""
+"""Demo data. Built in: shapes drawn at random colour, position, scale and rotation on a noisy
+background, one class per shape, which a ViT learns on a CPU in minutes (for pretraining). Real:
+scikit-learn's 1,797 scanned handwritten digits, upscaled (for fine-tuning)."""
 
 from __future__ import annotations
 
@@ -66,4 +67,28 @@ def write_demo_dataset(out_dir: str | Path, train_per_class: int = 600, val_per_
                 draw_shape(name, image_size, rng).save(folder / f"{name}_{i:05d}.png")
         patterns[split] = make_shards(out_dir / "images" / split, out_dir / "shards", prefix=split,
                                       samples_per_shard=samples_per_shard, seed=seed, progress=False)
+    return patterns
+
+
+def write_digits_dataset(out_dir: str | Path, image_size: int = 32, val_count: int = 497, streams: int = 16,
+                         seed: int = 0) -> dict[str, str]:
+    """scikit-learn's 8x8 handwritten digits (real scans, 10 classes), upscaled to `image_size`,
+    split train/val, written as an ImageFolder and sharded (at least `streams` train shards)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = list(range(len(digits.target)))
+    random.Random(seed).shuffle(order)
+    splits = {"val": order[:val_count], "train": order[val_count:]}
+    out_dir = Path(out_dir)
+    patterns = {}
+    for split, indices in splits.items():
+        for i in indices:
+            folder = out_dir / "images" / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            grey = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8))
+            grey.resize((image_size, image_size), Image.BILINEAR).convert("RGB").save(folder / f"digit_{i:04d}.png")
+        per_shard = max(1, len(indices) // streams)
+        patterns[split] = make_shards(out_dir / "images" / split, out_dir / "shards", prefix=split,
+                                      samples_per_shard=per_shard, seed=seed, progress=False)
     return patterns

@@ -26,9 +26,14 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=checkpoint_dir, no_dist=True)
+    return write_safetensors(state["model"], {**meta, "source": str(checkpoint_dir)}, out)
+
+
+def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
+    """`out` (safetensors) and `out` with .json: the arch, timm kwargs, image size, classes, normalisation."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state["model"].items()}, str(out), metadata={"arch": meta["arch"]})
-    info = {**meta, "img_size": meta["timm_kwargs"]["img_size"], "num_classes": meta["timm_kwargs"]["num_classes"],
-            "source": str(checkpoint_dir)}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out), metadata={"arch": meta["arch"]})
+    info = {**meta, "img_size": meta["timm_kwargs"]["img_size"], "num_classes": meta["timm_kwargs"]["num_classes"]}
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))
     return out

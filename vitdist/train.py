@@ -1,4 +1,5 @@
-"""The pretraining loop: model, optimizer, data and objective in; checkpoints and curves out."""
+"""The training loop, for pretraining and fine-tuning: model, optimizer, data and objective in;
+checkpoints and curves out."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from . import checkpoint, distributed
 from .checkpoint import Checkpointer
-from .config import Config, DataConfig, ModelConfig, batch_layout, save_config
+from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, save_config
+from .export import write_safetensors
+from .handoff import load_pretrained
 from .data import TrainLoader, eval_loader, expand_urls, normalize, train_shard_urls
 from .metrics import MetricLogger
 from .model import build_model, check_model, timm_kwargs
@@ -53,19 +57,22 @@ def preflight(cfg: Config, world_size: int) -> None:
     if cfg.data.val_shards:
         expand_urls(cfg.data.val_shards)
     check_model(cfg.model)
+    if cfg.finetune.init and not Path(cfg.finetune.init).exists():
+        raise ConfigError(f"finetune.init '{cfg.finetune.init}' does not exist")
 
 
-def pretrain(cfg: Config) -> Path:
-    """Run (or resume) pretraining under torchrun, or as one process. Returns the last checkpoint;
-    exits with PREEMPTED_EXIT_CODE after checkpointing on SIGTERM/SIGUSR1."""
+def train(cfg: Config) -> Path:
+    """Run (or resume) pretraining, or fine-tuning from `finetune.init`, under torchrun or as one
+    process. Returns the last checkpoint; exits with PREEMPTED_EXIT_CODE after checkpointing on
+    SIGTERM/SIGUSR1."""
     ctx = distributed.init(cfg.dist)
     try:
-        return _pretrain(cfg, ctx)
+        return _train(cfg, ctx)
     finally:
         distributed.close()
 
 
-def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
+def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
     accum_steps = batch_layout(cfg, ctx.world_size)
     run_dir = Path(cfg.run.dir)
     if ctx.is_main:
@@ -73,21 +80,30 @@ def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
     preemption = Preemption()
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model).to(ctx.device)
+    model = build_model(cfg.model)
+    resume_from = checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints")
+    if resume_from is None and cfg.finetune.init:
+        kind, fresh = load_pretrained(model, cfg.finetune.init)
+        log.info("initialised from %s (%s); freshly initialised: %s", cfg.finetune.init, kind, fresh or "nothing")
+    if cfg.finetune.freeze == "backbone":
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("head."))
+    model = model.to(ctx.device)
     params = sum(p.numel() for p in model.parameters())
     if cfg.train.compile:
         for block in model.blocks:
             block.compile()  # in place, per block: state dict keys keep their names
     dp_model = distributed.parallelize(model, cfg.dist, cfg.train.precision, ctx)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.finetune.layer_decay)
     objective = Classification(cfg.train, cfg.model.num_classes)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, model_meta(cfg.model, cfg.data))
+    meta = model_meta(cfg.model, cfg.data)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta)
 
-    step, positions, skipped_total = 0, {}, 0
-    resume_from = checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints")
+    step, positions, skipped_total, best_top1 = 0, {}, 0, -1.0
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer)
         step, positions, skipped_total = state["step"], state["data_positions"], state["skipped"]
+        best_top1 = state.get("best_top1", -1.0)
         log.info("resumed from %s at step %d", resume_from, step)
 
     pin = ctx.device.type == "cuda"
@@ -117,7 +133,7 @@ def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
         lr = lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
                    total_steps=cfg.train.steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         images = normalize(batch["image"].to(ctx.device, non_blocking=True), cfg.data)
         labels = batch["label"].to(ctx.device, non_blocking=True)
         micro_batches = zip(images.split(cfg.data.micro_batch_size), labels.split(cfg.data.micro_batch_size))
@@ -141,12 +157,15 @@ def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
         if val_loader is not None and (step == cfg.train.steps or (
                 cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)):
             scalars.update(evaluate(model, val_loader, cfg, ctx, autocast))
+            if scalars["val/top1"] > best_top1:
+                best_top1 = scalars["val/top1"]
+                save_weights(model, meta, run_dir / "best.safetensors", ctx)
         if scalars:
             logger.log(step, scalars)
         preempted = preemption.requested(ctx)
         if preempted or step == cfg.train.steps or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0):
             train_state = {"step": step, "data_positions": distributed.merge_across_ranks(loader.positions, ctx),
-                           "skipped": skipped_total}
+                           "skipped": skipped_total, "best_top1": best_top1}
             last_ckpt = checkpointer.save(step, model, optimizer, train_state)
         if preempted:
             checkpointer.wait()
@@ -161,6 +180,13 @@ def _pretrain(cfg: Config, ctx: distributed.DistContext) -> Path:
     if ctx.is_main:
         print(f"checkpoint: {last_ckpt}\ntensorboard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
     return last_ckpt
+
+
+def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed.DistContext) -> None:
+    """The whole model (gathered from the shards under FSDP) as one timm-loadable file, by rank 0."""
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.is_main:
+        write_safetensors(weights, meta, out)
 
 
 def model_meta(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict:
@@ -190,7 +216,8 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
     Ranks run the same number of forward passes (under FSDP each one gathers parameters from
     all ranks): a rank whose share has run out runs an empty batch."""
     model.eval()
-    totals = torch.zeros(3, device=ctx.device)  # loss sum, correct, count
+    totals = torch.zeros(4, device=ctx.device)  # loss sum, top-1 correct, top-5 correct, count
+    k = min(5, cfg.model.num_classes)
     empty = {"image": torch.zeros(0, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.uint8),
              "label": torch.zeros(0, dtype=torch.long)}
     batches = iter(loader)
@@ -203,10 +230,11 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
         labels = batch["label"].to(ctx.device, non_blocking=True)
         with autocast:
             logits = model(images).float()
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
-                               (logits.argmax(-1) == labels).sum().float(),
-                               torch.tensor(float(len(labels)), device=ctx.device)])
+        top = logits.topk(k, dim=-1).indices == labels[:, None]
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), top[:, 0].sum().float(),
+                               top.any(-1).sum().float(), torch.tensor(float(len(labels)), device=ctx.device)])
     model.train()
     totals = distributed.all_reduce_sum(totals)
-    count = max(totals[2].item(), 1.0)
-    return {"val/loss": totals[0].item() / count, "val/top1": totals[1].item() / count}
+    count = max(totals[3].item(), 1.0)
+    return {"val/loss": totals[0].item() / count, "val/top1": totals[1].item() / count,
+            "val/top5": totals[2].item() / count}

@@ -1,0 +1,90 @@
+"""Fine-tuning: the handoff in a real run, layer-wise lr decay, freezing, best weights, export."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, read_scalars, run_pretrain, shard_overrides
+from vitdist.config import load_config
+from vitdist.handoff import load_pretrained
+from vitdist.model import build_model
+from vitdist.optim import build_optimizer
+
+
+def test_layer_decay_lr_per_block():
+    cfg = load_config(TINY, ["finetune.layer_decay=0.5"])
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim, cfg.finetune.layer_decay)
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    depth = len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        assert {scale[id(p)] for p in block.parameters()} == {0.5 ** (depth - i)}
+    assert scale[id(model.head.weight)] == scale[id(model.head.bias)] == 1.0
+    assert scale[id(model.pos_embed)] == scale[id(model.patch_embed.proj.weight)] == 0.5 ** (depth + 1)
+
+
+@pytest.mark.slow
+def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp_path):
+    """Pretrain (2 ranks, DDP) -> fine-tune at 48 px with 5 classes, layer decay and a frozen
+    backbone variant (2 ranks, FSDP) -> export -> timm loads it strictly, same logits."""
+    pre = run_pretrain(2, [*shard_overrides(demo_shards), f"run.dir={tmp_path / 'pre'}", "train.steps=4",
+                           "train.global_batch_size=64", "data.micro_batch_size=32"])
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    init = tmp_path / "pre" / "checkpoints" / "step_4"
+    finetune = [*shard_overrides(demo_shards), f"finetune.init={init}", "model.img_size=48", "model.num_classes=5",
+                "finetune.layer_decay=0.75", "train.steps=4", "train.global_batch_size=64",
+                "data.micro_batch_size=32", "train.eval_every_steps=2", "dist.strategy=fsdp"]
+    # Labels 5..7 of the 8 shape classes are out of range for a 5-class head: skipped and counted.
+    run = run_pretrain(2, [*finetune, f"run.dir={tmp_path / 'ft'}"], launcher="finetune")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(vitdist checkpoint); freshly initialised: ['head.bias', 'head.weight']" in run.stderr
+    curves = read_scalars(tmp_path / "ft" / "tb")
+    assert {"val/top1", "val/top5", "val/loss"} <= set(curves) and curves["data/skipped"][-1][1] > 0
+    assert all(top1 <= top5 for (_, top1), (_, top5) in zip(curves["val/top1"], curves["val/top5"]))
+
+    best = tmp_path / "ft" / "best.safetensors"
+    meta = json.loads(best.with_suffix(".json").read_text())
+    assert meta["img_size"] == 48 and meta["num_classes"] == 5
+    model = timm.create_model(meta["arch"], **meta["timm_kwargs"])
+    model.load_state_dict(load_file(best), strict=True)
+
+    export = subprocess.run([sys.executable, "-m", "vitdist.cli", "export", "--checkpoint",
+                             str(tmp_path / "ft" / "checkpoints" / "step_4"), "--out", str(tmp_path / "ft.safetensors")],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert export.returncode == 0, export.stderr
+    exported = timm.create_model(meta["arch"], **meta["timm_kwargs"])
+    exported.load_state_dict(load_file(tmp_path / "ft.safetensors"), strict=True)
+    ours = build_model(load_config(tmp_path / "ft" / "config.yaml").model)
+    load_pretrained(ours, tmp_path / "ft" / "checkpoints" / "step_4")
+    x = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(exported.eval()(x), ours.eval()(x), rtol=0, atol=0)
+
+    # Linear probe: only the head moves.
+    frozen = run_pretrain(0, [*finetune, "dist.strategy=ddp", "finetune.freeze=backbone",
+                              f"run.dir={tmp_path / 'probe'}"], launcher="finetune")
+    assert frozen.returncode == 0, frozen.stderr[-3000:]
+    probe = build_model(load_config(tmp_path / "probe" / "config.yaml").model)
+    load_pretrained(probe, tmp_path / "probe" / "checkpoints" / "step_4")
+    start = build_model(load_config(tmp_path / "probe" / "config.yaml").model)
+    load_pretrained(start, init)
+    torch.testing.assert_close(probe.blocks[1].mlp.fc1.weight, start.blocks[1].mlp.fc1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(probe.pos_embed, start.pos_embed, rtol=0, atol=0)
+    assert not torch.equal(probe.head.weight, start.head.weight)
+
+
+def test_digits_are_real_scans_split_and_sharded(tmp_path):
+    from vitdist.data import expand_urls
+    import webdataset as wds
+    from vitdist.demo_data import write_digits_dataset
+
+    patterns = write_digits_dataset(tmp_path, streams=4)
+    counts = {split: [int(s["cls"]) for u in expand_urls(p) for s in wds.WebDataset(u, shardshuffle=False)]
+              for split, p in patterns.items()}
+    assert len(counts["train"]) == 1300 and len(counts["val"]) == 497
+    assert set(counts["train"]) == set(counts["val"]) == set(range(10))
+    assert len(expand_urls(patterns["train"])) >= 4

@@ -1,0 +1,29 @@
+"""The command line shared by launch/pretrain.py and launch/finetune.py."""
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, load_config
+from .train import preflight, train
+
+
+def main(description: str, finetune: bool) -> int:
+    """Parse `--config C.yaml [key.sub=value ...]`, refuse a bad config on every rank before any
+    process group starts (exit 2), then train."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config under configs/")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, values read as YAML")
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if finetune and not cfg.finetune.init:
+            raise ConfigError("finetune.init is not set: give the checkpoint to start from, finetune.init=<path>")
+        preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s")
+    train(cfg)
+    return 0
