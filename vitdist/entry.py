@@ -6,6 +6,7 @@ import os
 import sys
 
 from .config import ConfigError, load_config
+from .handoff import HandoffError
 from .train import preflight, train
 
 
@@ -25,5 +26,9 @@ def main(description: str, finetune: bool) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s")
-    train(cfg)
+    try:
+        train(cfg)
+    except (ConfigError, HandoffError) as e:  # met by every rank alike, before the first step
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
