@@ -1,6 +1,7 @@
 """Fine-tuning: the handoff in a real run, layer-wise lr decay, freezing, best weights, export."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,13 @@ def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp
                              str(tmp_path / "ft" / "checkpoints" / "step_4"), "--out", str(tmp_path / "ft.safetensors")],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert export.returncode == 0, export.stderr
+    # `vitdist evaluate` on the best weights reproduces the best validation top-1 of the run.
+    evaluation = subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint", str(best),
+                                 "--data", demo_shards["val"]], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert evaluation.returncode == 0, evaluation.stderr
+    top1 = float(re.search(r"top-1 ([\d.]+)%", evaluation.stdout).group(1)) / 100
+    assert top1 == pytest.approx(max(v for _, v in curves["val/top1"]), abs=1e-4)
+
     exported = timm.create_model(meta["arch"], **meta["timm_kwargs"])
     exported.load_state_dict(load_file(tmp_path / "ft.safetensors"), strict=True)
     ours = build_model(load_config(tmp_path / "ft" / "config.yaml").model)

@@ -25,6 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--checkpoint", required=True, help="a checkpoint directory, e.g. runs/b16/checkpoints/step_1000")
     export.add_argument("--out", required=True, help="output file, e.g. b16.safetensors")
 
+    evaluate = commands.add_parser("evaluate", help="top-1, top-5 and loss of a checkpoint on labelled shards")
+    evaluate.add_argument("--checkpoint", required=True, help="a checkpoint directory, an export, a timm or torchvision state dict")
+    evaluate.add_argument("--data", required=True, help="labelled shards: a brace pattern or a .txt list")
+    evaluate.add_argument("--config", help="for a state dict that does not say its architecture: a config with its model section")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--workers", type=int, default=2)
+
     commands.add_parser("config-reference", help="print the config reference (markdown)")
 
     args = parser.parse_args(argv)
@@ -49,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vitdist export: {e}", file=sys.stderr)
             return 2
         print(f"wrote {out} and {out.with_suffix('.json')}")
+    elif args.command == "evaluate":
+        from .config import ConfigError
+        from .evaluate import evaluate_checkpoint
+        from .handoff import HandoffError
+        try:
+            result = evaluate_checkpoint(args.checkpoint, args.data, args.config, args.batch_size, args.workers)
+        except (ConfigError, HandoffError) as e:
+            print(f"vitdist evaluate: {e}", file=sys.stderr)
+            return 2
+        print(f"top-1 {result['val/top1']:.2%} | top-5 {result['val/top5']:.2%} | loss {result['val/loss']:.4f}")
     else:
         from .config import reference_markdown
         print(reference_markdown(), end="")

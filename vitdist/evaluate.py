@@ -1,0 +1,49 @@
+"""`vitdist evaluate`: top-1, top-5 and loss of any checkpoint on any labelled shards, in one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .checkpoint import MODEL_META
+from .config import Config, ConfigError, DistConfig, ModelConfig, load_config
+from .data import eval_loader
+from .handoff import HandoffError, load_pretrained
+from .model import build_model, timm_kwargs
+from .train import evaluate
+
+
+def checkpoint_meta(checkpoint: Path, config: str | None) -> dict:
+    """Architecture and normalisation: from the checkpoint itself (a vitdist checkpoint directory,
+    or the JSON beside an export), else from the model and data sections of `config`."""
+    for meta in (checkpoint / MODEL_META, checkpoint.with_suffix(".json")):
+        if meta.is_file():
+            return json.loads(meta.read_text())
+    if config is None:
+        raise ConfigError(f"'{checkpoint}' does not say its architecture: give --config with its model section")
+    cfg = load_config(config, ["data.train_shards=unused"])
+    return {"arch": cfg.model.arch, "timm_kwargs": timm_kwargs(cfg.model), "mean": cfg.data.mean, "std": cfg.data.std}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = None, batch_size: int = 64,
+                        workers: int = 2) -> dict[str, float]:
+    checkpoint = Path(checkpoint)
+    meta = checkpoint_meta(checkpoint, config)
+    cfg = Config(model=ModelConfig(arch=meta["arch"], **meta["timm_kwargs"]))
+    cfg.data.val_shards, cfg.data.micro_batch_size, cfg.data.num_workers = data, batch_size, workers
+    cfg.data.mean, cfg.data.std = meta["mean"], meta["std"]
+    model = build_model(cfg.model)
+    kind, fresh = load_pretrained(model, checkpoint)
+    if fresh:
+        raise HandoffError(f"'{checkpoint}' ({kind}) has no weights for {fresh}: nothing to evaluate with")
+    ctx = distributed.init(DistConfig())
+    try:
+        autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
+        loader = eval_loader(cfg.data, cfg.model.img_size, cfg.model.num_classes, ctx.rank, ctx.world_size,
+                             pin_memory=ctx.device.type == "cuda")
+        return evaluate(model.to(ctx.device), loader, cfg, ctx, autocast)
+    finally:
+        distributed.close()
