@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
+import timm
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -109,6 +111,20 @@ class Checkpointer:
             partial.rename(final)
             prune(self.root, self.cfg.keep, self.cfg.keep_every)
         dist.barrier(group=self.group)
+
+
+def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The whole model's weights (timm's keys) and its `model.json`, read in this process alone,
+    with no process group: for exports, fine-tuning and evaluation."""
+    path = Path(path)
+    if not (path / ".metadata").is_file() or not (path / MODEL_META).is_file():
+        raise FileNotFoundError(f"'{path}' is not a complete vitdist checkpoint (no .metadata or {MODEL_META})")
+    meta = json.loads((path / MODEL_META).read_text())
+    state = {"model": timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"]).state_dict()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    return state["model"], meta
 
 
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

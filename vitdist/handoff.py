@@ -9,19 +9,15 @@ the head's. Anything else is a HandoffError that lists the offending keys.
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
-import warnings
 from pathlib import Path
 
-import timm
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from .checkpoint import MODEL_META
+from .checkpoint import load_model_weights
 
 HEAD_KEYS = ("head.weight", "head.bias")
 _TORCHVISION = [  # torchvision ViT key -> timm ViT key
@@ -66,14 +62,10 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if not path.exists():
         raise HandoffError(f"checkpoint '{path}' does not exist")
     if path.is_dir():
-        if not (path / ".metadata").is_file() or not (path / MODEL_META).is_file():
-            raise HandoffError(f"'{path}' is a directory but not a complete vitdist checkpoint")
-        meta = json.loads((path / MODEL_META).read_text())
-        state = {"model": timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"]).state_dict()}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=path, no_dist=True)
-        return state["model"], "vitdist checkpoint"
+        try:
+            return load_model_weights(path)[0], "vitdist checkpoint"
+        except FileNotFoundError as e:
+            raise HandoffError(str(e)) from None
     try:
         if path.suffix == ".safetensors":
             state, kind = load_file(str(path)), "safetensors"
