@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY
 from vitdist.config import ConfigError, load_config
-from vitdist.model import build_model, check_model, timm_kwargs
+from vitdist.model import build_model, check_model, timm_kwargs, train_flops_per_image
 from vitdist.optim import build_optimizer
 
 
@@ -77,3 +77,19 @@ def test_weight_decay_groups():
 def test_impossible_models_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         check_model(load_config(TINY, [override]).model)
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.img_size=64", "model.depth=2", "model.num_classes=100"]])
+def test_train_flops_match_torch_flop_counter(overrides):
+    """perf/mfu's FLOP count against torch's own count of a real forward + backward (whose input
+    gradient of the patch projection is not computed: the image needs none). The math attention
+    backend, because the counter does not see inside the CPU's fused attention kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, cfg = tiny_model(*overrides)
+    x = torch.randn(3, 3, cfg.model.img_size, cfg.model.img_size)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(x).sum().backward()
+    patch_input_grad = 2 * model.patch_embed.proj.weight.numel() * model.patch_embed.num_patches * len(x)
+    assert train_flops_per_image(model) * len(x) == pytest.approx(counter.get_total_flops() + patch_input_grad, rel=1e-6)

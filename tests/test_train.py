@@ -17,7 +17,7 @@ from vitdist.model import timm_kwargs
 
 pytestmark = pytest.mark.slow
 
-TAGS = {"train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec", "perf/data_wait_frac", "data/skipped",
+TAGS = {"train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec", "perf/data_wait_frac", "perf/mfu", "data/skipped",
         "val/loss", "val/top1"}
 
 
@@ -39,6 +39,7 @@ def test_pretrain_on_2_ranks_then_resume(demo_shards, tmp_path):
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(0 <= v <= 1 for _, v in curves["perf/data_wait_frac"])
     assert all(v > 0 for _, v in curves["perf/images_per_sec"])
+    assert all(0 < v < 1 for _, v in curves["perf/mfu"])
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 writes, alone
 
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())

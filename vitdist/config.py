@@ -103,6 +103,7 @@ class CkptConfig:
 @dataclass
 class LogConfig:
     every_steps: int = _opt(10, "console and TensorBoard line every N steps")
+    peak_tflops: float | None = _opt(None, "per-device matmul peak that perf/mfu divides by; null: measured at start (bf16 or fp32, per train.precision)")
 
 
 @dataclass

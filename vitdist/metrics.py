@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 _CONSOLE = {  # tag -> (short name, format)
     "train/loss": ("loss", "{:.4f}"), "train/lr": ("lr", "{:.2e}"), "train/grad_norm": ("grad_norm", "{:.3f}"),
     "perf/images_per_sec": ("img/s", "{:.1f}"), "perf/data_wait_frac": ("data_wait", "{:.1%}"),
+    "perf/mfu": ("mfu", "{:.1%}"),
     "data/skipped": ("skipped", "{:.0f}"), "val/loss": ("val_loss", "{:.4f}"), "val/top1": ("val_top1", "{:.2%}"),
     "val/top5": ("val_top5", "{:.2%}"),
 }
@@ -33,3 +37,19 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matrix product on this device, the ceiling MFU is measured against."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: library load, kernel choice
+    repeats = 10 if device.type == "cuda" else 3
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)

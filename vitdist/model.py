@@ -2,6 +2,7 @@
 
 import timm
 import torch
+from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from .config import ConfigError, ModelConfig
@@ -38,3 +39,16 @@ def check_model(cfg: ModelConfig) -> None:
             raise ConfigError(f"timm cannot build model.arch '{cfg.arch}' with {timm_kwargs(cfg)}: {e}") from None
     if cfg.img_size % (cfg.patch_size or 1):
         raise ConfigError(f"model.img_size={cfg.img_size} is not a multiple of model.patch_size={cfg.patch_size}")
+
+
+def train_flops_per_image(model: VisionTransformer) -> float:
+    """Model FLOPs of one image's forward + backward (3x the forward's matrix products: every
+    linear layer per token, the patch projection per patch, attention's QK^T and AV). Norms and
+    pointwise ops are left out, and recomputation under checkpointing is not counted, as in MFU."""
+    patches = model.patch_embed.num_patches
+    tokens = patches + model.num_prefix_tokens
+    block_macs = sum(m.in_features * m.out_features for m in model.blocks.modules() if isinstance(m, nn.Linear))
+    attention_macs = 2 * tokens * tokens * model.embed_dim * len(model.blocks)
+    head_macs = sum(m.in_features * m.out_features for m in model.head.modules() if isinstance(m, nn.Linear))
+    macs = block_macs * tokens + model.patch_embed.proj.weight.numel() * patches + attention_macs + head_macs
+    return 3 * 2 * macs

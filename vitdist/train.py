@@ -3,6 +3,7 @@ checkpoints and curves out."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -20,8 +21,8 @@ from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, 
 from .export import write_safetensors
 from .handoff import load_pretrained
 from .data import TrainLoader, eval_loader, expand_urls, normalize, train_shard_urls
-from .metrics import MetricLogger
-from .model import build_model, check_model, timm_kwargs
+from .metrics import MetricLogger, matmul_peak_flops
+from .model import build_model, check_model, timm_kwargs, train_flops_per_image
 from .objective import Classification
 from .optim import build_optimizer
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
@@ -88,12 +89,8 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
     if cfg.finetune.freeze == "backbone":
         for name, param in model.named_parameters():
             param.requires_grad_(name.startswith("head."))
-    model = model.to(ctx.device)
     params = sum(p.numel() for p in model.parameters())
-    if cfg.train.compile:
-        for block in model.blocks:
-            block.compile()  # in place, per block: state dict keys keep their names
-    dp_model = distributed.parallelize(model, cfg.dist, cfg.train.precision, ctx)
+    dp_model = prepare_model(model, cfg, ctx)
     optimizer = build_optimizer(model, cfg.optim, cfg.finetune.layer_decay)
     objective = Classification(cfg.train, cfg.model.num_classes)
     meta = model_meta(cfg.model, cfg.data)
@@ -113,7 +110,10 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
                   if cfg.data.val_shards else None)
     # On resume, TensorBoard drops what a killed run logged after the checkpoint: no duplicate steps.
     logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=step + 1 if resume_from else None)
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    compute = compute_precision(cfg, ctx.device)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else matmul_peak_flops(ctx.device, dtype)
+    flops_per_image = train_flops_per_image(model)
     if ctx.is_main:
         print(f"{cfg.model.arch}: {params / 1e6:.2f}M params ({distributed.local_numel(model) / 1e6:.2f}M on rank 0) | "
               f"{cfg.dist.strategy} over {ctx.world_size} rank(s) on {ctx.device.type} | global batch "
@@ -136,27 +136,19 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         images = normalize(batch["image"].to(ctx.device, non_blocking=True), cfg.data)
         labels = batch["label"].to(ctx.device, non_blocking=True)
-        micro_batches = zip(images.split(cfg.data.micro_batch_size), labels.split(cfg.data.micro_batch_size))
-        for i, (x, y) in enumerate(micro_batches):
-            with distributed.grad_sync(dp_model, enabled=i == accum_steps - 1):
-                with autocast:
-                    loss = objective(dp_model, x, y) / accum_steps
-                loss.backward()
-            window.loss += loss.detach()
-        grad_norm = distributed.clip_grad_norm(model, cfg.optim.clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm = train_step(dp_model, model, optimizer, objective, images, labels, cfg, compute)
         step += 1
-        window.grad_norm += grad_norm.detach()
+        window.loss += loss
+        window.grad_norm += grad_norm
         window.steps += 1
         window.images += cfg.train.global_batch_size
 
         at_log_step = step % cfg.log.every_steps == 0 or step == cfg.train.steps
-        scalars = _window_scalars(window, lr, skipped_total, ctx) if at_log_step else {}
+        scalars = _window_scalars(window, lr, skipped_total, flops_per_image / peak, ctx) if at_log_step else {}
         skipped_total = int(scalars.get("data/skipped", skipped_total))
         if val_loader is not None and (step == cfg.train.steps or (
                 cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)):
-            scalars.update(evaluate(model, val_loader, cfg, ctx, autocast))
+            scalars.update(evaluate(model, val_loader, cfg, ctx, compute))
             if scalars["val/top1"] > best_top1:
                 best_top1 = scalars["val/top1"]
                 save_weights(model, meta, run_dir / "best.safetensors", ctx)
@@ -182,6 +174,44 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
     return last_ckpt
 
 
+def prepare_model(model: torch.nn.Module, cfg: Config, ctx: distributed.DistContext) -> torch.nn.Module:
+    """Move, compile and distribute the model, in place; returns what the training step calls."""
+    model = model.to(ctx.device)
+    if cfg.train.compile:
+        for block in model.blocks:
+            block.compile()  # in place, per block: state dict keys keep their names
+    return distributed.parallelize(model, cfg.dist, cfg.train.precision, ctx)
+
+
+def compute_precision(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context forward passes run in. bf16 under DDP: autocast over the fp32 weights. Under
+    FSDP the parameters are gathered in bf16 already, so the whole forward, residual stream
+    included, runs in bf16 without a cast per op; the fp32 shards stay the optimizer's."""
+    bf16 = cfg.train.precision == "bf16" and cfg.dist.strategy == "ddp"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def train_step(dp_model: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective,
+               images: torch.Tensor, labels: torch.Tensor, cfg: Config,
+               compute: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's batch: forward/backward per micro-batch, gradients
+    synchronised once (on the last), clipped to a global norm. Returns the loss and the norm
+    before clipping, as device tensors (reading them would wait for the step)."""
+    micro = cfg.data.micro_batch_size
+    accum_steps = -(-len(images) // micro)
+    total = torch.zeros((), device=images.device)
+    for i, (x, y) in enumerate(zip(images.split(micro), labels.split(micro))):
+        with distributed.grad_sync(dp_model, enabled=i == accum_steps - 1):
+            with compute:
+                loss = objective(dp_model, x, y) / accum_steps
+            loss.backward()
+        total += loss.detach()
+    grad_norm = distributed.clip_grad_norm(model, cfg.optim.clip_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, grad_norm.detach()
+
+
 def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed.DistContext) -> None:
     """The whole model (gathered from the shards under FSDP) as one timm-loadable file, by rank 0."""
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -194,7 +224,9 @@ def model_meta(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict:
     return {"arch": model_cfg.arch, "timm_kwargs": timm_kwargs(model_cfg), "mean": data_cfg.mean, "std": data_cfg.std}
 
 
-def _window_scalars(window: Window, lr: float, skipped_before: int, ctx: distributed.DistContext) -> dict:
+def _window_scalars(window: Window, lr: float, skipped_before: int, peak_seconds_per_image: float,
+                    ctx: distributed.DistContext) -> dict:
+    """`peak_seconds_per_image`: one image's training FLOPs over one device's peak FLOP/s."""
     elapsed = time.perf_counter() - window.start
     sums = distributed.all_reduce_sum(torch.stack([
         torch.as_tensor(window.loss, dtype=torch.float32, device=ctx.device),
@@ -205,13 +237,14 @@ def _window_scalars(window: Window, lr: float, skipped_before: int, ctx: distrib
         "train/lr": lr,
         "train/grad_norm": float(window.grad_norm) / window.steps,
         "perf/images_per_sec": window.images / elapsed,
+        "perf/mfu": window.images / elapsed * peak_seconds_per_image / ctx.world_size,
         "perf/data_wait_frac": sums[2].item() / ctx.world_size,
         "data/skipped": skipped_before + sums[1].item(),
     }
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistContext, autocast) -> dict:
+def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistContext, compute) -> dict:
     """Loss and top-1 over the whole validation set, every sample counted once over all ranks.
     Ranks run the same number of forward passes (under FSDP each one gathers parameters from
     all ranks): a rank whose share has run out runs an empty batch."""
@@ -228,7 +261,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
         batch = batch or empty
         images = normalize(batch["image"].to(ctx.device, non_blocking=True), cfg.data)
         labels = batch["label"].to(ctx.device, non_blocking=True)
-        with autocast:
+        with compute:
             logits = model(images).float()
         top = logits.topk(k, dim=-1).indices == labels[:, None]
         totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), top[:, 0].sum().float(),

@@ -1,0 +1,203 @@
+"""Training-step throughput: timm's ViT step against vitdist's, side by side on one GPU.
+
+    python bench/train_step.py --config configs/pretrain/vit_b16.yaml --batch 256 \
+        --variants timm,vitdist:dist.strategy=fsdp [--ckpt] [--out results.json]
+
+A variant is `timm` (timm's model, fp32 weights, bf16 autocast, fused AdamW, torch.compile of the
+whole model: the step the issue's anchors time), `timm-eager`, or `vitdist:<key=value;...>`:
+vitdist's own step (`vitdist.train.prepare_model` + `train_step`) on the config with those
+overrides. Every variant starts from the same initial weights and is timed with CUDA events on
+fresh random batches (median of repeats, after warm-up and compilation). Numerics: each vitdist
+variant trains `--check-steps` steps on a fixed set of batches, and its losses are compared with
+vitdist's eager bf16-autocast step (`vitdist:train.compile=false;dist.strategy=ddp`) from the
+same initial weights. MFU counts model FLOPs (`vitdist.model.train_flops_per_image`, no
+recomputation) against the bf16 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from vitdist import distributed
+from vitdist.config import load_config
+from vitdist.metrics import matmul_peak_flops
+from vitdist.model import build_model, timm_kwargs, train_flops_per_image
+from vitdist.objective import Classification
+from vitdist.optim import build_optimizer
+from vitdist.train import compute_precision, prepare_model, train_step
+
+REFERENCE = "vitdist:train.compile=false;dist.strategy=ddp"
+
+
+def bench_overrides(args) -> list[str]:
+    """The same architecture and batch as timm's step: no drop path, no label smoothing, no clipping
+    (the norm is still computed, as in every vitdist step)."""
+    return [f"model.num_classes={args.classes}", "model.drop_path_rate=0.0", f"model.grad_checkpointing={str(args.ckpt).lower()}",
+            f"data.micro_batch_size={args.batch}", f"train.global_batch_size={args.batch}", "train.label_smoothing=0.0",
+            "optim.clip_grad_norm=0.0", "train.precision=bf16", "train.compile=true", "data.streams=1", "data.num_workers=0"]
+
+
+def timm_step(args, init: dict, compile_: bool):
+    model = timm.create_model(args.arch, **args.timm_kwargs).to(args.device)
+    model.load_state_dict(init)
+    model.set_grad_checkpointing(args.ckpt)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=args.device.type == "cuda")
+    forward = torch.compile(model) if compile_ else model
+
+    def step(x, y):
+        with torch.autocast(args.device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return model, step
+
+
+def vitdist_step(args, init: dict, overrides: list[str], ctx):
+    cfg = load_config(args.config, [*bench_overrides(args), f"optim.lr={args.lr}", *overrides])
+    model = build_model(cfg.model)
+    model.load_state_dict(init)
+    dp_model = prepare_model(model, cfg, ctx)
+    optimizer = build_optimizer(model, cfg.optim)
+    objective = Classification(cfg.train, cfg.model.num_classes)
+    compute = compute_precision(cfg, ctx.device)
+
+    def step(x, y):
+        return train_step(dp_model, model, optimizer, objective, x, y, cfg, compute)[0]
+    return model, step
+
+
+def time_steps(step, batches, warmup: int, steps: int, repeats: int, device) -> tuple[list[float], float]:
+    """Seconds per step of each repeat (CUDA events; the host clock on a CPU, where this script is
+    only tried out), and the warm-up's wall time (compilation)."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda _: None)
+    start = time.perf_counter()
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
+    sync(device)
+    warmup_s = time.perf_counter() - start
+    per_step = []
+    for r in range(repeats):
+        begin, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
+        host_start = time.perf_counter()
+        if cuda:
+            begin.record()
+        for i in range(steps):
+            step(*batches[(r * steps + i) % len(batches)])
+        if cuda:
+            end.record()
+        sync(device)
+        seconds = begin.elapsed_time(end) / 1000 if cuda else time.perf_counter() - host_start
+        per_step.append(seconds / steps)
+    return per_step, warmup_s
+
+
+def run_variant(name: str, args, init: dict, ctx, check_batches) -> dict:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    if name in ("timm", "timm-eager"):
+        model, step = timm_step(args, init, compile_=name == "timm")
+        losses = None
+    else:
+        model, step = vitdist_step(args, init, [o for o in name.partition(":")[2].split(";") if o], ctx)
+        losses = [step(x, y).item() for x, y in check_batches]  # numerics first, from the initial weights
+    flops = train_flops_per_image(model)
+    if args.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(args.device)
+    batches = [random_batch(args) for _ in range(4)]  # fresh inputs, rotated: no timing of one cached batch
+    per_step, warmup_s = time_steps(step, batches, args.warmup, args.steps, args.repeats, args.device)
+    seconds = statistics.median(per_step)
+    result = {"variant": name, "img_s": args.batch / seconds, "step_ms": seconds * 1e3,
+              "spread": (max(per_step) - min(per_step)) / seconds, "warmup_s": warmup_s,
+              "peak_mem_gib": torch.cuda.max_memory_allocated(args.device) / 2**30 if args.device.type == "cuda" else 0.0,
+              "flops_per_img": flops, "losses": losses}
+    del model, step, batches
+    gc.collect()
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def random_batch(args):
+    return (torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device),
+            torch.randint(0, args.classes, (args.batch,), device=args.device))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/pretrain/vit_b16.yaml")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--ckpt", action="store_true", help="gradient checkpointing in every variant")
+    parser.add_argument("--variants", default=f"timm,{REFERENCE},vitdist:dist.strategy=ddp,vitdist:dist.strategy=fsdp")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--check-steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--out", default=None, help="write all figures as JSON here")
+    args = parser.parse_args()
+
+    cfg = load_config(args.config, [f"model.num_classes={args.classes}"])
+    args.arch, args.img_size = cfg.model.arch, cfg.model.img_size
+    args.timm_kwargs = timm_kwargs(cfg.model)
+    ctx = distributed.init(cfg.dist)
+    args.device = ctx.device
+    peak = matmul_peak_flops(args.device, torch.bfloat16)
+    torch.manual_seed(0)
+    init = timm.create_model(args.arch, **args.timm_kwargs).state_dict()
+    generator = torch.Generator(device=args.device).manual_seed(1)
+    fixed = [(torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device, generator=generator),
+              torch.randint(0, args.classes, (args.batch,), device=args.device, generator=generator)) for _ in range(4)]
+    check_batches = [fixed[i % len(fixed)] for i in range(args.check_steps)]
+
+    names = args.variants.split(",")
+    if any(n.startswith("vitdist:") for n in names) and REFERENCE not in names:
+        names.insert(0, REFERENCE)
+    results = []
+    for name in names:
+        try:
+            results.append(run_variant(name, args, init, ctx, check_batches))
+        except Exception as e:  # one failing variant must not cost the others' figures
+            results.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(json.dumps(results[-1]), flush=True)
+
+    timm_img_s = next((r["img_s"] for r in results if r["variant"] == "timm" and "img_s" in r), None)
+    reference = next((r["losses"] for r in results if r["variant"] == REFERENCE and "losses" in r), None)
+    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
+    print(f"\n{device_name} | torch {torch.__version__} | timm {timm.__version__} | "
+          f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s | {args.arch} batch {args.batch} ckpt {args.ckpt}")
+    print(f"{'variant':58s} {'img/s':>7s} {'MFU':>6s} {'mem GiB':>8s} {'x timm':>7s} {'loss@N rel':>10s}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:58s} {r['error']}")
+            continue
+        r["mfu"] = r["img_s"] * r["flops_per_img"] / peak
+        r["x_timm"] = r["img_s"] / timm_img_s if timm_img_s else None
+        if r["losses"] and reference:
+            r["loss_rel_diff"] = abs(r["losses"][-1] - reference[-1]) / abs(reference[-1])
+        ratio = f"{r['x_timm']:.3f}" if r["x_timm"] else "-"
+        rel = f"{r['loss_rel_diff']:.2e}" if "loss_rel_diff" in r else "-"
+        print(f"{r['variant']:58s} {r['img_s']:7.0f} {r['mfu']:6.1%} {r['peak_mem_gib']:8.1f} {ratio:>7s} {rel:>10s}")
+    if reference:
+        print(f"reference loss: step 1 {reference[0]:.4f} -> step {len(reference)} {reference[-1]:.4f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": device_name, "torch": torch.__version__,
+                       "timm": timm.__version__, "matmul_peak_flops": peak, "args": {k: str(v) for k, v in vars(args).items()},
+                       "results": results}, f, indent=1)
+    distributed.close()
+
+
+if __name__ == "__main__":
+    main()
