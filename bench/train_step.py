@@ -102,6 +102,27 @@ def time_steps(step, batches, warmup: int, steps: int, repeats: int, device) -> 
     return per_step, warmup_s
 
 
+def profile(step, batches, device, steps: int = 3) -> None:
+    """GPU time per kernel over a few steps, in families: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(*batches[i % len(batches)])
+        torch.cuda.synchronize(device)
+    kernels = [(e.key, e.device_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()
+               if e.device_time_total > 0]
+    families = {"gemm": ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas"), "attention": ("flash", "fmha", "attention", "cudnn"),
+                "optimizer": ("adam", "multi_tensor", "foreach"), "triton (fused pointwise/norm)": ("triton",)}
+    totals = dict.fromkeys([*families, "other"], 0.0)
+    for name, ms, _ in kernels:
+        family = next((f for f, keys in families.items() if any(k in name.lower() for k in keys)), "other")
+        totals[family] += ms
+    print("  per step, ms: " + ", ".join(f"{f} {ms:.1f}" for f, ms in totals.items()) + f"; total {sum(totals.values()):.1f}")
+    for name, ms, count in sorted(kernels, key=lambda k: -k[1])[:25]:
+        print(f"  {ms:7.2f} ms x{count:<4d} {name[:110]}")
+
+
 def run_variant(name: str, args, init: dict, ctx, check_batches) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -116,6 +137,8 @@ def run_variant(name: str, args, init: dict, ctx, check_batches) -> dict:
         torch.cuda.reset_peak_memory_stats(args.device)
     batches = [random_batch(args) for _ in range(4)]  # fresh inputs, rotated: no timing of one cached batch
     per_step, warmup_s = time_steps(step, batches, args.warmup, args.steps, args.repeats, args.device)
+    if args.profile:
+        profile(step, batches, args.device)
     seconds = statistics.median(per_step)
     result = {"variant": name, "img_s": args.batch / seconds, "step_ms": seconds * 1e3,
               "spread": (max(per_step) - min(per_step)) / seconds, "warmup_s": warmup_s,
@@ -145,6 +168,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--profile", action="store_true", help="print each variant's GPU time per kernel")
     parser.add_argument("--out", default=None, help="write all figures as JSON here")
     args = parser.parse_args()
 
