@@ -1,0 +1,82 @@
+"""`data.decode: gpu`: the JPEGs that loader workers handed over encoded are decoded (nvJPEG on
+CUDA, libjpeg-turbo on a CPU device) and cropped on the training device, then merged in sample
+order with the crops the workers decoded themselves."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from .data import BadSample, load_rgb, open_image, to_uint8_tensor
+
+log = logging.getLogger(__name__)
+
+# Decoded full-size images stay on the device until cropped: decoding this many at a time bounds
+# that memory (256 photos of 500x375 take 140 MB) and still gives nvJPEG large batches.
+_DECODE_GROUP = 256
+_GRAY = 128
+
+
+def to_device(batch: dict, device: torch.device) -> torch.Tensor:
+    """A loader batch's images as uint8 NCHW on `device`, in sample order, for either data.decode."""
+    decoded = batch["image"].to(device, non_blocking=True)
+    if "jpeg" not in batch:
+        return decoded
+    size = decoded.shape[-1]
+    encoded = batch["encoded"]
+    images = torch.empty(len(encoded), 3, size, size, dtype=torch.uint8, device=device)
+    images.index_copy_(0, (~encoded).nonzero().squeeze(1).to(device), decoded)
+    images.index_copy_(0, encoded.nonzero().squeeze(1).to(device), _decode_and_crop(batch, size, device))
+    return images
+
+
+def _decode_and_crop(batch: dict, size: int, device: torch.device) -> torch.Tensor:
+    sizes = batch["jpeg_sizes"].tolist()
+    ends = batch["jpeg_sizes"].cumsum(0).tolist()
+    jpegs = [batch["jpeg"][end - n : end] for end, n in zip(ends, sizes)]
+    keys = [key for key, encoded in zip(batch["key"], batch["encoded"].tolist()) if encoded]
+    boxes = batch["jpeg_box"].tolist()
+    crops = torch.empty(len(jpegs), 3, size, size, dtype=torch.uint8, device=device)
+    for start in range(0, len(jpegs), _DECODE_GROUP):
+        group = range(start, min(start + _DECODE_GROUP, len(jpegs)))
+        for i, image in zip(group, _decode([jpegs[i] for i in group], [keys[i] for i in group], device)):
+            crops[i] = _GRAY if image is None else crop_resize(image, boxes[i], size)
+    flipped = batch["jpeg_flip"].nonzero().squeeze(1).to(device)
+    crops[flipped] = crops[flipped].flip(-1)
+    return crops
+
+
+def crop_resize(image: torch.Tensor, box: list[int], size: int) -> torch.Tensor:
+    """The CPU path's PIL BICUBIC resize of `box` to size x size, on the device: torch's antialiased
+    bicubic uses PIL's kernel (a = -0.5). PIL's filter also reads a few pixels beyond the box,
+    this one only inside it: they differ at the crop's edges by a little."""
+    left, top, right, bottom = box
+    crop = image[None, :, top:bottom, left:right].float()
+    resized = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return resized[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _decode(jpegs: list[torch.Tensor], keys: list[str], device: torch.device) -> list[torch.Tensor | None]:
+    try:
+        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        # One image the decoder refuses fails its whole batch: find it by decoding one by one.
+        return [_decode_one(jpeg, key, device) for jpeg, key in zip(jpegs, keys)]
+
+
+def _decode_one(jpeg: torch.Tensor, key: str, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:  # what nvJPEG refuses PIL may read, and then the CPU path would have trained on it
+        return to_uint8_tensor(load_rgb(open_image(jpeg.numpy().tobytes()))).to(device)
+    except BadSample as reason:
+        # Broken past its header, which is all the worker read. Dropping it here would shrink the
+        # batch, and a rank with fewer micro-batches than the others would hang the step's
+        # collectives; a grey image under its label is one sample of noise.
+        log.warning("sample '%s' replaced by a grey image: %s", key, reason)
+        return None
