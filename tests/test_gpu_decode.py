@@ -3,16 +3,16 @@ order, positions and image regions as data.decode: cpu."""
 
 import io
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
 
 from conftest import TINY, read_scalars, run_pretrain
 from vitdist import gpu_decode
-from vitdist.config import load_config
+from vitdist.config import ConfigError, load_config
 from vitdist.data import TrainLoader, decodes_on_device
 from vitdist.demo_data import draw_photo
 from vitdist.gpu_decode import to_device
@@ -67,6 +67,8 @@ def test_auto_decodes_on_the_cpu_without_cuda():
     assert decodes_on_device(cfg) == torch.cuda.is_available()
     cfg.decode = "gpu"
     assert decodes_on_device(cfg)
+    with pytest.raises(ConfigError, match=re.escape("config key 'data.decode' must be 'auto' | 'cpu' | 'gpu', got 'nvjpeg'")):
+        load_config(TINY, ["data.decode=nvjpeg"])
 
 
 def test_gpu_path_gives_the_cpu_paths_samples_crops_and_flips(photo_shards):
