@@ -56,6 +56,10 @@ class DataConfig:
     mean: list[float] = _opt([0.485, 0.456, 0.406], "per-channel normalisation mean (0..1 scale)")
     std: list[float] = _opt([0.229, 0.224, 0.225], "per-channel normalisation std (0..1 scale)")
     prefetch_steps: int = _opt(2, "optimizer steps of data each loader worker prepares ahead")
+    decode: Literal["auto", "cpu", "gpu"] = _opt(
+        "auto", "training images: cpu: loader workers decode and crop them (PIL); gpu: workers hand over the JPEG bytes "
+        "and crop boxes, the training device decodes (nvJPEG on CUDA) and resizes them in batches, other images still "
+        "decode in the workers; auto: gpu when training on CUDA, else cpu. Validation always decodes in the workers")
 
 
 @dataclass

@@ -9,7 +9,9 @@ streams, so changing the hardware only changes who reads a stream, not what it y
 stream's position is a sample count, so resuming replays it exactly on any world size.
 
 Images leave the workers as uint8 (a quarter of the bytes of float32); normalisation happens
-on the device.
+on the device. With `data.decode: gpu` the workers leave JPEGs encoded, with the crop box and flip
+already drawn, and the training device decodes and crops them (vitdist.gpu_decode): the same
+samples, boxes and flips as on the CPU.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class BadSample(ValueError):
     """A sample that is skipped and counted: no image, no label, an undecodable image."""
 
 
-def decode(sample: dict, num_classes: int) -> tuple[Image.Image, int]:
-    """The RGB image and class index of a raw sample, or BadSample."""
+def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
+    """The encoded image and class index of a raw sample, or BadSample."""
     if "cls" not in sample:
         raise BadSample("no .cls label")
     try:
@@ -85,12 +87,37 @@ def decode(sample: dict, num_classes: int) -> tuple[Image.Image, int]:
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
         raise BadSample(f"no image (.jpg/.png/.webp) among {sorted(k for k in sample if not k.startswith('__'))}")
+    return data, label
+
+
+def open_image(data: bytes) -> Image.Image:
+    """The image with only its header read (size, mode, format): no pixels decoded yet; or BadSample."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image.convert("RGB"), label
+        return Image.open(io.BytesIO(data))
     except Exception as e:
         raise BadSample(f"undecodable image: {e}") from None
+
+
+def load_rgb(image: Image.Image) -> Image.Image:
+    """The pixels of an opened image, as RGB; or BadSample."""
+    try:
+        image.load()
+        return image.convert("RGB")
+    except Exception as e:
+        raise BadSample(f"undecodable image: {e}") from None
+
+
+def decode(sample: dict, num_classes: int) -> tuple[Image.Image, int]:
+    """The RGB image and class index of a raw sample, or BadSample."""
+    data, label = read_sample(sample, num_classes)
+    return load_rgb(open_image(data)), label
+
+
+def device_decodable(image: Image.Image, data: bytes) -> bool:
+    """Whether the device decoder gets this image: colour (YCbCr) JPEGs only. Greyscale and CMYK
+    are rare and not every nvJPEG build handles them; a JPEG without its end-of-image marker is
+    truncated, and the worker's PIL refuses it as BadSample just as with decode: cpu."""
+    return image.format == "JPEG" and image.mode == "RGB" and data.endswith(b"\xff\xd9")
 
 
 def sample_crop(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
@@ -117,10 +144,15 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def train_transform(image: Image.Image, rng: random.Random, cfg: DataConfig, size: int) -> torch.Tensor:
-    box = sample_crop(rng, image.width, image.height, cfg.crop_scale, cfg.crop_ratio)
+def draw_augmentation(rng: random.Random, width: int, height: int, cfg: DataConfig) -> tuple[tuple[int, int, int, int], bool]:
+    """The crop box and the flip of one training sample: its whole augmentation draw."""
+    box = sample_crop(rng, width, height, cfg.crop_scale, cfg.crop_ratio)
+    return box, rng.random() < cfg.hflip
+
+
+def resized_crop(image: Image.Image, box: tuple[int, int, int, int], flip: bool, size: int) -> torch.Tensor:
     image = image.resize((size, size), Image.BICUBIC, box=box)
-    if rng.random() < cfg.hflip:
+    if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     return to_uint8_tensor(image)
 
@@ -189,15 +221,26 @@ class Skips:
             log.warning("skipped sample '%s' in %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
 
 
+def decodes_on_device(cfg: DataConfig) -> bool:
+    """`data.decode` resolved; auto follows distributed.init, which trains on CUDA whenever it is there."""
+    return cfg.decode == "gpu" or (cfg.decode == "auto" and torch.cuda.is_available())
+
+
 class TrainChunks(IterableDataset):
     """In each worker: round-robin over the worker's streams, one chunk (a collated batch of
-    `global_batch / streams` samples) per stream per optimizer step."""
+    `global_batch / streams` samples) per stream per optimizer step.
+
+    A chunk's "image" holds the crops decoded here. With `on_device`, the JPEGs the device can
+    decode stay encoded instead, all of a chunk's bytes in one tensor ("jpeg", cut by
+    "jpeg_sizes"): one shared-memory buffer (and one pinned copy) per chunk rather than one per
+    image. "jpeg_box" and "jpeg_flip" are their augmentation, "encoded" marks them in sample order.
+    """
 
     def __init__(self, urls, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
-                 chunk_size: int, positions: dict[int, tuple[int, int, int]] | None = None):
+                 chunk_size: int, positions: dict[int, tuple[int, int, int]] | None = None, on_device: bool = False):
         self.urls, self.cfg, self.img_size, self.num_classes = urls, cfg, img_size, num_classes
         self.rank, self.world_size, self.chunk_size = rank, world_size, chunk_size
-        self.positions = positions or {}
+        self.positions, self.on_device = positions or {}, on_device
 
     def __iter__(self):
         info = get_worker_info()
@@ -211,19 +254,37 @@ class TrainChunks(IterableDataset):
                 yield self._chunk(stream, skips)
 
     def _chunk(self, stream: Stream, skips: Skips) -> dict:
-        images, labels, keys, skipped_before = [], [], [], skips.count
-        while len(images) < self.chunk_size:
+        images, labels, keys, encoded, skipped_before = [], [], [], [], skips.count
+        jpegs, boxes, flips = [], [], []
+        while len(labels) < self.chunk_size:
             sample, rng = stream.next_raw()
             try:
-                image, label = decode(sample, self.num_classes)
+                data, label = read_sample(sample, self.num_classes)
+                image = open_image(data)
+                box, flip = draw_augmentation(rng, image.width, image.height, self.cfg)
+                leave_encoded = self.on_device and device_decodable(image, data)
+                if leave_encoded:
+                    jpegs.append(data)
+                    boxes.append(box)
+                    flips.append(flip)
+                else:
+                    images.append(resized_crop(load_rgb(image), box, flip, self.img_size))
             except BadSample as reason:
                 skips.report(sample, reason)
                 continue
-            images.append(train_transform(image, rng, self.cfg, self.img_size))
             labels.append(label)
             keys.append(sample["__key__"])
-        return {"image": torch.stack(images), "label": torch.tensor(labels), "key": keys,
-                "stream": stream.stream_id, "position": stream.position, "skipped": skips.count - skipped_before}
+            encoded.append(leave_encoded)
+        size = self.img_size
+        chunk = {"image": torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8),
+                 "label": torch.tensor(labels), "key": keys,
+                 "stream": stream.stream_id, "position": stream.position, "skipped": skips.count - skipped_before}
+        if self.on_device:
+            chunk.update(jpeg=torch.from_numpy(np.frombuffer(b"".join(jpegs), dtype=np.uint8).copy()),
+                         jpeg_sizes=torch.tensor([len(j) for j in jpegs], dtype=torch.int64),
+                         jpeg_box=torch.tensor(boxes, dtype=torch.int64).view(-1, 4),
+                         jpeg_flip=torch.tensor(flips, dtype=torch.bool), encoded=torch.tensor(encoded))
+        return chunk
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
@@ -257,7 +318,7 @@ class TrainLoader:
         mine = range(rank * self.per_rank, (rank + 1) * self.per_rank)
         self.positions = {int(k): tuple(v) for k, v in (positions or {}).items() if int(k) in mine}
         chunks = TrainChunks(urls, cfg, img_size, num_classes, rank, world_size,
-                             global_batch_size // cfg.streams, self.positions)
+                             global_batch_size // cfg.streams, self.positions, decodes_on_device(cfg))
         # The loader's round-robin over workers meets the workers' round-robin over their
         # streams, so the first `per_rank` items are exactly one chunk of every stream.
         workers = max(1, cfg.num_workers)
@@ -271,8 +332,10 @@ class TrainLoader:
             step = sorted((next(chunks) for _ in range(self.per_rank)), key=lambda c: c["stream"])
             for c in step:
                 self.positions[c["stream"]] = c["position"]
-            yield {"image": torch.cat([c["image"] for c in step]), "label": torch.cat([c["label"] for c in step]),
-                   "key": [k for c in step for k in c["key"]], "skipped": sum(c["skipped"] for c in step)}
+            batch = {"key": [k for c in step for k in c["key"]], "skipped": sum(c["skipped"] for c in step)}
+            batch.update({name: torch.cat([c[name] for c in step]) for name, value in step[0].items()
+                          if isinstance(value, torch.Tensor)})
+            yield batch
 
 
 class EvalSamples(IterableDataset):

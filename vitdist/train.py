@@ -19,6 +19,7 @@ from . import checkpoint, distributed
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, save_config
 from .export import write_safetensors
+from .gpu_decode import to_device
 from .handoff import load_pretrained
 from .data import TrainLoader, eval_loader, expand_urls, normalize, train_shard_urls
 from .metrics import MetricLogger, matmul_peak_flops
@@ -134,7 +135,7 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
                    total_steps=cfg.train.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        images = normalize(batch["image"].to(ctx.device, non_blocking=True), cfg.data)
+        images = normalize(to_device(batch, ctx.device), cfg.data)
         labels = batch["label"].to(ctx.device, non_blocking=True)
         loss, grad_norm = train_step(dp_model, model, optimizer, objective, images, labels, cfg, compute)
         step += 1

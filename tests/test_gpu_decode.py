@@ -1,0 +1,167 @@
+"""data.decode: gpu, run on the CPU device (torchvision decodes JPEGs there too): the same samples,
+order, positions and image regions as data.decode: cpu."""
+
+import io
+import logging
+import re
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import TINY, read_scalars, run_pretrain
+from vitdist import gpu_decode
+from vitdist.config import ConfigError, load_config
+from vitdist.data import TrainLoader, decodes_on_device
+from vitdist.demo_data import draw_photo
+from vitdist.gpu_decode import to_device
+
+CPU = torch.device("cpu")
+SIZES = [(120, 90), (90, 120), (100, 100)]
+
+
+def encode(image, format="JPEG", **options):
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def photo_sample(key, image, kind, label):
+    """One sample; some of the kinds the workers decode themselves even with decode: gpu."""
+    if kind == "png":
+        return {"__key__": key, "png": encode(image, "PNG"), "cls": label}
+    converted = {"grey": image.convert("L"), "cmyk": image.convert("CMYK")}.get(kind, image)
+    return {"__key__": key, "jpg": encode(converted, quality=90, progressive=kind == "progressive"), "cls": label}
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory):
+    """8 shards of 16 photo-like images of 3 sizes: mostly colour JPEGs, 1 in 8 PNG, greyscale,
+    CMYK or progressive JPEG."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    kinds = ["jpeg", "png", "jpeg", "grey", "jpeg", "cmyk", "jpeg", "progressive"] + ["jpeg"] * 8
+    for shard in range(8):
+        with wds.TarWriter(str(root / f"photo-{shard}.tar")) as sink:
+            for i in range(16):
+                image = draw_photo(*SIZES[i % 3], rng)
+                sink.write(photo_sample(f"s{shard}_{i:02d}", image, kinds[(i + shard) % 16], (shard + i) % 8))
+    return str(root / "photo-{0..7}.tar")
+
+
+def loader(pattern, decode, *overrides, batch_size=32, positions=None):
+    cfg = load_config(TINY, [f"data.train_shards={pattern}", "data.val_shards=null", "data.streams=4",
+                             "data.shuffle_block=8", f"train.global_batch_size={batch_size}",
+                             f"data.micro_batch_size={batch_size}", "data.num_workers=0", f"data.decode={decode}",
+                             *overrides])
+    return TrainLoader(cfg.data, 32, 8, batch_size, 0, 1, positions)
+
+
+def mean_abs_diff(a, b):
+    return (a.float() - b.float()).abs().mean().item()
+
+
+def test_auto_decodes_on_the_cpu_without_cuda():
+    cfg = load_config(TINY, ["data.decode=auto"]).data
+    assert decodes_on_device(cfg) == torch.cuda.is_available()
+    cfg.decode = "gpu"
+    assert decodes_on_device(cfg)
+    with pytest.raises(ConfigError, match=re.escape("config key 'data.decode' must be 'auto' | 'cpu' | 'gpu', got 'nvjpeg'")):
+        load_config(TINY, ["data.decode=nvjpeg"])
+
+
+def test_gpu_path_gives_the_cpu_paths_samples_crops_and_flips(photo_shards):
+    cpu, gpu = iter(loader(photo_shards, "cpu")), iter(loader(photo_shards, "gpu", "data.num_workers=2"))
+    for _ in range(3):
+        want, got = next(cpu), next(gpu)
+        assert got["key"] == want["key"] and torch.equal(got["label"], want["label"])
+        encoded = got["encoded"]
+        assert 20 <= encoded.sum() < len(encoded)  # both kinds, merged in sample order
+        images = to_device(got, CPU)
+        assert images.shape == want["image"].shape and images.dtype == torch.uint8
+        assert torch.equal(images[~encoded], want["image"][~encoded])  # decoded by the same worker code
+        close = mean_abs_diff(images[encoded], want["image"][encoded])
+        mirrored = mean_abs_diff(to_device(dict(got, jpeg_flip=~got["jpeg_flip"]), CPU)[encoded], want["image"][encoded])
+        l, t, r, b = got["jpeg_box"].unbind(1)
+        inner = torch.stack([l + (r - l) // 5, t + (b - t) // 5, r - (r - l) // 5, b - (b - t) // 5], dim=1)
+        zoomed = mean_abs_diff(to_device(dict(got, jpeg_box=inner), CPU)[encoded], want["image"][encoded])
+        assert close < 1.0, close  # about 0.2: resampling differences at the crop's edges
+        assert mirrored > 10 and zoomed > 10, (mirrored, zoomed)  # about 45 and 28
+
+
+def test_positions_and_resume_are_those_of_the_cpu_path(photo_shards):
+    cpu, gpu = loader(photo_shards, "cpu", "data.shuffle_block=5"), loader(photo_shards, "gpu", "data.shuffle_block=5")
+    cpu_batches, gpu_batches = iter(cpu), iter(gpu)
+    for _ in range(5):  # 160 samples: past the end of the first epoch (128)
+        next(cpu_batches), next(gpu_batches)
+    assert gpu.positions == cpu.positions
+    positions = dict(gpu.positions)
+    expected = [next(gpu_batches) for _ in range(2)]
+    resumed = iter(loader(photo_shards, "gpu", "data.shuffle_block=5", positions=positions))
+    for want in expected:
+        got = next(resumed)
+        assert got["key"] == want["key"]
+        assert torch.equal(to_device(got, CPU), to_device(want, CPU))
+
+
+def corrupt_shard(tmp_path, good):
+    """A shard of good JPEGs and bad ones, bad first, read without shuffling."""
+    rng = np.random.default_rng(1)
+    jpeg = encode(draw_photo(120, 90, rng), quality=90)
+    broken_huffman = bytearray(jpeg)
+    broken_huffman[jpeg.index(b"\xff\xc4") + 4] = 0x3F  # a Huffman table index past the last
+    bad = [{"__key__": "truncated", "jpg": jpeg[: len(jpeg) // 2], "cls": 1},  # its header parses
+           {"__key__": "garbage", "jpg": b"not an image at all", "cls": 1},
+           {"__key__": "broken_huffman", "jpg": bytes(broken_huffman), "cls": 2}]
+    samples = bad + [{"__key__": f"good{i}", "jpg": encode(draw_photo(120, 90, rng), quality=90), "cls": i % 8}
+                     for i in range(good)]
+    with wds.TarWriter(str(tmp_path / "bad.tar")) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return str(tmp_path / "bad.tar")
+
+
+def test_corrupt_jpegs_are_skipped_counted_or_replaced(tmp_path, caplog):
+    """What the worker can tell from the bytes (truncated, not an image) is skipped and counted as
+    with decode: cpu; a JPEG broken past its header, which no decoder reads, becomes a grey image
+    under a warning, and the step goes on."""
+    pattern = corrupt_shard(tmp_path, good=9)
+    batch = next(iter(loader(pattern, "gpu", "data.streams=1", "data.shuffle_block=1", batch_size=10)))
+    assert batch["key"] == ["broken_huffman"] + [f"good{i}" for i in range(9)]
+    assert batch["skipped"] == 2
+    with caplog.at_level(logging.WARNING):
+        images = to_device(batch, CPU)
+    assert any("sample 'broken_huffman' replaced by a grey image" in r.message for r in caplog.records)
+    assert (images[0] == 128).all() and images[1:].float().std() > 10
+
+
+def test_an_image_the_decoder_refuses_is_decoded_by_pil(photo_shards, monkeypatch):
+    """nvJPEG fails a whole batch for one image it cannot read: that one then goes through PIL."""
+    batch = next(iter(loader(photo_shards, "gpu")))
+    want = to_device(batch, CPU)
+    refused = batch["jpeg"][: batch["jpeg_sizes"][0]]
+    decode_jpeg = gpu_decode.decode_jpeg
+
+    def refusing(data, **kwargs):
+        if isinstance(data, list) or torch.equal(data, refused):
+            raise RuntimeError("nvjpeg: unsupported")
+        return decode_jpeg(data, **kwargs)
+
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", refusing)
+    got = to_device(batch, CPU)
+    first = batch["encoded"].nonzero()[0, 0]
+    others = torch.arange(len(got)) != first
+    assert torch.equal(got[others], want[others])
+    assert mean_abs_diff(got[first], want[first]) < 1.0  # PIL and libjpeg-turbo decode alike
+
+
+@pytest.mark.slow
+def test_training_runs_with_gpu_decode(photo_shards, tmp_path):
+    run = run_pretrain(0, [f"data.train_shards={photo_shards}", "data.val_shards=null", "data.decode=gpu",
+                           "data.streams=4", "data.num_workers=2", "train.global_batch_size=32",
+                           "data.micro_batch_size=16", "train.steps=4", "log.every_steps=2", "ckpt.every_steps=0",
+                           f"run.dir={tmp_path}"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [value for _, value in read_scalars(tmp_path / "tb")["train/loss"]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
