@@ -100,7 +100,8 @@ def measure_training(args, pattern: str, decode: str, streams: int, micro_batch:
                  f"data.decode={decode}", f"data.num_workers={args.train_workers}", f"data.streams={streams}",
                  f"data.micro_batch_size={micro_batch}", f"train.global_batch_size={args.batch}",
                  f"train.steps={args.train_steps}", f"log.every_steps={args.log_every}", "train.resume=none",
-                 "train.eval_every_steps=0", "ckpt.every_steps=0", "ckpt.keep=1", f"run.dir={run_dir}"]
+                 "train.eval_every_steps=0", "ckpt.every_steps=0", "ckpt.keep=1", f"run.dir={run_dir}",
+                 "model.drop_path_rate=0.0"]  # the model bench/train_step.py times on synthetic input
     command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(args.config), *overrides]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--train-workers", type=int, default=8, help="data.num_workers of the training runs")
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--micro-batch", type=int, default=None, help="data.micro_batch_size of the training runs (default: --batch)")
     parser.add_argument("--skip-training", action="store_true", help="measure the loader alone")
     args = parser.parse_args()
     if args.quick:
@@ -157,7 +159,7 @@ def main() -> None:
             rows.append(("loader alone", decode, w, f"{rate:,.0f}", ""))
             print(f"loader decode={decode} workers={w}: {rate:,.0f} samples/s", flush=True)
     if not args.skip_training:
-        micro_batch = min(model_cfg.data.micro_batch_size, args.batch)
+        micro_batch = args.micro_batch or args.batch
         for decode in ("cpu", "gpu"):
             figures = measure_training(args, pattern, decode, streams, micro_batch)
             results["training"].append({"decode": decode, "workers": args.train_workers, "config": str(args.config),
