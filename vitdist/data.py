@@ -332,7 +332,10 @@ class TrainLoader:
             step = sorted((next(chunks) for _ in range(self.per_rank)), key=lambda c: c["stream"])
             for c in step:
                 self.positions[c["stream"]] = c["position"]
-            batch = {"key": [k for c in step for k in c["key"]], "skipped": sum(c["skipped"] for c in step)}
+            # The positions after this batch travel with it: a batch may be consumed well after it
+            # was read (DeviceBatches reads ahead), and a checkpoint must record what was trained on.
+            batch = {"key": [k for c in step for k in c["key"]], "skipped": sum(c["skipped"] for c in step),
+                     "positions": dict(self.positions)}
             batch.update({name: torch.cat([c[name] for c in step]) for name, value in step[0].items()
                           if isinstance(value, torch.Tensor)})
             yield batch

@@ -19,7 +19,7 @@ from . import checkpoint, distributed
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, save_config
 from .export import write_safetensors
-from .gpu_decode import to_device
+from .gpu_decode import DeviceBatches
 from .handoff import load_pretrained
 from .data import TrainLoader, eval_loader, expand_urls, normalize, train_shard_urls
 from .metrics import MetricLogger, matmul_peak_flops
@@ -121,52 +121,52 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
               f"{cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x {accum_steps} "
               f"accumulation step(s) | steps {step} -> {cfg.train.steps}", flush=True)
 
-    batches = iter(loader)
-    window = Window(start=time.perf_counter())
-    last_ckpt = resume_from
-    while step < cfg.train.steps:
-        wait_start = time.perf_counter()
-        batch = next(batches)
-        window.data_wait_s += time.perf_counter() - wait_start
-        window.skipped += batch["skipped"]
+    with DeviceBatches(iter(loader), ctx.device) as batches:
+        window = Window(start=time.perf_counter())
+        last_ckpt = resume_from
+        while step < cfg.train.steps:
+            wait_start = time.perf_counter()
+            batch = next(batches)
+            window.data_wait_s += time.perf_counter() - wait_start
+            window.skipped += batch["skipped"]
 
-        seed_step(cfg.train.seed, ctx.rank, step)
-        lr = lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
-                   total_steps=cfg.train.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        images = normalize(to_device(batch, ctx.device), cfg.data)
-        labels = batch["label"].to(ctx.device, non_blocking=True)
-        loss, grad_norm = train_step(dp_model, model, optimizer, objective, images, labels, cfg, compute)
-        step += 1
-        window.loss += loss
-        window.grad_norm += grad_norm
-        window.steps += 1
-        window.images += cfg.train.global_batch_size
+            seed_step(cfg.train.seed, ctx.rank, step)
+            lr = lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
+                       total_steps=cfg.train.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            positions = batch["positions"]
+            images = normalize(batch["image"], cfg.data)
+            loss, grad_norm = train_step(dp_model, model, optimizer, objective, images, batch["label"], cfg, compute)
+            step += 1
+            window.loss += loss
+            window.grad_norm += grad_norm
+            window.steps += 1
+            window.images += cfg.train.global_batch_size
 
-        at_log_step = step % cfg.log.every_steps == 0 or step == cfg.train.steps
-        scalars = _window_scalars(window, lr, skipped_total, flops_per_image / peak, ctx) if at_log_step else {}
-        skipped_total = int(scalars.get("data/skipped", skipped_total))
-        if val_loader is not None and (step == cfg.train.steps or (
-                cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)):
-            scalars.update(evaluate(model, val_loader, cfg, ctx, compute))
-            if scalars["val/top1"] > best_top1:
-                best_top1 = scalars["val/top1"]
-                save_weights(model, meta, run_dir / "best.safetensors", ctx)
-        if scalars:
-            logger.log(step, scalars)
-        preempted = preemption.requested(ctx)
-        if preempted or step == cfg.train.steps or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0):
-            train_state = {"step": step, "data_positions": distributed.merge_across_ranks(loader.positions, ctx),
-                           "skipped": skipped_total, "best_top1": best_top1}
-            last_ckpt = checkpointer.save(step, model, optimizer, train_state)
-        if preempted:
-            checkpointer.wait()
-            logger.close()
-            log.warning("preempted: checkpoint %s written, exiting with %d", last_ckpt, PREEMPTED_EXIT_CODE)
-            sys.exit(PREEMPTED_EXIT_CODE)
-        if at_log_step:
-            window = Window(start=time.perf_counter())  # validation and checkpoint time stay out of perf/
+            at_log_step = step % cfg.log.every_steps == 0 or step == cfg.train.steps
+            scalars = _window_scalars(window, lr, skipped_total, flops_per_image / peak, ctx) if at_log_step else {}
+            skipped_total = int(scalars.get("data/skipped", skipped_total))
+            if val_loader is not None and (step == cfg.train.steps or (
+                    cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)):
+                scalars.update(evaluate(model, val_loader, cfg, ctx, compute))
+                if scalars["val/top1"] > best_top1:
+                    best_top1 = scalars["val/top1"]
+                    save_weights(model, meta, run_dir / "best.safetensors", ctx)
+            if scalars:
+                logger.log(step, scalars)
+            preempted = preemption.requested(ctx)
+            if preempted or step == cfg.train.steps or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0):
+                train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
+                               "skipped": skipped_total, "best_top1": best_top1}
+                last_ckpt = checkpointer.save(step, model, optimizer, train_state)
+            if preempted:
+                checkpointer.wait()
+                logger.close()
+                log.warning("preempted: checkpoint %s written, exiting with %d", last_ckpt, PREEMPTED_EXIT_CODE)
+                sys.exit(PREEMPTED_EXIT_CODE)
+            if at_log_step:
+                window = Window(start=time.perf_counter())  # validation and checkpoint time stay out of perf/
 
     checkpointer.wait()
     logger.close()
