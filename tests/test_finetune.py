@@ -102,3 +102,73 @@ def test_digits_are_real_scans_split_and_sharded(tmp_path):
     assert len(counts["train"]) == 1300 and len(counts["val"]) == 497
     assert set(counts["train"]) == set(counts["val"]) == set(range(10))
     assert len(expand_urls(patterns["train"])) >= 4
+
+
+def write_png_folder(root, classes=("ant", "bee", "cat"), per_class=6):
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (c * 80, i * 10, 0)).save(root / name / f"{name}.{i}.png")
+
+
+def test_image_folder_is_checked_before_any_process_group(tmp_path):
+    from vitdist.config import ConfigError
+    from vitdist.train import preflight
+
+    write_png_folder(tmp_path / "ok", per_class=6)  # 18 images for 16 streams
+    write_png_folder(tmp_path / "val", classes=("cat", "ant"))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.png").write_bytes(b"")
+    (tmp_path / "empty" / "ant").mkdir(parents=True)
+    write_png_folder(tmp_path / "small", per_class=2)
+    write_png_folder(tmp_path / "odd", classes=("ant", "dog"))
+
+    def check(*overrides):
+        preflight(load_config(TINY, [f"run.dir={tmp_path / 'run'}", *overrides]), world_size=2)
+
+    check(f"data.train_shards={tmp_path / 'ok'}", f"data.val_shards={tmp_path / 'val'}")
+    refusals = {
+        "flat": "data.train_shards: '{p}' has no class sub-folders",
+        "empty": "data.train_shards: no .jpg/.jpeg/.png/.webp images under '{p}'",
+        "small": "data.train_shards: '{p}' has 6 images, fewer than data.streams=16",
+    }
+    for name, message in refusals.items():
+        with pytest.raises(ConfigError, match=re.escape(message.format(p=tmp_path / name))):
+            check(f"data.train_shards={tmp_path / name}", "data.val_shards=null")
+    with pytest.raises(ConfigError, match=re.escape(f"'{tmp_path / 'ok'}' has 3 class folders, more than "
+                                                    "model.num_classes=2")):
+        check(f"data.train_shards={tmp_path / 'ok'}", "data.val_shards=null", "model.num_classes=2")
+    with pytest.raises(ConfigError, match=re.escape(f"data.val_shards: class folder(s) ['dog'] of '{tmp_path / 'odd'}'")):
+        check(f"data.train_shards={tmp_path / 'ok'}", f"data.val_shards={tmp_path / 'odd'}")
+
+
+def test_image_folder_converted_once_and_reused(tmp_path):
+    import webdataset as wds
+    from vitdist.config import ConfigError, DataConfig
+    from vitdist.imagefolder import to_shards
+
+    write_png_folder(tmp_path / "train", per_class=6)
+    write_png_folder(tmp_path / "val", classes=("cat",), per_class=3)
+    data = DataConfig(train_shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"), streams=4)
+    out = tmp_path / "run" / "shards"
+    (out / "train.tmp").mkdir(parents=True)  # a conversion killed half-way: never used
+    (out / "train.tmp" / "train-000000.tar").write_bytes(b"half a tar")
+
+    converted = to_shards(data, num_classes=3, out_dir=out, is_main=True)
+    train = converted.train_shards
+    assert train == [str(out / "train" / f"train-{i:06d}.tar") for i in range(5)]  # 18 images: 4 per shard
+    assert json.loads((out / "train" / "classes.json").read_text()) == ["ant", "bee", "cat"]
+    labels = [int(s["cls"]) for url in train for s in wds.WebDataset(url, shardshuffle=False)]
+    assert sorted(labels) == [0] * 6 + [1] * 6 + [2] * 6 and not (out / "train.tmp").exists()
+    val_labels = [int(s["cls"]) for url in converted.val_shards for s in wds.WebDataset(url, shardshuffle=False)]
+    assert val_labels == [2, 2, 2]  # the training set's index of 'cat', not 0
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert to_shards(data, 3, out, is_main=True) == converted  # reused as it is
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
+
+    write_png_folder(tmp_path / "train", classes=("dog",), per_class=1)  # the folder changed under the run
+    with pytest.raises(ConfigError, match="is not what this run converted into"):
+        to_shards(data, 4, out, is_main=True)
