@@ -172,3 +172,46 @@ def test_image_folder_converted_once_and_reused(tmp_path):
     write_png_folder(tmp_path / "train", classes=("dog",), per_class=1)  # the folder changed under the run
     with pytest.raises(ConfigError, match="is not what this run converted into"):
         to_shards(data, 4, out, is_main=True)
+
+
+@pytest.mark.slow
+def test_finetune_on_image_folders_on_2_ranks_then_resume(tmp_path):
+    """Real scans as PNGs in class folders, given directly: a 2-rank fine-tune converts them once
+    into shards in the run directory, the resumed run reuses them, `vitdist evaluate` takes a folder."""
+    from vitdist.demo_data import write_digits_dataset
+
+    write_digits_dataset(tmp_path / "digits", streams=4)
+    images = tmp_path / "digits" / "images"
+    init = tmp_path / "timm_init.pth"
+    torch.save(build_model(load_config(TINY, ["model.num_classes=10"]).model).state_dict(), init)
+    run_dir = tmp_path / "run"
+    overrides = [f"data.train_shards={images / 'train'}", f"data.val_shards={images / 'val'}", f"finetune.init={init}",
+                 f"run.dir={run_dir}", "train.global_batch_size=64", "data.micro_batch_size=32", "ckpt.every_steps=4"]
+
+    refused = run_pretrain(0, [*overrides, "train.steps=4"], launcher="finetune")  # the tiny config has 8 classes
+    assert refused.returncode == 2
+    assert f"config error: data.train_shards: '{images / 'train'}' has 10 class folders, more than " \
+           "model.num_classes=8" in refused.stderr
+
+    first = run_pretrain(2, [*overrides, "model.num_classes=10", "train.steps=4"], launcher="finetune")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stderr.count("converting ImageFolder") == 2  # train and val, by rank 0 alone
+    shards = run_dir / "shards"
+    manifest = json.loads((shards / "train" / "manifest.json").read_text())
+    assert manifest["recipe"]["images"] == 1300 and len(manifest["shards"]) >= 16  # data.streams
+    assert json.loads((shards / "train" / "classes.json").read_text()) == [str(d) for d in range(10)]
+    written = {p: p.stat().st_mtime_ns for p in shards.rglob("*")}
+
+    resumed = run_pretrain(2, [*overrides, "model.num_classes=10", "train.steps=6"], launcher="finetune")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_4'} at step 4" in resumed.stderr
+    assert "converting ImageFolder" not in resumed.stderr
+    assert {p: p.stat().st_mtime_ns for p in shards.rglob("*")} == written
+    top1 = [v for _, v in read_scalars(run_dir / "tb")["val/top1"]]
+    assert len(top1) == 2
+
+    evaluation = subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint",
+                                 str(run_dir / "best.safetensors"), "--data", str(images / "val")],
+                                capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert float(re.search(r"top-1 ([\d.]+)%", evaluation.stdout).group(1)) / 100 == pytest.approx(max(top1), abs=1e-4)
