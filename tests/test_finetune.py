@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, read_scalars, run_pretrain, shard_overrides
+from conftest import DIGITS, REPO, TINY, read_scalars, run_pretrain, shard_overrides
 from vitdist.config import load_config
 from vitdist.handoff import load_pretrained
 from vitdist.model import build_model
@@ -215,3 +215,32 @@ def test_finetune_on_image_folders_on_2_ranks_then_resume(tmp_path):
                                 capture_output=True, text=True, cwd=REPO, timeout=120)
     assert evaluation.returncode == 0, evaluation.stderr
     assert float(re.search(r"top-1 ([\d.]+)%", evaluation.stdout).group(1)) / 100 == pytest.approx(max(top1), abs=1e-4)
+
+
+# Measured (val top-1 after 60 steps, pretrained vs scratch), seeds 0, 1, 2 of pretraining and
+# fine-tuning: 57.9% vs 53.5%, 59.8% vs 55.5%, 53.9% vs 41.9% (gaps 4.4, 4.3, 12.0 points). Seed 0
+# is tested; the margin asked (2 points, 10 of 497 digits) is half the smallest gap measured.
+SEED, MARGIN = 0, 0.02
+
+
+@pytest.mark.slow
+def test_pretraining_on_shapes_helps_finetuning_on_digits(tmp_path):
+    """The point of pretraining, measured: the tiny ViT pretrained on the built-in shapes (150 steps)
+    and fine-tuned on real handwritten digits is clearly ahead, after the same 60 steps, of the same
+    fine-tuning from scratch (same seeds, same config, only the initial weights differ)."""
+    from vitdist.demo_data import write_demo_dataset, write_digits_dataset
+
+    shapes = write_demo_dataset(tmp_path / "shapes", val_per_class=1)  # the demo's 4,800 training shapes
+    digits = write_digits_dataset(tmp_path / "digits")
+    pre = run_pretrain(0, [f"data.train_shards={shapes['train']}", "data.val_shards=null", "train.steps=150",
+                           f"train.seed={SEED}", "ckpt.every_steps=0", f"run.dir={tmp_path / 'pre'}"])
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    finetune = [*shard_overrides(digits), "train.steps=60", "train.eval_every_steps=0", f"train.seed={SEED}",
+                f"data.seed={SEED}"]
+    top1 = {}
+    init = tmp_path / "pre" / "checkpoints" / "step_150"
+    for name, launcher, start in (("pretrained", "finetune", [f"finetune.init={init}"]), ("scratch", "pretrain", [])):
+        run = run_pretrain(0, [*finetune, *start, f"run.dir={tmp_path / name}"], launcher=launcher, config=DIGITS)
+        assert run.returncode == 0, run.stderr[-3000:]
+        top1[name] = read_scalars(tmp_path / name / "tb")["val/top1"][-1][1]
+    assert top1["pretrained"] > top1["scratch"] + MARGIN, top1
