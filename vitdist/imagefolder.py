@@ -118,7 +118,7 @@ def to_shards(data: DataConfig, num_classes: int, out_dir: Path, is_main: bool, 
             # At least data.streams training shards; as many validation shards (whole shards per rank).
             answer = [{split: convert(folder, out_dir / split, max(1, len(folder.items) // data.streams), data.seed)
                        for split, folder in image_folders(data, num_classes).items()}]
-        except (ConfigError, OSError) as e:
+        except (ValueError, OSError) as e:  # ConfigError included; e.g. also an unreadable manifest
             answer = [f"{e}"]
     if dist.is_initialized():
         dist.broadcast_object_list(answer, src=0, group=group)
