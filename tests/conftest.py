@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
+DIGITS = REPO / "configs" / "finetune" / "tiny_digits.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -26,18 +27,19 @@ def shard_overrides(shards: dict[str, str]) -> list[str]:
     return [f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}"]
 
 
-def pretrain_command(nproc: int, overrides: list[str], launcher: str = "pretrain") -> list[str]:
-    """`torchrun --nproc_per_node=nproc launch/<launcher>.py` on the tiny config; nproc=0 runs the
-    script directly, as one process without torchrun."""
+def pretrain_command(nproc: int, overrides: list[str], launcher: str = "pretrain", config: Path = TINY) -> list[str]:
+    """`torchrun --nproc_per_node=nproc launch/<launcher>.py` on the tiny config (or `config`);
+    nproc=0 runs the script directly, as one process without torchrun."""
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    return [*runner, str(REPO / "launch" / f"{launcher}.py"), "--config", str(TINY), *overrides]
+    return [*runner, str(REPO / "launch" / f"{launcher}.py"), "--config", str(config), *overrides]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300, launcher: str = "pretrain"):
-    return subprocess.run(pretrain_command(nproc, overrides, launcher), cwd=REPO, env=ENV, capture_output=True,
+def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300, launcher: str = "pretrain",
+                 config: Path = TINY):
+    return subprocess.run(pretrain_command(nproc, overrides, launcher, config), cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=timeout_s)
 
 

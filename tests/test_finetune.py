@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, read_scalars, run_pretrain, shard_overrides
+from conftest import DIGITS, REPO, TINY, read_scalars, run_pretrain, shard_overrides
 from vitdist.config import load_config
 from vitdist.handoff import load_pretrained
 from vitdist.model import build_model
@@ -102,3 +102,145 @@ def test_digits_are_real_scans_split_and_sharded(tmp_path):
     assert len(counts["train"]) == 1300 and len(counts["val"]) == 497
     assert set(counts["train"]) == set(counts["val"]) == set(range(10))
     assert len(expand_urls(patterns["train"])) >= 4
+
+
+def write_png_folder(root, classes=("ant", "bee", "cat"), per_class=6):
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (c * 80, i * 10, 0)).save(root / name / f"{name}.{i}.png")
+
+
+def test_image_folder_is_checked_before_any_process_group(tmp_path):
+    from vitdist.config import ConfigError
+    from vitdist.train import preflight
+
+    write_png_folder(tmp_path / "ok", per_class=6)  # 18 images for 16 streams
+    write_png_folder(tmp_path / "val", classes=("cat", "ant"))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.png").write_bytes(b"")
+    (tmp_path / "empty" / "ant").mkdir(parents=True)
+    write_png_folder(tmp_path / "small", per_class=2)
+    write_png_folder(tmp_path / "odd", classes=("ant", "dog"))
+
+    def check(*overrides):
+        preflight(load_config(TINY, [f"run.dir={tmp_path / 'run'}", *overrides]), world_size=2)
+
+    check(f"data.train_shards={tmp_path / 'ok'}", f"data.val_shards={tmp_path / 'val'}")
+    refusals = {
+        "flat": "data.train_shards: '{p}' has no class sub-folders",
+        "empty": "data.train_shards: no .jpg/.jpeg/.png/.webp images under '{p}'",
+        "small": "data.train_shards: '{p}' has 6 images, fewer than data.streams=16",
+    }
+    for name, message in refusals.items():
+        with pytest.raises(ConfigError, match=re.escape(message.format(p=tmp_path / name))):
+            check(f"data.train_shards={tmp_path / name}", "data.val_shards=null")
+    with pytest.raises(ConfigError, match=re.escape(f"'{tmp_path / 'ok'}' has 3 class folders, more than "
+                                                    "model.num_classes=2")):
+        check(f"data.train_shards={tmp_path / 'ok'}", "data.val_shards=null", "model.num_classes=2")
+    with pytest.raises(ConfigError, match=re.escape(f"data.val_shards: class folder(s) ['dog'] of '{tmp_path / 'odd'}'")):
+        check(f"data.train_shards={tmp_path / 'ok'}", f"data.val_shards={tmp_path / 'odd'}")
+
+
+def test_image_folder_converted_once_and_reused(tmp_path):
+    import webdataset as wds
+    from vitdist.config import ConfigError, DataConfig
+    from vitdist.imagefolder import to_shards
+
+    write_png_folder(tmp_path / "train", per_class=6)
+    write_png_folder(tmp_path / "val", classes=("cat",), per_class=3)
+    data = DataConfig(train_shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"), streams=4)
+    out = tmp_path / "run" / "shards"
+    (out / "train.tmp").mkdir(parents=True)  # a conversion killed half-way: never used
+    (out / "train.tmp" / "train-000000.tar").write_bytes(b"half a tar")
+
+    converted = to_shards(data, num_classes=3, out_dir=out, is_main=True)
+    train = converted.train_shards
+    assert train == [str(out / "train" / f"train-{i:06d}.tar") for i in range(5)]  # 18 images: 4 per shard
+    assert json.loads((out / "train" / "classes.json").read_text()) == ["ant", "bee", "cat"]
+    labels = [int(s["cls"]) for url in train for s in wds.WebDataset(url, shardshuffle=False)]
+    assert sorted(labels) == [0] * 6 + [1] * 6 + [2] * 6 and not (out / "train.tmp").exists()
+    val_labels = [int(s["cls"]) for url in converted.val_shards for s in wds.WebDataset(url, shardshuffle=False)]
+    assert val_labels == [2, 2, 2]  # the training set's index of 'cat', not 0
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert to_shards(data, 3, out, is_main=True) == converted  # reused as it is
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
+
+    write_png_folder(tmp_path / "train", classes=("dog",), per_class=1)  # the folder changed under the run
+    with pytest.raises(ConfigError, match="is not what this run converted into"):
+        to_shards(data, 4, out, is_main=True)
+
+
+@pytest.mark.slow
+def test_finetune_on_image_folders_on_2_ranks_then_resume(tmp_path):
+    """Real scans as PNGs in class folders, given directly: a 2-rank fine-tune converts them once
+    into shards in the run directory, the resumed run reuses them, `vitdist evaluate` takes a folder."""
+    from vitdist.demo_data import write_digits_dataset
+
+    write_digits_dataset(tmp_path / "digits", streams=4)
+    images = tmp_path / "digits" / "images"
+    init = tmp_path / "timm_init.pth"
+    torch.save(build_model(load_config(TINY, ["model.num_classes=10"]).model).state_dict(), init)
+    run_dir = tmp_path / "run"
+    overrides = [f"data.train_shards={images / 'train'}", f"data.val_shards={images / 'val'}", f"finetune.init={init}",
+                 f"run.dir={run_dir}", "train.global_batch_size=64", "data.micro_batch_size=32", "ckpt.every_steps=4"]
+
+    refused = run_pretrain(0, [*overrides, "train.steps=4"], launcher="finetune")  # the tiny config has 8 classes
+    assert refused.returncode == 2
+    assert f"config error: data.train_shards: '{images / 'train'}' has 10 class folders, more than " \
+           "model.num_classes=8" in refused.stderr
+
+    first = run_pretrain(2, [*overrides, "model.num_classes=10", "train.steps=4"], launcher="finetune")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stderr.count("converting ImageFolder") == 2  # train and val, by rank 0 alone
+    shards = run_dir / "shards"
+    manifest = json.loads((shards / "train" / "manifest.json").read_text())
+    assert manifest["recipe"]["images"] == 1300 and len(manifest["shards"]) >= 16  # data.streams
+    assert json.loads((shards / "train" / "classes.json").read_text()) == [str(d) for d in range(10)]
+    written = {p: p.stat().st_mtime_ns for p in shards.rglob("*")}
+
+    resumed = run_pretrain(2, [*overrides, "model.num_classes=10", "train.steps=6"], launcher="finetune")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_4'} at step 4" in resumed.stderr
+    assert "converting ImageFolder" not in resumed.stderr
+    assert {p: p.stat().st_mtime_ns for p in shards.rglob("*")} == written
+    top1 = [v for _, v in read_scalars(run_dir / "tb")["val/top1"]]
+    assert len(top1) == 2
+
+    evaluation = subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint",
+                                 str(run_dir / "best.safetensors"), "--data", str(images / "val")],
+                                capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert float(re.search(r"top-1 ([\d.]+)%", evaluation.stdout).group(1)) / 100 == pytest.approx(max(top1), abs=1e-4)
+
+
+# Measured (val top-1 after 60 steps, pretrained vs scratch), seeds 0, 1, 2 of pretraining and
+# fine-tuning: 57.9% vs 53.5%, 59.8% vs 55.5%, 53.9% vs 41.9% (gaps 4.4, 4.3, 12.0 points). Seed 0
+# is tested; the margin asked (2 points, 10 of 497 digits) is half the smallest gap measured.
+SEED, MARGIN = 0, 0.02
+
+
+@pytest.mark.slow
+def test_pretraining_on_shapes_helps_finetuning_on_digits(tmp_path):
+    """The point of pretraining, measured: the tiny ViT pretrained on the built-in shapes (150 steps)
+    and fine-tuned on real handwritten digits is clearly ahead, after the same 60 steps, of the same
+    fine-tuning from scratch (same seeds, same config, only the initial weights differ)."""
+    from vitdist.demo_data import write_demo_dataset, write_digits_dataset
+
+    shapes = write_demo_dataset(tmp_path / "shapes", val_per_class=1)  # the demo's 4,800 training shapes
+    digits = write_digits_dataset(tmp_path / "digits")
+    pre = run_pretrain(0, [f"data.train_shards={shapes['train']}", "data.val_shards=null", "train.steps=150",
+                           f"train.seed={SEED}", "ckpt.every_steps=0", f"run.dir={tmp_path / 'pre'}"])
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    finetune = [*shard_overrides(digits), "train.steps=60", "train.eval_every_steps=0", f"train.seed={SEED}",
+                f"data.seed={SEED}"]
+    top1 = {}
+    init = tmp_path / "pre" / "checkpoints" / "step_150"
+    for name, launcher, start in (("pretrained", "finetune", [f"finetune.init={init}"]), ("scratch", "pretrain", [])):
+        run = run_pretrain(0, [*finetune, *start, f"run.dir={tmp_path / name}"], launcher=launcher, config=DIGITS)
+        assert run.returncode == 0, run.stderr[-3000:]
+        top1[name] = read_scalars(tmp_path / name / "tb")["val/top1"][-1][1]
+    assert top1["pretrained"] > top1["scratch"] + MARGIN, top1

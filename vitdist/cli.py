@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate = commands.add_parser("evaluate", help="top-1, top-5 and loss of a checkpoint on labelled shards")
     evaluate.add_argument("--checkpoint", required=True, help="a checkpoint directory, an export, a timm or torchvision state dict")
-    evaluate.add_argument("--data", required=True, help="labelled shards: a brace pattern or a .txt list")
+    evaluate.add_argument("--data", required=True, help="labelled shards (a brace pattern or a .txt list), or an ImageFolder directory")
     evaluate.add_argument("--config", help="for a state dict that does not say its architecture: a config with its model section")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--workers", type=int, default=2)

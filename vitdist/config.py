@@ -42,8 +42,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: Union[str, list[str]] = _opt("", "training shards: a brace pattern, a list, or a .txt file of URLs (paths or pipe:)")
-    val_shards: Union[str, list[str], None] = _opt(None, "validation shards, same forms; null: no validation")
+    train_shards: Union[str, list[str]] = _opt("", "training shards: a brace pattern, a list, or a .txt file of URLs (paths or pipe:); or an ImageFolder directory")
+    val_shards: Union[str, list[str], None] = _opt(None, "validation shards or ImageFolder directory, same forms; null: no validation")
     micro_batch_size: int = _opt(64, "samples per rank per forward/backward; accumulation makes up the global batch")
     num_workers: int = _opt(4, "loader worker processes per rank")
     streams: int = _opt(8, "virtual data streams; a multiple of ranks x workers; fixes the data order independently of hardware")

@@ -1,7 +1,7 @@
-"""Demo data. Built in: shapes drawn at random colour, position, scale and rotation on a noisy
-background, one class per shape, which a ViT learns on a CPU in minutes (for pretraining). Real:
-scikit-learn's 1,797 scanned handwritten digits, upscaled (for fine-tuning). Photo-like noise
-images that compress as photos do (for loader tests and benchmarks)."""
+"""Demo data. Built in: shapes drawn at random colour, position, scale, rotation, stroke width and
+sharpness on a noisy background, one class per shape, which a ViT learns on a CPU in minutes (for
+pretraining). Real: scikit-learn's 1,797 scanned handwritten digits, upscaled (for fine-tuning).
+Photo-like noise images that compress as photos do (for loader tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -23,16 +23,22 @@ def _polygon(cx: float, cy: float, r: float, corners: int, turn: float) -> list[
 
 
 def draw_shape(name: str, size: int, rng: random.Random) -> Image.Image:
-    background = tuple(rng.randrange(256) for _ in range(3))
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 12, (size, size, 3))
-    image = Image.fromarray(np.clip(np.array(background) + noise, 0, 255).astype(np.uint8))
-    # Foreground far from the background in at least one channel, so every shape is visible.
-    foreground = tuple((c + rng.randrange(96, 160)) % 256 for c in background)
+    """Drawn at a random resolution, then scaled to `size`: from sharp to as blurred as an upscaled
+    scan. Half light-on-dark grey, half in colour; outlines and bars of random thickness; noise of
+    random strength."""
+    res = rng.randint(max(8, size // 4), size)
+    if rng.random() < 0.5:
+        background, foreground = (rng.randrange(64),) * 3, (rng.randrange(160, 256),) * 3
+    else:
+        background = tuple(rng.randrange(256) for _ in range(3))
+        # Far from the background in at least one channel, so every shape is visible.
+        foreground = tuple((c + rng.randrange(96, 160)) % 256 for c in background)
+    image = Image.new("RGB", (res, res), background)
     draw = ImageDraw.Draw(image)
-    r = rng.uniform(0.2, 0.4) * size
-    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-    turn = rng.uniform(-0.3, 0.3)
-    width = max(2, round(r * 0.35))
+    r = rng.uniform(0.2, 0.45) * res
+    cx, cy = rng.uniform(r, res - r), rng.uniform(r, res - r)
+    turn = rng.uniform(-0.4, 0.4)
+    width = max(1, round(r * rng.uniform(0.15, 0.45)))
     if name == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=foreground)
     elif name == "ring":
@@ -50,7 +56,9 @@ def draw_shape(name: str, size: int, rng: random.Random) -> Image.Image:
         for angle in (base, base + math.pi / 2):
             dx, dy = r * math.cos(angle), r * math.sin(angle)
             draw.line((cx - dx, cy - dy, cx + dx, cy + dy), fill=foreground, width=width)
-    return image
+    image = image.resize((size, size), Image.BILINEAR)
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(0, 12), (size, size, 3))
+    return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
 
 
 def _smooth_field(rng: np.random.Generator, cells: int, width: int, height: int, amplitude: float,

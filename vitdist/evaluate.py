@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from .checkpoint import MODEL_META
 from .config import Config, ConfigError, DistConfig, ModelConfig, load_config
 from .data import eval_loader
 from .handoff import HandoffError, load_pretrained
+from .imagefolder import convert, is_image_folder, scan
 from .model import build_model, timm_kwargs
 from .train import evaluate
 
@@ -33,6 +35,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = 
     checkpoint = Path(checkpoint)
     meta = checkpoint_meta(checkpoint, config)
     cfg = Config(model=ModelConfig(arch=meta["arch"], **meta["timm_kwargs"]))
+    with tempfile.TemporaryDirectory(prefix="vitdist-evaluate-") as tmp:
+        if is_image_folder(data):  # an ImageFolder directory: shards for this evaluation only
+            folder = scan("--data", data, cfg.model.num_classes)
+            data = convert(folder, Path(tmp) / "val", max(1, len(folder.items) // max(1, workers)), seed=0)
+        return _evaluate(checkpoint, cfg, data, batch_size, workers, meta)
+
+
+def _evaluate(checkpoint: Path, cfg: Config, data: str | list[str], batch_size: int, workers: int,
+              meta: dict) -> dict[str, float]:
     cfg.data.val_shards, cfg.data.micro_batch_size, cfg.data.num_workers = data, batch_size, workers
     cfg.data.mean, cfg.data.std = meta["mean"], meta["std"]
     model = build_model(cfg.model)

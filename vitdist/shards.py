@@ -13,15 +13,20 @@ from tqdm import tqdm
 EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
 
-def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted sub-folder names) and (image path, class index) pairs."""
+def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted sub-folder names, or `classes` when given, e.g. the training set's, of
+    which the sub-folders must be a subset) and (image path, class index) pairs."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder '{root}' does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not names:
         raise ValueError(f"'{root}' has no class sub-folders (expected <root>/<class>/<image>)")
-    items = [(path, index) for index, name in enumerate(classes)
+    classes = names if classes is None else list(classes)
+    if unknown := sorted(set(names) - set(classes)):
+        raise ValueError(f"class folder(s) {unknown[:5]} of '{root}' are not among the {len(classes)} classes {classes[:5]}...")
+    index = {name: i for i, name in enumerate(classes)}
+    items = [(path, index[name]) for name in names
              for path in sorted((root / name).rglob("*")) if path.suffix.lower() in EXTENSIONS]
     if not items:
         raise ValueError(f"no .jpg/.jpeg/.png/.webp images under '{root}'")
@@ -29,11 +34,12 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int
 
 
 def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", samples_per_shard: int = 1000,
-                max_shard_bytes: float = 1e9, seed: int = 0, progress: bool = True) -> str:
+                max_shard_bytes: float = 1e9, seed: int = 0, progress: bool = True,
+                classes: list[str] | None = None) -> str:
     """Write shards `<out_dir>/<prefix>-NNNNNN.tar` and `<out_dir>/classes.json`; return the brace
     pattern of the shards. Samples are shuffled first: ImageFolder order is sorted by class, and a
-    stream's shuffle block could not undo that."""
-    classes, items = scan_image_folder(src)
+    stream's shuffle block could not undo that. `classes`: see scan_image_folder."""
+    classes, items = scan_image_folder(src, classes)
     random.Random(seed).shuffle(items)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, imagefolder
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, save_config
 from .export import write_safetensors
@@ -53,10 +53,12 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 
 def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be refused before a process group starts (ConfigError): the batch
-    layout for this world size, the shard lists, the architecture."""
+    layout for this world size, the shard lists (or ImageFolder directories), the architecture."""
     batch_layout(cfg, world_size)
-    train_shard_urls(cfg.data, world_size)
-    if cfg.data.val_shards:
+    folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
+    if "train" not in folders:
+        train_shard_urls(cfg.data, world_size)
+    if cfg.data.val_shards and "val" not in folders:
         expand_urls(cfg.data.val_shards)
     check_model(cfg.model)
     if cfg.finetune.init and not Path(cfg.finetune.init).exists():
@@ -79,6 +81,8 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
     run_dir = Path(cfg.run.dir)
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
+    cfg = replace(cfg, data=imagefolder.to_shards(cfg.data, cfg.model.num_classes, run_dir / "shards", ctx.is_main,
+                                                  ctx.control))
     preemption = Preemption()
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank

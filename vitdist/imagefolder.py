@@ -1,0 +1,128 @@
+"""ImageFolder directories (`root/<class>/<image>`, classes in sorted name order) given directly as
+`data.train_shards` / `data.val_shards`: small datasets need no shards of their own.
+
+A run converts each such directory once into WebDataset shards under `<run.dir>/shards/<split>/`
+(with `vitdist make-shards`' writer), and from there on it is an ordinary run over shards: the
+same data order contract, the same exact resume. A conversion is complete once its directory has
+its final name (it is written as `<split>.tmp` and renamed), and is reused only if its manifest
+says it came from the same images (names, sizes, classes), seed and shard size: the stream
+positions in the run's checkpoints refer to those shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .config import ConfigError, DataConfig
+from .shards import make_shards, scan_image_folder
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    key: str  # the config key that named it
+    root: Path
+    classes: list[str]
+    items: list[tuple[Path, int]]
+
+
+def is_image_folder(spec) -> bool:
+    """A shard spec names files; a directory can only be an ImageFolder."""
+    return isinstance(spec, str) and not spec.startswith("pipe:") and Path(spec).is_dir()
+
+
+def scan(key: str, root: str, num_classes: int, classes: list[str] | None = None) -> ImageFolder:
+    """The folder's classes and images, or ConfigError naming the key and the path."""
+    try:
+        classes, items = scan_image_folder(root, classes)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if len(classes) > num_classes:
+        raise ConfigError(f"{key}: '{root}' has {len(classes)} class folders, more than model.num_classes={num_classes}")
+    return ImageFolder(key, Path(root), classes, items)
+
+
+def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
+    """The data.*_shards values that are ImageFolder directories, by split ('train', 'val'),
+    checked: class folders with images, no more classes than the model has, at least one training
+    image per data stream. Validation class folders take the training set's class indices."""
+    folders = {}
+    if is_image_folder(data.train_shards):
+        folders["train"] = scan("data.train_shards", data.train_shards, num_classes)
+        if len(folders["train"].items) < data.streams:
+            raise ConfigError(f"data.train_shards: '{data.train_shards}' has {len(folders['train'].items)} images, "
+                              f"fewer than data.streams={data.streams}: every stream needs a shard")
+    if is_image_folder(data.val_shards):
+        train = folders.get("train")
+        folders["val"] = scan("data.val_shards", data.val_shards, num_classes, train.classes if train else None)
+    return folders
+
+
+def _recipe(folder: ImageFolder, samples_per_shard: int, seed: int) -> dict:
+    """What the shards are a function of; a conversion is reused only if this matches."""
+    listing = "\n".join(f"{path.relative_to(folder.root)}\t{path.stat().st_size}\t{label}" for path, label in folder.items)
+    return {"classes": folder.classes, "images": len(folder.items), "samples_per_shard": samples_per_shard,
+            "seed": seed, "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def convert(folder: ImageFolder, out: Path, samples_per_shard: int, seed: int) -> list[str]:
+    """The shard paths of `folder` converted into `out` (with classes.json and the manifest):
+    written now, or reused from an earlier run when the manifest matches."""
+    recipe = _recipe(folder, samples_per_shard, seed)
+    if out.is_dir():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest["recipe"] != recipe:
+            raise ConfigError(
+                f"{folder.key}: '{folder.root}' is not what this run converted into '{out}' (images, classes, "
+                "data.seed or data.streams changed), and the run's checkpoints refer to those shards: "
+                f"use another run.dir, or delete '{out}' to convert again")
+        return [str(out / name) for name in manifest["shards"]]
+    tmp = out.with_name(out.name + ".tmp")  # a conversion killed half-way is left here, never used
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converting ImageFolder %s (%d images, %d classes) into shards in %s",
+             folder.root, len(folder.items), len(folder.classes), out)
+    make_shards(folder.root, tmp, prefix=out.name, samples_per_shard=samples_per_shard, seed=seed, progress=False,
+                classes=folder.classes)
+    shards = sorted(p.name for p in tmp.glob(f"{out.name}-*.tar"))
+    (tmp / MANIFEST).write_text(json.dumps({"source": str(folder.root.resolve()), "recipe": recipe, "shards": shards},
+                                           indent=1))
+    tmp.rename(out)
+    return [str(out / name) for name in shards]
+
+
+def to_shards(data: DataConfig, num_classes: int, out_dir: Path, is_main: bool, group=None) -> DataConfig:
+    """`data` with each ImageFolder directory replaced by the list of its shards under `out_dir`.
+
+    Rank 0 converts while the others wait for its answer (the shard lists, or its error, which
+    every rank then raises). Not every rank converting into a temporary directory of its own with
+    an atomic rename: that reads and writes the dataset once per rank, on the shared file system
+    that the checkpoints need anyway. The wait is a collective on the gloo `group`, so a conversion
+    must fit in dist.timeout_s: larger datasets are for `vitdist make-shards`.
+    """
+    if not (is_image_folder(data.train_shards) or is_image_folder(data.val_shards)):
+        return data
+    answer = [None]
+    if is_main:
+        try:
+            # At least data.streams training shards; as many validation shards (whole shards per rank).
+            answer = [{split: convert(folder, out_dir / split, max(1, len(folder.items) // data.streams), data.seed)
+                       for split, folder in image_folders(data, num_classes).items()}]
+        except (ValueError, OSError) as e:  # ConfigError included; e.g. also an unreadable manifest
+            answer = [f"{e}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(answer, src=0, group=group)
+    if isinstance(answer[0], str):
+        raise ConfigError(answer[0])
+    converted = {f"{split}_shards": urls for split, urls in answer[0].items()}
+    return dataclasses.replace(data, **converted)
