@@ -63,7 +63,7 @@ def timm_step(args, init: dict, compile_: bool):
 
 
 def vitdist_step(args, init: dict, overrides: list[str], ctx):
-    cfg = load_config(args.config, [*bench_overrides(args), f"optim.lr={args.lr}", *overrides])
+    cfg = load_config(args.config, [*bench_overrides(args), f"optim.lr={args.lr}", *args.set, *overrides])
     model = build_model(cfg.model)
     model.load_state_dict(init)
     dp_model = prepare_model(model, cfg, ctx)
@@ -159,6 +159,8 @@ def random_batch(args):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/pretrain/vit_b16.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every variant, e.g. model.arch=vit_gigantic_patch14_224")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--ckpt", action="store_true", help="gradient checkpointing in every variant")
@@ -166,13 +168,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--check-steps", type=int, default=20)
+    parser.add_argument("--check-steps", type=int, default=20, help="0: no numerics check (memory probes)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--profile", action="store_true", help="print each variant's GPU time per kernel")
     parser.add_argument("--out", default=None, help="write all figures as JSON here")
     args = parser.parse_args()
 
-    cfg = load_config(args.config, [f"model.num_classes={args.classes}"])
+    cfg = load_config(args.config, [f"model.num_classes={args.classes}", *args.set])
     args.arch, args.img_size = cfg.model.arch, cfg.model.img_size
     args.timm_kwargs = timm_kwargs(cfg.model)
     ctx = distributed.init(cfg.dist)
@@ -186,7 +188,7 @@ def main() -> None:
     check_batches = [fixed[i % len(fixed)] for i in range(args.check_steps)]
 
     names = args.variants.split(",")
-    if any(n.startswith("vitdist:") for n in names) and REFERENCE not in names:
+    if args.check_steps and any(n.startswith("vitdist:") for n in names) and REFERENCE not in names:
         names.insert(0, REFERENCE)
     results = []
     for name in names:
