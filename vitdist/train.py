@@ -180,12 +180,18 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
 
 
 def prepare_model(model: torch.nn.Module, cfg: Config, ctx: distributed.DistContext) -> torch.nn.Module:
-    """Move, compile and distribute the model, in place; returns what the training step calls."""
+    """Move, distribute and compile the model; returns what the training step calls (`model`
+    itself keeps its parameter names for checkpoints). DDP: the wrapped model compiled whole,
+    so that fusion crosses block boundaries and dynamo splits the graph at DDP's gradient buckets
+    (measured: whole-model compile is 8-11% faster than per block for ViT-L/16 and checkpointed
+    ViT-B/16, bench/RESULTS.md). FSDP2: each block compiled on its own, in place, between the
+    hooks that gather and free its parameters."""
     model = model.to(ctx.device)
-    if cfg.train.compile:
+    if cfg.train.compile and cfg.dist.strategy == "fsdp":
         for block in model.blocks:
-            block.compile()  # in place, per block: state dict keys keep their names
-    return distributed.parallelize(model, cfg.dist, cfg.train.precision, ctx)
+            block.compile()
+    dp_model = distributed.parallelize(model, cfg.dist, cfg.train.precision, ctx)
+    return torch.compile(dp_model) if cfg.train.compile and cfg.dist.strategy == "ddp" else dp_model
 
 
 def compute_precision(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
