@@ -67,8 +67,10 @@ def test_sigkill_then_resume_is_bitwise_identical(demo_shards, tmp_path):
 def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
     """FSDP x2 -> DDP x1 -> FSDP x2 with activation checkpointing -> DDP x4, against one
     uninterrupted DDP x2 run: the same losses within float tolerance and the same stream
-    positions (8 steps = one epoch)."""
-    common = [*shard_overrides(demo_shards), *EXACT, "ckpt.keep=0", "data.num_workers=1", "data.micro_batch_size=16"]
+    positions (8 steps = one epoch). A lower lr than EXACT's: DDP and FSDP sum gradients in different
+    orders, and at 2e-3 training on the demo shapes amplifies that 1e-7 noise past 1e-4 by step 22."""
+    common = [*shard_overrides(demo_shards), *EXACT, "ckpt.keep=0", "data.num_workers=1", "data.micro_batch_size=16",
+              "optim.lr=5e-4", "optim.min_lr=5e-4"]
     reference = run_pretrain(2, [*common, "train.steps=32", f"run.dir={tmp_path / 'ref'}"])
     assert reference.returncode == 0, reference.stderr[-3000:]
 
