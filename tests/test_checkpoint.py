@@ -1,11 +1,17 @@
 import json
+import os
+import pickle
+import shutil
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from conftest import TINY
 from vitdist import checkpoint
 from vitdist.config import CkptConfig, load_config
+from vitdist.handoff import HandoffError, load_pretrained
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer
 
@@ -76,3 +82,48 @@ def test_keep_every_and_async_save(tmp_path, process_group):
     other, other_optimizer = trained_pair(1)
     assert checkpoint.load(tmp_path / "step_50", other, other_optimizer) == {"step": 50}
     torch.testing.assert_close(other.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
+class Exploit:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(tmp_path, process_group):
+    """torch.distributed.checkpoint unpickles `.metadata` with plain pickle and non-tensor values
+    with weights_only=False; vitdist's loading refuses both (resume, export, fine-tune handoff)."""
+    model, optimizer = trained_pair(0)
+    path = checkpoint.Checkpointer(tmp_path / "ckpt", CkptConfig(keep=0), meta_of(model)).save(
+        3, model, optimizer, {"step": 3, "data_positions": {}})
+    marker = tmp_path / "pwned"
+
+    # A non-tensor value (an optimizer hyperparameter) replaced by the exploit.
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state["optim"]["param_groups"][0]["lr"] = Exploit(marker)
+    dcp.save(state, checkpoint_id=tmp_path / "evil_value")
+    with pytest.raises(checkpoint.UnsafeCheckpoint, match="evil_value'.*refusing to unpickle 'optim.param_groups"):
+        checkpoint.load(tmp_path / "evil_value", *trained_pair(1))
+    assert not marker.exists()
+
+    # The metadata file itself replaced by the exploit.
+    for name in ("model.json", "train_state.json"):
+        shutil.copy(path / name, tmp_path / "evil_value" / name)
+    (tmp_path / "evil_value" / ".metadata").write_bytes(pickle.dumps(Exploit(marker)))
+    with pytest.raises(checkpoint.UnsafeCheckpoint, match="refusing to unpickle posix.system"):
+        checkpoint.load(tmp_path / "evil_value", *trained_pair(1))
+    with pytest.raises(HandoffError, match="refusing to unpickle posix.system"):
+        load_pretrained(trained_pair(1)[0], tmp_path / "evil_value")
+    assert not marker.exists()
+    checkpoint.load(path, *trained_pair(1))  # the genuine one still loads
+
+
+def meta_of(model):
+    from vitdist.train import model_meta
+
+    cfg = load_config(TINY)
+    return model_meta(cfg.model, cfg.data)

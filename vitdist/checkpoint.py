@@ -9,7 +9,9 @@ a checkpoint loads on any number of processes, under DDP or FSDP.
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import re
 import shutil
 import warnings
@@ -20,6 +22,10 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
@@ -113,6 +119,76 @@ class Checkpointer:
         dist.barrier(group=self.group)
 
 
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint that holds objects other than DCP's metadata, tensors and plain values."""
+
+
+# What DCP's `.metadata` pickle names, and nothing else: a crafted one cannot call anything.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+_REFUSAL = "refusing to unpickle"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_CLASSES.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))):
+            return super().find_class(module, name)
+        raise UnsafeCheckpoint(f"{_REFUSAL} {module}.{name}: checkpoint metadata names DCP's own classes only")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """torch's reader unpickles `.metadata` with plain pickle: any code a crafted file names runs."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """Non-tensor values (optimizer hyperparameters) come back through torch.load: weights_only, so
+    a crafted value cannot run code (torch's planner loads them with weights_only=False)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            why = next((line for line in str(e).splitlines() if "Unsupported global" in line), "not plain data")
+            raise UnsafeCheckpoint(f"{_REFUSAL} '{fqn}': {why.strip()}") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+def _safe_load(state: dict, path: Path, **kwargs) -> None:
+    """dcp.load that never unpickles arbitrary objects; UnsafeCheckpoint names the path."""
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner(), **kwargs)
+    except UnsafeCheckpoint as e:
+        raise UnsafeCheckpoint(f"'{path}': {e}") from None
+    except CheckpointException as e:  # what the readers raised, per rank, some of it as text only
+        refusals = [line for exc, _ in e.failures.values() for line in str(exc).split("; ") if _REFUSAL in line]
+        if refusals:
+            raise UnsafeCheckpoint(f"'{path}': {refusals[0][refusals[0].index(_REFUSAL):]}") from None
+        raise
+
+
 def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The whole model's weights (timm's keys) and its `model.json`, read in this process alone,
     with no process group: for exports, fine-tuning and evaluation."""
@@ -123,7 +199,7 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     state = {"model": timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"]).state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+        _safe_load(state, path, no_dist=True)
     return state["model"], meta
 
 
@@ -131,7 +207,7 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     """Load model and optimizer in place (any world size, DDP or FSDP); return the train state."""
     path = Path(path)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path)
+    _safe_load(state, path)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     return json.loads((path / TRAIN_STATE).read_text())

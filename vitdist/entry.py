@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 
+from .checkpoint import UnsafeCheckpoint
 from .config import ConfigError, load_config
 from .handoff import HandoffError
 from .train import preflight, train
@@ -28,7 +29,7 @@ def main(description: str, finetune: bool) -> int:
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s")
     try:
         train(cfg)
-    except (ConfigError, HandoffError) as e:  # met by every rank alike, before the first step
+    except (ConfigError, HandoffError, UnsafeCheckpoint) as e:  # met by every rank alike, before the first step
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

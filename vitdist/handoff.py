@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from .checkpoint import load_model_weights
+from .checkpoint import UnsafeCheckpoint, load_model_weights
 
 HEAD_KEYS = ("head.weight", "head.bias")
 _TORCHVISION = [  # torchvision ViT key -> timm ViT key
@@ -64,7 +64,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if path.is_dir():
         try:
             return load_model_weights(path)[0], "vitdist checkpoint"
-        except FileNotFoundError as e:
+        except (FileNotFoundError, UnsafeCheckpoint) as e:
             raise HandoffError(str(e)) from None
     try:
         if path.suffix == ".safetensors":
