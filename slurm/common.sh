@@ -93,7 +93,7 @@ vitdist_slurm_main() {
   VITDIST_SIGNALLED="" VITDIST_TRAPS=0
   trap 'vitdist_on_signal USR1' USR1
   trap 'vitdist_on_signal TERM' TERM
-  srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 \
+  srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --label \
     python -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node="$nproc" \
       --rdzv_backend=c10d --rdzv_endpoint="$addr:$port" --rdzv_id="$SLURM_JOB_ID" \
       --shutdown_timeout="${VITDIST_SHUTDOWN_S:-120}" \

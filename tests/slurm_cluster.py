@@ -45,8 +45,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
-# a job starts about 1 s after submission; backfill every 5 s picks up requeued jobs
-SchedulerParameters=batch_sched_delay=0,bf_interval=5
+# a job starts about 1 s after submission; a requeued one soon after cred_expire (scheduling every 5 s)
+SchedulerParameters=batch_sched_delay=0,bf_interval=5,sched_interval=5
 ReturnToService=2
 MpiDefault=none
 JobCompType=jobcomp/none
@@ -96,6 +96,7 @@ class Cluster:
     def __init__(self, state_dir: Path = DEFAULT_DIR):
         self.dir = Path(state_dir)
         self.conf = self.dir / "slurm.conf"
+        self.started = False  # by this object: only then does a test's teardown stop it
 
     @property
     def env(self) -> dict[str, str]:
@@ -116,6 +117,7 @@ class Cluster:
     def start(self, timeout_s: float = 60) -> "Cluster":
         if self.running() and self._nodes_idle(timeout_s=10):
             return self
+        self.started = True
         self.stop()
         for sub in ("state", "spool/node1", "spool/node2", "munge"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
