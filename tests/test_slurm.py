@@ -128,7 +128,7 @@ def test_pipeline_finetunes_from_the_final_pretraining_checkpoint(cluster, demo_
     pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"
     out = subprocess.run([str(REPO / "slurm" / "submit_pipeline.sh"), str(TINY), str(DIGITS),
                           *shard_overrides(demo_shards), *EXACT, "train.steps=4", f"run.dir={pre_dir}", "--",
-                          *shard_overrides(digits), "train.steps=3", "train.global_batch_size=64",
+                          *shard_overrides(digits), "data.streams=4", "train.steps=3", "train.global_batch_size=64",
                           "data.micro_batch_size=32", "train.eval_every_steps=0", f"run.dir={ft_dir}"],
                          cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     pre_job = int(re.search(r"pretrain job: (\d+)", out).group(1))
