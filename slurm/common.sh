@@ -80,6 +80,12 @@ vitdist_slurm_main() {
               "on $SLURM_NNODES node(s) [$SLURM_JOB_NODELIST] x $nproc process(es), rendezvous $addr:$port," \
               "OMP_NUM_THREADS=$OMP_NUM_THREADS, run dir $run_dir, python $(command -v python)"
 
+  # The batch shell runs its traps only while it waits on a background child (or between
+  # commands): srun runs in the background and the shell waits, again after each trap.
+  VITDIST_SIGNALLED="" VITDIST_TRAPS=0
+  trap 'vitdist_on_signal USR1' USR1
+  trap 'vitdist_on_signal TERM' TERM
+
   # A bad config fails here, once, with exit 2 and its reason, and is never requeued.
   WORLD_SIZE=$(( SLURM_NNODES * nproc )) python "launch/$launcher.py" --config "$config" --check "${overrides[@]}"
   local rc=$?
@@ -88,11 +94,9 @@ vitdist_slurm_main() {
     exit $rc
   fi
 
-  # The batch shell runs its traps only while it waits on a background child: srun runs in the
-  # background and the shell waits, again after each trap.
-  VITDIST_SIGNALLED="" VITDIST_TRAPS=0
-  trap 'vitdist_on_signal USR1' USR1
-  trap 'vitdist_on_signal TERM' TERM
+  if [ -n "$VITDIST_SIGNALLED" ]; then  # warned before training started: nothing to save
+    vitdist_requeue "SIG$VITDIST_SIGNALLED before training started"
+  fi
   srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --label \
     python -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node="$nproc" \
       --rdzv_backend=c10d --rdzv_endpoint="$addr:$port" --rdzv_id="$SLURM_JOB_ID" \
