@@ -92,6 +92,22 @@ def _proc_state(pid: int) -> str:
         return "zombie"
 
 
+def _is(pid: int, binary: str) -> bool:
+    """Whether pid still runs `binary` (a recorded pid may have been reused since)."""
+    try:
+        return binary in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return False
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of a daemon started by this process (else it stays a zombie)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
 class Cluster:
     def __init__(self, state_dir: Path = DEFAULT_DIR):
         self.dir = Path(state_dir)
@@ -173,14 +189,16 @@ class Cluster:
         pids = self._pids()
         for name in order:
             pid = pids.get(name)
-            if pid is not None and _alive(pid):
+            if pid is not None and _alive(pid) and _is(pid, name.split("-")[0]):
                 os.kill(pid, signal.SIGTERM)
                 for _ in range(100):
+                    _reap(pid)
                     if not _alive(pid):
                         break
                     time.sleep(0.1)
                 else:
                     os.kill(pid, signal.SIGKILL)
+                    _reap(pid)
             (self.dir / f"started-{name}.pid").unlink(missing_ok=True)
 
 

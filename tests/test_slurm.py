@@ -31,7 +31,14 @@ CPU_NODES = ["--gpus-per-node=0", "--cpus-per-task=1"]
 def cluster():
     """The cluster in VITDIST_SLURM_DIR (default /tmp/vitdist-slurm-<uid>): reused if running, else
     started here and stopped after these tests."""
-    cluster = Cluster().start()
+    if os.getuid() != 0:
+        pytest.skip("the test cluster runs munged, slurmctld and slurmd as root (SlurmUser=root)")
+    try:
+        cluster = Cluster().start()
+    except RuntimeError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"the SLURM test cluster did not start here (CI fails on this): {e}")
     yield cluster
     if cluster.started:
         cluster.stop()
