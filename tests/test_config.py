@@ -117,3 +117,18 @@ def test_entry_point_refuses_before_any_process_group(tmp_path):
     assert run.returncode == 2
     assert "config error: unknown config key 'optim.lrr'" in run.stderr
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_check_only_validates_for_the_world_size_given(demo_shards, tmp_path):
+    """`--check` (run first by the SLURM jobs): 0 for a config that fits WORLD_SIZE, 2 for one that
+    does not; nothing is written either way."""
+    from conftest import ENV, shard_overrides
+
+    command = [sys.executable, "launch/pretrain.py", "--config", str(TINY), "--check", *shard_overrides(demo_shards),
+               f"run.dir={tmp_path / 'run'}"]
+    ok = subprocess.run(command, cwd=REPO, env={**ENV, "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run(command, cwd=REPO, env={**ENV, "WORLD_SIZE": "3"}, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "config error:" in refused.stderr
+    assert not (tmp_path / "run").exists()

@@ -60,6 +60,14 @@ def test_export_and_checkpoint_directory(tmp_path, process_group):
         target = tiny(seed=1)
         assert load_pretrained(target, path) == (kind, [])
         torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    # A run's checkpoints directory stands for its newest complete checkpoint (what SLURM chains pass).
+    with torch.no_grad():
+        source.head.bias.add_(1.0)
+    saver.save(2, source, build_optimizer(source, load_config(TINY).optim), {"step": 2})
+    (tmp_path / "ckpts" / "step_3.tmp").mkdir()  # a save killed half-way is not it
+    target = tiny(seed=1)
+    assert load_pretrained(target, tmp_path / "ckpts") == ("vitdist checkpoint", [])
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 
 
 def test_wrong_architecture_lists_the_keys(tmp_path):

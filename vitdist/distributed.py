@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import DistConfig
 
+log = logging.getLogger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -69,6 +71,8 @@ def init(cfg: DistConfig) -> DistContext:
     timeout = timedelta(seconds=cfg.timeout_s)
     dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
     control = dist.new_group(backend="gloo", timeout=timeout)
+    log.info("rank %d of %d (local rank %d) on %s", dist.get_rank(), dist.get_world_size(), local_rank,
+             os.environ.get("SLURMD_NODENAME", socket.gethostname()))
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control)
 
 

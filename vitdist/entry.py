@@ -16,6 +16,8 @@ def main(description: str, finetune: bool) -> int:
     process group starts (exit 2), then train."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config under configs/")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config against WORLD_SIZE and exit (0: fine, 2: refused), as SLURM jobs do first")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, values read as YAML")
     args = parser.parse_args()
     try:
@@ -26,6 +28,8 @@ def main(description: str, finetune: bool) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.check:
+        return 0
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s")
     try:
         train(cfg)

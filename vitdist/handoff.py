@@ -1,6 +1,7 @@
 """Pretrained weights into a ViT whose head, resolution or patch size may differ: from a vitdist
-checkpoint directory or export, a timm state dict (.pth/.bin/.pt/.safetensors), or a torchvision
-`vit_*` state dict. Loading never unpickles arbitrary objects (`weights_only=True`, safetensors).
+checkpoint directory (or a run's `checkpoints/`, meaning its newest complete one) or export, a
+timm state dict (.pth/.bin/.pt/.safetensors), or a torchvision `vit_*` state dict.
+Loading never unpickles arbitrary objects (`weights_only=True`, safetensors).
 
 As in MAE's fine-tuning: the head is dropped when its shape differs, position embeddings are
 resampled to the new patch grid, the rest loads, and the only keys allowed to be missing are
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from .checkpoint import UnsafeCheckpoint, load_model_weights
+from .checkpoint import UnsafeCheckpoint, complete_checkpoints, load_model_weights
 
 HEAD_KEYS = ("head.weight", "head.bias")
 _TORCHVISION = [  # torchvision ViT key -> timm ViT key
@@ -61,6 +62,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     path = Path(path)
     if not path.exists():
         raise HandoffError(f"checkpoint '{path}' does not exist")
+    if path.is_dir() and not (path / ".metadata").exists() and complete_checkpoints(path):
+        path = complete_checkpoints(path)[-1][1]  # a run's checkpoints directory: its newest complete one
     if path.is_dir():
         try:
             return load_model_weights(path)[0], "vitdist checkpoint"

@@ -1,0 +1,131 @@
+# Sourced by slurm/pretrain.sbatch and slurm/finetune.sbatch: one torchrun per node under srun,
+# the config checked first, and requeue on preemption (or, a limited number of times, on failure).
+#
+# Environment (all optional):
+#   VITDIST_REPO            the repository (default: the directory sbatch was run from)
+#   VITDIST_VENV            a virtual environment to activate (default: <repo>/.venv if present,
+#                           else the python on PATH)
+#   VITDIST_NPROC           processes per node (default: the GPUs allocated on the node, else 1)
+#   VITDIST_IFNAME          network interface for NCCL and gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)
+#   VITDIST_MAX_FAILURES    requeues after a failure (not a preemption) before giving up (default 1)
+#   VITDIST_SHUTDOWN_S      seconds torchrun gives the ranks to checkpoint after a signal (default 120)
+
+vitdist_log() { echo "vitdist-slurm [$(date +%H:%M:%S)] $*"; }
+
+# Make the repository's code importable: the venv if any, and the repository on PYTHONPATH.
+vitdist_python_env() {
+  local venv=${VITDIST_VENV:-$VITDIST_REPO/.venv}
+  if [ -f "$venv/bin/activate" ]; then
+    # shellcheck disable=SC1091
+    source "$venv/bin/activate"
+  fi
+  export PYTHONPATH="$VITDIST_REPO${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+# The address other nodes reach the first node at: its NodeAddr in SLURM (the hostname on most
+# clusters; several nodes on one host in the tests).
+vitdist_head_addr() {
+  local head addr
+  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  addr=$(scontrol show node "$head" -o 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+  echo "${addr:-$head}"
+}
+
+# Forward a warning signal to every rank of every node (SIGTERM to the job's steps: torchrun
+# passes it on to its ranks, each finishes its step, checkpoints and exits 75).
+vitdist_on_signal() {
+  vitdist_log "received SIG$1: the ranks checkpoint, then the job requeues"
+  VITDIST_SIGNALLED=$1
+  VITDIST_TRAPS=$(( VITDIST_TRAPS + 1 ))
+  scancel --signal=TERM "$SLURM_JOB_ID"
+}
+
+vitdist_requeue() {
+  trap - USR1 TERM
+  vitdist_log "requeueing job $SLURM_JOB_ID ($1)"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+}
+
+# vitdist_slurm_main pretrain|finetune CONFIG.yaml [key=value ...]
+vitdist_slurm_main() {
+  local launcher=$1
+  if [ $# -lt 2 ]; then
+    echo "usage: sbatch slurm/$launcher.sbatch CONFIG.yaml [key.sub=value ...]" >&2
+    exit 2
+  fi
+  local config=$2
+  shift 2
+  local overrides=("$@") run_dir="" arg
+  for arg in "$@"; do
+    case $arg in run.dir=*) run_dir=${arg#run.dir=} ;; esac
+  done
+  if [ -z "$run_dir" ]; then  # named after the job, the same across requeues: resume finds it
+    run_dir=runs/$SLURM_JOB_NAME-$SLURM_JOB_ID
+    overrides+=("run.dir=$run_dir")
+  fi
+
+  cd "$VITDIST_REPO" || exit 2
+  vitdist_python_env
+  local nproc=${VITDIST_NPROC:-${SLURM_GPUS_ON_NODE:-1}}
+  local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / nproc > 0 ? cpus / nproc : 1 ))}
+  if [ -n "${VITDIST_IFNAME:-}" ]; then
+    export NCCL_SOCKET_IFNAME=$VITDIST_IFNAME GLOO_SOCKET_IFNAME=$VITDIST_IFNAME
+  fi
+  local addr port
+  addr=$(vitdist_head_addr)
+  port=$(( 20000 + SLURM_JOB_ID % 30000 ))  # per job: two jobs sharing a node do not collide
+  vitdist_log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart ${SLURM_RESTART_COUNT:-0}: $launcher $config" \
+              "on $SLURM_NNODES node(s) [$SLURM_JOB_NODELIST] x $nproc process(es), rendezvous $addr:$port," \
+              "OMP_NUM_THREADS=$OMP_NUM_THREADS, run dir $run_dir, python $(command -v python)"
+
+  # The batch shell runs its traps only while it waits on a background child (or between
+  # commands): srun runs in the background and the shell waits, again after each trap.
+  VITDIST_SIGNALLED="" VITDIST_TRAPS=0
+  trap 'vitdist_on_signal USR1' USR1
+  trap 'vitdist_on_signal TERM' TERM
+
+  # A bad config fails here, once, with exit 2 and its reason, and is never requeued.
+  WORLD_SIZE=$(( SLURM_NNODES * nproc )) python "launch/$launcher.py" --config "$config" --check "${overrides[@]}"
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    vitdist_log "the config was refused (exit $rc): not requeueing"
+    exit $rc
+  fi
+
+  if [ -n "$VITDIST_SIGNALLED" ]; then  # warned before training started: nothing to save
+    vitdist_requeue "SIG$VITDIST_SIGNALLED before training started"
+  fi
+  srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --label \
+    python -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node="$nproc" \
+      --rdzv_backend=c10d --rdzv_endpoint="$addr:$port" --rdzv_id="$SLURM_JOB_ID" \
+      --shutdown_timeout="${VITDIST_SHUTDOWN_S:-120}" \
+      "launch/$launcher.py" --config "$config" "${overrides[@]}" &
+  local srun_pid=$!
+  while true; do
+    local traps_before=$VITDIST_TRAPS
+    wait "$srun_pid"
+    rc=$?
+    if [ $rc -gt 128 ] && [ "$VITDIST_TRAPS" -ne "$traps_before" ]; then
+      continue  # wait was interrupted by the trap: the ranks are still checkpointing
+    fi
+    break
+  done
+
+  if [ -n "$VITDIST_SIGNALLED" ]; then
+    vitdist_requeue "preempted: SIG$VITDIST_SIGNALLED, srun exit $rc"
+  fi
+  if [ $rc -eq 0 ]; then
+    vitdist_log "finished: run dir $run_dir"
+    exit 0
+  fi
+  local failures_file=$run_dir/slurm_failures failures=0
+  [ -f "$failures_file" ] && failures=$(cat "$failures_file")
+  if [ "$failures" -lt "${VITDIST_MAX_FAILURES:-1}" ]; then
+    mkdir -p "$run_dir" && echo $(( failures + 1 )) > "$failures_file"
+    vitdist_requeue "failed with exit $rc: failure $(( failures + 1 )) of ${VITDIST_MAX_FAILURES:-1} allowed"
+  fi
+  vitdist_log "failed with exit $rc after $failures requeue(s) for failures: giving up"
+  exit $rc
+}

@@ -1,0 +1,149 @@
+"""slurm/*.sbatch on a real two-node SLURM cluster on this machine (tests/slurm_cluster.py), all
+through sbatch: a 2-node run equal to a 2-process torchrun, preemption -> checkpoint -> requeue
+-> resume, the pretrain -> fine-tune chain, and a bad config that fails fast."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DIGITS, REPO, TINY, read_scalars, run_pretrain, shard_overrides
+from slurm_cluster import Cluster, missing_binaries
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm,
+              pytest.mark.skipif(bool(missing_binaries()), reason=f"SLURM is not installed (missing: "
+                                 f"{', '.join(missing_binaries())}); launch/test.sh installs it where it may")]
+
+# Exact and short: fp32, no dropout, constant lr after a 1-step warmup, a loss every step.
+EXACT = ["data.val_shards=null", "train.precision=fp32", "model.drop_path_rate=0.0", "optim.warmup_steps=1",
+         "optim.min_lr=2e-3", "optim.lr=2e-3", "train.global_batch_size=64", "data.micro_batch_size=32",
+         "log.every_steps=1", "ckpt.every_steps=0"]
+# One CPU rank per node; sbatch options override the scripts' GPU-sized #SBATCH lines.
+CPU_NODES = ["--gpus-per-node=0", "--cpus-per-task=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The cluster in VITDIST_SLURM_DIR (default /tmp/vitdist-slurm-<uid>): reused if running, else
+    started here and stopped after these tests."""
+    if os.getuid() != 0:
+        pytest.skip("the test cluster runs munged, slurmctld and slurmd as root (SlurmUser=root)")
+    try:
+        cluster = Cluster().start()
+    except RuntimeError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"the SLURM test cluster did not start here (CI fails on this): {e}")
+    yield cluster
+    if cluster.started:
+        cluster.stop()
+
+
+def sbatch(cluster: Cluster, log_dir: Path, script: str, *args: str, options: list[str] = ()) -> int:
+    env = {**cluster.env, "VITDIST_NPROC": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(["sbatch", "--parsable", *CPU_NODES, f"--output={log_dir}/%x-%j.log", *options,
+                          str(REPO / "slurm" / script), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip().split(";")[0])
+
+
+def job_state(cluster: Cluster, job_id: int) -> str:
+    out = subprocess.run(["scontrol", "show", "job", str(job_id), "-o"], env=cluster.env, capture_output=True,
+                         text=True)
+    match = re.search(r"JobState=(\S+)", out.stdout)
+    return match.group(1) if match else "GONE"
+
+
+def wait_done(cluster: Cluster, job_id: int, timeout_s: float = 240) -> str:
+    deadline = time.time() + timeout_s
+    while (state := job_state(cluster, job_id)) in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING"):
+        assert time.time() < deadline, f"job {job_id} still {state} after {timeout_s} s"
+        time.sleep(1)
+    return state
+
+
+def job_log(log_dir: Path, name: str, job_id: int) -> str:
+    return (log_dir / f"{name}-{job_id}.log").read_text()
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return dict(read_scalars(run_dir / "tb")["train/loss"])
+
+
+def test_two_node_job_equals_two_process_torchrun(cluster, demo_shards, tmp_path):
+    common = [*shard_overrides(demo_shards), *EXACT, "train.steps=6"]
+    job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *common, f"run.dir={tmp_path / 'slurm'}")
+    reference = run_pretrain(2, [*common, f"run.dir={tmp_path / 'ref'}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert wait_done(cluster, job) == "COMPLETED"
+    log = job_log(tmp_path, "vitdist-pretrain", job)
+    assert "on 2 node(s) [node[1-2]] x 1 process(es)" in log and "restart 0" in log
+    assert re.search(r"^0: \[rank [01]\] .*on node1", log, re.M) and re.search(r"^1: \[rank [01]\] .*on node2", log, re.M)
+    assert "ddp over 2 rank(s)" in log
+    assert (tmp_path / "slurm" / "checkpoints" / "step_6" / ".metadata").is_file()
+    assert list((tmp_path / "slurm" / "tb").glob("events.out.tfevents.*"))
+    got = losses(tmp_path / "slurm")
+    assert sorted(got) == list(range(1, 7)) and got == losses(tmp_path / "ref")
+
+
+def test_bad_config_fails_fast_without_requeue(cluster, demo_shards, tmp_path):
+    start = time.time()
+    job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), "optim.lrr=1e-3",
+                 f"run.dir={tmp_path / 'run'}")
+    assert wait_done(cluster, job) == "FAILED"
+    assert time.time() - start < 60
+    log = job_log(tmp_path, "vitdist-pretrain", job)
+    assert "config error:" in log and "lrr" in log
+    assert "the config was refused (exit 2): not requeueing" in log
+    assert "Restarts=0" in subprocess.run(["scontrol", "show", "job", str(job)], env=cluster.env, capture_output=True,
+                                          text=True).stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
+                 "train.steps=12", f"run.dir={run_dir}")
+    log_path = tmp_path / f"vitdist-pretrain-{job}.log"
+    deadline = time.time() + 120
+    while not (log_path.exists() and "step 3/12" in log_path.read_text()):
+        assert time.time() < deadline and job_state(cluster, job) in ("PENDING", "RUNNING"), "no step 3"
+        time.sleep(0.2)
+    # What SLURM does before a time limit with --signal=B:USR1@N: a signal to the batch shell only.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=cluster.env, check=True)
+    assert wait_done(cluster, job, timeout_s=300) == "COMPLETED"
+    log = log_path.read_text()
+    step = int(re.search(r"checkpoint .*step_(\d+) written, exiting with 75", log).group(1))
+    assert 3 <= step < 12
+    assert f"requeueing job {job} (preempted: SIGUSR1" in log and "restart 1:" in log
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{step}'} at step {step}" in log
+    assert f"steps {step} -> 12" in log and "finished: run dir" in log
+    assert sorted(losses(run_dir)) == list(range(1, 13))  # continuous: no step lost or repeated
+
+
+def test_pipeline_finetunes_from_the_final_pretraining_checkpoint(cluster, demo_shards, tmp_path):
+    from vitdist.demo_data import write_digits_dataset
+
+    digits = write_digits_dataset(tmp_path / "digits", streams=4)
+    env = {**cluster.env, "VITDIST_NPROC": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "VITDIST_SBATCH_ARGS": f"{' '.join(CPU_NODES)} --output={tmp_path}/%x-%j.log"}
+    pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"
+    out = subprocess.run([str(REPO / "slurm" / "submit_pipeline.sh"), str(TINY), str(DIGITS),
+                          *shard_overrides(demo_shards), *EXACT, "train.steps=4", f"run.dir={pre_dir}", "--",
+                          *shard_overrides(digits), "data.streams=4", "train.steps=3", "train.global_batch_size=64",
+                          "data.micro_batch_size=32", "train.eval_every_steps=0", f"run.dir={ft_dir}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    pre_job = int(re.search(r"pretrain job: (\d+)", out).group(1))
+    ft_job = int(re.search(r"finetune job: (\d+)", out).group(1))
+    assert f"tensorboard --logdir_spec pretrain:{pre_dir}/tb,finetune:{ft_dir}/tb" in out
+    assert job_state(cluster, ft_job) == "PENDING"  # waits for the pretraining job
+    assert wait_done(cluster, pre_job) == "COMPLETED"
+    assert wait_done(cluster, ft_job) == "COMPLETED"
+    log = job_log(tmp_path, "vitdist-finetune", ft_job)
+    assert f"initialised from {pre_dir / 'checkpoints'} (vitdist checkpoint)" in log
+    assert "steps 0 -> 3" in log and (ft_dir / "checkpoints" / "step_3").is_dir()
