@@ -19,31 +19,27 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do pretrain_args+=("$1"); shift; done
 finetune_args=("$@")
 read -r -a sbatch_args <<< "${VITDIST_SBATCH_ARGS:-}"
 
+# A job's run directory, absolute: run.dir=... if given, else the one slurm/common.sh names after the job.
+run_dir_of() {
+  local job=$1 dir="" arg
+  shift
+  for arg in "$@"; do
+    case $arg in run.dir=*) dir=${arg#run.dir=} ;; esac
+  done
+  if [ -z "$dir" ]; then
+    dir=runs/$(scontrol show job "$job" -o | sed -n 's/.*JobName=\([^ ]*\).*/\1/p')-$job
+  fi
+  case $dir in /*) echo "$dir" ;; *) echo "$PWD/$dir" ;; esac
+}
+
 pretrain_job=$(sbatch --parsable "${sbatch_args[@]}" slurm/pretrain.sbatch "$pretrain_config" "${pretrain_args[@]}")
 pretrain_job=${pretrain_job%%;*}
-# The pretraining run's directory: as given, else the one slurm/common.sh names after the job.
-pretrain_dir=""
-for arg in "${pretrain_args[@]}"; do
-  case $arg in run.dir=*) pretrain_dir=${arg#run.dir=} ;; esac
-done
-if [ -z "$pretrain_dir" ]; then
-  job_name=$(scontrol show job "$pretrain_job" -o | sed -n 's/.*JobName=\([^ ]*\).*/\1/p')
-  pretrain_dir=runs/$job_name-$pretrain_job
-fi
-case $pretrain_dir in /*) ;; *) pretrain_dir=$PWD/$pretrain_dir ;; esac
+pretrain_dir=$(run_dir_of "$pretrain_job" "${pretrain_args[@]}")
 
 finetune_job=$(sbatch --parsable "${sbatch_args[@]}" --dependency="afterok:$pretrain_job" --kill-on-invalid-dep=yes \
   slurm/finetune.sbatch "$finetune_config" "finetune.init=$pretrain_dir/checkpoints" "${finetune_args[@]}")
 finetune_job=${finetune_job%%;*}
-finetune_dir=""
-for arg in "${finetune_args[@]}"; do
-  case $arg in run.dir=*) finetune_dir=${arg#run.dir=} ;; esac
-done
-if [ -z "$finetune_dir" ]; then
-  job_name=$(scontrol show job "$finetune_job" -o | sed -n 's/.*JobName=\([^ ]*\).*/\1/p')
-  finetune_dir=runs/$job_name-$finetune_job
-fi
-case $finetune_dir in /*) ;; *) finetune_dir=$PWD/$finetune_dir ;; esac
+finetune_dir=$(run_dir_of "$finetune_job" "${finetune_args[@]}")
 
 echo "pretrain job: $pretrain_job (run dir $pretrain_dir)"
 echo "finetune job: $finetune_job (run dir $finetune_dir, after $pretrain_job succeeds, from $pretrain_dir/checkpoints)"
