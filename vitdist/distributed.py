@@ -53,6 +53,29 @@ def _die_with_launcher() -> None:
             os._exit(1)
 
 
+def agree_on_refusal(error: str | None, timeout_s: float = 300.0) -> str | None:
+    """The refusal every rank reports: its own, or the first refusing rank's. Under torchrun the
+    ranks post their verdicts to the launcher's key-value store (no process group exists yet) and
+    wait for all: a rank that refuses alone would otherwise exit while its peers start training and
+    wait on it; and torchrun stops the remaining ranks as soon as the first exits, before slower
+    ones (still importing torch) have said why."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return error
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
+    prefix = f"vitdist/preflight/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store.set(prefix + os.environ["RANK"], error or "")
+    keys = [prefix + str(rank) for rank in range(world_size)]
+    store.wait(keys)
+    refusals = [(rank, store.get(key).decode()) for rank, key in enumerate(keys)]
+    refusals = [(rank, e) for rank, e in refusals if e]
+    if not refusals:
+        return None
+    rank, first = refusals[0]
+    return first if len(refusals) == world_size else f"{first} (on rank {rank})"
+
+
 def init(cfg: DistConfig) -> DistContext:
     """Join torchrun's process group; without torchrun, a one-process group, so every code path
     (collectives, distributed checkpoints) is the same with 1 process as with 1,000."""

@@ -7,6 +7,7 @@ import sys
 
 from .checkpoint import UnsafeCheckpoint
 from .config import ConfigError, load_config
+from .distributed import agree_on_refusal
 from .handoff import HandoffError
 from .train import preflight, train
 
@@ -20,13 +21,17 @@ def main(description: str, finetune: bool) -> int:
                         help="check the config against WORLD_SIZE and exit (0: fine, 2: refused), as SLURM jobs do first")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, values read as YAML")
     args = parser.parse_args()
+    refusal = None
     try:
         cfg = load_config(args.config, args.overrides)
         if finetune and not cfg.finetune.init:
             raise ConfigError("finetune.init is not set: give the checkpoint to start from, finetune.init=<path>")
         preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        refusal = str(e)
+    refusal = agree_on_refusal(refusal)
+    if refusal is not None:
+        print(f"config error: {refusal}", file=sys.stderr)
         return 2
     if args.check:
         return 0
