@@ -38,9 +38,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300, launcher: str = "pretrain",
-                 config: Path = TINY):
+                 config: Path = TINY, preexec_fn=None):
+    """`preexec_fn`: run in the child before torchrun starts, e.g. to set a resource limit for all ranks."""
     return subprocess.run(pretrain_command(nproc, overrides, launcher, config), cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=timeout_s)
+                          text=True, timeout=timeout_s, preexec_fn=preexec_fn)
 
 
 def start_pretrain(nproc: int, overrides: list[str], log_path: Path) -> subprocess.Popen:

@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import resource
 import shutil
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-from conftest import TINY
+from conftest import TINY, read_scalars, run_pretrain, shard_overrides
 from vitdist import checkpoint
 from vitdist.config import CkptConfig, load_config
 from vitdist.handoff import HandoffError, load_pretrained
@@ -127,3 +128,34 @@ def meta_of(model):
 
     cfg = load_config(TINY)
     return model_meta(cfg.model, cfg.data)
+
+
+@pytest.mark.slow
+def test_a_save_that_cannot_be_written_stops_the_run_and_keeps_the_last_checkpoint(demo_shards, tmp_path):
+    """A full disk, made by a file-size limit (the write fails with EFBIG where it would with
+    ENOSPC): every rank stops with the path and the reason, the partial directory is gone and the
+    previous checkpoint is intact; with ckpt.on_error=continue training goes on to the end."""
+    common = [*shard_overrides(demo_shards), "data.val_shards=null", f"run.dir={tmp_path}", "ckpt.every_steps=4",
+              "log.every_steps=1", "train.global_batch_size=32", "data.micro_batch_size=16"]
+    first = run_pretrain(0, [*common, "train.steps=4"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    step_4 = tmp_path / "checkpoints" / "step_4"
+    limit = max(f.stat().st_size for f in step_4.iterdir()) // 2
+
+    def full_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    stopped = run_pretrain(2, [*common, "train.steps=12"], preexec_fn=full_disk)
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    failure = f"error: checkpoint at step 8 could not be written to '{tmp_path / 'checkpoints' / 'step_8.tmp'}' ("
+    assert stopped.stderr.count(failure) == 2, stopped.stderr[-3000:]
+    assert f"the newest complete checkpoint, intact, is '{step_4}'" in stopped.stderr
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_4"]
+    checkpoint.load_model_weights(step_4)
+    assert max(step for step, _ in read_scalars(tmp_path / "tb")["train/loss"]) == 8  # stopped at the failed save
+
+    went_on = run_pretrain(0, [*common, "train.steps=12", "ckpt.on_error=continue"], preexec_fn=full_disk)
+    assert "could not be written to" in went_on.stderr and "training goes on (ckpt.on_error=continue)" in went_on.stderr
+    assert went_on.returncode == 1 and "error: checkpoint at step 12 could not be written" in went_on.stderr
+    assert max(step for step, _ in read_scalars(tmp_path / "tb")["train/loss"]) == 12
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_4"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 import re
 import shutil
@@ -34,6 +35,8 @@ from .config import CkptConfig
 _COMPLETE = re.compile(r"^step_(\d+)$")
 _PARTIAL = re.compile(r"^step_(\d+)\.tmp$")
 TRAIN_STATE, MODEL_META = "train_state.json", "model.json"
+
+log = logging.getLogger(__name__)
 
 
 def _steps(root: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
@@ -75,48 +78,92 @@ def prune(root: Path, keep: int, keep_every: int) -> None:
             shutil.rmtree(path)
 
 
+class SaveFailed(OSError):
+    """A checkpoint that could not be written; the newest complete one is untouched."""
+
+
 class Checkpointer:
     """Saves (sync or async) and finalises checkpoints under `root`. Its collectives run on a gloo
-    group of its own, so that an async save's background thread never meets another collective."""
+    group of its own, so that an async save's background thread never meets another collective.
+    A failed save (every rank learns of it together) removes its partial directory, to free the
+    space a later save needs, and raises SaveFailed under `ckpt.on_error=stop`; under `continue`
+    it is logged and training goes on."""
 
     def __init__(self, root: str | Path, cfg: CkptConfig, model_meta: dict):
         self.root, self.cfg, self.model_meta = Path(root), cfg, model_meta
         self.group = dist.new_group(backend="gloo")
         self._pending: tuple[Future, int, dict] | None = None
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> Path:
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict,
+             final: bool = False) -> Path:
+        """Returns the directory the checkpoint gets once complete. `final`: the run ends after this
+        save, so a failure stops it whatever `ckpt.on_error` says (an async final save is waited for)."""
         self.wait()
         partial = self.root / f"step_{step}.tmp"
-        if dist.get_rank() == 0:
-            shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
-        dist.barrier(group=self.group)
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-        if self.cfg.async_save:
-            response = dcp.async_save(state, checkpoint_id=partial, process_group=self.group)
-            self._pending = (getattr(response, "upload_completion", response), step, train_state)
-        else:
-            dcp.save(state, checkpoint_id=partial, process_group=self.group)
-            self._finalize(step, train_state)
+        try:
+            if dist.get_rank() == 0:
+                shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+            dist.barrier(group=self.group)
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+            if self.cfg.async_save:
+                response = dcp.async_save(state, checkpoint_id=partial, process_group=self.group)
+                self._pending = (getattr(response, "upload_completion", response), step, train_state)
+            else:
+                dcp.save(state, checkpoint_id=partial, process_group=self.group)
+                self._finalize(step, train_state)
+        except (OSError, CheckpointException) as e:
+            self._failed(step, e, final)
+        if final:
+            self.wait(final=True)
         return self.root / f"step_{step}"
 
-    def wait(self) -> None:
+    def wait(self, final: bool = False) -> None:
         """Finish the async save in flight, if any (before the next save, and before exit)."""
         if self._pending is not None:
             future, step, train_state = self._pending
             self._pending = None
-            future.result()
-            self._finalize(step, train_state)
+            try:
+                future.result()
+                self._finalize(step, train_state)
+            except (OSError, CheckpointException) as e:
+                self._failed(step, e, final)
+
+    def newest(self) -> Path | None:
+        found = complete_checkpoints(self.root)
+        return found[-1][1] if found else None
 
     def _finalize(self, step: int, train_state: dict) -> None:
         dist.barrier(group=self.group)  # every rank has written its part
+        error = [None]
         if dist.get_rank() == 0:
             partial, final = self.root / f"step_{step}.tmp", self.root / f"step_{step}"
-            (partial / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
-            (partial / MODEL_META).write_text(json.dumps(self.model_meta, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            partial.rename(final)
-            prune(self.root, self.cfg.keep, self.cfg.keep_every)
-        dist.barrier(group=self.group)
+            try:
+                (partial / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+                (partial / MODEL_META).write_text(json.dumps(self.model_meta, indent=1))
+                shutil.rmtree(final, ignore_errors=True)
+                partial.rename(final)
+                prune(self.root, self.cfg.keep, self.cfg.keep_every)
+            except OSError as e:
+                error = [e]
+        dist.broadcast_object_list(error, src=0, group=self.group)
+        if error[0] is not None:
+            raise error[0]
+
+    def _failed(self, step: int, error: Exception, final: bool) -> None:
+        partial = self.root / f"step_{step}.tmp"
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, CheckpointException):  # the first failing rank's own exception
+            rank, failure = next(iter(error.failures.items()))
+            error = f"{failure[0] if isinstance(failure, tuple) else failure} (rank {rank})"
+        newest = self.newest()
+        kept = f"the newest complete checkpoint, intact, is '{newest}'" if newest else "there is no complete checkpoint"
+        free_gib = shutil.disk_usage(self.root).free / 2**30
+        message = (f"checkpoint at step {step} could not be written to '{partial}' ({free_gib:.1f} GiB free there): "
+                   f"{error}; {kept}")
+        if final or self.cfg.on_error == "stop":
+            raise SaveFailed(message)
+        log.error("%s; training goes on (ckpt.on_error=continue)", message)
 
 
 class UnsafeCheckpoint(ValueError):

@@ -102,6 +102,9 @@ class CkptConfig:
     keep: int = _opt(3, "keep the newest K complete checkpoints; 0 keeps all")
     keep_every: int = _opt(0, "also keep every checkpoint whose step is a multiple of N; 0: none")
     async_save: bool = _opt(False, "write in a background thread; training stalls only for the copy to host memory")
+    on_error: Literal["stop", "continue"] = _opt(
+        "stop", "a save that fails (disk full, unwritable directory): stop the run, or log it and train on; "
+        "a failed final save always stops")
 
 
 @dataclass

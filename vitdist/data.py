@@ -324,7 +324,7 @@ class TrainLoader:
         workers = max(1, cfg.num_workers)
         self.loader = DataLoader(chunks, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
                                  prefetch_factor=cfg.prefetch_steps * self.per_rank // workers if cfg.num_workers else None,
-                                 persistent_workers=cfg.num_workers > 0, worker_init_fn=_ignore_preemption_signals)
+                                 worker_init_fn=_ignore_preemption_signals)
 
     def __iter__(self) -> Iterator[dict]:
         chunks = iter(self.loader)

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -53,27 +54,31 @@ def _die_with_launcher() -> None:
             os._exit(1)
 
 
-def agree_on_refusal(error: str | None, timeout_s: float = 300.0) -> str | None:
-    """The refusal every rank reports: its own, or the first refusing rank's. Under torchrun the
-    ranks post their verdicts to the launcher's key-value store (no process group exists yet) and
-    wait for all: a rank that refuses alone would otherwise exit while its peers start training and
-    wait on it; and torchrun stops the remaining ranks as soon as the first exits, before slower
-    ones (still importing torch) have said why."""
+def refuse_together(error: str | None, report: Callable[[str], None], timeout_s: float = 300.0) -> bool:
+    """Whether any rank refuses to start; if so every rank reports the same refusal (its own, or
+    the first refusing rank's) before any of them exits. Under torchrun the ranks post their
+    verdicts to the launcher's key-value store (no process group exists yet) and wait for all:
+    a rank that refused alone would leave its peers waiting on it in training, and torchrun stops
+    every rank as soon as the first exits, before slower ones have said why."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return error
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timedelta(seconds=timeout_s))
-    prefix = f"vitdist/preflight/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-    store.set(prefix + os.environ["RANK"], error or "")
-    keys = [prefix + str(rank) for rank in range(world_size)]
-    store.wait(keys)
-    refusals = [(rank, store.get(key).decode()) for rank, key in enumerate(keys)]
-    refusals = [(rank, e) for rank, e in refusals if e]
+        if error is not None:
+            report(error)
+        return error is not None
+    store = dist.PrefixStore(f"vitdist/preflight/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/",
+                             dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                           is_master=False, timeout=timedelta(seconds=timeout_s)))
+    ranks = [str(rank) for rank in range(world_size)]
+    store.set(os.environ["RANK"], error or "")
+    store.wait(ranks)
+    refusals = [(rank, message) for rank in ranks if (message := store.get(rank).decode())]
     if not refusals:
-        return None
+        return False
     rank, first = refusals[0]
-    return first if len(refusals) == world_size else f"{first} (on rank {rank})"
+    report(first if len(refusals) == world_size else f"{first} (on rank {rank})")
+    store.set(f"reported/{os.environ['RANK']}", "")
+    store.wait([f"reported/{rank}" for rank in ranks])
+    return True
 
 
 def init(cfg: DistConfig) -> DistContext:

@@ -5,9 +5,9 @@ import logging
 import os
 import sys
 
-from .checkpoint import UnsafeCheckpoint
+from .checkpoint import SaveFailed, UnsafeCheckpoint
 from .config import ConfigError, load_config
-from .distributed import agree_on_refusal
+from .distributed import refuse_together
 from .handoff import HandoffError
 from .train import preflight, train
 
@@ -29,9 +29,7 @@ def main(description: str, finetune: bool) -> int:
         preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         refusal = str(e)
-    refusal = agree_on_refusal(refusal)
-    if refusal is not None:
-        print(f"config error: {refusal}", file=sys.stderr)
+    if refuse_together(refusal, lambda message: print(f"config error: {message}", file=sys.stderr, flush=True)):
         return 2
     if args.check:
         return 0
@@ -41,4 +39,7 @@ def main(description: str, finetune: bool) -> int:
     except (ConfigError, HandoffError, UnsafeCheckpoint) as e:  # met by every rank alike, before the first step
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SaveFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

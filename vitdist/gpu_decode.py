@@ -8,7 +8,7 @@ import contextlib
 import logging
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Generator
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,8 @@ class DeviceBatches:
     (launches, the per-image crop loop) and its kernels overlap the training step instead of
     adding to it. On a CPU device the thread still overlaps it with the step's Python."""
 
-    def __init__(self, batches: Iterator[dict], device: torch.device, ahead: int = 2):
-        self.device = device
+    def __init__(self, batches: Generator[dict], device: torch.device, ahead: int = 2):
+        self.batches, self.device = batches, device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.ready: queue.Queue = queue.Queue(maxsize=ahead)
         self.stopped = threading.Event()
@@ -42,15 +42,17 @@ class DeviceBatches:
         return self
 
     def __exit__(self, *exc) -> None:
-        """Stop the thread before the loader's workers go: a thread still waiting on them at
-        interpreter exit deadlocks the exit."""
+        """Stop the thread, then close the loader's generator, which shuts its workers down now.
+        Left to interpreter exit (after an error, when a reference cycle keeps them), the workers
+        deadlock it: they ignore the SIGTERM that multiprocessing stops them with (see data.py)."""
         self.stopped.set()
         with contextlib.suppress(queue.Empty):
             while True:  # unblock a waiting put; the thread then sees `stopped`
                 self.ready.get_nowait()
         self.thread.join()
+        self.batches.close()
 
-    def _fill(self, batches: Iterator[dict]) -> None:
+    def _fill(self, batches: Generator[dict]) -> None:
         try:
             on_stream = torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext()
             with on_stream:

@@ -127,7 +127,6 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
 
     with DeviceBatches(iter(loader), ctx.device) as batches:
         window = Window(start=time.perf_counter())
-        last_ckpt = resume_from
         while step < cfg.train.steps:
             wait_start = time.perf_counter()
             batch = next(batches)
@@ -163,17 +162,17 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
             if preempted or step == cfg.train.steps or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0):
                 train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
                                "skipped": skipped_total, "best_top1": best_top1}
-                last_ckpt = checkpointer.save(step, model, optimizer, train_state)
+                checkpointer.save(step, model, optimizer, train_state, final=preempted or step == cfg.train.steps)
             if preempted:
-                checkpointer.wait()
                 logger.close()
-                log.warning("preempted: checkpoint %s written, exiting with %d", last_ckpt, PREEMPTED_EXIT_CODE)
+                log.warning("preempted: checkpoint %s written, exiting with %d", checkpointer.newest(),
+                            PREEMPTED_EXIT_CODE)
                 sys.exit(PREEMPTED_EXIT_CODE)
             if at_log_step:
                 window = Window(start=time.perf_counter())  # validation and checkpoint time stay out of perf/
 
-    checkpointer.wait()
     logger.close()
+    last_ckpt = checkpointer.newest()
     if ctx.is_main:
         print(f"checkpoint: {last_ckpt}\ntensorboard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
     return last_ckpt
