@@ -8,6 +8,7 @@ import sys
 from .checkpoint import UnsafeCheckpoint
 from .config import ConfigError, load_config
 from .handoff import HandoffError
+from .samples import TooManyBadSamples
 from .train import preflight, train
 
 
@@ -33,7 +34,7 @@ def main(description: str, finetune: bool) -> int:
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s")
     try:
         train(cfg)
-    except (ConfigError, HandoffError, UnsafeCheckpoint) as e:  # met by every rank alike, before the first step
+    except (ConfigError, HandoffError, UnsafeCheckpoint, TooManyBadSamples) as e:  # met by every rank alike
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
