@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -21,6 +22,22 @@ def demo_shards(tmp_path_factory) -> dict[str, str]:
 
     return write_demo_dataset(tmp_path_factory.mktemp("demo"), train_per_class=64, val_per_class=8,
                               samples_per_shard=32, seed=0)
+
+
+def write_shard(path: Path, samples: list[dict]) -> None:
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+
+
+def png_bytes(color, size=(40, 40)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def shard_overrides(shards: dict[str, str]) -> list[str]:

@@ -2,19 +2,24 @@ import io
 import json
 import random
 import re
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
 from PIL import Image
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, png_bytes, write_shard
 from vitdist.config import ConfigError, load_config
-from vitdist.data import EvalSamples, TrainLoader, train_shard_urls, expand_urls, sample_crop
+from vitdist.data import EvalSamples, TrainLoader, train_shard_urls, expand_urls, sample_crop, shard_order
+from vitdist.samples import load_rgb, open_image
 from vitdist.shards import make_shards
 
 
@@ -73,40 +78,87 @@ def test_train_batches_are_uint8_crops_with_labels(demo_shards):
     batch = next(iter(TrainLoader(cfg.data, 32, 8, 128, 0, 1)))
     assert batch["image"].shape == (128, 3, 32, 32) and batch["image"].dtype == torch.uint8
     assert batch["label"].dtype == torch.int64 and set(batch["label"].tolist()) <= set(range(8))
-    assert batch["skipped"] == 0 and len(set(batch["key"])) == 128
+    assert not batch["skipped"] and len(set(batch["key"])) == 128
 
 
-def write_shard(path, samples):
-    with wds.TarWriter(str(path)) as sink:
-        for sample in samples:
-            sink.write(sample)
-
-
-def png_bytes(color, size=(40, 40)):
+def noise_png(seed, size=(40, 40)):
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
-    good = [{"__key__": f"good{i}", "png": png_bytes((i, 0, 0)), "cls": i % 8} for i in range(14)]
-    jpeg = io.BytesIO()
-    Image.new("RGB", (40, 40), (1, 2, 3)).save(jpeg, format="JPEG")
-    bad = [{"__key__": "truncated", "jpg": jpeg.getvalue()[:40], "cls": 1},
-           {"__key__": "garbage", "jpg": b"not an image at all", "cls": 1},
-           {"__key__": "nolabel", "png": png_bytes((9, 9, 9))},
-           {"__key__": "outofrange", "png": png_bytes((9, 9, 9)), "cls": 8},
-           {"__key__": "noimage", "txt": b"hello", "cls": 2}]
-    # Bad samples first and no shuffle, so that the first batch meets all of them.
-    write_shard(tmp_path / "s0.tar", bad[:3] + good[:7])
-    write_shard(tmp_path / "s1.tar", bad[3:] + good[7:])
-    cfg = load_config(TINY, [f"data.train_shards={tmp_path}/s{{0..1}}.tar", "data.streams=2", "data.shuffle_block=1",
-                             "train.global_batch_size=14", "data.micro_batch_size=7", "data.num_workers=0"])
-    batch = next(iter(TrainLoader(cfg.data, 32, 8, 14, 0, 1)))
-    assert sorted(batch["key"]) == sorted(s["__key__"] for s in good)
-    assert batch["skipped"] == 5
-    for key in ("truncated", "garbage", "nolabel", "outofrange", "noimage"):
-        assert any(f"skipped sample '{key}'" in r.message for r in caplog.records), key
+def encoded(image, format, **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **kwargs)
+    return buffer.getvalue()
+
+
+def png_claiming(width, height):
+    """A PNG whose header claims width x height and whose pixel data is a few bytes of nothing."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_bad_samples_are_skipped_and_counted_by_kind(tmp_path, caplog):
+    """Every kind of bad data in real shards, one shard truncated and one deleted after the loader
+    is built: each good or convertible sample is delivered once, each bad one counted by kind and
+    logged with its shard and key."""
+    grey16 = Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16))
+    converted = {"cmyk": encoded(Image.new("CMYK", (40, 40), (0, 200, 200, 0)), "JPEG"),
+                 "grey16": encoded(grey16, "PNG"), "grey": encoded(Image.new("L", (40, 40), 90), "PNG"),
+                 "palette": encoded(Image.new("RGB", (40, 40), (9, 99, 199)).convert("P"), "PNG"),
+                 "grey_alpha": encoded(Image.new("LA", (40, 40), (90, 128)), "PNG")}
+    bad = {"no_label": [{"__key__": "nolabel", "png": png_bytes((9, 9, 9))}],
+           "bad_label": [{"__key__": "outofrange", "png": png_bytes((9, 9, 9)), "cls": 8},
+                         {"__key__": "notanumber", "png": png_bytes((9, 9, 9)), "cls": b"cat"}],
+           "no_image": [{"__key__": "noimage", "txt": b"hello", "cls": 2}],
+           "undecodable": [{"__key__": "garbage", "jpg": b"not an image at all", "cls": 1}],
+           "too_small": [{"__key__": "onepixel", "png": png_bytes((9, 9, 9), size=(1, 1)), "cls": 1}],
+           "too_large": [{"__key__": "bomb", "png": png_claiming(20000, 20000), "cls": 1}]}
+    urls = [str(tmp_path / f"s{i}.tar") for i in range(5)]
+    # One stream, blocks of one sample (read in order), one batch of all good samples: the shard
+    # read last ends with a good one, so that the batch meets every bad sample.
+    truncated, deleted, bad_shard, converted_shard, good_shard = shard_order(urls, seed=0, epoch=0)
+    write_shard(truncated, [{"__key__": f"whole{i}", "png": noise_png(i), "cls": i} for i in range(3)])
+    whole = tarfile.open(truncated).getmember("whole2.png")
+    Path(truncated).write_bytes(Path(truncated).read_bytes()[:whole.offset_data + whole.size // 2])
+    write_shard(deleted, [{"__key__": "gone", "png": png_bytes((1, 1, 1)), "cls": 1}])
+    write_shard(bad_shard, [s for samples in bad.values() for s in samples] + [{"__key__": "good0", "png": png_bytes((0, 0, 0)), "cls": 0}])
+    write_shard(converted_shard, [{"__key__": key, "png" if "grey" in key or key == "palette" else "jpg": data, "cls": 3}
+                                  for key, data in converted.items()])
+    write_shard(good_shard, [{"__key__": f"good{i}", "png": png_bytes((i, 0, 0)), "cls": i} for i in range(1, 4)])
+    delivered = ["whole0", "whole1", "good0", *converted, "good1", "good2", "good3"]
+    cfg = load_config(TINY, [f"data.train_shards={json.dumps(urls)}", "data.streams=1", "data.shuffle_block=1",
+                             f"train.global_batch_size={len(delivered)}", "data.micro_batch_size=1", "data.num_workers=0"])
+    loader = TrainLoader(cfg.data, 32, 8, len(delivered), 0, 1)
+    Path(deleted).unlink()
+    batch = next(iter(loader))
+    assert sorted(batch["key"]) == sorted(delivered)
+    assert batch["skipped"] == {"read_error": 2, **{kind: len(samples) for kind, samples in bad.items()}}
+    messages = [r.message for r in caplog.records]
+    for kind, samples in bad.items():
+        for sample in samples:
+            assert any(f"skipped sample '{sample['__key__']}' in {bad_shard}: " in m and m.endswith(f"[{kind}]")
+                       for m in messages), sample["__key__"]
+    for url in truncated, deleted:
+        assert any(f"skipped the rest of the shard in {url}: " in m and m.endswith("[read_error]") for m in messages), url
+
+
+def test_16bit_png_and_cmyk_jpeg_convert_to_rgb():
+    """A 16-bit gradient is the picture of its 8-bit version (not clipped to white); a CMYK JPEG
+    keeps its colours."""
+    ramp = np.linspace(0, 1, 64 * 256).reshape(64, 256)
+    deep = load_rgb(open_image(encoded(Image.fromarray((ramp * 65535).round().astype(np.uint16)), "PNG")))
+    flat = load_rgb(open_image(encoded(Image.fromarray((ramp * 255).round().astype(np.uint8)), "PNG")))
+    assert deep.mode == flat.mode == "RGB"
+    assert np.abs(np.asarray(deep, dtype=int) - np.asarray(flat, dtype=int)).max() <= 1
+    for rgb in (200, 30, 60), (20, 180, 90), (240, 240, 250):
+        cmyk = open_image(encoded(Image.new("RGB", (32, 32), rgb).convert("CMYK"), "JPEG", quality=95))
+        assert cmyk.mode == "CMYK"
+        assert np.abs(np.asarray(load_rgb(cmyk), dtype=int).mean((0, 1)) - rgb).max() < 8
 
 
 def test_fewer_shards_than_streams_is_a_clear_error(demo_shards):

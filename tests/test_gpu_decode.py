@@ -129,7 +129,7 @@ def test_corrupt_jpegs_are_skipped_counted_or_replaced(tmp_path, caplog):
     pattern = corrupt_shard(tmp_path, good=9)
     batch = next(iter(loader(pattern, "gpu", "data.streams=1", "data.shuffle_block=1", batch_size=10)))
     assert batch["key"] == ["broken_huffman"] + [f"good{i}" for i in range(9)]
-    assert batch["skipped"] == 2
+    assert batch["skipped"] == {"undecodable": 2}
     with caplog.at_level(logging.WARNING):
         images = to_device(batch, CPU)
     assert any("sample 'broken_huffman' replaced by a grey image" in r.message for r in caplog.records)

@@ -1,6 +1,7 @@
 """Real training runs: torchrun processes, gloo process groups, shards, TensorBoard files."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import read_scalars, run_pretrain, shard_overrides
+from conftest import png_bytes, read_scalars, run_pretrain, shard_overrides, write_shard
 from vitdist.config import load_config, to_dict
+from vitdist.data import expand_urls
 from vitdist.model import timm_kwargs
 
 pytestmark = pytest.mark.slow
@@ -79,24 +81,55 @@ def test_pretrain_on_2_ranks_then_resume(demo_shards, tmp_path):
     assert (run_dir / "checkpoints" / "step_40" / ".metadata").is_file()
 
 
-def test_bad_samples_are_counted_over_ranks(demo_shards, tmp_path):
-    import webdataset as wds
-    from vitdist.data import expand_urls
-
-    bad_shard = tmp_path / "bad.tar"
-    with wds.TarWriter(str(bad_shard)) as sink:
-        for i in range(4):
-            sink.write({"__key__": f"bad{i}", "jpg": b"\xff\xd8 not really a jpeg", "cls": 1})
-    shards = [*expand_urls(demo_shards["train"]), str(bad_shard)]
-    run = run_pretrain(2, [f"data.train_shards={json.dumps(shards)}", "data.val_shards=null", f"run.dir={tmp_path}",
-                           "train.steps=20", "log.every_steps=10", "ckpt.every_steps=0",
-                           "train.global_batch_size=64", "data.micro_batch_size=32"])
+def test_bad_samples_are_counted_by_kind_over_ranks_and_resumed(demo_shards, tmp_path):
+    bad = [{"__key__": f"bad{i}", "jpg": b"\xff\xd8 not really a jpeg", "cls": 1} for i in range(4)]
+    bad += [{"__key__": f"tiny{i}", "png": png_bytes((9, 9, 9), size=(1, 1)), "cls": 1} for i in range(2)]
+    bad += [{"__key__": "nolabel", "png": png_bytes((9, 9, 9))}]
+    write_shard(tmp_path / "bad.tar", bad)
+    shards = [*expand_urls(demo_shards["train"]), str(tmp_path / "bad.tar")]
+    overrides = [f"data.train_shards={json.dumps(shards)}", "data.val_shards=null", f"run.dir={tmp_path}",
+                 "log.every_steps=10", "ckpt.every_steps=0", "train.global_batch_size=64", "data.micro_batch_size=32"]
+    run = run_pretrain(2, [*overrides, "train.steps=20"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "skipped sample 'bad0' in " in run.stderr and "undecodable image" in run.stderr
-    skipped = [v for _, v in read_scalars(tmp_path / "tb")["data/skipped"]]
-    # 20 steps x 64 samples is about 2.5 passes over the shards: the bad shard was met at least once,
-    # at most 3 times; the loaders may have read (and reported) a little more than training used.
-    assert 4 <= skipped[0] <= skipped[-1] <= min(12, run.stderr.count("skipped sample 'bad"))
+    assert "skipped sample 'tiny0' in " in run.stderr and "[too_small]" in run.stderr
+    curves = read_scalars(tmp_path / "tb")
+    kinds = {"undecodable": 4, "too_small": 2, "no_label": 1}  # per read of the bad shard
+    assert {tag for tag in curves if tag.startswith("data/skipped_")} == {f"data/skipped_{kind}" for kind in kinds}
+    # A stream reads the whole bad shard within one chunk (it gives no sample): every read counts
+    # each kind in full, summed over both ranks. 20 steps x 64 samples is about 2.5 passes.
+    passes = [v for _, v in curves["data/skipped_no_label"]]
+    assert 1 <= passes[0] <= passes[-1] <= 3
+    for kind, per_pass in kinds.items():
+        assert [v for _, v in curves[f"data/skipped_{kind}"]] == [per_pass * n for n in passes], kind
+    assert [v for _, v in curves["data/skipped"]] == [7 * n for n in passes]
+    state = json.loads((tmp_path / "checkpoints" / "step_20" / "train_state.json").read_text())
+    assert state["skipped"] == {kind: per_pass * passes[-1] for kind, per_pass in kinds.items()}
+
+    resumed = run_pretrain(2, [*overrides, "train.steps=30"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = [v for _, v in read_scalars(tmp_path / "tb")["data/skipped_undecodable"]]
+    assert after[:2] == [4 * n for n in passes] and after[2] >= after[1]  # the curve goes on
+
+
+def test_mostly_bad_shards_stop_every_rank(tmp_path):
+    """7 of 8 samples bad: every rank stops at the first judged log step, naming the limit's key."""
+    shards = []
+    for s in range(16):
+        samples = [{"__key__": f"s{s}good{i}", "png": png_bytes((i * 60, s * 15, 0)), "cls": i} for i in range(4)]
+        samples += [{"__key__": f"s{s}bad{i}", "jpg": b"not an image", "cls": 1} for i in range(20)]
+        samples += [{"__key__": f"s{s}nolabel{i}", "png": png_bytes((9, 9, 9))} for i in range(8)]
+        write_shard(tmp_path / f"s{s}.tar", samples)
+        shards.append(str(tmp_path / f"s{s}.tar"))
+    run = run_pretrain(2, [f"data.train_shards={json.dumps(shards)}", "data.val_shards=null", f"run.dir={tmp_path}",
+                           "train.steps=30", "log.every_steps=5", "ckpt.every_steps=0", "train.global_batch_size=64",
+                           "data.micro_batch_size=32"], timeout_s=120)
+    assert run.returncode != 0
+    stops = re.findall(r"error: (\d+\.\d)% of the samples read were bad \(\d+ skipped, 640 trained on\), more than "
+                       r"data.max_skip_frac=0.1; most were undecodable \d+, no_label \d+\.", run.stderr)
+    assert len(stops) == 2 and stops[0] == stops[1] and float(stops[0]) > 50, run.stderr[-3000:]
+    assert "step 10/30 | " in run.stdout and "step 15/30" not in run.stdout
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def first_losses(shards, tmp_path, name, nproc, micro, workers, *extra):

@@ -60,6 +60,15 @@ class DataConfig:
         "auto", "training images: cpu: loader workers decode and crop them (PIL); gpu: workers hand over the JPEG bytes "
         "and crop boxes, the training device decodes (nvJPEG on CUDA) and resizes them in batches, other images still "
         "decode in the workers; auto: gpu when training on CUDA, else cpu. Validation always decodes in the workers")
+    min_image_side: int = _opt(
+        8, "skip (as too_small) images whose shorter side has fewer pixels: 1x1 tracking pixels and broken thumbnails "
+        "hold nothing to crop, while 32 px images (CIFAR, icons) pass")
+    max_image_pixels: int = _opt(
+        100_000_000, "skip (as too_large) images of more pixels, judged from the header before any pixel is decoded: "
+        "a decompression bomb never allocates; 100M pixels (300 MB as RGB) is beyond any common camera")
+    max_skip_frac: float = _opt(
+        0.1, "stop the run (error, exit 2) when more than this fraction of the training samples read were skipped; "
+        "judged at log steps from step 10 on, so that one corrupt shard met first does not stop a run; 1: never stop")
 
 
 @dataclass
@@ -252,6 +261,7 @@ def validate(cfg: Config) -> None:
         "data.shuffle_block": cfg.data.shuffle_block, "data.prefetch_steps": cfg.data.prefetch_steps,
         "train.steps": cfg.train.steps, "train.global_batch_size": cfg.train.global_batch_size,
         "log.every_steps": cfg.log.every_steps, "dist.timeout_s": cfg.dist.timeout_s,
+        "data.max_image_pixels": cfg.data.max_image_pixels,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -260,7 +270,7 @@ def validate(cfg: Config) -> None:
         "data.num_workers": cfg.data.num_workers, "optim.warmup_steps": cfg.optim.warmup_steps,
         "ckpt.every_steps": cfg.ckpt.every_steps, "ckpt.keep": cfg.ckpt.keep, "ckpt.keep_every": cfg.ckpt.keep_every,
         "train.eval_every_steps": cfg.train.eval_every_steps, "optim.lr": cfg.optim.lr,
-        "optim.min_lr": cfg.optim.min_lr,
+        "optim.min_lr": cfg.optim.min_lr, "data.min_image_side": cfg.data.min_image_side,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -272,6 +282,8 @@ def validate(cfg: Config) -> None:
     for key, value in {"data.mean": cfg.data.mean, "data.std": cfg.data.std}.items():
         if len(value) != 3:
             raise ConfigError(f"config key '{key}' must have 3 numbers (RGB), got {value}")
+    if not 0 <= cfg.data.max_skip_frac <= 1:
+        raise ConfigError(f"config key 'data.max_skip_frac' must be in [0, 1], got {cfg.data.max_skip_frac}")
     if not 0 < cfg.finetune.layer_decay <= 1:
         raise ConfigError(f"config key 'finetune.layer_decay' must be in (0, 1], got {cfg.finetune.layer_decay}")
     if not cfg.data.train_shards:

@@ -16,13 +16,11 @@ samples, boxes and flips as on the CPU.
 
 from __future__ import annotations
 
-import io
 import itertools
-import logging
 import math
 import random
 import signal
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -31,15 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from .config import ConfigError, DataConfig
 from .preemption import SIGNALS as PREEMPTION_SIGNALS
-
-log = logging.getLogger(__name__)
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-_MAX_WARNINGS = 20
+from .samples import READ_ERROR, BadSample, Skips, decode, load_rgb, read_image, read_samples
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:
@@ -57,60 +50,6 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     if not urls:
         raise ConfigError(f"no shards in {spec!r}")
     return urls
-
-
-def _warn_on_read_error(exn: Exception) -> bool:
-    log.warning("skipping the rest of a shard after a read error: %s", exn)
-    return True
-
-
-def read_samples(url: str) -> Iterator[dict]:
-    """Raw samples of one shard: {'__key__', '__url__', ext: bytes}; a truncated tar ends early."""
-    files = tar_file_expander(url_opener([{"url": url}], handler=_warn_on_read_error), handler=_warn_on_read_error)
-    yield from group_by_keys(files, handler=_warn_on_read_error)
-
-
-class BadSample(ValueError):
-    """A sample that is skipped and counted: no image, no label, an undecodable image."""
-
-
-def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
-    """The encoded image and class index of a raw sample, or BadSample."""
-    if "cls" not in sample:
-        raise BadSample("no .cls label")
-    try:
-        label = int(sample["cls"].decode().strip())
-    except ValueError:
-        raise BadSample(f"label {sample['cls'][:20]!r} is not an integer") from None
-    if not 0 <= label < num_classes:
-        raise BadSample(f"label {label} outside [0, {num_classes})")
-    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if data is None:
-        raise BadSample(f"no image (.jpg/.png/.webp) among {sorted(k for k in sample if not k.startswith('__'))}")
-    return data, label
-
-
-def open_image(data: bytes) -> Image.Image:
-    """The image with only its header read (size, mode, format): no pixels decoded yet; or BadSample."""
-    try:
-        return Image.open(io.BytesIO(data))
-    except Exception as e:
-        raise BadSample(f"undecodable image: {e}") from None
-
-
-def load_rgb(image: Image.Image) -> Image.Image:
-    """The pixels of an opened image, as RGB; or BadSample."""
-    try:
-        image.load()
-        return image.convert("RGB")
-    except Exception as e:
-        raise BadSample(f"undecodable image: {e}") from None
-
-
-def decode(sample: dict, num_classes: int) -> tuple[Image.Image, int]:
-    """The RGB image and class index of a raw sample, or BadSample."""
-    data, label = read_sample(sample, num_classes)
-    return load_rgb(open_image(data)), label
 
 
 def device_decodable(image: Image.Image, data: bytes) -> bool:
@@ -166,6 +105,13 @@ def eval_transform(image: Image.Image, cfg: DataConfig, size: int) -> torch.Tens
     return to_uint8_tensor(image)
 
 
+def shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The shards as epoch `epoch` deals them out: stream s of n reads the s-th, (s + n)-th, ..."""
+    shards = list(urls)
+    random.Random(f"{seed}/shards/{epoch}").shuffle(shards)
+    return shards
+
+
 class Stream:
     """One virtual stream: an endless, deterministic walk over its share of the shards.
 
@@ -173,7 +119,8 @@ class Stream:
     shards in turn, each in blocks of `shuffle_block` samples, every block shuffled by its own
     seed. `position` is (epoch, shard index, offset in shard) of the next sample; a stream built
     at a position yields exactly what the uninterrupted stream yields from there, after reading
-    (not decoding) the part of that one shard before it.
+    (not decoding) the part of that one shard before it. A shard that gives no sample is passed
+    over; as many of them in a row as there are shards means none ever will: an error.
     """
 
     def __init__(self, urls: list[str], stream_id: int, num_streams: int, cfg: DataConfig,
@@ -185,22 +132,24 @@ class Stream:
     def _walk(self, epoch: int, shard_index: int, offset: int) -> Iterator[tuple[dict, tuple[int, int, int]]]:
         """(sample, position after it), forever."""
         block_size, seed = self.cfg.shuffle_block, self.cfg.seed
+        barren = 0  # shards in a row without a sample
         while True:
-            shards = list(self.urls)
-            random.Random(f"{seed}/shards/{epoch}").shuffle(shards)
-            fresh_epoch, taken = shard_index == 0 and offset == 0, 0
+            shards = shard_order(self.urls, seed, epoch)
             for index, url in enumerate(shards[self.stream_id :: self.num_streams][shard_index:], start=shard_index):
                 start = offset - offset % block_size
                 samples = itertools.islice(read_samples(url), start, None)
+                gave_samples = offset > 0  # before the position resumed from
                 while block := list(itertools.islice(samples, block_size)):
                     random.Random(f"{seed}/block/{epoch}/{self.stream_id}/{index}/{start}").shuffle(block)
                     for k in range(offset - start, len(block)):
                         yield block[k], (epoch, index, start + k + 1)
-                    taken += len(block)
+                    gave_samples = gave_samples or any(READ_ERROR not in sample for sample in block)
                     start = offset = start + len(block)
                 offset = 0
-            if fresh_epoch and not taken:
-                raise RuntimeError(f"data stream {self.stream_id} found no samples in its shards (epoch {epoch})")
+                barren = 0 if gave_samples else barren + 1
+                if barren >= len(self.urls):
+                    raise RuntimeError(f"data stream {self.stream_id} read {barren} shards in a row without a sample, "
+                                       f"the last '{url}': are the shards empty or unreadable?")
             epoch, shard_index = epoch + 1, 0
 
     def next_raw(self) -> tuple[dict, random.Random]:
@@ -208,17 +157,6 @@ class Stream:
         rng = random.Random(f"{self.cfg.seed}/aug/{self.stream_id}/{self.position}")
         sample, self.position = next(self._samples)
         return sample, rng
-
-
-@dataclass
-class Skips:
-    """Bad samples met by one worker, and how many of them were already reported."""
-    count: int = 0
-
-    def report(self, sample: dict, reason: BadSample) -> None:
-        self.count += 1
-        if self.count <= _MAX_WARNINGS:
-            log.warning("skipped sample '%s' in %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
 
 
 def decodes_on_device(cfg: DataConfig) -> bool:
@@ -254,13 +192,12 @@ class TrainChunks(IterableDataset):
                 yield self._chunk(stream, skips)
 
     def _chunk(self, stream: Stream, skips: Skips) -> dict:
-        images, labels, keys, encoded, skipped_before = [], [], [], [], skips.count
+        images, labels, keys, encoded, skipped_before = [], [], [], [], skips.counts.copy()
         jpegs, boxes, flips = [], [], []
         while len(labels) < self.chunk_size:
             sample, rng = stream.next_raw()
             try:
-                data, label = read_sample(sample, self.num_classes)
-                image = open_image(data)
+                data, image, label = read_image(sample, self.cfg, self.num_classes)
                 box, flip = draw_augmentation(rng, image.width, image.height, self.cfg)
                 leave_encoded = self.on_device and device_decodable(image, data)
                 if leave_encoded:
@@ -276,9 +213,11 @@ class TrainChunks(IterableDataset):
             keys.append(sample["__key__"])
             encoded.append(leave_encoded)
         size = self.img_size
+        # "skipped" as a plain dict: the loader's default_convert copies a Counter, then update()s the
+        # copy with its own items, which adds every count twice.
         chunk = {"image": torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8),
                  "label": torch.tensor(labels), "key": keys,
-                 "stream": stream.stream_id, "position": stream.position, "skipped": skips.count - skipped_before}
+                 "stream": stream.stream_id, "position": stream.position, "skipped": dict(skips.counts - skipped_before)}
         if self.on_device:
             chunk.update(jpeg=torch.from_numpy(np.frombuffer(b"".join(jpegs), dtype=np.uint8).copy()),
                          jpeg_sizes=torch.tensor([len(j) for j in jpegs], dtype=torch.int64),
@@ -334,8 +273,8 @@ class TrainLoader:
                 self.positions[c["stream"]] = c["position"]
             # The positions after this batch travel with it: a batch may be consumed well after it
             # was read (DeviceBatches reads ahead), and a checkpoint must record what was trained on.
-            batch = {"key": [k for c in step for k in c["key"]], "skipped": sum(c["skipped"] for c in step),
-                     "positions": dict(self.positions)}
+            batch = {"key": [k for c in step for k in c["key"]], "positions": dict(self.positions),
+                     "skipped": sum((Counter(c["skipped"]) for c in step), Counter())}
             batch.update({name: torch.cat([c[name] for c in step]) for name, value in step[0].items()
                           if isinstance(value, torch.Tensor)})
             yield batch
@@ -363,7 +302,7 @@ class EvalSamples(IterableDataset):
                 if not by_shard and (index - 1) % slots != slot:
                     continue
                 try:
-                    image, label = decode(sample, self.num_classes)
+                    image, label = decode(sample, self.cfg, self.num_classes)
                 except BadSample as reason:
                     skips.report(sample, reason)
                     continue

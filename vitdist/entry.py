@@ -9,6 +9,7 @@ from .checkpoint import SaveFailed, UnsafeCheckpoint
 from .config import ConfigError, load_config
 from .distributed import refuse_together
 from .handoff import HandoffError
+from .samples import TooManyBadSamples
 from .train import preflight, train
 
 
@@ -36,7 +37,7 @@ def main(description: str, finetune: bool) -> int:
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s")
     try:
         train(cfg)
-    except (ConfigError, HandoffError, UnsafeCheckpoint) as e:  # met by every rank alike, before the first step
+    except (ConfigError, HandoffError, UnsafeCheckpoint, TooManyBadSamples) as e:  # met by every rank alike
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SaveFailed as e:

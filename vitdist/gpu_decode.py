@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .data import BadSample, load_rgb, open_image, to_uint8_tensor
+from .data import to_uint8_tensor
+from .samples import BadSample, load_rgb, open_image
 
 log = logging.getLogger(__name__)
 

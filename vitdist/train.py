@@ -7,7 +7,8 @@ import contextlib
 import logging
 import sys
 import time
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from .model import build_model, check_model, timm_kwargs, train_flops_per_image
 from .objective import Classification
 from .optim import build_optimizer
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
+from .samples import SKIP_KINDS, check_skipped
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ class Window:
     steps: int = 0
     images: int = 0
     data_wait_s: float = 0.0
-    skipped: int = 0
+    skipped: Counter = field(default_factory=Counter)  # kind -> samples
     start: float = 0.0
 
 
@@ -101,10 +103,12 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
     meta = model_meta(cfg.model, cfg.data)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta)
 
-    step, positions, skipped_total, best_top1 = 0, {}, 0, -1.0
+    step, positions, skipped_total, best_top1 = 0, {}, {}, -1.0  # skipped_total: kind -> samples, over ranks
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer)
         step, positions, skipped_total = state["step"], state["data_positions"], state["skipped"]
+        if isinstance(skipped_total, int):  # a checkpoint from before skips were counted by kind
+            skipped_total = {"unknown": skipped_total}
         best_top1 = state.get("best_top1", -1.0)
         log.info("resumed from %s at step %d", resume_from, step)
 
@@ -131,7 +135,7 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
             wait_start = time.perf_counter()
             batch = next(batches)
             window.data_wait_s += time.perf_counter() - wait_start
-            window.skipped += batch["skipped"]
+            window.skipped.update(batch["skipped"])
 
             seed_step(cfg.train.seed, ctx.rank, step)
             lr = lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
@@ -148,8 +152,9 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
             window.images += cfg.train.global_batch_size
 
             at_log_step = step % cfg.log.every_steps == 0 or step == cfg.train.steps
-            scalars = _window_scalars(window, lr, skipped_total, flops_per_image / peak, ctx) if at_log_step else {}
-            skipped_total = int(scalars.get("data/skipped", skipped_total))
+            scalars = {}
+            if at_log_step:
+                scalars, skipped_total = _window_scalars(window, lr, skipped_total, flops_per_image / peak, ctx)
             if val_loader is not None and (step == cfg.train.steps or (
                     cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)):
                 scalars.update(evaluate(model, val_loader, cfg, ctx, compute))
@@ -158,6 +163,8 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
                     save_weights(model, meta, run_dir / "best.safetensors", ctx)
             if scalars:
                 logger.log(step, scalars)
+            if at_log_step:
+                check_skipped(skipped_total, step, cfg.train.global_batch_size, cfg.data)
             preempted = preemption.requested(ctx)
             if preempted or step == cfg.train.steps or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0):
                 train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
@@ -234,23 +241,28 @@ def model_meta(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict:
     return {"arch": model_cfg.arch, "timm_kwargs": timm_kwargs(model_cfg), "mean": data_cfg.mean, "std": data_cfg.std}
 
 
-def _window_scalars(window: Window, lr: float, skipped_before: int, peak_seconds_per_image: float,
-                    ctx: distributed.DistContext) -> dict:
-    """`peak_seconds_per_image`: one image's training FLOPs over one device's peak FLOP/s."""
+def _window_scalars(window: Window, lr: float, skipped_before: dict[str, int], peak_seconds_per_image: float,
+                    ctx: distributed.DistContext) -> tuple[dict, dict[str, int]]:
+    """The scalars to log, and the samples skipped so far by kind, summed over ranks (one
+    all-reduce). `peak_seconds_per_image`: one image's training FLOPs over one device's peak FLOP/s."""
     elapsed = time.perf_counter() - window.start
-    sums = distributed.all_reduce_sum(torch.stack([
-        torch.as_tensor(window.loss, dtype=torch.float32, device=ctx.device),
-        torch.tensor(float(window.skipped), device=ctx.device),
-        torch.tensor(window.data_wait_s / elapsed, device=ctx.device)]))
-    return {
+    sums = distributed.all_reduce_sum(torch.cat([
+        torch.as_tensor(window.loss, dtype=torch.float32, device=ctx.device).view(1),
+        torch.tensor([window.data_wait_s / elapsed, *(float(window.skipped[kind]) for kind in SKIP_KINDS)],
+                     device=ctx.device)]))
+    skipped = Counter(skipped_before)
+    skipped.update({kind: round(n) for kind, n in zip(SKIP_KINDS, sums[2:].tolist()) if n})
+    scalars = {
         "train/loss": sums[0].item() / (window.steps * ctx.world_size),
         "train/lr": lr,
         "train/grad_norm": float(window.grad_norm) / window.steps,
         "perf/images_per_sec": window.images / elapsed,
         "perf/mfu": window.images / elapsed * peak_seconds_per_image / ctx.world_size,
-        "perf/data_wait_frac": sums[2].item() / ctx.world_size,
-        "data/skipped": skipped_before + sums[1].item(),
+        "perf/data_wait_frac": sums[1].item() / ctx.world_size,
+        "data/skipped": sum(skipped.values()),
+        **{f"data/skipped_{kind}": count for kind, count in sorted(skipped.items())},
     }
+    return scalars, dict(skipped)
 
 
 @torch.no_grad()

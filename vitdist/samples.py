@@ -1,0 +1,150 @@
+"""One shard's raw samples, checked: the encoded image and its label, or a BadSample that is
+skipped and counted by kind; and the stop when too many of them are bad.
+
+Skipping, not failing, because a web-scale shard set always holds a few broken samples; counting
+by kind (data/skipped_<kind> curves), because a sudden rise of one kind points at its cause.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# Why a sample was skipped; the training loop sums them over ranks in this order.
+SKIP_KINDS = ("read_error", "no_label", "bad_label", "no_image", "undecodable", "too_small", "too_large")
+READ_ERROR = "__read_error__"  # the key of the sample that stands for the unreadable rest of a shard
+_MAX_WARNINGS = 20  # logged per kind and worker: the first ones name the broken shards, more would flood the log
+# data.max_image_pixels decides from the header, before decoding; PIL's own bomb check would
+# refuse (or warn about) large images before the header reaches it.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def read_samples(url: str) -> Iterator[dict]:
+    """Raw samples of one shard: {'__key__', '__url__', ext: bytes}. A shard that cannot be read to
+    its end (truncated, deleted since the start) ends with one {READ_ERROR: message} sample in place
+    of the rest, the sample being read when it broke included: it is skipped and counted like any
+    bad sample, and it holds a position in the stream, so a resumed stream meets it where it was."""
+    errors = []
+
+    def stop(exn: Exception) -> bool:  # nothing after a broken tar header or member can be trusted
+        errors.append(exn)
+        return False
+
+    for sample in group_by_keys(tar_file_expander(url_opener([{"url": url}], handler=stop), handler=stop), handler=stop):
+        if errors:
+            break
+        yield sample
+    if errors:
+        reason = getattr(errors[0], "strerror", None) or errors[0].args[0]
+        yield {"__key__": "", "__url__": url, READ_ERROR: f"{type(errors[0]).__name__}: {reason}"}
+
+
+class BadSample(ValueError):
+    """A sample that is skipped and counted under its `kind`, one of SKIP_KINDS."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
+    """The encoded image and class index of a raw sample, or BadSample."""
+    if READ_ERROR in sample:
+        raise BadSample("read_error", f"the rest of the shard is unreadable: {sample[READ_ERROR]}")
+    if "cls" not in sample:
+        raise BadSample("no_label", "no .cls label")
+    try:
+        label = int(sample["cls"].decode().strip())
+    except ValueError:
+        raise BadSample("bad_label", f"label {sample['cls'][:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise BadSample("bad_label", f"label {label} outside [0, {num_classes})")
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if data is None:
+        raise BadSample("no_image", f"no image (.jpg/.png/.webp) among {sorted(k for k in sample if not k.startswith('__'))}")
+    return data, label
+
+
+def open_image(data: bytes) -> Image.Image:
+    """The image with only its header read (size, mode, format): no pixels decoded yet; or BadSample."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise BadSample("undecodable", f"undecodable image: {e}") from None
+
+
+def read_image(sample: dict, cfg: DataConfig, num_classes: int) -> tuple[bytes, Image.Image, int]:
+    """The encoded bytes, the opened image (header only) and the class index of a raw sample; or
+    BadSample, sizes judged from the header: a decompression bomb never allocates its pixels."""
+    data, label = read_sample(sample, num_classes)
+    image = open_image(data)
+    width, height = image.size
+    if min(width, height) < cfg.min_image_side:
+        raise BadSample("too_small", f"{width}x{height} image, shorter side below data.min_image_side={cfg.min_image_side}")
+    if width * height > cfg.max_image_pixels:
+        raise BadSample("too_large", f"{width}x{height} image, more than data.max_image_pixels={cfg.max_image_pixels}")
+    return data, image, label
+
+
+def load_rgb(image: Image.Image) -> Image.Image:
+    """The pixels of an opened image, as RGB (CMYK, palette, greyscale, 16-bit converted); or BadSample."""
+    try:
+        image.load()
+        if image.mode.startswith("I"):
+            # 16-bit greyscale (PNG): PIL's own conversion clips at 255 instead of scaling 65535 to 255.
+            image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8))
+        return image.convert("RGB")
+    except Exception as e:
+        raise BadSample("undecodable", f"undecodable image: {e}") from None
+
+
+def decode(sample: dict, cfg: DataConfig, num_classes: int) -> tuple[Image.Image, int]:
+    """The RGB image and class index of a raw sample, or BadSample."""
+    _, image, label = read_image(sample, cfg, num_classes)
+    return load_rgb(image), label
+
+
+@dataclass
+class Skips:
+    """Bad samples met by one worker, by kind."""
+    counts: Counter = field(default_factory=Counter)
+
+    def report(self, sample: dict, reason: BadSample) -> None:
+        self.counts[reason.kind] += 1
+        if self.counts[reason.kind] <= _MAX_WARNINGS:
+            what = "the rest of the shard" if READ_ERROR in sample else f"sample '{sample['__key__']}'"
+            log.warning("skipped %s in %s: %s [%s]", what, sample["__url__"], reason, reason.kind)
+
+
+class TooManyBadSamples(RuntimeError):
+    """More of the samples read were bad than data.max_skip_frac allows."""
+
+
+# The skipped fraction is judged from this optimizer step on: by then every stream has given ten
+# chunks, so that one corrupt shard met first by one stream does not stop a run on its own.
+_JUDGE_SKIPS_FROM_STEP = 10
+
+
+def check_skipped(skipped: dict[str, int], step: int, global_batch_size: int, cfg: DataConfig) -> None:
+    """TooManyBadSamples when more than `data.max_skip_frac` of the samples read in `step` steps
+    were skipped. `skipped` (kind -> count) is summed over ranks: every rank decides alike."""
+    total, trained = sum(skipped.values()), step * global_batch_size
+    if step < _JUDGE_SKIPS_FROM_STEP or total <= cfg.max_skip_frac * (total + trained):
+        return
+    top = ", ".join(f"{kind} {count}" for kind, count in Counter(skipped).most_common(3))
+    raise TooManyBadSamples(
+        f"{total / (total + trained):.1%} of the samples read were bad ({total} skipped, {trained} trained on), more "
+        f"than data.max_skip_frac={cfg.max_skip_frac}; most were {top}. The log names the shard and key of the first "
+        "ones of each kind: fix or drop those shards, or raise data.max_skip_frac")
