@@ -9,6 +9,7 @@ from vitdist.config import load_config
 from vitdist.model import build_model
 from vitdist.objective import Classification
 from vitdist.optim import build_optimizer
+from vitdist.train import compute_precision, train_step
 
 
 def tiny(*overrides):
@@ -68,3 +69,26 @@ def test_objective_label_smoothing_and_mixup():
     assert mixed.mixup is not None
     loss = mixed(model, x, y)
     assert torch.isfinite(loss) and not torch.allclose(loss, smoothed)
+
+
+def test_a_nan_step_changes_nothing_and_the_next_one_trains(process_group):
+    """A batch that makes the loss NaN: no parameter, moment or step count moves; then a good
+    batch updates as usual."""
+    model, cfg = tiny("data.micro_batch_size=4", "optim.clip_grad_norm=1.0")
+    optimizer = build_optimizer(model, cfg.optim)
+    objective = Classification(cfg.train, cfg.model.num_classes)
+    compute = compute_precision(cfg, torch.device("cpu"))
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 8, (8,))
+    assert train_step(model, model, optimizer, objective, x, y, cfg, compute)[2].item() == 0.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [s["exp_avg_sq"].clone() for s in optimizer.state.values()]
+    poisoned = x.clone()
+    poisoned[5, 0, 3, 3] = float("nan")  # one pixel of one sample of the second micro-batch
+    loss, grad_norm, bad = train_step(model, model, optimizer, objective, poisoned, y, cfg, compute)
+    assert bad.item() == 1.0 and not loss.isfinite() and not grad_norm.isfinite()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(m, s["exp_avg_sq"]) for m, s in zip(moments, optimizer.state.values()))
+    assert all(s["step"].item() == 1 for s in optimizer.state.values())
+    assert train_step(model, model, optimizer, objective, x, y, cfg, compute)[2].item() == 0.0
+    assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])
+    assert all(s["step"].item() == 2 for s in optimizer.state.values())

@@ -94,6 +94,8 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the classification loss")
     mixup_alpha: float = _opt(0.0, "mixup alpha (timm Mixup); 0 disables")
     cutmix_alpha: float = _opt(0.0, "cutmix alpha (timm Mixup); 0 disables")
+    max_bad_steps: int = _opt(10, "stop after N steps in a row with a NaN/Inf loss or gradient norm on some rank "
+                                  "(each one is skipped, no update; none is checkpointed); 0: never stop")
 
 
 @dataclass
@@ -271,6 +273,7 @@ def validate(cfg: Config) -> None:
         "ckpt.every_steps": cfg.ckpt.every_steps, "ckpt.keep": cfg.ckpt.keep, "ckpt.keep_every": cfg.ckpt.keep_every,
         "train.eval_every_steps": cfg.train.eval_every_steps, "optim.lr": cfg.optim.lr,
         "optim.min_lr": cfg.optim.min_lr, "data.min_image_side": cfg.data.min_image_side,
+        "train.max_bad_steps": cfg.train.max_bad_steps,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -166,6 +166,13 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     return bool(value.item())
 
 
+def any_rank_on_device(flag: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor as 0./1., 1. on every rank if it is true on any; stays on the device."""
+    value = flag.float()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def merge_across_ranks(local: dict, ctx: DistContext) -> dict:
     """The union of every rank's small dict (e.g. the positions of the data streams each rank owns)."""
     parts = [None] * ctx.world_size

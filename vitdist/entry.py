@@ -9,6 +9,7 @@ from .checkpoint import SaveFailed, UnsafeCheckpoint
 from .config import ConfigError, load_config
 from .distributed import refuse_together
 from .handoff import HandoffError
+from .optim import NonFiniteTraining
 from .samples import TooManyBadSamples
 from .train import preflight, train
 
@@ -40,7 +41,7 @@ def main(description: str, finetune: bool) -> int:
     except (ConfigError, HandoffError, UnsafeCheckpoint, TooManyBadSamples) as e:  # met by every rank alike
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except SaveFailed as e:
+    except (SaveFailed, NonFiniteTraining) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -26,7 +26,7 @@ from .data import TrainLoader, eval_loader, expand_urls, normalize, train_shard_
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, check_model, timm_kwargs, train_flops_per_image
 from .objective import Classification
-from .optim import build_optimizer
+from .optim import BadSteps, build_optimizer, step_unless_bad
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .samples import SKIP_KINDS, check_skipped
 from .schedule import lr_at
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Window:
     """What happened since the last log line, summed on this rank."""
-    loss: torch.Tensor | float = 0.0
-    grad_norm: torch.Tensor | float = 0.0
+    loss: torch.Tensor | float = 0.0  # over the steps that were not skipped
+    grad_norm: torch.Tensor | float = 0.0  # likewise
+    bad_steps: torch.Tensor | float = 0.0  # skipped for a NaN/Inf loss or gradient norm
     steps: int = 0
     images: int = 0
     data_wait_s: float = 0.0
@@ -104,9 +105,11 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta)
 
     step, positions, skipped_total, best_top1 = 0, {}, {}, -1.0  # skipped_total: kind -> samples, over ranks
+    bad_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer)
         step, positions, skipped_total = state["step"], state["data_positions"], state["skipped"]
+        bad_total = state.get("bad_steps", 0)
         if isinstance(skipped_total, int):  # a checkpoint from before skips were counted by kind
             skipped_total = {"unknown": skipped_total}
         best_top1 = state.get("best_top1", -1.0)
@@ -129,6 +132,7 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
               f"{cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x {accum_steps} "
               f"accumulation step(s) | steps {step} -> {cfg.train.steps}", flush=True)
 
+    bad_steps = BadSteps(ctx.device)
     with DeviceBatches(iter(loader), ctx.device) as batches:
         window = Window(start=time.perf_counter())
         while step < cfg.train.steps:
@@ -144,17 +148,22 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             positions = batch["positions"]
             images = normalize(batch["image"], cfg.data)
-            loss, grad_norm = train_step(dp_model, model, optimizer, objective, images, batch["label"], cfg, compute)
+            loss, grad_norm, bad = train_step(dp_model, model, optimizer, objective, images, batch["label"], cfg,
+                                              compute)
             step += 1
-            window.loss += loss
-            window.grad_norm += grad_norm
+            bad_steps.record(bad)
+            window.loss += torch.where(bad > 0, 0.0, loss)
+            window.grad_norm += torch.where(bad > 0, 0.0, grad_norm)
+            window.bad_steps += bad
             window.steps += 1
             window.images += cfg.train.global_batch_size
 
             at_log_step = step % cfg.log.every_steps == 0 or step == cfg.train.steps
             scalars = {}
             if at_log_step:
-                scalars, skipped_total = _window_scalars(window, lr, skipped_total, flops_per_image / peak, ctx)
+                scalars, skipped_total = _window_scalars(window, lr, skipped_total, bad_total, flops_per_image / peak,
+                                                         ctx)
+                bad_total = scalars["train/skipped_steps"]
             if val_loader is not None and (step == cfg.train.steps or (
                     cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)):
                 scalars.update(evaluate(model, val_loader, cfg, ctx, compute))
@@ -165,11 +174,16 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
                 logger.log(step, scalars)
             if at_log_step:
                 check_skipped(skipped_total, step, cfg.train.global_batch_size, cfg.data)
+                bad_steps.check(cfg.train.max_bad_steps, step, checkpointer.newest())
             preempted = preemption.requested(ctx)
             if preempted or step == cfg.train.steps or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0):
-                train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
-                               "skipped": skipped_total, "best_top1": best_top1}
-                checkpointer.save(step, model, optimizer, train_state, final=preempted or step == cfg.train.steps)
+                if ongoing := bad_steps.ongoing():  # these weights may be what made those steps fail
+                    log.warning("step %d: no checkpoint, the last %d step(s) had a NaN/Inf loss or gradient norm",
+                                step, ongoing)
+                else:
+                    train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
+                                   "skipped": skipped_total, "bad_steps": bad_total, "best_top1": best_top1}
+                    checkpointer.save(step, model, optimizer, train_state, final=preempted or step == cfg.train.steps)
             if preempted:
                 logger.close()
                 log.warning("preempted: checkpoint %s written, exiting with %d", checkpointer.newest(),
@@ -210,10 +224,11 @@ def compute_precision(cfg: Config, device: torch.device) -> contextlib.AbstractC
 
 def train_step(dp_model: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective,
                images: torch.Tensor, labels: torch.Tensor, cfg: Config,
-               compute: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
+               compute: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's batch: forward/backward per micro-batch, gradients
-    synchronised once (on the last), clipped to a global norm. Returns the loss and the norm
-    before clipping, as device tensors (reading them would wait for the step)."""
+    synchronised once (on the last), clipped to a global norm. Skipped, on every rank, when any
+    rank's loss or the gradient norm is NaN/Inf. Returns the loss, the norm before clipping and
+    that 0/1 flag, as device tensors (reading them would wait for the step)."""
     micro = cfg.data.micro_batch_size
     accum_steps = -(-len(images) // micro)
     total = torch.zeros((), device=images.device)
@@ -223,10 +238,11 @@ def train_step(dp_model: torch.nn.Module, model: torch.nn.Module, optimizer: tor
                 loss = objective(dp_model, x, y) / accum_steps
             loss.backward()
         total += loss.detach()
-    grad_norm = distributed.clip_grad_norm(model, cfg.optim.clip_grad_norm)
-    optimizer.step()
+    grad_norm = distributed.clip_grad_norm(model, cfg.optim.clip_grad_norm).detach()
+    bad = distributed.any_rank_on_device(~(total.isfinite() & grad_norm.isfinite()))
+    step_unless_bad(optimizer, bad)
     optimizer.zero_grad(set_to_none=True)
-    return total, grad_norm.detach()
+    return total, grad_norm, bad
 
 
 def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed.DistContext) -> None:
@@ -241,24 +257,29 @@ def model_meta(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict:
     return {"arch": model_cfg.arch, "timm_kwargs": timm_kwargs(model_cfg), "mean": data_cfg.mean, "std": data_cfg.std}
 
 
-def _window_scalars(window: Window, lr: float, skipped_before: dict[str, int], peak_seconds_per_image: float,
-                    ctx: distributed.DistContext) -> tuple[dict, dict[str, int]]:
+def _window_scalars(window: Window, lr: float, skipped_before: dict[str, int], bad_before: int,
+                    peak_seconds_per_image: float, ctx: distributed.DistContext) -> tuple[dict, dict[str, int]]:
     """The scalars to log, and the samples skipped so far by kind, summed over ranks (one
-    all-reduce). `peak_seconds_per_image`: one image's training FLOPs over one device's peak FLOP/s."""
+    all-reduce). `bad_before`: steps skipped before this window. `peak_seconds_per_image`: one
+    image's training FLOPs over one device's peak FLOP/s."""
     elapsed = time.perf_counter() - window.start
     sums = distributed.all_reduce_sum(torch.cat([
         torch.as_tensor(window.loss, dtype=torch.float32, device=ctx.device).view(1),
+        torch.as_tensor(window.bad_steps, dtype=torch.float32, device=ctx.device).view(1),
         torch.tensor([window.data_wait_s / elapsed, *(float(window.skipped[kind]) for kind in SKIP_KINDS)],
                      device=ctx.device)]))
     skipped = Counter(skipped_before)
-    skipped.update({kind: round(n) for kind, n in zip(SKIP_KINDS, sums[2:].tolist()) if n})
+    skipped.update({kind: round(n) for kind, n in zip(SKIP_KINDS, sums[3:].tolist()) if n})
+    bad_steps = round(sums[1].item() / ctx.world_size)  # every rank skips the same steps
+    good_steps = window.steps - bad_steps
     scalars = {
-        "train/loss": sums[0].item() / (window.steps * ctx.world_size),
+        "train/loss": sums[0].item() / (good_steps * ctx.world_size) if good_steps else float("nan"),
         "train/lr": lr,
-        "train/grad_norm": float(window.grad_norm) / window.steps,
+        "train/grad_norm": float(window.grad_norm) / good_steps if good_steps else float("nan"),
+        "train/skipped_steps": bad_before + bad_steps,
         "perf/images_per_sec": window.images / elapsed,
         "perf/mfu": window.images / elapsed * peak_seconds_per_image / ctx.world_size,
-        "perf/data_wait_frac": sums[1].item() / ctx.world_size,
+        "perf/data_wait_frac": sums[2].item() / ctx.world_size,
         "data/skipped": sum(skipped.values()),
         **{f"data/skipped_{kind}": count for kind, count in sorted(skipped.items())},
     }
