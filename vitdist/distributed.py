@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.rendezvous import rendezvous
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,6 +33,7 @@ class DistContext:
     local_rank: int
     device: torch.device
     control: dist.ProcessGroup | None = None  # gloo, for small host-side agreements off the training stream
+    store: dist.Store | None = None  # the group's key-value store (torchrun's), reachable when a peer is not
 
     @property
     def is_main(self) -> bool:
@@ -69,11 +71,18 @@ def init(cfg: DistConfig) -> DistContext:
         device = torch.device("cpu")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = timedelta(seconds=cfg.timeout_s)
-    dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+    # torchrun restarts the ranks (--max-restarts) with the same store, which still holds the
+    # last attempt's keys: without a key space per attempt, gloo would connect to dead ranks' ports.
+    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = dist.PrefixStore(f"vitdist/attempt_{restarts}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                            device_id=device if backend == "nccl" else None)
     control = dist.new_group(backend="gloo", timeout=timeout)
-    log.info("rank %d of %d (local rank %d) on %s", dist.get_rank(), dist.get_world_size(), local_rank,
-             os.environ.get("SLURMD_NODENAME", socket.gethostname()))
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control)
+    log.info("rank %d of %d (local rank %d) on %s%s", dist.get_rank(), dist.get_world_size(), local_rank,
+             os.environ.get("SLURMD_NODENAME", socket.gethostname()), f", torchrun restart {restarts}" if restarts else "")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control, store)
 
 
 def close() -> None:
