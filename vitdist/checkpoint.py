@@ -16,6 +16,7 @@ import re
 import shutil
 import warnings
 from concurrent.futures import Future
+from datetime import timedelta
 from pathlib import Path
 
 import timm
@@ -79,9 +80,9 @@ class Checkpointer:
     """Saves (sync or async) and finalises checkpoints under `root`. Its collectives run on a gloo
     group of its own, so that an async save's background thread never meets another collective."""
 
-    def __init__(self, root: str | Path, cfg: CkptConfig, model_meta: dict):
+    def __init__(self, root: str | Path, cfg: CkptConfig, model_meta: dict, timeout_s: float = 600):
         self.root, self.cfg, self.model_meta = Path(root), cfg, model_meta
-        self.group = dist.new_group(backend="gloo")
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))  # else gloo's 30 min
         self._pending: tuple[Future, int, dict] | None = None
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> Path:
