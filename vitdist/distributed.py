@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -83,6 +84,35 @@ def init(cfg: DistConfig) -> DistContext:
     log.info("rank %d of %d (local rank %d) on %s%s", dist.get_rank(), dist.get_world_size(), local_rank,
              os.environ.get("SLURMD_NODENAME", socket.gethostname()), f", torchrun restart {restarts}" if restarts else "")
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control, store)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that failed because a peer is gone or silent (gloo names only an address)."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "/gloo/" in str(error))
+
+
+def lost_contact(ctx: DistContext, error: BaseException, step: int | None, wait_s: float = 5.0) -> str:
+    """What a rank whose collective failed can say of its peers: every rank that meets the failure
+    reports it in the store, and those that have not within `wait_s` are the ones dead or hung."""
+    where = f"rank {ctx.rank} lost contact with the process group" + (f" after step {step}" if step is not None else "")
+    cause = str(error).splitlines()[0][:300]
+    if ctx.store is None:
+        return f"{where}: {cause}"
+    try:
+        ctx.store.set_timeout(timedelta(seconds=wait_s))
+        ctx.store.set(f"vitdist/lost_contact/{ctx.rank}", str(step))
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [r for r in range(ctx.world_size) if not ctx.store.check([f"vitdist/lost_contact/{r}"])]
+            if not silent or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except Exception as store_error:  # the store's host (the first node's torchrun) is gone too
+        return f"{where}; its store is unreachable too ({str(store_error).splitlines()[0][:200]}): {cause}"
+    if not silent:
+        return f"{where}; every rank met the failure, none is silent: {cause}"
+    return (f"{where}: rank(s) {', '.join(map(str, silent))} did not report within {wait_s:.0f} s, dead or hung "
+            f"(see their logs): {cause}")
 
 
 def close() -> None:

@@ -4,9 +4,11 @@ checkpoints and curves out."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import sys
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -72,8 +74,30 @@ def train(cfg: Config) -> Path:
     ctx = distributed.init(cfg.dist)
     try:
         return _train(cfg, ctx)
+    except Exception as error:
+        if distributed.is_collective_failure(error):
+            log.error(distributed.lost_contact(ctx, error, _failed_step(error)))
+        # The traceback's frames hold the data loader, whose workers ignore SIGTERM: alive at exit,
+        # Python's multiprocessing would wait on them forever. Free them now; the traceback still prints.
+        traceback.clear_frames(error.__traceback__)
+        gc.collect()
+        raise
     finally:
         distributed.close()
+
+
+def _failed_step(error: BaseException) -> int | None:
+    """The loop's step when `error` left it, read from the loop's frame (no bookkeeping in the loop).
+    Before Python 3.13 that read caches the frame's locals in a dict, which would keep the data
+    loader alive past clear_frames: emptied."""
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        if frame.f_code is _train.__code__:
+            frame_locals = frame.f_locals
+            step = frame_locals.get("step")
+            if isinstance(frame_locals, dict):
+                frame_locals.clear()
+            return step
+    return None
 
 
 def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
@@ -99,7 +123,7 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
     optimizer = build_optimizer(model, cfg.optim, cfg.finetune.layer_decay)
     objective = Classification(cfg.train, cfg.model.num_classes)
     meta = model_meta(cfg.model, cfg.data)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta, cfg.dist.timeout_s)
 
     step, positions, skipped_total, best_top1 = 0, {}, 0, -1.0
     if resume_from is not None:
