@@ -9,6 +9,7 @@
 #   VITDIST_IFNAME          network interface for NCCL and gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)
 #   VITDIST_MAX_FAILURES    requeues after a failure (not a preemption) before giving up (default 1)
 #   VITDIST_SHUTDOWN_S      seconds torchrun gives the ranks to checkpoint after a signal (default 120)
+#   VITDIST_MAX_RESTARTS    times torchrun restarts a node's ranks in place after one fails (default 3)
 
 vitdist_log() { echo "vitdist-slurm [$(date +%H:%M:%S)] $*"; }
 
@@ -100,7 +101,7 @@ vitdist_slurm_main() {
   srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --label \
     python -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node="$nproc" \
       --rdzv_backend=c10d --rdzv_endpoint="$addr:$port" --rdzv_id="$SLURM_JOB_ID" \
-      --shutdown_timeout="${VITDIST_SHUTDOWN_S:-120}" \
+      --shutdown_timeout="${VITDIST_SHUTDOWN_S:-120}" --max-restarts="${VITDIST_MAX_RESTARTS:-3}" \
       "launch/$launcher.py" --config "$config" "${overrides[@]}" &
   local srun_pid=$!
   while true; do

@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,11 @@ def shard_overrides(shards: dict[str, str]) -> list[str]:
     return [f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}"]
 
 
-def pretrain_command(nproc: int, overrides: list[str], launcher: str = "pretrain", config: Path = TINY) -> list[str]:
-    """`torchrun --nproc_per_node=nproc launch/<launcher>.py` on the tiny config (or `config`);
-    nproc=0 runs the script directly, as one process without torchrun."""
-    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+def pretrain_command(nproc: int, overrides: list[str], launcher: str = "pretrain", config: Path = TINY,
+                     torchrun: tuple[str, ...] = ("--standalone",)) -> list[str]:
+    """`torchrun --nproc_per_node=nproc launch/<launcher>.py` on the tiny config (or `config`),
+    with `torchrun`'s options; nproc=0 runs the script directly, as one process without torchrun."""
+    runner = [sys.executable, "-m", "torch.distributed.run", *torchrun, f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
     return [*runner, str(REPO / "launch" / f"{launcher}.py"), "--config", str(config), *overrides]
 
 
@@ -61,11 +63,20 @@ def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300, launche
                           text=True, timeout=timeout_s, preexec_fn=preexec_fn)
 
 
-def start_pretrain(nproc: int, overrides: list[str], log_path: Path) -> subprocess.Popen:
+def start_pretrain(nproc: int, overrides: list[str], log_path: Path,
+                   torchrun: tuple[str, ...] = ("--standalone",)) -> subprocess.Popen:
     """A run in the background, in its own process group (so a test can signal or kill all of it)."""
     log = open(log_path, "w")
-    return subprocess.Popen(pretrain_command(nproc, overrides), cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(pretrain_command(nproc, overrides, torchrun=torchrun), cwd=REPO, env=ENV, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout_s: float = 240) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert process.poll() is None, "the run ended before the test could interrupt it"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -75,6 +86,19 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(tb_dir))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+# Bitwise-reproducible runs: fp32, no dropout or drop path, constant lr after a 1-step warmup
+# (so that runs of different lengths share a schedule), a checkpoint every 4 steps, a loss
+# logged every step.
+EXACT = ["data.val_shards=null", "train.precision=fp32", "model.drop_path_rate=0.0", "optim.warmup_steps=1",
+         "optim.min_lr=2e-3", "optim.lr=2e-3", "train.global_batch_size=64", "log.every_steps=1",
+         "ckpt.every_steps=4", "ckpt.keep=2"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """The train/loss curve of a run, by step."""
+    return dict(read_scalars(run_dir / "tb")["train/loss"])
 
 
 @pytest.fixture(scope="session")

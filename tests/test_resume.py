@@ -10,32 +10,14 @@ import pytest
 import timm
 from safetensors.torch import load_file
 
-from conftest import read_scalars, run_pretrain, shard_overrides, start_pretrain
+from conftest import EXACT, losses, read_scalars, run_pretrain, shard_overrides, start_pretrain, wait_for
 from vitdist.export import export
 
 pytestmark = pytest.mark.slow
 
-# fp32, no dropout or drop path, constant lr after a 1-step warmup (so that runs of different
-# lengths share a schedule), a checkpoint every 4 steps, a loss logged every step.
-EXACT = ["data.val_shards=null", "train.precision=fp32", "model.drop_path_rate=0.0", "optim.warmup_steps=1",
-         "optim.min_lr=2e-3", "optim.lr=2e-3", "train.global_batch_size=64", "log.every_steps=1",
-         "ckpt.every_steps=4", "ckpt.keep=2"]
-
-
-def losses(run_dir):
-    return dict(read_scalars(run_dir / "tb")["train/loss"])
-
 
 def positions(run_dir, step):
     return json.loads((run_dir / "checkpoints" / f"step_{step}" / "train_state.json").read_text())["data_positions"]
-
-
-def wait_for(predicate, process, timeout_s=240):
-    deadline = time.time() + timeout_s
-    while not predicate():
-        assert process.poll() is None, "the run ended before the test could interrupt it"
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_sigkill_then_resume_is_bitwise_identical(demo_shards, tmp_path):

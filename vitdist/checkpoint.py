@@ -17,6 +17,7 @@ import re
 import shutil
 import warnings
 from concurrent.futures import Future
+from datetime import timedelta
 from pathlib import Path
 
 import timm
@@ -89,9 +90,9 @@ class Checkpointer:
     space a later save needs, and raises SaveFailed under `ckpt.on_error=stop`; under `continue`
     it is logged and training goes on."""
 
-    def __init__(self, root: str | Path, cfg: CkptConfig, model_meta: dict):
+    def __init__(self, root: str | Path, cfg: CkptConfig, model_meta: dict, timeout_s: float = 600):
         self.root, self.cfg, self.model_meta = Path(root), cfg, model_meta
-        self.group = dist.new_group(backend="gloo")
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))  # else gloo's 30 min
         self._pending: tuple[Future, int, dict] | None = None
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict,

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.rendezvous import rendezvous
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -33,6 +35,7 @@ class DistContext:
     local_rank: int
     device: torch.device
     control: dist.ProcessGroup | None = None  # gloo, for small host-side agreements off the training stream
+    store: dist.Store | None = None  # the group's key-value store (torchrun's), reachable when a peer is not
 
     @property
     def is_main(self) -> bool:
@@ -97,11 +100,47 @@ def init(cfg: DistConfig) -> DistContext:
         device = torch.device("cpu")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = timedelta(seconds=cfg.timeout_s)
-    dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+    # torchrun restarts the ranks (--max-restarts) with the same store, which still holds the
+    # last attempt's keys: without a key space per attempt, gloo would connect to dead ranks' ports.
+    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = dist.PrefixStore(f"vitdist/attempt_{restarts}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                            device_id=device if backend == "nccl" else None)
     control = dist.new_group(backend="gloo", timeout=timeout)
-    log.info("rank %d of %d (local rank %d) on %s", dist.get_rank(), dist.get_world_size(), local_rank,
-             os.environ.get("SLURMD_NODENAME", socket.gethostname()))
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control)
+    log.info("rank %d of %d (local rank %d) on %s%s", dist.get_rank(), dist.get_world_size(), local_rank,
+             os.environ.get("SLURMD_NODENAME", socket.gethostname()), f", torchrun restart {restarts}" if restarts else "")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control, store)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that failed because a peer is gone or silent (gloo names only an address)."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "/gloo/" in str(error))
+
+
+def lost_contact(ctx: DistContext, error: BaseException, wait_s: float = 5.0) -> str:
+    """What a rank whose collective failed can say of its peers: every rank that meets the failure
+    reports it in the store, and those that have not within `wait_s` are the ones dead or hung."""
+    where = f"rank {ctx.rank} lost contact with the process group"
+    cause = str(error).splitlines()[0][:300]
+    if ctx.store is None:
+        return f"{where}: {cause}"
+    try:
+        ctx.store.set_timeout(timedelta(seconds=wait_s))
+        ctx.store.set(f"vitdist/lost_contact/{ctx.rank}", "")
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [r for r in range(ctx.world_size) if not ctx.store.check([f"vitdist/lost_contact/{r}"])]
+            if not silent or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except Exception as store_error:  # the store's host (the first node's torchrun) is gone too
+        return f"{where}; its store is unreachable too ({str(store_error).splitlines()[0][:200]}): {cause}"
+    if not silent:
+        return f"{where}; every rank met the failure, none is silent: {cause}"
+    return (f"{where}: rank(s) {', '.join(map(str, silent))} did not report within {wait_s:.0f} s, dead or hung "
+            f"(see their logs): {cause}")
 
 
 def close() -> None:

@@ -4,9 +4,11 @@ checkpoints and curves out."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -75,6 +77,14 @@ def train(cfg: Config) -> Path:
     ctx = distributed.init(cfg.dist)
     try:
         return _train(cfg, ctx)
+    except Exception as error:
+        if distributed.is_collective_failure(error):
+            log.error(distributed.lost_contact(ctx, error))
+        # The traceback's frames may hold a data loader, whose workers ignore SIGTERM: alive at exit,
+        # Python's multiprocessing would wait on them forever. Free them now; the traceback still prints.
+        traceback.clear_frames(error.__traceback__)
+        gc.collect()
+        raise
     finally:
         distributed.close()
 
@@ -102,7 +112,7 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
     optimizer = build_optimizer(model, cfg.optim, cfg.finetune.layer_decay)
     objective = Classification(cfg.train, cfg.model.num_classes)
     meta = model_meta(cfg.model, cfg.data)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta, cfg.dist.timeout_s)
 
     step, positions, skipped_total, best_top1 = 0, {}, {}, -1.0  # skipped_total: kind -> samples, over ranks
     bad_total = 0  # steps skipped for a NaN/Inf loss or gradient norm

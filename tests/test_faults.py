@@ -1,0 +1,110 @@
+"""A rank dies or hangs: torchrun restarts the group and the run resumes exactly; a rank left
+waiting on a dead or silent peer exits within `dist.timeout_s`, naming the peer."""
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXACT, losses, run_pretrain, shard_overrides, start_pretrain, wait_for
+from vitdist.distributed import _free_port
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 20  # dist.timeout_s in these tests
+# The failure's report window (distributed.lost_contact) and the exit itself, on a loaded 2-core machine.
+MARGIN_S = 15
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def worker_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of the training process with RANK=rank among torchrun's children."""
+    for pid in children(torchrun_pid):
+        if f"RANK={rank}".encode() in (Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
+            return pid
+    raise LookupError(f"no rank {rank} under torchrun {torchrun_pid}")
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie counts: it runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_resumes_bitwise(demo_shards, tmp_path):
+    common = [*shard_overrides(demo_shards), *EXACT, "train.steps=12", "data.micro_batch_size=32",
+              f"dist.timeout_s={TIMEOUT_S}"]
+    reference = run_pretrain(2, [*common, f"run.dir={tmp_path / 'ref'}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir, log_path = tmp_path / "killed", tmp_path / "killed.log"
+    process = start_pretrain(2, [*common, f"run.dir={run_dir}"], log_path,
+                             torchrun=("--standalone", "--max-restarts=1"))
+    wait_for(lambda: (run_dir / "checkpoints" / "step_4").is_dir(), process)
+    survivor = worker_pid(process.pid, 0)
+    os.kill(worker_pid(process.pid, 1), signal.SIGKILL)  # one rank, mid-step; torchrun stays
+    killed_at = time.time()
+    wait_for(lambda: gone(survivor), process, timeout_s=TIMEOUT_S + MARGIN_S)
+    survivor_exit_s = time.time() - killed_at
+    wait_for(lambda: "at step" in log_path.read_text(), process)
+    restart_s = time.time() - killed_at
+    assert process.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    print(f"survivor exited {survivor_exit_s:.1f} s after the kill, resumed {restart_s:.1f} s after")
+
+    log = log_path.read_text()
+    assert "rank 0 lost contact with the process group" in log
+    assert "rank(s) 1 did not report within 5 s, dead or hung" in log
+    assert "Unable to shutdown process" not in log  # the survivor left by itself, not by torchrun's SIGKILL
+    assert "torchrun restart 1" in log
+    resumed_at = int(re.search(rf"resumed from {run_dir / 'checkpoints'}/step_(\d+) at step \1", log).group(1))
+    assert resumed_at >= 4
+    expected, got = losses(tmp_path / "ref"), losses(run_dir)
+    assert sorted(got) == list(range(1, 13))  # no step twice, none missing, in TensorBoard's view
+    assert got == expected  # bitwise
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"step_8", "step_12"}  # no step_N.tmp left
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["dead", "hung"])
+def test_a_rank_waiting_on_a_lost_node_exits_within_the_timeout_naming_it(demo_shards, tmp_path, signum):
+    """Two torchruns as two nodes, without restarts. The second node is SIGKILLed (torchrun and,
+    with it, its rank), or its rank is stopped: no socket closes, and only the timeout can fire."""
+    port = _free_port()
+    common = [*shard_overrides(demo_shards), *EXACT, "train.steps=1000", "data.micro_batch_size=32",
+              f"dist.timeout_s={TIMEOUT_S}", f"run.dir={tmp_path / 'run'}"]
+    nodes = [start_pretrain(1, common, tmp_path / f"node{i}.log", torchrun=(
+        "--nnodes=2", f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}")) for i in (0, 1)]
+    try:
+        wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_4").is_dir(), nodes[0])
+        ranks = [worker_pid(node.pid, rank) for rank, node in enumerate(nodes)]
+        if signum == signal.SIGKILL:
+            os.killpg(nodes[1].pid, signal.SIGKILL)  # the node's torchrun; its rank dies with it
+        else:
+            os.kill(ranks[1], signal.SIGSTOP)
+        lost_at = time.time()
+        assert nodes[0].wait(timeout=TIMEOUT_S + MARGIN_S + 30) != 0
+        survivor_exit_s = time.time() - lost_at
+        print(f"{signal.Signals(signum).name}: node 0 exited {survivor_exit_s:.1f} s after")
+        assert survivor_exit_s < TIMEOUT_S + MARGIN_S and gone(ranks[0])
+        log = (tmp_path / "node0.log").read_text()
+        message = re.search(r"rank 0 lost contact with the process group: rank\(s\) 1 did not report "
+                            r"within 5 s, dead or hung \(see their logs\): (.*)", log)
+        assert message, log[-3000:]
+        cause = "Timed out" if signum == signal.SIGSTOP else r"127\.0\.0\.1\]:\d+"  # gloo's words, and the peer's address
+        assert re.search(cause, message.group(1)), message.group(1)
+    finally:
+        for node in nodes:
+            with_children = [node.pid, *(children(node.pid) if not gone(node.pid) else [])]
+            for pid in with_children:
+                if not gone(pid):
+                    os.kill(pid, signal.SIGKILL)
+            node.wait(timeout=30)
+    if signum == signal.SIGSTOP:
+        assert gone(ranks[1])  # the stopped rank died with its torchrun: nothing left running
