@@ -4,12 +4,14 @@ waiting on a dead or silent peer exits within `dist.timeout_s`, naming the peer.
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import EXACT, losses, run_pretrain, shard_overrides, start_pretrain, wait_for
+from vitdist.data import expand_urls
 from vitdist.distributed import _free_port
 
 pytestmark = pytest.mark.slow
@@ -108,3 +110,24 @@ def test_a_rank_waiting_on_a_lost_node_exits_within_the_timeout_naming_it(demo_s
             node.wait(timeout=30)
     if signum == signal.SIGSTOP:
         assert gone(ranks[1])  # the stopped rank died with its torchrun: nothing left running
+
+
+def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_path):
+    """A `pipe:` shard whose command never delivers (a stalled network read): the loader's wait
+    times out after dist.timeout_s and the run exits, its worker with it."""
+    stalled = [f"pipe:sleep 120; cat {url}" for url in expand_urls(demo_shards["train"])]
+    log_path = tmp_path / "run.log"
+    process = start_pretrain(0, [f"data.train_shards={stalled}".replace("'", '"'), "data.val_shards=null",
+                                 "data.num_workers=1", f"dist.timeout_s={TIMEOUT_S}", f"run.dir={tmp_path}"], log_path)
+    try:
+        wait_for(lambda: "steps 0 -> " in log_path.read_text(), process)
+        started = time.time()
+        assert process.wait(timeout=TIMEOUT_S + MARGIN_S + 30) != 0
+        waited_s = time.time() - started
+        print(f"the run exited {waited_s:.1f} s after its first batch was asked for")
+        assert TIMEOUT_S - 1 < waited_s < TIMEOUT_S + MARGIN_S
+        assert f"DataLoader timed out after {TIMEOUT_S} seconds" in log_path.read_text()
+    finally:
+        subprocess.run(["pkill", "-f", f"sleep 120; cat {demo_shards['train'][:20]}"], check=False)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)

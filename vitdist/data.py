@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
-import signal
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +31,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import ConfigError, DataConfig
-from .preemption import SIGNALS as PREEMPTION_SIGNALS
 from .samples import READ_ERROR, BadSample, Skips, decode, load_rgb, read_image, read_samples
 
 
@@ -226,11 +225,13 @@ class TrainChunks(IterableDataset):
         return chunk
 
 
-def _ignore_preemption_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints before it
-    stops; by default torch's workers die of them and take the step down with them."""
-    for signum in PREEMPTION_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+def _own_session(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1, which SLURM and torchrun send to the job's whole
+    process group, to the main process: it finishes the step and checkpoints, then stops them
+    itself (they would die of the signal and take the step down). Ignoring the signals instead
+    would also make them immune to the SIGTERM that stops a hung worker, and hang the exit; and
+    they leave on their own when the main process dies (torch's watchdog)."""
+    os.setsid()
 
 
 def train_shard_urls(cfg: DataConfig, world_size: int) -> list[str]:
@@ -245,10 +246,13 @@ def train_shard_urls(cfg: DataConfig, world_size: int) -> list[str]:
 
 class TrainLoader:
     """Yields, per optimizer step, this rank's share of the global batch: one chunk from each of
-    its streams, in stream order. `positions` (stream -> position) is what a checkpoint saves."""
+    its streams, in stream order. `positions` (stream -> position) is what a checkpoint saves.
+    A worker that delivers nothing for `timeout_s` (a stalled `pipe:` read, a hung filesystem)
+    stops the run, as a silent peer would."""
 
     def __init__(self, cfg: DataConfig, img_size: int, num_classes: int, global_batch_size: int,
-                 rank: int, world_size: int, positions: dict | None = None, pin_memory: bool = False):
+                 rank: int, world_size: int, positions: dict | None = None, pin_memory: bool = False,
+                 timeout_s: float = 600):
         urls = train_shard_urls(cfg, world_size)
         if positions and len(positions) != cfg.streams:
             raise ConfigError(f"the checkpoint holds positions of {len(positions)} data streams, the config has "
@@ -263,7 +267,7 @@ class TrainLoader:
         workers = max(1, cfg.num_workers)
         self.loader = DataLoader(chunks, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
                                  prefetch_factor=cfg.prefetch_steps * self.per_rank // workers if cfg.num_workers else None,
-                                 worker_init_fn=_ignore_preemption_signals)
+                                 worker_init_fn=_own_session, timeout=timeout_s if cfg.num_workers else 0)
 
     def __iter__(self) -> Iterator[dict]:
         chunks = iter(self.loader)
@@ -313,7 +317,7 @@ def eval_loader(cfg: DataConfig, img_size: int, num_classes: int, rank: int, wor
                 pin_memory: bool = False) -> DataLoader:
     dataset = EvalSamples(expand_urls(cfg.val_shards), cfg, img_size, num_classes, rank, world_size)
     return DataLoader(dataset, batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_ignore_preemption_signals)
+                      worker_init_fn=_own_session)
 
 
 def normalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:

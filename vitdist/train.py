@@ -48,6 +48,13 @@ class Window:
     skipped: Counter = field(default_factory=Counter)  # kind -> samples
     start: float = 0.0
 
+    def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor, images: int) -> None:
+        self.loss += torch.where(bad > 0, 0.0, loss)
+        self.grad_norm += torch.where(bad > 0, 0.0, grad_norm)
+        self.bad_steps += bad
+        self.steps += 1
+        self.images += images
+
 
 def seed_step(seed: int, rank: int, step: int) -> None:
     """Random draws on the device (drop path, mixup) depend on (seed, rank, step) only, so a resumed
@@ -127,7 +134,7 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
 
     pin = ctx.device.type == "cuda"
     loader = TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, cfg.train.global_batch_size,
-                         ctx.rank, ctx.world_size, positions, pin_memory=pin)
+                         ctx.rank, ctx.world_size, positions, pin_memory=pin, timeout_s=cfg.dist.timeout_s)
     val_loader = (eval_loader(cfg.data, cfg.model.img_size, cfg.model.num_classes, ctx.rank, ctx.world_size, pin)
                   if cfg.data.val_shards else None)
     # On resume, TensorBoard drops what a killed run logged after the checkpoint: no duplicate steps.
@@ -162,13 +169,12 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
                                               compute)
             step += 1
             bad_steps.record(bad)
-            window.loss += torch.where(bad > 0, 0.0, loss)
-            window.grad_norm += torch.where(bad > 0, 0.0, grad_norm)
-            window.bad_steps += bad
-            window.steps += 1
-            window.images += cfg.train.global_batch_size
+            window.add_step(loss, grad_norm, bad, cfg.train.global_batch_size)
 
-            at_log_step = step % cfg.log.every_steps == 0 or step == cfg.train.steps
+            preempted = preemption.requested(ctx)
+            at_ckpt_step = preempted or step == cfg.train.steps or (
+                cfg.ckpt.every_steps > 0 and step % cfg.ckpt.every_steps == 0)
+            at_log_step = step % cfg.log.every_steps == 0 or at_ckpt_step  # a checkpoint holds the counts so far
             scalars = {}
             if at_log_step:
                 scalars, skipped_total = _window_scalars(window, lr, skipped_total, bad_total, flops_per_image / peak,
@@ -185,8 +191,7 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
             if at_log_step:
                 check_skipped(skipped_total, step, cfg.train.global_batch_size, cfg.data)
                 bad_steps.check(cfg.train.max_bad_steps, step, checkpointer.newest())
-            preempted = preemption.requested(ctx)
-            if preempted or step == cfg.train.steps or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0):
+            if at_ckpt_step:
                 if ongoing := bad_steps.ongoing():  # these weights may be what made those steps fail
                     log.warning("step %d: no checkpoint, the last %d step(s) had a NaN/Inf loss or gradient norm",
                                 step, ongoing)
