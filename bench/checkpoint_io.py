@@ -61,8 +61,8 @@ def main() -> None:
         loads.append(time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"| config | device | params | size | sync save | async stall | async total | load |")
-    print(f"| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| config | device | params | size | sync save | async stall | async total | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {Path(args.config).name} | {name} | {params / 1e6:.1f}M | {size / 2**20:.1f} MiB | "
           f"{results['sync'][0]:.3f} s | {results['async'][0]:.3f} s | {results['async'][1]:.3f} s | "
           f"{statistics.median(loads):.3f} s |")

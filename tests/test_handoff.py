@@ -1,8 +1,6 @@
-import io
 import os
 
 import pytest
-import timm
 import torch
 import torchvision
 from safetensors.torch import save_file

@@ -21,14 +21,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from . import checkpoint, distributed, imagefolder
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, save_config
-from .export import write_safetensors
-from .gpu_decode import DeviceBatches
-from .handoff import load_pretrained
 from .data import TrainLoader, eval_loader, expand_urls, normalize, train_shard_urls
+from .export import write_safetensors
+from .handoff import load_pretrained
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, check_model, timm_kwargs, train_flops_per_image
 from .objective import Classification
 from .optim import BadSteps, build_optimizer, step_unless_bad
+from .prefetch import DeviceBatches
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .samples import SKIP_KINDS, check_skipped
 from .schedule import lr_at

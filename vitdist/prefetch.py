@@ -1,0 +1,70 @@
+"""The training device's side of the input pipeline: loader batches moved (and, for data.decode:
+gpu, decoded) onto the device ahead of the step that needs them."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Generator
+
+import torch
+
+from .gpu_decode import to_device
+
+
+class DeviceBatches:
+    """Loader batches with their images and labels on the device, prepared by a background thread
+    `ahead` batches before the step asks, on a CUDA stream of its own: the host work of decoding
+    (launches, the per-image crop loop) and its kernels overlap the training step instead of
+    adding to it. On a CPU device the thread still overlaps it with the step's Python."""
+
+    def __init__(self, batches: Generator[dict], device: torch.device, ahead: int = 2):
+        self.batches, self.device = batches, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ready: queue.Queue = queue.Queue(maxsize=ahead)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._fill, args=(batches,), daemon=True, name="device-batches")
+        self.thread.start()
+
+    def __enter__(self) -> DeviceBatches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Stop the thread, then close the loader's generator, which shuts its workers down now.
+        Left to interpreter exit (after an error, when a reference cycle keeps them), the workers
+        deadlock it: they ignore the SIGTERM that multiprocessing stops them with (see data.py)."""
+        self.stopped.set()
+        with contextlib.suppress(queue.Empty):
+            while True:  # unblock a waiting put; the thread then sees `stopped`
+                self.ready.get_nowait()
+        self.thread.join()
+        self.batches.close()
+
+    def _fill(self, batches: Generator[dict]) -> None:
+        try:
+            on_stream = torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext()
+            with on_stream:
+                for batch in batches:
+                    if self.stopped.is_set():
+                        return
+                    batch["image"] = to_device(batch, self.device)
+                    batch["label"] = batch["label"].to(self.device, non_blocking=True)
+                    done = self.stream.record_event() if self.stream else None
+                    self.ready.put((batch, done))
+        except BaseException as error:  # the step re-raises it: a loader failure must stop training
+            self.ready.put((error, None))
+
+    def __iter__(self) -> DeviceBatches:
+        return self
+
+    def __next__(self) -> dict:
+        batch, done = self.ready.get()
+        if isinstance(batch, BaseException):
+            raise batch
+        if done is not None:
+            step_stream = torch.cuda.current_stream(self.device)
+            step_stream.wait_event(done)
+            for name in ("image", "label"):  # made on the side stream, freed after the step's use
+                batch[name].record_stream(step_stream)
+        return batch
