@@ -31,9 +31,8 @@ class DeviceBatches:
         return self
 
     def __exit__(self, *exc) -> None:
-        """Stop the thread, then close the loader's generator, which shuts its workers down now.
-        Left to interpreter exit (after an error, when a reference cycle keeps them), the workers
-        deadlock it: they ignore the SIGTERM that multiprocessing stops them with (see data.py)."""
+        """Stop the thread, then close the loader's generator, which shuts its workers down now
+        rather than whenever the last reference to it goes (after an error, at interpreter exit)."""
         self.stopped.set()
         with contextlib.suppress(queue.Empty):
             while True:  # unblock a waiting put; the thread then sees `stopped`

@@ -4,11 +4,9 @@ checkpoints and curves out."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import sys
 import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -87,10 +85,6 @@ def train(cfg: Config) -> Path:
     except Exception as error:
         if distributed.is_collective_failure(error):
             log.error(distributed.lost_contact(ctx, error))
-        # The traceback's frames may hold a data loader, whose workers ignore SIGTERM: alive at exit,
-        # Python's multiprocessing would wait on them forever. Free them now; the traceback still prints.
-        traceback.clear_frames(error.__traceback__)
-        gc.collect()
         raise
     finally:
         distributed.close()
