@@ -57,6 +57,15 @@ def _die_with_launcher() -> None:
             os._exit(1)
 
 
+def _attempt_store(timeout: timedelta) -> dist.Store:
+    """The launcher's key-value store (torchrun's; without torchrun, one rank 0 hosts), in a key
+    space of this attempt: torchrun restarts the ranks (--max-restarts) with the same store, which
+    still holds the last attempt's keys, and gloo would connect to dead ranks' ports."""
+    store, _, _ = next(rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"vitdist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def refuse_together(error: str | None, report: Callable[[str], None], timeout_s: float = 300.0) -> bool:
     """Whether any rank refuses to start; if so every rank reports the same refusal (its own, or
     the first refusing rank's) before any of them exits. Under torchrun the ranks post their
@@ -68,9 +77,7 @@ def refuse_together(error: str | None, report: Callable[[str], None], timeout_s:
         if error is not None:
             report(error)
         return error is not None
-    store = dist.PrefixStore(f"vitdist/preflight/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/",
-                             dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                           is_master=False, timeout=timedelta(seconds=timeout_s)))
+    store = dist.PrefixStore("preflight/", _attempt_store(timedelta(seconds=timeout_s)))
     ranks = [str(rank) for rank in range(world_size)]
     store.set(os.environ["RANK"], error or "")
     store.wait(ranks)
@@ -100,14 +107,11 @@ def init(cfg: DistConfig) -> DistContext:
         device = torch.device("cpu")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = timedelta(seconds=cfg.timeout_s)
-    # torchrun restarts the ranks (--max-restarts) with the same store, which still holds the
-    # last attempt's keys: without a key space per attempt, gloo would connect to dead ranks' ports.
-    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
-    store.set_timeout(timeout)
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    store = dist.PrefixStore(f"vitdist/attempt_{restarts}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+    store = _attempt_store(timeout)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout,
                             device_id=device if backend == "nccl" else None)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     control = dist.new_group(backend="gloo", timeout=timeout)
     log.info("rank %d of %d (local rank %d) on %s%s", dist.get_rank(), dist.get_world_size(), local_rank,
              os.environ.get("SLURMD_NODENAME", socket.gethostname()), f", torchrun restart {restarts}" if restarts else "")
