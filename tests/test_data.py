@@ -1,3 +1,4 @@
+import gzip
 import io
 import json
 import random
@@ -19,7 +20,7 @@ from PIL import Image
 from conftest import REPO, TINY, png_bytes, write_shard
 from vitdist.config import ConfigError, load_config
 from vitdist.data import EvalSamples, TrainLoader, train_shard_urls, expand_urls, sample_crop, shard_order
-from vitdist.samples import load_rgb, open_image
+from vitdist.samples import READ_ERROR, load_rgb, open_image, read_samples
 from vitdist.shards import make_shards
 
 
@@ -145,6 +146,24 @@ def test_bad_samples_are_skipped_and_counted_by_kind(tmp_path, caplog):
                        for m in messages), sample["__key__"]
     for url in truncated, deleted:
         assert any(f"skipped the rest of the shard in {url}: " in m and m.endswith("[read_error]") for m in messages), url
+
+
+def test_a_tar_cut_before_a_member_header_is_a_read_error(tmp_path):
+    """tarfile ends such a tar without complaint, as if complete; plain, piped and gzipped shards."""
+    whole = str(tmp_path / "whole.tar")
+    write_shard(whole, [{"__key__": f"k{i}", "png": noise_png(i), "cls": i} for i in range(3)])
+    cut = tmp_path / "cut.tar"
+    header = min(m.offset for m in tarfile.open(whole).getmembers() if m.name.startswith("k2."))
+    cut.write_bytes(Path(whole).read_bytes()[:header])
+    (tmp_path / "whole.tar.gz").write_bytes(gzip.compress(Path(whole).read_bytes()))
+
+    def read(url):
+        return [sample.get(READ_ERROR, sample["__key__"]) for sample in read_samples(url)]
+
+    for url in whole, f"pipe:cat {whole}", str(tmp_path / "whole.tar.gz"):
+        assert read(url) == ["k0", "k1", "k2"], url
+    for url in str(cut), f"pipe:cat {cut}":
+        assert read(url) == ["k0", "k1", "EOFError: the tar ends without its end-of-archive block, cut short before a member"]
 
 
 def test_16bit_png_and_cmyk_jpeg_convert_to_rgb():

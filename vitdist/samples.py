@@ -42,13 +42,43 @@ def read_samples(url: str) -> Iterator[dict]:
         errors.append(exn)
         return False
 
-    for sample in group_by_keys(tar_file_expander(url_opener([{"url": url}], handler=stop), handler=stop), handler=stop):
+    tails = []
+
+    def tail(source: dict) -> dict:
+        tails.append(_Tail(source["stream"]))
+        return dict(source, stream=tails[-1])
+
+    sources = map(tail, url_opener([{"url": url}], handler=stop))
+    for sample in group_by_keys(tar_file_expander(sources, handler=stop), handler=stop):
         if errors:
             break
         yield sample
+    if not errors and tails and not tails[0].ends_archive():
+        errors.append(EOFError("the tar ends without its end-of-archive block, cut short before a member"))
     if errors:
         reason = getattr(errors[0], "strerror", None) or errors[0].args[0]
         yield {"__key__": "", "__url__": url, READ_ERROR: f"{type(errors[0]).__name__}: {reason}"}
+
+
+class _Tail:
+    """A shard's byte stream that keeps its first and last blocks. tarfile reads a tar cut exactly
+    before a member's header as a complete archive: only the missing end-of-archive block (zeros)
+    tells, and only in a plain tar (a compressed one's decompressor finds its own truncation)."""
+
+    def __init__(self, stream):
+        self.stream, self.head, self.tail = stream, b"", b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if len(self.head) < 512:
+            self.head += data[: 512 - len(self.head)]
+        self.tail = (self.tail + data)[-512:]
+        return data
+
+    def ends_archive(self) -> bool:
+        while self.read(1 << 16):  # tarfile stops at the first zero block: the rest is padding
+            pass
+        return self.head[257:262] != b"ustar" or (len(self.tail) == 512 and not any(self.tail))
 
 
 class BadSample(ValueError):
