@@ -2,7 +2,9 @@
 
 1. Writes (once, into --cache) WebDataset shards of photo-like 500x375 JPEGs of about 80 KB.
 2. The loader alone: samples/s of vitdist's TrainLoader plus `to_device` (uint8 crops on the
-   device), for data.decode=cpu and gpu at each --workers count.
+   device), for data.decode=cpu and gpu at each --workers count; then the device's own share of
+   data.decode=gpu (decoding and resizing batches read beforehand; the resize batched and one
+   crop at a time).
 3. End to end: `launch/pretrain.py --config C` on those shards for each decode, reading
    perf/images_per_sec and perf/data_wait_frac back from TensorBoard, the first log window
    (compilation, loader start) left out.
@@ -25,13 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import webdataset as wds
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from vitdist.config import load_config
 from vitdist.data import TrainLoader
 from vitdist.demo_data import draw_photo
-from vitdist.gpu_decode import to_device
+from vitdist.gpu_decode import resize_crops, to_device
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 1000
@@ -85,6 +89,40 @@ def measure_loader(pattern: str, decode: str, workers: int, streams: int, batch:
         to_device(next(batches_in), device)
     synchronize(device)
     return batches * batch / (time.perf_counter() - start)
+
+
+def measure_device_work(pattern: str, streams: int, batch: int, batches: int, img_size: int,
+                        device: torch.device) -> dict:
+    """Samples/s of the device's share of data.decode=gpu, on batches read beforehand: decoding
+    plus resizing (`to_device`), and resizing alone, batched (`resize_crops`) against one crop at
+    a time (F.interpolate per crop, antialiased bicubic: the code before the batched resize)."""
+    cfg = load_config(None, [f"data.train_shards={pattern}", "data.decode=gpu", "data.num_workers=0",
+                             f"data.streams={streams}", f"train.global_batch_size={batch}"]).data
+    loader = iter(TrainLoader(cfg, img_size, NUM_CLASSES, batch, 0, 1, pin_memory=device.type == "cuda"))
+    held = [next(loader) for _ in range(batches)]
+    first = held[0]
+    ends = first["jpeg_sizes"].cumsum(0).tolist()
+    jpegs = [first["jpeg"][end - n : end] for end, n in zip(ends, first["jpeg_sizes"].tolist())]
+    images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    boxes, flips = first["jpeg_box"].tolist(), first["jpeg_flip"].tolist()
+
+    def one_by_one():
+        for image, (left, top, right, bottom) in zip(images, boxes):
+            crop = image[None, :, top:bottom, left:right].float()
+            F.interpolate(crop, size=(img_size, img_size), mode="bicubic", antialias=True).round_().clamp_(0, 255).byte()
+
+    def rate(work, repeats, samples):
+        work()  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            work()
+        synchronize(device)
+        return repeats * samples / (time.perf_counter() - start)
+
+    return {"decode_and_resize": rate(lambda: [to_device(b, device) for b in held], 3, batches * batch),
+            "resize_batched": rate(lambda: resize_crops(images, boxes, flips, img_size), 5, len(images)),
+            "resize_one_by_one": rate(one_by_one, 5, len(images))}
 
 
 def synchronize(device: torch.device) -> None:
@@ -158,6 +196,11 @@ def main() -> None:
             results["loader"].append({"decode": decode, "workers": w, "samples_per_sec": rate})
             rows.append(("loader alone", decode, w, f"{rate:,.0f}", ""))
             print(f"loader decode={decode} workers={w}: {rate:,.0f} samples/s", flush=True)
+    device_work = measure_device_work(pattern, streams, args.batch, 2, model_cfg.model.img_size, device)
+    results["device_work"] = device_work
+    for name, value in device_work.items():
+        rows.append((f"device work alone: {name.replace('_', ' ')}", "gpu", "-", f"{value:,.0f}", ""))
+        print(f"device work {name}: {value:,.0f} samples/s", flush=True)
     if not args.skip_training:
         micro_batch = args.micro_batch or args.batch
         for decode in ("cpu", "gpu"):

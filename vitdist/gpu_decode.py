@@ -61,6 +61,8 @@ def resize_crops(images: list[torch.Tensor | None], boxes: list[list[int]], flip
                for i, (image, box) in enumerate(zip(images, boxes)) if image is not None}
     for vertical_first in (False, True):
         members = [i for i in regions if _vertical_first(images[i], size) == vertical_first]
+        # Alike sizes together: less zero padding, fewer wasted multiply-adds.
+        members.sort(key=lambda i: (regions[i][1] - regions[i][0]) * (regions[i][3] - regions[i][2]))
         for chunk in _chunks(members, regions):
             x0, x1, y0, y1 = torch.tensor([regions[i] for i in chunk], dtype=torch.float64, device=device).unbind(1)
             box = torch.tensor([boxes[i] for i in chunk], dtype=torch.float64, device=device)
@@ -104,7 +106,7 @@ def _region(lo: int, hi: int, extent: int, size: int) -> tuple[int, int]:
 
 
 def _chunks(members: list[int], regions: dict) -> list[list[int]]:
-    """Consecutive crops whose zero-padded float copies stay within _CHUNK_PIXELS together."""
+    """Runs of crops whose zero-padded float copies stay within _CHUNK_PIXELS together."""
     chunks, h, w = [], 0, 0
     for i in members:
         x0, x1, y0, y1 = regions[i]
