@@ -53,8 +53,11 @@ def read_samples(url: str) -> Iterator[dict]:
         if errors:
             break
         yield sample
-    if not errors and tails and not tails[0].ends_archive():
-        errors.append(EOFError("the tar ends without its end-of-archive block, cut short before a member"))
+    if not errors and tails:
+        try:
+            tails[0].check_end()
+        except (EOFError, OSError) as exn:  # OSError: the stream can fail at its end, e.g. a pipe's command
+            errors.append(exn)
     if errors:
         reason = getattr(errors[0], "strerror", None) or errors[0].args[0]
         yield {"__key__": "", "__url__": url, READ_ERROR: f"{type(errors[0]).__name__}: {reason}"}
@@ -75,10 +78,14 @@ class _Tail:
         self.tail = (self.tail + data)[-512:]
         return data
 
-    def ends_archive(self) -> bool:
+    def __repr__(self) -> str:  # webdataset names the stream in its errors
+        return repr(self.stream)
+
+    def check_end(self) -> None:
         while self.read(1 << 16):  # tarfile stops at the first zero block: the rest is padding
             pass
-        return self.head[257:262] != b"ustar" or (len(self.tail) == 512 and not any(self.tail))
+        if self.head[257:262] == b"ustar" and (len(self.tail) < 512 or any(self.tail)):
+            raise EOFError("the tar ends without its end-of-archive block, cut short before a member")
 
 
 class BadSample(ValueError):
