@@ -64,25 +64,31 @@ def resize_crops(images: list[torch.Tensor | None], boxes: list[list[int]], flip
         # Alike sizes together: less zero padding, fewer wasted multiply-adds.
         members.sort(key=lambda i: (regions[i][1] - regions[i][0]) * (regions[i][3] - regions[i][2]))
         for chunk in _chunks(members, regions):
-            x0, x1, y0, y1 = torch.tensor([regions[i] for i in chunk], dtype=torch.float64, device=device).unbind(1)
-            box = torch.tensor([boxes[i] for i in chunk], dtype=torch.float64, device=device)
-            width = max(regions[i][1] - regions[i][0] for i in chunk)
-            height = max(regions[i][3] - regions[i][2] for i in chunk)
-            across = _pil_weights(box[:, 0], box[:, 2], x0, x1, width, size)
-            flipped = torch.tensor([flips[i] for i in chunk], device=device)
-            across = torch.where(flipped[:, None, None], across.flip(1), across)
-            down = _pil_weights(box[:, 1], box[:, 3], y0, y1, height, size)
-            # The first pass runs along the last axis: the pixels go in transposed when it is vertical.
-            shape = (len(chunk), 3, width, height) if vertical_first else (len(chunk), 3, height, width)
-            pixels = torch.zeros(shape, device=device)  # zeros: the weights past each region are 0
-            for j, i in enumerate(chunk):
-                a, b, c, d = regions[i]
-                region = images[i][:, c:d, a:b]
-                region = region.transpose(1, 2) if vertical_first else region
-                pixels[j, :, : region.shape[1], : region.shape[2]] = region
-            resized = _two_passes(pixels, *((down, across) if vertical_first else (across, down)))
-            out[chunk] = (resized.permute(0, 2, 1, 3) if vertical_first else resized.permute(0, 2, 3, 1)).to(torch.uint8)
+            resized = _resize_chunk([images[i] for i in chunk], [boxes[i] for i in chunk], [regions[i] for i in chunk],
+                                    [flips[i] for i in chunk], size, vertical_first)
+            out[chunk] = resized.to(torch.uint8)
     return out
+
+
+def _resize_chunk(images: list[torch.Tensor], boxes: list[list[int]], regions: list[tuple[int, int, int, int]],
+                  flips: list[bool], size: int, vertical_first: bool) -> torch.Tensor:
+    """The crops of images resampling in the same pass order, as float (n, 3, size, size)."""
+    device = images[0].device
+    x0, x1, y0, y1 = torch.tensor(regions, dtype=torch.float64, device=device).unbind(1)
+    box = torch.tensor(boxes, dtype=torch.float64, device=device)
+    width, height = max(b - a for a, b, _, _ in regions), max(d - c for _, _, c, d in regions)
+    across = _pil_weights(box[:, 0], box[:, 2], x0, x1, width, size)
+    across = torch.where(torch.tensor(flips, device=device)[:, None, None], across.flip(1), across)
+    down = _pil_weights(box[:, 1], box[:, 3], y0, y1, height, size)
+    # The first pass runs along the last axis: the pixels go in transposed when it is vertical.
+    shape = (len(images), 3, width, height) if vertical_first else (len(images), 3, height, width)
+    pixels = torch.zeros(shape, device=device)  # zeros: the weights past each region are 0
+    for j, (image, (a, b, c, d)) in enumerate(zip(images, regions)):
+        region = image[:, c:d, a:b].transpose(1, 2) if vertical_first else image[:, c:d, a:b]
+        pixels[j, :, : region.shape[1], : region.shape[2]] = region
+    if vertical_first:
+        return _two_passes(pixels, down, across).permute(0, 2, 1, 3)
+    return _two_passes(pixels, across, down).permute(0, 2, 3, 1)
 
 
 def _vertical_first(image: torch.Tensor, size: int) -> bool:
