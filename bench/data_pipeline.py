@@ -121,7 +121,7 @@ def measure_device_work(pattern: str, streams: int, batch: int, batches: int, im
         return repeats * samples / (time.perf_counter() - start)
 
     return {"decode_and_resize": rate(lambda: [to_device(b, device) for b in held], 3, batches * batch),
-            "resize_batched": rate(lambda: resize_crops(images, boxes, flips, img_size), 5, len(images)),
+            "resize_batched": rate(lambda: resize_crops(images, boxes, flips, img_size, device), 5, len(images)),
             "resize_one_by_one": rate(one_by_one, 5, len(images))}
 
 

@@ -110,7 +110,7 @@ def test_batched_resize_is_pils_resize_of_the_box():
         flips.append(flip)
         want.append(resized_crop(image, box, flip, 64))
     images[5] = None
-    got = gpu_decode.resize_crops(images, boxes, flips, 64)
+    got = gpu_decode.resize_crops(images, boxes, flips, 64, CPU)
     assert got.dtype == torch.uint8 and got.shape == (28, 3, 64, 64)
     assert torch.all(got[5] == 128)
     want = torch.stack(want)
@@ -118,7 +118,7 @@ def test_batched_resize_is_pils_resize_of_the_box():
     diff = (got[keep].int() - want[keep].int()).abs()
     assert diff.max() <= 1 and diff.float().mean() < 1e-3, (diff.max(), diff.float().mean())
     # Resampled where the box says, not just alike: a box shifted by a few pixels is far off.
-    shifted = gpu_decode.resize_crops(images[:1], [[8, 0, 500, 375]], flips[:1], 64)
+    shifted = gpu_decode.resize_crops(images[:1], [[8, 0, 500, 375]], flips[:1], 64, CPU)
     assert mean_abs_diff(shifted[0], want[0]) > 3
 
 

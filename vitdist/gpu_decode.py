@@ -45,16 +45,16 @@ def _decode_and_crop(batch: dict, size: int, device: torch.device) -> torch.Tens
     crops = torch.empty(len(jpegs), 3, size, size, dtype=torch.uint8, device=device)
     for start in range(0, len(jpegs), _DECODE_GROUP):
         group = slice(start, start + _DECODE_GROUP)
-        crops[group] = resize_crops(_decode(jpegs[group], keys[group], device), boxes[group], flips[group], size)
+        crops[group] = resize_crops(_decode(jpegs[group], keys[group], device), boxes[group], flips[group], size, device)
     return crops
 
 
-def resize_crops(images: list[torch.Tensor | None], boxes: list[list[int]], flips: list[bool], size: int) -> torch.Tensor:
+def resize_crops(images: list[torch.Tensor | None], boxes: list[list[int]], flips: list[bool], size: int,
+                 device: torch.device) -> torch.Tensor:
     """The CPU path's crops (PIL's BICUBIC resize of each box to size x size, then the flip), for
-    uint8 CHW images of any sizes on one device, as uint8 (N, 3, size, size); None gives grey.
+    uint8 CHW images of any sizes on `device`, as uint8 (N, 3, size, size); None gives grey.
     PIL resamples in two passes, each a matrix of weights per image: every crop of a chunk is
     resized by two batched matmuls, instead of a few small kernels per image."""
-    device = next((image.device for image in images if image is not None), torch.device("cpu"))
     out = torch.full((len(images), 3, size, size), _GREY, dtype=torch.uint8, device=device)
     # What each crop's resampling reads: its box and the filter's reach beyond it (PIL reads there too).
     regions = {i: _region(box[0], box[2], image.shape[2], size) + _region(box[1], box[3], image.shape[1], size)

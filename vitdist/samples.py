@@ -75,7 +75,7 @@ class _Tail:
         data = self.stream.read(n)
         if len(self.head) < 512:
             self.head += data[: 512 - len(self.head)]
-        self.tail = (self.tail + data)[-512:]
+        self.tail = (self.tail + data[-512:])[-512:]  # copies a block at most, not the whole read
         return data
 
     def __repr__(self) -> str:  # webdataset names the stream in its errors
