@@ -35,7 +35,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from vitdist.config import load_config
 from vitdist.data import TrainLoader
 from vitdist.demo_data import draw_photo
-from vitdist.gpu_decode import resize_crops, to_device
+from vitdist.gpu_decode import encoded_jpegs, resize_crops, to_device
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 1000
@@ -101,9 +101,7 @@ def measure_device_work(pattern: str, streams: int, batch: int, batches: int, im
     loader = iter(TrainLoader(cfg, img_size, NUM_CLASSES, batch, 0, 1, pin_memory=device.type == "cuda"))
     held = [next(loader) for _ in range(batches)]
     first = held[0]
-    ends = first["jpeg_sizes"].cumsum(0).tolist()
-    jpegs = [first["jpeg"][end - n : end] for end, n in zip(ends, first["jpeg_sizes"].tolist())]
-    images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    images = decode_jpeg(encoded_jpegs(first), mode=ImageReadMode.RGB, device=device)
     boxes, flips = first["jpeg_box"].tolist(), first["jpeg_flip"].tolist()
 
     def one_by_one():

@@ -37,9 +37,7 @@ def to_device(batch: dict, device: torch.device) -> torch.Tensor:
 
 
 def _decode_and_crop(batch: dict, size: int, device: torch.device) -> torch.Tensor:
-    sizes = batch["jpeg_sizes"].tolist()
-    ends = batch["jpeg_sizes"].cumsum(0).tolist()
-    jpegs = [batch["jpeg"][end - n : end] for end, n in zip(ends, sizes)]
+    jpegs = encoded_jpegs(batch)
     keys = [key for key, encoded in zip(batch["key"], batch["encoded"].tolist()) if encoded]
     boxes, flips = batch["jpeg_box"].tolist(), batch["jpeg_flip"].tolist()
     crops = torch.empty(len(jpegs), 3, size, size, dtype=torch.uint8, device=device)
@@ -47,6 +45,12 @@ def _decode_and_crop(batch: dict, size: int, device: torch.device) -> torch.Tens
         group = slice(start, start + _DECODE_GROUP)
         crops[group] = resize_crops(_decode(jpegs[group], keys[group], device), boxes[group], flips[group], size, device)
     return crops
+
+
+def encoded_jpegs(batch: dict) -> list[torch.Tensor]:
+    """A loader batch's encoded JPEGs, cut out of the one buffer they travel in."""
+    ends = batch["jpeg_sizes"].cumsum(0).tolist()
+    return [batch["jpeg"][end - n : end] for end, n in zip(ends, batch["jpeg_sizes"].tolist())]
 
 
 def resize_crops(images: list[torch.Tensor | None], boxes: list[list[int]], flips: list[bool], size: int,
@@ -65,15 +69,14 @@ def resize_crops(images: list[torch.Tensor | None], boxes: list[list[int]], flip
         members.sort(key=lambda i: (regions[i][1] - regions[i][0]) * (regions[i][3] - regions[i][2]))
         for chunk in _chunks(members, regions):
             resized = _resize_chunk([images[i] for i in chunk], [boxes[i] for i in chunk], [regions[i] for i in chunk],
-                                    [flips[i] for i in chunk], size, vertical_first)
+                                    [flips[i] for i in chunk], size, vertical_first, device)
             out[chunk] = resized.to(torch.uint8)
     return out
 
 
 def _resize_chunk(images: list[torch.Tensor], boxes: list[list[int]], regions: list[tuple[int, int, int, int]],
-                  flips: list[bool], size: int, vertical_first: bool) -> torch.Tensor:
+                  flips: list[bool], size: int, vertical_first: bool, device: torch.device) -> torch.Tensor:
     """The crops of images resampling in the same pass order, as float (n, 3, size, size)."""
-    device = images[0].device
     x0, x1, y0, y1 = torch.tensor(regions, dtype=torch.float64, device=device).unbind(1)
     box = torch.tensor(boxes, dtype=torch.float64, device=device)
     width, height = max(b - a for a, b, _, _ in regions), max(d - c for _, _, c, d in regions)

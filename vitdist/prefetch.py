@@ -16,7 +16,7 @@ from .gpu_decode import to_device
 class DeviceBatches:
     """Loader batches with their images and labels on the device, prepared by a background thread
     `ahead` batches before the step asks, on a CUDA stream of its own: the host work of decoding
-    (launches, the per-image crop loop) and its kernels overlap the training step instead of
+    (launches, decoding, resizing) and its kernels overlap the training step instead of
     adding to it. On a CPU device the thread still overlaps it with the step's Python."""
 
     def __init__(self, batches: Generator[dict], device: torch.device, ahead: int = 2):

@@ -42,20 +42,14 @@ def read_samples(url: str) -> Iterator[dict]:
         errors.append(exn)
         return False
 
-    tails = []
-
-    def tail(source: dict) -> dict:
-        tails.append(_Tail(source["stream"]))
-        return dict(source, stream=tails[-1])
-
-    sources = map(tail, url_opener([{"url": url}], handler=stop))
+    sources = [dict(source, stream=_Tail(source["stream"])) for source in url_opener([{"url": url}], handler=stop)]
     for sample in group_by_keys(tar_file_expander(sources, handler=stop), handler=stop):
         if errors:
             break
         yield sample
-    if not errors and tails:
+    if not errors and sources:
         try:
-            tails[0].check_end()
+            sources[0]["stream"].check_end()
         except (EOFError, OSError) as exn:  # OSError: the stream can fail at its end, e.g. a pipe's command
             errors.append(exn)
     if errors:
