@@ -136,7 +136,7 @@ def load_rgb(image: Image.Image) -> Image.Image:
         if image.mode.startswith("I"):
             # 16-bit greyscale (PNG): PIL's own conversion clips at 255 instead of scaling 65535 to 255.
             image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8))
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as e:
         raise BadSample("undecodable", f"undecodable image: {e}") from None
 
