@@ -57,8 +57,9 @@ class DataConfig:
     std: list[float] = _opt([0.229, 0.224, 0.225], "per-channel normalisation std (0..1 scale)")
     prefetch_steps: int = _opt(2, "optimizer steps of data each loader worker prepares ahead")
     decode: Literal["auto", "cpu", "gpu"] = _opt(
-        "auto", "training images: cpu: loader workers decode and crop them (PIL); gpu: workers hand over the JPEG bytes "
-        "and crop boxes, the training device decodes (nvJPEG on CUDA) and resizes them in batches with PIL's weights, "
+        "auto", "training images: cpu: loader workers decode (PIL) and crop them (torch's uint8 resize); gpu: workers hand "
+        "over the JPEG bytes and crop boxes, the training device decodes (nvJPEG on CUDA) and resizes them in batches, "
+        "to the same pixels; "
         "other images still decode in the workers; auto: gpu when training on CUDA, else cpu. Validation always decodes in the workers")
     min_image_side: int = _opt(
         8, "skip (as too_small) images whose shorter side has fewer pixels: 1x1 tracking pixels and broken thumbnails "
