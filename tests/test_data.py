@@ -1,6 +1,7 @@
 import gzip
 import io
 import json
+import os
 import random
 import re
 import struct
@@ -19,7 +20,7 @@ from PIL import Image
 
 from conftest import REPO, TINY, png_bytes, write_shard
 from vitdist.config import ConfigError, load_config
-from vitdist.data import EvalSamples, TrainLoader, train_shard_urls, expand_urls, sample_crop, shard_order
+from vitdist.data import WORKER_NICENESS, EvalSamples, TrainLoader, train_shard_urls, expand_urls, sample_crop, shard_order
 from vitdist.samples import READ_ERROR, load_rgb, open_image, read_samples
 from vitdist.shards import make_shards
 
@@ -55,6 +56,33 @@ def test_global_batches_do_not_depend_on_ranks_or_workers(demo_shards):
     for world, workers in ((1, 2), (2, 1), (2, 2), (4, 2)):
         assert keys_by_step(data_cfg(demo_shards, f"data.num_workers={workers}"), world, 6) == reference
     assert keys_by_step(data_cfg(demo_shards, "data.num_workers=0", "data.seed=1"), 1, 6) != reference
+
+
+def child_processes() -> dict[int, tuple[int, int]]:
+    """This process's children: pid -> (session id, nice), from /proc."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone since the listing
+            continue
+        if int(fields[1]) == os.getpid():
+            children[int(stat.parent.name)] = (int(fields[3]), int(fields[16]))
+    return children
+
+
+def test_loader_workers_run_in_their_own_session_below_the_training_process(demo_shards):
+    """SLURM's and torchrun's signals to the job's process group reach only the main process, and
+    decoding on every core leaves the training process first in line for a core."""
+    before = child_processes()
+    batches = iter(TrainLoader(data_cfg(demo_shards, "data.num_workers=2").data, 32, 8, 128, 0, 1))
+    next(batches)
+    workers = {pid: stat for pid, stat in child_processes().items() if pid not in before}
+    assert len(workers) == 2
+    own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    for pid, (session, nice) in workers.items():
+        assert session == pid != os.getsid(0)
+        assert nice == min(19, own_nice + WORKER_NICENESS)
 
 
 @pytest.mark.parametrize("block, steps", [(128, 3), (10, 5), (10, 8)])

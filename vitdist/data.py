@@ -35,6 +35,9 @@ from .config import ConfigError, DataConfig
 from .samples import READ_ERROR, BadSample, Skips, decode, load_rgb, read_image, read_samples
 
 
+WORKER_NICENESS = 10  # CPU weight about a tenth of the training process's (Linux's CFS weights)
+
+
 def expand_urls(spec: str | list[str]) -> list[str]:
     """Shard URLs from a brace pattern, a list of patterns, or a .txt file with one per line."""
     if isinstance(spec, str) and spec.endswith(".txt") and not spec.startswith("pipe:"):
@@ -234,13 +237,19 @@ class TrainChunks(IterableDataset):
         return chunk
 
 
-def _own_session(worker_id: int) -> None:
+def _start_worker(worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGUSR1, which SLURM and torchrun send to the job's whole
     process group, to the main process: it finishes the step and checkpoints, then stops them
     itself (they would die of the signal and take the step down). Ignoring the signals instead
     would also make them immune to the SIGTERM that stops a hung worker, and hang the exit; and
-    they leave on their own when the main process dies (torch's watchdog)."""
+    they leave on their own when the main process dies (torch's watchdog).
+
+    They also run at a lower priority than the training process. Decoding keeps every core busy
+    when there are about as many workers as cores; at equal priority the training process, whose
+    threads launch the GPU's work and copy the batches over, then waits for a core behind them, and
+    the GPU idles while no batch is late (low data_wait, yet a slower step)."""
     os.setsid()
+    os.nice(WORKER_NICENESS)
 
 
 def train_shard_urls(cfg: DataConfig, world_size: int) -> list[str]:
@@ -276,7 +285,7 @@ class TrainLoader:
         workers = max(1, cfg.num_workers)
         self.loader = DataLoader(chunks, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
                                  prefetch_factor=cfg.prefetch_steps * self.per_rank // workers if cfg.num_workers else None,
-                                 worker_init_fn=_own_session, timeout=timeout_s if cfg.num_workers else 0)
+                                 worker_init_fn=_start_worker, timeout=timeout_s if cfg.num_workers else 0)
 
     def __iter__(self) -> Iterator[dict]:
         chunks = iter(self.loader)
@@ -326,7 +335,7 @@ def eval_loader(cfg: DataConfig, img_size: int, num_classes: int, rank: int, wor
                 pin_memory: bool = False) -> DataLoader:
     dataset = EvalSamples(expand_urls(cfg.val_shards), cfg, img_size, num_classes, rank, world_size)
     return DataLoader(dataset, batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_own_session)
+                      worker_init_fn=_start_worker)
 
 
 def normalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
