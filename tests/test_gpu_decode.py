@@ -108,7 +108,7 @@ def test_batched_resize_is_the_cpu_paths_resized_crop():
         images.append(to_uint8_tensor(image))
         boxes.append(list(box))
         flips.append(flip)
-        want.append(resized_crop(images[-1], box, flip, 64))
+        want.append(resized_crop(image, box, flip, 64))
     images[5] = None
     got = gpu_decode.resize_crops(images, boxes, flips, 64, CPU)
     assert got.dtype == torch.uint8 and got.shape == (32, 3, 64, 64)

@@ -101,10 +101,10 @@ def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(batch, size=(height, width), mode="bicubic", antialias=True)[0]
 
 
-def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], flip: bool, size: int) -> torch.Tensor:
-    """torchvision's resized_crop of a uint8 CHW image (the box cut out, then resized), then the flip."""
-    left, top, right, bottom = box
-    crop = resize(image[:, top:bottom, left:right], size, size)
+def resized_crop(image: Image.Image, box: tuple[int, int, int, int], flip: bool, size: int) -> torch.Tensor:
+    """torchvision's resized_crop (the box cut out, then resized as `resize` does), then the flip.
+    PIL cuts the box: only its pixels are copied out of the image."""
+    crop = resize(to_uint8_tensor(image.crop(box)), size, size)
     return crop.flip(-1) if flip else crop
 
 
@@ -216,7 +216,7 @@ class TrainChunks(IterableDataset):
                     boxes.append(box)
                     flips.append(flip)
                 else:
-                    images.append(resized_crop(to_uint8_tensor(load_rgb(image)), box, flip, self.img_size))
+                    images.append(resized_crop(load_rgb(image), box, flip, self.img_size))
             except BadSample as reason:
                 skips.report(sample, reason)
                 continue
