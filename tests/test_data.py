@@ -146,7 +146,9 @@ def test_bad_samples_are_skipped_and_counted_by_kind(tmp_path, caplog):
            "no_image": [{"__key__": "noimage", "txt": b"hello", "cls": 2}],
            "undecodable": [{"__key__": "garbage", "jpg": b"not an image at all", "cls": 1}],
            "too_small": [{"__key__": "onepixel", "png": png_bytes((9, 9, 9), size=(1, 1)), "cls": 1}],
-           "too_large": [{"__key__": "bomb", "png": png_claiming(20000, 20000), "cls": 1}]}
+           # PIL refuses the first itself (over twice its MAX_IMAGE_PIXELS); data.max_image_pixels the second
+           "too_large": [{"__key__": "bomb", "png": png_claiming(20000, 20000), "cls": 1},
+                         {"__key__": "big", "png": png_claiming(12000, 9000), "cls": 1}]}
     urls = [str(tmp_path / f"s{i}.tar") for i in range(5)]
     # One stream, blocks of one sample (read in order), one batch of all good samples: the shard
     # read last ends with a good one, so that the batch meets every bad sample.
@@ -174,6 +176,7 @@ def test_bad_samples_are_skipped_and_counted_by_kind(tmp_path, caplog):
                        for m in messages), sample["__key__"]
     for url in truncated, deleted:
         assert any(f"skipped the rest of the shard in {url}: " in m and m.endswith("[read_error]") for m in messages), url
+    assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own bomb check is left in place for everyone else
 
 
 def test_a_tar_cut_before_a_member_header_is_a_read_error(tmp_path):

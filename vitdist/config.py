@@ -66,7 +66,8 @@ class DataConfig:
         "hold nothing to crop, while 32 px images (CIFAR, icons) pass")
     max_image_pixels: int = _opt(
         100_000_000, "skip (as too_large) images of more pixels, judged from the header before any pixel is decoded: "
-        "a decompression bomb never allocates; 100M pixels (300 MB as RGB) is beyond any common camera")
+        "a decompression bomb never allocates; 100M pixels (300 MB as RGB) is beyond any common camera. PIL refuses images "
+        "over 2 x PIL.Image.MAX_IMAGE_PIXELS (179M) itself, also counted as too_large")
     max_skip_frac: float = _opt(
         0.1, "stop the run (error, exit 2) when more than this fraction of the training samples read were skipped; "
         "judged at log steps from step 10 on, so that one corrupt shard met first does not stop a run; 1: never stop")

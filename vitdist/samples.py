@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -26,9 +27,6 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SKIP_KINDS = ("read_error", "no_label", "bad_label", "no_image", "undecodable", "too_small", "too_large")
 READ_ERROR = "__read_error__"  # the key of the sample that stands for the unreadable rest of a shard
 _MAX_WARNINGS = 20  # logged per kind and worker: the first ones name the broken shards, more would flood the log
-# data.max_image_pixels decides from the header, before decoding; PIL's own bomb check would
-# refuse (or warn about) large images before the header reaches it.
-Image.MAX_IMAGE_PIXELS = None
 
 
 def read_samples(url: str) -> Iterator[dict]:
@@ -109,9 +107,16 @@ def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """The image with only its header read (size, mode, format): no pixels decoded yet; or BadSample."""
+    """The image with only its header read (size, mode, format): no pixels decoded yet; or BadSample.
+    data.max_image_pixels judges the size (read_image). PIL's own decompression-bomb check, which
+    warns from Image.MAX_IMAGE_PIXELS and refuses from twice that, is left in place for the rest
+    of the process: here its warning is silenced and its refusal counted as too_large."""
     try:
-        return Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadSample("too_large", f"{e} (PIL's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, bounds data.max_image_pixels)") from None
     except Exception as e:
         raise BadSample("undecodable", f"undecodable image: {e}") from None
 
