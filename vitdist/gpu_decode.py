@@ -57,7 +57,7 @@ def resize_crops(images: list[torch.Tensor | None], boxes: list[list[int]], flip
     """The CPU path's crops (data.resized_crop: each box cut out, resized as torch resizes uint8
     images, then flipped), for uint8 CHW images of any sizes on `device`, as uint8 (N, 3, size, size);
     None gives grey. That resize is two passes, each a matrix of integer weights per crop: every crop
-    of a chunk is resized by two batched matmuls, instead of a few small kernels per crop."""
+    of a chunk is resized by the same few batched matmuls, instead of a few small kernels per crop."""
     out = torch.full((len(images), 3, size, size), _GREY, dtype=torch.uint8, device=device)
     members = [i for i, image in enumerate(images) if image is not None]
     # Alike sizes together: less zero padding, fewer wasted multiply-adds.
@@ -93,7 +93,7 @@ def _resize_chunk(images: list[torch.Tensor], boxes: list[list[int]], flips: lis
 def _halves(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer weights under 2^15 in magnitude as high and low 8 bits, float32. A pass's sums reach
     2^26, past float32's exact integers (2^24); each half's stay far below, and every half weight
-    and pixel value fits 8 bits, exact even in TF32 or bf16 matmuls: the sums are exact on any GPU,
+    and pixel value fits 8 bits, exact even where float32 matmuls run as TF32: the sums are exact on any GPU,
     without float64 (slow on most GPUs but the largest), for crops up to about 60 times the output
     size (13,000 pixels at 224: 250 taps of at most 255 x 255)."""
     high = torch.div(weights, 256, rounding_mode="floor")
