@@ -181,8 +181,7 @@ class TrainChunks(IterableDataset):
 
     A chunk's "image" holds the crops decoded here. With `on_device`, the JPEGs the device can
     decode stay encoded instead, all of a chunk's bytes in one tensor ("jpeg", cut by
-    "jpeg_sizes"): one shared-memory buffer (and one pinned copy) per chunk rather than one per
-    image. "jpeg_box" and "jpeg_flip" are their augmentation, "encoded" marks them in sample order.
+    "jpeg_sizes"): one shared-memory buffer per chunk rather than one per image. "jpeg_box" and "jpeg_flip" are their augmentation, "encoded" marks them in sample order.
     """
 
     def __init__(self, urls, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
@@ -266,7 +265,9 @@ class TrainLoader:
     """Yields, per optimizer step, this rank's share of the global batch: one chunk from each of
     its streams, in stream order. `positions` (stream -> position) is what a checkpoint saves.
     A worker that delivers nothing for `timeout_s` (a stalled `pipe:` read, a hung filesystem)
-    stops the run, as a silent peer would."""
+    stops the run, as a silent peer would. With `pin_memory` the chunks are joined straight into
+    pinned memory: one copy on the host, and the copy to the GPU is asynchronous (the loader's own
+    pinning would copy each chunk once more, and the batch joined from them would be pageable)."""
 
     def __init__(self, cfg: DataConfig, img_size: int, num_classes: int, global_batch_size: int,
                  rank: int, world_size: int, positions: dict | None = None, pin_memory: bool = False,
@@ -283,7 +284,8 @@ class TrainLoader:
         # The loader's round-robin over workers meets the workers' round-robin over their
         # streams, so the first `per_rank` items are exactly one chunk of every stream.
         workers = max(1, cfg.num_workers)
-        self.loader = DataLoader(chunks, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
+        self.pin_memory = pin_memory
+        self.loader = DataLoader(chunks, batch_size=None, num_workers=cfg.num_workers,
                                  prefetch_factor=cfg.prefetch_steps * self.per_rank // workers if cfg.num_workers else None,
                                  worker_init_fn=_start_worker, timeout=timeout_s if cfg.num_workers else 0)
 
@@ -297,9 +299,13 @@ class TrainLoader:
             # was read (DeviceBatches reads ahead), and a checkpoint must record what was trained on.
             batch = {"key": [k for c in step for k in c["key"]], "positions": dict(self.positions),
                      "skipped": sum((Counter(c["skipped"]) for c in step), Counter())}
-            batch.update({name: torch.cat([c[name] for c in step]) for name, value in step[0].items()
+            batch.update({name: self._join([c[name] for c in step]) for name, value in step[0].items()
                           if isinstance(value, torch.Tensor)})
             yield batch
+
+    def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        shape = (sum(len(part) for part in parts), *parts[0].shape[1:])
+        return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=self.pin_memory))
 
 
 class EvalSamples(IterableDataset):
