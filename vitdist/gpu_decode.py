@@ -71,12 +71,12 @@ def resize_crops(images: list[torch.Tensor | None], boxes: list[list[int]], flip
 def _resize_chunk(images: list[torch.Tensor], boxes: list[list[int]], flips: list[bool], size: int,
                   device: torch.device) -> torch.Tensor:
     """uint8 (n, 3, size, size)."""
-    widths = torch.tensor([right - left for left, _, right, _ in boxes], dtype=torch.float64, device=device)
-    heights = torch.tensor([bottom - top for _, top, _, bottom in boxes], dtype=torch.float64, device=device)
-    width, height = max(right - left for left, _, right, _ in boxes), max(bottom - top for _, top, _, bottom in boxes)
-    across, across_precision = _torch_weights(widths, width, size)
+    widths = [right - left for left, _, right, _ in boxes]
+    heights = [bottom - top for _, top, _, bottom in boxes]
+    width, height = max(widths), max(heights)
+    across, across_precision = _torch_weights(torch.tensor(widths, dtype=torch.float64, device=device), width, size)
     across = torch.where(torch.tensor(flips, device=device)[:, None, None], across.flip(1), across)
-    down, down_precision = _torch_weights(heights, height, size)
+    down, down_precision = _torch_weights(torch.tensor(heights, dtype=torch.float64, device=device), height, size)
     n = len(images)
     pixels = torch.zeros(n, 3, height, width, device=device)  # the weights past each crop are 0
     for j, (image, (left, top, right, bottom)) in enumerate(zip(images, boxes)):
