@@ -6,7 +6,9 @@
 A variant is `timm` (timm's model, fp32 weights, bf16 autocast, fused AdamW, torch.compile of the
 whole model: the step the issue's anchors time), `timm-eager`, or `vitdist:<key=value;...>`:
 vitdist's own step (`vitdist.train.prepare_model` + `train_step`) on the config with those
-overrides. Every variant starts from the same initial weights and is timed with CUDA events on
+overrides. Settings `inductor.<option>=<value>` patch torch._inductor.config for one variant, of
+either kind, e.g. `timm:inductor.max_autotune=true` or
+`vitdist:dist.strategy=ddp;inductor.max_autotune_gemm_backends=TRITON`. Every variant starts from the same initial weights and is timed with CUDA events on
 fresh random batches (median of repeats, after warm-up and compilation). Numerics: each vitdist
 variant trains `--check-steps` steps on a fixed set of batches, and its losses are compared with
 vitdist's eager bf16-autocast step (`vitdist:train.compile=false;dist.strategy=ddp`) from the
@@ -24,7 +26,10 @@ import time
 
 import timm
 import torch
+import torch._functorch.config
+import torch._inductor.config
 import torch.nn.functional as F
+import yaml
 
 from vitdist import distributed
 from vitdist.config import load_config
@@ -102,6 +107,23 @@ def time_steps(step, batches, warmup: int, steps: int, repeats: int, device) -> 
     return per_step, warmup_s
 
 
+def counted_step(step, batch, model) -> tuple[torch.Tensor, float]:
+    """One step; returns its loss and the bytes autograd kept for backward per image, the model's
+    own weights left out: the activations that checkpointing and the memory budget trade for
+    recomputation, counted the same way on any device, the CPU included."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved.append(tensor.nbytes)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = step(*batch)
+    return loss, sum(saved) / len(batch[0])
+
+
 def profile(step, batches, device, steps: int = 3) -> None:
     """GPU time per kernel over a few steps, in families: where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -124,18 +146,36 @@ def profile(step, batches, device, steps: int = 3) -> None:
 
 
 def run_variant(name: str, args, init: dict, ctx, check_batches) -> dict:
+    """`name`: `timm`, `timm-eager` or `vitdist`, then optionally `:` and `;`-separated settings:
+    `inductor.<option>=<value>` patches torch._inductor.config for this variant (any kind), the
+    others are vitdist config overrides."""
+    kind, _, settings = name.partition(":")
+    settings = [s for s in settings.split(";") if s]
+    inductor = {k.removeprefix("inductor."): yaml.safe_load(v) for k, v in
+                (s.split("=", 1) for s in settings if s.startswith("inductor."))}
+    overrides = [s for s in settings if not s.startswith("inductor.")]
     torch._dynamo.reset()
+    torch._functorch.config.activation_memory_budget = 1.0  # timm's default; vitdist's variants set their own
     torch.manual_seed(0)
-    if name in ("timm", "timm-eager"):
-        model, step = timm_step(args, init, compile_=name == "timm")
-        losses = None
+    with torch._inductor.config.patch(inductor):
+        return _run_variant(name, kind, overrides, args, init, ctx, check_batches)
+
+
+def _run_variant(name: str, kind: str, overrides: list[str], args, init: dict, ctx, check_batches) -> dict:
+    batches = [random_batch(args) for _ in range(4)]  # fresh inputs, rotated: no timing of one cached batch
+    if kind in ("timm", "timm-eager"):
+        if overrides:
+            raise ValueError(f"{name}: timm variants take only inductor.* settings, got {overrides}")
+        model, step = timm_step(args, init, compile_=kind == "timm")
+        saved, losses = counted_step(step, batches[0], model)[1], None
     else:
-        model, step = vitdist_step(args, init, [o for o in name.partition(":")[2].split(";") if o], ctx)
-        losses = [step(x, y).item() for x, y in check_batches]  # numerics first, from the initial weights
+        model, step = vitdist_step(args, init, overrides, ctx)
+        # Numerics first, from the initial weights.
+        loss, saved = counted_step(step, check_batches[0] if check_batches else batches[0], model)
+        losses = [loss.item(), *(step(x, y).item() for x, y in check_batches[1:])] if check_batches else None
     flops = train_flops_per_image(model)
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
-    batches = [random_batch(args) for _ in range(4)]  # fresh inputs, rotated: no timing of one cached batch
     per_step, warmup_s = time_steps(step, batches, args.warmup, args.steps, args.repeats, args.device)
     if args.profile:
         profile(step, batches, args.device)
@@ -143,7 +183,7 @@ def run_variant(name: str, args, init: dict, ctx, check_batches) -> dict:
     result = {"variant": name, "img_s": args.batch / seconds, "step_ms": seconds * 1e3,
               "spread": (max(per_step) - min(per_step)) / seconds, "warmup_s": warmup_s,
               "peak_mem_gib": torch.cuda.max_memory_allocated(args.device) / 2**30 if args.device.type == "cuda" else 0.0,
-              "flops_per_img": flops, "losses": losses}
+              "saved_mib_per_img": saved / 2**20, "flops_per_img": flops, "losses": losses}
     del model, step, batches
     gc.collect()
     if args.device.type == "cuda":
@@ -203,7 +243,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
     print(f"\n{device_name} | torch {torch.__version__} | timm {timm.__version__} | "
           f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s | {args.arch} batch {args.batch} ckpt {args.ckpt}")
-    print(f"{'variant':58s} {'img/s':>7s} {'MFU':>6s} {'mem GiB':>8s} {'x timm':>7s} {'loss@N rel':>10s}")
+    print(f"{'variant':58s} {'img/s':>7s} {'MFU':>6s} {'mem GiB':>8s} {'saved MiB/img':>13s} {'x timm':>7s} "
+          f"{'loss@N rel':>10s}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:58s} {r['error']}")
@@ -214,7 +255,8 @@ def main() -> None:
             r["loss_rel_diff"] = abs(r["losses"][-1] - reference[-1]) / abs(reference[-1])
         ratio = f"{r['x_timm']:.3f}" if r["x_timm"] else "-"
         rel = f"{r['loss_rel_diff']:.2e}" if "loss_rel_diff" in r else "-"
-        print(f"{r['variant']:58s} {r['img_s']:7.0f} {r['mfu']:6.1%} {r['peak_mem_gib']:8.1f} {ratio:>7s} {rel:>10s}")
+        print(f"{r['variant']:58s} {r['img_s']:7.0f} {r['mfu']:6.1%} {r['peak_mem_gib']:8.1f} "
+              f"{r['saved_mib_per_img']:13.2f} {ratio:>7s} {rel:>10s}")
     if reference:
         print(f"reference loss: step 1 {reference[0]:.4f} -> step {len(reference)} {reference[-1]:.4f}")
     if args.out:

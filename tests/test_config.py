@@ -66,6 +66,20 @@ def test_refusals_name_the_key(override, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.compile=true", "train.activation_memory_budget=1.5"],
+     "config key 'train.activation_memory_budget' must be in [0, 1], got 1.5"),
+    (["train.activation_memory_budget=0.5"], "train.activation_memory_budget < 1 needs train.compile=true"),
+    (["train.compile=true", "train.activation_memory_budget=0.5", "model.grad_checkpointing=true"],
+     "two ways to recompute activations"),
+])
+def test_an_activation_memory_budget_needs_compile_and_no_full_checkpointing(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    assert message in str(e.value)
+    assert load_config(TINY, ["train.compile=true", "train.activation_memory_budget=0"]).train.activation_memory_budget == 0
+
+
 def test_bad_files_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="config file '.*nope.yaml' does not exist"):
         load_config(tmp_path / "nope.yaml")

@@ -9,7 +9,7 @@ from vitdist.config import load_config
 from vitdist.model import build_model
 from vitdist.objective import Classification
 from vitdist.optim import build_optimizer
-from vitdist.train import compute_precision, train_step
+from vitdist.train import compute_precision, prepare_model, train_step
 
 
 def tiny(*overrides):
@@ -92,3 +92,32 @@ def test_a_nan_step_changes_nothing_and_the_next_one_trains(process_group):
     assert train_step(model, model, optimizer, objective, x, y, cfg, compute)[2].item() == 0.0
     assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])
     assert all(s["step"].item() == 2 for s in optimizer.state.values())
+
+
+def test_an_activation_memory_budget_recomputes_instead_of_saving(process_group):
+    """Compiled, the whole DDP model: with a budget of 0 compile's partitioner saves a fraction of
+    the activations it saves by default, and the step's loss and gradients stay the same."""
+    ctx = distributed.DistContext(0, 1, 0, torch.device("cpu"))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 8, (16,))
+    runs = {}
+    for budget in (0.0, 1.0):  # 1.0 last: the setting is process-wide
+        torch._dynamo.reset()  # dynamo would reuse the first graph for the second, identical, model
+        model, cfg = tiny("train.compile=true", f"train.activation_memory_budget={budget}")
+        dp_model = prepare_model(model, cfg, ctx)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = []
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() not in weights:
+                saved.append(tensor.nbytes)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = Classification(cfg.train, cfg.model.num_classes)(dp_model, x, y)
+        loss.backward()
+        runs[budget] = sum(saved), loss.detach(), [p.grad for p in model.parameters()]
+    (low_saved, low_loss, low_grads), (saved, loss, grads) = runs[0.0], runs[1.0]
+    assert saved > 0 and low_saved < 0.5 * saved, (low_saved, saved)
+    torch.testing.assert_close(low_loss, loss, rtol=1e-5, atol=1e-6)
+    for low, full in zip(low_grads, grads):
+        torch.testing.assert_close(low, full, rtol=1e-4, atol=1e-6)

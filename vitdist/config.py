@@ -91,6 +91,10 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = _opt("bf16", "autocast dtype of forward/backward; weights and optimizer stay fp32")
     seed: int = _opt(0, "seed of model initialisation and augmentation")
     compile: bool = _opt(False, "torch.compile the model")
+    activation_memory_budget: float = _opt(
+        1.0, "compiled runs: the fraction of the activations backward reads that compile keeps; below 1, its partitioner "
+        "recomputes what is cheapest to recompute (norms, GELU, casts) instead of saving it; 0 keeps about what "
+        "model.grad_checkpointing keeps. A middle way between no checkpointing and full checkpointing: needs train.compile")
     resume: str = _opt("auto", "auto: newest complete checkpoint in run.dir if any; none: start fresh; or a checkpoint path")
     eval_every_steps: int = _opt(0, "validate every N steps (and at the end); 0: only at the end")
     label_smoothing: float = _opt(0.1, "label smoothing of the classification loss")
@@ -289,6 +293,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must have 3 numbers (RGB), got {value}")
     if not 0 <= cfg.data.max_skip_frac <= 1:
         raise ConfigError(f"config key 'data.max_skip_frac' must be in [0, 1], got {cfg.data.max_skip_frac}")
+    if not 0 <= cfg.train.activation_memory_budget <= 1:
+        raise ConfigError(f"config key 'train.activation_memory_budget' must be in [0, 1], got "
+                          f"{cfg.train.activation_memory_budget}")
+    if cfg.train.activation_memory_budget < 1 and not cfg.train.compile:
+        raise ConfigError("train.activation_memory_budget < 1 needs train.compile=true: compile's partitioner chooses "
+                          "what to recompute")
+    if cfg.train.activation_memory_budget < 1 and cfg.model.grad_checkpointing:
+        raise ConfigError("train.activation_memory_budget < 1 and model.grad_checkpointing=true are two ways to "
+                          "recompute activations: choose one")
     if not 0 < cfg.finetune.layer_decay <= 1:
         raise ConfigError(f"config key 'finetune.layer_decay' must be in (0, 1], got {cfg.finetune.layer_decay}")
     if not cfg.data.train_shards:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -214,8 +215,10 @@ def prepare_model(model: torch.nn.Module, cfg: Config, ctx: distributed.DistCont
     so that fusion crosses block boundaries and dynamo splits the graph at DDP's gradient buckets
     (measured on an H100: 9% faster than per-block compile for checkpointed ViT-B/16, 1% for
     ViT-L/16; bench/RESULTS.md). FSDP2: each block compiled on its own, in place, between the
-    hooks that gather and free its parameters."""
+    hooks that gather and free its parameters. compile reads the activation memory budget when the
+    model first runs, from a process-wide setting: it is set here for every run, the default too."""
     model = model.to(ctx.device)
+    torch._functorch.config.activation_memory_budget = cfg.train.activation_memory_budget
     if cfg.train.compile and cfg.dist.strategy == "fsdp":
         for block in model.blocks:
             block.compile()
