@@ -92,9 +92,10 @@ class TrainConfig:
     seed: int = _opt(0, "seed of model initialisation and augmentation")
     compile: bool = _opt(False, "torch.compile the model")
     activation_memory_budget: float = _opt(
-        1.0, "compiled runs: the fraction of the activations backward reads that compile keeps; below 1, its partitioner "
-        "recomputes what is cheapest to recompute (norms, GELU, casts) instead of saving it; 0 keeps about what "
-        "model.grad_checkpointing keeps. A middle way between no checkpointing and full checkpointing: needs train.compile")
+        1.0, "compiled runs: the share of the activations for backward that compile's partitioner may keep (0.5 keeps "
+        "about half); it recomputes the rest, choosing what costs the fewest FLOPs per byte freed; 0: recompute all "
+        "it can (about twice what model.grad_checkpointing keeps). Less memory than no checkpointing, less recompute "
+        "than full; needs train.compile")
     resume: str = _opt("auto", "auto: newest complete checkpoint in run.dir if any; none: start fresh; or a checkpoint path")
     eval_every_steps: int = _opt(0, "validate every N steps (and at the end); 0: only at the end")
     label_smoothing: float = _opt(0.1, "label smoothing of the classification loss")
