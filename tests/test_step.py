@@ -1,5 +1,6 @@
 """The pieces of one training step: gradient sync, precision, objective."""
 
+import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -94,21 +95,23 @@ def test_a_nan_step_changes_nothing_and_the_next_one_trains(process_group):
     assert all(s["step"].item() == 2 for s in optimizer.state.values())
 
 
-def test_an_activation_memory_budget_recomputes_instead_of_saving(process_group):
-    """Compiled, the whole DDP model: with a budget of 0 compile's partitioner saves a fraction of
-    the activations it saves by default, and the step's loss and gradients stay the same."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_an_activation_memory_budget_recomputes_instead_of_saving(process_group, strategy):
+    """Compiled (the whole DDP model, or each FSDP2 block): with a budget of 0 compile's partitioner
+    saves a fraction of the activations it saves by default, and the step's loss and gradients stay
+    the same."""
     ctx = distributed.DistContext(0, 1, 0, torch.device("cpu"))
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 8, (16,))
     runs = {}
     for budget in (0.0, 1.0):  # 1.0 last: the setting is process-wide
         torch._dynamo.reset()  # dynamo would reuse the first graph for the second, identical, model
-        model, cfg = tiny("train.compile=true", f"train.activation_memory_budget={budget}")
+        model, cfg = tiny("train.compile=true", f"train.activation_memory_budget={budget}", f"dist.strategy={strategy}",
+                          "model.depth=2")
         dp_model = prepare_model(model, cfg, ctx)
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved = []
 
-        def pack(tensor):
-            if tensor.untyped_storage().data_ptr() not in weights:
+        def pack(tensor):  # the weights (gathered by FSDP, or DDP's own) are not activations
+            if not isinstance(tensor, torch.nn.Parameter):
                 saved.append(tensor.nbytes)
             return tensor
 
