@@ -107,15 +107,14 @@ def time_steps(step, batches, warmup: int, steps: int, repeats: int, device) -> 
     return per_step, warmup_s
 
 
-def counted_step(step, batch, model) -> tuple[torch.Tensor, float]:
+def counted_step(step, batch) -> tuple[torch.Tensor, float]:
     """One step; returns its loss and the bytes autograd kept for backward per image, the model's
     own weights left out: the activations that checkpointing and the memory budget trade for
     recomputation, counted the same way on any device, the CPU included."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = []
 
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in weights:
+    def pack(tensor):  # parameters, FSDP's gathered ones included, are weights, not activations
+        if not isinstance(tensor, torch.nn.Parameter):
             saved.append(tensor.nbytes)
         return tensor
 
@@ -167,11 +166,11 @@ def _run_variant(name: str, kind: str, overrides: list[str], args, init: dict, c
         if overrides:
             raise ValueError(f"{name}: timm variants take only inductor.* settings, got {overrides}")
         model, step = timm_step(args, init, compile_=kind == "timm")
-        saved, losses = counted_step(step, batches[0], model)[1], None
+        saved, losses = counted_step(step, batches[0])[1], None
     else:
         model, step = vitdist_step(args, init, overrides, ctx)
         # Numerics first, from the initial weights.
-        loss, saved = counted_step(step, check_batches[0] if check_batches else batches[0], model)
+        loss, saved = counted_step(step, check_batches[0] if check_batches else batches[0])
         losses = [loss.item(), *(step(x, y).item() for x, y in check_batches[1:])] if check_batches else None
     flops = train_flops_per_image(model)
     if args.device.type == "cuda":
