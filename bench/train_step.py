@@ -8,11 +8,13 @@ whole model: the step the issue's anchors time), `timm-eager`, or `vitdist:<key=
 vitdist's own step (`vitdist.train.prepare_model` + `train_step`) on the config with those
 overrides. Settings `inductor.<option>=<value>` patch torch._inductor.config for one variant, of
 either kind, e.g. `timm:inductor.max_autotune=true` or
-`vitdist:dist.strategy=ddp;inductor.max_autotune_gemm_backends=TRITON`. Every variant starts from the same initial weights and is timed with CUDA events on
-fresh random batches (median of repeats, after warm-up and compilation). Numerics: each vitdist
-variant trains `--check-steps` steps on a fixed set of batches, and its losses are compared with
-vitdist's eager bf16-autocast step (`vitdist:train.compile=false;dist.strategy=ddp`) from the
-same initial weights. MFU counts model FLOPs (`vitdist.model.train_flops_per_image`, no
+`vitdist:dist.strategy=ddp;inductor.max_autotune_gemm_backends=TRITON`. Every variant starts from
+the same initial weights and is timed with CUDA events on fresh random batches (median of
+repeats, after warm-up and compilation). "saved MiB/img" is what autograd keeps for backward
+(activations, not weights), counted on any device. Numerics: each vitdist variant trains
+`--check-steps` steps on a fixed set of batches, and its losses are compared with vitdist's
+eager bf16-autocast step (`vitdist:train.compile=false;dist.strategy=ddp`) from the same initial
+weights. MFU counts model FLOPs (`vitdist.model.train_flops_per_image`, no
 recomputation) against the bf16 matmul peak measured in the same run.
 """
 
