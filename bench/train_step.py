@@ -6,8 +6,8 @@
 A variant is `timm` (timm's model, fp32 weights, bf16 autocast, fused AdamW, torch.compile of the
 whole model: the step the issue's anchors time), `timm-eager`, or `vitdist:<key=value;...>`:
 vitdist's own step (`vitdist.train.prepare_model` + `train_step`) on the config with those
-overrides. Settings `inductor.<option>=<value>` patch torch._inductor.config for one variant, of
-either kind, e.g. `timm:inductor.max_autotune=true` or
+overrides. Settings `inductor.<option>=<value>` (or `dynamo.`) patch torch._inductor.config (or
+torch._dynamo.config) for one variant, of either kind, e.g. `timm:inductor.max_autotune=true` or
 `vitdist:dist.strategy=ddp;inductor.max_autotune_gemm_backends=TRITON`. Every variant starts from
 the same initial weights and is timed with CUDA events on fresh random batches (median of
 repeats, after warm-up and compilation). "saved MiB/img" is what autograd keeps for backward
@@ -21,6 +21,7 @@ recomputation) against the bf16 matmul peak measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -28,6 +29,7 @@ import time
 
 import timm
 import torch
+import torch._dynamo.config
 import torch._functorch.config
 import torch._inductor.config
 import torch.nn.functional as F
@@ -42,6 +44,7 @@ from vitdist.optim import build_optimizer
 from vitdist.train import compute_precision, prepare_model, train_step
 
 REFERENCE = "vitdist:train.compile=false;dist.strategy=ddp"
+COMPILER_CONFIGS = {"inductor.": torch._inductor.config, "dynamo.": torch._dynamo.config}
 
 
 def bench_overrides(args) -> list[str]:
@@ -148,17 +151,19 @@ def profile(step, batches, device, steps: int = 3) -> None:
 
 def run_variant(name: str, args, init: dict, ctx, check_batches) -> dict:
     """`name`: `timm`, `timm-eager` or `vitdist`, then optionally `:` and `;`-separated settings:
-    `inductor.<option>=<value>` patches torch._inductor.config for this variant (any kind), the
-    others are vitdist config overrides."""
+    `inductor.<option>=<value>` and `dynamo.<option>=<value>` patch torch._inductor.config and
+    torch._dynamo.config for this variant (any kind), the others are vitdist config overrides."""
     kind, _, settings = name.partition(":")
     settings = [s for s in settings.split(";") if s]
-    inductor = {k.removeprefix("inductor."): yaml.safe_load(v) for k, v in
-                (s.split("=", 1) for s in settings if s.startswith("inductor."))}
-    overrides = [s for s in settings if not s.startswith("inductor.")]
+    patches = {prefix: {k.removeprefix(prefix): yaml.safe_load(v) for k, v in
+                        (s.split("=", 1) for s in settings if s.startswith(prefix))} for prefix in COMPILER_CONFIGS}
+    overrides = [s for s in settings if not s.startswith(tuple(COMPILER_CONFIGS))]
     torch._dynamo.reset()
     torch._functorch.config.activation_memory_budget = 1.0  # timm's default; vitdist's variants set their own
     torch.manual_seed(0)
-    with torch._inductor.config.patch(inductor):
+    with contextlib.ExitStack() as stack:
+        for prefix, config in COMPILER_CONFIGS.items():
+            stack.enter_context(config.patch(patches[prefix]))
         return _run_variant(name, kind, overrides, args, init, ctx, check_batches)
 
 
@@ -166,7 +171,7 @@ def _run_variant(name: str, kind: str, overrides: list[str], args, init: dict, c
     batches = [random_batch(args) for _ in range(4)]  # fresh inputs, rotated: no timing of one cached batch
     if kind in ("timm", "timm-eager"):
         if overrides:
-            raise ValueError(f"{name}: timm variants take only inductor.* settings, got {overrides}")
+            raise ValueError(f"{name}: timm variants take only inductor.* and dynamo.* settings, got {overrides}")
         model, step = timm_step(args, init, compile_=kind == "timm")
         saved, losses = counted_step(step, batches[0])[1], None
     else:
