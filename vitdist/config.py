@@ -294,13 +294,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must have 3 numbers (RGB), got {value}")
     if not 0 <= cfg.data.max_skip_frac <= 1:
         raise ConfigError(f"config key 'data.max_skip_frac' must be in [0, 1], got {cfg.data.max_skip_frac}")
-    if not 0 <= cfg.train.activation_memory_budget <= 1:
-        raise ConfigError(f"config key 'train.activation_memory_budget' must be in [0, 1], got "
-                          f"{cfg.train.activation_memory_budget}")
-    if cfg.train.activation_memory_budget < 1 and not cfg.train.compile:
+    budget = cfg.train.activation_memory_budget
+    if not 0 <= budget <= 1:
+        raise ConfigError(f"config key 'train.activation_memory_budget' must be in [0, 1], got {budget}")
+    if budget < 1 and not cfg.train.compile:
         raise ConfigError("train.activation_memory_budget < 1 needs train.compile=true: compile's partitioner chooses "
                           "what to recompute")
-    if cfg.train.activation_memory_budget < 1 and cfg.model.grad_checkpointing:
+    if budget < 1 and cfg.model.grad_checkpointing:
         raise ConfigError("train.activation_memory_budget < 1 and model.grad_checkpointing=true are two ways to "
                           "recompute activations: choose one")
     if not 0 < cfg.finetune.layer_decay <= 1:

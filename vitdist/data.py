@@ -181,7 +181,8 @@ class TrainChunks(IterableDataset):
 
     A chunk's "image" holds the crops decoded here. With `on_device`, the JPEGs the device can
     decode stay encoded instead, all of a chunk's bytes in one tensor ("jpeg", cut by
-    "jpeg_sizes"): one shared-memory buffer per chunk rather than one per image. "jpeg_box" and "jpeg_flip" are their augmentation, "encoded" marks them in sample order.
+    "jpeg_sizes"): one shared-memory buffer per chunk rather than one per image. "jpeg_box" and
+    "jpeg_flip" are their augmentation, "encoded" marks them in sample order.
     """
 
     def __init__(self, urls, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,

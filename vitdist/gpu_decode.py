@@ -93,9 +93,9 @@ def _resize_chunk(images: list[torch.Tensor], boxes: list[list[int]], flips: lis
 def _halves(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer weights under 2^15 in magnitude as high and low 8 bits, float32. A pass's sums reach
     2^26, past float32's exact integers (2^24); each half's stay far below, and every half weight
-    and pixel value fits 8 bits, exact even where float32 matmuls run as TF32: the sums are exact on any GPU,
-    without float64 (slow on most GPUs but the largest), for crops up to about 60 times the output
-    size (13,000 pixels at 224: 250 taps of at most 255 x 255)."""
+    and pixel value fits 8 bits, exact even where float32 matmuls run as TF32. So the sums are
+    exact on any GPU without float64 (slow on most GPUs but the largest), for crops up to about 60
+    times the output size (13,000 pixels at 224: 250 taps of at most 255 x 255)."""
     high = torch.div(weights, 256, rounding_mode="floor")
     return high.float(), (weights - 256 * high).float()
 
