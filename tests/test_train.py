@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import png_bytes, read_scalars, run_pretrain, shard_overrides, write_shard
+from conftest import TINY, png_bytes, read_scalars, run_pretrain, shard_overrides, write_shard
 from vitdist.config import load_config, to_dict
 from vitdist.data import expand_urls
 from vitdist.model import timm_kwargs
@@ -201,3 +201,33 @@ def test_diverged_steps_are_skipped_counted_then_stop_without_checkpointing_them
     assert dict(scalars["train/skipped_steps"]) == {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 1, 7: 2, 8: 3}
     losses = dict(scalars["train/loss"])
     assert all(math.isfinite(losses[s]) for s in range(1, 6)) and all(math.isnan(losses[s]) for s in (6, 7, 8))
+
+
+# Trains in a process of its own (no other process group in it) and prints where the host waited.
+COUNT_WAITS = """
+import json, sys, warnings, torch
+from vitdist.config import load_config
+from vitdist.train import train
+torch.cuda.set_sync_debug_mode("warn")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train(load_config(sys.argv[1], sys.argv[2:]))
+print(json.dumps([f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the host waits for a device only on a GPU")
+def test_training_steps_never_make_the_host_wait_for_the_gpu(demo_shards, tmp_path):
+    """A wait for the GPU in the step (a copy from pageable host memory, an .item(), a sync) leaves
+    it idle until the host has queued the next step's kernels. Runs of 4 and 12 steps with the same
+    log, checkpoint and validation events wait as often: the 8 more steps not once."""
+    def waits(steps: int) -> list[str]:
+        overrides = [*shard_overrides(demo_shards), "data.val_shards=null", "data.decode=cpu", f"train.steps={steps}",
+                     "log.every_steps=1000", "ckpt.every_steps=0", f"run.dir={tmp_path / str(steps)}"]
+        run = subprocess.run([sys.executable, "-c", COUNT_WAITS, str(TINY), *overrides], capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.splitlines()[-1])
+
+    few, more = waits(4), waits(12)
+    assert len(more) == len(few), sorted(set(more) - set(few)) or more

@@ -345,8 +345,15 @@ def eval_loader(cfg: DataConfig, img_size: int, num_classes: int, rank: int, wor
                       worker_init_fn=_start_worker)
 
 
-def normalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
-    """uint8 NCHW on the device -> normalised float32."""
-    mean = torch.tensor(cfg.mean, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.std, device=images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean) / std
+class Normalize:
+    """uint8 NCHW on the device -> normalised float32. The constants go to the device once: a
+    tensor copied from the host's memory makes the host wait until the device has finished all it
+    was given (cudaStreamSynchronize), so a copy per step would leave the GPU idle at the start of
+    every step, until the host has queued the next kernels."""
+
+    def __init__(self, cfg: DataConfig, device: torch.device):
+        self.mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std

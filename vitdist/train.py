@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from . import checkpoint, distributed, imagefolder
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, save_config
-from .data import TrainLoader, eval_loader, expand_urls, normalize, train_shard_urls
+from .data import Normalize, TrainLoader, eval_loader, expand_urls, train_shard_urls
 from .export import write_safetensors
 from .handoff import load_pretrained
 from .metrics import MetricLogger, matmul_peak_flops
@@ -145,6 +145,7 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
               f"accumulation step(s) | steps {step} -> {cfg.train.steps}", flush=True)
 
     bad_steps = BadSteps(ctx.device)
+    normalize = Normalize(cfg.data, ctx.device)
     with DeviceBatches(iter(loader), ctx.device) as batches:
         window = Window(start=time.perf_counter())
         while step < cfg.train.steps:
@@ -159,7 +160,7 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             positions = batch["positions"]
-            images = normalize(batch["image"], cfg.data)
+            images = normalize(batch["image"])
             loss, grad_norm, bad = train_step(dp_model, model, optimizer, objective, images, batch["label"], cfg,
                                               compute)
             step += 1
@@ -304,7 +305,9 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
     Ranks run the same number of forward passes (under FSDP each one gathers parameters from
     all ranks): a rank whose share has run out runs an empty batch."""
     model.eval()
-    totals = torch.zeros(4, device=ctx.device)  # loss sum, top-1 correct, top-5 correct, count
+    normalize = Normalize(cfg.data, ctx.device)
+    totals = torch.zeros(3, device=ctx.device)  # loss sum, top-1 correct, top-5 correct
+    count = 0
     k = min(5, cfg.model.num_classes)
     empty = {"image": torch.zeros(0, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.uint8),
              "label": torch.zeros(0, dtype=torch.long)}
@@ -314,15 +317,16 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
         if not distributed.any_rank(batch is not None, ctx):
             break
         batch = batch or empty
-        images = normalize(batch["image"].to(ctx.device, non_blocking=True), cfg.data)
+        images = normalize(batch["image"].to(ctx.device, non_blocking=True))
         labels = batch["label"].to(ctx.device, non_blocking=True)
         with compute:
             logits = model(images).float()
         top = logits.topk(k, dim=-1).indices == labels[:, None]
         totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), top[:, 0].sum().float(),
-                               top.any(-1).sum().float(), torch.tensor(float(len(labels)), device=ctx.device)])
+                               top.any(-1).sum().float()])
+        count += len(labels)
     model.train()
-    totals = distributed.all_reduce_sum(totals)
+    totals = distributed.all_reduce_sum(torch.cat([totals, torch.full((1,), float(count), device=ctx.device)]))
     count = max(totals[3].item(), 1.0)
     return {"val/loss": totals[0].item() / count, "val/top1": totals[1].item() / count,
             "val/top5": totals[2].item() / count}
