@@ -30,9 +30,19 @@ def to_device(batch: dict, device: torch.device) -> torch.Tensor:
     size = decoded.shape[-1]
     encoded = batch["encoded"]
     images = torch.empty(len(encoded), 3, size, size, dtype=torch.uint8, device=device)
-    images.index_copy_(0, (~encoded).nonzero().squeeze(1).to(device), decoded)
-    images.index_copy_(0, encoded.nonzero().squeeze(1).to(device), _decode_and_crop(batch, size, device))
+    images.index_copy_(0, _host_to_device((~encoded).nonzero().squeeze(1), device), decoded)
+    crops = _decode_and_crop(batch, size, device)
+    images.index_copy_(0, _host_to_device(encoded.nonzero().squeeze(1), device), crops)
     return images
+
+
+def _host_to_device(values: torch.Tensor | list, device: torch.device,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Small host data (indices, sizes) on the device without waiting: a copy from pageable memory
+    makes this thread wait until the device has run all the work queued before it, so every such
+    copy would stall the preparation of the next chunk until the GPU has finished this one."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
 def _decode_and_crop(batch: dict, size: int, device: torch.device) -> torch.Tensor:
@@ -63,8 +73,9 @@ def resize_crops(images: list[torch.Tensor | None], boxes: list[list[int]], flip
     # Alike sizes together: less zero padding, fewer wasted multiply-adds.
     members.sort(key=lambda i: (boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]))
     for chunk in _chunks(members, boxes):
-        out[chunk] = _resize_chunk([images[i] for i in chunk], [boxes[i] for i in chunk], [flips[i] for i in chunk],
-                                   size, device)
+        resized = _resize_chunk([images[i] for i in chunk], [boxes[i] for i in chunk], [flips[i] for i in chunk],
+                                size, device)
+        out.index_copy_(0, _host_to_device(chunk, device), resized)
     return out
 
 
@@ -74,9 +85,9 @@ def _resize_chunk(images: list[torch.Tensor], boxes: list[list[int]], flips: lis
     widths = [right - left for left, _, right, _ in boxes]
     heights = [bottom - top for _, top, _, bottom in boxes]
     width, height = max(widths), max(heights)
-    across, across_precision = _torch_weights(torch.tensor(widths, dtype=torch.float64, device=device), width, size)
-    across = torch.where(torch.tensor(flips, device=device)[:, None, None], across.flip(1), across)
-    down, down_precision = _torch_weights(torch.tensor(heights, dtype=torch.float64, device=device), height, size)
+    across, across_precision = _torch_weights(_host_to_device(widths, device, torch.float64), width, size)
+    across = torch.where(_host_to_device(flips, device)[:, None, None], across.flip(1), across)
+    down, down_precision = _torch_weights(_host_to_device(heights, device, torch.float64), height, size)
     n = len(images)
     pixels = torch.zeros(n, 3, height, width, device=device)  # the weights past each crop are 0
     for j, (image, (left, top, right, bottom)) in enumerate(zip(images, boxes)):
