@@ -1,5 +1,5 @@
-"""data.decode: gpu, run on the CPU device (torchvision decodes JPEGs there too): the same samples,
-order, positions and image regions as data.decode: cpu."""
+"""data.decode: gpu, run on the CPU device (torchvision decodes JPEGs there too), and on a GPU
+where there is one: the same samples, order, positions and image regions as data.decode: cpu."""
 
 import io
 import logging
@@ -20,6 +20,9 @@ from vitdist.demo_data import draw_photo
 from vitdist.gpu_decode import to_device
 
 CPU = torch.device("cpu")
+# Where a GPU is, the device-side tests run on it too (CI has none: they skip there).
+DEVICES = [CPU, pytest.param(torch.device("cuda"), marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="no GPU"))]
 SIZES = [(120, 90), (90, 120), (100, 100)]
 
 
@@ -91,10 +94,22 @@ def test_gpu_path_gives_the_cpu_paths_samples_crops_and_flips(photo_shards):
         assert mirrored > 10 and zoomed > 10, (mirrored, zoomed)  # about 45 and 28
 
 
-def test_batched_resize_is_the_cpu_paths_resized_crop():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a GPU")
+def test_nvjpeg_crops_are_the_cpu_paths_up_to_the_decoders_rounding(photo_shards):
+    """On a GPU: nvJPEG's IDCT and chroma upsampling round a little differently from libjpeg-turbo's,
+    so the same regions differ by about a level; a flipped or shifted region by over 10 (above)."""
+    want, got = next(iter(loader(photo_shards, "cpu"))), next(iter(loader(photo_shards, "gpu")))
+    images, encoded = to_device(got, torch.device("cuda")).cpu(), got["encoded"]
+    assert got["key"] == want["key"] and 20 <= encoded.sum() < len(encoded)
+    assert torch.equal(images[~encoded], want["image"][~encoded])
+    assert mean_abs_diff(images[encoded], want["image"][encoded]) < 2.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_resize_is_the_cpu_paths_resized_crop(device):
     """resize_crops against data.resized_crop (torch's uint8 resize of the cut-out box, then the
     flip), pixel for pixel: images wide, tall and thin, boxes shrunk and enlarged, one pixel wide,
-    at the edges and whole, one image missing."""
+    at the edges and whole, one image missing. On a GPU too, where float32 matmuls may run as TF32."""
     rng, draw = np.random.default_rng(3), random.Random(3)
     shapes = [(500, 375), (375, 500), (120, 90), (37, 300), (300, 37), (224, 224), (16, 700), (1200, 900)]
     images, boxes, flips, want = [], [], [], []
@@ -105,18 +120,18 @@ def test_batched_resize_is_the_cpu_paths_resized_crop():
         if i == 7:
             box = (3, 10, 4, 200)
         flip = i % 3 == 0
-        images.append(to_uint8_tensor(image))
+        images.append(to_uint8_tensor(image).to(device))
         boxes.append(list(box))
         flips.append(flip)
         want.append(resized_crop(image, box, flip, 64))
     images[5] = None
-    got = gpu_decode.resize_crops(images, boxes, flips, 64, CPU)
+    got = gpu_decode.resize_crops(images, boxes, flips, 64, device).cpu()
     assert got.dtype == torch.uint8 and got.shape == (32, 3, 64, 64)
     assert torch.all(got[5] == 128)
     keep = torch.arange(32) != 5
     assert torch.equal(got[keep], torch.stack(want)[keep])
     # Resampled where the box says, not just alike: a box shifted by a few pixels is far off.
-    shifted = gpu_decode.resize_crops(images[:1], [[8, 0, 500, 375]], flips[:1], 64, CPU)
+    shifted = gpu_decode.resize_crops(images[:1], [[8, 0, 500, 375]], flips[:1], 64, device).cpu()
     assert mean_abs_diff(shifted[0], want[0]) > 3
 
 
