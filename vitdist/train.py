@@ -307,7 +307,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
     model.eval()
     normalize = Normalize(cfg.data, ctx.device)
     totals = torch.zeros(3, device=ctx.device)  # loss sum, top-1 correct, top-5 correct
-    count = 0
+    samples = 0  # this rank's
     k = min(5, cfg.model.num_classes)
     empty = {"image": torch.zeros(0, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.uint8),
              "label": torch.zeros(0, dtype=torch.long)}
@@ -324,9 +324,9 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
         top = logits.topk(k, dim=-1).indices == labels[:, None]
         totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), top[:, 0].sum().float(),
                                top.any(-1).sum().float()])
-        count += len(labels)
+        samples += len(labels)
     model.train()
-    totals = distributed.all_reduce_sum(torch.cat([totals, torch.full((1,), float(count), device=ctx.device)]))
+    totals = distributed.all_reduce_sum(torch.cat([totals, torch.full((1,), float(samples), device=ctx.device)]))
     count = max(totals[3].item(), 1.0)
     return {"val/loss": totals[0].item() / count, "val/top1": totals[1].item() / count,
             "val/top5": totals[2].item() / count}
