@@ -72,6 +72,22 @@ def test_objective_label_smoothing_and_mixup():
     assert torch.isfinite(loss) and not torch.allclose(loss, smoothed)
 
 
+@pytest.mark.parametrize("max_norm", [0.01, 0.0])
+def test_clipping_scales_the_gradients_to_the_norm_and_zero_leaves_them(max_norm):
+    model, cfg = tiny()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 8, (4,))
+    Classification(cfg.train, cfg.model.num_classes)(model, x, y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = distributed.clip_grad_norm(model, max_norm)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    assert norm > 0.1  # so that 0.01 clips
+    if max_norm:
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        torch.testing.assert_close(after, torch.tensor(max_norm), rtol=1e-4, atol=0)
+    else:
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
 def test_a_nan_step_changes_nothing_and_the_next_one_trains(process_group):
     """A batch that makes the loss NaN: no parameter, moment or step count moves; then a good
     batch updates as usual."""

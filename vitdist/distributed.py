@@ -186,8 +186,13 @@ def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractConte
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip to a global norm (over all shards under FSDP); returns the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    """The global gradient norm (over all shards under FSDP) before clipping, which the NaN/Inf
+    guard and the logs read; the gradients are clipped to `max_norm`, unless it is 0: clipping is
+    off, and no pass over them scales them by 1."""
+    if max_norm:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
