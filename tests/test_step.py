@@ -19,11 +19,14 @@ def tiny(*overrides):
     return build_model(cfg.model), cfg
 
 
-def test_accumulation_micro_steps_do_not_all_reduce(process_group):
-    model, cfg = tiny()
+@pytest.mark.parametrize("compile", [False, True])
+def test_accumulation_micro_steps_do_not_all_reduce(process_group, compile):
+    """Also through torch.compile's wrapper, which is not a DDP module itself."""
+    model, cfg = tiny(f"train.compile={compile}", "model.depth=1")
     ctx = distributed.DistContext(0, 1, 0, torch.device("cpu"))
-    dp_model = distributed.parallelize(model, cfg.dist, "fp32", ctx)
-    assert isinstance(dp_model, DistributedDataParallel)
+    dp_model = prepare_model(model, cfg, ctx)
+    ddp = dp_model._orig_mod if compile else dp_model
+    assert isinstance(ddp, DistributedDataParallel)
     reduced = []
 
     def count(state, bucket):
@@ -32,7 +35,7 @@ def test_accumulation_micro_steps_do_not_all_reduce(process_group):
         fut.set_result(bucket.buffer())
         return fut
 
-    dp_model.register_comm_hook(None, count)
+    ddp.register_comm_hook(None, count)
     objective = Classification(cfg.train, cfg.model.num_classes)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 8, (8,))
     for i, (xs, ys) in enumerate(zip(x.split(2), y.split(2))):

@@ -178,6 +178,9 @@ def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractConte
     """On accumulation micro-steps gradients stay local: one reduction per optimizer step."""
     if enabled:
         return contextlib.nullcontext()
+    # torch.compile's wrapper is no DDP module, yet DDP's forward, which reads no_sync's flag,
+    # still runs eagerly inside it: without unwrapping, every micro-step would all-reduce.
+    model = getattr(model, "_orig_mod", model)
     if isinstance(model, DistributedDataParallel):
         return model.no_sync()
     if isinstance(model, FSDPModule):
