@@ -86,7 +86,9 @@ def test_sigterm_checkpoints_at_the_current_step_and_exits_75(demo_shards, tmp_p
     os.killpg(process.pid, signal.SIGTERM)  # the process and its loader workers, as SLURM signals a job
     assert process.wait(timeout=120) == 75
     log = (tmp_path / "run.log").read_text()
-    step = int(re.search(r"checkpoint .*step_(\d+) written, exiting with 75", log).group(1))
+    step, newest = map(int, re.search(r"preempted at step (\d+): exiting with 75; the newest complete checkpoint is "
+                                      r".*step_(\d+)", log).groups())
+    assert newest == step  # written at the step the signal stopped
     assert 3 <= step < 1000 and (tmp_path / "checkpoints" / f"step_{step}" / ".metadata").is_file()
 
     resumed = run_pretrain(0, [*common, f"train.steps={step + 2}"])

@@ -118,7 +118,9 @@ def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=cluster.env, check=True)
     assert wait_done(cluster, job, timeout_s=300) == "COMPLETED"
     log = log_path.read_text()
-    step = int(re.search(r"checkpoint .*step_(\d+) written, exiting with 75", log).group(1))
+    step, newest = map(int, re.search(r"preempted at step (\d+): exiting with 75; the newest complete checkpoint is "
+                                      r".*step_(\d+)", log).groups())
+    assert newest == step  # written at the step the signal stopped
     assert 3 <= step < 12
     assert f"requeueing job {job} (preempted: SIGUSR1" in log and "restart 1:" in log
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{step}'} at step {step}" in log

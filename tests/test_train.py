@@ -182,21 +182,23 @@ def test_bad_config_stops_every_rank_before_training(demo_shards, tmp_path, over
 
 
 def test_diverged_steps_are_skipped_counted_then_stop_without_checkpointing_them(demo_shards, tmp_path):
-    """4 good steps, then a resume at lr 1e30: step 5 blows the weights up, steps 6-8 have a NaN
-    loss on both ranks, are skipped and counted, and the run stops at train.max_bad_steps=3 with
-    step_4 still the newest checkpoint (step 6's and 8's were not written)."""
+    """4 good steps, then a resume at lr 1e30 that checkpoints every step, asynchronously: step 5
+    blows the weights up, steps 6-8 have a NaN loss on both ranks, are skipped, counted and not
+    checkpointed, and the run stops at train.max_bad_steps=3. Step 5's save, still in flight when
+    the run stops, is finished: the newest complete checkpoint."""
     common = [*shard_overrides(demo_shards), "data.val_shards=null", f"run.dir={tmp_path}", "ckpt.every_steps=2",
               "ckpt.keep=0", "log.every_steps=1", "train.global_batch_size=32", "data.micro_batch_size=16",
               "train.max_bad_steps=3", "optim.warmup_steps=1"]
     good = run_pretrain(0, [*common, "train.steps=4"])
     assert good.returncode == 0, good.stderr[-3000:]
-    diverged = run_pretrain(2, [*common, "train.steps=30", "optim.lr=1e30", "optim.min_lr=1e30"])
+    diverged = run_pretrain(2, [*common, "train.steps=30", "optim.lr=1e30", "optim.min_lr=1e30", "ckpt.every_steps=1",
+                                "ckpt.async_save=true"])
     assert diverged.returncode == 1, diverged.stderr[-3000:]
     message = "error: 3 steps in a row up to step 8 had a NaN/Inf loss or gradient norm (train.max_bad_steps=3)"
     assert diverged.stderr.count(message) == 2, diverged.stderr[-3000:]
-    assert f"the newest complete checkpoint, {tmp_path / 'checkpoints' / 'step_4'}, is from before them" in diverged.stderr
+    assert f"The newest complete checkpoint: {tmp_path / 'checkpoints' / 'step_5'}" in diverged.stderr
     assert "step 6: no checkpoint, the last 1 step(s) had a NaN/Inf loss or gradient norm" in diverged.stderr
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_4", "step_5"]
     scalars = read_scalars(tmp_path / "tb")
     assert dict(scalars["train/skipped_steps"]) == {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 1, 7: 2, 8: 3}
     losses = dict(scalars["train/loss"])

@@ -52,11 +52,11 @@ class BadSteps:
         """How many of the latest steps in a row were skipped."""
         return int(self.in_a_row.item())
 
-    def check(self, limit: int, step: int, newest_checkpoint) -> None:
+    def check(self, limit: int, step: int) -> None:
         longest, self.longest = int(self.longest.item()), self.in_a_row.clone()
         if limit and longest >= limit:
             raise NonFiniteTraining(
                 f"{longest} steps in a row up to step {step} had a NaN/Inf loss or gradient norm "
                 f"(train.max_bad_steps={limit}); they were skipped and none was checkpointed, so the newest "
-                f"complete checkpoint, {newest_checkpoint}, is from before them. Lower optim.lr, lengthen "
-                f"optim.warmup_steps or look at the data this run met, then resume")
+                f"complete checkpoint is from before them. Lower optim.lr, lengthen optim.warmup_steps or look "
+                f"at the data this run met, then resume")

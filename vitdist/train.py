@@ -26,10 +26,10 @@ from .handoff import load_pretrained
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, check_model, timm_kwargs, train_flops_per_image
 from .objective import Classification
-from .optim import BadSteps, build_optimizer, step_unless_bad
+from .optim import BadSteps, NonFiniteTraining, build_optimizer, step_unless_bad
 from .prefetch import DeviceBatches
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
-from .samples import SKIP_KINDS, check_skipped
+from .samples import SKIP_KINDS, TooManyBadSamples, check_skipped
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ def train(cfg: Config) -> Path:
     """Run (or resume) pretraining, or fine-tuning from `finetune.init`, under torchrun or as one
     process. Returns the last checkpoint; exits with PREEMPTED_EXIT_CODE after checkpointing on
     SIGTERM/SIGUSR1."""
+    preemption = Preemption()  # before the process group and an ImageFolder conversion, which can take long
     ctx = distributed.init(cfg.dist)
     try:
-        return _train(cfg, ctx)
+        return _train(cfg, ctx, preemption)
     except Exception as error:
         if distributed.is_collective_failure(error):
             log.error(distributed.lost_contact(ctx, error))
@@ -91,14 +92,13 @@ def train(cfg: Config) -> Path:
         distributed.close()
 
 
-def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
+def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) -> Path:
     accum_steps = batch_layout(cfg, ctx.world_size)
     run_dir = Path(cfg.run.dir)
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
     cfg = replace(cfg, data=imagefolder.to_shards(cfg.data, cfg.model.num_classes, run_dir / "shards", ctx.is_main,
                                                   ctx.control))
-    preemption = Preemption()
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
@@ -170,14 +170,17 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
             preempted = preemption.requested(ctx)
             at_ckpt_step = preempted or step == cfg.train.steps or (
                 cfg.ckpt.every_steps > 0 and step % cfg.ckpt.every_steps == 0)
-            at_log_step = step % cfg.log.every_steps == 0 or at_ckpt_step  # a checkpoint holds the counts so far
+            at_eval_step = val_loader is not None and not preempted and (step == cfg.train.steps or (
+                cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0))
+            # A checkpoint holds the counts so far; after an evaluation a new window starts, so that
+            # its time stays out of perf/.
+            at_log_step = step % cfg.log.every_steps == 0 or at_ckpt_step or at_eval_step
             scalars = {}
             if at_log_step:
                 scalars, skipped_total = _window_scalars(window, lr, skipped_total, bad_total, flops_per_image / peak,
                                                          ctx)
                 bad_total = scalars["train/skipped_steps"]
-            if val_loader is not None and (step == cfg.train.steps or (
-                    cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)):
+            if at_eval_step:
                 scalars.update(evaluate(model, val_loader, cfg, ctx, compute))
                 if scalars["val/top1"] > best_top1:
                     best_top1 = scalars["val/top1"]
@@ -185,8 +188,12 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
             if scalars:
                 logger.log(step, scalars)
             if at_log_step:
-                check_skipped(skipped_total, step, cfg.train.global_batch_size, cfg.data)
-                bad_steps.check(cfg.train.max_bad_steps, step, checkpointer.newest())
+                try:
+                    check_skipped(skipped_total, step, cfg.train.global_batch_size, cfg.data)
+                    bad_steps.check(cfg.train.max_bad_steps, step)
+                except (TooManyBadSamples, NonFiniteTraining) as error:
+                    checkpointer.wait()  # every rank stops here together, so they can finish the save in flight
+                    raise type(error)(f"{error}. The newest complete checkpoint: {checkpointer.newest()}") from None
             if at_ckpt_step:
                 if ongoing := bad_steps.ongoing():  # these weights may be what made those steps fail
                     log.warning("step %d: no checkpoint, the last %d step(s) had a NaN/Inf loss or gradient norm",
@@ -196,13 +203,15 @@ def _train(cfg: Config, ctx: distributed.DistContext) -> Path:
                                    "skipped": skipped_total, "bad_steps": bad_total, "best_top1": best_top1}
                     checkpointer.save(step, model, optimizer, train_state, final=preempted or step == cfg.train.steps)
             if preempted:
+                checkpointer.wait(final=True)
                 logger.close()
-                log.warning("preempted: checkpoint %s written, exiting with %d", checkpointer.newest(),
-                            PREEMPTED_EXIT_CODE)
+                log.warning("preempted at step %d: exiting with %d; the newest complete checkpoint is %s", step,
+                            PREEMPTED_EXIT_CODE, checkpointer.newest())
                 sys.exit(PREEMPTED_EXIT_CODE)
             if at_log_step:
                 window = Window(start=time.perf_counter())  # validation and checkpoint time stay out of perf/
 
+    checkpointer.wait(final=True)  # the final save was skipped after NaN/Inf steps: finish an earlier one
     logger.close()
     last_ckpt = checkpointer.newest()
     if ctx.is_main:
