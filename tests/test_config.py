@@ -54,7 +54,15 @@ def test_vit_b16_is_the_paper_size():
     ("data.val_shards=3", "config key 'data.val_shards' must be str | list[str] | null, got 3"),
     ("train.steps", "override 'train.steps' is not of the form key.sub=value"),
     ("optim.betas=[0.9, 0.99, 0.5]", "config key 'optim.betas' must have 2 numbers"),
-    ("train.steps=0", "config key 'train.steps' must be positive, got 0"),
+    ("train.steps=0", "config key 'train.steps' must be > 0, got 0"),
+    ("optim.clip_grad_norm=-1", "config key 'optim.clip_grad_norm' must be >= 0, got -1.0"),
+    ("optim.betas=[0.9, 1.0]", "config key 'optim.betas' must be >= 0 and < 1, got [0.9, 1.0]"),
+    ("optim.lr=.nan", "config key 'optim.lr' must be float, got nan"),
+    ("optim.lr=inf", "config key 'optim.lr' must be float, got 'inf'"),
+    ("train.label_smoothing=1.5", "config key 'train.label_smoothing' must be >= 0 and <= 1, got 1.5"),
+    ("data.val_crop_frac=0", "config key 'data.val_crop_frac' must be > 0 and <= 1, got 0.0"),
+    ("model.drop_path_rate=1", "config key 'model.drop_path_rate' must be >= 0 and < 1, got 1.0"),
+    ("data.std=[0.2, 0, 0.2]", "config key 'data.std' must be > 0, got [0.2, 0.0, 0.2]"),
     ("optim.warmup_steps=-1", "config key 'optim.warmup_steps' must be >= 0"),
     ("data.streams=3", "train.global_batch_size=128 is not divisible by data.streams=3"),
     ("data.train_shards=''", "config key 'data.train_shards' is empty"),
@@ -68,7 +76,7 @@ def test_refusals_name_the_key(override, message):
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.compile=true", "train.activation_memory_budget=1.5"],
-     "config key 'train.activation_memory_budget' must be in [0, 1], got 1.5"),
+     "config key 'train.activation_memory_budget' must be >= 0 and <= 1, got 1.5"),
     (["train.activation_memory_budget=0.5"], "train.activation_memory_budget < 1 needs train.compile=true"),
     (["train.compile=true", "train.activation_memory_budget=0.5", "model.grad_checkpointing=true"],
      "two ways to recompute activations"),
@@ -78,6 +86,12 @@ def test_an_activation_memory_budget_needs_compile_and_no_full_checkpointing(ove
         load_config(TINY, overrides)
     assert message in str(e.value)
     assert load_config(TINY, ["train.compile=true", "train.activation_memory_budget=0"]).train.activation_memory_budget == 0
+
+
+def test_mixup_needs_an_even_micro_batch():
+    with pytest.raises(ConfigError, match="need an even data.micro_batch_size .*, got 33"):
+        load_config(TINY, ["train.cutmix_alpha=1.0", "data.micro_batch_size=33"])
+    assert load_config(TINY, ["train.cutmix_alpha=1.0", "data.micro_batch_size=32"]).train.cutmix_alpha == 1.0
 
 
 def test_bad_files_are_refused(tmp_path):
@@ -90,6 +104,8 @@ def test_bad_files_are_refused(tmp_path):
     bad.write_text("model: 3\n")
     with pytest.raises(ConfigError, match="section 'model' must be a mapping"):
         load_config(bad)
+    bad.write_text("data:\n  train_shards: x.tar\nmodel:\n  depth: 3\nfinetune:\n  # init: x\n")  # keys all commented out
+    assert load_config(bad).model.depth == 3
     bad.write_text("model:\n  depht: 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'model.depht'; valid keys in 'model': arch, img_size"):
         load_config(bad)
@@ -145,4 +161,8 @@ def test_check_only_validates_for_the_world_size_given(demo_shards, tmp_path):
     refused = subprocess.run(command, cwd=REPO, env={**ENV, "WORLD_SIZE": "3"}, capture_output=True, text=True,
                              timeout=120)
     assert refused.returncode == 2 and "config error:" in refused.stderr
+    missing = subprocess.run([*command, f"train.resume={tmp_path / 'gone'}"], cwd=REPO, env={**ENV, "WORLD_SIZE": "2"},
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2, missing.stderr
+    assert f"config error: train.resume='{tmp_path / 'gone'}' is not a complete checkpoint directory" in missing.stderr
     assert not (tmp_path / "run").exists()

@@ -7,6 +7,8 @@ key or a wrong type fails at once with the key's name, never silently hours late
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,23 +22,33 @@ class ConfigError(ValueError):
     """A config file, key or value that vitdist refuses."""
 
 
-def _opt(default: Any, help: str) -> Any:
+# A key's bounds, as `_opt` keywords: checked on every number of its value, shown in the reference.
+_BOUNDS = {"above": (operator.gt, ">"), "at_least": (operator.ge, ">="), "below": (operator.lt, "<"),
+           "at_most": (operator.le, "<=")}
+
+
+def _opt(default: Any, help: str, **bounds: float) -> Any:
+    metadata = {"help": help, "bounds": bounds}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _bounds_text(bounds: dict[str, float]) -> str:
+    return " and ".join(f"{_BOUNDS[kind][1]} {limit:g}" for kind, limit in bounds.items())
 
 
 @dataclass
 class ModelConfig:
     arch: str = _opt("vit_base_patch16_224", "timm architecture name; exports name it so timm.create_model rebuilds the model")
-    img_size: int = _opt(224, "input resolution in pixels (square)")
-    patch_size: int | None = _opt(None, "patch size in pixels; null keeps the arch's own")
-    embed_dim: int | None = _opt(None, "token width; null keeps the arch's own")
-    depth: int | None = _opt(None, "number of encoder blocks; null keeps the arch's own")
-    num_heads: int | None = _opt(None, "attention heads; null keeps the arch's own")
-    mlp_ratio: float | None = _opt(None, "MLP hidden width / token width; null keeps the arch's own")
-    num_classes: int = _opt(1000, "classifier outputs; labels must lie in [0, num_classes)")
-    drop_path_rate: float = _opt(0.0, "stochastic depth rate of the last block (linear from 0)")
+    img_size: int = _opt(224, "input resolution in pixels (square)", above=0)
+    patch_size: int | None = _opt(None, "patch size in pixels; null keeps the arch's own", above=0)
+    embed_dim: int | None = _opt(None, "token width; null keeps the arch's own", above=0)
+    depth: int | None = _opt(None, "number of encoder blocks; null keeps the arch's own", above=0)
+    num_heads: int | None = _opt(None, "attention heads; null keeps the arch's own", above=0)
+    mlp_ratio: float | None = _opt(None, "MLP hidden width / token width; null keeps the arch's own", above=0)
+    num_classes: int = _opt(1000, "classifier outputs; labels must lie in [0, num_classes)", above=0)
+    drop_path_rate: float = _opt(0.0, "stochastic depth rate of the last block (linear from 0)", at_least=0, below=1)
     grad_checkpointing: bool = _opt(False, "recompute every block's activations in backward to save memory")
 
 
@@ -44,18 +56,22 @@ class ModelConfig:
 class DataConfig:
     train_shards: Union[str, list[str]] = _opt("", "training shards: a brace pattern, a list, or a .txt file of URLs (paths or pipe:); or an ImageFolder directory")
     val_shards: Union[str, list[str], None] = _opt(None, "validation shards or ImageFolder directory, same forms; null: no validation")
-    micro_batch_size: int = _opt(64, "samples per rank per forward/backward; accumulation makes up the global batch")
-    num_workers: int = _opt(4, "loader worker processes per rank")
-    streams: int = _opt(8, "virtual data streams; a multiple of ranks x workers; fixes the data order independently of hardware")
-    shuffle_block: int = _opt(1000, "samples shuffled together within a stream (memory holds the encoded bytes)")
-    seed: int = _opt(0, "seed of shard order and sample shuffling")
-    crop_scale: list[float] = _opt([0.08, 1.0], "RandomResizedCrop area range")
-    crop_ratio: list[float] = _opt([0.75, 1.3333333], "RandomResizedCrop aspect ratio range")
-    hflip: float = _opt(0.5, "probability of a horizontal flip")
-    val_crop_frac: float = _opt(0.875, "validation: resize to img_size / val_crop_frac, then center crop img_size")
+    micro_batch_size: int = _opt(64, "samples per rank per forward/backward; accumulation makes up the global batch",
+                                 above=0)
+    num_workers: int = _opt(4, "loader worker processes per rank", at_least=0)
+    streams: int = _opt(8, "virtual data streams; a multiple of ranks x workers; fixes the data order independently of "
+                           "hardware", above=0)
+    shuffle_block: int = _opt(1000, "samples shuffled together within a stream (memory holds the encoded bytes)",
+                              above=0)
+    seed: int = _opt(0, "seed of shard order and sample shuffling", at_least=0)
+    crop_scale: list[float] = _opt([0.08, 1.0], "RandomResizedCrop area range", above=0, at_most=1)
+    crop_ratio: list[float] = _opt([0.75, 1.3333333], "RandomResizedCrop aspect ratio range", above=0)
+    hflip: float = _opt(0.5, "probability of a horizontal flip", at_least=0, at_most=1)
+    val_crop_frac: float = _opt(0.875, "validation: resize to img_size / val_crop_frac, then center crop img_size",
+                                above=0, at_most=1)
     mean: list[float] = _opt([0.485, 0.456, 0.406], "per-channel normalisation mean (0..1 scale)")
-    std: list[float] = _opt([0.229, 0.224, 0.225], "per-channel normalisation std (0..1 scale)")
-    prefetch_steps: int = _opt(2, "optimizer steps of data each loader worker prepares ahead")
+    std: list[float] = _opt([0.229, 0.224, 0.225], "per-channel normalisation std (0..1 scale)", above=0)
+    prefetch_steps: int = _opt(2, "optimizer steps of data each loader worker prepares ahead", above=0)
     decode: Literal["auto", "cpu", "gpu"] = _opt(
         "auto", "training images: cpu: loader workers decode (PIL) and crop them (torch's uint8 resize); gpu: workers hand "
         "over the JPEG bytes and crop boxes, the training device decodes (nvJPEG on CUDA) and resizes them in batches, "
@@ -63,46 +79,48 @@ class DataConfig:
         "other images still decode in the workers; auto: gpu when training on CUDA, else cpu. Validation always decodes in the workers")
     min_image_side: int = _opt(
         8, "skip (as too_small) images whose shorter side has fewer pixels: 1x1 tracking pixels and broken thumbnails "
-        "hold nothing to crop, while 32 px images (CIFAR, icons) pass")
+        "hold nothing to crop, while 32 px images (CIFAR, icons) pass", at_least=0)
     max_image_pixels: int = _opt(
         100_000_000, "skip (as too_large) images of more pixels, judged from the header before any pixel is decoded: "
         "a decompression bomb never allocates; 100M pixels (300 MB as RGB) is beyond any common camera. PIL refuses images "
-        "over 2 x PIL.Image.MAX_IMAGE_PIXELS (179M) itself, also counted as too_large")
+        "over 2 x PIL.Image.MAX_IMAGE_PIXELS (179M) itself, also counted as too_large", above=0)
     max_skip_frac: float = _opt(
         0.1, "stop the run (error, exit 2) when more than this fraction of the training samples read were skipped; "
-        "judged at log steps from step 10 on, so that one corrupt shard met first does not stop a run; 1: never stop")
+        "judged at log steps from step 10 on, so that one corrupt shard met first does not stop a run; 1: never stop",
+        at_least=0, at_most=1)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
-    min_lr: float = _opt(1e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = _opt(1000, "optimizer steps of linear warmup")
-    weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to norms, biases, pos_embed, cls_token)")
-    betas: list[float] = _opt([0.9, 0.999], "AdamW betas")
-    eps: float = _opt(1e-8, "AdamW epsilon")
-    clip_grad_norm: float = _opt(1.0, "clip gradients to this global norm; 0 disables clipping")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)", at_least=0)
+    min_lr: float = _opt(1e-5, "learning rate at the end of the cosine decay", at_least=0)
+    warmup_steps: int = _opt(1000, "optimizer steps of linear warmup", at_least=0)
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to norms, biases, pos_embed, cls_token)",
+                               at_least=0)
+    betas: list[float] = _opt([0.9, 0.999], "AdamW betas", at_least=0, below=1)
+    eps: float = _opt(1e-8, "AdamW epsilon", above=0)
+    clip_grad_norm: float = _opt(1.0, "clip gradients to this global norm; 0 disables clipping", at_least=0)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _opt(10000, "optimizer steps to train")
-    global_batch_size: int = _opt(1024, "samples per optimizer step, over all ranks")
+    steps: int = _opt(10000, "optimizer steps to train", above=0)
+    global_batch_size: int = _opt(1024, "samples per optimizer step, over all ranks", above=0)
     precision: Literal["bf16", "fp32"] = _opt("bf16", "autocast dtype of forward/backward; weights and optimizer stay fp32")
-    seed: int = _opt(0, "seed of model initialisation and augmentation")
+    seed: int = _opt(0, "seed of model initialisation and augmentation", at_least=0)
     compile: bool = _opt(False, "torch.compile the model")
     activation_memory_budget: float = _opt(
         1.0, "compiled runs: the share of the activations for backward that compile's partitioner may keep (0.5 keeps "
         "about half); it recomputes the rest, choosing what costs the fewest FLOPs per byte freed; 0: recompute all "
         "it can (about twice what model.grad_checkpointing keeps). Less memory than no checkpointing, less recompute "
-        "than full; needs train.compile")
+        "than full; needs train.compile", at_least=0, at_most=1)
     resume: str = _opt("auto", "auto: newest complete checkpoint in run.dir if any; none: start fresh; or a checkpoint path")
-    eval_every_steps: int = _opt(0, "validate every N steps (and at the end); 0: only at the end")
-    label_smoothing: float = _opt(0.1, "label smoothing of the classification loss")
-    mixup_alpha: float = _opt(0.0, "mixup alpha (timm Mixup); 0 disables")
-    cutmix_alpha: float = _opt(0.0, "cutmix alpha (timm Mixup); 0 disables")
+    eval_every_steps: int = _opt(0, "validate every N steps (and at the end); 0: only at the end", at_least=0)
+    label_smoothing: float = _opt(0.1, "label smoothing of the classification loss", at_least=0, at_most=1)
+    mixup_alpha: float = _opt(0.0, "mixup alpha (timm Mixup); 0 disables", at_least=0)
+    cutmix_alpha: float = _opt(0.0, "cutmix alpha (timm Mixup); 0 disables", at_least=0)
     max_bad_steps: int = _opt(10, "stop after N steps in a row with a NaN/Inf loss or gradient norm on some rank "
-                                  "(each one is skipped, no update; none is checkpointed); 0: never stop")
+                                  "(each one is skipped, no update; none is checkpointed); 0: never stop", at_least=0)
 
 
 @dataclass
@@ -111,14 +129,14 @@ class DistConfig:
     fsdp_reduce_dtype: Literal["fp32", "bf16"] = _opt("fp32", "fsdp: dtype of the gradient reduce-scatter")
     fsdp_reshard_after_forward: bool = _opt(True, "fsdp: free gathered parameters after forward (less memory, one more all-gather)")
     backend: Literal["auto", "nccl", "gloo"] = _opt("auto", "auto: nccl with GPUs, gloo on CPU")
-    timeout_s: int = _opt(600, "collective timeout in seconds")
+    timeout_s: int = _opt(600, "collective timeout in seconds", above=0)
 
 
 @dataclass
 class CkptConfig:
-    every_steps: int = _opt(1000, "save a checkpoint every N steps (and at the end); 0: only at the end")
-    keep: int = _opt(3, "keep the newest K complete checkpoints; 0 keeps all")
-    keep_every: int = _opt(0, "also keep every checkpoint whose step is a multiple of N; 0: none")
+    every_steps: int = _opt(1000, "save a checkpoint every N steps (and at the end); 0: only at the end", at_least=0)
+    keep: int = _opt(3, "keep the newest K complete checkpoints; 0 keeps all", at_least=0)
+    keep_every: int = _opt(0, "also keep every checkpoint whose step is a multiple of N; 0: none", at_least=0)
     async_save: bool = _opt(False, "write in a background thread; training stalls only for the copy to host memory")
     on_error: Literal["stop", "continue"] = _opt(
         "stop", "a save that fails (disk full, unwritable directory): stop the run, or log it and train on; "
@@ -127,14 +145,16 @@ class CkptConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = _opt(10, "console and TensorBoard line every N steps")
-    peak_tflops: float | None = _opt(None, "per-device matmul peak that perf/mfu divides by; null: measured at start (bf16 or fp32, per train.precision)")
+    every_steps: int = _opt(10, "console and TensorBoard line every N steps", above=0)
+    peak_tflops: float | None = _opt(None, "per-device matmul peak that perf/mfu divides by; null: measured at start "
+                                           "(bf16 or fp32, per train.precision)", above=0)
 
 
 @dataclass
 class FinetuneConfig:
     init: str | None = _opt(None, "weights to start from: a vitdist checkpoint or export, a timm or torchvision ViT state dict")
-    layer_decay: float = _opt(1.0, "layer-wise lr decay: block i gets lr x decay^(depth - i), the head lr; 1: off")
+    layer_decay: float = _opt(1.0, "layer-wise lr decay: block i gets lr x decay^(depth - i), the head lr; 1: off",
+                              above=0, at_most=1)
     freeze: Literal["none", "backbone"] = _opt("none", "backbone: train the head only (linear probe)")
 
 
@@ -189,13 +209,16 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):  # a NaN would pass every bound
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -225,6 +248,7 @@ def _flatten(tree: Any, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
     flat = {}
     for section, values in tree.items():
+        values = {} if values is None else values  # a section whose keys are all commented out
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping of keys, got {values!r}")
         for name, value in values.items():
@@ -263,28 +287,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def validate(cfg: Config) -> None:
-    """Checks of single values that the types cannot express."""
-    positive = {
-        "model.img_size": cfg.model.img_size, "model.num_classes": cfg.model.num_classes,
-        "data.micro_batch_size": cfg.data.micro_batch_size, "data.streams": cfg.data.streams,
-        "data.shuffle_block": cfg.data.shuffle_block, "data.prefetch_steps": cfg.data.prefetch_steps,
-        "train.steps": cfg.train.steps, "train.global_batch_size": cfg.train.global_batch_size,
-        "log.every_steps": cfg.log.every_steps, "dist.timeout_s": cfg.dist.timeout_s,
-        "data.max_image_pixels": cfg.data.max_image_pixels,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {value}")
-    non_negative = {
-        "data.num_workers": cfg.data.num_workers, "optim.warmup_steps": cfg.optim.warmup_steps,
-        "ckpt.every_steps": cfg.ckpt.every_steps, "ckpt.keep": cfg.ckpt.keep, "ckpt.keep_every": cfg.ckpt.keep_every,
-        "train.eval_every_steps": cfg.train.eval_every_steps, "optim.lr": cfg.optim.lr,
-        "optim.min_lr": cfg.optim.min_lr, "data.min_image_side": cfg.data.min_image_side,
-        "train.max_bad_steps": cfg.train.max_bad_steps,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    """Each key's bounds, then what the types and bounds cannot express."""
+    for section, cls in _sections().items():
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(cfg, section), f.name)
+            for number in value if isinstance(value, list) else [value]:
+                if number is not None and not all(_BOUNDS[kind][0](number, limit)
+                                                  for kind, limit in f.metadata["bounds"].items()):
+                    raise ConfigError(f"config key '{section}.{f.name}' must be {_bounds_text(f.metadata['bounds'])}, "
+                                      f"got {value}")
     for key, value in {"data.crop_scale": cfg.data.crop_scale, "data.crop_ratio": cfg.data.crop_ratio,
                        "optim.betas": cfg.optim.betas}.items():
         if len(value) != 2:
@@ -292,19 +303,16 @@ def validate(cfg: Config) -> None:
     for key, value in {"data.mean": cfg.data.mean, "data.std": cfg.data.std}.items():
         if len(value) != 3:
             raise ConfigError(f"config key '{key}' must have 3 numbers (RGB), got {value}")
-    if not 0 <= cfg.data.max_skip_frac <= 1:
-        raise ConfigError(f"config key 'data.max_skip_frac' must be in [0, 1], got {cfg.data.max_skip_frac}")
     budget = cfg.train.activation_memory_budget
-    if not 0 <= budget <= 1:
-        raise ConfigError(f"config key 'train.activation_memory_budget' must be in [0, 1], got {budget}")
     if budget < 1 and not cfg.train.compile:
         raise ConfigError("train.activation_memory_budget < 1 needs train.compile=true: compile's partitioner chooses "
                           "what to recompute")
     if budget < 1 and cfg.model.grad_checkpointing:
         raise ConfigError("train.activation_memory_budget < 1 and model.grad_checkpointing=true are two ways to "
                           "recompute activations: choose one")
-    if not 0 < cfg.finetune.layer_decay <= 1:
-        raise ConfigError(f"config key 'finetune.layer_decay' must be in (0, 1], got {cfg.finetune.layer_decay}")
+    if (cfg.train.mixup_alpha or cfg.train.cutmix_alpha) and cfg.data.micro_batch_size % 2:
+        raise ConfigError(f"train.mixup_alpha / train.cutmix_alpha need an even data.micro_batch_size (timm's Mixup "
+                          f"pairs each sample with the batch's reverse), got {cfg.data.micro_batch_size}")
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: give a brace pattern, a list or a .txt file of shards")
     if cfg.train.global_batch_size % cfg.data.streams:
@@ -346,5 +354,7 @@ def reference_markdown() -> str:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             shown = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
             type_name = _type_name(hints[f.name]).replace("|", "\\|")
+            if f.metadata["bounds"]:
+                type_name += f", {_bounds_text(f.metadata['bounds'])}"
             lines.append(f"| `{section}.{f.name}` | {type_name} | `{shown}` | {f.metadata['help']} |")
     return "\n".join(lines) + "\n"
