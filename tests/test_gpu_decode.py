@@ -17,7 +17,9 @@ from vitdist import gpu_decode
 from vitdist.config import ConfigError, load_config
 from vitdist.data import TrainLoader, decodes_on_device, resized_crop, sample_crop, to_uint8_tensor
 from vitdist.demo_data import draw_photo
-from vitdist.gpu_decode import to_device
+from vitdist.gpu_decode import encoded_jpegs, to_device
+from vitdist.prefetch import DeviceBatches
+from vitdist.samples import _MAX_WARNINGS
 
 CPU = torch.device("cpu")
 # Where a GPU is, the device-side tests run on it too (CI has none: they skip there).
@@ -150,15 +152,16 @@ def test_positions_and_resume_are_those_of_the_cpu_path(photo_shards):
         assert torch.equal(to_device(got, CPU), to_device(want, CPU))
 
 
-def corrupt_shard(tmp_path, good):
-    """A shard of good JPEGs and bad ones, bad first, read without shuffling."""
+def corrupt_shard(tmp_path, good, broken=1):
+    """A shard of good JPEGs and bad ones, bad first, read without shuffling; `broken` of them
+    broken past their header."""
     rng = np.random.default_rng(1)
     jpeg = encode(draw_photo(120, 90, rng), quality=90)
     broken_huffman = bytearray(jpeg)
     broken_huffman[jpeg.index(b"\xff\xc4") + 4] = 0x3F  # a Huffman table index past the last
     bad = [{"__key__": "truncated", "jpg": jpeg[: len(jpeg) // 2], "cls": 1},  # its header parses
            {"__key__": "garbage", "jpg": b"not an image at all", "cls": 1},
-           {"__key__": "broken_huffman", "jpg": bytes(broken_huffman), "cls": 2}]
+           *({"__key__": f"broken{i:02d}", "jpg": bytes(broken_huffman), "cls": 2} for i in range(broken))]
     samples = bad + [{"__key__": f"good{i}", "jpg": encode(draw_photo(120, 90, rng), quality=90), "cls": i % 8}
                      for i in range(good)]
     with wds.TarWriter(str(tmp_path / "bad.tar")) as sink:
@@ -169,16 +172,44 @@ def corrupt_shard(tmp_path, good):
 
 def test_corrupt_jpegs_are_skipped_counted_or_replaced(tmp_path, caplog):
     """What the worker can tell from the bytes (truncated, not an image) is skipped and counted as
-    with decode: cpu; a JPEG broken past its header, which no decoder reads, becomes a grey image
-    under a warning, and the step goes on."""
-    pattern = corrupt_shard(tmp_path, good=9)
-    batch = next(iter(loader(pattern, "gpu", "data.streams=1", "data.shuffle_block=1", batch_size=10)))
-    assert batch["key"] == ["broken_huffman"] + [f"good{i}" for i in range(9)]
-    assert batch["skipped"] == {"undecodable": 2}
-    with caplog.at_level(logging.WARNING):
-        images = to_device(batch, CPU)
-    assert any("sample 'broken_huffman' replaced by a grey image" in r.message for r in caplog.records)
-    assert (images[0] == 128).all() and images[1:].float().std() > 10
+    with decode: cpu; a JPEG broken past its header, which no decoder reads, becomes a grey image,
+    so the batch keeps its size, and is counted as undecodable in the batch the training loop
+    reads, with a warning naming shard and key (the first _MAX_WARNINGS of them)."""
+    broken = _MAX_WARNINGS + 4
+    pattern = corrupt_shard(tmp_path, good=8, broken=broken)
+    with caplog.at_level(logging.WARNING), DeviceBatches(
+            iter(loader(pattern, "gpu", "data.streams=1", "data.shuffle_block=1", batch_size=broken + 8)), CPU) as batches:
+        batch = next(batches)
+    assert batch["key"] == [f"broken{i:02d}" for i in range(broken)] + [f"good{i}" for i in range(8)]
+    assert batch["skipped"] == {"undecodable": 2 + broken}
+    images = batch["image"]
+    assert images.shape == (broken + 8, 3, 32, 32)
+    assert (images[:broken] == 128).all() and images[broken:].float().std() > 10
+    greys = [r.message for r in caplog.records if "replaced by a grey image" in r.message]
+    assert len(greys) == _MAX_WARNINGS
+    assert greys[0].startswith(f"skipped sample 'broken00' in {pattern}: undecodable image")
+
+
+def test_decode_groups_bound_the_pixels_decoded_at_once(photo_shards, monkeypatch):
+    """Runs in order, within the pixel and image budgets but for one image over the pixel budget
+    alone; and the crops decoded in small groups are the same as in one."""
+    budget, most = gpu_decode._DECODE_PIXELS, gpu_decode._DECODE_IMAGES
+    pixels = [budget // 3] * 4 + [budget + 1, 5, budget, 1] + [100] * (most + 3) + [budget // 2] * 3
+    groups = gpu_decode.decode_groups(pixels)
+    assert [i for group in groups for i in range(len(pixels))[group]] == list(range(len(pixels)))
+    assert all(len(pixels[group]) == 1 or (sum(pixels[group]) <= budget and len(pixels[group]) <= most)
+               for group in groups)
+    assert [len(pixels[group]) for group in groups] == [3, 1, 1, 1, 1, most, 5, 2]
+    assert gpu_decode.decode_groups([]) == []
+
+    batch = next(iter(loader(photo_shards, "gpu")))
+    # The full sizes travel with the JPEGs, read from their headers.
+    decoded = [image.shape[1] * image.shape[2] for image in gpu_decode.decode_jpeg(encoded_jpegs(batch))]
+    assert batch["jpeg_pixels"].tolist() == decoded
+    whole = to_device(batch, CPU)
+    monkeypatch.setattr(gpu_decode, "_DECODE_PIXELS", 25_000)  # 2 photos of 120x90 or 100x100
+    assert len(gpu_decode.decode_groups(batch["jpeg_pixels"].tolist())) > 10
+    assert torch.equal(to_device(batch, CPU), whole)
 
 
 def test_an_image_the_decoder_refuses_is_decoded_by_pil(photo_shards, monkeypatch):

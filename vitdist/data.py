@@ -182,7 +182,8 @@ class TrainChunks(IterableDataset):
     A chunk's "image" holds the crops decoded here. With `on_device`, the JPEGs the device can
     decode stay encoded instead, all of a chunk's bytes in one tensor ("jpeg", cut by
     "jpeg_sizes"): one shared-memory buffer per chunk rather than one per image. "jpeg_box" and
-    "jpeg_flip" are their augmentation, "encoded" marks them in sample order.
+    "jpeg_flip" are their augmentation, "jpeg_pixels" their full size (from the header: what
+    decoding them takes), "encoded" marks them in sample order. "key" and "url" name every sample.
     """
 
     def __init__(self, urls, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
@@ -203,8 +204,8 @@ class TrainChunks(IterableDataset):
                 yield self._chunk(stream, skips)
 
     def _chunk(self, stream: Stream, skips: Skips) -> dict:
-        images, labels, keys, encoded, skipped_before = [], [], [], [], skips.counts.copy()
-        jpegs, boxes, flips = [], [], []
+        images, labels, keys, urls, encoded, skipped_before = [], [], [], [], [], skips.counts.copy()
+        jpegs, boxes, flips, pixels = [], [], [], []
         while len(labels) < self.chunk_size:
             sample, rng = stream.next_raw()
             try:
@@ -215,6 +216,7 @@ class TrainChunks(IterableDataset):
                     jpegs.append(data)
                     boxes.append(box)
                     flips.append(flip)
+                    pixels.append(image.width * image.height)
                 else:
                     images.append(resized_crop(load_rgb(image), box, flip, self.img_size))
             except BadSample as reason:
@@ -222,18 +224,20 @@ class TrainChunks(IterableDataset):
                 continue
             labels.append(label)
             keys.append(sample["__key__"])
+            urls.append(sample["__url__"])
             encoded.append(leave_encoded)
         size = self.img_size
         # "skipped" as a plain dict: the loader's default_convert copies a Counter, then update()s the
         # copy with its own items, which adds every count twice.
         chunk = {"image": torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8),
-                 "label": torch.tensor(labels), "key": keys,
+                 "label": torch.tensor(labels), "key": keys, "url": urls,
                  "stream": stream.stream_id, "position": stream.position, "skipped": dict(skips.counts - skipped_before)}
         if self.on_device:
             chunk.update(jpeg=torch.from_numpy(np.frombuffer(b"".join(jpegs), dtype=np.uint8).copy()),
                          jpeg_sizes=torch.tensor([len(j) for j in jpegs], dtype=torch.int64),
                          jpeg_box=torch.tensor(boxes, dtype=torch.int64).view(-1, 4),
-                         jpeg_flip=torch.tensor(flips, dtype=torch.bool), encoded=torch.tensor(encoded))
+                         jpeg_flip=torch.tensor(flips, dtype=torch.bool),
+                         jpeg_pixels=torch.tensor(pixels, dtype=torch.int64), encoded=torch.tensor(encoded))
         return chunk
 
 
@@ -298,8 +302,8 @@ class TrainLoader:
                 self.positions[c["stream"]] = c["position"]
             # The positions after this batch travel with it: a batch may be consumed well after it
             # was read (DeviceBatches reads ahead), and a checkpoint must record what was trained on.
-            batch = {"key": [k for c in step for k in c["key"]], "positions": dict(self.positions),
-                     "skipped": sum((Counter(c["skipped"]) for c in step), Counter())}
+            batch = {name: [x for c in step for x in c[name]] for name in ("key", "url")}
+            batch.update(positions=dict(self.positions), skipped=sum((Counter(c["skipped"]) for c in step), Counter()))
             batch.update({name: self._join([c[name] for c in step]) for name, value in step[0].items()
                           if isinstance(value, torch.Tensor)})
             yield batch

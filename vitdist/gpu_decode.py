@@ -4,26 +4,25 @@ order with the crops the workers decoded themselves."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .data import to_uint8_tensor
-from .samples import BadSample, load_rgb, open_image
+from .samples import BadSample, Skips, load_rgb, open_image
 
-log = logging.getLogger(__name__)
-
-# Decoded full-size images stay on the device until cropped: decoding this many at a time bounds
-# that memory (256 photos of 500x375 take 140 MB) and still gives nvJPEG large batches.
-_DECODE_GROUP = 256
+# Decoded full-size images stay on the device until cropped: decoding at most this many pixels at
+# a time (192 MB as RGB) bounds that memory whatever the images' sizes, and still gives nvJPEG
+# large batches (hundreds of 500x375 photos).
+_DECODE_PIXELS = 1 << 26
+_DECODE_IMAGES = 256
 _GREY = 128
 # Crops resized together: their zero-padded float copies take 4 bytes x 3 channels x this.
 _CHUNK_PIXELS = 1 << 24
 
 
-def to_device(batch: dict, device: torch.device) -> torch.Tensor:
-    """A loader batch's images as uint8 NCHW on `device`, in sample order, for either data.decode."""
+def to_device(batch: dict, device: torch.device, skips: Skips | None = None) -> torch.Tensor:
+    """A loader batch's images as uint8 NCHW on `device`, in sample order, for either data.decode.
+    JPEGs that turn out corrupt only when decoded are reported to `skips` (a fresh one if None)."""
     decoded = batch["image"].to(device, non_blocking=True)
     if "jpeg" not in batch:
         return decoded
@@ -31,7 +30,7 @@ def to_device(batch: dict, device: torch.device) -> torch.Tensor:
     encoded = batch["encoded"]
     images = torch.empty(len(encoded), 3, size, size, dtype=torch.uint8, device=device)
     images.index_copy_(0, _host_to_device((~encoded).nonzero().squeeze(1), device), decoded)
-    crops = _decode_and_crop(batch, size, device)
+    crops = _decode_and_crop(batch, size, device, skips or Skips())
     images.index_copy_(0, _host_to_device(encoded.nonzero().squeeze(1), device), crops)
     return images
 
@@ -45,15 +44,29 @@ def _host_to_device(values: torch.Tensor | list, device: torch.device,
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
-def _decode_and_crop(batch: dict, size: int, device: torch.device) -> torch.Tensor:
+def _decode_and_crop(batch: dict, size: int, device: torch.device, skips: Skips) -> torch.Tensor:
     jpegs = encoded_jpegs(batch)
-    keys = [key for key, encoded in zip(batch["key"], batch["encoded"].tolist()) if encoded]
+    samples = [{"__key__": key, "__url__": url}
+               for key, url, encoded in zip(batch["key"], batch["url"], batch["encoded"].tolist()) if encoded]
     boxes, flips = batch["jpeg_box"].tolist(), batch["jpeg_flip"].tolist()
     crops = torch.empty(len(jpegs), 3, size, size, dtype=torch.uint8, device=device)
-    for start in range(0, len(jpegs), _DECODE_GROUP):
-        group = slice(start, start + _DECODE_GROUP)
-        crops[group] = resize_crops(_decode(jpegs[group], keys[group], device), boxes[group], flips[group], size, device)
+    for group in decode_groups(batch["jpeg_pixels"].tolist()):
+        images = _decode(jpegs[group], samples[group], device, skips)
+        crops[group] = resize_crops(images, boxes[group], flips[group], size, device)
     return crops
+
+
+def decode_groups(pixels: list[int]) -> list[slice]:
+    """The images, of `pixels` each, in runs decoded together: in order, each run of at most
+    _DECODE_IMAGES images and _DECODE_PIXELS pixels, but for an image larger than that on its own."""
+    groups, total = [], 0
+    for i, n in enumerate(pixels):
+        if groups and total + n <= _DECODE_PIXELS and i - groups[-1].start < _DECODE_IMAGES:
+            groups[-1], total = slice(groups[-1].start, i + 1), total + n
+        else:
+            groups.append(slice(i, i + 1))
+            total = n
+    return groups
 
 
 def encoded_jpegs(batch: dict) -> list[torch.Tensor]:
@@ -163,15 +176,16 @@ def _cubic(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 1, near, torch.where(x < 2, far, 0.0))
 
 
-def _decode(jpegs: list[torch.Tensor], keys: list[str], device: torch.device) -> list[torch.Tensor | None]:
+def _decode(jpegs: list[torch.Tensor], samples: list[dict], device: torch.device,
+            skips: Skips) -> list[torch.Tensor | None]:
     try:
         return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         # One image the decoder refuses fails its whole batch: find it by decoding one by one.
-        return [_decode_one(jpeg, key, device) for jpeg, key in zip(jpegs, keys)]
+        return [_decode_one(jpeg, sample, device, skips) for jpeg, sample in zip(jpegs, samples)]
 
 
-def _decode_one(jpeg: torch.Tensor, key: str, device: torch.device) -> torch.Tensor | None:
+def _decode_one(jpeg: torch.Tensor, sample: dict, device: torch.device, skips: Skips) -> torch.Tensor | None:
     try:
         return decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
@@ -181,6 +195,7 @@ def _decode_one(jpeg: torch.Tensor, key: str, device: torch.device) -> torch.Ten
     except BadSample as reason:
         # Broken past its header, which is all the worker read. Dropping it here would shrink the
         # batch, and a rank with fewer micro-batches than the others would hang the step's
-        # collectives; a grey image under its label is one sample of noise.
-        log.warning("sample '%s' replaced by a grey image: %s", key, reason)
+        # collectives; a grey image under its label is one sample of noise. Its image is lost all
+        # the same: counted as skipped, so data.max_skip_frac sees corrupt shards on either path.
+        skips.report(sample, BadSample(reason.kind, f"{reason}; replaced by a grey image"))
         return None

@@ -11,13 +11,15 @@ from collections.abc import Generator
 import torch
 
 from .gpu_decode import to_device
+from .samples import Skips
 
 
 class DeviceBatches:
     """Loader batches with their images and labels on the device, prepared by a background thread
     `ahead` batches before the step asks, on a CUDA stream of its own: the host work of decoding
     (launches, decoding, resizing) and its kernels overlap the training step instead of
-    adding to it. On a CPU device the thread still overlaps it with the step's Python."""
+    adding to it. On a CPU device the thread still overlaps it with the step's Python. JPEGs found
+    corrupt only here are added to their batch's "skipped", as the workers' bad samples are."""
 
     def __init__(self, batches: Generator[dict], device: torch.device, ahead: int = 2):
         self.batches, self.device = batches, device
@@ -41,13 +43,16 @@ class DeviceBatches:
         self.batches.close()
 
     def _fill(self, batches: Generator[dict]) -> None:
+        skips = Skips()  # one for the thread: its warnings are capped as a worker's are
         try:
             on_stream = torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext()
             with on_stream:
                 for batch in batches:
                     if self.stopped.is_set():
                         return
-                    batch["image"] = to_device(batch, self.device)
+                    counted = skips.counts.copy()
+                    batch["image"] = to_device(batch, self.device, skips)
+                    batch["skipped"] += skips.counts - counted
                     batch["label"] = batch["label"].to(self.device, non_blocking=True)
                     done = self.stream.record_event() if self.stream else None
                     self.ready.put((batch, done))
