@@ -53,15 +53,23 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 def resume_path(spec: str, root: str | Path) -> Path | None:
     """`train.resume`: 'auto' is the newest complete checkpoint under root (or none), 'none' is
-    a fresh start, anything else a checkpoint directory that must exist."""
+    a fresh start, anything else a checkpoint directory that must exist. A run that has
+    checkpointed since it resumed from that directory goes on from its own newest checkpoint: a
+    requeued job, whose command still names the directory, would otherwise lose that progress."""
     if spec == "none":
         return None
+    found = complete_checkpoints(root)
+    newest = found[-1][1] if found else None
     if spec == "auto":
-        found = complete_checkpoints(root)
-        return found[-1][1] if found else None
+        return newest
     path = Path(spec)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"train.resume='{spec}' is not a complete checkpoint directory (no .metadata)")
+    step = json.loads((path / TRAIN_STATE).read_text())["step"]
+    if newest is not None and found[-1][0] > step:
+        log.warning("train.resume='%s' is at step %d, but this run has checkpointed since, up to %s: resuming from "
+                    "there (move the newer checkpoints away to go back to step %d)", spec, step, newest, step)
+        return newest
     return path
 
 
