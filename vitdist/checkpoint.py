@@ -151,12 +151,16 @@ class Checkpointer:
                 (partial / MODEL_META).write_text(json.dumps(self.model_meta, indent=1))
                 shutil.rmtree(final, ignore_errors=True)
                 partial.rename(final)
-                prune(self.root, self.cfg.keep, self.cfg.keep_every)
             except OSError as e:
                 error = [e]
         dist.broadcast_object_list(error, src=0, group=self.group)
         if error[0] is not None:
             raise error[0]
+        if dist.get_rank() == 0:
+            try:  # the checkpoint is complete: failing to drop older ones is no failed save
+                prune(self.root, self.cfg.keep, self.cfg.keep_every)
+            except OSError as e:
+                log.warning("step %d saved, but older checkpoints could not be pruned: %s", step, e)
 
     def _failed(self, step: int, error: Exception, final: bool) -> None:
         partial = self.root / f"step_{step}.tmp"
