@@ -215,6 +215,10 @@ def test_finetune_on_image_folders_on_2_ranks_then_resume(tmp_path):
                                 capture_output=True, text=True, cwd=REPO, timeout=120)
     assert evaluation.returncode == 0, evaluation.stderr
     assert float(re.search(r"top-1 ([\d.]+)%", evaluation.stdout).group(1)) / 100 == pytest.approx(max(top1), abs=1e-4)
+    newest = subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint", str(run_dir / "checkpoints"),
+                             "--data", str(images / "val")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert newest.returncode == 0, newest.stderr  # the run's checkpoints directory: its newest, step 6
+    assert float(re.search(r"top-1 ([\d.]+)%", newest.stdout).group(1)) / 100 == pytest.approx(top1[-1], abs=1e-4)
 
 
 # Measured after 250 steps of pretraining and 60 of fine-tuning (pretrained vs scratch), seeds 0, 1, 2

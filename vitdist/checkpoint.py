@@ -51,6 +51,13 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return _steps(Path(root), _COMPLETE)
 
 
+def newest_if_run(path: Path) -> Path:
+    """A run's checkpoints directory stands for its newest complete checkpoint (what SLURM chains
+    pass on); any other path for itself."""
+    found = [] if (path / ".metadata").exists() else complete_checkpoints(path)
+    return found[-1][1] if found else path
+
+
 def resume_path(spec: str, root: str | Path) -> Path | None:
     """`train.resume`: 'auto' is the newest complete checkpoint under root (or none), 'none' is
     a fresh start, anything else a checkpoint directory that must exist. A run that has

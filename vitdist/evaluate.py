@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import MODEL_META
+from .checkpoint import MODEL_META, newest_if_run
 from .config import Config, ConfigError, DistConfig, ModelConfig, load_config
 from .data import eval_loader
 from .handoff import HandoffError, load_pretrained
@@ -32,7 +32,7 @@ def checkpoint_meta(checkpoint: Path, config: str | None) -> dict:
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = None, batch_size: int = 64,
                         workers: int = 2) -> dict[str, float]:
-    checkpoint = Path(checkpoint)
+    checkpoint = newest_if_run(Path(checkpoint))
     meta = checkpoint_meta(checkpoint, config)
     cfg = Config(model=ModelConfig(arch=meta["arch"], **meta["timm_kwargs"]))
     with tempfile.TemporaryDirectory(prefix="vitdist-evaluate-") as tmp:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from .checkpoint import UnsafeCheckpoint, complete_checkpoints, load_model_weights
+from .checkpoint import UnsafeCheckpoint, load_model_weights, newest_if_run
 
 HEAD_KEYS = ("head.weight", "head.bias")
 _TORCHVISION = [  # torchvision ViT key -> timm ViT key
@@ -62,8 +62,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     path = Path(path)
     if not path.exists():
         raise HandoffError(f"checkpoint '{path}' does not exist")
-    if path.is_dir() and not (path / ".metadata").exists() and complete_checkpoints(path):
-        path = complete_checkpoints(path)[-1][1]  # a run's checkpoints directory: its newest complete one
+    path = newest_if_run(path)
     if path.is_dir():
         try:
             return load_model_weights(path)[0], "vitdist checkpoint"
