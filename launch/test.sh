@@ -5,12 +5,13 @@ cd "$(dirname "$0")/.."
 source launch/venv.sh
 ensure_venv dev
 # The SLURM tests run a real cluster on this machine (tests/slurm_cluster.py); without the
-# packages they skip. Install them in CI, or where they are missing and apt may be used (root).
-if ! command -v slurmctld >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  if [ -n "${CI:-}" ] || [ -z "${VITDIST_NO_APT:-}" ]; then
-    echo "installing SLURM and munge for the SLURM tests (apt-get; VITDIST_NO_APT=1 skips them instead)"
-    apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge > /tmp/vitdist-apt.log 2>&1 \
-      || echo "installing SLURM failed (/tmp/vitdist-apt.log): the SLURM tests will skip" >&2
-  fi
+# packages they skip. Install them where they are missing and apt may be used (root), unless
+# VITDIST_NO_APT is set. The package lists are refreshed first: images often ship without them.
+if ! command -v slurmctld >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] \
+    && [ -z "${VITDIST_NO_APT:-}" ]; then
+  echo "installing SLURM and munge for the SLURM tests (apt-get; VITDIST_NO_APT=1 skips them instead)"
+  { apt-get update -q && apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge; } \
+    > /tmp/vitdist-apt.log 2>&1 \
+    || echo "installing SLURM failed (/tmp/vitdist-apt.log): the SLURM tests will skip" >&2
 fi
 exec python -m pytest --durations=15 "$@"

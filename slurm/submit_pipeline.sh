@@ -18,6 +18,7 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do pretrain_args+=("$1"); shift; done
 [ $# -gt 0 ] && shift
 finetune_args=("$@")
 read -r -a sbatch_args <<< "${VITDIST_SBATCH_ARGS:-}"
+# Arrays that may be empty expand as ${a[@]+"${a[@]}"}: bash <= 4.3 calls "${a[@]}" unbound under set -u.
 
 # A job's run directory, absolute: run.dir=... if given, else the one slurm/common.sh names after the job.
 run_dir_of() {
@@ -32,14 +33,14 @@ run_dir_of() {
   case $dir in /*) echo "$dir" ;; *) echo "$PWD/$dir" ;; esac
 }
 
-pretrain_job=$(sbatch --parsable "${sbatch_args[@]}" slurm/pretrain.sbatch "$pretrain_config" "${pretrain_args[@]}")
+pretrain_job=$(sbatch --parsable ${sbatch_args[@]+"${sbatch_args[@]}"} slurm/pretrain.sbatch "$pretrain_config" ${pretrain_args[@]+"${pretrain_args[@]}"})
 pretrain_job=${pretrain_job%%;*}
-pretrain_dir=$(run_dir_of "$pretrain_job" "${pretrain_args[@]}")
+pretrain_dir=$(run_dir_of "$pretrain_job" ${pretrain_args[@]+"${pretrain_args[@]}"})
 
-finetune_job=$(sbatch --parsable "${sbatch_args[@]}" --dependency="afterok:$pretrain_job" --kill-on-invalid-dep=yes \
-  slurm/finetune.sbatch "$finetune_config" "finetune.init=$pretrain_dir/checkpoints" "${finetune_args[@]}")
+finetune_job=$(sbatch --parsable ${sbatch_args[@]+"${sbatch_args[@]}"} --dependency="afterok:$pretrain_job" --kill-on-invalid-dep=yes \
+  slurm/finetune.sbatch "$finetune_config" "finetune.init=$pretrain_dir/checkpoints" ${finetune_args[@]+"${finetune_args[@]}"})
 finetune_job=${finetune_job%%;*}
-finetune_dir=$(run_dir_of "$finetune_job" "${finetune_args[@]}")
+finetune_dir=$(run_dir_of "$finetune_job" ${finetune_args[@]+"${finetune_args[@]}"})
 
 echo "pretrain job: $pretrain_job (run dir $pretrain_dir)"
 echo "finetune job: $finetune_job (run dir $finetune_dir, after $pretrain_job succeeds, from $pretrain_dir/checkpoints)"
