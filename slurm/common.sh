@@ -1,5 +1,6 @@
 # Sourced by slurm/pretrain.sbatch and slurm/finetune.sbatch: one torchrun per node under srun,
-# the config checked first, and requeue on preemption (or, a limited number of times, on failure).
+# the config checked first, and requeue on preemption (or, a limited number of times, on a failure
+# that may not recur: never after one the ranks marked in <run.dir>/FATAL, see vitdist/entry.py).
 #
 # Environment (all optional):
 #   VITDIST_REPO            the repository (default: the directory sbatch was run from)
@@ -8,7 +9,8 @@
 #   VITDIST_NPROC           processes per node (default: the GPUs allocated on the node, else 1)
 #   VITDIST_IFNAME          network interface for NCCL and gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)
 #   VITDIST_MAX_FAILURES    requeues after a failure (not a preemption) before giving up (default 1)
-#   VITDIST_SHUTDOWN_S      seconds torchrun gives the ranks to checkpoint after a signal (default 120)
+#   VITDIST_SHUTDOWN_S      seconds torchrun gives the ranks to checkpoint after a signal (default 120;
+#                           torch releases from before TORCH_ELASTIC_SHUTDOWN_TIMEOUT give them 30)
 #   VITDIST_MAX_RESTARTS    times torchrun restarts a node's ranks in place after one fails (default 3)
 
 vitdist_log() { echo "vitdist-slurm [$(date +%H:%M:%S)] $*"; }
@@ -67,16 +69,21 @@ vitdist_slurm_main() {
   fi
 
   cd "$VITDIST_REPO" || exit 2
+  rm -f "$run_dir/FATAL"  # from an earlier job of this run: this one tries again
   vitdist_python_env
   local nproc=${VITDIST_NPROC:-${SLURM_GPUS_ON_NODE:-1}}
   local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / nproc > 0 ? cpus / nproc : 1 ))}
+  # Read by torchrun itself: its --shutdown_timeout flag is refused by releases that predate it.
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${VITDIST_SHUTDOWN_S:-120}
   if [ -n "${VITDIST_IFNAME:-}" ]; then
     export NCCL_SOCKET_IFNAME=$VITDIST_IFNAME GLOO_SOCKET_IFNAME=$VITDIST_IFNAME
   fi
   local addr port
   addr=$(vitdist_head_addr)
-  port=$(( 20000 + SLURM_JOB_ID % 30000 ))  # per job: two jobs sharing a node do not collide
+  # Per job, so that two jobs sharing a node do not collide; below Linux's ephemeral ports
+  # (32768-60999), which any process may hold, and above the test cluster's (tests/slurm_cluster.py).
+  port=$(( 20000 + SLURM_JOB_ID % 12000 ))
   vitdist_log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart ${SLURM_RESTART_COUNT:-0}: $launcher $config" \
               "on $SLURM_NNODES node(s) [$SLURM_JOB_NODELIST] x $nproc process(es), rendezvous $addr:$port," \
               "OMP_NUM_THREADS=$OMP_NUM_THREADS, run dir $run_dir, python $(command -v python)"
@@ -98,10 +105,13 @@ vitdist_slurm_main() {
   if [ -n "$VITDIST_SIGNALLED" ]; then  # warned before training started: nothing to save
     vitdist_requeue "SIG$VITDIST_SIGNALLED before training started"
   fi
+  # Since Slurm 22.05 a step does not inherit the job's --cpus-per-task: without it, torchrun and
+  # all its ranks' loader workers would share one core.
   srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --label \
+    ${SLURM_CPUS_PER_TASK:+"--cpus-per-task=$SLURM_CPUS_PER_TASK"} \
     python -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node="$nproc" \
       --rdzv_backend=c10d --rdzv_endpoint="$addr:$port" --rdzv_id="$SLURM_JOB_ID" \
-      --shutdown_timeout="${VITDIST_SHUTDOWN_S:-120}" --max-restarts="${VITDIST_MAX_RESTARTS:-3}" \
+      --max-restarts="${VITDIST_MAX_RESTARTS:-3}" \
       "launch/$launcher.py" --config "$config" "${overrides[@]}" &
   local srun_pid=$!
   while true; do
@@ -120,6 +130,11 @@ vitdist_slurm_main() {
   if [ $rc -eq 0 ]; then
     vitdist_log "finished: run dir $run_dir"
     exit 0
+  fi
+  if [ -f "$run_dir/FATAL" ]; then
+    vitdist_log "failed with exit $rc on an error that a retry meets again: $(cat "$run_dir/FATAL")" \
+                "(in $run_dir/FATAL): not requeueing"
+    exit $rc
   fi
   local failures_file=$run_dir/slurm_failures failures=0
   [ -f "$failures_file" ] && failures=$(cat "$failures_file")

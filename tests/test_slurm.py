@@ -1,6 +1,7 @@
 """slurm/*.sbatch on a real two-node SLURM cluster on this machine (tests/slurm_cluster.py), all
 through sbatch: a 2-node run equal to a 2-process torchrun, preemption -> checkpoint -> requeue
--> resume, the pretrain -> fine-tune chain, and a bad config that fails fast."""
+-> resume, the pretrain -> fine-tune chain, a bad config that fails fast, and an error that recurs
+once training started, not retried."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import DIGITS, REPO, TINY, read_scalars, run_pretrain, shard_overrides
 from slurm_cluster import Cluster, missing_binaries
@@ -77,6 +79,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_two_node_job_equals_two_process_torchrun(cluster, demo_shards, tmp_path):
     common = [*shard_overrides(demo_shards), *EXACT, "train.steps=6"]
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "FATAL").write_text("an earlier job's error\n")  # does not stop this one
     job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *common, f"run.dir={tmp_path / 'slurm'}")
     reference = run_pretrain(2, [*common, f"run.dir={tmp_path / 'ref'}"])
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -86,6 +90,7 @@ def test_two_node_job_equals_two_process_torchrun(cluster, demo_shards, tmp_path
     assert re.search(r"^0: \[rank [01]\] .*on node1", log, re.M) and re.search(r"^1: \[rank [01]\] .*on node2", log, re.M)
     assert "ddp over 2 rank(s)" in log
     assert (tmp_path / "slurm" / "checkpoints" / "step_6" / ".metadata").is_file()
+    assert not (tmp_path / "slurm" / "FATAL").exists()
     assert list((tmp_path / "slurm" / "tb").glob("events.out.tfevents.*"))
     got = losses(tmp_path / "slurm")
     assert sorted(got) == list(range(1, 7)) and got == losses(tmp_path / "ref")
@@ -103,6 +108,26 @@ def test_bad_config_fails_fast_without_requeue(cluster, demo_shards, tmp_path):
     assert "Restarts=0" in subprocess.run(["scontrol", "show", "job", str(job)], env=cluster.env, capture_output=True,
                                           text=True).stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_error_that_recurs_is_neither_restarted_nor_requeued(cluster, demo_shards, tmp_path):
+    """A fine-tune from a file that is not a checkpoint passes the config check, then fails:
+    torchrun's 3 restarts exit at once and the job is not requeued."""
+    torch.save([1, 2], tmp_path / "init.pt")
+    run_dir = tmp_path / "run"
+    start = time.time()
+    job = sbatch(cluster, tmp_path, "finetune.sbatch", str(TINY), *shard_overrides(demo_shards),
+                 f"finetune.init={tmp_path / 'init.pt'}", f"run.dir={run_dir}")
+    assert wait_done(cluster, job) == "FAILED"
+    assert time.time() - start < 90
+    log = job_log(tmp_path, "vitdist-finetune", job)
+    error = f"'{tmp_path / 'init.pt'}' is not a state dict of tensors"
+    assert (run_dir / "FATAL").read_text() == error + "\n"
+    assert log.count(f"error: {error} (recurs: not retried, see {run_dir / 'FATAL'})") == 3, log[-3000:]
+    assert f"on an error that a retry meets again: {error}" in log and "not requeueing" in log
+    assert "Restarts=0" in subprocess.run(["scontrol", "show", "job", str(job)], env=cluster.env, capture_output=True,
+                                          text=True).stdout
+    assert not (run_dir / "slurm_failures").exists()
 
 
 def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards, tmp_path):

@@ -193,9 +193,10 @@ def test_diverged_steps_are_skipped_counted_then_stop_without_checkpointing_them
     assert good.returncode == 0, good.stderr[-3000:]
     diverged = run_pretrain(2, [*common, "train.steps=30", "optim.lr=1e30", "optim.min_lr=1e30", "ckpt.every_steps=1",
                                 "ckpt.async_save=true"])
-    assert diverged.returncode == 1, diverged.stderr[-3000:]
+    assert diverged.returncode == 1, diverged.stderr[-3000:]  # torchrun's, for any failure
     message = "error: 3 steps in a row up to step 8 had a NaN/Inf loss or gradient norm (train.max_bad_steps=3)"
     assert diverged.stderr.count(message) == 2, diverged.stderr[-3000:]
+    assert (tmp_path / "FATAL").read_text().startswith(message.removeprefix("error: "))  # a retry would diverge again
     assert f"The newest complete checkpoint: {tmp_path / 'checkpoints' / 'step_5'}" in diverged.stderr
     assert "step 6: no checkpoint, the last 1 step(s) had a NaN/Inf loss or gradient norm" in diverged.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_4", "step_5"]

@@ -4,6 +4,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .checkpoint import SaveFailed, UnsafeCheckpoint
 from .config import ConfigError, load_config
@@ -12,6 +13,9 @@ from .handoff import HandoffError
 from .optim import NonFiniteTraining
 from .samples import TooManyBadSamples
 from .train import preflight, train
+
+# Errors met by every rank alike, which a retry from the newest checkpoint meets again.
+RECURRING = (ConfigError, HandoffError, UnsafeCheckpoint, TooManyBadSamples, NonFiniteTraining)
 
 
 def main(description: str, finetune: bool) -> int:
@@ -35,13 +39,23 @@ def main(description: str, finetune: bool) -> int:
         return 2
     if args.check:
         return 0
+    # A recurring error is marked in <run.dir>/FATAL: torchrun's restarts of this launch exit at
+    # once, and slurm/common.sh does not requeue. A new launch (torchrun's first attempt) tries again.
+    fatal = Path(cfg.run.dir) / "FATAL"
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        fatal.unlink(missing_ok=True)
+    elif fatal.exists():
+        print(f"error: {fatal.read_text().strip()} (recurs: not retried, see {fatal})", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s")
     try:
         train(cfg)
-    except (ConfigError, HandoffError, UnsafeCheckpoint, TooManyBadSamples) as e:  # met by every rank alike
+    except RECURRING as e:
         print(f"error: {e}", file=sys.stderr)
+        fatal.parent.mkdir(parents=True, exist_ok=True)
+        fatal.write_text(f"{e}\n")  # by every rank: the batch shell reads the one on its node
         return 2
-    except (SaveFailed, NonFiniteTraining) as e:
+    except SaveFailed as e:  # may not recur (space freed, a storage hiccup)
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
