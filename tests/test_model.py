@@ -67,16 +67,18 @@ def test_weight_decay_groups():
     assert decay | no_decay == set(names.values()) and not decay & no_decay
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.arch=vit_nonexistent", "model.arch 'vit_nonexistent' is not a timm model"),
-    ("model.arch=beit_base_patch16_224", "builds a Beit, not a VisionTransformer"),
-    ("model.arch=resnet18", "timm cannot build model.arch 'resnet18'"),
-    ("model.num_heads=3", "dim should be divisible by num_heads"),
-    ("model.img_size=36", "model.img_size=36 is not a multiple of model.patch_size=8"),
+@pytest.mark.parametrize("overrides, message", [
+    (["model.arch=vit_nonexistent"], "model.arch 'vit_nonexistent' is not a timm model"),
+    (["model.arch=beit_base_patch16_224"], "builds a Beit, not a VisionTransformer"),
+    (["model.arch=resnet18"], "timm cannot build model.arch 'resnet18'"),
+    (["model.num_heads=3"], "dim should be divisible by num_heads"),
+    (["model.img_size=36"], "model.img_size=36 is not a multiple of the patch size 8"),
+    # The arch's own patch size (16) when model.patch_size is null: timm would train on 32 px.
+    (["model.patch_size=null", "model.img_size=40"], "model.img_size=40 is not a multiple of the patch size 16"),
 ])
-def test_impossible_models_are_config_errors(override, message):
+def test_impossible_models_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        check_model(load_config(TINY, [override]).model)
+        check_model(load_config(TINY, overrides).model)
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.img_size=64", "model.depth=2", "model.num_classes=100"]])

@@ -32,13 +32,14 @@ def check_model(cfg: ModelConfig) -> None:
     architecture is a ConfigError before any process group starts."""
     with torch.device("meta"):
         try:
-            build_model(cfg)
+            model = build_model(cfg)
         except ConfigError:
             raise
         except Exception as e:
             raise ConfigError(f"timm cannot build model.arch '{cfg.arch}' with {timm_kwargs(cfg)}: {e}") from None
-    if cfg.img_size % (cfg.patch_size or 1):
-        raise ConfigError(f"model.img_size={cfg.img_size} is not a multiple of model.patch_size={cfg.patch_size}")
+    patch = model.patch_embed.patch_size[0]  # the arch's own when model.patch_size is null
+    if cfg.img_size % patch:  # timm would drop the remainder pixels without a word
+        raise ConfigError(f"model.img_size={cfg.img_size} is not a multiple of the patch size {patch}")
 
 
 def train_flops_per_image(model: VisionTransformer) -> float:
