@@ -95,3 +95,9 @@ def test_train_flops_match_torch_flop_counter(overrides):
         model(x).sum().backward()
     patch_input_grad = 2 * model.patch_embed.proj.weight.numel() * model.patch_embed.num_patches * len(x)
     assert train_flops_per_image(model) * len(x) == pytest.approx(counter.get_total_flops() + patch_input_grad, rel=1e-6)
+
+    for name, param in model.named_parameters():  # finetune.freeze=backbone: a linear probe
+        param.requires_grad_(name.startswith("head."))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(x).sum().backward()
+    assert train_flops_per_image(model) * len(x) == pytest.approx(counter.get_total_flops(), rel=1e-6)

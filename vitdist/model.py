@@ -45,11 +45,14 @@ def check_model(cfg: ModelConfig) -> None:
 def train_flops_per_image(model: VisionTransformer) -> float:
     """Model FLOPs of one image's forward + backward (3x the forward's matrix products: every
     linear layer per token, the patch projection per patch, attention's QK^T and AV). Norms and
-    pointwise ops are left out, and recomputation under checkpointing is not counted, as in MFU."""
+    pointwise ops are left out, and recomputation under checkpointing is not counted, as in MFU.
+    With the backbone frozen, backward runs through the head alone."""
     patches = model.patch_embed.num_patches
     tokens = patches + model.num_prefix_tokens
     block_macs = sum(m.in_features * m.out_features for m in model.blocks.modules() if isinstance(m, nn.Linear))
     attention_macs = 2 * tokens * tokens * model.embed_dim * len(model.blocks)
     head_macs = sum(m.in_features * m.out_features for m in model.head.modules() if isinstance(m, nn.Linear))
     macs = block_macs * tokens + model.patch_embed.proj.weight.numel() * patches + attention_macs + head_macs
+    if not any(p.requires_grad for name, p in model.named_parameters() if not name.startswith("head.")):
+        return 2 * (macs + head_macs)  # a linear probe: backward computes only the head's weight gradient
     return 3 * 2 * macs
