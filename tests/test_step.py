@@ -1,7 +1,10 @@
 """The pieces of one training step: gradient sync, precision, objective."""
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from timm.data import Mixup
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import TINY
@@ -61,18 +64,21 @@ def test_bf16_autocast_keeps_fp32_weights_grads_and_optimizer_state():
 
 
 def test_objective_label_smoothing_and_mixup():
+    """Smoothing is PyTorch's; mixup/cutmix are timm's targets, drawn from NumPy's global generator."""
     model, cfg = tiny()
     model.eval()
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 8, (8,))
-    plain = Classification(load_config(TINY, ["train.label_smoothing=0.0"]).train, 8)(model, x, y)
-    expected = torch.nn.functional.cross_entropy(model(x), y)
-    torch.testing.assert_close(plain, expected)
-    smoothed = Classification(load_config(TINY, ["train.label_smoothing=0.1"]).train, 8)(model, x, y)
-    assert not torch.allclose(smoothed, plain)
-    mixed = Classification(load_config(TINY, ["train.mixup_alpha=0.8", "train.cutmix_alpha=1.0"]).train, 8)
-    assert mixed.mixup is not None
-    loss = mixed(model, x, y)
-    assert torch.isfinite(loss) and not torch.allclose(loss, smoothed)
+    for smoothing in (0.0, 0.1):
+        loss = Classification(load_config(TINY, [f"train.label_smoothing={smoothing}"]).train, 8)(model, x, y)
+        torch.testing.assert_close(loss, F.cross_entropy(model(x), y, label_smoothing=smoothing))
+    mixed = Classification(load_config(TINY, ["train.label_smoothing=0.1", "train.mixup_alpha=0.8",
+                                              "train.cutmix_alpha=1.0"]).train, 8)
+    np.random.seed(0)
+    loss = mixed(model, x.clone(), y)  # timm's Mixup mixes the images in place
+    np.random.seed(0)
+    images, targets = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=8)(x.clone(), y)
+    assert not torch.equal(images, x) and (targets.max(-1).values < 0.9).any()  # mixed, labels too
+    torch.testing.assert_close(loss, -(targets * F.log_softmax(model(images), dim=-1)).sum(-1).mean())
 
 
 @pytest.mark.parametrize("max_norm", [0.01, 0.0])
