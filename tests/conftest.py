@@ -96,9 +96,36 @@ EXACT = ["data.val_shards=null", "train.precision=fp32", "model.drop_path_rate=0
          "ckpt.every_steps=4", "ckpt.keep=2"]
 
 
+def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """The train/loss curve of a run as TensorBoard shows it: (step, loss) in order, a step
+    logged twice (a resume that failed to purge) appearing twice."""
+    return read_scalars(run_dir / "tb")["train/loss"]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
-    """The train/loss curve of a run, by step."""
-    return dict(read_scalars(run_dir / "tb")["train/loss"])
+    """The train/loss curve of a run, by step (a step logged twice counts once: use loss_curve
+    to check the sequence of steps)."""
+    return dict(loss_curve(run_dir))
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def worker_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of the training process with RANK=rank among torchrun's children."""
+    for pid in children(torchrun_pid):
+        if f"RANK={rank}".encode() in (Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
+            return pid
+    raise LookupError(f"no rank {rank} under torchrun {torchrun_pid}")
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie counts: it runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,11 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import EXACT, losses, run_pretrain, shard_overrides, start_pretrain, wait_for
+from conftest import (EXACT, children, gone, loss_curve, run_pretrain, shard_overrides, start_pretrain, wait_for,
+                      worker_pid)
 from vitdist.data import expand_urls
 from vitdist.distributed import _free_port
 
@@ -19,26 +19,6 @@ pytestmark = pytest.mark.slow
 TIMEOUT_S = 20  # dist.timeout_s in these tests
 # The failure's report window (distributed.lost_contact) and the exit itself, on a loaded 2-core machine.
 MARGIN_S = 15
-
-
-def children(pid: int) -> list[int]:
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-
-
-def worker_pid(torchrun_pid: int, rank: int) -> int:
-    """The pid of the training process with RANK=rank among torchrun's children."""
-    for pid in children(torchrun_pid):
-        if f"RANK={rank}".encode() in (Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
-            return pid
-    raise LookupError(f"no rank {rank} under torchrun {torchrun_pid}")
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie counts: it runs nothing)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-    except FileNotFoundError:
-        return True
 
 
 def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_resumes_bitwise(demo_shards, tmp_path):
@@ -68,9 +48,9 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_resumes_bitwise(demo
     assert "torchrun restart 1" in log
     resumed_at = int(re.search(rf"resumed from {run_dir / 'checkpoints'}/step_(\d+) at step \1", log).group(1))
     assert resumed_at >= 4
-    expected, got = losses(tmp_path / "ref"), losses(run_dir)
-    assert sorted(got) == list(range(1, 13))  # no step twice, none missing, in TensorBoard's view
-    assert got == expected  # bitwise
+    got = loss_curve(run_dir)
+    assert [s for s, _ in got] == list(range(1, 13))  # no step twice, none missing, in TensorBoard's view
+    assert got == loss_curve(tmp_path / "ref")  # bitwise
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"step_8", "step_12"}  # no step_N.tmp left
 
 
@@ -113,9 +93,11 @@ def test_a_rank_waiting_on_a_lost_node_exits_within_the_timeout_naming_it(demo_s
 
 
 def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_path):
-    """A `pipe:` shard whose command never delivers (a stalled network read): the loader's wait
-    times out after dist.timeout_s and the run exits, its worker with it."""
-    stalled = [f"pipe:sleep 120; cat {url}" for url in expand_urls(demo_shards["train"])]
+    """A `pipe:` shard whose command never delivers (a stalled network read: a FIFO nobody writes):
+    the loader's wait times out after dist.timeout_s and the run exits, its worker with it."""
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    stalled = [f"pipe:cat {fifo} {url}" for url in expand_urls(demo_shards["train"])]
     log_path = tmp_path / "run.log"
     process = start_pretrain(0, [f"data.train_shards={stalled}".replace("'", '"'), "data.val_shards=null",
                                  "data.num_workers=1", f"dist.timeout_s={TIMEOUT_S}", f"run.dir={tmp_path}"], log_path)
@@ -127,7 +109,7 @@ def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_pat
         print(f"the run exited {waited_s:.1f} s after its first batch was asked for")
         assert TIMEOUT_S - 1 < waited_s < TIMEOUT_S + MARGIN_S
         assert f"DataLoader timed out after {TIMEOUT_S} seconds" in log_path.read_text()
-    finally:
-        subprocess.run(["pkill", "-f", f"sleep 120; cat {demo_shards['train'][:20]}"], check=False)
+    finally:  # the stalled reads outlive the worker (its own session): only this test's FIFO names them
+        subprocess.run(["pkill", "-f", f"cat {fifo} "], check=False)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

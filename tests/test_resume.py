@@ -10,7 +10,8 @@ import pytest
 import timm
 from safetensors.torch import load_file
 
-from conftest import EXACT, losses, read_scalars, run_pretrain, shard_overrides, start_pretrain, wait_for
+from conftest import (EXACT, gone, loss_curve, read_scalars, run_pretrain, shard_overrides, start_pretrain,
+                      wait_for, worker_pid)
 from vitdist.export import export
 
 pytestmark = pytest.mark.slow
@@ -20,28 +21,37 @@ def positions(run_dir, step):
     return json.loads((run_dir / "checkpoints" / f"step_{step}" / "train_state.json").read_text())["data_positions"]
 
 
+def logged_steps(log_path):
+    return [int(s) for s in re.findall(r"^step (\d+)/", log_path.read_text(), re.M)]
+
+
 def test_sigkill_then_resume_is_bitwise_identical(demo_shards, tmp_path):
     common = [*shard_overrides(demo_shards), *EXACT, "train.steps=28", "data.micro_batch_size=32"]
     reference = run_pretrain(2, [*common, f"run.dir={tmp_path / 'ref'}", "ckpt.async_save=true"])
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    run_dir = tmp_path / "killed"
-    process = start_pretrain(2, [*common, f"run.dir={run_dir}"], tmp_path / "killed.log")
-    wait_for(lambda: (run_dir / "checkpoints" / "step_8").is_dir(), process)
+    run_dir, log_path = tmp_path / "killed", tmp_path / "killed.log"
+    process = start_pretrain(2, [*common, f"run.dir={run_dir}"], log_path)
+    # Killed 2 or 3 steps past a checkpoint (every 4 steps), so the resumed run logs those steps again.
+    wait_for(lambda: (steps := logged_steps(log_path)) and steps[-1] >= 10 and steps[-1] % 4 in (2, 3), process)
+    ranks = [worker_pid(process.pid, rank) for rank in (0, 1)]
     os.killpg(process.pid, signal.SIGKILL)  # torchrun, no warning; its ranks must die with it
     process.wait()
+    deadline = time.time() + 30
+    while not all(gone(pid) for pid in ranks):
+        assert time.time() < deadline, "a rank outlived its torchrun"
+        time.sleep(0.05)
     done = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*[0-9]"))
-    time.sleep(3)
-    assert sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*[0-9]")) == done
-    assert done[-1] < 28
+    assert 8 <= done[-1] < 28
+    assert loss_curve(run_dir)[-1][0] >= done[-1] + 2  # logged past the checkpoint: steps to purge on resume
     (run_dir / "checkpoints" / f"step_{done[-1] + 2}.tmp").mkdir()  # as if killed while saving
 
     resumed = run_pretrain(2, [*common, f"run.dir={run_dir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{done[-1]}'} at step {done[-1]}" in resumed.stderr
-    expected, got = losses(tmp_path / "ref"), losses(run_dir)
-    assert sorted(got) == list(range(1, 29))  # no step twice, none missing, in TensorBoard's view
-    assert got == expected  # bitwise
+    got = loss_curve(run_dir)
+    assert [s for s, _ in got] == list(range(1, 29))  # no step twice, none missing, in TensorBoard's view
+    assert got == loss_curve(tmp_path / "ref")  # bitwise
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_24", "step_28"]
     assert positions(run_dir, 28) == positions(tmp_path / "ref", 28)
 
@@ -68,13 +78,13 @@ def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
             assert local == pytest.approx(total / 2, rel=0.05)
         assert positions(run_dir, steps) == positions(tmp_path / "ref", steps)
     assert all(p == [3, 0, 32] for p in positions(run_dir, 32).values())  # 4 epochs, each sample once per epoch
-    expected, got = losses(tmp_path / "ref"), losses(run_dir)
-    assert sorted(got) == list(range(1, 33))
+    expected, got = loss_curve(tmp_path / "ref"), loss_curve(run_dir)
+    assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 33))
     # A checkpoint written by FSDP exports to one file that timm loads strictly.
     out = export(run_dir / "checkpoints" / "step_24", tmp_path / "fsdp.safetensors")
     meta = json.loads(out.with_suffix(".json").read_text())
     timm.create_model(meta["arch"], **meta["timm_kwargs"]).load_state_dict(load_file(out), strict=True)
-    assert [got[s] for s in range(1, 33)] == pytest.approx([expected[s] for s in range(1, 33)], rel=1e-4)
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-4)
 
 
 def test_sigterm_checkpoints_at_the_current_step_and_exits_75(demo_shards, tmp_path):
