@@ -26,7 +26,9 @@ def logged_steps(log_path):
 
 
 def test_sigkill_then_resume_is_bitwise_identical(demo_shards, tmp_path):
-    common = [*shard_overrides(demo_shards), *EXACT, "train.steps=28", "data.micro_batch_size=32"]
+    """With drop path and mixup/cutmix: their draws, reseeded per (seed, rank, step), resume too."""
+    common = [*shard_overrides(demo_shards), *EXACT, "train.steps=28", "data.micro_batch_size=32",
+              "model.drop_path_rate=0.1", "train.mixup_alpha=0.8", "train.cutmix_alpha=1.0"]
     reference = run_pretrain(2, [*common, f"run.dir={tmp_path / 'ref'}", "ckpt.async_save=true"])
     assert reference.returncode == 0, reference.stderr[-3000:]
 
