@@ -102,12 +102,6 @@ def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
     return read_scalars(run_dir / "tb")["train/loss"]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    """The train/loss curve of a run, by step (a step logged twice counts once: use loss_curve
-    to check the sequence of steps)."""
-    return dict(loss_curve(run_dir))
-
-
 def children(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
