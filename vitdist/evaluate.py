@@ -14,8 +14,8 @@ from .config import Config, ConfigError, DistConfig, ModelConfig, load_config
 from .data import eval_loader
 from .handoff import HandoffError, load_pretrained
 from .imagefolder import convert, is_image_folder, scan
-from .model import build_model, timm_kwargs
-from .train import evaluate
+from .model import build_model
+from .train import evaluate, model_meta
 
 
 def checkpoint_meta(checkpoint: Path, config: str | None) -> dict:
@@ -27,7 +27,7 @@ def checkpoint_meta(checkpoint: Path, config: str | None) -> dict:
     if config is None:
         raise ConfigError(f"'{checkpoint}' does not say its architecture: give --config with its model section")
     cfg = load_config(config, ["data.train_shards=unused"])
-    return {"arch": cfg.model.arch, "timm_kwargs": timm_kwargs(cfg.model), "mean": cfg.data.mean, "std": cfg.data.std}
+    return model_meta(cfg.model, cfg.data)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = None, batch_size: int = 64,
