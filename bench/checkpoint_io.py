@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from vitdist import checkpoint
+from vitdist import checkpoint, distributed
 from vitdist.config import load_config
-from vitdist.distributed import _free_port
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer
 
@@ -30,9 +28,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     args = parser.parse_args()
     cfg = load_config(args.config, ["data.train_shards=unused"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    device = distributed.init(cfg.dist).device
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     model(torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size, device=device)).sum().backward()
@@ -44,8 +40,8 @@ def main() -> None:
         saver = checkpoint.Checkpointer(root / mode, cfg.ckpt, {})
         stalls, totals = [], []
         for step in range(args.repeats):
-            sync = lambda: torch.cuda.synchronize() if device.type == "cuda" else None
-            sync()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             saver.save(step, model, optimizer, {"step": step})
             stalls.append(time.perf_counter() - start)
@@ -68,7 +64,7 @@ def main() -> None:
           f"{statistics.median(loads):.3f} s |")
     if args.dir is None:
         shutil.rmtree(root)
-    dist.destroy_process_group()
+    distributed.close()
 
 
 if __name__ == "__main__":

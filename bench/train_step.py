@@ -1,4 +1,4 @@
-"""Training-step throughput: timm's ViT step against vitdist's, side by side on one GPU.
+r"""Training-step throughput: timm's ViT step against vitdist's, side by side on one GPU.
 
     python bench/train_step.py --config configs/pretrain/vit_b16.yaml --batch 256 \
         --variants timm,vitdist:dist.strategy=fsdp [--ckpt] [--out results.json]
