@@ -19,9 +19,10 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import REPO, TINY, png_bytes, write_shard
-from vitdist.config import ConfigError, load_config
+from vitdist.config import ConfigError, DataConfig, load_config
 from vitdist.data import WORKER_NICENESS, EvalSamples, TrainLoader, train_shard_urls, expand_urls, sample_crop, shard_order
 from vitdist.samples import READ_ERROR, load_rgb, open_image, read_samples
+from vitdist.imagefolder import to_shards
 from vitdist.shards import make_shards
 
 
@@ -50,12 +51,32 @@ def test_each_sample_once_per_epoch_with_2_ranks_x_2_workers(demo_shards):
     assert next_epoch != epoch  # reshuffled
 
 
-def test_global_batches_do_not_depend_on_ranks_or_workers(demo_shards):
-    """The data-order contract: same seed, shards and global batch -> same global batches."""
-    reference = keys_by_step(data_cfg(demo_shards, "data.num_workers=0"), world_size=1, steps=6)
-    for world, workers in ((1, 2), (2, 1), (2, 2), (4, 2)):
-        assert keys_by_step(data_cfg(demo_shards, f"data.num_workers={workers}"), world, 6) == reference
-    assert keys_by_step(data_cfg(demo_shards, "data.num_workers=0", "data.seed=1"), 1, 6) != reference
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2)])
+def test_each_sample_once_per_epoch_of_an_image_folder_not_divisible_by_the_streams(tmp_path, world_size, workers):
+    """75 images for 4 streams: one shard per stream (19, 19, 19, 18), so an epoch of 18 steps of 4
+    samples sees 72 different ones and misses 3. (Shards of 75 // 4 = 18 samples and one of 3 gave
+    one stream two shards: the epoch saw 57 different samples, 15 twice.)"""
+    make_image_folder(tmp_path / "src", per_class=25)
+    urls = to_shards(DataConfig(train_shards=str(tmp_path / "src"), streams=4), 3, tmp_path / "run", True).train_shards
+    cfg = data_cfg({"train": json.dumps(urls)}, "data.streams=4", "train.global_batch_size=4",
+                   f"data.num_workers={workers}")
+    seen = [k for step in keys_by_step(cfg, world_size, steps=75 // 4) for k in step]
+    assert len(set(seen)) == len(seen) == 72
+
+
+def test_shards_not_a_multiple_of_the_streams_are_warned_about_once(demo_shards, caplog):
+    def warnings(shards):
+        cfg = data_cfg({"train": json.dumps(shards)}, "data.streams=4", "data.num_workers=0")
+        caplog.clear()
+        for rank in range(2):  # rank 0 alone warns
+            TrainLoader(cfg.data, 32, 8, 128, rank, 2)
+        return [r.message for r in caplog.records if r.levelname == "WARNING"]
+
+    urls = expand_urls(demo_shards["train"])
+    assert warnings(urls[:8]) == []
+    [message] = warnings(urls[:6])
+    assert message.startswith("6 training shards for data.streams=4, not a multiple: ")
+    assert "some samples repeat before others are seen" in message
 
 
 def child_processes() -> dict[int, tuple[int, int]]:
@@ -284,6 +305,9 @@ def test_make_shards_from_image_folder(tmp_path):
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["cat", "dog", "eel"]
     samples = [s for url in expand_urls(pattern) for s in wds.WebDataset(url, shardshuffle=False)]
     assert len(samples) == 15 and [len(list(wds.WebDataset(u, shardshuffle=False))) for u in expand_urls(pattern)] == [4, 4, 4, 3]
+    # For 3 streams: the fewest shards, a multiple of 3, of at most 4 samples.
+    pattern = make_shards(tmp_path / "src", tmp_path / "out3", samples_per_shard=4, progress=False, streams=3)
+    assert [len(list(wds.WebDataset(u, shardshuffle=False))) for u in expand_urls(pattern)] == [3, 3, 3, 2, 2, 2]
     for s in samples:
         label = int(s["cls"])
         name = ["cat", "dog", "eel"][label]
@@ -294,7 +318,7 @@ def test_make_shards_from_image_folder(tmp_path):
 
 
 def test_make_shards_by_size(tmp_path):
-    """--max-shard-bytes bounds the image bytes per shard (a new shard starts once it is passed)."""
+    """--max-shard-bytes bounds the image bytes per shard, and shards stay of equal sizes up to one."""
     gen = torch.Generator().manual_seed(0)
     for i in range(30):
         (tmp_path / "src" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
@@ -304,16 +328,16 @@ def test_make_shards_by_size(tmp_path):
     pattern = make_shards(tmp_path / "src", tmp_path / "out", samples_per_shard=1000, max_shard_bytes=4 * image_bytes,
                           progress=False)
     counts = [len(list(wds.WebDataset(u, shardshuffle=False))) for u in expand_urls(pattern)]
-    assert sum(counts) == 30 and max(counts) <= 5 and len(counts) >= 6
+    assert sum(counts) == 30 and max(counts) <= 4 and max(counts) - min(counts) <= 1
 
 
 def test_make_shards_cli(tmp_path):
     make_image_folder(tmp_path / "src")
     run = subprocess.run([sys.executable, "-m", "vitdist.cli", "make-shards", str(tmp_path / "src"),
-                          str(tmp_path / "out"), "--samples-per-shard", "8", "--prefix", "pets"],
+                          str(tmp_path / "out"), "--samples-per-shard", "8", "--streams", "3", "--prefix", "pets"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert f"shards: {tmp_path}/out/pets-{{000000..000001}}.tar" in run.stdout
+    assert f"shards: {tmp_path}/out/pets-{{000000..000002}}.tar" in run.stdout  # 2 by size, 3 for the streams
     assert "15/15" in run.stderr  # the progress bar
     run = subprocess.run([sys.executable, "-m", "vitdist.cli", "make-shards", str(tmp_path / "nope"),
                           str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=120)

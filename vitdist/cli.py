@@ -14,8 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     shards.add_argument("src", help="folder with one sub-folder of images per class")
     shards.add_argument("out", help="output folder for <prefix>-NNNNNN.tar and classes.json")
     shards.add_argument("--prefix", default="train", help="shard file prefix (default: train)")
-    shards.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
-    shards.add_argument("--max-shard-bytes", type=float, default=1e9, help="start a new shard past this size (default: 1e9)")
+    shards.add_argument("--samples-per-shard", type=int, default=1000, help="at most this many per shard (default: 1000)")
+    shards.add_argument("--max-shard-bytes", type=float, default=1e9,
+                        help="at most this many bytes of images per shard (default: 1e9)")
+    shards.add_argument("--streams", type=int, default=1,
+                        help="write a multiple of this many shards: give data.streams, so that every stream holds as "
+                             "many samples (default: 1)")
     shards.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle before writing")
 
     demo = commands.add_parser("demo-data", help="write the demo datasets as shards: shapes (built in), digits (scikit-learn)")
@@ -38,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-shards":
         from .shards import make_shards
         try:
-            pattern = make_shards(args.src, args.out, args.prefix, args.samples_per_shard, args.max_shard_bytes, args.seed)
+            pattern = make_shards(args.src, args.out, args.prefix, args.samples_per_shard, args.max_shard_bytes,
+                                  args.seed, streams=args.streams)
         except (FileNotFoundError, ValueError) as e:
             print(f"vitdist make-shards: {e}", file=sys.stderr)
             return 2

@@ -17,6 +17,7 @@ samples, boxes and flips as on the CPU.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import random
@@ -34,6 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .config import ConfigError, DataConfig
 from .samples import READ_ERROR, BadSample, Skips, decode, load_rgb, read_image, read_samples
 
+
+log = logging.getLogger(__name__)
 
 WORKER_NICENESS = 10  # CPU weight about a tenth of the training process's (Linux's CFS weights)
 
@@ -278,6 +281,11 @@ class TrainLoader:
                  rank: int, world_size: int, positions: dict | None = None, pin_memory: bool = False,
                  timeout_s: float = 600):
         urls = train_shard_urls(cfg, world_size)
+        if rank == 0 and len(urls) % cfg.streams:
+            log.warning("%d training shards for data.streams=%d, not a multiple: the streams hold unequal numbers of "
+                        "shards, so they see unequal amounts per epoch, and some samples repeat before others are seen "
+                        "(vitdist make-shards --streams %d writes them for the streams)",
+                        len(urls), cfg.streams, cfg.streams)
         if positions and len(positions) != cfg.streams:
             raise ConfigError(f"the checkpoint holds positions of {len(positions)} data streams, the config has "
                               f"data.streams={cfg.streams}: resume with the streams the run started with")

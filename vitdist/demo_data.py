@@ -101,7 +101,8 @@ def write_demo_dataset(out_dir: str | Path, train_per_class: int = 600, val_per_
 def write_digits_dataset(out_dir: str | Path, image_size: int = 32, val_count: int = 497, streams: int = 16,
                          seed: int = 0) -> dict[str, str]:
     """scikit-learn's 8x8 handwritten digits (real scans, 10 classes), upscaled to `image_size`,
-    split train/val, written as an ImageFolder and sharded (at least `streams` train shards)."""
+    split train/val, written as an ImageFolder and sharded for data.streams=`streams` (one shard per
+    stream: each sample once per epoch)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -116,7 +117,7 @@ def write_digits_dataset(out_dir: str | Path, image_size: int = 32, val_count: i
             folder.mkdir(parents=True, exist_ok=True)
             grey = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8))
             grey.resize((image_size, image_size), Image.BILINEAR).convert("RGB").save(folder / f"digit_{i:04d}.png")
-        per_shard = max(1, len(indices) // streams)
         patterns[split] = make_shards(out_dir / "images" / split, out_dir / "shards", prefix=split,
-                                      samples_per_shard=per_shard, seed=seed, progress=False)
+                                      samples_per_shard=math.ceil(len(indices) / streams), seed=seed,
+                                      progress=False, streams=streams)
     return patterns

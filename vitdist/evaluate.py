@@ -38,7 +38,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = 
     with tempfile.TemporaryDirectory(prefix="vitdist-evaluate-") as tmp:
         if is_image_folder(data):  # an ImageFolder directory: shards for this evaluation only
             folder = scan("--data", data, cfg.model.num_classes)
-            data = convert(folder, Path(tmp) / "val", max(1, len(folder.items) // max(1, workers)), seed=0)
+            data = convert(folder, Path(tmp) / "val", max(1, workers), seed=0)
         return _evaluate(checkpoint, cfg, data, batch_size, workers, meta)
 
 

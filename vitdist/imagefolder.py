@@ -5,8 +5,9 @@ A run converts each such directory once into WebDataset shards under `<run.dir>/
 (with `vitdist make-shards`' writer), and from there on it is an ordinary run over shards: the
 same data order contract, the same exact resume. A conversion is complete once its directory has
 its final name (it is written as `<split>.tmp` and renamed), and is reused only if its manifest
-says it came from the same images (names, sizes, classes), seed and shard size: the stream
-positions in the run's checkpoints refer to those shards.
+says it came from the same images (names, sizes, classes), seed and streams: the stream
+positions in the run's checkpoints refer to those shards. There is one shard per stream, of
+sizes that differ by at most one sample, so each sample is seen once per epoch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,31 +71,32 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
     return folders
 
 
-def _recipe(folder: ImageFolder, samples_per_shard: int, seed: int) -> dict:
+def _recipe(folder: ImageFolder, streams: int, seed: int) -> dict:
     """What the shards are a function of; a conversion is reused only if this matches."""
     listing = "\n".join(f"{path.relative_to(folder.root)}\t{path.stat().st_size}\t{label}" for path, label in folder.items)
-    return {"classes": folder.classes, "images": len(folder.items), "samples_per_shard": samples_per_shard,
-            "seed": seed, "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    return {"classes": folder.classes, "images": len(folder.items), "streams": streams, "seed": seed,
+            "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
 
-def convert(folder: ImageFolder, out: Path, samples_per_shard: int, seed: int) -> list[str]:
-    """The shard paths of `folder` converted into `out` (with classes.json and the manifest):
-    written now, or reused from an earlier run when the manifest matches."""
-    recipe = _recipe(folder, samples_per_shard, seed)
+def convert(folder: ImageFolder, out: Path, streams: int, seed: int) -> list[str]:
+    """The shard paths of `folder` converted into `out` (with classes.json and the manifest), one
+    per stream (one per image if there are fewer): written now, or reused from an earlier run when
+    the manifest matches."""
+    recipe = _recipe(folder, streams, seed)
     if out.is_dir():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest["recipe"] != recipe:
             raise ConfigError(
                 f"{folder.key}: '{folder.root}' is not what this run converted into '{out}' (images, classes, "
-                "data.seed or data.streams changed), and the run's checkpoints refer to those shards: "
-                f"use another run.dir, or delete '{out}' to convert again")
+                "data.seed or data.streams changed, or an older vitdist converted it), and the run's checkpoints "
+                f"refer to those shards: use another run.dir, or delete '{out}' to convert again")
         return [str(out / name) for name in manifest["shards"]]
     tmp = out.with_name(out.name + ".tmp")  # a conversion killed half-way is left here, never used
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("converting ImageFolder %s (%d images, %d classes) into shards in %s",
              folder.root, len(folder.items), len(folder.classes), out)
-    make_shards(folder.root, tmp, prefix=out.name, samples_per_shard=samples_per_shard, seed=seed, progress=False,
-                classes=folder.classes)
+    make_shards(folder.root, tmp, prefix=out.name, samples_per_shard=math.ceil(len(folder.items) / streams),
+                max_shard_bytes=math.inf, seed=seed, progress=False, classes=folder.classes, streams=streams)
     shards = sorted(p.name for p in tmp.glob(f"{out.name}-*.tar"))
     (tmp / MANIFEST).write_text(json.dumps({"source": str(folder.root.resolve()), "recipe": recipe, "shards": shards},
                                            indent=1))
@@ -115,8 +118,8 @@ def to_shards(data: DataConfig, num_classes: int, out_dir: Path, is_main: bool, 
     answer = [None]
     if is_main:
         try:
-            # At least data.streams training shards; as many validation shards (whole shards per rank).
-            answer = [{split: convert(folder, out_dir / split, max(1, len(folder.items) // data.streams), data.seed)
+            # Validation shards too by data.streams: whole shards per rank.
+            answer = [{split: convert(folder, out_dir / split, data.streams, data.seed)
                        for split, folder in image_folders(data, num_classes).items()}]
         except (ValueError, OSError) as e:  # ConfigError included; e.g. also an unreadable manifest
             answer = [f"{e}"]

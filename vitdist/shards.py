@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -33,23 +35,44 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
     return classes, items
 
 
+def shard_bounds(image_bytes: list[int], samples_per_shard: int, max_shard_bytes: float, streams: int = 1) -> list[int]:
+    """Where the samples (of these sizes, in writing order) split into shards: the fewest shards, a
+    multiple of `streams`, of sizes that differ by at most one sample, none over `samples_per_shard`
+    samples or `max_shard_bytes` bytes of images; but never more shards than samples (an image over
+    the byte limit gets a shard alone). A run with data.streams=`streams` then deals every stream as
+    many shards, and so as many samples up to one per shard: the streams turn to their next epoch
+    together, give or take that many samples."""
+    count = len(image_bytes)
+    ends = list(itertools.accumulate(image_bytes, initial=0))
+    num_shards = streams * math.ceil(max(count / samples_per_shard, ends[-1] / max_shard_bytes) / streams)
+    while True:
+        num_shards = min(num_shards, count)
+        bounds = [i * (count // num_shards) + min(i, count % num_shards) for i in range(num_shards + 1)]
+        if num_shards == count or max(ends[b] - ends[a] for a, b in itertools.pairwise(bounds)) <= max_shard_bytes:
+            return bounds
+        num_shards += streams
+
+
 def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", samples_per_shard: int = 1000,
                 max_shard_bytes: float = 1e9, seed: int = 0, progress: bool = True,
-                classes: list[str] | None = None) -> str:
-    """Write shards `<out_dir>/<prefix>-NNNNNN.tar` and `<out_dir>/classes.json`; return the brace
-    pattern of the shards. Samples are shuffled first: ImageFolder order is sorted by class, and a
-    stream's shuffle block could not undo that. `classes`: see scan_image_folder."""
+                classes: list[str] | None = None, streams: int = 1) -> str:
+    """Write shards `<out_dir>/<prefix>-NNNNNN.tar` (laid out by shard_bounds) and
+    `<out_dir>/classes.json`; return the brace pattern of the shards. Samples are shuffled first:
+    ImageFolder order is sorted by class, and a stream's shuffle block could not undo that.
+    `classes`: see scan_image_folder."""
     classes, items = scan_image_folder(src, classes)
     random.Random(seed).shuffle(items)
+    bounds = shard_bounds([path.stat().st_size for path, _ in items], samples_per_shard, max_shard_bytes, streams)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=samples_per_shard,
-                         maxsize=max_shard_bytes, verbose=0) as writer:
-        for i, (path, label) in enumerate(tqdm(items, desc=f"{prefix} shards", unit="img", disable=not progress)):
-            # Dots would split a webdataset key; the index keeps keys unique after cleaning.
-            stem = re.sub(r"[^A-Za-z0-9_-]", "_", f"{path.parent.name}_{path.stem}")
-            writer.write({"__key__": f"{i:08d}_{stem}", EXTENSIONS[path.suffix.lower()]: path.read_bytes(),
-                          "cls": label})
-        num_shards = writer.shard
+    with tqdm(total=len(items), desc=f"{prefix} shards", unit="img", disable=not progress) as bar:
+        for shard, (start, end) in enumerate(itertools.pairwise(bounds)):
+            with wds.TarWriter(str(out_dir / f"{prefix}-{shard:06d}.tar")) as sink:
+                for i, (path, label) in enumerate(items[start:end], start=start):
+                    # Dots would split a webdataset key; the index keeps keys unique after cleaning.
+                    stem = re.sub(r"[^A-Za-z0-9_-]", "_", f"{path.parent.name}_{path.stem}")
+                    sink.write({"__key__": f"{i:08d}_{stem}", EXTENSIONS[path.suffix.lower()]: path.read_bytes(),
+                                "cls": label})
+                    bar.update()
     (out_dir / "classes.json").write_text(json.dumps(classes, indent=1))
-    return str(out_dir / f"{prefix}-{{000000..{num_shards - 1:06d}}}.tar")
+    return str(out_dir / f"{prefix}-{{000000..{len(bounds) - 2:06d}}}.tar")
