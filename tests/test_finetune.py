@@ -186,6 +186,26 @@ def test_image_folder_converted_once_and_reused(tmp_path):
         to_shards(data, 4, out, is_main=True)
 
 
+def test_a_validation_folder_beside_training_shards_takes_their_class_indices(tmp_path):
+    """Training shards from `vitdist make-shards` say their classes (classes.json): a validation
+    ImageFolder with only 'cat' labels it 2, as training did. Without classes.json, sorted folders
+    fewer than the classes would shift every label: refused."""
+    import webdataset as wds
+    from vitdist.config import ConfigError, DataConfig
+    from vitdist.imagefolder import to_shards
+    from vitdist.shards import make_shards
+
+    write_png_folder(tmp_path / "train", per_class=2)
+    write_png_folder(tmp_path / "val", classes=("cat",), per_class=2)
+    data = DataConfig(train_shards=make_shards(tmp_path / "train", tmp_path / "shards", progress=False),
+                      val_shards=str(tmp_path / "val"), streams=1)
+    converted = to_shards(data, num_classes=3, out_dir=tmp_path / "run", is_main=True)
+    assert [int(s["cls"]) for s in wds.WebDataset(converted.val_shards, shardshuffle=False)] == [2, 2]
+    (tmp_path / "shards" / "classes.json").unlink()
+    with pytest.raises(ConfigError, match="has 1 class folders for model.num_classes=3, and no classes.json"):
+        to_shards(data, num_classes=3, out_dir=tmp_path / "run2", is_main=True)
+
+
 @pytest.mark.slow
 def test_finetune_on_image_folders_on_2_ranks_then_resume(tmp_path):
     """Real scans as PNGs in class folders, given directly: a 2-rank fine-tune converts them once

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .config import ConfigError, DataConfig
+from .data import expand_urls
 from .shards import make_shards, scan_image_folder
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,22 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
                               f"fewer than data.streams={data.streams}: every stream needs a shard")
     if is_image_folder(data.val_shards):
         train = folders.get("train")
-        folders["val"] = scan("data.val_shards", data.val_shards, num_classes, train.classes if train else None)
+        classes = train.classes if train else _shard_classes(data.train_shards)
+        folders["val"] = scan("data.val_shards", data.val_shards, num_classes, classes)
+        if classes is None and len(folders["val"].classes) != num_classes:
+            raise ConfigError(
+                f"data.val_shards: '{data.val_shards}' has {len(folders['val'].classes)} class folders for "
+                f"model.num_classes={num_classes}, and no classes.json beside the training shards says which class "
+                "index each folder stands for: the sorted folders would take the wrong labels")
     return folders
+
+
+def _shard_classes(train_shards) -> list[str] | None:
+    """The class names `vitdist make-shards` wrote beside the training shards, if it did: the
+    labels a validation ImageFolder's sub-folders must take."""
+    first = expand_urls(train_shards)[0]
+    names = Path(first).parent / "classes.json"
+    return json.loads(names.read_text()) if not first.startswith(("pipe:", "http:", "https:")) and names.is_file() else None
 
 
 def _recipe(folder: ImageFolder, streams: int, seed: int) -> dict:
