@@ -193,7 +193,7 @@ class TrainChunks(IterableDataset):
                  chunk_size: int, positions: dict[int, tuple[int, int, int]] | None = None, on_device: bool = False):
         self.urls, self.cfg, self.img_size, self.num_classes = urls, cfg, img_size, num_classes
         self.rank, self.world_size, self.chunk_size = rank, world_size, chunk_size
-        self.positions, self.on_device = positions or {}, on_device
+        self.positions, self.on_device = dict(positions or {}), on_device  # where each stream starts
 
     def __iter__(self):
         info = get_worker_info()

@@ -312,7 +312,7 @@ def _window_scalars(window: Window, lr: float, skipped_before: dict[str, int], b
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistContext, compute) -> dict:
-    """Loss and top-1 over the whole validation set, every sample counted once over all ranks.
+    """Loss, top-1 and top-5 over the whole validation set, every sample counted once over all ranks.
     Ranks run the same number of forward passes (under FSDP each one gathers parameters from
     all ranks): a rank whose share has run out runs an empty batch."""
     model.eval()
