@@ -252,6 +252,8 @@ def test_shard_specs(demo_shards, tmp_path):
     assert expand_urls(str(listing)) == urls[:3]
     assert expand_urls(urls[:2]) == urls[:2]
     assert expand_urls(f"pipe:cat {urls[0]}") == [f"pipe:cat {urls[0]}"]
+    # What webdataset opens itself is not looked for on the local disk.
+    assert expand_urls("gs://bucket/train-{0..1}.tar") == ["gs://bucket/train-0.tar", "gs://bucket/train-1.tar"]
     with pytest.raises(ConfigError, match=r"do not exist, first: '.*/nope-1.tar'"):
         expand_urls(str(tmp_path / "nope-{1..2}.tar"))
     with pytest.raises(ConfigError, match="shard list file '.*missing.txt' does not exist"):

@@ -54,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: Union[str, list[str]] = _opt("", "training shards: a brace pattern, a list, or a .txt file of URLs (paths or pipe:); or an ImageFolder directory")
+    train_shards: Union[str, list[str]] = _opt("", "training shards: a brace pattern, a list, or a .txt file of URLs (paths, pipe:, or any webdataset opens: http:, gs:, ...); or an ImageFolder directory")
     val_shards: Union[str, list[str], None] = _opt(None, "validation shards or ImageFolder directory, same forms; null: no validation")
     micro_batch_size: int = _opt(64, "samples per rank per forward/backward; accumulation makes up the global batch",
                                  above=0)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen_schemes
 
 from .config import ConfigError, DataConfig
 from .samples import READ_ERROR, BadSample, Skips, decode, load_rgb, read_image, read_samples
@@ -39,6 +40,12 @@ from .samples import READ_ERROR, BadSample, Skips, decode, load_rgb, read_image,
 log = logging.getLogger(__name__)
 
 WORKER_NICENESS = 10  # CPU weight about a tenth of the training process's (Linux's CFS weights)
+
+
+def is_remote(url: str) -> bool:
+    """A URL that webdataset opens itself (pipe:, http:, gs:, hf:, ...), not a local file."""
+    scheme, colon, _ = url.partition(":")
+    return bool(colon) and scheme in gopen_schemes
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:
@@ -50,7 +57,7 @@ def expand_urls(spec: str | list[str]) -> list[str]:
         spec = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
     patterns = [spec] if isinstance(spec, str) else spec
     urls = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
-    missing = [u for u in urls if not u.startswith(("pipe:", "http:", "https:")) and not Path(u).is_file()]
+    missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
     if missing:
         raise ConfigError(f"{len(missing)} shard file(s) do not exist, first: '{missing[0]}'")
     if not urls:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .config import ConfigError, DataConfig
-from .data import expand_urls
+from .data import expand_urls, is_remote
 from .shards import make_shards, scan_image_folder
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _shard_classes(train_shards) -> list[str] | None:
     labels a validation ImageFolder's sub-folders must take."""
     first = expand_urls(train_shards)[0]
     names = Path(first).parent / "classes.json"
-    return json.loads(names.read_text()) if not first.startswith(("pipe:", "http:", "https:")) and names.is_file() else None
+    return json.loads(names.read_text()) if not is_remote(first) and names.is_file() else None
 
 
 def _recipe(folder: ImageFolder, streams: int, seed: int) -> dict:
