@@ -32,11 +32,10 @@ torchrun --standalone --nproc_per_node="$nproc" launch/pretrain.py --config conf
   "data.val_shards=$data_dir/shapes/shards/val-{000000..000002}.tar" "${layout[@]}" "run.dir=$run_dir" "$@"
 
 echo "== fine-tuning on handwritten digits (scikit-learn's scans)"
-checkpoint=$(ls -d "$run_dir"/checkpoints/step_* | sort -V | tail -n 1)
 torchrun --standalone --nproc_per_node="$nproc" launch/finetune.py --config configs/finetune/tiny_digits.yaml \
   "data.train_shards=$data_dir/digits/shards/train-{000000..000015}.tar" \
   "data.val_shards=$data_dir/digits/shards/val-{000000..000015}.tar" "${layout[@]}" \
-  "finetune.init=$checkpoint" "run.dir=$run_dir-digits"
+  "finetune.init=$run_dir/checkpoints" "run.dir=$run_dir-digits"  # a run's checkpoints: its newest
 
 echo "demo done: pretraining in $run_dir, fine-tuning in $run_dir-digits (best weights: $run_dir-digits/best.safetensors)"
 echo "watch both: tensorboard --logdir_spec pretrain:$run_dir/tb,finetune:$run_dir-digits/tb"
