@@ -144,6 +144,17 @@ class Checkpointer:
             except (OSError, CheckpointException) as e:
                 self._failed(step, e, final)
 
+    def finish_if_written(self, group: dist.ProcessGroup) -> None:
+        """Finish the async save in flight once every rank has written its part, rather than at the
+        next save: until then a killed job resumes from the checkpoint before it. `group` is not
+        the save's own, on which its background thread may still run collectives."""
+        if self._pending is None:
+            return
+        written = torch.tensor([int(self._pending[0].done())])
+        dist.all_reduce(written, op=dist.ReduceOp.MIN, group=group)
+        if written.item():
+            self.wait()
+
     def newest(self) -> Path | None:
         found = complete_checkpoints(self.root)
         return found[-1][1] if found else None

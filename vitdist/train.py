@@ -190,6 +190,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             if scalars:
                 logger.log(step, scalars)
             if at_log_step:
+                checkpointer.finish_if_written(ctx.control)
                 try:
                     check_skipped(skipped_total, step, cfg.train.global_batch_size, cfg.data)
                     bad_steps.check(cfg.train.max_bad_steps, step)
