@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import REPO, TINY, png_bytes, write_shard
 from vitdist.config import ConfigError, DataConfig, load_config
-from vitdist.data import WORKER_NICENESS, EvalSamples, TrainLoader, train_shard_urls, expand_urls, sample_crop, shard_order
+from vitdist.data import WORKER_NICENESS, TrainLoader, eval_loader, expand_urls, sample_crop, shard_order, train_shard_urls
 from vitdist.samples import READ_ERROR, load_rgb, open_image, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.shards import make_shards
@@ -267,19 +267,36 @@ def test_pipe_urls_are_read(demo_shards, tmp_path):
     assert len(next(iter(TrainLoader(cfg.data, 32, 8, 128, 0, 1)))["key"]) == 128
 
 
-@pytest.mark.parametrize("shards", [1, 4])
-def test_eval_sees_every_sample_once(demo_shards, tmp_path, shards):
-    """Whole shards per rank x worker when there are enough, else every n-th sample."""
-    pattern = demo_shards["val"] if shards == 4 else demo_shards["val"].replace("{000000..000001}", "000000")
-    cfg = load_config(TINY, [f"data.val_shards={pattern}", "data.num_workers=2"])
-    urls = expand_urls(pattern)
+@pytest.mark.parametrize("shards", [1, 16])
+def test_eval_sees_every_sample_once(demo_shards, shards):
+    """Whole shards per rank x worker when there are enough (16 shards, 2 x 2 slots), else every
+    n-th sample (1 shard); in batches of the micro-batch size but for each slot's last."""
+    pattern = demo_shards["train"] if shards == 16 else re.sub(r"\{.*\}", "000000", demo_shards["val"])
+    cfg = load_config(TINY, [f"data.val_shards={pattern}", "data.num_workers=2", "data.micro_batch_size=5"])
+    assert len(expand_urls(pattern)) == shards
     seen = Counter()
     for rank in range(2):
-        loader = torch.utils.data.DataLoader(EvalSamples(urls, cfg.data, 32, 8, rank, 2), batch_size=None,
-                                             num_workers=2)
-        for sample in loader:
-            seen[(sample["label"], sample["image"].sum().item())] += 1
-    assert sum(seen.values()) == len(all_keys(pattern))
+        for batch in eval_loader(cfg.data, 32, 8, rank, 2):
+            assert len(batch["image"]) == len(batch["label"]) == len(batch["key"]) <= 5 and batch["skipped"] == 0
+            seen.update(batch["key"])
+    assert sorted(seen.elements()) == all_keys(pattern)  # each once
+
+
+def test_eval_counts_the_bad_samples_it_skips(tmp_path):
+    """Skipped samples are counted in the batch after them; those after the last full batch in the
+    last one, a batch of no images if no good sample is left."""
+    write_shard(tmp_path / "val.tar", [{"__key__": "bad0", "png": b"not a png", "cls": 0},
+                                       *({"__key__": f"good{i}", "png": png_bytes((i, 0, 0)), "cls": 1} for i in range(3)),
+                                       {"__key__": "bad1", "png": b"nor this", "cls": 0},
+                                       {"__key__": "nolabel", "png": png_bytes((0, 0, 0))}])
+    cfg = load_config(TINY, [f"data.val_shards={tmp_path / 'val.tar'}", "data.num_workers=0"])
+    cfg.data.micro_batch_size = 2
+    assert [(b["key"], b["skipped"]) for b in eval_loader(cfg.data, 32, 8, 0, 1)] == [(["good0", "good1"], 1),
+                                                                                       (["good2"], 2)]
+    cfg.data.micro_batch_size = 3
+    batches = list(eval_loader(cfg.data, 32, 8, 0, 1))
+    assert [(b["key"], b["skipped"]) for b in batches] == [(["good0", "good1", "good2"], 1), ([], 2)]
+    assert batches[-1]["image"].shape == (0, 3, 32, 32)
 
 
 def test_crop_boxes_follow_scale_and_ratio():

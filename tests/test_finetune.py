@@ -56,6 +56,7 @@ def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp
     assert moved(0) / moved(-1) == pytest.approx(0.75 ** (len(tuned.blocks) - 1), rel=0.4)
     curves = read_scalars(tmp_path / "ft" / "tb")
     assert {"val/top1", "val/top5", "val/loss"} <= set(curves) and curves["data/skipped"][-1][1] > 0
+    assert [v for _, v in curves["val/skipped"]] == [24, 24]  # the 3 classes x 8 validation images out of range
     assert all(top1 <= top5 for (_, top1), (_, top5) in zip(curves["val/top1"], curves["val/top5"]))
 
     best = tmp_path / "ft" / "best.safetensors"
@@ -74,6 +75,7 @@ def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp
     assert evaluation.returncode == 0, evaluation.stderr
     top1 = float(re.search(r"top-1 ([\d.]+)%", evaluation.stdout).group(1)) / 100
     assert top1 == pytest.approx(max(v for _, v in curves["val/top1"]), abs=1e-4)
+    assert "skipped 24 bad samples" in evaluation.stdout
 
     exported = timm.create_model(meta["arch"], **meta["timm_kwargs"])
     exported.load_state_dict(load_file(tmp_path / "ft.safetensors"), strict=True)

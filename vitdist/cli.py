@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, HandoffError) as e:
             print(f"vitdist evaluate: {e}", file=sys.stderr)
             return 2
-        print(f"top-1 {result['val/top1']:.2%} | top-5 {result['val/top5']:.2%} | loss {result['val/loss']:.4f}")
+        print(f"top-1 {result['val/top1']:.2%} | top-5 {result['val/top5']:.2%} | loss {result['val/loss']:.4f} | "
+              f"skipped {result['val/skipped']:.0f} bad samples")
     else:
         from .config import reference_markdown
         print(reference_markdown(), end="")

@@ -329,12 +329,15 @@ class TrainLoader:
 
 
 class EvalSamples(IterableDataset):
-    """Every validation sample exactly once over all ranks and workers: whole shards per slot when
-    there are enough of them, else every slot reads all shards and keeps every n-th sample."""
+    """Every validation sample exactly once over all ranks and workers (whole shards per slot when
+    there are enough of them, else every slot reads all shards and keeps every n-th sample), in
+    batches of up to `batch_size`. Each batch counts the bad samples skipped since the one before,
+    the last batch those after it (a batch of no images if need be): evaluation reports them."""
 
-    def __init__(self, urls, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int):
+    def __init__(self, urls, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
+                 batch_size: int):
         self.urls, self.cfg, self.img_size, self.num_classes = urls, cfg, img_size, num_classes
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
 
     def __iter__(self):
         info = get_worker_info()
@@ -343,7 +346,7 @@ class EvalSamples(IterableDataset):
         by_shard = len(self.urls) >= slots
         urls = self.urls[slot::slots] if by_shard else self.urls
         skips = Skips()
-        index = 0
+        batch, skipped, index = [], 0, 0
         for url in urls:
             for sample in read_samples(url):
                 index += 1
@@ -353,14 +356,28 @@ class EvalSamples(IterableDataset):
                     image, label = decode(sample, self.cfg, self.num_classes)
                 except BadSample as reason:
                     skips.report(sample, reason)
+                    skipped += 1
                     continue
-                yield {"image": eval_transform(to_uint8_tensor(image), self.cfg, self.img_size), "label": label}
+                batch.append((eval_transform(to_uint8_tensor(image), self.cfg, self.img_size), label, sample["__key__"]))
+                if len(batch) == self.batch_size:
+                    yield self._collate(batch, skipped)
+                    batch, skipped = [], 0
+        if batch or skipped:
+            yield self._collate(batch, skipped)
+
+    def _collate(self, batch: list[tuple], skipped: int) -> dict:
+        size = self.img_size
+        images = [image for image, _, _ in batch]
+        return {"image": torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8),
+                "label": torch.tensor([label for _, label, _ in batch], dtype=torch.long),
+                "key": [key for _, _, key in batch], "skipped": skipped}
 
 
 def eval_loader(cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
                 pin_memory: bool = False) -> DataLoader:
-    dataset = EvalSamples(expand_urls(cfg.val_shards), cfg, img_size, num_classes, rank, world_size)
-    return DataLoader(dataset, batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, pin_memory=pin_memory,
+    dataset = EvalSamples(expand_urls(cfg.val_shards), cfg, img_size, num_classes, rank, world_size,
+                          cfg.micro_batch_size)
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
                       worker_init_fn=_start_worker)
 
 

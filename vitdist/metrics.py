@@ -13,7 +13,7 @@ _CONSOLE = {  # tag -> (short name, format)
     "perf/images_per_sec": ("img/s", "{:.1f}"), "perf/data_wait_frac": ("data_wait", "{:.1%}"),
     "perf/mfu": ("mfu", "{:.1%}"), "train/skipped_steps": ("skipped_steps", "{:.0f}"),
     "data/skipped": ("skipped", "{:.0f}"), "val/loss": ("val_loss", "{:.4f}"), "val/top1": ("val_top1", "{:.2%}"),
-    "val/top5": ("val_top5", "{:.2%}"),
+    "val/top5": ("val_top5", "{:.2%}"), "val/skipped": ("val_skipped", "{:.0f}"),
 }
 
 

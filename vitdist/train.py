@@ -318,10 +318,10 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
     all ranks): a rank whose share has run out runs an empty batch."""
     model.eval()
     normalize = Normalize(cfg.data, ctx.device)
-    totals = torch.zeros(4, device=ctx.device)  # loss sum, top-1 correct, top-5 correct, count
+    totals = torch.zeros(5, device=ctx.device)  # loss sum, top-1 correct, top-5 correct, count, skipped
     k = min(5, cfg.model.num_classes)
     empty = {"image": torch.zeros(0, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.uint8),
-             "label": torch.zeros(0, dtype=torch.long)}
+             "label": torch.zeros(0, dtype=torch.long), "skipped": 0}
     batches = iter(loader)
     while True:
         batch = next(batches, None)
@@ -335,9 +335,10 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
         top = logits.topk(k, dim=-1).indices == labels[:, None]
         totals[:3] += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), top[:, 0].sum().float(),
                                    top.any(-1).sum().float()])
-        totals[3] += len(labels)  # a number added on the device: no copy from the host, no wait
+        totals[3] += len(labels)  # numbers added on the device: no copy from the host, no wait
+        totals[4] += batch["skipped"]
     model.train()
     totals = distributed.all_reduce_sum(totals)
     count = max(totals[3].item(), 1.0)
     return {"val/loss": totals[0].item() / count, "val/top1": totals[1].item() / count,
-            "val/top5": totals[2].item() / count}
+            "val/top5": totals[2].item() / count, "val/skipped": totals[4].item()}
