@@ -7,6 +7,9 @@ from __future__ import annotations
 import logging
 import signal
 
+import torch
+import torch.distributed as dist
+
 from . import distributed
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: try again later
@@ -18,6 +21,7 @@ log = logging.getLogger(__name__)
 class Preemption:
     def __init__(self):
         self.received: int | None = None
+        self._agreeing: tuple[dist.Work, torch.Tensor] | None = None  # started at the step before
         for signum in SIGNALS:
             signal.signal(signum, self._handle)
 
@@ -28,5 +32,13 @@ class Preemption:
         self.received = signum
 
     def requested(self, ctx: distributed.DistContext) -> bool:
-        """True on every rank once any rank has a signal, so they all stop at the same step."""
-        return distributed.any_rank(self.received is not None, ctx)
+        """True on every rank, at the same step, once any rank has a signal. Each step starts the
+        ranks' agreement and reads the one the step before started, which has had a step to
+        finish: no rank waits a round trip over the network for the others at every step."""
+        flag = torch.tensor([int(self.received is not None)])
+        started = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.control, async_op=True)
+        agreeing, self._agreeing = self._agreeing, (started, flag)
+        if agreeing is None:
+            return False
+        agreeing[0].wait()
+        return bool(agreeing[1].item())
