@@ -74,8 +74,10 @@ def preflight(cfg: Config, world_size: int) -> None:
     check_model(cfg.model)
     if cfg.finetune.init and not Path(cfg.finetune.init).exists():
         raise ConfigError(f"finetune.init '{cfg.finetune.init}' does not exist")
-    if cfg.train.resume not in ("auto", "none") and not (Path(cfg.train.resume) / ".metadata").is_file():
-        raise ConfigError(f"train.resume='{cfg.train.resume}' is not a complete checkpoint directory (no .metadata)")
+    try:
+        checkpoint.resume_path(cfg.train.resume, Path(cfg.run.dir) / "checkpoints")
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
 
 
 def train(cfg: Config) -> Path:
