@@ -55,6 +55,7 @@ def test_vit_b16_is_the_paper_size():
     ("train.steps", "override 'train.steps' is not of the form key.sub=value"),
     ("optim.betas=[0.9, 0.99, 0.5]", "config key 'optim.betas' must have 2 numbers"),
     ("train.steps=0", "config key 'train.steps' must be > 0, got 0"),
+    ("data.crop_scale=[1.0, 0.5]", "config key 'data.crop_scale' is a range, low to high: got [1.0, 0.5]"),
     ("optim.clip_grad_norm=-1", "config key 'optim.clip_grad_norm' must be >= 0, got -1.0"),
     ("optim.betas=[0.9, 1.0]", "config key 'optim.betas' must be >= 0 and < 1, got [0.9, 1.0]"),
     ("optim.lr=.nan", "config key 'optim.lr' must be float, got nan"),
