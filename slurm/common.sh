@@ -35,7 +35,7 @@ vitdist_head_addr() {
 }
 
 # Forward a warning signal to every rank of every node (SIGTERM to the job's steps: torchrun
-# passes it on to its ranks, each finishes its step, checkpoints and exits 75).
+# passes it on to its ranks, each finishes its step and the next, checkpoints and exits 75).
 vitdist_on_signal() {
   vitdist_log "received SIG$1: the ranks checkpoint, then the job requeues"
   VITDIST_SIGNALLED=$1
@@ -69,7 +69,6 @@ vitdist_slurm_main() {
   fi
 
   cd "$VITDIST_REPO" || exit 2
-  rm -f "$run_dir/FATAL"  # from an earlier job of this run: this one tries again
   vitdist_python_env
   local nproc=${VITDIST_NPROC:-${SLURM_GPUS_ON_NODE:-1}}
   local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}

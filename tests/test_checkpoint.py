@@ -59,10 +59,12 @@ def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group)
     assert checkpoint.resume_path("none", tmp_path) is None
     assert checkpoint.resume_path("auto", tmp_path / "empty") is None
     assert checkpoint.resume_path(str(tmp_path / "step_10"), tmp_path / "empty") == tmp_path / "step_10"
-    # A requeued job still names the checkpoint it first resumed from; its own newer ones win.
+    # A requeued job still names the checkpoint it first resumed from, maybe pruned since; the
+    # run's own newer ones win.
     assert checkpoint.resume_path(str(tmp_path / "step_10"), tmp_path) == tmp_path / "step_20"
+    assert checkpoint.resume_path(str(tmp_path / "step_5"), tmp_path) == tmp_path / "step_20"
     with pytest.raises(FileNotFoundError, match="step_30.tmp' is not a complete checkpoint"):
-        checkpoint.resume_path(str(tmp_path / "step_30.tmp"), tmp_path)
+        checkpoint.resume_path(str(tmp_path / "step_30.tmp"), tmp_path / "empty")
 
 
 def test_keep_counts_complete_checkpoints_and_partials_go_once_superseded(tmp_path, process_group):

@@ -350,6 +350,14 @@ def test_make_shards_by_size(tmp_path):
     assert sum(counts) == 30 and max(counts) <= 4 and max(counts) - min(counts) <= 1
 
 
+def test_one_image_over_the_byte_limit_does_not_split_every_shard():
+    from vitdist.shards import shard_bounds
+
+    bounds = shard_bounds([100] * 400 + [250_000], samples_per_shard=1000, max_shard_bytes=10_000, streams=3)
+    assert len(bounds) - 1 == 6  # 40,000 bytes of the others in 4 shards, rounded up to the streams' multiple
+    assert bounds[0] == 0 and bounds[-1] == 401 and max(b - a for a, b in zip(bounds, bounds[1:])) == 67
+
+
 def test_make_shards_cli(tmp_path):
     make_image_folder(tmp_path / "src")
     run = subprocess.run([sys.executable, "-m", "vitdist.cli", "make-shards", str(tmp_path / "src"),

@@ -89,7 +89,7 @@ def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-4)
 
 
-def test_sigterm_checkpoints_at_the_current_step_and_exits_75(demo_shards, tmp_path):
+def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):
     common = [*shard_overrides(demo_shards), *EXACT, "ckpt.every_steps=0", "data.micro_batch_size=32",
               f"run.dir={tmp_path}"]
     process = start_pretrain(0, [*common, "train.steps=1000"], tmp_path / "run.log")

@@ -60,24 +60,22 @@ def newest_if_run(path: Path) -> Path:
 
 def resume_path(spec: str, root: str | Path) -> Path | None:
     """`train.resume`: 'auto' is the newest complete checkpoint under root (or none), 'none' is
-    a fresh start, anything else a checkpoint directory that must exist. A run that has
-    checkpointed since it resumed from that directory goes on from its own newest checkpoint: a
-    requeued job, whose command still names the directory, would otherwise lose that progress."""
+    a fresh start, anything else a checkpoint directory that must exist, unless the run has
+    checkpointed under root since it resumed from there: then its newest. A requeued job's command
+    still names that directory (which `ckpt.keep` may have pruned since), and going back to it would
+    lose the progress."""
     if spec == "none":
         return None
     found = complete_checkpoints(root)
-    newest = found[-1][1] if found else None
     if spec == "auto":
-        return newest
+        return found[-1][1] if found else None
     path = Path(spec)
-    if not (path / ".metadata").is_file():
+    named = path if (path / ".metadata").is_file() else None
+    if found and (named is None or found[-1][0] > json.loads((path / TRAIN_STATE).read_text())["step"]):
+        return found[-1][1]
+    if named is None:
         raise FileNotFoundError(f"train.resume='{spec}' is not a complete checkpoint directory (no .metadata)")
-    step = json.loads((path / TRAIN_STATE).read_text())["step"]
-    if newest is not None and found[-1][0] > step:
-        log.warning("train.resume='%s' is at step %d, but this run has checkpointed since, up to %s: resuming from "
-                    "there (move the newer checkpoints away to go back to step %d)", spec, step, newest, step)
-        return newest
-    return path
+    return named
 
 
 def prune(root: Path, keep: int, keep_every: int) -> None:

@@ -6,6 +6,13 @@ import argparse
 import sys
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitdist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -14,10 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     shards.add_argument("src", help="folder with one sub-folder of images per class")
     shards.add_argument("out", help="output folder for <prefix>-NNNNNN.tar and classes.json")
     shards.add_argument("--prefix", default="train", help="shard file prefix (default: train)")
-    shards.add_argument("--samples-per-shard", type=int, default=1000, help="at most this many per shard (default: 1000)")
+    shards.add_argument("--samples-per-shard", type=_positive, default=1000, help="at most this many per shard (default: 1000)")
     shards.add_argument("--max-shard-bytes", type=float, default=1e9,
                         help="at most this many bytes of images per shard (default: 1e9)")
-    shards.add_argument("--streams", type=int, default=1,
+    shards.add_argument("--streams", type=_positive, default=1,
                         help="write a multiple of this many shards: give data.streams, so that every stream holds as "
                              "many samples (default: 1)")
     shards.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle before writing")

@@ -156,8 +156,8 @@ def parallelize(model: torch.nn.Module, cfg: DistConfig, precision: str, ctx: Di
     """DDP: a wrapper around the model. FSDP2: each block, then the root, sharded in place, with
     parameters gathered in the compute dtype and gradients reduced in `dist.fsdp_reduce_dtype`."""
     if cfg.strategy == "ddp":
-        # Gradients as views into DDP's communication buckets: no copy out of them after each
-        # all-reduce, and one copy of the gradients less in memory.
+        # Gradients as views into DDP's communication buckets: no copy back out of them after
+        # each all-reduce (the step's fresh gradients still go in: zero_grad sets them to None).
         return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                        gradient_as_bucket_view=True)
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))

@@ -136,11 +136,13 @@ def to_shards(data: DataConfig, num_classes: int, out_dir: Path, is_main: bool, 
             # Validation shards too by data.streams: whole shards per rank.
             answer = [{split: convert(folder, out_dir / split, data.streams, data.seed)
                        for split, folder in image_folders(data, num_classes).items()}]
-        except (ValueError, OSError) as e:  # ConfigError included; e.g. also an unreadable manifest
-            answer = [f"{e}"]
+        except ValueError as e:  # ConfigError included; e.g. also an unreadable manifest
+            answer = [ConfigError(f"{e}")]
+        except OSError as e:  # a full disk or a file system's hiccup: a retry may succeed
+            answer = [OSError(f"converting the ImageFolder(s) into '{out_dir}' failed: {e}")]
     if dist.is_initialized():
         dist.broadcast_object_list(answer, src=0, group=group)
-    if isinstance(answer[0], str):
-        raise ConfigError(answer[0])
+    if isinstance(answer[0], Exception):
+        raise answer[0]
     converted = {f"{split}_shards": urls for split, urls in answer[0].items()}
     return dataclasses.replace(data, **converted)

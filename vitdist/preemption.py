@@ -1,6 +1,6 @@
 """Preemption: SLURM sends SIGTERM or SIGUSR1 before a time limit or a preemption. The loop
-finishes its step, every rank together, saves a checkpoint and exits with PREEMPTED_EXIT_CODE,
-which tells a batch script to requeue rather than give up."""
+finishes its step and the next, every rank together, saves a checkpoint and exits with
+PREEMPTED_EXIT_CODE, which tells a batch script to requeue rather than give up."""
 
 from __future__ import annotations
 

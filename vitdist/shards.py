@@ -38,12 +38,13 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
 def shard_bounds(image_bytes: list[int], samples_per_shard: int, max_shard_bytes: float, streams: int = 1) -> list[int]:
     """Where the samples (of these sizes, in writing order) split into shards: the fewest shards, a
     multiple of `streams`, of sizes that differ by at most one sample, none over `samples_per_shard`
-    samples or `max_shard_bytes` bytes of images; but never more shards than samples (an image over
-    the byte limit gets a shard alone). A run with data.streams=`streams` then deals every stream as
-    many shards, and so as many samples up to one per shard: the streams turn to their next epoch
+    samples or `max_shard_bytes` bytes of images (an image over that counts as nothing: its shard is
+    larger by its size); but never more shards than samples. A run with data.streams=`streams` then deals every stream as many
+    shards, and so as many samples up to one per shard: the streams turn to their next epoch
     together, give or take that many samples."""
     count = len(image_bytes)
-    ends = list(itertools.accumulate(image_bytes, initial=0))
+    # One image over the limit would otherwise split every shard down to one image.
+    ends = list(itertools.accumulate((size if size <= max_shard_bytes else 0 for size in image_bytes), initial=0))
     num_shards = streams * math.ceil(max(count / samples_per_shard, ends[-1] / max_shard_bytes) / streams)
     while True:
         num_shards = min(num_shards, count)

@@ -107,6 +107,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
     resume_from = checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints")
+    if cfg.train.resume not in ("auto", "none") and resume_from != Path(cfg.train.resume):
+        log.warning("train.resume='%s', but this run has checkpointed since: resuming from %s (move its newer "
+                    "checkpoints away to go back)", cfg.train.resume, resume_from)
     if resume_from is None and cfg.finetune.init:
         kind, fresh = load_pretrained(model, cfg.finetune.init)
         log.info("initialised from %s (%s); freshly initialised: %s", cfg.finetune.init, kind, fresh or "nothing")
@@ -171,7 +174,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             bad_steps.record(bad)
             window.add_step(loss, grad_norm, bad, cfg.train.global_batch_size)
 
-            preempted = preemption.requested(ctx)
+            preempted = preemption.requested(ctx) and step < cfg.train.steps  # the last step ends the run anyway
             at_ckpt_step = preempted or step == cfg.train.steps or (
                 cfg.ckpt.every_steps > 0 and step % cfg.ckpt.every_steps == 0)
             at_eval_step = val_loader is not None and not preempted and (step == cfg.train.steps or (
