@@ -48,7 +48,7 @@ def main() -> None:
             saver.wait()
             totals.append(time.perf_counter() - start)
         results[mode] = (statistics.median(stalls), statistics.median(totals))
-    path = checkpoint.complete_checkpoints(root / "sync")[-1][1]
+    path = checkpoint.newest_checkpoint(root / "sync")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     loads = []
     for _ in range(args.repeats):

@@ -51,11 +51,19 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return _steps(Path(root), _COMPLETE)
 
 
+def newest_checkpoint(root: str | Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
 def newest_if_run(path: Path) -> Path:
     """A run's checkpoints directory stands for its newest complete checkpoint (what SLURM chains
     pass on); any other path for itself."""
-    found = [] if (path / ".metadata").exists() else complete_checkpoints(path)
-    return found[-1][1] if found else path
+    return path if (path / ".metadata").exists() else newest_checkpoint(path) or path
+
+
+def _step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / TRAIN_STATE).read_text())["step"]
 
 
 def resume_path(spec: str, root: str | Path) -> Path | None:
@@ -66,16 +74,16 @@ def resume_path(spec: str, root: str | Path) -> Path | None:
     lose the progress."""
     if spec == "none":
         return None
-    found = complete_checkpoints(root)
+    newest = newest_checkpoint(root)
     if spec == "auto":
-        return found[-1][1] if found else None
+        return newest
     path = Path(spec)
-    named = path if (path / ".metadata").is_file() else None
-    if found and (named is None or found[-1][0] > json.loads((path / TRAIN_STATE).read_text())["step"]):
-        return found[-1][1]
-    if named is None:
+    named = (path / ".metadata").is_file()
+    if newest is not None and (not named or _step(newest) > _step(path)):
+        return newest
+    if not named:
         raise FileNotFoundError(f"train.resume='{spec}' is not a complete checkpoint directory (no .metadata)")
-    return named
+    return path
 
 
 def prune(root: Path, keep: int, keep_every: int) -> None:
@@ -154,8 +162,7 @@ class Checkpointer:
             self.wait()
 
     def newest(self) -> Path | None:
-        found = complete_checkpoints(self.root)
-        return found[-1][1] if found else None
+        return newest_checkpoint(self.root)
 
     def _finalize(self, step: int, train_state: dict) -> None:
         dist.barrier(group=self.group)  # every rank has written its part

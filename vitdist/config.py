@@ -301,8 +301,9 @@ def validate(cfg: Config) -> None:
                        "optim.betas": cfg.optim.betas}.items():
         if len(value) != 2:
             raise ConfigError(f"config key '{key}' must have 2 numbers, got {value}")
-        if key.startswith("data.") and value[0] > value[1]:
-            raise ConfigError(f"config key '{key}' is a range, low to high: got {value}")
+    for key, (low, high) in {"data.crop_scale": cfg.data.crop_scale, "data.crop_ratio": cfg.data.crop_ratio}.items():
+        if low > high:
+            raise ConfigError(f"config key '{key}' is a range, low to high: got {[low, high]}")
     for key, value in {"data.mean": cfg.data.mean, "data.std": cfg.data.std}.items():
         if len(value) != 3:
             raise ConfigError(f"config key '{key}' must have 3 numbers (RGB), got {value}")
