@@ -24,12 +24,11 @@ def tiny(*overrides):
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_accumulation_micro_steps_do_not_all_reduce(process_group, compile):
-    """Also through torch.compile's wrapper, which is not a DDP module itself."""
-    model, cfg = tiny(f"train.compile={compile}", "model.depth=1")
-    ctx = distributed.DistContext(0, 1, 0, torch.device("cpu"))
-    dp_model = prepare_model(model, cfg, ctx)
-    ddp = dp_model._orig_mod if compile else dp_model
-    assert isinstance(ddp, DistributedDataParallel)
+    """Also through torch.compile's wrapper, which is not a DDP module itself. (prepare_model
+    applies DDP only to more than one rank; this process group has one.)"""
+    model, _ = tiny("model.depth=1")
+    ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
+    dp_model = torch.compile(ddp) if compile else ddp
     reduced = []
 
     def count(state, bucket):
@@ -39,13 +38,18 @@ def test_accumulation_micro_steps_do_not_all_reduce(process_group, compile):
         return fut
 
     ddp.register_comm_hook(None, count)
-    objective = Classification(cfg.train, cfg.model.num_classes)
+    objective = Classification(load_config(TINY).train, 8)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 8, (8,))
     for i, (xs, ys) in enumerate(zip(x.split(2), y.split(2))):
         with distributed.grad_sync(dp_model, enabled=i == 3):
             objective(dp_model, xs, ys).backward()
         assert (len(reduced) > 0) == (i == 3), f"micro-step {i}"
     assert sorted(set(reduced)) == sorted(reduced)  # each bucket once, on the last micro-step
+
+
+def test_one_process_trains_the_model_itself_without_ddp(process_group):
+    model, cfg = tiny("dist.strategy=ddp", "train.compile=false")
+    assert prepare_model(model, cfg, distributed.DistContext(0, 1, 0, torch.device("cpu"))) is model
 
 
 def test_bf16_autocast_keeps_fp32_weights_grads_and_optimizer_state():

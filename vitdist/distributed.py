@@ -153,8 +153,13 @@ def close() -> None:
 
 
 def parallelize(model: torch.nn.Module, cfg: DistConfig, precision: str, ctx: DistContext) -> torch.nn.Module:
-    """DDP: a wrapper around the model. FSDP2: each block, then the root, sharded in place, with
-    parameters gathered in the compute dtype and gradients reduced in `dist.fsdp_reduce_dtype`."""
+    """DDP: a wrapper around the model, but for one process, which has nothing to synchronise.
+    FSDP2: each block, then the root, sharded in place, with parameters gathered in the compute
+    dtype and gradients reduced in `dist.fsdp_reduce_dtype`."""
+    if cfg.strategy == "ddp" and ctx.world_size == 1:
+        # DDP on one rank would still copy every gradient into its buckets and all-reduce them,
+        # and under compile split the graph at each bucket, which stops fusion across the splits.
+        return model
     if cfg.strategy == "ddp":
         # Gradients as views into DDP's communication buckets: no copy back out of them after
         # each all-reduce (the step's fresh gradients still go in: zero_grad sets them to None).
