@@ -96,3 +96,20 @@ def test_unreadable_and_unsafe_checkpoints(tmp_path):
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(HandoffError, match="does not exist"):
         load_pretrained(tiny(), tmp_path / "missing.pth")
+
+
+def test_register_tokens_without_positions_resample_and_other_prefix_tokens_are_refused(tmp_path):
+    """The *_reg4_gap archs give their register tokens no rows of pos_embed (no_embed_class): at
+    another resolution only the patch grid is resampled. A checkpoint whose prefix tokens differ
+    from the model's is another architecture: a HandoffError naming the keys, not a reshape error."""
+    from timm.layers import resample_abs_pos_embed
+
+    source = tiny("model.arch=vit_base_patch16_reg4_gap_256")
+    torch.save(source.state_dict(), tmp_path / "reg4.pth")
+    target = tiny("model.arch=vit_base_patch16_reg4_gap_256", "model.img_size=48", "model.num_classes=5", seed=1)
+    assert load_pretrained(target, tmp_path / "reg4.pth") == ("torch state dict", ["head.bias", "head.weight"])
+    torch.testing.assert_close(target.pos_embed, resample_abs_pos_embed(source.pos_embed, [6, 6], num_prefix_tokens=0))
+    torch.testing.assert_close(target.reg_token, source.reg_token)
+    with pytest.raises(HandoffError, match=r"model keys the checkpoint lacks: cls_token, norm.bias, norm.weight; "
+                                           r"shapes that differ: pos_embed \(1, 16, 128\) vs \(1, 17, 128\)"):
+        load_pretrained(tiny(), tmp_path / "reg4.pth")

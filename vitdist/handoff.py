@@ -10,6 +10,7 @@ the head's. Anything else is a HandoffError that lists the offending keys.
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 from pathlib import Path
@@ -96,8 +97,13 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, t
         for key in HEAD_KEYS:
             state.pop(key, None)
     if "pos_embed" in state and state["pos_embed"].shape != target["pos_embed"].shape:
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.patch_embed.grid_size),
-                                                    num_prefix_tokens=model.num_prefix_tokens)
+        # The class and register tokens have rows of pos_embed before the patch grid's, unless the
+        # model gives them none (timm's no_embed_class, as the *_reg4_gap archs do).
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        grid = state["pos_embed"].shape[1] - prefix
+        if grid > 0 and math.isqrt(grid) ** 2 == grid:  # else it has other prefix tokens: another architecture, refused below
+            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.patch_embed.grid_size),
+                                                        num_prefix_tokens=prefix)
     key = "patch_embed.proj.weight"
     if key in state and state[key].shape[-2:] != target[key].shape[-2:]:
         state[key] = resample_patch_embed(state[key], new_size=list(target[key].shape[-2:]))
