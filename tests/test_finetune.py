@@ -87,8 +87,9 @@ def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp
     # Another architecture: every rank stops with the offending keys, no traceback.
     wrong = run_pretrain(2, [*finetune, "model.depth=6", f"run.dir={tmp_path / 'wrong'}"], launcher="finetune")
     assert wrong.returncode != 0 and "]: Traceback" not in wrong.stderr  # torchrun tags a rank's traceback [rankN]:
-    assert wrong.stderr.count("error: the checkpoint does not fit the model (another architecture?): model keys "
-                              "the checkpoint lacks: blocks.4.attn.proj.bias") == 2
+    assert wrong.stderr.count(f"error: the checkpoint '{init}' (vit_tiny_patch16_224, 4 blocks of width 128) does not "
+                              "fit the model (vit_tiny_patch16_224, 6 blocks of width 128): model keys the checkpoint "
+                              "lacks: blocks.4.attn.proj.bias") == 2
 
     # Linear probe: only the head moves.
     frozen = run_pretrain(0, [*finetune, "dist.strategy=ddp", "finetune.freeze=backbone",

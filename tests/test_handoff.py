@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from safetensors.torch import save_file
 from conftest import TINY
 from vitdist import checkpoint
 from vitdist.config import CkptConfig, load_config
-from vitdist.export import export
+from vitdist.export import export, write_safetensors
 from vitdist.handoff import HandoffError, load_pretrained
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer
@@ -70,8 +71,20 @@ def test_export_and_checkpoint_directory(tmp_path, process_group):
 
 def test_wrong_architecture_lists_the_keys(tmp_path):
     torch.save(tiny().state_dict(), tmp_path / "depth4.pth")
-    with pytest.raises(HandoffError, match=r"model keys the checkpoint lacks: blocks\.4\.attn\.proj\.bias"):
+    with pytest.raises(HandoffError, match=re.escape(
+            f"the checkpoint '{tmp_path / 'depth4.pth'}' (architecture not recorded, 4 blocks of width 128) does not "
+            "fit the model (vit_tiny_patch16_224, 6 blocks of width 128): model keys the checkpoint lacks: "
+            "blocks.4.attn.proj.bias")):
         load_pretrained(tiny("model.depth=6"), tmp_path / "depth4.pth")
+    # A vitdist export names its architecture: both are named.
+    write_safetensors(tiny().state_dict(), {"arch": "vit_tiny_patch16_224", "timm_kwargs": {"img_size": 32,
+                                                                                           "num_classes": 8}},
+                      tmp_path / "tiny.safetensors")
+    small = tiny("model.arch=vit_small_patch16_224", "model.embed_dim=null", "model.depth=null", "model.num_heads=null")
+    with pytest.raises(HandoffError, match=re.escape(
+            f"the checkpoint '{tmp_path / 'tiny.safetensors'}' (vit_tiny_patch16_224, 4 blocks of width 128) does not "
+            "fit the model (vit_small_patch16_224, 12 blocks of width 384): model keys the checkpoint lacks: ")):
+        load_pretrained(small, tmp_path / "tiny.safetensors")
     with pytest.raises(HandoffError, match=r"shapes that differ: .*blocks\.0\.attn\.qkv\.weight \(384, 128\) vs \(192, 64\)"):
         load_pretrained(tiny("model.embed_dim=64"), tmp_path / "depth4.pth")
     save_file({"something.else": torch.zeros(2)}, str(tmp_path / "other.safetensors"))

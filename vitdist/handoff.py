@@ -5,21 +5,23 @@ Loading never unpickles arbitrary objects (`weights_only=True`, safetensors).
 
 As in MAE's fine-tuning: the head is dropped when its shape differs, position embeddings are
 resampled to the new patch grid, the rest loads, and the only keys allowed to be missing are
-the head's. Anything else is a HandoffError that lists the offending keys.
+the head's. Anything else is a HandoffError that names both architectures and lists the offending keys.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from .checkpoint import UnsafeCheckpoint, load_model_weights, newest_if_run
+from .checkpoint import MODEL_META, UnsafeCheckpoint, load_model_weights, newest_if_run
 
 HEAD_KEYS = ("head.weight", "head.bias")
 _TORCHVISION = [  # torchvision ViT key -> timm ViT key
@@ -89,8 +91,32 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     return state, kind
 
 
-def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Fit `state` to `model`: new head, resampled position and patch embeddings; else refuse."""
+def describe(arch: str | None, state: dict[str, torch.Tensor]) -> str:
+    """The architecture name, and the depth and width the weights have: the tiny config is timm's
+    vit_tiny_patch16_224 with other sizes, so the name alone does not tell two models apart."""
+    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    width = state["pos_embed"].shape[-1] if "pos_embed" in state else "?"
+    return f"{arch or 'architecture not recorded'}, {depth} blocks of width {width}"
+
+
+def recorded_arch(path: Path) -> str | None:
+    """The timm architecture that a vitdist checkpoint (its model.json) or a safetensors file written
+    by vitdist (its metadata) names; None for other state dicts."""
+    try:
+        if path.is_dir():
+            return json.loads((path / MODEL_META).read_text()).get("arch")
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                return (f.metadata() or {}).get("arch")
+    except (OSError, ValueError, AttributeError):  # unreadable: read_state_dict says why
+        pass
+    return None
+
+
+def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
+          source: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """Fit `state` to `model`: new head, resampled position and patch embeddings; else refuse,
+    naming `source` (the checkpoint and its architecture) and the model's architecture."""
     target = model.state_dict()
     state = dict(state)
     if any(k in state and state[k].shape != target[k].shape for k in HEAD_KEYS):
@@ -119,7 +145,8 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, t
         problems.append("shapes that differ: " + _list(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
                                                        for k in mismatched))
     if problems:
-        raise HandoffError("the checkpoint does not fit the model (another architecture?): " + "; ".join(problems))
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture")
+        raise HandoffError(f"{source} does not fit the model ({describe(arch, target)}): " + "; ".join(problems))
     return state
 
 
@@ -127,5 +154,7 @@ def load_pretrained(model: torch.nn.Module, path: str | Path) -> tuple[str, list
     """Initialise `model` from the checkpoint at `path`. Returns the checkpoint's kind and the keys
     left at their fresh initialisation (the head's, when it was replaced)."""
     state, kind = read_state_dict(path)
-    result = model.load_state_dict(adapt(state, model), strict=False)
+    path = newest_if_run(Path(path))
+    source = f"the checkpoint '{path}' ({describe(recorded_arch(path), state)})"
+    result = model.load_state_dict(adapt(state, model, source), strict=False)
     return kind, sorted(result.missing_keys)
