@@ -286,3 +286,36 @@ def test_pretraining_on_shapes_helps_finetuning_on_digits(tmp_path):
         scalars = read_scalars(tmp_path / name / "tb")
         loss[name], top1[name] = scalars["val/loss"][-1][1], scalars["val/top1"][-1][1]
     assert loss["pretrained"] < loss["scratch"] - LOSS_MARGIN and top1["pretrained"] > top1["scratch"], (loss, top1)
+
+
+def val_loss(model, data_cfg) -> float:
+    """The mean validation loss over data_cfg.val_shards through vitdist's own validation loader."""
+    from vitdist.data import Normalize, eval_loader
+
+    normalize, total, count = Normalize(data_cfg, torch.device("cpu")), 0.0, 0
+    with torch.no_grad():
+        for batch in eval_loader(data_cfg, 32, 8, rank=0, world_size=1):
+            logits = model(normalize(batch["image"]))
+            total += torch.nn.functional.cross_entropy(logits, batch["label"], reduction="sum").item()
+            count += len(batch["label"])
+    return total / count
+
+
+def test_evaluate_crops_as_the_run_validated(demo_shards, tmp_path):
+    """A run that validated on whole images (data.val_crop_frac=1.0) records it with its weights:
+    `vitdist evaluate` crops the same way, so it reproduces the run's figures."""
+    from vitdist.export import write_safetensors
+    from vitdist.train import model_meta
+
+    cfg = load_config(TINY, [f"data.val_shards={demo_shards['val']}", "data.val_crop_frac=1.0", "data.num_workers=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    write_safetensors(model.state_dict(), model_meta(cfg.model, cfg.data), tmp_path / "run.safetensors")
+    evaluation = subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint",
+                                 str(tmp_path / "run.safetensors"), "--data", demo_shards["val"], "--workers", "0"],
+                                capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert evaluation.returncode == 0, evaluation.stderr
+    loss = float(re.search(r"loss ([\d.]+)", evaluation.stdout).group(1))
+    assert loss == pytest.approx(val_loss(model, cfg.data), abs=1e-4)
+    cropped = load_config(TINY, [f"data.val_shards={demo_shards['val']}", "data.num_workers=0"]).data
+    assert abs(val_loss(model, cropped) - loss) > 5e-4  # the default crop gives other figures

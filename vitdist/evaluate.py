@@ -46,6 +46,9 @@ def _evaluate(checkpoint: Path, cfg: Config, data: str | list[str], batch_size: 
               meta: dict) -> dict[str, float]:
     cfg.data.val_shards, cfg.data.micro_batch_size, cfg.data.num_workers = data, batch_size, workers
     cfg.data.mean, cfg.data.std = meta["mean"], meta["std"]
+    # The run's own validation crop, so that its val/top1 is what this reproduces (a checkpoint from
+    # before the crop was recorded: the default).
+    cfg.data.val_crop_frac = meta.get("val_crop_frac", cfg.data.val_crop_frac)
     model = build_model(cfg.model)
     kind, fresh = load_pretrained(model, checkpoint)
     if fresh:

@@ -283,8 +283,10 @@ def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed
 
 
 def model_meta(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict:
-    """What rebuilds the model in timm and feeds it: written into every checkpoint."""
-    return {"arch": model_cfg.arch, "timm_kwargs": timm_kwargs(model_cfg), "mean": data_cfg.mean, "std": data_cfg.std}
+    """What rebuilds the model in timm and feeds it (normalisation and the validation crop):
+    written into every checkpoint."""
+    return {"arch": model_cfg.arch, "timm_kwargs": timm_kwargs(model_cfg), "mean": data_cfg.mean, "std": data_cfg.std,
+            "val_crop_frac": data_cfg.val_crop_frac}
 
 
 def _window_scalars(window: Window, lr: float, skipped_before: dict[str, int], bad_before: int,
