@@ -13,6 +13,7 @@ from vitdist.export import export, write_safetensors
 from vitdist.handoff import HandoffError, load_pretrained
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer
+from vitdist.train import model_meta
 
 
 def tiny(*overrides, seed=0):
@@ -51,7 +52,8 @@ def test_export_and_checkpoint_directory(tmp_path, process_group):
     saver = checkpoint.Checkpointer(tmp_path / "ckpts", CkptConfig(keep=0),
                                     {"arch": "vit_tiny_patch16_224", "timm_kwargs": {
                                         "img_size": 32, "num_classes": 8, "patch_size": 8, "embed_dim": 128,
-                                        "depth": 4, "num_heads": 4}})
+                                        "depth": 4, "num_heads": 4}, "mean": [0.485, 0.456, 0.406],
+                                     "std": [0.229, 0.224, 0.225]})
     step_dir = saver.save(1, source, build_optimizer(source, load_config(TINY).optim), {"step": 1})
     out = export(step_dir, tmp_path / "vit.safetensors")
     x = torch.randn(2, 3, 32, 32)
@@ -77,9 +79,8 @@ def test_wrong_architecture_lists_the_keys(tmp_path):
             "blocks.4.attn.proj.bias")):
         load_pretrained(tiny("model.depth=6"), tmp_path / "depth4.pth")
     # A vitdist export names its architecture: both are named.
-    write_safetensors(tiny().state_dict(), {"arch": "vit_tiny_patch16_224", "timm_kwargs": {"img_size": 32,
-                                                                                           "num_classes": 8}},
-                      tmp_path / "tiny.safetensors")
+    cfg = load_config(TINY)
+    write_safetensors(tiny().state_dict(), model_meta(cfg.model, cfg.data), tmp_path / "tiny.safetensors")
     small = tiny("model.arch=vit_small_patch16_224", "model.embed_dim=null", "model.depth=null", "model.num_heads=null")
     with pytest.raises(HandoffError, match=re.escape(
             f"the checkpoint '{tmp_path / 'tiny.safetensors'}' (vit_tiny_patch16_224, 4 blocks of width 128) does not "
@@ -126,3 +127,26 @@ def test_register_tokens_without_positions_resample_and_other_prefix_tokens_are_
     with pytest.raises(HandoffError, match=r"model keys the checkpoint lacks: cls_token, norm.bias, norm.weight; "
                                            r"shapes that differ: pos_embed \(1, 16, 128\) vs \(1, 17, 128\)"):
         load_pretrained(tiny(), tmp_path / "reg4.pth")
+
+
+def test_an_export_loads_through_timms_pretrained_path_with_its_head_and_normalisation(tmp_path):
+    """timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=...) with the export's
+    pretrained_cfg: the trained head is kept (timm would drop it for differing from the arch's 1000
+    classes), and timm's data config normalises as the run did, so the logits are vitdist's."""
+    import json
+
+    import timm
+    from vitdist.data import Normalize
+
+    cfg = load_config(TINY, ["data.mean=[0.5, 0.4, 0.3]", "data.std=[0.2, 0.25, 0.3]", "data.val_crop_frac=0.9"])
+    source = tiny()
+    out = write_safetensors(source.state_dict(), model_meta(cfg.model, cfg.data), tmp_path / "vit.safetensors")
+    meta = json.loads(out.with_suffix(".json").read_text())
+    model = timm.create_model(meta["arch"], pretrained=True, **meta["timm_kwargs"],
+                              pretrained_cfg_overlay=dict(meta["pretrained_cfg"], file=str(out))).eval()
+    data = timm.data.resolve_model_data_config(model)
+    assert tuple(data["input_size"]) == (3, 32, 32) and data["crop_pct"] == 0.9 and data["interpolation"] == "bicubic"
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    timm_input = (images / 255 - torch.tensor(data["mean"]).view(3, 1, 1)) / torch.tensor(data["std"]).view(3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(timm_input), source(Normalize(cfg.data, torch.device("cpu"))(images)))
