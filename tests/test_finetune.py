@@ -235,6 +235,7 @@ def test_finetune_on_image_folders_on_2_ranks_then_resume(tmp_path):
     manifest = json.loads((shards / "train" / "manifest.json").read_text())
     assert manifest["recipe"]["images"] == 1300 and len(manifest["shards"]) == 16  # data.streams
     assert json.loads((shards / "train" / "classes.json").read_text()) == [str(d) for d in range(10)]
+    assert json.loads((run_dir / "best.json").read_text())["classes"] == [str(d) for d in range(10)]
     written = {p: p.stat().st_mtime_ns for p in shards.rglob("*")}
 
     resumed = run_pretrain(2, [*overrides, "model.num_classes=10", "train.steps=6"], launcher="finetune")
@@ -319,3 +320,34 @@ def test_evaluate_crops_as_the_run_validated(demo_shards, tmp_path):
     assert loss == pytest.approx(val_loss(model, cfg.data), abs=1e-4)
     cropped = load_config(TINY, [f"data.val_shards={demo_shards['val']}", "data.num_workers=0"]).data
     assert abs(val_loss(model, cropped) - loss) > 5e-4  # the default crop gives other figures
+
+
+def test_evaluate_labels_an_image_folder_by_the_runs_class_names(tmp_path):
+    """A validation folder with only 'cat' of the run's ant, bee, cat: `vitdist evaluate` labels it
+    2, as the run did, by the class names recorded with the weights, not 0 by its own sorted
+    folders. Weights that record no names refuse such a folder."""
+    from vitdist.export import write_safetensors
+    from vitdist.train import model_meta
+
+    write_png_folder(tmp_path / "val", classes=("cat",), per_class=3)
+    cfg = load_config(TINY, ["model.num_classes=3"])
+    model = build_model(cfg.model)
+    with torch.no_grad():  # answers 'cat' whatever the image
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    meta = model_meta(cfg.model, cfg.data)
+    write_safetensors(model.state_dict(), {**meta, "classes": ["ant", "bee", "cat"]}, tmp_path / "named.safetensors")
+    write_safetensors(model.state_dict(), meta, tmp_path / "unnamed.safetensors")
+
+    def evaluate(weights):
+        return subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint", str(tmp_path / weights),
+                               "--data", str(tmp_path / "val"), "--workers", "0"],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    named = evaluate("named.safetensors")
+    assert named.returncode == 0, named.stderr
+    assert "top-1 100.00%" in named.stdout
+    unnamed = evaluate("unnamed.safetensors")
+    assert unnamed.returncode == 2
+    assert (f"--data: '{tmp_path / 'val'}' has 1 class folders for the checkpoint's 3 classes, and "
+            f"'{tmp_path / 'unnamed.safetensors'}' does not record its class names") in unnamed.stderr

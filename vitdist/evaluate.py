@@ -37,7 +37,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = 
     cfg = Config(model=ModelConfig(arch=meta["arch"], **meta["timm_kwargs"]))
     with tempfile.TemporaryDirectory(prefix="vitdist-evaluate-") as tmp:
         if is_image_folder(data):  # an ImageFolder directory: shards for this evaluation only
-            folder = scan("--data", data, cfg.model.num_classes)
+            # Its sub-folders take the indices of the training classes' names, which the run recorded
+            # when it had them; sorted folders fewer than the classes would take wrong labels.
+            folder = scan("--data", data, cfg.model.num_classes, meta.get("classes"))
+            if "classes" not in meta and len(folder.classes) != cfg.model.num_classes:
+                raise ConfigError(
+                    f"--data: '{data}' has {len(folder.classes)} class folders for the checkpoint's "
+                    f"{cfg.model.num_classes} classes, and '{checkpoint}' does not record its class names (trained "
+                    "on shards without a classes.json): the sorted folders would take the wrong labels")
             data = convert(folder, Path(tmp) / "val", max(1, workers), seed=0)
         return _evaluate(checkpoint, cfg, data, batch_size, workers, meta)
 

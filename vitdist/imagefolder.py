@@ -68,7 +68,7 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
                               f"fewer than data.streams={data.streams}: every stream needs a shard")
     if is_image_folder(data.val_shards):
         train = folders.get("train")
-        classes = train.classes if train else _shard_classes(data.train_shards)
+        classes = train.classes if train else shard_classes(data.train_shards)
         folders["val"] = scan("data.val_shards", data.val_shards, num_classes, classes)
         if classes is None and len(folders["val"].classes) != num_classes:
             raise ConfigError(
@@ -78,7 +78,7 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
     return folders
 
 
-def _shard_classes(train_shards) -> list[str] | None:
+def shard_classes(train_shards) -> list[str] | None:
     """The class names `vitdist make-shards` wrote beside the training shards, if it did: the
     labels a validation ImageFolder's sub-folders must take."""
     first = expand_urls(train_shards)[0]

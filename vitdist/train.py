@@ -121,6 +121,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     optimizer = build_optimizer(model, cfg.optim, cfg.finetune.layer_decay)
     objective = Classification(cfg.train, cfg.model.num_classes)
     meta = model_meta(cfg.model, cfg.data)
+    if classes := imagefolder.shard_classes(cfg.data.train_shards):  # ImageFolders are converted by now
+        meta["classes"] = classes  # what `vitdist evaluate` labels an ImageFolder's sub-folders by
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta, cfg.dist.timeout_s)
 
     step, positions, skipped_total, best_top1 = 0, {}, {}, -1.0  # skipped_total: kind -> samples, over ranks
