@@ -69,6 +69,10 @@ def test_export_and_checkpoint_directory(tmp_path, process_group):
     target = tiny(seed=1)
     assert load_pretrained(target, tmp_path / "ckpts") == ("vitdist checkpoint", [])
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    newest = export(tmp_path / "ckpts", tmp_path / "newest.safetensors")  # so it is for `vitdist export`
+    target = tiny(seed=1)
+    assert load_pretrained(target, newest) == ("safetensors", [])
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 
 
 def test_wrong_architecture_lists_the_keys(tmp_path):

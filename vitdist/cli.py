@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("out", help="output folder: <out>/shapes, <out>/digits")
 
     export = commands.add_parser("export", help="write a checkpoint as one timm-loadable safetensors file (+ .json)")
-    export.add_argument("--checkpoint", required=True, help="a checkpoint directory, e.g. runs/b16/checkpoints/step_1000")
+    export.add_argument("--checkpoint", required=True,
+                        help="a checkpoint directory, e.g. runs/b16/checkpoints/step_1000, or a run's checkpoints/ (its newest)")
     export.add_argument("--out", required=True, help="output file, e.g. b16.safetensors")
 
     evaluate = commands.add_parser("evaluate", help="top-1, top-5 and loss of a checkpoint on labelled shards")

@@ -9,11 +9,14 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .checkpoint import load_model_weights
+from .checkpoint import load_model_weights, newest_if_run
 from .config import DataConfig
 
 
 def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
+    """A checkpoint directory, or a run's checkpoints/ (its newest complete one, as for fine-tuning
+    and evaluation), into `out`."""
+    checkpoint_dir = newest_if_run(Path(checkpoint_dir))
     weights, meta = load_model_weights(checkpoint_dir)
     return write_safetensors(weights, {**meta, "source": str(checkpoint_dir)}, out)
 
