@@ -1,3 +1,4 @@
+import argparse
 import os
 import re
 
@@ -35,9 +36,15 @@ def test_torchvision_vit_b16_gives_torchvisions_logits(tmp_path):
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
-def test_new_head_and_resolution(tmp_path):
+@pytest.mark.parametrize("layout", ["timm", "mae"])
+def test_new_head_and_resolution(tmp_path, layout):
+    """From what the training scripts of timm (train.py) and of DeiT/MAE save: the weights beside
+    the optimizer's state and the script's arguments."""
     source = tiny()
-    torch.save({"model": source.state_dict()}, tmp_path / "timm.pth")
+    args = argparse.Namespace(model="vit_tiny_patch16_224", lr=5e-4, input_size=32, smoothing=0.1)
+    saved = {"optimizer": build_optimizer(source, load_config(TINY).optim).state_dict(), "args": args, "epoch": 3}
+    weights = {"timm": "state_dict", "mae": "model"}[layout]
+    torch.save({**saved, weights: source.state_dict()}, tmp_path / "timm.pth")
     target = tiny("model.img_size=48", "model.num_classes=5", seed=1)
     kind, fresh = load_pretrained(target, tmp_path / "timm.pth")
     assert kind == "torch state dict" and fresh == ["head.bias", "head.weight"]

@@ -10,6 +10,7 @@ the head's. Anything else is a HandoffError that names both architectures and li
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import pickle
@@ -75,7 +76,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         if path.suffix == ".safetensors":
             state, kind = load_file(str(path)), "safetensors"
         else:
-            state, kind = torch.load(path, map_location="cpu", weights_only=True), "torch state dict"
+            # The training scripts of timm, DeiT and MAE store their arguments beside the weights.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state, kind = torch.load(path, map_location="cpu", weights_only=True), "torch state dict"
     except pickle.UnpicklingError as e:
         raise HandoffError(f"'{path}' holds objects other than tensors; refusing to unpickle them ({e})") from None
     except Exception as e:
