@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
+from timm.models import save_for_hf
 
 from conftest import TINY
 from vitdist import checkpoint
@@ -52,6 +53,16 @@ def test_new_head_and_resolution(tmp_path, layout):
     torch.testing.assert_close(target.pos_embed[:, :1], source.pos_embed[:, :1])  # [CLS] position kept
     torch.testing.assert_close(target.blocks[2].mlp.fc1.weight, source.blocks[2].mlp.fc1.weight)
     assert target(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_a_hugging_face_hub_folder_as_timm_saves_it(tmp_path, safe):
+    source = tiny()
+    save_for_hf(source, tmp_path / "hub", safe_serialization=safe)  # pytorch_model.bin or model.safetensors
+    target = tiny("model.num_classes=5", seed=1)
+    kind, fresh = load_pretrained(target, tmp_path / "hub")
+    assert kind == ("safetensors" if safe else "torch state dict") and fresh == ["head.bias", "head.weight"]
+    torch.testing.assert_close(target.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
 
 
 def test_export_and_checkpoint_directory(tmp_path, process_group):

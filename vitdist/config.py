@@ -153,7 +153,7 @@ class LogConfig:
 
 @dataclass
 class FinetuneConfig:
-    init: str | None = _opt(None, "weights to start from: a vitdist checkpoint or export, a timm or torchvision ViT state dict")
+    init: str | None = _opt(None, "weights to start from: a vitdist checkpoint or export, a timm or torchvision ViT state dict, a timm hub folder")
     layer_decay: float = _opt(1.0, "layer-wise lr decay: block i gets lr x decay^(depth - i), the head lr; 1: off",
                               above=0, at_most=1)
     freeze: Literal["none", "backbone"] = _opt("none", "backbone: train the head only (linear probe)")

@@ -25,6 +25,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from .checkpoint import MODEL_META, UnsafeCheckpoint, load_model_weights, newest_if_run
 
 HEAD_KEYS = ("head.weight", "head.bias")
+_HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _TORCHVISION = [  # torchvision ViT key -> timm ViT key
     (r"^class_token$", "cls_token"),
     (r"^conv_proj\.", "patch_embed.proj."),
@@ -67,6 +68,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if not path.exists():
         raise HandoffError(f"checkpoint '{path}' does not exist")
     path = newest_if_run(path)
+    hub = [path / name for name in _HUB_WEIGHTS if (path / name).is_file()]
+    if hub and not (path / ".metadata").exists():  # a Hugging Face hub folder, as timm's save_for_hf writes
+        path = hub[0]
     if path.is_dir():
         try:
             return load_model_weights(path)[0], "vitdist checkpoint"
