@@ -200,6 +200,20 @@ def test_bad_samples_are_skipped_and_counted_by_kind(tmp_path, caplog):
     assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own bomb check is left in place for everyone else
 
 
+def test_shards_without_a_usable_sample_stop_the_stream_instead_of_hanging(tmp_path):
+    """Shards whose every sample is skipped (labels under another key, class names in .cls, an
+    empty tar) never fill a chunk: the stream says so, rather than reading them forever (with
+    workers, until the loader's timeout names no cause)."""
+    photo = png_bytes((9, 9, 9))
+    write_shard(tmp_path / "s0.tar", [{"__key__": f"j{i}", "png": photo, "json": b'{"label": 1}'} for i in range(3)])
+    write_shard(tmp_path / "s1.tar", [{"__key__": f"n{i}", "png": photo, "cls": b"n01440764"} for i in range(3)])
+    write_shard(tmp_path / "s2.tar", [])
+    cfg = load_config(TINY, [f"data.train_shards={tmp_path}/s{{0..2}}.tar", "data.val_shards=null", "data.streams=1",
+                             "train.global_batch_size=2", "data.micro_batch_size=2", "data.num_workers=1"])
+    with pytest.raises(RuntimeError, match=r"data stream 0 read 3 shards in a row without a usable sample, the last '.*/s\d\.tar'"):
+        next(iter(TrainLoader(cfg.data, 32, 8, 2, 0, 1, timeout_s=10)))
+
+
 def test_a_tar_cut_before_a_member_header_is_a_read_error(tmp_path):
     """tarfile ends such a tar without complaint, as if complete; plain, piped and gzipped shards."""
     whole = str(tmp_path / "whole.tar")

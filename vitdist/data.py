@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen_schemes
 
 from .config import ConfigError, DataConfig
-from .samples import READ_ERROR, BadSample, Skips, decode, load_rgb, read_image, read_samples
+from .samples import BadSample, Skips, decode, load_rgb, read_image, read_samples
 
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,9 @@ class Stream:
     shards in turn, each in blocks of `shuffle_block` samples, every block shuffled by its own
     seed. `position` is (epoch, shard index, offset in shard) of the next sample; a stream built
     at a position yields exactly what the uninterrupted stream yields from there, after reading
-    (not decoding) the part of that one shard before it. A shard that gives no sample is passed
-    over; as many of them in a row as there are shards means none ever will: an error.
+    (not decoding) the part of that one shard before it. A shard that gives no usable sample
+    (none at all, or only ones its reader skipped: see `mark_usable`) is passed over; as many of them
+    in a row as there are shards means none ever will: an error, not an endless search.
     """
 
     def __init__(self, urls: list[str], stream_id: int, num_streams: int, cfg: DataConfig,
@@ -149,28 +150,35 @@ class Stream:
         self.urls, self.stream_id, self.num_streams, self.cfg = urls, stream_id, num_streams, cfg
         self.position = tuple(position)
         self._samples = self._walk(*self.position)
+        self._shard_usable = False
+
+    def mark_usable(self) -> None:
+        """The reader's word that the sample last given was not skipped. Only the reader can tell:
+        the stream does not decode. It reads the next sample only once the reader has judged this
+        one, so at a shard's end it knows whether the shard gave anything to train on."""
+        self._shard_usable = True
 
     def _walk(self, epoch: int, shard_index: int, offset: int) -> Iterator[tuple[dict, tuple[int, int, int]]]:
         """(sample, position after it), forever."""
         block_size, seed = self.cfg.shuffle_block, self.cfg.seed
-        barren = 0  # shards in a row without a sample
+        barren = 0  # shards in a row without a usable sample
         while True:
             shards = shard_order(self.urls, seed, epoch)
             for index, url in enumerate(shards[self.stream_id :: self.num_streams][shard_index:], start=shard_index):
                 start = offset - offset % block_size
                 samples = itertools.islice(read_samples(url), start, None)
-                gave_samples = offset > 0  # before the position resumed from
+                self._shard_usable = offset > 0  # before the position resumed from
                 while block := list(itertools.islice(samples, block_size)):
                     random.Random(f"{seed}/block/{epoch}/{self.stream_id}/{index}/{start}").shuffle(block)
                     for k in range(offset - start, len(block)):
                         yield block[k], (epoch, index, start + k + 1)
-                    gave_samples = gave_samples or any(READ_ERROR not in sample for sample in block)
                     start = offset = start + len(block)
                 offset = 0
-                barren = 0 if gave_samples else barren + 1
+                barren = 0 if self._shard_usable else barren + 1
                 if barren >= len(self.urls):
-                    raise RuntimeError(f"data stream {self.stream_id} read {barren} shards in a row without a sample, "
-                                       f"the last '{url}': are the shards empty or unreadable?")
+                    raise RuntimeError(f"data stream {self.stream_id} read {barren} shards in a row without a usable "
+                                       f"sample, the last '{url}': are the shards empty, unreadable, or all their samples "
+                                       "bad (the log names the first skipped ones, with why)?")
             epoch, shard_index = epoch + 1, 0
 
     def next_raw(self) -> tuple[dict, random.Random]:
@@ -232,6 +240,7 @@ class TrainChunks(IterableDataset):
             except BadSample as reason:
                 skips.report(sample, reason)
                 continue
+            stream.mark_usable()
             labels.append(label)
             keys.append(sample["__key__"])
             urls.append(sample["__url__"])
