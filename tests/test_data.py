@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import REPO, TINY, png_bytes, write_shard
 from vitdist.config import ConfigError, DataConfig, load_config
 from vitdist.data import WORKER_NICENESS, TrainLoader, eval_loader, expand_urls, sample_crop, shard_order, train_shard_urls
-from vitdist.samples import READ_ERROR, load_rgb, open_image, read_samples
+from vitdist.samples import READ_ERROR, BadSample, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.shards import make_shards
 
@@ -212,6 +212,21 @@ def test_shards_without_a_usable_sample_stop_the_stream_instead_of_hanging(tmp_p
                              "train.global_batch_size=2", "data.micro_batch_size=2", "data.num_workers=1"])
     with pytest.raises(RuntimeError, match=r"data stream 0 read 3 shards in a row without a usable sample, the last '.*/s\d\.tar'"):
         next(iter(TrainLoader(cfg.data, 32, 8, 2, 0, 1, timeout_s=10)))
+
+
+def test_a_key_with_a_dot_is_skipped_naming_its_files_and_the_cause(tmp_path):
+    """webdataset ends a key at the first dot of a file name: 'n0123/img.v2.cls' is key 'n0123/img',
+    file 'v2.cls'. Such a sample is skipped as unlabelled, and the message says why, not just that
+    it has no .cls."""
+    with tarfile.open(tmp_path / "dotted.tar", "w") as tar:
+        for name, data in ("n0123/img.v2.jpg", png_bytes((9, 9, 9))), ("n0123/img.v2.cls", b"1"):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    [sample] = read_samples(str(tmp_path / "dotted.tar"))
+    with pytest.raises(BadSample, match=re.escape("no .cls label among ['v2.cls', 'v2.jpg'] (a key ends at the first dot "
+                                                  "of a file name: 'n0123/img.v2.cls' is key 'n0123/img', file 'v2.cls'")):
+        read_sample(sample, 8)
 
 
 def test_a_tar_cut_before_a_member_header_is_a_read_error(tmp_path):

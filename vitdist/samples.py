@@ -93,7 +93,7 @@ def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
     if READ_ERROR in sample:
         raise BadSample("read_error", f"the rest of the shard is unreadable: {sample[READ_ERROR]}")
     if "cls" not in sample:
-        raise BadSample("no_label", "no .cls label")
+        raise BadSample("no_label", _lacking(".cls label", sample))
     try:
         label = int(sample["cls"].decode().strip())
     except ValueError:
@@ -102,8 +102,20 @@ def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
         raise BadSample("bad_label", f"label {label} outside [0, {num_classes})")
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
-        raise BadSample("no_image", f"no image (.jpg/.png/.webp) among {sorted(k for k in sample if not k.startswith('__'))}")
+        raise BadSample("no_image", _lacking("image (.jpg/.jpeg/.png/.webp)", sample))
     return data, label
+
+
+def _lacking(what: str, sample: dict) -> str:
+    """Why a sample lacks `what`: the files it has, and, when their names hold a dot, how a key with
+    a dot splits. Shards tarred from files named like 'img.v2.jpg' meet it in every sample."""
+    files = sorted(k for k in sample if not k.startswith("__"))
+    dotted = next((f for f in files if "." in f), None)
+    if dotted is None:
+        return f"no {what} among {files}"
+    key = sample["__key__"]
+    return (f"no {what} among {files} (a key ends at the first dot of a file name: '{key}.{dotted}' is key '{key}', "
+            f"file '{dotted}'; write keys without dots, as vitdist make-shards does)")
 
 
 def open_image(data: bytes) -> Image.Image:
