@@ -214,15 +214,32 @@ def test_shards_without_a_usable_sample_stop_the_stream_instead_of_hanging(tmp_p
         next(iter(TrainLoader(cfg.data, 32, 8, 2, 0, 1, timeout_s=10)))
 
 
+def write_tar(path, files):
+    """A tar of (name, bytes) as given: names webdataset's writer would refuse, or repeat."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in files:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+def test_a_file_name_met_twice_starts_a_new_sample(tmp_path):
+    """A sample written twice in a row, or a.jpg beside a.JPG (suffixes are lowercased), is not a
+    broken tar: webdataset's grouping gave up on the rest of the shard there (one read_error for
+    all its samples); each file name met again now starts a sample of its own, judged as any other."""
+    photo = png_bytes((9, 9, 9))
+    write_tar(tmp_path / "twice.tar", [("a.png", photo), ("a.cls", b"1"), ("a.png", photo), ("a.cls", b"1"),
+                                       ("b.jpg", photo), ("b.JPG", photo), ("b.cls", b"2"), ("c.png", photo), ("c.cls", b"3")])
+    samples = list(read_samples(str(tmp_path / "twice.tar")))
+    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in samples] == [
+        ("a", ["cls", "png"]), ("a", ["cls", "png"]), ("b", ["jpg"]), ("b", ["cls", "jpg"]), ("c", ["cls", "png"])]
+
+
 def test_a_key_with_a_dot_is_skipped_naming_its_files_and_the_cause(tmp_path):
     """webdataset ends a key at the first dot of a file name: 'n0123/img.v2.cls' is key 'n0123/img',
     file 'v2.cls'. Such a sample is skipped as unlabelled, and the message says why, not just that
     it has no .cls."""
-    with tarfile.open(tmp_path / "dotted.tar", "w") as tar:
-        for name, data in ("n0123/img.v2.jpg", png_bytes((9, 9, 9))), ("n0123/img.v2.cls", b"1"):
-            member = tarfile.TarInfo(name)
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
+    write_tar(tmp_path / "dotted.tar", [("n0123/img.v2.jpg", png_bytes((9, 9, 9))), ("n0123/img.v2.cls", b"1")])
     [sample] = read_samples(str(tmp_path / "dotted.tar"))
     with pytest.raises(BadSample, match=re.escape("no .cls label among ['v2.cls', 'v2.jpg'] (a key ends at the first dot "
                                                   "of a file name: 'n0123/img.v2.cls' is key 'n0123/img', file 'v2.cls'")):

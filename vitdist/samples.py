@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
 from .config import DataConfig
 
@@ -41,7 +41,7 @@ def read_samples(url: str) -> Iterator[dict]:
         return False
 
     sources = [dict(source, stream=_Tail(source["stream"])) for source in url_opener([{"url": url}], handler=stop)]
-    for sample in group_by_keys(tar_file_expander(sources, handler=stop), handler=stop):
+    for sample in _group_by_keys(tar_file_expander(sources, handler=stop, eof_value=None)):  # one shard: no end marker
         if errors:
             break
         yield sample
@@ -53,6 +53,26 @@ def read_samples(url: str) -> Iterator[dict]:
     if errors:
         reason = getattr(errors[0], "strerror", None) or errors[0].args[0]
         yield {"__key__": "", "__url__": url, READ_ERROR: f"{type(errors[0]).__name__}: {reason}"}
+
+
+def _group_by_keys(files: Iterator[dict]) -> Iterator[dict]:
+    """Consecutive files of one key (a file name up to the first dot of its last part) as one
+    sample, suffixes lowercased, as webdataset groups them; but a suffix the sample already holds
+    (a sample written twice in a row, a.jpg beside a.JPG) starts a new sample, where webdataset's
+    grouping raises and so gives up the rest of a readable shard."""
+    sample = None
+    for file in files:
+        key, suffix = base_plus_ext(file["fname"])
+        if key is None:  # no dot: no suffix to file it under
+            continue
+        suffix = suffix.lower()
+        if sample is None or key != sample["__key__"] or suffix in sample:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": file["__url__"]}
+        sample[suffix] = file["data"]
+    if sample is not None:
+        yield sample
 
 
 class _Tail:
