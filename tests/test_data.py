@@ -23,7 +23,7 @@ from vitdist.config import ConfigError, DataConfig, load_config
 from vitdist.data import WORKER_NICENESS, TrainLoader, eval_loader, expand_urls, sample_crop, shard_order, train_shard_urls
 from vitdist.samples import READ_ERROR, BadSample, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
-from vitdist.shards import make_shards
+from vitdist.shards import make_shards, scan_image_folder
 
 
 def data_cfg(shards, *overrides):
@@ -380,6 +380,20 @@ def test_make_shards_from_image_folder(tmp_path):
         image = s.get("png") or s.get("jpg")
         assert Image.open(io.BytesIO(image)).getpixel((0, 0))[0] in range(label * 80 - 3, label * 80 + 4)
     assert [int(s["cls"]) for s in samples] != sorted(int(s["cls"]) for s in samples)  # shuffled
+
+
+def test_hidden_files_and_folders_are_neither_classes_nor_images(tmp_path):
+    """Jupyter's .ipynb_checkpoints beside the class folders would be class 0 and shift every label
+    by one; macOS's ._<name>.jpg (AppleDouble metadata) would be stored as images that never decode."""
+    make_image_folder(tmp_path / "src", per_class=1)
+    (tmp_path / "src" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "src" / "dog" / ".thumbs").mkdir()
+    Image.new("RGB", (20, 30)).save(tmp_path / "src" / "dog" / ".thumbs" / "img.png")
+    (tmp_path / "src" / "cat" / "._img.0.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    classes, items = scan_image_folder(tmp_path / "src")
+    assert classes == ["cat", "dog", "eel"]
+    assert [(path.relative_to(tmp_path / "src").as_posix(), label) for path, label in items] == [
+        ("cat/img.0.jpg", 0), ("dog/img.0.jpg", 1), ("eel/img.0.jpg", 2)]
 
 
 def test_make_shards_by_size(tmp_path):

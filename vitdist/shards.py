@@ -17,11 +17,12 @@ EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
 def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class names (sorted sub-folder names, or `classes` when given, e.g. the training set's, of
-    which the sub-folders must be a subset) and (image path, class index) pairs."""
+    which the sub-folders must be a subset) and (image path, class index) pairs. Hidden files and
+    folders (.ipynb_checkpoints, macOS's ._<name>.jpg metadata) are neither classes nor images."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder '{root}' does not exist")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise ValueError(f"'{root}' has no class sub-folders (expected <root>/<class>/<image>)")
     classes = names if classes is None else list(classes)
@@ -29,7 +30,8 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
         raise ValueError(f"class folder(s) {unknown[:5]} of '{root}' are not among the {len(classes)} classes {classes[:5]}...")
     index = {name: i for i, name in enumerate(classes)}
     items = [(path, index[name]) for name in names
-             for path in sorted((root / name).rglob("*")) if path.suffix.lower() in EXTENSIONS]
+             for path in sorted((root / name).rglob("*")) if path.suffix.lower() in EXTENSIONS
+             and not any(part.startswith(".") for part in path.relative_to(root).parts)]
     if not items:
         raise ValueError(f"no .jpg/.jpeg/.png/.webp images under '{root}'")
     return classes, items
