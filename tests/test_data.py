@@ -382,7 +382,7 @@ def test_make_shards_from_image_folder(tmp_path):
     assert [int(s["cls"]) for s in samples] != sorted(int(s["cls"]) for s in samples)  # shuffled
 
 
-def test_hidden_files_and_folders_are_neither_classes_nor_images(tmp_path):
+def test_hidden_files_and_folders_are_neither_classes_nor_images_nor_folders_named_like_images(tmp_path):
     """Jupyter's .ipynb_checkpoints beside the class folders would be class 0 and shift every label
     by one; macOS's ._<name>.jpg (AppleDouble metadata) would be stored as images that never decode."""
     make_image_folder(tmp_path / "src", per_class=1)
@@ -390,6 +390,7 @@ def test_hidden_files_and_folders_are_neither_classes_nor_images(tmp_path):
     (tmp_path / "src" / "dog" / ".thumbs").mkdir()
     Image.new("RGB", (20, 30)).save(tmp_path / "src" / "dog" / ".thumbs" / "img.png")
     (tmp_path / "src" / "cat" / "._img.0.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    (tmp_path / "src" / "eel" / "album.jpg").mkdir()  # a folder named like an image
     classes, items = scan_image_folder(tmp_path / "src")
     assert classes == ["cat", "dog", "eel"]
     assert [(path.relative_to(tmp_path / "src").as_posix(), label) for path, label in items] == [

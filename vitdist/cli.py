@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             pattern = make_shards(args.src, args.out, args.prefix, args.samples_per_shard, args.max_shard_bytes,
                                   args.seed, streams=args.streams)
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:  # OSError names the file: missing, unreadable, a disk full
             print(f"vitdist make-shards: {e}", file=sys.stderr)
             return 2
         print(f"shards: {pattern}")

@@ -18,7 +18,8 @@ EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class names (sorted sub-folder names, or `classes` when given, e.g. the training set's, of
     which the sub-folders must be a subset) and (image path, class index) pairs. Hidden files and
-    folders (.ipynb_checkpoints, macOS's ._<name>.jpg metadata) are neither classes nor images."""
+    folders (.ipynb_checkpoints, macOS's ._<name>.jpg metadata) are neither classes nor images,
+    nor is a folder named like an image."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder '{root}' does not exist")
@@ -30,7 +31,7 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
         raise ValueError(f"class folder(s) {unknown[:5]} of '{root}' are not among the {len(classes)} classes {classes[:5]}...")
     index = {name: i for i, name in enumerate(classes)}
     items = [(path, index[name]) for name in names
-             for path in sorted((root / name).rglob("*")) if path.suffix.lower() in EXTENSIONS
+             for path in sorted((root / name).rglob("*")) if path.suffix.lower() in EXTENSIONS and path.is_file()
              and not any(part.startswith(".") for part in path.relative_to(root).parts)]
     if not items:
         raise ValueError(f"no .jpg/.jpeg/.png/.webp images under '{root}'")
