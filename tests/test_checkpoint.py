@@ -56,7 +56,7 @@ def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group)
     (tmp_path / "step_30.tmp").mkdir()  # a save killed half-way
     (tmp_path / "step_30.tmp" / "__0_0.distcp").write_bytes(b"partial")
     assert checkpoint.resume_path("auto", tmp_path) == tmp_path / "step_20"
-    assert checkpoint.resume_path("none", tmp_path) is None
+    assert checkpoint.resume_path("none", tmp_path / "empty") is None
     assert checkpoint.resume_path("auto", tmp_path / "empty") is None
     assert checkpoint.resume_path(str(tmp_path / "step_10"), tmp_path / "empty") == tmp_path / "step_10"
     # A requeued job still names the checkpoint it first resumed from, maybe pruned since; the
@@ -65,6 +65,22 @@ def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group)
     assert checkpoint.resume_path(str(tmp_path / "step_5"), tmp_path) == tmp_path / "step_20"
     with pytest.raises(FileNotFoundError, match="step_30.tmp' is not a complete checkpoint"):
         checkpoint.resume_path(str(tmp_path / "step_30.tmp"), tmp_path / "empty")
+
+
+def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused_before_training(demo_shards, tmp_path):
+    """Else its first save would replace the earlier step_N, `ckpt.keep` would prune its own saves
+    as older than the earlier run's, and a requeue would resume the earlier run."""
+    from vitdist.config import ConfigError
+    from vitdist.train import preflight
+
+    (tmp_path / "checkpoints" / "step_12").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_16.tmp").mkdir()
+    cfg = load_config(TINY, [*shard_overrides(demo_shards), f"run.dir={tmp_path}", "train.resume=none"])
+    with pytest.raises(ConfigError, match=f"train.resume=none, but '{tmp_path / 'checkpoints'}' holds checkpoints "
+                                          "of an earlier run \\(newest 'step_12'\\).*give a new run.dir"):
+        preflight(cfg, world_size=1)
+    (tmp_path / "checkpoints" / "step_12").rmdir()  # a partial save only: nothing to lose
+    preflight(cfg, world_size=1)
 
 
 def test_keep_counts_complete_checkpoints_and_partials_go_once_superseded(tmp_path, process_group):

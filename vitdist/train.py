@@ -76,7 +76,7 @@ def preflight(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"finetune.init '{cfg.finetune.init}' does not exist")
     try:
         checkpoint.resume_path(cfg.train.resume, Path(cfg.run.dir) / "checkpoints")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, FileExistsError) as e:
         raise ConfigError(str(e)) from None
 
 
