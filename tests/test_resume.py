@@ -3,16 +3,21 @@
 import json
 import os
 import re
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import timm
+from braceexpand import braceexpand
 from safetensors.torch import load_file
 
-from conftest import (EXACT, gone, loss_curve, read_scalars, run_pretrain, shard_overrides, start_pretrain,
+from conftest import (EXACT, TINY, gone, loss_curve, read_scalars, run_pretrain, shard_overrides, start_pretrain,
                       wait_for, worker_pid)
+from vitdist.config import ConfigError, load_config
 from vitdist.export import export
+from vitdist.train import preflight
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +111,60 @@ def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):
     resumed = run_pretrain(0, [*common, f"train.steps={step + 2}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stderr and f"steps {step} -> {step + 2}" in resumed.stdout
+
+
+def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused(demo_shards, tmp_path):
+    """Checked against the checkpoint before any process group starts, each refusal naming the key
+    and both values. What the user may change (the schedule, as to train longer) resumes, logged key
+    by key; world size, workers and micro-batch size resume silently, and exactly
+    (test_resume_across_world_sizes_and_strategies)."""
+    run_dir = tmp_path / "run"
+    common = [*shard_overrides(demo_shards), *EXACT, "data.val_shards=null", "optim.min_lr=1e-5",
+              f"run.dir={run_dir}"]
+    first = run_pretrain(0, [*common, "train.steps=4"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    step_4 = run_dir / "checkpoints" / "step_4"
+    urls = list(braceexpand(demo_shards["train"]))
+    (tmp_path / "moved").mkdir()
+    for url in urls:
+        shutil.copy(url, tmp_path / "moved")
+    lists = {"reordered": urls[1:] + urls[:1], "added": urls + urls[:1],
+             "moved": [str(tmp_path / "moved" / Path(url).name) for url in urls]}
+    for name, shards in lists.items():
+        (tmp_path / f"{name}.txt").write_text("\n".join(shards))
+
+    def check(*overrides, run=run_dir):
+        preflight(load_config(TINY, [*common, f"run.dir={run}", *overrides]), world_size=1)
+
+    ahead = "its data stream positions would index another sample order"
+    refusals = {
+        "model.depth=3": "model.depth=3, but checkpoint '{c}' holds a model with model.depth=4: its weights do not fit",
+        "data.seed=1": "data.seed=1, but checkpoint '{c}' was trained with data.seed=0: " + ahead,
+        "data.shuffle_block=64": "data.shuffle_block=64, but checkpoint '{c}' was trained with data.shuffle_block=128",
+        "data.streams=8": "data.streams=8, but checkpoint '{c}' holds the positions of 16 data streams",
+        "data.train_shards={t}/added.txt": "data.train_shards names 17 shards, checkpoint '{c}' was trained on 16: " + ahead,
+        "data.train_shards={t}/reordered.txt": "data.train_shards names other shards, or the same in another order, "
+                                               "than the 16 checkpoint '{c}' was trained on: " + ahead,
+        "train.steps=3": "train.steps=3, but checkpoint '{c}' is at step 4 already: give train.steps >= 4",
+    }
+    for override, message in refusals.items():
+        with pytest.raises(ConfigError, match=re.escape(message.format(c=step_4))):
+            check(override.format(t=tmp_path))
+    check(f"data.train_shards={tmp_path}/moved.txt", "data.num_workers=0", "data.micro_batch_size=16")
+
+    # One rank's file lost, or cut short by a partial copy: refused by name, not deep in the load.
+    broken = tmp_path / "copy" / "step_4"
+    shutil.copytree(step_4, broken)
+    os.truncate(broken / "__0_0.distcp", 1000)
+    with pytest.raises(ConfigError, match=re.escape(f"checkpoint '{broken}' is incomplete: its file '__0_0.distcp' "
+                                                    "has 1000 of its ")):
+        check(f"train.resume={broken}", run=tmp_path / "new")
+    (broken / "__0_0.distcp").unlink()
+    with pytest.raises(ConfigError, match="its file '__0_0.distcp' is missing; restore it, or move the checkpoint"):
+        check(f"train.resume={broken}", run=tmp_path / "new")
+
+    longer = run_pretrain(0, [*common, "train.steps=8", "data.num_workers=0", "data.micro_batch_size=16"])
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert (f"resuming with a config changed since {step_4}, so this run differs from the one it continues: "
+            "train.steps: 4 -> 8; the learning rate of step 5 is 0.00123, where the checkpoint's schedule has 1e-05 "
+            "(the cosine decay now ends at train.steps=8)\n") in longer.stderr

@@ -276,6 +276,21 @@ def _safe_load(state: dict, path: Path, **kwargs) -> None:
         raise
 
 
+def check_files(path: Path) -> None:
+    """Every file `.metadata` names is there, and long enough (FileNotFoundError naming it): one
+    rank's file lost, or a checkpoint copied in part, is refused before any load starts."""
+    needed: dict[str, int] = {}  # file -> bytes
+    for info in _SafeReader(path).read_metadata().storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        have = (path / name).stat().st_size if (path / name).is_file() else None
+        if have is None or have < size:
+            raise FileNotFoundError(
+                f"checkpoint '{path}' is incomplete: its file '{name}' "
+                f"{'is missing' if have is None else f'has {have} of its {size} bytes'}; restore it, or move the "
+                f"checkpoint out of '{path.parent}' to resume from the one before")
+
+
 def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The whole model's weights (timm's keys) and its `model.json`, read in this process alone,
     with no process group: for exports, fine-tuning and evaluation."""

@@ -17,9 +17,9 @@ import torch._functorch.config
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from . import checkpoint, distributed, imagefolder
+from . import checkpoint, distributed, imagefolder, resume
 from .checkpoint import Checkpointer
-from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, save_config
+from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, save_config, to_dict
 from .data import Normalize, TrainLoader, eval_loader, expand_urls, train_shard_urls
 from .export import write_safetensors
 from .handoff import load_pretrained
@@ -67,17 +67,18 @@ def preflight(cfg: Config, world_size: int) -> None:
     layout for this world size, the shard lists (or ImageFolder directories), the architecture."""
     batch_layout(cfg, world_size)
     folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
-    if "train" not in folders:
-        train_shard_urls(cfg.data, world_size)
+    urls = None if "train" in folders else train_shard_urls(cfg.data, world_size)
     if cfg.data.val_shards and "val" not in folders:
         expand_urls(cfg.data.val_shards)
     check_model(cfg.model)
     if cfg.finetune.init and not Path(cfg.finetune.init).exists():
         raise ConfigError(f"finetune.init '{cfg.finetune.init}' does not exist")
     try:
-        checkpoint.resume_path(cfg.train.resume, Path(cfg.run.dir) / "checkpoints")
+        resume_from = checkpoint.resume_path(cfg.train.resume, Path(cfg.run.dir) / "checkpoints")
     except (FileNotFoundError, FileExistsError) as e:
         raise ConfigError(str(e)) from None
+    if resume_from is not None:
+        resume.check(cfg, resume_from, urls)
 
 
 def train(cfg: Config) -> Path:
@@ -123,6 +124,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     meta = model_meta(cfg.model, cfg.data)
     if classes := imagefolder.shard_classes(cfg.data.train_shards):  # ImageFolders are converted by now
         meta["classes"] = classes  # what `vitdist evaluate` labels an ImageFolder's sub-folders by
+    data_order = resume.data_order(cfg, expand_urls(cfg.data.train_shards))  # after an ImageFolder's conversion
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta, cfg.dist.timeout_s)
 
     step, positions, skipped_total, best_top1 = 0, {}, {}, -1.0  # skipped_total: kind -> samples, over ranks
@@ -135,6 +137,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             skipped_total = {"unknown": skipped_total}
         best_top1 = state.get("best_top1", -1.0)
         log.info("resumed from %s at step %d", resume_from, step)
+        if ctx.is_main and (changes := resume.changes(cfg, state)):
+            log.warning("resuming with a config changed since %s, so this run differs from the one it continues: %s",
+                        resume_from, "; ".join(changes))
 
     pin = ctx.device.type == "cuda"
     loader = TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, cfg.train.global_batch_size,
@@ -210,7 +215,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                                 step, ongoing)
                 else:
                     train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
-                                   "skipped": skipped_total, "bad_steps": bad_total, "best_top1": best_top1}
+                                   "skipped": skipped_total, "bad_steps": bad_total, "best_top1": best_top1,
+                                   "data_order": data_order, "config": to_dict(cfg)}
                     checkpointer.save(step, model, optimizer, train_state, final=preempted or step == cfg.train.steps)
             if preempted:
                 checkpointer.wait(final=True)
