@@ -68,10 +68,10 @@ def _step(checkpoint: Path) -> int:
 
 def resume_path(spec: str, root: str | Path) -> Path | None:
     """`train.resume`: 'auto' is the newest complete checkpoint under root (or none), 'none' is
-    a fresh start (refused, FileExistsError, where root holds checkpoints), anything else a checkpoint directory that must exist, unless the run has
-    checkpointed under root since it resumed from there: then its newest. A requeued job's command
-    still names that directory (which `ckpt.keep` may have pruned since), and going back to it would
-    lose the progress."""
+    a fresh start (FileExistsError where root holds checkpoints), anything else a checkpoint
+    directory that must exist, unless the run has checkpointed under root since it resumed from
+    there: then its newest. A requeued job's command still names that directory (which `ckpt.keep`
+    may have pruned since), and going back to it would lose the progress."""
     newest = newest_checkpoint(root)
     if spec == "none":
         if newest is not None:  # a fresh run's saves would replace its checkpoints, and `ckpt.keep` prune its own
