@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 from braceexpand import braceexpand
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import (EXACT, TINY, gone, loss_curve, read_scalars, run_pretrain, shard_overrides, start_pretrain,
@@ -168,3 +170,31 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
     assert (f"resuming with a config changed since {step_4}, so this run differs from the one it continues: "
             "train.steps: 4 -> 8; the learning rate of step 5 is 0.00123, where the checkpoint's schedule has 1e-05 "
             "(the cosine decay now ends at train.steps=8)\n") in longer.stderr
+
+
+def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards, tmp_path):
+    """The run evaluates at steps 3 and 6 and writes best.safetensors; it is then resumed from its
+    step-2 checkpoint, whose best_top1 predates both evaluations, with a learning rate of 0 (as a
+    resume that is not bitwise may do worse): its evaluations of the step-2 weights must not replace
+    better weights. The file records the step and val/top1 of the weights it holds."""
+    common = [*EXACT, *shard_overrides(demo_shards), "train.steps=6", "ckpt.every_steps=2", "ckpt.keep=0",
+              "train.eval_every_steps=3", f"run.dir={tmp_path}"]
+    first = run_pretrain(0, common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    evaluated = dict(read_scalars(tmp_path / "tb")["val/top1"])
+    for step in (4, 6):  # as if lost, or moved away to go back to step 2
+        shutil.rmtree(tmp_path / "checkpoints" / f"step_{step}")
+    again = run_pretrain(0, [*common, "optim.lr=0", "optim.min_lr=0"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    evaluated_again = dict(read_scalars(tmp_path / "tb")["val/top1"])
+    assert evaluated_again.keys() == {3, 6} and max(evaluated_again.values()) < max(evaluated.values())
+
+    best = tmp_path / "best.safetensors"
+    step_2 = export(tmp_path / "checkpoints" / "step_2", tmp_path / "step_2.safetensors")
+    assert not torch.equal(load_file(best)["head.weight"], load_file(step_2)["head.weight"])
+    best_step = max(evaluated, key=evaluated.get)
+    with safe_open(str(best), "pt") as f:
+        assert f.metadata()["step"] == str(best_step)
+        assert float(f.metadata()["val_top1"]) == pytest.approx(evaluated[best_step])
+    info = json.loads(best.with_suffix(".json").read_text())
+    assert info["step"] == best_step and info["val_top1"] == pytest.approx(evaluated[best_step])

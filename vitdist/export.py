@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import load_model_weights, newest_if_run
@@ -23,10 +24,11 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
 
 def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
     """`out` (safetensors) and `out` with .json: the arch, timm kwargs, image size, classes, normalisation,
-    and the pretrained_cfg that timm's own loading and data config need."""
+    and the pretrained_cfg that timm's own loading and data config need. A `step` and `val_top1` in
+    `meta` (best.safetensors) go into the safetensors metadata too. Each file is written beside,
+    then renamed: a kill mid-write leaves the previous one whole."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out), metadata={"arch": meta["arch"]})
     size, classes = meta["timm_kwargs"]["img_size"], meta["timm_kwargs"]["num_classes"]
     # For timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(pretrained_cfg, file=out)):
     # left to the arch's own pretrained_cfg, timm drops the head (its num_classes, 1000, differs) and
@@ -35,5 +37,20 @@ def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
                       "crop_pct": meta.get("val_crop_frac", DataConfig.val_crop_frac), "crop_mode": "center",
                       "interpolation": "bicubic"}
     info = {**meta, "img_size": size, "num_classes": classes, "pretrained_cfg": pretrained_cfg}
-    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    header = {"arch": meta["arch"], **{key: str(meta[key]) for key in ("step", "val_top1") if key in meta}}
+    partial = out.with_name(out.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(partial), metadata=header)
+    partial.replace(out)
+    partial.write_text(json.dumps(info, indent=1))
+    partial.replace(out.with_suffix(".json"))
     return out
+
+
+def recorded_top1(path: Path) -> float | None:
+    """The `val_top1` a best.safetensors records; None where it records none (written before
+    vitdist recorded it) or there is no such file."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        top1 = (f.metadata() or {}).get("val_top1")
+    return None if top1 is None else float(top1)

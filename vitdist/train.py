@@ -21,7 +21,7 @@ from . import checkpoint, distributed, imagefolder, resume
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, save_config, to_dict
 from .data import Normalize, TrainLoader, eval_loader, expand_urls, train_shard_urls
-from .export import write_safetensors
+from .export import recorded_top1, write_safetensors
 from .handoff import load_pretrained
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, check_model, timm_kwargs, train_flops_per_image
@@ -141,6 +141,16 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             log.warning("resuming with a config changed since %s, so this run differs from the one it continues: %s",
                         resume_from, "; ".join(changes))
 
+    # The weights to beat are those in run.dir, where a killed run may have written better ones
+    # after the checkpoint resumed from: a resume that is not bitwise (another world size, a changed
+    # config) may not reach them again. The checkpoint's best_top1 serves for a file that records
+    # none, written by this run; a warm start's checkpoint holds another run's.
+    best_file = run_dir / "best.safetensors"
+    if (recorded := recorded_top1(best_file)) is not None:
+        best_top1 = recorded
+    elif (not best_file.is_file() or resume_from is None
+          or resume_from.parent.resolve() != (run_dir / "checkpoints").resolve()):
+        best_top1 = -1.0
     pin = ctx.device.type == "cuda"
     loader = TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, cfg.train.global_batch_size,
                          ctx.rank, ctx.world_size, positions, pin_memory=pin, timeout_s=cfg.dist.timeout_s)
@@ -198,7 +208,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                 scalars.update(evaluate(model, val_loader, cfg, ctx, compute))
                 if scalars["val/top1"] > best_top1:
                     best_top1 = scalars["val/top1"]
-                    save_weights(model, meta, run_dir / "best.safetensors", ctx)
+                    save_weights(model, {**meta, "step": step, "val_top1": best_top1}, best_file, ctx)
             if scalars:
                 logger.log(step, scalars)
             if at_log_step:
