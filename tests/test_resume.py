@@ -198,3 +198,13 @@ def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards
         assert float(f.metadata()["val_top1"]) == pytest.approx(evaluated[best_step])
     info = json.loads(best.with_suffix(".json").read_text())
     assert info["step"] == best_step and info["val_top1"] == pytest.approx(evaluated[best_step])
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_each_step_once(demo_shards, tmp_path):
+    common = [*shard_overrides(demo_shards), *EXACT, "train.steps=2", f"run.dir={tmp_path}"]
+    first = run_pretrain(0, common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.rmtree(tmp_path / "checkpoints")  # as if killed before it wrote one
+    again = run_pretrain(0, common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [s for s, _ in loss_curve(tmp_path)] == [1, 2]

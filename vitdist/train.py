@@ -156,8 +156,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                          ctx.rank, ctx.world_size, positions, pin_memory=pin, timeout_s=cfg.dist.timeout_s)
     val_loader = (eval_loader(cfg.data, cfg.model.img_size, cfg.model.num_classes, ctx.rank, ctx.world_size, pin)
                   if cfg.data.val_shards else None)
-    # On resume, TensorBoard drops what a killed run logged after the checkpoint: no duplicate steps.
-    logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=step + 1 if resume_from else None)
+    # TensorBoard drops what a killed run logged after the checkpoint resumed from (after step 0 for a
+    # run killed before its first checkpoint, and started again): no step twice.
+    logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=step + 1)
     compute = compute_precision(cfg, ctx.device)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else matmul_peak_flops(ctx.device, dtype)
