@@ -59,7 +59,7 @@ def check(cfg: Config, path: Path, urls: list[str] | None) -> None:
     if len(state["data_positions"]) != cfg.data.streams:
         raise ConfigError(f"data.streams={cfg.data.streams}, but {where} holds the positions of "
                           f"{len(state['data_positions'])} data streams; {start_new}")
-    order = state.get("data_order")  # not in checkpoints from before 2026-11-24
+    order = state.get("data_order")  # not in checkpoints written before it was recorded
     if order is None:
         return
     changed = "its data stream positions would index another sample order: samples repeated or never seen"
@@ -78,7 +78,7 @@ def check(cfg: Config, path: Path, urls: list[str] | None) -> None:
 def changes(cfg: Config, state: dict) -> list[str]:
     """The keys changed since the checkpoint's run, 'key: old -> new', and what the learning rate
     at the resumed step became if the schedule changed (as `train.steps` does to extend a run)."""
-    if "config" not in state:  # a checkpoint from before 2026-11-24
+    if "config" not in state:  # a checkpoint written before the config was recorded
         return []
     old, new = _flat(state["config"]), _flat(to_dict(cfg))
     changed = [key for key in new if old.get(key) != new[key] and key not in _UNREPORTED

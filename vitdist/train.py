@@ -141,16 +141,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             log.warning("resuming with a config changed since %s, so this run differs from the one it continues: %s",
                         resume_from, "; ".join(changes))
 
-    # The weights to beat are those in run.dir, where a killed run may have written better ones
-    # after the checkpoint resumed from: a resume that is not bitwise (another world size, a changed
-    # config) may not reach them again. The checkpoint's best_top1 serves for a file that records
-    # none, written by this run; a warm start's checkpoint holds another run's.
     best_file = run_dir / "best.safetensors"
-    if (recorded := recorded_top1(best_file)) is not None:
-        best_top1 = recorded
-    elif (not best_file.is_file() or resume_from is None
-          or resume_from.parent.resolve() != (run_dir / "checkpoints").resolve()):
-        best_top1 = -1.0
+    best_top1 = top1_to_beat(best_file, best_top1, resume_from)
     pin = ctx.device.type == "cuda"
     loader = TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, cfg.train.global_batch_size,
                          ctx.rank, ctx.world_size, positions, pin_memory=pin, timeout_s=cfg.dist.timeout_s)
@@ -292,6 +284,18 @@ def train_step(dp_model: torch.nn.Module, model: torch.nn.Module, optimizer: tor
     step_unless_bad(optimizer, bad)
     optimizer.zero_grad(set_to_none=True)
     return total, grad_norm, bad
+
+
+def top1_to_beat(best_file: Path, checkpoint_top1: float, resume_from: Path | None) -> float:
+    """The val/top1 that new best weights must beat: that of the best weights in run.dir, where a
+    killed run may have written better ones after the checkpoint resumed from, which a resume that
+    is not bitwise (another world size, a changed config) may not reach again. The checkpoint's own
+    figure serves for a file that records none, written by this run; a warm start's checkpoint
+    holds another run's."""
+    if (recorded := recorded_top1(best_file)) is not None:
+        return recorded
+    this_run = resume_from is not None and resume_from.parent.resolve() == (best_file.parent / "checkpoints").resolve()
+    return checkpoint_top1 if best_file.is_file() and this_run else -1.0
 
 
 def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed.DistContext) -> None:
