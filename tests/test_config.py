@@ -112,6 +112,19 @@ def test_bad_files_are_refused(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("text, message", [
+    # PyYAML keeps the last of two keys: the second section would drop steps and global_batch_size
+    ("train:\n  steps: 5\n  global_batch_size: 64\ndata:\n  train_shards: x.tar\ntrain:\n  seed: 3\n",
+     "key 'train' is given twice"),
+    ("data:\n  train_shards: x.tar\n  seed: 1\n  seed: 2\n", "key 'seed' is given twice"),
+    ("data:\n  train_shards: x.tar\ntrian:\n  # steps: 5\n", "unknown section 'trian'; sections are: model, data"),
+])
+def test_a_file_that_would_lose_or_ignore_keys_is_refused(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(tmp_path / "c.yaml")
+
+
 @pytest.mark.parametrize("world, micro, workers, message", [
     (3, 64, 1, "train.global_batch_size=128 is not divisible by world size 3 x data.micro_batch_size=64"),
     (2, 48, 1, "not divisible by world size 2 x data.micro_batch_size=48"),

@@ -245,11 +245,29 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     setattr(getattr(cfg, section), name, _check_value(key, value, hints[name]))
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last, so a
+    second `train:` section would silently drop every key of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key '{key_node.value}' is given twice",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
 def _flatten(tree: Any, source: str) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
     flat = {}
+    sections = _sections()
     for section, values in tree.items():
+        if section not in sections:  # checked here too: a section with no keys sets none to check
+            raise ConfigError(f"{source}: unknown section '{section}'; sections are: {', '.join(sections)}")
         values = {} if values is None else values  # a section whose keys are all commented out
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping of keys, got {values!r}")
@@ -277,7 +295,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.load(path.read_text(), _Loader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
         for key, value in _flatten(tree, str(path)).items():
