@@ -21,6 +21,16 @@ def test_yaml_then_overrides_typed_as_yaml():
     assert cfg.train.global_batch_size == 128 and cfg.dist.strategy == "ddp"  # file value; default
 
 
+def test_integers_read_as_written(tmp_path):
+    """Not as YAML 1.1, PyYAML's: 010 was octal 8 and 1:30 base 60, 90."""
+    cfg = load_config(TINY, ["data.seed=010", "train.steps=0250", "run.dir=10:30"])
+    assert (cfg.data.seed, cfg.train.steps, cfg.run.dir) == (10, 250, "10:30")
+    (tmp_path / "c.yaml").write_text("data:\n  train_shards: x.tar\n  seed: 010\n")
+    assert load_config(tmp_path / "c.yaml").data.seed == 10
+    with pytest.raises(ConfigError, match="config key 'train.steps' must be int, got '1:30'"):
+        load_config(TINY, ["train.steps=1:30"])
+
+
 def test_every_shipped_config_loads():
     for path in (REPO / "configs").rglob("*.yaml"):
         load_config(path)

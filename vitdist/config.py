@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -247,7 +248,16 @@ def _set(cfg: Config, key: str, value: Any) -> None:
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last, so a
-    second `train:` section would silently drop every key of the first."""
+    second `train:` section would silently drop every key of the first. Integers read as YAML 1.2
+    and people read them: PyYAML's YAML 1.1 reads 010 as octal (8) and 1:30 as base 60 (90)."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int | str:
+        text = self.construct_scalar(node).replace("_", "")
+        if ":" in text:
+            return text
+        if re.fullmatch(r"[-+]?0[0-9]+", text):
+            return int(text, 10)
+        return super().construct_yaml_int(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
@@ -258,6 +268,9 @@ class _Loader(yaml.SafeLoader):
                                                             key_node.start_mark)
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def _flatten(tree: Any, source: str) -> dict[str, Any]:
@@ -282,7 +295,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
     key, raw = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw)
+        return key.strip(), yaml.load(raw, _Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
 
