@@ -31,6 +31,14 @@ def test_integers_read_as_written(tmp_path):
         load_config(TINY, ["train.steps=1:30"])
 
 
+def test_whole_numbers_in_scientific_notation_are_integers():
+    cfg = load_config(TINY, ["train.steps=1e5", "data.max_image_pixels=1.5e8", "model.patch_size=4.0"])
+    assert (cfg.train.steps, cfg.data.max_image_pixels, cfg.model.patch_size) == (100_000, 150_000_000, 4)
+    assert all(type(v) is int for v in (cfg.train.steps, cfg.data.max_image_pixels, cfg.model.patch_size))
+    with pytest.raises(ConfigError, match="config key 'train.steps' must be int, got '1.5e0'"):
+        load_config(TINY, ["train.steps=1.5e0"])
+
+
 def test_every_shipped_config_loads():
     for path in (REPO / "configs").rglob("*.yaml"):
         load_config(path)

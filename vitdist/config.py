@@ -7,6 +7,7 @@ key or a wrong type fails at once with the key's name, never silently hours late
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import math
 import operator
 import re
@@ -225,6 +226,13 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, (float, str)):  # train.steps=1e5: a whole number (PyYAML reads 1e5 as a string)
+            try:
+                number = decimal.Decimal(value)
+            except decimal.InvalidOperation:
+                number = None
+            if number is not None and number.is_finite() and number == number.to_integral_value():
+                return int(number)
     elif isinstance(value, tp):
         return value
     raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
