@@ -39,6 +39,22 @@ def test_whole_numbers_in_scientific_notation_are_integers():
         load_config(TINY, ["train.steps=1.5e0"])
 
 
+@pytest.mark.parametrize("override, value", [
+    ("data.train_shards={a,b}/train-{000000..000009}.tar", "{a,b}/train-{000000..000009}.tar"),  # a YAML error
+    ("data.train_shards=pipe:curl -s -H 'Authorization: Bearer t' http://x/a-{0..9}.tar",  # a mapping
+     "pipe:curl -s -H 'Authorization: Bearer t' http://x/a-{0..9}.tar"),
+    ("data.val_shards=2024-06-01/val.tar", "2024-06-01/val.tar"),
+    ("run.dir=2024-06-01", "2024-06-01"),  # a date
+    ("run.dir=0755", "0755"),  # an integer
+    ("data.train_shards=[a.tar, '{b,c}.tar']", ["a.tar", "{b,c}.tar"]),  # still YAML: a list, a quoted string
+    ("data.val_shards=null", None),
+])
+def test_a_key_that_takes_text_gets_it_as_written(override, value):
+    key = override.split("=")[0]
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(TINY, [override]), section), name) == value
+
+
 def test_every_shipped_config_loads():
     for path in (REPO / "configs").rglob("*.yaml"):
         load_config(path)
@@ -69,7 +85,7 @@ def test_vit_b16_is_the_paper_size():
     ("model.num_classes=null", "config key 'model.num_classes' must be int, got None"),
     ("model.patch_size=true", "config key 'model.patch_size' must be int | null, got True"),
     ("model.patch_size=8.5", "config key 'model.patch_size' must be int | null, got 8.5"),
-    ("data.val_shards=3", "config key 'data.val_shards' must be str | list[str] | null, got 3"),
+    ("data.val_shards=[1, 2]", "config key 'data.val_shards' must be str | list[str] | null, got [1, 2]"),
     ("train.steps", "override 'train.steps' is not of the form key.sub=value"),
     ("optim.betas=[0.9, 0.99, 0.5]", "config key 'optim.betas' must have 2 numbers"),
     ("train.steps=0", "config key 'train.steps' must be > 0, got 0"),

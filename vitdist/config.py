@@ -242,7 +242,8 @@ def _sections() -> dict[str, type]:
     return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+def _key_type(key: str) -> Any:
+    """The type of config key `section.name`; ConfigError for a key that does not exist."""
     parts = key.split(".")
     sections = _sections()
     if len(parts) != 2 or parts[0] not in sections:
@@ -251,7 +252,13 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     hints = typing.get_type_hints(sections[section])
     if name not in hints:
         raise ConfigError(f"unknown config key '{key}'; valid keys in '{section}': {', '.join(hints)}")
-    setattr(getattr(cfg, section), name, _check_value(key, value, hints[name]))
+    return hints[name]
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    tp = _key_type(key)
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, _check_value(key, value, tp))
 
 
 class _Loader(yaml.SafeLoader):
@@ -298,14 +305,24 @@ def _flatten(tree: Any, source: str) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`key.sub=value` with the value read as YAML (so 1e-3 is a float, [1,2] a list)."""
+    """`key.sub=value` with the value read as YAML (so 1e-3 is a float, [1,2] a list). A key that
+    takes text gets the text as written where YAML reads it as something else than text, a list or
+    null: a brace pattern {a,b}.tar (a YAML syntax error), run.dir=2024-06-01 (a date), a pipe:
+    command with ': ' in it (a mapping)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
-    key, raw = text.split("=", 1)
+    key, raw = (part.strip() for part in text.split("=", 1))
+    tp = _key_type(key)
+    takes_text = tp is str or (_is_union(tp) and str in get_args(tp))
     try:
-        return key.strip(), yaml.load(raw, _Loader)
+        value = yaml.load(raw, _Loader)
     except yaml.YAMLError as e:
+        if takes_text:
+            return key, raw
         raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    if takes_text and not isinstance(value, (str, list, type(None))):
+        return key, raw
+    return key, value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
