@@ -197,6 +197,13 @@ def test_entry_point_refuses_before_any_process_group(tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_overrides_on_both_sides_of_the_options(tmp_path):
+    run = subprocess.run([sys.executable, "launch/pretrain.py", "train.steps=5", "--config", str(TINY), "--check",
+                          f"run.dir={tmp_path}", "optim.lrr=1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "config error: unknown config key 'optim.lrr'" in run.stderr, run.stderr
+
+
 def test_check_only_validates_for_the_world_size_given(demo_shards, tmp_path):
     """`--check` (run first by the SLURM jobs): 0 for a config that fits WORLD_SIZE, 2 for one that
     does not; nothing is written either way."""

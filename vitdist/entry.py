@@ -26,7 +26,9 @@ def main(description: str, finetune: bool) -> int:
     parser.add_argument("--check", action="store_true",
                         help="check the config against WORLD_SIZE and exit (0: fine, 2: refused), as SLURM jobs do first")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, values read as YAML")
-    args = parser.parse_args()
+    # Overrides may come on either side of the options: `train.steps=5 --config C.yaml run.dir=r`
+    # was refused (argparse takes one run of positionals only) as "unrecognized arguments: run.dir=r".
+    args = parser.parse_intermixed_args()
     refusal = None
     try:
         cfg = load_config(args.config, args.overrides)
