@@ -430,3 +430,19 @@ def test_make_shards_cli(tmp_path):
     run = subprocess.run([sys.executable, "-m", "vitdist.cli", "make-shards", str(tmp_path / "nope"),
                           str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert run.returncode == 2 and "image folder" in run.stderr and "nope' does not exist" in run.stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["make-shards", "src", "out", "--max-shard-bytes", "-1"], "argument --max-shard-bytes: must be above 0, got -1"),
+    (["make-shards", "src", "out", "--max-shard-bytes", "nan"], "argument --max-shard-bytes: must be above 0, got nan"),
+    (["evaluate", "--checkpoint", "c", "--data", "d", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["evaluate", "--checkpoint", "c", "--data", "d", "--workers", "-1"], "argument --workers: must be at least 0"),
+])
+def test_cli_numbers_out_of_range_are_refused_before_any_work(arguments, message, capsys):
+    """A negative or NaN shard size wrote one image per shard; a batch of 0 evaluated anyway, and -1
+    workers failed with a DataLoader traceback."""
+    from vitdist.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(arguments)
+    assert e.value.code == 2 and message in capsys.readouterr().err

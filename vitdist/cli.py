@@ -13,6 +13,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _positive_bytes(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also NaN: either wrote one image per shard
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitdist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -22,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     shards.add_argument("out", help="output folder for <prefix>-NNNNNN.tar and classes.json")
     shards.add_argument("--prefix", default="train", help="shard file prefix (default: train)")
     shards.add_argument("--samples-per-shard", type=_positive, default=1000, help="at most this many per shard (default: 1000)")
-    shards.add_argument("--max-shard-bytes", type=float, default=1e9,
+    shards.add_argument("--max-shard-bytes", type=_positive_bytes, default=1e9,
                         help="at most this many bytes of images per shard (default: 1e9)")
     shards.add_argument("--streams", type=_positive, default=1,
                         help="write a multiple of this many shards: give data.streams, so that every stream holds as "
@@ -41,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--checkpoint", required=True, help="a checkpoint directory, an export, a timm or torchvision state dict")
     evaluate.add_argument("--data", required=True, help="labelled shards (a brace pattern or a .txt list), or an ImageFolder directory")
     evaluate.add_argument("--config", help="for a state dict that does not say its architecture: a config with its model section")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.add_argument("--batch-size", type=_positive, default=64)
+    evaluate.add_argument("--workers", type=_non_negative, default=2)
 
     commands.add_parser("config-reference", help="print the config reference (markdown)")
 
