@@ -55,6 +55,14 @@ def test_a_key_that_takes_text_gets_it_as_written(override, value):
     assert getattr(getattr(load_config(TINY, [override]), section), name) == value
 
 
+def test_a_brace_pattern_the_shell_expanded_is_refused_not_cut_to_its_last_shard():
+    expanded = [f"data.train_shards=/d/train-{i}.tar" for i in range(4)]  # bash's words for an unquoted {0..3}
+    with pytest.raises(ConfigError, match=r"'data.train_shards' is given twice in a row .* Quote it"):
+        load_config(TINY, ["run.dir=r", *expanded])
+    later = load_config(TINY, ["data.train_shards=/d/a.tar", "run.dir=r", "data.train_shards=/d/b.tar"])
+    assert later.data.train_shards == "/d/b.tar"  # a later override of an earlier one still wins
+
+
 def test_every_shipped_config_loads():
     for path in (REPO / "configs").rglob("*.yaml"):
         load_config(path)

@@ -340,8 +340,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
         for key, value in _flatten(tree, str(path)).items():
             _set(cfg, key, value)
+    previous = None
     for text in overrides:
-        _set(cfg, *parse_override(text))
+        key, value = parse_override(text)
+        if previous and previous[0] == key and key in ("data.train_shards", "data.val_shards"):
+            # What the shell makes of an unquoted data.train_shards=/d/a-{0..3}.tar: one override per
+            # shard, of which the last would win, silently training on one shard.
+            raise ConfigError(f"config key '{key}' is given twice in a row ('{previous[1]}', then '{text}'): a brace "
+                              f"pattern that the shell expanded? Quote it: '{key}=.../name-{{000000..000099}}.tar'")
+        _set(cfg, key, value)
+        previous = key, text
     validate(cfg)
     return cfg
 
