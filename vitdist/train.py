@@ -159,7 +159,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         print(f"{cfg.model.arch}: {params / 1e6:.2f}M params ({distributed.local_numel(model) / 1e6:.2f}M on rank 0) | "
               f"{cfg.dist.strategy} over {ctx.world_size} rank(s) on {ctx.device.type} | global batch "
               f"{cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x {accum_steps} "
-              f"accumulation step(s) | steps {step} -> {cfg.train.steps}", flush=True)
+              f"accumulation step(s) | steps {step} -> {cfg.train.steps} | mfu against {peak / 1e12:.3g} TFLOP/s per "
+              f"device ({'log.peak_tflops' if cfg.log.peak_tflops else 'measured'})", flush=True)
 
     bad_steps = BadSteps(ctx.device)
     normalize = Normalize(cfg.data, ctx.device)
