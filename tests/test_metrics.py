@@ -1,13 +1,16 @@
-"""What perf/mfu divides by: the device's matmul peak, measured at start."""
+"""The perf/ figures: the matmul peak perf/mfu divides by, and the time a log window lasts."""
 
 import os
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
+from vitdist.distributed import DistContext
 from vitdist.metrics import matmul_peak_flops
+from vitdist.train import Window, _window_scalars
 
 
 def test_the_cpu_peak_is_measured_alike_while_other_processes_load_the_cores():
@@ -29,3 +32,17 @@ def test_the_cpu_peak_is_measured_alike_while_other_processes_load_the_cores():
     finally:
         torch.set_num_threads(threads)
     assert loaded > 0.7 * alone, (loaded / 1e9, alone / 1e9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="only a GPU runs behind the host")
+def test_a_log_window_ends_when_the_gpu_has_run_its_steps(process_group):
+    """The host queues steps ahead of the GPU (nothing in a step waits for it): a window timed
+    until the host has queued its last step would count images the GPU has not yet trained on."""
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    zero = torch.zeros((), device=ctx.device)
+    torch.cuda.synchronize()
+    window = Window(start=time.perf_counter())
+    torch.cuda._sleep(1_000_000_000)  # a step of 1e9 GPU clock cycles: 0.5 s or more at 2 GHz or less
+    window.add_step(zero, zero, zero, images=100)
+    scalars, _ = _window_scalars(window, 1e-3, {}, 0, 1e-12, ctx)
+    assert scalars["perf/images_per_sec"] < 100 / 0.45

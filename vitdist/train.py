@@ -318,6 +318,10 @@ def _window_scalars(window: Window, lr: float, skipped_before: dict[str, int], b
     """The scalars to log, and the samples skipped so far by kind, summed over ranks (one
     all-reduce). `bad_before`: steps skipped before this window. `peak_seconds_per_image`: one
     image's training FLOPs over one device's peak FLOP/s."""
+    # The host queues steps ahead of the GPU, so the window ends once the GPU has run them, as it
+    # began (after the last log step's reads, which waited for the GPU): else perf/ reads high.
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
     elapsed = time.perf_counter() - window.start
     sums = distributed.all_reduce_sum(torch.cat([
         torch.as_tensor(window.loss, dtype=torch.float32, device=ctx.device).view(1),
