@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import yaml
 import pytest
@@ -15,7 +16,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import TINY, png_bytes, read_scalars, run_pretrain, shard_overrides, write_shard
 from vitdist.config import load_config, to_dict
-from vitdist.data import expand_urls
+from vitdist.data import TrainLoader, expand_urls
 from vitdist.model import timm_kwargs
 from vitdist.schedule import lr_at
 
@@ -98,7 +99,7 @@ def test_bad_samples_are_counted_by_kind_over_ranks_and_resumed(demo_shards, tmp
     shards = [*expand_urls(demo_shards["train"]), str(tmp_path / "bad.tar")]
     overrides = [f"data.train_shards={json.dumps(shards)}", "data.val_shards=null", f"run.dir={tmp_path}",
                  "log.every_steps=10", "ckpt.every_steps=0", "train.global_batch_size=64", "data.micro_batch_size=32"]
-    run = run_pretrain(2, [*overrides, "train.steps=20"])
+    run = run_pretrain(2, [*overrides, "train.steps=15"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "skipped sample 'bad0' in " in run.stderr and "undecodable image" in run.stderr
     assert "skipped sample 'tiny0' in " in run.stderr and "[too_small]" in run.stderr
@@ -106,19 +107,26 @@ def test_bad_samples_are_counted_by_kind_over_ranks_and_resumed(demo_shards, tmp
     kinds = {"undecodable": 4, "too_small": 2, "no_label": 1}  # per read of the bad shard
     assert {tag for tag in curves if tag.startswith("data/skipped_")} == {f"data/skipped_{kind}" for kind in kinds}
     # A stream reads the whole bad shard within one chunk (it gives no sample): every read counts
-    # each kind in full, summed over both ranks. 20 steps x 64 samples is about 2.5 passes.
+    # each kind in full, summed over both ranks. 15 steps x 64 samples is about 2 passes.
     passes = [v for _, v in curves["data/skipped_no_label"]]
     assert 1 <= passes[0] <= passes[-1] <= 3
     for kind, per_pass in kinds.items():
         assert [v for _, v in curves[f"data/skipped_{kind}"]] == [per_pass * n for n in passes], kind
     assert [v for _, v in curves["data/skipped"]] == [7 * n for n in passes]
-    state = json.loads((tmp_path / "checkpoints" / "step_20" / "train_state.json").read_text())
+    state = json.loads((tmp_path / "checkpoints" / "step_15" / "train_state.json").read_text())
     assert state["skipped"] == {kind: per_pass * passes[-1] for kind, per_pass in kinds.items()}
 
+    # Resumed in the middle of a log window (steps 16-20), each bad sample is still counted once:
+    # at step 30, as many as one uninterrupted read of 30 steps meets.
     resumed = run_pretrain(2, [*overrides, "train.steps=30"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = [v for _, v in read_scalars(tmp_path / "tb")["data/skipped_undecodable"]]
-    assert after[:2] == [4 * n for n in passes] and after[2] >= after[1]  # the curve goes on
+    after = read_scalars(tmp_path / "tb")
+    assert [s for s, _ in after["data/skipped"]] == [10, 15, 20, 30]
+    assert [v for _, v in after["data/skipped_undecodable"]][:2] == [4 * n for n in passes]
+    cfg = load_config(TINY, [*overrides, "data.num_workers=0"])
+    batches = iter(TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, 64, rank=0, world_size=1))
+    uninterrupted = sum((next(batches)["skipped"] for _ in range(30)), Counter())
+    assert {kind: after[f"data/skipped_{kind}"][-1][1] for kind in kinds} == uninterrupted
 
 
 def test_mostly_bad_shards_stop_every_rank(tmp_path):
