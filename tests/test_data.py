@@ -20,7 +20,8 @@ from PIL import Image
 
 from conftest import REPO, TINY, png_bytes, write_shard
 from vitdist.config import ConfigError, DataConfig, load_config
-from vitdist.data import WORKER_NICENESS, TrainLoader, eval_loader, expand_urls, sample_crop, shard_order, train_shard_urls
+from vitdist.data import (WORKER_NICENESS, Stream, TrainLoader, draw_augmentation, eval_loader, eval_transform, expand_urls,
+                          sample_crop, shard_order, train_shard_urls)
 from vitdist.samples import READ_ERROR, BadSample, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.shards import make_shards, scan_image_folder
@@ -49,6 +50,37 @@ def test_each_sample_once_per_epoch_with_2_ranks_x_2_workers(demo_shards):
     next_epoch = keys_by_step(cfg, world_size=2, steps=2 * 512 // 64)[512 // 64:]
     assert sorted(k for step in next_epoch for k in step) == sorted(seen)
     assert next_epoch != epoch  # reshuffled
+
+
+def test_each_epoch_deals_the_shards_out_to_the_streams_anew(demo_shards):
+    """4 streams of 4 shards of 32 samples: an epoch is 8 steps of 16 samples per stream. Each
+    stream reads 4 whole shards an epoch, and the next epoch deals other ones to it: a stream
+    that kept its shards would only see its samples in another order."""
+    cfg = data_cfg(demo_shards, "data.num_workers=0", "data.streams=4", "train.global_batch_size=64")
+    batches = iter(TrainLoader(cfg.data, 32, 8, 64, 0, 1))
+    epochs = []
+    for _ in range(2):
+        shards = [set() for _ in range(4)]
+        for _ in range(8):
+            urls = next(batches)["url"]  # stream by stream
+            for stream, own in enumerate(shards):
+                own.update(urls[16 * stream : 16 * (stream + 1)])
+        assert [len(own) for own in shards] == [4, 4, 4, 4]
+        assert set().union(*shards) == set(expand_urls(demo_shards["train"]))
+        epochs.append(shards)
+    assert epochs[0] != epochs[1]
+
+
+def test_each_block_of_a_shard_is_shuffled_by_a_seed_of_its_own(demo_shards):
+    """data.shuffle_block=8: a stream yields its shard's samples 8 at a time, each 8 a permutation
+    of 8 consecutive samples of the shard, and no two blocks in the same order."""
+    cfg = data_cfg(demo_shards, "data.shuffle_block=8")
+    stream = Stream(expand_urls(demo_shards["train"]), 0, cfg.data.streams, cfg.data)
+    samples = [stream.next_raw()[0] for _ in range(32)]  # its first shard, whole
+    in_shard = [s["__key__"] for s in read_samples(samples[0]["__url__"])]
+    orders = [tuple(in_shard.index(s["__key__"]) - start for s in samples[start : start + 8]) for start in range(0, 32, 8)]
+    assert all(sorted(order) == list(range(8)) for order in orders)
+    assert len(set(orders)) == 4, orders
 
 
 @pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2)])
@@ -353,6 +385,22 @@ def test_crop_boxes_follow_scale_and_ratio():
         assert 0 <= left < right <= w and 0 <= top < bottom <= h
     areas = [(r - l) * (b - t) / 40000 for l, t, r, b in (sample_crop(rng, 200, 200, (0.5, 1.0), (1, 1)) for _ in range(500))]
     assert 0.48 <= min(areas) and max(areas) <= 1.0 and 0.7 < sum(areas) / len(areas) < 0.8
+
+
+def test_hflip_is_the_probability_of_a_flip():
+    def flips(p):
+        return sum(draw_augmentation(random.Random(i), 60, 40, DataConfig(hflip=p))[1] for i in range(400))
+    assert flips(0.0) == 0 and flips(1.0) == 400 and 160 < flips(0.5) < 240
+
+
+@pytest.mark.parametrize("height, width, crop_frac", [(40, 60, 1.0), (60, 40, 1.0), (60, 40, 0.8)])
+def test_validation_resizes_the_shorter_side_then_crops_the_center(height, width, crop_frac):
+    """As torchvision's Resize(img_size / val_crop_frac) then CenterCrop(img_size), for wide and tall images."""
+    from torchvision.transforms.v2 import InterpolationMode, functional as TF
+
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    resized = TF.resize(image, round(32 / crop_frac), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(eval_transform(image, DataConfig(val_crop_frac=crop_frac), 32), TF.center_crop(resized, [32, 32]))
 
 
 def make_image_folder(root, per_class=5):
