@@ -1,8 +1,13 @@
 """The pieces of one training step: gradient sync, precision, objective."""
 
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from timm.data import Mixup
 from torch.nn.parallel import DistributedDataParallel
@@ -12,8 +17,8 @@ from vitdist import distributed
 from vitdist.config import load_config
 from vitdist.model import build_model
 from vitdist.objective import Classification
-from vitdist.optim import build_optimizer
-from vitdist.train import compute_precision, prepare_model, train_step
+from vitdist.optim import BadSteps, NonFiniteTraining, build_optimizer
+from vitdist.train import compute_precision, prepare_model, seed_step, train_step
 
 
 def tiny(*overrides):
@@ -153,3 +158,77 @@ def test_an_activation_memory_budget_recomputes_instead_of_saving(process_group,
     torch.testing.assert_close(low_loss, loss, rtol=1e-5, atol=1e-6)
     for low, full in zip(low_grads, grads):
         torch.testing.assert_close(low, full, rtol=1e-4, atol=1e-6)
+
+
+def test_a_training_step_applies_the_clipped_gradients(process_group):
+    """Adam's first moment after one step is (1 - beta1) x the gradients it was given: clipped to
+    optim.clip_grad_norm, while the step reports the norm from before clipping."""
+    model, cfg = tiny("optim.clip_grad_norm=0.01", "data.micro_batch_size=4")
+    optimizer = build_optimizer(model, cfg.optim)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 8, (8,))
+    _, grad_norm, bad = train_step(model, model, optimizer, Classification(cfg.train, cfg.model.num_classes), x, y,
+                                   cfg, compute_precision(cfg, torch.device("cpu")))
+    assert bad.item() == 0.0 and grad_norm > 0.1  # so that 0.01 clips
+    moment = torch.linalg.vector_norm(torch.stack([s["exp_avg"].norm() for s in optimizer.state.values()]))
+    torch.testing.assert_close(moment, torch.tensor((1 - cfg.optim.betas[0]) * 0.01), rtol=1e-4, atol=0)
+
+
+def test_bad_steps_stop_the_run_only_in_a_row():
+    """Scattered NaN/Inf steps never add up to train.max_bad_steps, and once a step trains again
+    the latest weights may be checkpointed."""
+    bad_steps = BadSteps(torch.device("cpu"))
+    for flag in (1, 1, 0, 1, 0):
+        bad_steps.record(torch.tensor(float(flag)))
+    assert bad_steps.ongoing() == 0
+    bad_steps.check(limit=3, step=5)
+    for _ in range(3):
+        bad_steps.record(torch.tensor(1.0))
+    assert bad_steps.ongoing() == 3
+    with pytest.raises(NonFiniteTraining, match="^3 steps in a row up to step 8 had a NaN/Inf loss"):
+        bad_steps.check(limit=3, step=8)
+
+
+def test_device_random_draws_depend_on_seed_rank_and_step():
+    """Drop path and mixup draw from torch's and NumPy's generators: a run resumed at a step draws
+    what the uninterrupted run drew there, and steps and ranks draw differently."""
+    def draws(seed, rank, step):
+        seed_step(seed, rank, step)
+        return torch.rand(8), np.random.rand(8)
+
+    want = draws(0, 0, 5)
+    got = draws(0, 0, 5)
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    for other in (draws(1, 0, 5), draws(0, 1, 5), draws(0, 0, 6)):
+        assert not torch.equal(other[0], want[0]) and not np.array_equal(other[1], want[1])
+
+
+def _two_ranks(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ctx = distributed.DistContext(rank, 2, rank, torch.device("cpu"), control=dist.new_group(backend="gloo"))
+        found = {"any_rank": [distributed.any_rank(rank == 1, ctx), distributed.any_rank(False, ctx)],
+                 "on_device": [distributed.any_rank_on_device(torch.tensor(rank == 1)).item(),
+                               distributed.any_rank_on_device(torch.tensor(False)).item()]}
+        model, cfg = tiny("dist.strategy=fsdp", "model.depth=2")
+        whole = copy.deepcopy(model)
+        x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(4)
+        objective = Classification(cfg.train, cfg.model.num_classes)
+        sharded = prepare_model(model, cfg, ctx)
+        objective(sharded, x, y).backward()  # the same batch on both ranks: the mean gradient is the whole model's
+        objective(whole, x, y).backward()
+        found["norm"] = [distributed.clip_grad_norm(model, 0.0).item(), distributed.clip_grad_norm(whole, 0.0).item()]
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(found))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_agree_on_flags_and_the_global_gradient_norm(tmp_path):
+    """A flag raised on one rank is raised on every rank (a NaN/Inf step is skipped on all;
+    evaluation runs until every rank's share is done), and under FSDP the gradient norm is that
+    of the whole model's gradients, not of this rank's shard. Two real gloo processes."""
+    mp.spawn(_two_ranks, args=(distributed._free_port(), tmp_path), nprocs=2)
+    for rank in range(2):
+        found = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert found["any_rank"] == [True, False] and found["on_device"] == [1.0, 0.0], rank
+        sharded, whole = found["norm"]
+        assert sharded == pytest.approx(whole, rel=1e-5), rank
