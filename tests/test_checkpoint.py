@@ -48,6 +48,21 @@ def test_save_then_load_restores_model_optimizer_and_state(tmp_path, process_gro
             torch.testing.assert_close(other_optimizer.state[q][key], optimizer.state[p][key], rtol=0, atol=0)
 
 
+def test_a_resume_keeps_its_configs_optimizer_settings_and_the_checkpoints_moments(tmp_path, process_group):
+    """optim.weight_decay, betas and eps changed for a resume are the user's to make (the resume
+    warns of them): the run goes on with them, not with the values the checkpoint was trained with."""
+    model, optimizer = trained_pair(0)
+    path = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=0), {}).save(1, model, optimizer, {"step": 1})
+    changed = load_config(TINY, ["optim.weight_decay=0.3", "optim.betas=[0.8, 0.99]", "optim.eps=1e-6"])
+    other = build_model(changed.model)
+    other_optimizer = build_optimizer(other, changed.optim)
+    checkpoint.load(path, other, other_optimizer)
+    assert {g["weight_decay"] for g in other_optimizer.param_groups} == {0.0, 0.3}
+    assert all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in other_optimizer.param_groups)
+    for p, q in zip(model.parameters(), other.parameters()):
+        torch.testing.assert_close(other_optimizer.state[q]["exp_avg"], optimizer.state[p]["exp_avg"], rtol=0, atol=0)
+
+
 def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group):
     model, optimizer = trained_pair(0)
     saver = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=0), {})
