@@ -285,6 +285,7 @@ def test_pretraining_on_shapes_helps_finetuning_on_digits(tmp_path):
         run = run_pretrain(0, [*finetune, *start, f"run.dir={tmp_path / name}"], launcher=launcher, config=DIGITS)
         assert run.returncode == 0, run.stderr[-3000:]
         scalars = read_scalars(tmp_path / name / "tb")
+        assert [step for step, _ in scalars["val/top1"]] == [60]  # train.eval_every_steps=0: at the end only
         loss[name], top1[name] = scalars["val/loss"][-1][1], scalars["val/top1"][-1][1]
     assert loss["pretrained"] < loss["scratch"] - LOSS_MARGIN and top1["pretrained"] > top1["scratch"], (loss, top1)
 
