@@ -124,8 +124,11 @@ def test_refusals_name_the_key(override, message):
     (["train.activation_memory_budget=0.5"], "train.activation_memory_budget < 1 needs train.compile=true"),
     (["train.compile=true", "train.activation_memory_budget=0.5", "model.grad_checkpointing=true"],
      "two ways to recompute activations"),
+    (["train.compile=true", "train.activation_memory_budget=0.5", "model.drop_path_rate=0.1"],
+     "train.activation_memory_budget=0.5 with model.drop_path_rate=0.1: compile's partitioner would draw drop path's "
+     "masks again in backward"),
 ])
-def test_an_activation_memory_budget_needs_compile_and_no_full_checkpointing(overrides, message):
+def test_an_activation_memory_budget_needs_compile_no_full_checkpointing_and_no_drop_path(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, overrides)
     assert message in str(e.value)

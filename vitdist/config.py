@@ -117,7 +117,7 @@ class TrainConfig:
         1.0, "compiled runs: the share of the activations for backward that compile's partitioner may keep (0.5 keeps "
         "about half); it recomputes the rest, choosing what costs the fewest FLOPs per byte freed; 0: recompute all "
         "it can (about twice what model.grad_checkpointing keeps). Less memory than no checkpointing, less recompute "
-        "than full; needs train.compile", at_least=0, at_most=1)
+        "than full; needs train.compile, and model.drop_path_rate=0", at_least=0, at_most=1)
     resume: str = _opt("auto", "auto: newest complete checkpoint in run.dir if any; none: start fresh (refused where "
                                "run.dir holds checkpoints); or a checkpoint "
                                "path (once run.dir holds a newer checkpoint, as after a requeue, that one)")
@@ -381,6 +381,13 @@ def validate(cfg: Config) -> None:
     if budget < 1 and cfg.model.grad_checkpointing:
         raise ConfigError("train.activation_memory_budget < 1 and model.grad_checkpointing=true are two ways to "
                           "recompute activations: choose one")
+    if budget < 1 and cfg.model.drop_path_rate > 0:
+        # The partitioner may recompute drop path's random mask in backward, with new draws: the gradients
+        # would not be those of the forward's masks (pytorch/pytorch#190758). Checkpointing replays the draws.
+        raise ConfigError(f"train.activation_memory_budget={budget} with model.drop_path_rate={cfg.model.drop_path_rate}: "
+                          "compile's partitioner would draw drop path's masks again in backward, other than the "
+                          "forward's, and the gradients would be wrong; use model.grad_checkpointing=true instead, "
+                          "or model.drop_path_rate=0")
     if (cfg.train.mixup_alpha or cfg.train.cutmix_alpha) and cfg.data.micro_batch_size % 2:
         raise ConfigError(f"train.mixup_alpha / train.cutmix_alpha need an even data.micro_batch_size (timm's Mixup "
                           f"pairs each sample with the batch's reverse), got {cfg.data.micro_batch_size}")
