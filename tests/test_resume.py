@@ -94,6 +94,10 @@ def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())
     timm.create_model(meta["arch"], **meta["timm_kwargs"]).load_state_dict(load_file(out), strict=True)
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-4)
+    # Clipping is on (optim.clip_grad_norm=1, norms of 1 to 3): under FSDP the norm clipped to, and
+    # logged, is the global one over all ranks' shards, DDP's.
+    norms = {run: [v for _, v in read_scalars(run / "tb")["train/grad_norm"]] for run in (tmp_path / "ref", run_dir)}
+    assert max(norms[run_dir]) > 1 and norms[run_dir] == pytest.approx(norms[tmp_path / "ref"], rel=1e-3)
 
 
 def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):

@@ -106,10 +106,12 @@ def test_clipping_scales_the_gradients_to_the_norm_and_zero_leaves_them(max_norm
         assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
 
 
-def test_a_nan_step_changes_nothing_and_the_next_one_trains(process_group):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_nan_step_changes_nothing_and_the_next_one_trains(process_group, strategy):
     """A batch that makes the loss NaN: no parameter, moment or step count moves; then a good
-    batch updates as usual."""
-    model, cfg = tiny("data.micro_batch_size=4", "optim.clip_grad_norm=1.0")
+    batch updates as usual. Under FSDP too, where parameters and moments are DTensor shards."""
+    model, cfg = tiny("data.micro_batch_size=4", "optim.clip_grad_norm=1.0", f"dist.strategy={strategy}")
+    model = prepare_model(model, cfg, distributed.DistContext(0, 1, 0, torch.device("cpu")))
     optimizer = build_optimizer(model, cfg.optim)
     objective = Classification(cfg.train, cfg.model.num_classes)
     compute = compute_precision(cfg, torch.device("cpu"))
