@@ -61,6 +61,8 @@ def test_a_brace_pattern_the_shell_expanded_is_refused_not_cut_to_its_last_shard
         load_config(TINY, ["run.dir=r", *expanded])
     later = load_config(TINY, ["data.train_shards=/d/a.tar", "run.dir=r", "data.train_shards=/d/b.tar"])
     assert later.data.train_shards == "/d/b.tar"  # a later override of an earlier one still wins
+    unset = load_config(TINY, ["data.val_shards=/d/val-{0..3}.tar", "data.val_shards=null"])
+    assert unset.data.val_shards is None  # a pattern, then its removal: nothing the shell expanded
 
 
 def test_every_shipped_config_loads():

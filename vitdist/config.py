@@ -343,13 +343,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     previous = None
     for text in overrides:
         key, value = parse_override(text)
-        if previous and previous[0] == key and key in ("data.train_shards", "data.val_shards"):
+        expanded = key in ("data.train_shards", "data.val_shards") and isinstance(value, str) and "{" not in value
+        if expanded and previous and previous[0] == key:
             # What the shell makes of an unquoted data.train_shards=/d/a-{0..3}.tar: one override per
-            # shard, of which the last would win, silently training on one shard.
+            # shard, none with a brace left, of which the last would win: a run on one shard, silently.
             raise ConfigError(f"config key '{key}' is given twice in a row ('{previous[1]}', then '{text}'): a brace "
                               f"pattern that the shell expanded? Quote it: '{key}=.../name-{{000000..000099}}.tar'")
         _set(cfg, key, value)
-        previous = key, text
+        previous = (key, text) if expanded else None
     validate(cfg)
     return cfg
 
