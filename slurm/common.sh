@@ -15,6 +15,11 @@
 
 vitdist_log() { echo "vitdist-slurm [$(date +%H:%M:%S)] $*"; }
 
+# The job to signal and requeue. An array's first task has the array's job id, which scancel and
+# scontrol take for the whole array: a task is named <array job id>_<task id> instead.
+VITDIST_JOB=${SLURM_ARRAY_TASK_ID:+${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID}
+VITDIST_JOB=${VITDIST_JOB:-$SLURM_JOB_ID}
+
 # Make the repository's code importable: the venv if any, and the repository on PYTHONPATH.
 vitdist_python_env() {
   local venv=${VITDIST_VENV:-$VITDIST_REPO/.venv}
@@ -40,13 +45,13 @@ vitdist_on_signal() {
   vitdist_log "received SIG$1: the ranks checkpoint, then the job requeues"
   VITDIST_SIGNALLED=$1
   VITDIST_TRAPS=$(( VITDIST_TRAPS + 1 ))
-  scancel --signal=TERM "$SLURM_JOB_ID"
+  scancel --signal=TERM "$VITDIST_JOB"
 }
 
 vitdist_requeue() {
   trap - USR1 TERM
-  vitdist_log "requeueing job $SLURM_JOB_ID ($1)"
-  scontrol requeue "$SLURM_JOB_ID"
+  vitdist_log "requeueing job $VITDIST_JOB ($1)"
+  scontrol requeue "$VITDIST_JOB"
   exit 0
 }
 
