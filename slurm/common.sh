@@ -128,12 +128,13 @@ vitdist_slurm_main() {
     break
   done
 
-  if [ -n "$VITDIST_SIGNALLED" ]; then
-    vitdist_requeue "preempted: SIG$VITDIST_SIGNALLED, srun exit $rc"
-  fi
+  # First: a warning during the last steps comes too late to stop the run, which then finishes.
   if [ $rc -eq 0 ]; then
     vitdist_log "finished: run dir $run_dir"
     exit 0
+  fi
+  if [ -n "$VITDIST_SIGNALLED" ]; then
+    vitdist_requeue "preempted: SIG$VITDIST_SIGNALLED, srun exit $rc"
   fi
   if [ -f "$run_dir/FATAL" ]; then
     vitdist_log "failed with exit $rc on an error that a retry meets again: $(cat "$run_dir/FATAL")" \

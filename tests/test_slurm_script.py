@@ -50,3 +50,12 @@ def test_an_array_task_signals_and_requeues_only_itself(tmp_path):
     assert "scancel --signal=TERM 100_3" in calls, log
     assert "scontrol requeue 100_3" in calls, log
     assert "requeueing job 100_3 (preempted: SIGUSR1" in log
+
+
+def test_a_run_that_finished_after_the_warning_is_not_requeued(tmp_path):
+    """The time-limit warning came during the last steps, which end the run anyway (vitdist.train):
+    the step exits 0 and the job is done, rather than queued again to find nothing to train."""
+    log, calls = run_main(tmp_path, 0, "USR1")
+    assert "scancel --signal=TERM 100" in calls
+    assert not [call for call in calls if call.startswith("scontrol requeue")], log
+    assert "finished: run dir" in log
