@@ -110,8 +110,9 @@ vitdist_slurm_main() {
     vitdist_requeue "SIG$VITDIST_SIGNALLED before training started"
   fi
   # Since Slurm 22.05 a step does not inherit the job's --cpus-per-task: without it, torchrun and
-  # all its ranks' loader workers would share one core.
-  srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --label \
+  # all its ranks' loader workers would share one core. --export=ALL: the step gets the environment
+  # set up here even when the job was submitted with --export=NONE, which steps inherit otherwise.
+  srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --label --export=ALL \
     ${SLURM_CPUS_PER_TASK:+"--cpus-per-task=$SLURM_CPUS_PER_TASK"} \
     python -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node="$nproc" \
       --rdzv_backend=c10d --rdzv_endpoint="$addr:$port" --rdzv_id="$SLURM_JOB_ID" \

@@ -59,3 +59,12 @@ def test_a_run_that_finished_after_the_warning_is_not_requeued(tmp_path):
     assert "scancel --signal=TERM 100" in calls
     assert not [call for call in calls if call.startswith("scontrol requeue")], log
     assert "finished: run dir" in log
+
+
+def test_steps_get_the_environment_the_script_set_up_under_export_none(tmp_path):
+    """`sbatch --export=NONE` (what many sites advise) leaves SLURM_EXPORT_ENV=NONE in the job,
+    which srun takes as its own --export (man sbatch): torchrun would start without the venv's
+    PATH, PYTHONPATH, OMP_NUM_THREADS, TORCH_ELASTIC_SHUTDOWN_TIMEOUT or NCCL_SOCKET_IFNAME."""
+    log, calls = run_main(tmp_path, 0, SLURM_EXPORT_ENV="NONE")
+    [srun] = [call for call in calls if call.startswith("srun ")]
+    assert " --export=ALL " in srun, log
