@@ -77,7 +77,10 @@ def test_two_node_job_equals_two_process_torchrun(cluster, demo_shards, tmp_path
     common = [*shard_overrides(demo_shards), *EXACT, "train.steps=6"]
     (tmp_path / "slurm").mkdir()
     (tmp_path / "slurm" / "FATAL").write_text("an earlier job's error\n")  # does not stop this one
-    job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *common, f"run.dir={tmp_path / 'slurm'}")
+    # As sites that ask for --export: only the variables named (and SLURM's own) reach the job, and
+    # its steps must still get the environment the batch script sets up (the venv, PYTHONPATH).
+    job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *common, f"run.dir={tmp_path / 'slurm'}",
+                 options=["--export=VITDIST_NPROC,OMP_NUM_THREADS"])
     reference = run_pretrain(2, [*common, f"run.dir={tmp_path / 'ref'}"])
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert wait_done(cluster, job) == "COMPLETED"
