@@ -24,6 +24,7 @@ from vitdist.data import (WORKER_NICENESS, Stream, TrainLoader, draw_augmentatio
                           sample_crop, shard_order, train_shard_urls)
 from vitdist.samples import READ_ERROR, BadSample, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
+from vitdist.train import preflight
 from vitdist.shards import make_shards, scan_image_folder
 
 
@@ -336,6 +337,16 @@ def test_shard_specs(demo_shards, tmp_path):
         expand_urls(str(tmp_path / "nope-{1..2}.tar"))
     with pytest.raises(ConfigError, match="shard list file '.*missing.txt' does not exist"):
         expand_urls(str(tmp_path / "missing.txt"))
+
+
+def test_a_missing_shard_is_refused_naming_its_key(demo_shards, tmp_path):
+    cfg = load_config(TINY, [f"data.train_shards={demo_shards['train']}", f"data.val_shards={tmp_path}/v-{{0..1}}.tar",
+                               f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"^data.val_shards: 2 shard file\(s\) do not exist, first: '.*/v-0.tar'"):
+        preflight(cfg, 1)
+    cfg.data.val_shards, cfg.data.train_shards = None, str(tmp_path / "t-{0..1}.tar")
+    with pytest.raises(ConfigError, match=r"^data.train_shards: 2 shard file\(s\) do not exist"):
+        preflight(cfg, 1)
 
 
 def test_pipe_urls_are_read(demo_shards, tmp_path):

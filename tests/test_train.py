@@ -189,7 +189,7 @@ def test_compiled_checkpointed_trains_like_eager_ddp_and_saves_clean_keys(demo_s
 @pytest.mark.parametrize("override, message", [
     ("train.steps=abc", "config error: config key 'train.steps' must be int, got 'abc'"),
     ("data.micro_batch_size=48", "config error: train.global_batch_size=128 is not divisible by world size 2"),
-    ("data.train_shards=/nowhere/x-{0..3}.tar", "config error: 4 shard file(s) do not exist, first: '/nowhere/x-0.tar'"),
+    ("data.train_shards=/nowhere/x-{0..3}.tar", "config error: data.train_shards: 4 shard file(s) do not exist, first: '/nowhere/x-0.tar'"),
 ])
 def test_bad_config_stops_every_rank_before_training(demo_shards, tmp_path, override, message):
     run = run_pretrain(2, [*shard_overrides(demo_shards), f"run.dir={tmp_path}", override], timeout_s=120)

@@ -48,20 +48,22 @@ def is_remote(url: str) -> bool:
     return bool(colon) and scheme in gopen_schemes
 
 
-def expand_urls(spec: str | list[str]) -> list[str]:
-    """Shard URLs from a brace pattern, a list of patterns, or a .txt file with one per line."""
+def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
+    """Shard URLs from a brace pattern, a list of patterns, or a .txt file with one per line.
+    `key` (the config key that gave them) is named in the errors."""
+    where = f"{key}: " if key else ""
     if isinstance(spec, str) and spec.endswith(".txt") and not spec.startswith("pipe:"):
         path = Path(spec)
         if not path.is_file():
-            raise ConfigError(f"shard list file '{spec}' does not exist")
+            raise ConfigError(f"{where}shard list file '{spec}' does not exist")
         spec = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
     patterns = [spec] if isinstance(spec, str) else spec
     urls = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
     missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
     if missing:
-        raise ConfigError(f"{len(missing)} shard file(s) do not exist, first: '{missing[0]}'")
+        raise ConfigError(f"{where}{len(missing)} shard file(s) do not exist, first: '{missing[0]}'")
     if not urls:
-        raise ConfigError(f"no shards in {spec!r}")
+        raise ConfigError(f"{where}no shards in {spec!r}")
     return urls
 
 
@@ -277,7 +279,7 @@ def _start_worker(worker_id: int) -> None:
 
 def train_shard_urls(cfg: DataConfig, world_size: int) -> list[str]:
     """The training shard URLs, refused (ConfigError) when missing or too few for the streams."""
-    urls = expand_urls(cfg.train_shards)
+    urls = expand_urls(cfg.train_shards, "data.train_shards")
     if len(urls) < cfg.streams:
         raise ConfigError(
             f"{len(urls)} training shard(s) for data.streams={cfg.streams} (at least ranks x workers = {world_size} x "

@@ -69,7 +69,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
     urls = None if "train" in folders else train_shard_urls(cfg.data, world_size)
     if cfg.data.val_shards and "val" not in folders:
-        expand_urls(cfg.data.val_shards)
+        expand_urls(cfg.data.val_shards, "data.val_shards")
     check_model(cfg.model)
     if cfg.finetune.init and not Path(cfg.finetune.init).exists():
         raise ConfigError(f"finetune.init '{cfg.finetune.init}' does not exist")
