@@ -146,6 +146,7 @@ def test_mostly_bad_shards_stop_every_rank(tmp_path):
                        r"data.max_skip_frac=0.1; most were undecodable \d+, no_label \d+\.", run.stderr)
     assert len(stops) == 2 and stops[0] == stops[1] and float(stops[0]) > 50, run.stderr[-3000:]
     assert "step 10/30 | " in run.stdout and "step 15/30" not in run.stdout
+    assert run.stderr.count("The newest complete checkpoint: none yet") == 2, run.stderr[-3000:]
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -212,7 +212,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                     bad_steps.check(cfg.train.max_bad_steps, step)
                 except (TooManyBadSamples, NonFiniteTraining) as error:
                     checkpointer.wait()  # every rank stops here together, so they can finish the save in flight
-                    raise type(error)(f"{error}. The newest complete checkpoint: {checkpointer.newest()}") from None
+                    raise type(error)(f"{error}. The newest complete checkpoint: {checkpointer.newest() or 'none yet'}") from None
             if at_ckpt_step:
                 if ongoing := bad_steps.ongoing():  # these weights may be what made those steps fail
                     log.warning("step %d: no checkpoint, the last %d step(s) had a NaN/Inf loss or gradient norm",
@@ -226,7 +226,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                 checkpointer.wait(final=True)
                 logger.close()
                 log.warning("preempted at step %d: exiting with %d; the newest complete checkpoint is %s", step,
-                            PREEMPTED_EXIT_CODE, checkpointer.newest())
+                            PREEMPTED_EXIT_CODE, checkpointer.newest() or "none yet")
                 sys.exit(PREEMPTED_EXIT_CODE)
             if at_log_step:
                 window = Window(start=time.perf_counter())  # validation and checkpoint time stay out of perf/
