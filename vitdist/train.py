@@ -157,7 +157,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     flops_per_image = train_flops_per_image(model)
     if ctx.is_main:
         print(f"{cfg.model.arch}: {params / 1e6:.2f}M params ({distributed.local_numel(model) / 1e6:.2f}M on rank 0) | "
-              f"{cfg.dist.strategy} over {ctx.world_size} rank(s) on {ctx.device.type} | global batch "
+              f"{'no DDP' if ctx.world_size == 1 and cfg.dist.strategy == 'ddp' else cfg.dist.strategy} over "
+              f"{ctx.world_size} rank(s) on {ctx.device.type} | global batch "
               f"{cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x {accum_steps} "
               f"accumulation step(s) | steps {step} -> {cfg.train.steps} | mfu against {peak / 1e12:.3g} TFLOP/s per "
               f"device ({'log.peak_tflops' if cfg.log.peak_tflops else 'measured'})", flush=True)
