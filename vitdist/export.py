@@ -51,6 +51,11 @@ def recorded_top1(path: Path) -> float | None:
     vitdist recorded it) or there is no such file."""
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        top1 = (f.metadata() or {}).get("val_top1")
+    top1 = header(path).get("val_top1")
     return None if top1 is None else float(top1)
+
+
+def header(path: Path) -> dict[str, str]:
+    """The metadata a safetensors file carries (what write_safetensors puts there: arch, step, val_top1)."""
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}

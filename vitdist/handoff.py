@@ -18,11 +18,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from .checkpoint import MODEL_META, UnsafeCheckpoint, load_model_weights, newest_if_run
+from .export import header
 
 HEAD_KEYS = ("head.weight", "head.bias")
 _HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -113,8 +113,7 @@ def recorded_arch(path: Path) -> str | None:
         if path.is_dir():
             return json.loads((path / MODEL_META).read_text()).get("arch")
         if path.suffix == ".safetensors":
-            with safe_open(str(path), "pt") as f:
-                return (f.metadata() or {}).get("arch")
+            return header(path).get("arch")
     except (OSError, ValueError, AttributeError):  # unreadable: read_state_dict says why
         pass
     return None
