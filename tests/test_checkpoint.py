@@ -13,7 +13,8 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 
 from conftest import TINY, read_scalars, run_pretrain, shard_overrides
 from vitdist import checkpoint
-from vitdist.config import CkptConfig, load_config
+from vitdist.config import CkptConfig
+from vitdist.config_yaml import load_config
 from vitdist.handoff import HandoffError, load_pretrained
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY
-from vitdist.config import ConfigError, Config, batch_layout, load_config, reference_markdown, save_config
+from vitdist.config import ConfigError, Config, batch_layout, reference_markdown
+from vitdist.config_yaml import load_config, save_config
 
 SHARDS = "data.train_shards=/x/train-{0..3}.tar"
 

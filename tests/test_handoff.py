@@ -10,7 +10,8 @@ from timm.models import save_for_hf
 
 from conftest import TINY
 from vitdist import checkpoint
-from vitdist.config import CkptConfig, load_config
+from vitdist.config import CkptConfig
+from vitdist.config_yaml import load_config
 from vitdist.export import export, write_safetensors
 from vitdist.handoff import HandoffError, load_pretrained
 from vitdist.model import build_model
