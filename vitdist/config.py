@@ -117,9 +117,10 @@ class TrainConfig:
         "about half); it recomputes the rest, choosing what costs the fewest FLOPs per byte freed; 0: recompute all "
         "it can (about twice what model.grad_checkpointing keeps). Less memory than no checkpointing, less recompute "
         "than full; needs train.compile, and model.drop_path_rate=0", at_least=0, at_most=1)
-    resume: str = _opt("auto", "auto: newest complete checkpoint in run.dir if any; none: start fresh (refused where "
-                               "run.dir holds checkpoints); or a checkpoint "
-                               "path (once run.dir holds a newer checkpoint, as after a requeue, that one)")
+    resume: Union[Literal["auto", "none"], str] = _opt(
+        "auto", "auto: newest complete checkpoint in run.dir if any; none (or null): start fresh (refused where "
+                "run.dir holds checkpoints); or a checkpoint path (once run.dir holds a newer checkpoint, as after a "
+                "requeue, that one)")
     eval_every_steps: int = _opt(0, "validate every N steps (and at the end); 0: only at the end", at_least=0)
     label_smoothing: float = _opt(0.1, "label smoothing of the classification loss", at_least=0, at_most=1)
     mixup_alpha: float = _opt(0.0, "mixup alpha (timm Mixup); 0 disables", at_least=0)
@@ -205,6 +206,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 pass
     elif origin is Literal:
+        if value is None and "none" in get_args(tp):  # null (~, None) in the key's own word
+            return "none"
         if value in get_args(tp):
             return value
     elif origin is list:

@@ -15,7 +15,8 @@ from .config import Config, ConfigError, sections, set_key, takes_text, to_dict,
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last, so a
     second `train:` section would silently drop every key of the first. Integers read as YAML 1.2
-    and people read them: PyYAML's YAML 1.1 reads 010 as octal (8) and 1:30 as base 60 (90)."""
+    and people read them: PyYAML's YAML 1.1 reads 010 as octal (8) and 1:30 as base 60 (90). And
+    Python's None is null, as people mean it: train.resume=None was a checkpoint path named 'None'."""
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int | str:
         text = self.construct_scalar(node).replace("_", "")
@@ -36,7 +37,13 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Quotes the text that _Loader would read as something else (run.dir: 'None')."""
+
+
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+for _side in (_Loader, _Dumper):
+    _side.add_implicit_resolver("tag:yaml.org,2002:null", re.compile(r"^None$"), ["N"])
 
 
 def _flatten(tree: Any, source: str) -> dict[str, Any]:
@@ -105,4 +112,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False))
