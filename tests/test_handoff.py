@@ -94,6 +94,28 @@ def test_export_and_checkpoint_directory(tmp_path, process_group):
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 
 
+def test_a_run_is_resolved_once_so_a_save_during_the_read_is_not_named(tmp_path, process_group, monkeypatch):
+    """A run's checkpoints/ stands for its newest checkpoint, looked up once: one that a still
+    training run completes while the newest is read is not the one the refusal names."""
+    import shutil
+
+    from vitdist import handoff
+
+    cfg = load_config(TINY)
+    source = tiny()
+    saver = checkpoint.Checkpointer(tmp_path / "ckpts", CkptConfig(keep=0), model_meta(cfg.model, cfg.data))
+    read = saver.save(1, source, build_optimizer(source, cfg.optim), {"step": 1})
+
+    def read_while_a_save_completes(path):
+        weights = checkpoint.load_model_weights(path)
+        shutil.copytree(path, tmp_path / "ckpts" / "step_2")
+        return weights
+
+    monkeypatch.setattr(handoff, "load_model_weights", read_while_a_save_completes)
+    with pytest.raises(HandoffError, match=re.escape(f"the checkpoint '{read}' (vit_tiny_patch16_224, 4 blocks")):
+        load_pretrained(tiny("model.depth=6"), tmp_path / "ckpts")
+
+
 def test_wrong_architecture_lists_the_keys(tmp_path):
     torch.save(tiny().state_dict(), tmp_path / "depth4.pth")
     with pytest.raises(HandoffError, match=re.escape(
