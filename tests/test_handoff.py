@@ -195,3 +195,29 @@ def test_an_export_loads_through_timms_pretrained_path_with_its_head_and_normali
     timm_input = (images / 255 - torch.tensor(data["mean"]).view(3, 1, 1)) / torch.tensor(data["std"]).view(3, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(model(timm_input), source(Normalize(cfg.data, torch.device("cpu"))(images)))
+
+
+@pytest.mark.parametrize("classes, names", [
+    ([f"class{i}" for i in range(1000)], [f"class{i}" for i in range(1000)]),
+    ([f"class{i}" for i in range(1200)], [f"class{i}" for i in range(1000)]),  # labels past the head were skipped
+    (None, None),  # no names recorded: timm's own guess (ImageNet-1k's for 1000 outputs) stands
+])
+def test_an_export_names_its_outputs_for_timm_and_the_hub_as_the_run_named_its_classes(tmp_path, classes, names):
+    """timm's tools and the Hugging Face hub name a model's outputs by its pretrained_cfg's
+    label_names; without them a 1000-class head is taken for ImageNet-1k's: a run's 'class2' was
+    named 'great white shark'."""
+    import json
+
+    import timm
+    from timm.models import save_for_hf
+
+    cfg = load_config(TINY, ["model.num_classes=1000"])
+    meta = {**model_meta(cfg.model, cfg.data), **({"classes": classes} if classes else {})}
+    out = write_safetensors(tiny("model.num_classes=1000").state_dict(), meta, tmp_path / "vit.safetensors")
+    exported = json.loads(out.with_suffix(".json").read_text())
+    model = timm.create_model(exported["arch"], pretrained=True, **exported["timm_kwargs"],
+                              pretrained_cfg_overlay=dict(exported["pretrained_cfg"], file=str(out)))
+    assert model.pretrained_cfg.get("label_names") == names
+    save_for_hf(model, tmp_path / "hub")
+    hub = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert hub["pretrained_cfg"].get("label_names") == names
