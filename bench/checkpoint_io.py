@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vitdist import checkpoint, distributed
-from vitdist.config import load_config
+from vitdist.config_yaml import load_config
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer
 

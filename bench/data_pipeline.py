@@ -32,7 +32,7 @@ import webdataset as wds
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from vitdist.config import load_config
+from vitdist.config_yaml import load_config
 from vitdist.data import TrainLoader
 from vitdist.demo_data import draw_photo
 from vitdist.gpu_decode import encoded_jpegs, resize_crops, to_device

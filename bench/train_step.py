@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import yaml
 
 from vitdist import distributed
-from vitdist.config import load_config
+from vitdist.config_yaml import load_config
 from vitdist.metrics import matmul_peak_flops
 from vitdist.model import build_model, timm_kwargs, train_flops_per_image
 from vitdist.objective import Classification

@@ -13,7 +13,8 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 
 from conftest import TINY, read_scalars, run_pretrain, shard_overrides
 from vitdist import checkpoint
-from vitdist.config import CkptConfig, load_config
+from vitdist.config import CkptConfig
+from vitdist.config_yaml import load_config
 from vitdist.handoff import HandoffError, load_pretrained
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer
@@ -82,7 +83,8 @@ def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group)
         checkpoint.resume_path(str(tmp_path / "step_30.tmp"), tmp_path / "empty")
 
 
-def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused_before_training(demo_shards, tmp_path):
+@pytest.mark.parametrize("fresh", ["none", "None"])  # None, as Python spells it, resumed the earlier run
+def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused_before_training(demo_shards, tmp_path, fresh):
     """Else its first save would replace the earlier step_N, `ckpt.keep` would prune its own saves
     as older than the earlier run's, and a requeue would resume the earlier run."""
     from vitdist.config import ConfigError
@@ -90,7 +92,7 @@ def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused_before_traini
 
     (tmp_path / "checkpoints" / "step_12").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_16.tmp").mkdir()
-    cfg = load_config(TINY, [*shard_overrides(demo_shards), f"run.dir={tmp_path}", "train.resume=none"])
+    cfg = load_config(TINY, [*shard_overrides(demo_shards), f"run.dir={tmp_path}", f"train.resume={fresh}"])
     with pytest.raises(ConfigError, match=f"train.resume=none, but '{tmp_path / 'checkpoints'}' holds checkpoints "
                                           "of an earlier run \\(newest 'step_12'\\).*give a new run.dir"):
         preflight(cfg, world_size=1)

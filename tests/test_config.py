@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY
-from vitdist.config import ConfigError, Config, batch_layout, load_config, reference_markdown, save_config
+from vitdist.config import ConfigError, Config, batch_layout, reference_markdown
+from vitdist.config_yaml import load_config, save_config
 
 SHARDS = "data.train_shards=/x/train-{0..3}.tar"
 
@@ -53,6 +54,26 @@ def test_a_key_that_takes_text_gets_it_as_written(override, value):
     key = override.split("=")[0]
     section, name = key.split(".")
     assert getattr(getattr(load_config(TINY, [override]), section), name) == value
+
+
+@pytest.mark.parametrize("null", ["None", "null", "~"])
+def test_pythons_none_is_yamls_null_and_null_is_a_keys_none(tmp_path, null):
+    """train.resume=None (Python's spelling) was a checkpoint path named 'None': where run.dir held
+    checkpoints the run resumed from them, not fresh."""
+    cfg = load_config(TINY, [f"train.resume={null}", f"finetune.freeze={null}", f"data.val_shards={null}",
+                             f"finetune.init={null}"])
+    assert (cfg.train.resume, cfg.finetune.freeze, cfg.data.val_shards, cfg.finetune.init) == ("none", "none", None, None)
+    (tmp_path / "c.yaml").write_text(f"data:\n  train_shards: x.tar\ntrain:\n  resume: {null}\n")
+    assert load_config(tmp_path / "c.yaml").train.resume == "none"
+    with pytest.raises(ConfigError, match="config key 'run.dir' must be str, got None"):
+        load_config(TINY, [f"run.dir={null}"])
+
+
+def test_text_that_reads_as_null_round_trips_quoted(tmp_path):
+    (tmp_path / "c.yaml").write_text("data:\n  train_shards: x.tar\nrun:\n  dir: 'None'\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert cfg.run.dir == "None" and load_config(tmp_path / "saved.yaml") == cfg
 
 
 def test_a_brace_pattern_the_shell_expanded_is_refused_not_cut_to_its_last_shard():

@@ -19,7 +19,8 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import REPO, TINY, png_bytes, write_shard
-from vitdist.config import ConfigError, DataConfig, load_config
+from vitdist.config import ConfigError, DataConfig
+from vitdist.config_yaml import load_config
 from vitdist.data import (WORKER_NICENESS, Stream, TrainLoader, draw_augmentation, eval_loader, eval_transform, expand_urls,
                           sample_crop, shard_order, train_shard_urls)
 from vitdist.samples import READ_ERROR, BadSample, load_rgb, open_image, read_sample, read_samples

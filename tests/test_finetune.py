@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DIGITS, REPO, TINY, read_scalars, run_pretrain, shard_overrides
-from vitdist.config import load_config
+from vitdist.config_yaml import load_config
 from vitdist.handoff import load_pretrained
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer

@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import TINY, read_scalars, run_pretrain
 from vitdist import gpu_decode
-from vitdist.config import ConfigError, load_config
+from vitdist.config import ConfigError
+from vitdist.config_yaml import load_config
 from vitdist.data import TrainLoader, decodes_on_device, resized_crop, sample_crop, to_uint8_tensor
 from vitdist.demo_data import draw_photo
 from vitdist.gpu_decode import encoded_jpegs, to_device

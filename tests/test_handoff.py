@@ -10,7 +10,8 @@ from timm.models import save_for_hf
 
 from conftest import TINY
 from vitdist import checkpoint
-from vitdist.config import CkptConfig, load_config
+from vitdist.config import CkptConfig
+from vitdist.config_yaml import load_config
 from vitdist.export import export, write_safetensors
 from vitdist.handoff import HandoffError, load_pretrained
 from vitdist.model import build_model
@@ -93,6 +94,28 @@ def test_export_and_checkpoint_directory(tmp_path, process_group):
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 
 
+def test_a_run_is_resolved_once_so_a_save_during_the_read_is_not_named(tmp_path, process_group, monkeypatch):
+    """A run's checkpoints/ stands for its newest checkpoint, looked up once: one that a still
+    training run completes while the newest is read is not the one the refusal names."""
+    import shutil
+
+    from vitdist import handoff
+
+    cfg = load_config(TINY)
+    source = tiny()
+    saver = checkpoint.Checkpointer(tmp_path / "ckpts", CkptConfig(keep=0), model_meta(cfg.model, cfg.data))
+    read = saver.save(1, source, build_optimizer(source, cfg.optim), {"step": 1})
+
+    def read_while_a_save_completes(path):
+        weights = checkpoint.load_model_weights(path)
+        shutil.copytree(path, tmp_path / "ckpts" / "step_2")
+        return weights
+
+    monkeypatch.setattr(handoff, "load_model_weights", read_while_a_save_completes)
+    with pytest.raises(HandoffError, match=re.escape(f"the checkpoint '{read}' (vit_tiny_patch16_224, 4 blocks")):
+        load_pretrained(tiny("model.depth=6"), tmp_path / "ckpts")
+
+
 def test_wrong_architecture_lists_the_keys(tmp_path):
     torch.save(tiny().state_dict(), tmp_path / "depth4.pth")
     with pytest.raises(HandoffError, match=re.escape(
@@ -172,3 +195,29 @@ def test_an_export_loads_through_timms_pretrained_path_with_its_head_and_normali
     timm_input = (images / 255 - torch.tensor(data["mean"]).view(3, 1, 1)) / torch.tensor(data["std"]).view(3, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(model(timm_input), source(Normalize(cfg.data, torch.device("cpu"))(images)))
+
+
+@pytest.mark.parametrize("classes, names", [
+    ([f"class{i}" for i in range(1000)], [f"class{i}" for i in range(1000)]),
+    ([f"class{i}" for i in range(1200)], [f"class{i}" for i in range(1000)]),  # labels past the head were skipped
+    (None, None),  # no names recorded: timm's own guess (ImageNet-1k's for 1000 outputs) stands
+])
+def test_an_export_names_its_outputs_for_timm_and_the_hub_as_the_run_named_its_classes(tmp_path, classes, names):
+    """timm's tools and the Hugging Face hub name a model's outputs by its pretrained_cfg's
+    label_names; without them a 1000-class head is taken for ImageNet-1k's: a run's 'class2' was
+    named 'great white shark'."""
+    import json
+
+    import timm
+    from timm.models import save_for_hf
+
+    cfg = load_config(TINY, ["model.num_classes=1000"])
+    meta = {**model_meta(cfg.model, cfg.data), **({"classes": classes} if classes else {})}
+    out = write_safetensors(tiny("model.num_classes=1000").state_dict(), meta, tmp_path / "vit.safetensors")
+    exported = json.loads(out.with_suffix(".json").read_text())
+    model = timm.create_model(exported["arch"], pretrained=True, **exported["timm_kwargs"],
+                              pretrained_cfg_overlay=dict(exported["pretrained_cfg"], file=str(out)))
+    assert model.pretrained_cfg.get("label_names") == names
+    save_for_hf(model, tmp_path / "hub")
+    hub = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert hub["pretrained_cfg"].get("label_names") == names

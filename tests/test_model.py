@@ -5,7 +5,8 @@ import timm
 import torch
 
 from conftest import TINY
-from vitdist.config import ConfigError, load_config
+from vitdist.config import ConfigError
+from vitdist.config_yaml import load_config
 from vitdist.model import build_model, check_model, timm_kwargs, train_flops_per_image
 from vitdist.optim import build_optimizer
 

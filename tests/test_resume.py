@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from conftest import (EXACT, TINY, gone, loss_curve, read_scalars, run_pretrain, shard_overrides, start_pretrain,
                       wait_for, worker_pid)
-from vitdist.config import ConfigError, load_config
+from vitdist.config import ConfigError
+from vitdist.config_yaml import load_config
 from vitdist.export import export
 from vitdist.train import preflight
 

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from conftest import TINY
 from vitdist import distributed
-from vitdist.config import load_config
+from vitdist.config_yaml import load_config
 from vitdist.model import build_model
 from vitdist.objective import Classification
 from vitdist.optim import BadSteps, NonFiniteTraining, build_optimizer

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import TINY, png_bytes, read_scalars, run_pretrain, shard_overrides, write_shard
-from vitdist.config import load_config, to_dict
+from vitdist.config import to_dict
+from vitdist.config_yaml import load_config
 from vitdist.data import TrainLoader, expand_urls
 from vitdist.model import timm_kwargs
 from vitdist.schedule import lr_at
@@ -227,7 +228,7 @@ def test_diverged_steps_are_skipped_counted_then_stop_without_checkpointing_them
 # Trains in a process of its own (no other process group in it) and prints where the host waited.
 COUNT_WAITS = """
 import json, sys, warnings, torch
-from vitdist.config import load_config
+from vitdist.config_yaml import load_config
 from vitdist.train import train
 torch.cuda.set_sync_debug_mode("warn")
 with warnings.catch_warnings(record=True) as caught:

@@ -1,4 +1,5 @@
-"""Typed run configuration: dataclass sections, loaded from YAML, overridden by `key.sub=value`.
+"""Typed run configuration: the dataclass sections, each key's type and bounds, and the checks of
+a whole config. `config_yaml` reads it from YAML and `key.sub=value` overrides.
 
 Every key is checked against the dataclasses before any process group starts, so a misspelt
 key or a wrong type fails at once with the key's name, never silently hours later.
@@ -10,11 +11,9 @@ import dataclasses
 import decimal
 import math
 import operator
-import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -118,9 +117,10 @@ class TrainConfig:
         "about half); it recomputes the rest, choosing what costs the fewest FLOPs per byte freed; 0: recompute all "
         "it can (about twice what model.grad_checkpointing keeps). Less memory than no checkpointing, less recompute "
         "than full; needs train.compile, and model.drop_path_rate=0", at_least=0, at_most=1)
-    resume: str = _opt("auto", "auto: newest complete checkpoint in run.dir if any; none: start fresh (refused where "
-                               "run.dir holds checkpoints); or a checkpoint "
-                               "path (once run.dir holds a newer checkpoint, as after a requeue, that one)")
+    resume: Union[Literal["auto", "none"], str] = _opt(
+        "auto", "auto: newest complete checkpoint in run.dir if any; none (or null): start fresh (refused where "
+                "run.dir holds checkpoints); or a checkpoint path (once run.dir holds a newer checkpoint, as after a "
+                "requeue, that one)")
     eval_every_steps: int = _opt(0, "validate every N steps (and at the end); 0: only at the end", at_least=0)
     label_smoothing: float = _opt(0.1, "label smoothing of the classification loss", at_least=0, at_most=1)
     mixup_alpha: float = _opt(0.0, "mixup alpha (timm Mixup); 0 disables", at_least=0)
@@ -206,6 +206,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 pass
     elif origin is Literal:
+        if value is None and "none" in get_args(tp):  # null (~, None) in the key's own word
+            return "none"
         if value in get_args(tp):
             return value
     elif origin is list:
@@ -240,124 +242,40 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
 
 
-def _sections() -> dict[str, type]:
+def sections() -> dict[str, type]:
+    """The config's sections, name -> dataclass, in the order of `Config`."""
     return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 
 
 def _key_type(key: str) -> Any:
     """The type of config key `section.name`; ConfigError for a key that does not exist."""
     parts = key.split(".")
-    sections = _sections()
-    if len(parts) != 2 or parts[0] not in sections:
-        raise ConfigError(f"unknown config key '{key}'; keys are <section>.<name> with sections: {', '.join(sections)}")
+    known = sections()
+    if len(parts) != 2 or parts[0] not in known:
+        raise ConfigError(f"unknown config key '{key}'; keys are <section>.<name> with sections: {', '.join(known)}")
     section, name = parts
-    hints = typing.get_type_hints(sections[section])
+    hints = typing.get_type_hints(known[section])
     if name not in hints:
         raise ConfigError(f"unknown config key '{key}'; valid keys in '{section}': {', '.join(hints)}")
     return hints[name]
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+def takes_text(key: str) -> bool:
+    """Whether config key `key` (ConfigError if there is none) takes text: a name, a path, a pattern."""
+    tp = _key_type(key)
+    return tp is str or (_is_union(tp) and str in get_args(tp))
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set `key` of `cfg` to `value` as the key's type; ConfigError naming the key if it is not one."""
     tp = _key_type(key)
     section, name = key.split(".")
     setattr(getattr(cfg, section), name, _check_value(key, value, tp))
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last, so a
-    second `train:` section would silently drop every key of the first. Integers read as YAML 1.2
-    and people read them: PyYAML's YAML 1.1 reads 010 as octal (8) and 1:30 as base 60 (90)."""
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int | str:
-        text = self.construct_scalar(node).replace("_", "")
-        if ":" in text:
-            return text
-        if re.fullmatch(r"[-+]?0[0-9]+", text):
-            return int(text, 10)
-        return super().construct_yaml_int(node)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"key '{key_node.value}' is given twice",
-                                                            key_node.start_mark)
-                seen.add(key_node.value)
-        return super().construct_mapping(node, deep)
-
-
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
-
-
-def _flatten(tree: Any, source: str) -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
-    flat = {}
-    sections = _sections()
-    for section, values in tree.items():
-        if section not in sections:  # checked here too: a section with no keys sets none to check
-            raise ConfigError(f"{source}: unknown section '{section}'; sections are: {', '.join(sections)}")
-        values = {} if values is None else values  # a section whose keys are all commented out
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys, got {values!r}")
-        for name, value in values.items():
-            flat[f"{section}.{name}"] = value
-    return flat
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key.sub=value` with the value read as YAML (so 1e-3 is a float, [1,2] a list). A key that
-    takes text gets the text as written where YAML reads it as something else than text, a list or
-    null: a brace pattern {a,b}.tar (a YAML syntax error), run.dir=2024-06-01 (a date), a pipe:
-    command with ': ' in it (a mapping)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
-    key, raw = (part.strip() for part in text.split("=", 1))
-    tp = _key_type(key)
-    takes_text = tp is str or (_is_union(tp) and str in get_args(tp))
-    try:
-        value = yaml.load(raw, _Loader)
-    except yaml.YAMLError as e:
-        if takes_text:
-            return key, raw
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
-    if takes_text and not isinstance(value, (str, list, type(None))):
-        return key, raw
-    return key, value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file at `path`, then `key.sub=value` overrides, each key checked."""
-    cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            tree = yaml.load(path.read_text(), _Loader) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-        for key, value in _flatten(tree, str(path)).items():
-            _set(cfg, key, value)
-    previous = None
-    for text in overrides:
-        key, value = parse_override(text)
-        expanded = key in ("data.train_shards", "data.val_shards") and isinstance(value, str) and "{" not in value
-        if expanded and previous and previous[0] == key:
-            # What the shell makes of an unquoted data.train_shards=/d/a-{0..3}.tar: one override per
-            # shard, none with a brace left, of which the last would win: a run on one shard, silently.
-            raise ConfigError(f"config key '{key}' is given twice in a row ('{previous[1]}', then '{text}'): a brace "
-                              f"pattern that the shell expanded? Quote it: '{key}=.../name-{{000000..000099}}.tar'")
-        _set(cfg, key, value)
-        previous = (key, text) if expanded else None
-    validate(cfg)
-    return cfg
-
-
 def validate(cfg: Config) -> None:
     """Each key's bounds, then what the types and bounds cannot express."""
-    for section, cls in _sections().items():
+    for section, cls in sections().items():
         for f in dataclasses.fields(cls):
             value = getattr(getattr(cfg, section), f.name)
             for number in value if isinstance(value, list) else [value]:
@@ -419,15 +337,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
 def reference_markdown() -> str:
     """The config reference table for README.md, generated from the dataclasses."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for section, cls in _sections().items():
+    for section, cls in sections().items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from .checkpoint import SaveFailed, UnsafeCheckpoint
-from .config import ConfigError, load_config
+from .config import ConfigError
+from .config_yaml import load_config
 from .distributed import refuse_together
 from .handoff import HandoffError
 from .optim import NonFiniteTraining

@@ -10,7 +10,8 @@ import torch
 
 from . import distributed
 from .checkpoint import MODEL_META, newest_if_run
-from .config import Config, ConfigError, DistConfig, ModelConfig, load_config
+from .config import Config, ConfigError, DistConfig, ModelConfig
+from .config_yaml import load_config
 from .data import eval_loader
 from .handoff import HandoffError, load_pretrained
 from .imagefolder import convert, is_image_folder, scan

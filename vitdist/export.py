@@ -24,19 +24,24 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
 
 def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
     """`out` (safetensors) and `out` with .json: the arch, timm kwargs, image size, classes, normalisation,
-    and the pretrained_cfg that timm's own loading and data config need. A `step` and `val_top1` in
+    and the pretrained_cfg that timm's own loading, data config and output names need. A `step` and `val_top1` in
     `meta` (best.safetensors) go into the safetensors metadata too. Each file is written beside,
     then renamed: a kill mid-write leaves the previous one whole."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    size, classes = meta["timm_kwargs"]["img_size"], meta["timm_kwargs"]["num_classes"]
+    size, num_classes = meta["timm_kwargs"]["img_size"], meta["timm_kwargs"]["num_classes"]
     # For timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(pretrained_cfg, file=out)):
     # left to the arch's own pretrained_cfg, timm drops the head (its num_classes, 1000, differs) and
     # resolve_model_data_config gives the arch's normalisation, size and crop, not this run's.
-    pretrained_cfg = {"num_classes": classes, "input_size": [3, size, size], "mean": meta["mean"], "std": meta["std"],
-                      "crop_pct": meta.get("val_crop_frac", DataConfig.val_crop_frac), "crop_mode": "center",
-                      "interpolation": "bicubic"}
-    info = {**meta, "img_size": size, "num_classes": classes, "pretrained_cfg": pretrained_cfg}
+    pretrained_cfg = {"num_classes": num_classes, "input_size": [3, size, size], "mean": meta["mean"],
+                      "std": meta["std"], "crop_pct": meta.get("val_crop_frac", DataConfig.val_crop_frac),
+                      "crop_mode": "center", "interpolation": "bicubic"}
+    if "classes" in meta:
+        # What timm's tools and the Hugging Face hub name the outputs by (save_for_hf passes them on);
+        # without them, a 1000-class head is taken for ImageNet-1k's and named by its classes. Names
+        # past the head's outputs are those of labels the run skipped as out of range.
+        pretrained_cfg["label_names"] = meta["classes"][:num_classes]
+    info = {**meta, "img_size": size, "num_classes": num_classes, "pretrained_cfg": pretrained_cfg}
     header = {"arch": meta["arch"], **{key: str(meta[key]) for key in ("step", "val_top1") if key in meta}}
     partial = out.with_name(out.name + ".tmp")
     save_file({k: v.contiguous() for k, v in weights.items()}, str(partial), metadata=header)

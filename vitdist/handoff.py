@@ -62,15 +62,22 @@ def from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return converted
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The weights at `path` with timm's key names, and which kind of checkpoint it was."""
+def locate(path: str | Path) -> Path:
+    """The checkpoint that `path` stands for: itself, a run's newest complete checkpoint (for its
+    `checkpoints/`), or the weights file of a Hugging Face hub folder."""
     path = Path(path)
     if not path.exists():
         raise HandoffError(f"checkpoint '{path}' does not exist")
     path = newest_if_run(path)
     hub = [path / name for name in _HUB_WEIGHTS if (path / name).is_file()]
     if hub and not (path / ".metadata").exists():  # a Hugging Face hub folder, as timm's save_for_hf writes
-        path = hub[0]
+        return hub[0]
+    return path
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of the checkpoint `path` (as `locate` gives it) with timm's key names, and which
+    kind of checkpoint it was."""
     if path.is_dir():
         try:
             return load_model_weights(path)[0], "vitdist checkpoint"
@@ -159,8 +166,8 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
 def load_pretrained(model: torch.nn.Module, path: str | Path) -> tuple[str, list[str]]:
     """Initialise `model` from the checkpoint at `path`. Returns the checkpoint's kind and the keys
     left at their fresh initialisation (the head's, when it was replaced)."""
+    path = locate(path)
     state, kind = read_state_dict(path)
-    path = newest_if_run(Path(path))
     source = f"the checkpoint '{path}' ({describe(recorded_arch(path), state)})"
     result = model.load_state_dict(adapt(state, model, source), strict=False)
     return kind, sorted(result.missing_keys)

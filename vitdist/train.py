@@ -19,7 +19,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from . import checkpoint, distributed, imagefolder, resume
 from .checkpoint import Checkpointer
-from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, save_config, to_dict
+from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, to_dict
+from .config_yaml import save_config
 from .data import Normalize, TrainLoader, eval_loader, expand_urls, train_shard_urls
 from .export import recorded_top1, write_safetensors
 from .handoff import load_pretrained
