@@ -124,9 +124,9 @@ def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):
 
 def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused(demo_shards, tmp_path):
     """Checked against the checkpoint before any process group starts, each refusal naming the key
-    and both values. What the user may change (the schedule, as to train longer) resumes, logged key
-    by key; world size, workers and micro-batch size resume silently, and exactly
-    (test_resume_across_world_sizes_and_strategies)."""
+    and both values. What the user may change (the schedule, as to train longer, or the drop path
+    rate) resumes, logged key by key; world size, workers, micro-batch size and activation
+    checkpointing resume silently (test_resume_across_world_sizes_and_strategies)."""
     run_dir = tmp_path / "run"
     common = [*shard_overrides(demo_shards), *EXACT, "data.val_shards=null", "optim.min_lr=1e-5",
               f"run.dir={run_dir}"]
@@ -182,10 +182,11 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
     with pytest.raises(ConfigError, match="its file '__0_0.distcp' is missing; restore it, or move the checkpoint"):
         check(f"train.resume={broken}", run=tmp_path / "new")
 
-    longer = run_pretrain(0, [*common, "train.steps=8", "data.num_workers=0", "data.micro_batch_size=16"])
+    longer = run_pretrain(0, [*common, "train.steps=8", "data.num_workers=0", "data.micro_batch_size=16",
+                              "model.drop_path_rate=0.1", "model.grad_checkpointing=true"])
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert (f"resuming with a config changed since {step_4}, so this run differs from the one it continues: "
-            "train.steps: 4 -> 8; the learning rate of step 5 is 0.00123, where the checkpoint's schedule has 1e-05 "
+            "model.drop_path_rate: 0.0 -> 0.1; train.steps: 4 -> 8; the learning rate of step 5 is 0.00123, where the checkpoint's schedule has 1e-05 "
             "(the cosine decay now ends at train.steps=8)\n") in longer.stderr
 
 

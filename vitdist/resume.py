@@ -23,10 +23,11 @@ from .model import timm_kwargs
 from .schedule import lr_at
 
 # How the run is carried out, not what it computes (beyond the order of float sums, as with
-# another world size); data.train_shards and the model are compared as what they resolve to.
-_UNREPORTED_SECTIONS = {"model", "dist", "ckpt", "log", "run"}
-_UNREPORTED = {"data.train_shards", "data.micro_batch_size", "data.num_workers", "data.prefetch_steps",
-               "data.decode", "data.max_skip_frac", "train.resume", "train.compile",
+# another world size); data.train_shards and the architecture are compared as what they resolve
+# to (check). model.drop_path_rate is reported: it changes what the run learns.
+_UNREPORTED_SECTIONS = {"dist", "ckpt", "log", "run"}
+_UNREPORTED = {"model.grad_checkpointing", "data.train_shards", "data.micro_batch_size", "data.num_workers",
+               "data.prefetch_steps", "data.decode", "data.max_skip_frac", "train.resume", "train.compile",
                "train.activation_memory_budget", "train.eval_every_steps", "train.max_bad_steps", "finetune.init"}
 
 
