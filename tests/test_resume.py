@@ -1,5 +1,6 @@
 """Exact resume on any world size and strategy, after SIGKILL, SIGTERM or a killed save."""
 
+import hashlib
 import json
 import os
 import re
@@ -19,7 +20,9 @@ from conftest import (EXACT, TINY, gone, loss_curve, read_scalars, run_pretrain,
                       wait_for, worker_pid)
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
+from vitdist.data import expand_urls
 from vitdist.export import export
+from vitdist.resume import shard_ids
 from vitdist.train import preflight
 
 pytestmark = pytest.mark.slow
@@ -122,9 +125,9 @@ def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):
 
 def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused(demo_shards, tmp_path):
     """Checked against the checkpoint before any process group starts, each refusal naming the key
-    and both values. What the user may change (the schedule, as to train longer) resumes, logged key
-    by key; world size, workers and micro-batch size resume silently, and exactly
-    (test_resume_across_world_sizes_and_strategies)."""
+    and both values. What the user may change (the schedule, as to train longer, or the drop path
+    rate) resumes, logged key by key; world size, workers, micro-batch size and activation
+    checkpointing resume silently (test_resume_across_world_sizes_and_strategies)."""
     run_dir = tmp_path / "run"
     common = [*shard_overrides(demo_shards), *EXACT, "data.val_shards=null", "optim.min_lr=1e-5",
               f"run.dir={run_dir}"]
@@ -135,8 +138,10 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
     (tmp_path / "moved").mkdir()
     for url in urls:
         shutil.copy(url, tmp_path / "moved")
-    lists = {"reordered": urls[1:] + urls[:1], "added": urls + urls[:1],
-             "moved": [str(tmp_path / "moved" / Path(url).name) for url in urls]}
+    moved = [str(tmp_path / "moved" / Path(url).name) for url in urls]
+    shutil.copy(urls[0], tmp_path / "moved" / "renamed.tar")
+    lists = {"reordered": urls[1:] + urls[:1], "added": urls + urls[:1], "moved": moved,
+             "renamed": [str(tmp_path / "moved" / "renamed.tar"), *moved[1:]]}
     for name, shards in lists.items():
         (tmp_path / f"{name}.txt").write_text("\n".join(shards))
 
@@ -150,14 +155,22 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
         "data.shuffle_block=64": "data.shuffle_block=64, but checkpoint '{c}' was trained with data.shuffle_block=128",
         "data.streams=8": "data.streams=8, but checkpoint '{c}' holds the positions of 16 data streams",
         "data.train_shards={t}/added.txt": "data.train_shards names 17 shards, checkpoint '{c}' was trained on 16: " + ahead,
-        "data.train_shards={t}/reordered.txt": "data.train_shards names other shards, or the same in another order, "
-                                               "than the 16 checkpoint '{c}' was trained on: " + ahead,
+        "data.train_shards={t}/reordered.txt": "data.train_shards names the 16 shards checkpoint '{c}' was trained "
+                                               "on, in another order: " + ahead,
+        "data.train_shards={t}/renamed.txt": "data.train_shards names other shards than the 16 checkpoint '{c}' was "
+                                             "trained on: " + ahead,
         "train.steps=3": "train.steps=3, but checkpoint '{c}' is at step 4 already: give train.steps >= 4",
     }
     for override, message in refusals.items():
         with pytest.raises(ConfigError, match=re.escape(message.format(c=step_4))):
             check(override.format(t=tmp_path))
     check(f"data.train_shards={tmp_path}/moved.txt", "data.num_workers=0", "data.micro_batch_size=16")
+    # A checkpoint that recorded its shards by file name (before shard ids) is compared by file name.
+    as_written_before_shard_ids(step_4)
+    check(f"data.train_shards={tmp_path}/moved.txt")
+    with pytest.raises(ConfigError, match=re.escape(f"data.train_shards names other shards, or the same in another "
+                                                    f"order, than the 16 checkpoint '{step_4}' was trained on: {ahead}")):
+        check(f"data.train_shards={tmp_path}/reordered.txt")
 
     # One rank's file lost, or cut short by a partial copy: refused by name, not deep in the load.
     broken = tmp_path / "copy" / "step_4"
@@ -170,11 +183,86 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
     with pytest.raises(ConfigError, match="its file '__0_0.distcp' is missing; restore it, or move the checkpoint"):
         check(f"train.resume={broken}", run=tmp_path / "new")
 
-    longer = run_pretrain(0, [*common, "train.steps=8", "data.num_workers=0", "data.micro_batch_size=16"])
+    longer = run_pretrain(0, [*common, "train.steps=8", "data.num_workers=0", "data.micro_batch_size=16",
+                              "model.drop_path_rate=0.1", "model.grad_checkpointing=true"])
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert (f"resuming with a config changed since {step_4}, so this run differs from the one it continues: "
-            "train.steps: 4 -> 8; the learning rate of step 5 is 0.00123, where the checkpoint's schedule has 1e-05 "
+            "model.drop_path_rate: 0.0 -> 0.1; train.steps: 4 -> 8; the learning rate of step 5 is 0.00123, where the checkpoint's schedule has 1e-05 "
             "(the cosine decay now ends at train.steps=8)\n") in longer.stderr
+
+
+def test_shard_ids_keep_what_differs_between_shards_and_drop_what_a_move_changes():
+    def ids(urls):
+        return shard_ids(list(braceexpand(urls)) if isinstance(urls, str) else urls)
+
+    names = ["train-000000.tar", "train-000001.tar"]
+    for where in ("/data/in21k/", "/mnt/copy/", "pipe:aws s3 cp s3://bucket/in21k/", "https://host/data/",
+                  "gs://bucket/", "hf://datasets/org/name/"):
+        assert ids(f"{where}train-{{000000..000001}}.tar") == names, where
+    assert ids("pipe:aws s3 cp s3://bucket/train-{000000..000001}.tar -") == names
+    assert ids("pipe:curl -sL https://host/data/train-{000000..000001}.tar | zstd -d") == names
+    assert ids("https://host/get?shard={0..1}") == ["get?shard=0", "get?shard=1"]
+    assert ids(["https://host/train.tar?part=0", "https://host/train.tar?part=1"]) == ["train.tar?part=0", "train.tar?part=1"]
+    assert ids(["/data/laion/train-0.tar", "/data/coyo/train-0.tar"]) == ["laion/train-0.tar", "coyo/train-0.tar"]
+    assert ids(["pipe:aws s3 cp s3://bucket/train-000000.tar -"]) == ["train-000000.tar -"]
+
+
+def as_written_before_shard_ids(checkpoint: Path) -> None:
+    """Rewrite the checkpoint's data_order as vitdist recorded it before shard ids: its shards by the
+    last path part of their URLs."""
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    names = "\n".join(url.rstrip("/").rsplit("/", 1)[-1] for url in expand_urls(state["config"]["data"]["train_shards"]))
+    state["data_order"] = {**{key: state["data_order"][key] for key in ("seed", "shuffle_block", "shards")},
+                           "shard_names_sha256": hashlib.sha256(names.encode()).hexdigest()}
+    (checkpoint / "train_state.json").write_text(json.dumps(state))
+
+
+def test_a_resume_tells_pipe_commands_apart_by_the_file_they_read(demo_shards, tmp_path):
+    """The last path part of a pipe: command is the same for every shard ('-' for `aws s3 cp
+    s3://bucket/train-000001.tar -`, 'null' for `cat <shard> | tee /dev/null` here): compared by it,
+    a reordered list, or one with a shard replaced, resumed, reading other samples than the uninterrupted
+    run. Each is refused, naming what changed; the same shards in another directory, or read
+    locally, resume. A checkpoint that recorded only those last parts resumes with the same
+    data.train_shards, and is refused with another, which it cannot tell from its own."""
+    urls = list(braceexpand(demo_shards["train"]))
+    (tmp_path / "moved").mkdir()
+    moved = [shutil.copy(url, tmp_path / "moved") for url in urls]
+
+    def piped(shards):
+        return f"data.train_shards={json.dumps([f'pipe:cat {url} | tee /dev/null' for url in shards])}"
+
+    run_dir = tmp_path / "run"
+    common = [*EXACT, "train.steps=2", f"run.dir={run_dir}"]
+    first = run_pretrain(0, [*common, piped(urls)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    step_2 = run_dir / "checkpoints" / "step_2"
+
+    def check(shards):
+        preflight(load_config(TINY, [*common, shards]), world_size=1)
+
+    ahead = "its data stream positions would index another sample order"
+    refusals = {
+        piped(urls[1:] + urls[:1]): f"data.train_shards names the 16 shards checkpoint '{step_2}' was trained on, in "
+                                    f"another order: {ahead}",
+        piped([*urls[:15], moved[0]]): f"data.train_shards names other shards than the 16 checkpoint '{step_2}' was "
+                                       f"trained on: {ahead}",
+        piped([*urls, moved[0]]): f"data.train_shards names 17 shards, checkpoint '{step_2}' was trained on 16: {ahead}",
+    }
+    for shards, message in refusals.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check(shards)
+    with pytest.raises(ConfigError, match=re.escape(f"here 'train-000001.tar' for 'pipe:cat {urls[1]} | tee /dev/null'")):
+        check(piped(urls[1:] + urls[:1]))
+    check(piped(moved))
+    check(f"data.train_shards={json.dumps(moved)}")
+
+    as_written_before_shard_ids(step_2)
+    check(piped(urls))
+    with pytest.raises(ConfigError, match=re.escape(
+            f"data.train_shards={[f'pipe:cat {url} | tee /dev/null' for url in moved]!r}, but checkpoint '{step_2}' "
+            f"was trained with data.train_shards={[f'pipe:cat {url} | tee /dev/null' for url in urls]!r}; it records "
+            "its shards by file name only, 'null' for more than one of them")):
+        check(piped(moved))
 
 
 def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards, tmp_path):

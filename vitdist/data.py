@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen_schemes
 
 from .config import ConfigError, DataConfig
-from .samples import BadSample, Skips, decode, load_rgb, read_image, read_samples
+from .samples import BadSample, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
 
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,10 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
 def device_decodable(image: Image.Image, data: bytes) -> bool:
     """Whether the device decoder gets this image: colour (YCbCr) JPEGs only. Greyscale and CMYK
     are rare and not every nvJPEG build handles them; a JPEG without its end-of-image marker is
-    truncated, and the worker's PIL refuses it as BadSample just as with decode: cpu."""
-    return image.format == "JPEG" and image.mode == "RGB" and data.endswith(b"\xff\xd9")
+    truncated, and the worker's PIL refuses it as BadSample just as with decode: cpu. Bytes after
+    the marker are no harm: the device decodes up to it (gpu_decode.encoded_jpegs). Only a JPEG
+    that does not end with the marker is scanned for it: most do."""
+    return image.format == "JPEG" and image.mode == "RGB" and (data.endswith(b"\xff\xd9") or jpeg_end(data) is not None)
 
 
 def sample_crop(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 from .checkpoint import MODEL_META, TRAIN_STATE, check_files
@@ -21,19 +23,40 @@ from .model import timm_kwargs
 from .schedule import lr_at
 
 # How the run is carried out, not what it computes (beyond the order of float sums, as with
-# another world size); data.train_shards and the model are compared as what they resolve to.
-_UNREPORTED_SECTIONS = {"model", "dist", "ckpt", "log", "run"}
-_UNREPORTED = {"data.train_shards", "data.micro_batch_size", "data.num_workers", "data.prefetch_steps",
-               "data.decode", "data.max_skip_frac", "train.resume", "train.compile",
+# another world size); data.train_shards and the architecture are compared as what they resolve
+# to (check). model.drop_path_rate is reported: it changes what the run learns.
+_UNREPORTED_SECTIONS = {"dist", "ckpt", "log", "run"}
+_UNREPORTED = {"model.grad_checkpointing", "data.train_shards", "data.micro_batch_size", "data.num_workers",
+               "data.prefetch_steps", "data.decode", "data.max_skip_frac", "train.resume", "train.compile",
                "train.activation_memory_budget", "train.eval_every_steps", "train.max_bad_steps", "finetune.init"}
 
 
 def data_order(cfg: Config, urls: list[str]) -> dict:
-    """What the meaning of the stream positions depends on, for train_state.json. Shards are
-    compared by file name, in order: the same shards moved to another directory resume."""
-    names = "\n".join(url.rstrip("/").rsplit("/", 1)[-1] for url in urls)
+    """What the meaning of the stream positions depends on, for train_state.json: the shards by
+    shard_ids, in order, and as a set (which tells a reordered list from another one)."""
+    ids = shard_ids(urls)
     return {"seed": cfg.data.seed, "shuffle_block": cfg.data.shuffle_block, "shards": len(urls),
-            "shard_names_sha256": hashlib.sha256(names.encode()).hexdigest()}
+            "shard_ids_sha256": _sha256(ids), "shard_set_sha256": _sha256(sorted(ids))}
+
+
+def shard_ids(urls: list[str]) -> list[str]:
+    """What sets each shard's URL apart from the others': the URL less what all of them begin
+    with up to its last '/' (the directory, bucket or pipe: command), and, between shards that
+    differ, less the words all of them end with (from a space on: the ' -' of `aws s3 cp ... -`).
+    The same shards moved to another directory or bucket, or copied from S3 to a local disk, keep
+    their ids; a file name inside a pipe: command, a query string or a sub-directory that differs
+    between shards stays in them (by its file name alone, every `aws s3 cp` shard was '-')."""
+    start = os.path.commonprefix(urls).rfind("/") + 1
+    rests = [url[start:] for url in urls]
+    if len(set(rests)) == 1:  # nothing sets them apart: no common ending to drop
+        return rests
+    ending = os.path.commonprefix([rest[::-1] for rest in rests])[::-1]
+    words = len(m.group()) if (m := re.search(r"\s.*", ending, re.S)) else 0
+    return [rest[: len(rest) - words] for rest in rests]
+
+
+def _sha256(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def check(cfg: Config, path: Path, urls: list[str] | None) -> None:
@@ -67,12 +90,39 @@ def check(cfg: Config, path: Path, urls: list[str] | None) -> None:
         if order[key] != getattr(cfg.data, key):
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)}, but {where} was trained with data.{key}="
                               f"{order[key]}: {changed}; {start_new}")
-    if urls is not None and data_order(cfg, urls)["shard_names_sha256"] != order["shard_names_sha256"]:
-        what = (f"{len(urls)} shards, {where} was trained on {order['shards']}" if len(urls) != order["shards"] else
-                f"other shards, or the same in another order, than the {order['shards']} {where} was trained on")
-        raise ConfigError(f"data.train_shards names {what}: {changed}; resume with the same list (moved to another "
-                          f"directory is fine: only file names are compared), or start a new run.dir with "
-                          f"finetune.init={path}")
+    if urls is not None:
+        _check_shards(order, urls, cfg.data.train_shards, state["config"]["data"]["train_shards"], path, changed)
+
+
+def _check_shards(order: dict, urls: list[str], given, trained_with, path: Path, changed: str) -> None:
+    """Refuse (ConfigError) a shard list that is not the one the data_order of checkpoint `path`
+    records. `given`, `trained_with`: data.train_shards now and in the checkpoint's config."""
+    where, start_new = f"checkpoint '{path}'", f"start a new run.dir with finetune.init={path}"
+    ids = shard_ids(urls)
+    if len(urls) != order["shards"]:
+        what = f"names {len(urls)} shards, {where} was trained on {order['shards']}"
+    elif "shard_ids_sha256" in order:
+        if _sha256(ids) == order["shard_ids_sha256"]:
+            return
+        what = (f"names the {len(urls)} shards {where} was trained on, in another order"
+                if _sha256(sorted(ids)) == order["shard_set_sha256"] else
+                f"names other shards than the {len(urls)} {where} was trained on")
+    else:  # recorded by file name, before shard_ids: that tells apart only shards of distinct file names
+        names = [url.rstrip("/").rsplit("/", 1)[-1] for url in urls]
+        if _sha256(names) != order["shard_names_sha256"]:
+            what = f"names other shards, or the same in another order, than the {len(urls)} {where} was trained on"
+        elif len(set(names)) == len(names) or given == trained_with:
+            return
+        else:
+            alike = next(name for name in names if names.count(name) > 1)
+            raise ConfigError(
+                f"data.train_shards={given!r}, but {where} was trained with data.train_shards={trained_with!r}; it "
+                f"records its shards by file name only, '{alike}' for more than one of them, so whether these are "
+                f"its shards in its order cannot be told, and if not, {changed}: resume with the value it was trained "
+                f"with, or {start_new}")
+    raise ConfigError(f"data.train_shards {what}: {changed}; resume with the list it was trained on (moved to "
+                      f"another directory or bucket is fine: each shard is compared by what sets its URL apart from "
+                      f"the others', here '{ids[0]}' for '{urls[0]}'), or {start_new}")
 
 
 def changes(cfg: Config, state: dict) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -151,6 +152,26 @@ def open_image(data: bytes) -> Image.Image:
         raise BadSample("too_large", f"{e} (PIL's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, bounds data.max_image_pixels)") from None
     except Exception as e:
         raise BadSample("undecodable", f"undecodable image: {e}") from None
+
+
+# 0xFF and a marker's code. Not one: 0xFF 0x00 (a 0xFF byte of entropy-coded data), 0xFF 0xFF (fill
+# before a marker), and the markers without a length (TEM, restarts, start of image).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\x01\xd0-\xd8\xff]")
+
+
+def jpeg_end(data: bytes) -> int | None:
+    """The length of a JPEG up to and including its end-of-image marker, or None where it has none
+    (cut short). What follows the marker (a camera's padding, a phone's trailer) is no part of the
+    image: PIL and libjpeg stop there. Marker segments are skipped by their lengths, so the end of
+    an EXIF thumbnail inside one is not taken for the image's."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while marker := _JPEG_MARKER.search(data, pos):
+        if marker.group()[1] == 0xD9:
+            return marker.end()
+        pos = marker.end() + int.from_bytes(data[marker.end() : marker.end() + 2], "big")
+    return None
 
 
 def read_image(sample: dict, cfg: DataConfig, num_classes: int) -> tuple[bytes, Image.Image, int]:
