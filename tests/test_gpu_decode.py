@@ -16,7 +16,8 @@ from conftest import TINY, read_scalars, run_pretrain
 from vitdist import gpu_decode
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
-from vitdist.data import TrainLoader, decodes_on_device, resized_crop, sample_crop, to_uint8_tensor
+from vitdist.data import TrainLoader, decodes_on_device
+from vitdist.transforms import resized_crop, sample_crop, to_uint8_tensor
 from vitdist.demo_data import draw_photo
 from vitdist.gpu_decode import encoded_jpegs, to_device
 from vitdist.prefetch import DeviceBatches
@@ -110,7 +111,7 @@ def test_nvjpeg_crops_are_the_cpu_paths_up_to_the_decoders_rounding(photo_shards
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_batched_resize_is_the_cpu_paths_resized_crop(device):
-    """resize_crops against data.resized_crop (torch's uint8 resize of the cut-out box, then the
+    """resize_crops against transforms.resized_crop (torch's uint8 resize of the cut-out box, then the
     flip), pixel for pixel: images wide, tall and thin, boxes shrunk and enlarged, one pixel wide,
     at the edges and whole, one image missing. On a GPU too, where float32 matmuls may run as TF32."""
     rng, draw = np.random.default_rng(3), random.Random(3)

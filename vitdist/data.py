@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import random
 from collections import Counter
@@ -28,13 +27,13 @@ from typing import Iterator
 import braceexpand
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen_schemes
 
 from .config import ConfigError, DataConfig
 from .samples import BadSample, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
+from .transforms import draw_augmentation, eval_transform, resized_crop, to_uint8_tensor
 
 
 log = logging.getLogger(__name__)
@@ -74,60 +73,6 @@ def device_decodable(image: Image.Image, data: bytes) -> bool:
     the marker are no harm: the device decodes up to it (gpu_decode.encoded_jpegs). Only a JPEG
     that does not end with the marker is scanned for it: most do."""
     return image.format == "JPEG" and image.mode == "RGB" and (data.endswith(b"\xff\xd9") or jpeg_end(data) is not None)
-
-
-def sample_crop(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box (left, top, right, bottom), drawn from `rng` (same law as torchvision's)."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-            return left, top, left + w, top + h
-    # Fall back to a center crop at the nearest allowed aspect ratio.
-    in_ratio = width / height
-    w, h = (width, round(width / ratio[0])) if in_ratio < ratio[0] else (
-        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height))
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image as uint8 CHW, channels last in memory as PIL keeps them (what `resize` wants)."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def draw_augmentation(rng: random.Random, width: int, height: int, cfg: DataConfig) -> tuple[tuple[int, int, int, int], bool]:
-    """The crop box and the flip of one training sample: its whole augmentation draw."""
-    box = sample_crop(rng, width, height, cfg.crop_scale, cfg.crop_ratio)
-    return box, rng.random() < cfg.hflip
-
-
-def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """A uint8 CHW image resized as torchvision resizes tensors: bicubic, antialiased, computed on
-    uint8 with integer weights (vitdist.gpu_decode reproduces them). Several times faster than PIL's
-    resize on a CPU: torch vectorizes it for channels-last uint8 images."""
-    batch = image[None].contiguous(memory_format=torch.channels_last)
-    return F.interpolate(batch, size=(height, width), mode="bicubic", antialias=True)[0]
-
-
-def resized_crop(image: Image.Image, box: tuple[int, int, int, int], flip: bool, size: int) -> torch.Tensor:
-    """torchvision's resized_crop (the box cut out, then resized as `resize` does), then the flip.
-    PIL cuts the box: only its pixels are copied out of the image."""
-    crop = resize(to_uint8_tensor(image.crop(box)), size, size)
-    return crop.flip(-1) if flip else crop
-
-
-def eval_transform(image: torch.Tensor, cfg: DataConfig, size: int) -> torch.Tensor:
-    _, height, width = image.shape
-    scale = round(size / cfg.val_crop_frac) / min(width, height)
-    w, h = max(size, round(width * scale)), max(size, round(height * scale))
-    left, top = (w - size) // 2, (h - size) // 2
-    return resize(image, h, w)[:, top : top + size, left : left + size]
 
 
 def shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:

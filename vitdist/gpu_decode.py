@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .data import to_uint8_tensor
+from .transforms import to_uint8_tensor
 from .samples import BadSample, Skips, jpeg_end, load_rgb, open_image
 
 # Decoded full-size images stay on the device until cropped: decoding at most this many pixels at
@@ -82,7 +82,7 @@ def encoded_jpegs(batch: dict) -> list[torch.Tensor]:
 
 def resize_crops(images: list[torch.Tensor | None], boxes: list[list[int]], flips: list[bool], size: int,
                  device: torch.device) -> torch.Tensor:
-    """The CPU path's crops (data.resized_crop: each box cut out, resized as torch resizes uint8
+    """The CPU path's crops (transforms.resized_crop: each box cut out, resized as torch resizes uint8
     images, then flipped), for uint8 CHW images of any sizes on `device`, as uint8 (N, 3, size, size);
     None gives grey. That resize is two passes, each a matrix of integer weights per crop: every crop
     of a chunk is resized by the same few batched matmuls, instead of a few small kernels per crop."""
