@@ -109,6 +109,7 @@ vitdist_slurm_main() {
   if [ -n "$VITDIST_SIGNALLED" ]; then  # warned before training started: nothing to save
     vitdist_requeue "SIG$VITDIST_SIGNALLED before training started"
   fi
+  rm -f "$run_dir/FINISHED"  # written by the ranks once they have trained to the end
   # Since Slurm 22.05 a step does not inherit the job's --cpus-per-task: without it, torchrun and
   # all its ranks' loader workers would share one core. --export=ALL: the step gets the environment
   # set up here even when the job was submitted with --export=NONE, which steps inherit otherwise.
@@ -130,8 +131,12 @@ vitdist_slurm_main() {
   done
 
   # First: a warning during the last steps comes too late to stop the run, which then finishes.
-  if [ $rc -eq 0 ]; then
-    vitdist_log "finished: run dir $run_dir"
+  # torchrun, given SIGTERM itself, exits 1 even so: the ranks' FINISHED tells.
+  if [ $rc -eq 0 ] || [ -f "$run_dir/FINISHED" ]; then
+    local note=""
+    [ -n "$VITDIST_SIGNALLED" ] && note=" (SIG$VITDIST_SIGNALLED came during the last steps: not requeueing)"
+    [ $rc -ne 0 ] && note="$note (srun exit $rc after every rank had trained to the end)"
+    vitdist_log "finished: run dir $run_dir$note"
     exit 0
   fi
   if [ -n "$VITDIST_SIGNALLED" ]; then

@@ -1,7 +1,7 @@
 """slurm/*.sbatch on a real two-node SLURM cluster on this machine (tests/slurm_cluster.py), all
 through sbatch: a 2-node run equal to a 2-process torchrun, preemption -> checkpoint -> requeue
--> resume, the pretrain -> fine-tune chain, a bad config that fails fast, and an error that recurs
-once training started, not retried."""
+-> resume, a warning during the last steps that does not requeue, the pretrain -> fine-tune chain,
+a bad config that fails fast, and an error that recurs once training started, not retried."""
 
 from __future__ import annotations
 
@@ -54,14 +54,26 @@ def sbatch(cluster: Cluster, log_dir: Path, script: str, *args: str, options: li
     return int(out.stdout.strip().split(";")[0])
 
 
-def job_state(cluster: Cluster, job_id: int) -> str:
+def job_field(cluster: Cluster, job_id: int | str, field: str) -> str | None:
+    """A field of `scontrol show job` (job_id: a job id, or <array job id>_<task id> for one task)."""
     out = subprocess.run(["scontrol", "show", "job", str(job_id), "-o"], env=cluster.env, capture_output=True,
                          text=True)
-    match = re.search(r"JobState=(\S+)", out.stdout)
-    return match.group(1) if match else "GONE"
+    match = re.search(rf"\b{field}=(\S+)", out.stdout)
+    return match.group(1) if match else None
 
 
-def wait_done(cluster: Cluster, job_id: int, timeout_s: float = 240) -> str:
+def job_state(cluster: Cluster, job_id: int | str) -> str:
+    return job_field(cluster, job_id, "JobState") or "GONE"
+
+
+def wait_for_line(cluster: Cluster, job_id: int | str, log_path: Path, text: str, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while not (log_path.exists() and text in log_path.read_text()):
+        assert time.time() < deadline and job_state(cluster, job_id) in ("PENDING", "RUNNING"), f"no {text!r}"
+        time.sleep(0.2)
+
+
+def wait_done(cluster: Cluster, job_id: int | str, timeout_s: float = 240) -> str:
     deadline = time.time() + timeout_s
     while (state := job_state(cluster, job_id)) in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING"):
         assert time.time() < deadline, f"job {job_id} still {state} after {timeout_s} s"
@@ -134,10 +146,7 @@ def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards
     job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
                  "train.steps=12", f"run.dir={run_dir}")
     log_path = tmp_path / f"vitdist-pretrain-{job}.log"
-    deadline = time.time() + 120
-    while not (log_path.exists() and "step 3/12" in log_path.read_text()):
-        assert time.time() < deadline and job_state(cluster, job) in ("PENDING", "RUNNING"), "no step 3"
-        time.sleep(0.2)
+    wait_for_line(cluster, job, log_path, "step 3/12")
     # What SLURM does before a time limit with --signal=B:USR1@N: a signal to the batch shell only.
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=cluster.env, check=True)
     assert wait_done(cluster, job, timeout_s=300) == "COMPLETED"
@@ -150,6 +159,27 @@ def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{step}'} at step {step}" in log
     assert f"steps {step} -> 12" in log and "finished: run dir" in log
     assert [step for step, _ in loss_curve(run_dir)] == list(range(1, 13))  # no step lost or repeated
+
+
+def test_a_run_that_finishes_after_the_warning_is_done_not_requeued(cluster, demo_shards, tmp_path):
+    """The time-limit warning during the last steps comes too late to stop the run (vitdist.train
+    trains to the end): the job completes, rather than being queued again to find nothing to train,
+    although torchrun, given SIGTERM too, exits 1."""
+    run_dir = tmp_path / "run"
+    # Steps of 512 images (about 0.6 s each here), so that the last two outlast the signal's way.
+    job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
+                 "train.global_batch_size=512", "train.steps=5", f"run.dir={run_dir}", options=["--nodes=1"])
+    log_path = tmp_path / f"vitdist-pretrain-{job}.log"
+    # The ranks agree on a signal one step after they get it: from here on, too late to preempt.
+    wait_for_line(cluster, job, log_path, "step 3/5")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=cluster.env, check=True)
+    assert wait_done(cluster, job) == "COMPLETED"
+    log = log_path.read_text()
+    assert job_field(cluster, job, "Restarts") == "0"
+    assert "preempted" not in log and "requeueing job" not in log and "restart 1:" not in log
+    assert "finished: run dir" in log and "(SIGUSR1 came during the last steps: not requeueing)" in log, log[-3000:]
+    assert [step for step, _ in loss_curve(run_dir)] == list(range(1, 6))
+    assert (run_dir / "FINISHED").read_text() == f"{run_dir / 'checkpoints' / 'step_5'}\n"
 
 
 def test_pipeline_finetunes_from_the_final_pretraining_checkpoint(cluster, demo_shards, tmp_path):
