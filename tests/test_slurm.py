@@ -188,14 +188,14 @@ def test_pipeline_finetunes_from_the_final_pretraining_checkpoint(cluster, demo_
     digits = write_digits_dataset(tmp_path / "digits", streams=4)
     env = {**cluster.env, "VITDIST_NPROC": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "VITDIST_SBATCH_ARGS": f"{' '.join(CPU_NODES)} --output={tmp_path}/%x-%j.log"}
-    pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"
     out = subprocess.run([str(REPO / "slurm" / "submit_pipeline.sh"), str(TINY), str(DIGITS),
-                          *shard_overrides(demo_shards), *EXACT, "train.steps=4", f"run.dir={pre_dir}", "--",
+                          *shard_overrides(demo_shards), *EXACT, "train.steps=4", f"run.dir={tmp_path}/pre-%j", "--",
                           *shard_overrides(digits), "data.streams=4", "train.steps=3", "train.global_batch_size=64",
-                          "data.micro_batch_size=32", "train.eval_every_steps=0", f"run.dir={ft_dir}"],
+                          "data.micro_batch_size=32", "train.eval_every_steps=0", f"run.dir={tmp_path}/%x-ft"],
                          cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     pre_job = int(re.search(r"pretrain job: (\d+)", out).group(1))
     ft_job = int(re.search(r"finetune job: (\d+)", out).group(1))
+    pre_dir, ft_dir = tmp_path / f"pre-{pre_job}", tmp_path / "vitdist-finetune-ft"  # run.dir's %j and %x
     assert f"tensorboard --logdir_spec pretrain:{pre_dir}/tb,finetune:{ft_dir}/tb" in out
     assert job_state(cluster, ft_job) == "PENDING"  # waits for the pretraining job
     assert wait_done(cluster, pre_job) == "COMPLETED"
