@@ -15,8 +15,8 @@
 
 vitdist_log() { echo "vitdist-slurm [$(date +%H:%M:%S)] $*"; }
 
-# The job to signal and requeue. An array's first task has the array's job id, which scancel and
-# scontrol take for the whole array: a task is named <array job id>_<task id> instead.
+# The job to signal and requeue. One task of an array (the last, on Slurm 22.05) has the array's
+# job id, which scancel and scontrol take for every task: a task is named <array job id>_<task id>.
 VITDIST_JOB=${SLURM_ARRAY_TASK_ID:+${SLURM_ARRAY_JOB_ID:-}_$SLURM_ARRAY_TASK_ID}
 VITDIST_JOB=${VITDIST_JOB:-${SLURM_JOB_ID:-}}
 

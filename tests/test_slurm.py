@@ -1,7 +1,8 @@
 """slurm/*.sbatch on a real two-node SLURM cluster on this machine (tests/slurm_cluster.py), all
 through sbatch: a 2-node run equal to a 2-process torchrun, preemption -> checkpoint -> requeue
--> resume, a warning during the last steps that does not requeue, the pretrain -> fine-tune chain,
-a bad config that fails fast, and an error that recurs once training started, not retried."""
+-> resume, of one array task alone, a warning during the last steps that does not requeue, the
+pretrain -> fine-tune chain, a bad config that fails fast, and an error that recurs once training
+started, not retried."""
 
 from __future__ import annotations
 
@@ -159,6 +160,42 @@ def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{step}'} at step {step}" in log
     assert f"steps {step} -> 12" in log and "finished: run dir" in log
     assert [step for step, _ in loss_curve(run_dir)] == list(range(1, 13))  # no step lost or repeated
+
+
+def test_usr1_to_one_array_task_requeues_that_task_only(cluster, demo_shards, tmp_path):
+    """One task of an array has the array's job id, which scancel and scontrol take for every task:
+    the warning to that task checkpoints and requeues it alone, and the other trains through.
+    run.dir's %a gives each task its own run directory."""
+    # Steps of 256 images: the two tasks share this machine's 2 cores with the test and SLURM's daemons,
+    # and the signal must come while both train.
+    array = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
+                   "train.global_batch_size=256", "train.steps=10", f"run.dir={tmp_path / 'run-%a'}",
+                   options=["--array=0-1", "--nodes=1"])
+    jobs = {}  # task id -> the task's own job id, once it runs (a pending array is one record)
+    deadline = time.time() + 60
+    while len(jobs) < 2:
+        assert time.time() < deadline, f"the tasks of array {array} did not both start"
+        jobs = {task: int(job_field(cluster, f"{array}_{task}", "JobId")) for task in (0, 1)
+                if job_state(cluster, f"{array}_{task}") == "RUNNING"}
+        time.sleep(0.2)
+    [signalled] = [task for task, job in jobs.items() if job == array]
+    other = 1 - signalled
+    logs = {task: tmp_path / f"vitdist-pretrain-{job}.log" for task, job in jobs.items()}
+    wait_for_line(cluster, f"{array}_{signalled}", logs[signalled], "step 2/10")
+    assert job_state(cluster, f"{array}_{other}") == "RUNNING"
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array}_{signalled}"], env=cluster.env, check=True)
+    for task in (0, 1):
+        assert wait_done(cluster, f"{array}_{task}", timeout_s=300) == "COMPLETED"
+    log = logs[other].read_text()
+    assert "SIGUSR1" not in log and "SIGTERM" not in log and "preempted" not in log and "requeueing" not in log
+    assert "restart 1:" not in log and f"run dir {tmp_path / f'run-{other}'}" in log
+    assert job_field(cluster, f"{array}_{other}", "Restarts") == "0"
+    log = logs[signalled].read_text()
+    assert f"requeueing job {array}_{signalled} (preempted: SIGUSR1" in log and "restart 1:" in log
+    assert re.search(r"resumed from .*step_\d+ at step \d+", log) and "finished: run dir" in log
+    assert job_field(cluster, f"{array}_{signalled}", "Restarts") == "1"
+    for task in (0, 1):  # no step lost or repeated
+        assert [step for step, _ in loss_curve(tmp_path / f"run-{task}")] == list(range(1, 11))
 
 
 def test_a_run_that_finishes_after_the_warning_is_done_not_requeued(cluster, demo_shards, tmp_path):
