@@ -15,10 +15,21 @@
 
 vitdist_log() { echo "vitdist-slurm [$(date +%H:%M:%S)] $*"; }
 
-# The job to signal and requeue. An array's first task has the array's job id, which scancel and
-# scontrol take for the whole array: a task is named <array job id>_<task id> instead.
-VITDIST_JOB=${SLURM_ARRAY_TASK_ID:+${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID}
-VITDIST_JOB=${VITDIST_JOB:-$SLURM_JOB_ID}
+# The job to signal and requeue. One task of an array (the last, on Slurm 22.05) has the array's
+# job id, which scancel and scontrol take for every task: a task is named <array job id>_<task id>.
+VITDIST_JOB=${SLURM_ARRAY_TASK_ID:+${SLURM_ARRAY_JOB_ID:-}_$SLURM_ARRAY_TASK_ID}
+VITDIST_JOB=${VITDIST_JOB:-${SLURM_JOB_ID:-}}
+
+# vitdist_job_patterns TEXT JOB_ID JOB_NAME [ARRAY_JOB_ID ARRAY_TASK_ID]: TEXT with sbatch's
+# --output patterns replaced as sbatch does: %j the job id, %x the job name, %A the array's job id
+# (the job id outside an array), %a the task id (4294967294 outside an array).
+vitdist_job_patterns() {
+  local text=$1
+  text=${text//"%j"/$2}
+  text=${text//"%A"/${4:-$2}}
+  text=${text//"%a"/${5:-4294967294}}
+  echo "${text//"%x"/$3}"
+}
 
 # Make the repository's code importable: the venv if any, and the repository on PYTHONPATH.
 vitdist_python_env() {
@@ -64,9 +75,15 @@ vitdist_slurm_main() {
   fi
   local config=$2
   shift 2
-  local overrides=("$@") run_dir="" arg
+  local overrides=() run_dir="" arg
   for arg in "$@"; do
-    case $arg in run.dir=*) run_dir=${arg#run.dir=} ;; esac
+    case $arg in
+      run.dir=*)  # each task of an array its own: run.dir=runs/sweep-%A_%a
+        run_dir=$(vitdist_job_patterns "${arg#run.dir=}" "$SLURM_JOB_ID" "$SLURM_JOB_NAME" \
+                                       "${SLURM_ARRAY_JOB_ID:-}" "${SLURM_ARRAY_TASK_ID:-}")
+        arg=run.dir=$run_dir ;;
+    esac
+    overrides+=("$arg")
   done
   if [ -z "$run_dir" ]; then  # named after the job, the same across requeues: resume finds it
     run_dir=runs/$SLURM_JOB_NAME-$SLURM_JOB_ID
@@ -109,6 +126,7 @@ vitdist_slurm_main() {
   if [ -n "$VITDIST_SIGNALLED" ]; then  # warned before training started: nothing to save
     vitdist_requeue "SIG$VITDIST_SIGNALLED before training started"
   fi
+  rm -f "$run_dir/FINISHED"  # written by the ranks once they have trained to the end
   # Since Slurm 22.05 a step does not inherit the job's --cpus-per-task: without it, torchrun and
   # all its ranks' loader workers would share one core. --export=ALL: the step gets the environment
   # set up here even when the job was submitted with --export=NONE, which steps inherit otherwise.
@@ -130,8 +148,12 @@ vitdist_slurm_main() {
   done
 
   # First: a warning during the last steps comes too late to stop the run, which then finishes.
-  if [ $rc -eq 0 ]; then
-    vitdist_log "finished: run dir $run_dir"
+  # torchrun, given SIGTERM itself, exits 1 even so: the ranks' FINISHED tells.
+  if [ $rc -eq 0 ] || [ -f "$run_dir/FINISHED" ]; then
+    local note=""
+    [ -n "$VITDIST_SIGNALLED" ] && note=" (SIG$VITDIST_SIGNALLED came during the last steps: not requeueing)"
+    [ $rc -ne 0 ] && note="$note (srun exit $rc after every rank had trained to the end)"
+    vitdist_log "finished: run dir $run_dir$note"
     exit 0
   fi
   if [ -n "$VITDIST_SIGNALLED" ]; then

@@ -20,15 +20,20 @@ finetune_args=("$@")
 read -r -a sbatch_args <<< "${VITDIST_SBATCH_ARGS:-}"
 # Arrays that may be empty expand as ${a[@]+"${a[@]}"}: bash <= 4.3 calls "${a[@]}" unbound under set -u.
 
-# A job's run directory, absolute: run.dir=... if given, else the one slurm/common.sh names after the job.
+# shellcheck source=common.sh
+source slurm/common.sh
+
+# A job's run directory, absolute: run.dir=... if given (its %j, %x as the job gets them), else the
+# one slurm/common.sh names after the job.
 run_dir_of() {
-  local job=$1 dir="" arg
+  local job=$1 dir="" arg name
   shift
+  name=$(scontrol show job "$job" -o | sed -n 's/.*JobName=\([^ ]*\).*/\1/p')
   for arg in "$@"; do
-    case $arg in run.dir=*) dir=${arg#run.dir=} ;; esac
+    case $arg in run.dir=*) dir=$(vitdist_job_patterns "${arg#run.dir=}" "$job" "$name") ;; esac
   done
   if [ -z "$dir" ]; then
-    dir=runs/$(scontrol show job "$job" -o | sed -n 's/.*JobName=\([^ ]*\).*/\1/p')-$job
+    dir=runs/$name-$job
   fi
   case $dir in /*) echo "$dir" ;; *) echo "$PWD/$dir" ;; esac
 }

@@ -1,7 +1,8 @@
 """slurm/*.sbatch on a real two-node SLURM cluster on this machine (tests/slurm_cluster.py), all
 through sbatch: a 2-node run equal to a 2-process torchrun, preemption -> checkpoint -> requeue
--> resume, the pretrain -> fine-tune chain, a bad config that fails fast, and an error that recurs
-once training started, not retried."""
+-> resume, of one array task alone, a warning during the last steps that does not requeue, the
+pretrain -> fine-tune chain, a bad config that fails fast, and an error that recurs once training
+started, not retried."""
 
 from __future__ import annotations
 
@@ -54,14 +55,26 @@ def sbatch(cluster: Cluster, log_dir: Path, script: str, *args: str, options: li
     return int(out.stdout.strip().split(";")[0])
 
 
-def job_state(cluster: Cluster, job_id: int) -> str:
+def job_field(cluster: Cluster, job_id: int | str, field: str) -> str | None:
+    """A field of `scontrol show job` (job_id: a job id, or <array job id>_<task id> for one task)."""
     out = subprocess.run(["scontrol", "show", "job", str(job_id), "-o"], env=cluster.env, capture_output=True,
                          text=True)
-    match = re.search(r"JobState=(\S+)", out.stdout)
-    return match.group(1) if match else "GONE"
+    match = re.search(rf"\b{field}=(\S+)", out.stdout)
+    return match.group(1) if match else None
 
 
-def wait_done(cluster: Cluster, job_id: int, timeout_s: float = 240) -> str:
+def job_state(cluster: Cluster, job_id: int | str) -> str:
+    return job_field(cluster, job_id, "JobState") or "GONE"
+
+
+def wait_for_line(cluster: Cluster, job_id: int | str, log_path: Path, text: str, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while not (log_path.exists() and text in log_path.read_text()):
+        assert time.time() < deadline and job_state(cluster, job_id) in ("PENDING", "RUNNING"), f"no {text!r}"
+        time.sleep(0.2)
+
+
+def wait_done(cluster: Cluster, job_id: int | str, timeout_s: float = 240) -> str:
     deadline = time.time() + timeout_s
     while (state := job_state(cluster, job_id)) in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING"):
         assert time.time() < deadline, f"job {job_id} still {state} after {timeout_s} s"
@@ -134,10 +147,7 @@ def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards
     job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
                  "train.steps=12", f"run.dir={run_dir}")
     log_path = tmp_path / f"vitdist-pretrain-{job}.log"
-    deadline = time.time() + 120
-    while not (log_path.exists() and "step 3/12" in log_path.read_text()):
-        assert time.time() < deadline and job_state(cluster, job) in ("PENDING", "RUNNING"), "no step 3"
-        time.sleep(0.2)
+    wait_for_line(cluster, job, log_path, "step 3/12")
     # What SLURM does before a time limit with --signal=B:USR1@N: a signal to the batch shell only.
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=cluster.env, check=True)
     assert wait_done(cluster, job, timeout_s=300) == "COMPLETED"
@@ -152,20 +162,77 @@ def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards
     assert [step for step, _ in loss_curve(run_dir)] == list(range(1, 13))  # no step lost or repeated
 
 
+def test_usr1_to_one_array_task_requeues_that_task_only(cluster, demo_shards, tmp_path):
+    """One task of an array has the array's job id, which scancel and scontrol take for every task:
+    the warning to that task checkpoints and requeues it alone, and the other trains through.
+    run.dir's %a gives each task its own run directory."""
+    # Steps of 256 images: the two tasks share this machine's 2 cores with the test and SLURM's daemons,
+    # and the signal must come while both train.
+    array = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
+                   "train.global_batch_size=256", "train.steps=10", f"run.dir={tmp_path / 'run-%a'}",
+                   options=["--array=0-1", "--nodes=1"])
+    jobs = {}  # task id -> the task's own job id, once it runs (a pending array is one record)
+    deadline = time.time() + 60
+    while len(jobs) < 2:
+        assert time.time() < deadline, f"the tasks of array {array} did not both start"
+        jobs = {task: int(job_field(cluster, f"{array}_{task}", "JobId")) for task in (0, 1)
+                if job_state(cluster, f"{array}_{task}") == "RUNNING"}
+        time.sleep(0.2)
+    [signalled] = [task for task, job in jobs.items() if job == array]
+    other = 1 - signalled
+    logs = {task: tmp_path / f"vitdist-pretrain-{job}.log" for task, job in jobs.items()}
+    wait_for_line(cluster, f"{array}_{signalled}", logs[signalled], "step 2/10")
+    assert job_state(cluster, f"{array}_{other}") == "RUNNING"
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array}_{signalled}"], env=cluster.env, check=True)
+    for task in (0, 1):
+        assert wait_done(cluster, f"{array}_{task}", timeout_s=300) == "COMPLETED"
+    log = logs[other].read_text()
+    assert "SIGUSR1" not in log and "SIGTERM" not in log and "preempted" not in log and "requeueing" not in log
+    assert "restart 1:" not in log and f"run dir {tmp_path / f'run-{other}'}" in log
+    assert job_field(cluster, f"{array}_{other}", "Restarts") == "0"
+    log = logs[signalled].read_text()
+    assert f"requeueing job {array}_{signalled} (preempted: SIGUSR1" in log and "restart 1:" in log
+    assert re.search(r"resumed from .*step_\d+ at step \d+", log) and "finished: run dir" in log
+    assert job_field(cluster, f"{array}_{signalled}", "Restarts") == "1"
+    for task in (0, 1):  # no step lost or repeated
+        assert [step for step, _ in loss_curve(tmp_path / f"run-{task}")] == list(range(1, 11))
+
+
+def test_a_run_that_finishes_after_the_warning_is_done_not_requeued(cluster, demo_shards, tmp_path):
+    """The time-limit warning during the last steps comes too late to stop the run (vitdist.train
+    trains to the end): the job completes, rather than being queued again to find nothing to train,
+    although torchrun, given SIGTERM too, exits 1."""
+    run_dir = tmp_path / "run"
+    # Steps of 512 images (about 0.6 s each here), so that the last two outlast the signal's way.
+    job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
+                 "train.global_batch_size=512", "train.steps=5", f"run.dir={run_dir}", options=["--nodes=1"])
+    log_path = tmp_path / f"vitdist-pretrain-{job}.log"
+    # The ranks agree on a signal one step after they get it: from here on, too late to preempt.
+    wait_for_line(cluster, job, log_path, "step 3/5")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=cluster.env, check=True)
+    assert wait_done(cluster, job) == "COMPLETED"
+    log = log_path.read_text()
+    assert job_field(cluster, job, "Restarts") == "0"
+    assert "preempted" not in log and "requeueing job" not in log and "restart 1:" not in log
+    assert "finished: run dir" in log and "(SIGUSR1 came during the last steps: not requeueing)" in log, log[-3000:]
+    assert [step for step, _ in loss_curve(run_dir)] == list(range(1, 6))
+    assert (run_dir / "FINISHED").read_text() == f"{run_dir / 'checkpoints' / 'step_5'}\n"
+
+
 def test_pipeline_finetunes_from_the_final_pretraining_checkpoint(cluster, demo_shards, tmp_path):
     from vitdist.demo_data import write_digits_dataset
 
     digits = write_digits_dataset(tmp_path / "digits", streams=4)
     env = {**cluster.env, "VITDIST_NPROC": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "VITDIST_SBATCH_ARGS": f"{' '.join(CPU_NODES)} --output={tmp_path}/%x-%j.log"}
-    pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"
     out = subprocess.run([str(REPO / "slurm" / "submit_pipeline.sh"), str(TINY), str(DIGITS),
-                          *shard_overrides(demo_shards), *EXACT, "train.steps=4", f"run.dir={pre_dir}", "--",
+                          *shard_overrides(demo_shards), *EXACT, "train.steps=4", f"run.dir={tmp_path}/pre-%j", "--",
                           *shard_overrides(digits), "data.streams=4", "train.steps=3", "train.global_batch_size=64",
-                          "data.micro_batch_size=32", "train.eval_every_steps=0", f"run.dir={ft_dir}"],
+                          "data.micro_batch_size=32", "train.eval_every_steps=0", f"run.dir={tmp_path}/%x-ft"],
                          cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     pre_job = int(re.search(r"pretrain job: (\d+)", out).group(1))
     ft_job = int(re.search(r"finetune job: (\d+)", out).group(1))
+    pre_dir, ft_dir = tmp_path / f"pre-{pre_job}", tmp_path / "vitdist-finetune-ft"  # run.dir's %j and %x
     assert f"tensorboard --logdir_spec pretrain:{pre_dir}/tb,finetune:{ft_dir}/tb" in out
     assert job_state(cluster, ft_job) == "PENDING"  # waits for the pretraining job
     assert wait_done(cluster, pre_job) == "COMPLETED"

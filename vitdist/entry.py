@@ -44,15 +44,16 @@ def main(description: str, finetune: bool) -> int:
         return 0
     # A recurring error is marked in <run.dir>/FATAL: torchrun's restarts of this launch exit at
     # once, and slurm/common.sh does not requeue. A new launch (torchrun's first attempt) tries again.
-    fatal = Path(cfg.run.dir) / "FATAL"
+    fatal, finished = Path(cfg.run.dir) / "FATAL", Path(cfg.run.dir) / "FINISHED"
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         fatal.unlink(missing_ok=True)
+        finished.unlink(missing_ok=True)
     elif fatal.exists():
         print(f"error: {fatal.read_text().strip()} (recurs: not retried, see {fatal})", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s")
     try:
-        train(cfg)
+        last_checkpoint = train(cfg)
     except RECURRING as e:
         print(f"error: {e}", file=sys.stderr)
         fatal.parent.mkdir(parents=True, exist_ok=True)
@@ -61,4 +62,7 @@ def main(description: str, finetune: bool) -> int:
     except SaveFailed as e:  # may not recur (space freed, a storage hiccup)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    # Trained to the end, by every rank, for slurm/common.sh: torchrun exits 1 when it got SIGTERM
+    # itself (the time-limit warning, during the last steps, which finish the run all the same).
+    finished.write_text(f"{last_checkpoint or 'no checkpoint'}\n")
     return 0
