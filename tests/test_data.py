@@ -20,12 +20,13 @@ from PIL import Image
 
 from conftest import REPO, TINY, png_bytes, write_shard
 from vitdist.config import ConfigError, DataConfig, load_config
-from vitdist.data import (WORKER_NICENESS, Stream, TrainLoader, draw_augmentation, eval_loader, eval_transform, expand_urls,
+from vitdist.data import (Stream, TrainLoader, draw_augmentation, eval_loader, eval_transform, expand_urls,
                           sample_crop, shard_order, train_shard_urls)
 from vitdist.samples import READ_ERROR, BadSample, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.train import preflight
 from vitdist.shards import make_shards, scan_image_folder
+from vitdist.workers import WORKER_NICENESS
 
 
 def data_cfg(shards, *overrides):
