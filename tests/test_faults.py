@@ -120,7 +120,8 @@ def test_a_killed_loader_worker_stops_the_run_within_seconds_for_a_retry(demo_sh
 
 def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_path):
     """A `pipe:` shard whose command never delivers (a stalled network read: a FIFO nobody writes):
-    the loader's wait times out after dist.timeout_s and the run exits, its worker with it."""
+    the loader's wait times out after dist.timeout_s and the run exits, its worker and the
+    stalled command (in the worker's process group) with it."""
     fifo = tmp_path / "stalled"
     os.mkfifo(fifo)
     stalled = [f"pipe:cat {fifo} {url}" for url in expand_urls(demo_shards["train"])]
@@ -136,7 +137,8 @@ def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_pat
         assert TIMEOUT_S - 1 < waited_s < TIMEOUT_S + MARGIN_S
         assert re.search(rf"WorkerStalled: loader worker 0 \(pid \d+\) delivered nothing for {TIMEOUT_S} s ",
                          log_path.read_text())
-    finally:  # the stalled reads outlive the worker (its own session): only this test's FIFO names them
+        assert running(f"cat {fifo} ") == []
+    finally:
         for pid in running(f"cat {fifo} "):
             os.kill(pid, signal.SIGKILL)
         if process.poll() is None:

@@ -1,7 +1,7 @@
 """Loader workers that fail as real ones do, under the path training takes (DeviceBatches over a
 TrainLoader, iterated in a thread): one SIGKILLed (as by the kernel's OOM killer) stops the
 batches within seconds, not at the loader's timeout; a stalled `pipe:` read stops them at the
-timeout, naming the worker."""
+timeout; either way the workers and the commands they started are gone afterwards."""
 
 import os
 import re
@@ -29,7 +29,7 @@ def train_loader(shards, *overrides, timeout_s=TIMEOUT_S) -> TrainLoader:
 @pytest.mark.parametrize("reads", ["delivering", "stalled"])
 def test_a_killed_worker_stops_the_batches_within_seconds_naming_it(demo_shards, tmp_path, reads):
     """SIGKILLed (as the kernel's OOM killer kills) with its chunks queued, or while the loader
-    waits for it (its read stalled): the other worker ends too."""
+    waits for it (its read stalled): the other worker, and the command the dead one left, end too."""
     fifo = tmp_path / "stalled"
     os.mkfifo(fifo)
     urls = expand_urls(demo_shards["train"])
@@ -53,17 +53,19 @@ def test_a_killed_worker_stops_the_batches_within_seconds_naming_it(demo_shards,
             print(f"noticed {noticed_s:.1f} s after the kill")
             assert noticed_s < 10
             assert re.fullmatch(rf"loader worker [01] \(pid {victim}\) was killed by SIGKILL \(.*\)", str(died.value))
-            assert all(gone(pid) for pid in workers)
+            assert running(f"cat {fifo} ") == [] and all(gone(pid) for pid in workers)
     finally:
         for pid in running(f"cat {fifo} "):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_a_stalled_pipe_read_stops_the_batches_at_the_timeout_naming_the_worker(demo_shards, tmp_path):
-    """A `pipe:` command that never delivers (a FIFO nobody writes)."""
+@pytest.mark.parametrize("pipe", ["cat {fifo} {url}", "cat {fifo} {url} | cat"], ids=["command", "pipeline"])
+def test_a_stalled_pipe_read_stops_the_batches_at_the_timeout_and_ends_the_command(demo_shards, tmp_path, pipe):
+    """A `pipe:` command that never delivers (a FIFO nobody writes): its worker is named, and the
+    command, the shell's child (a grandchild of the worker), is gone with it."""
     fifo = tmp_path / "stalled"
     os.mkfifo(fifo)
-    stalled = [f"pipe:cat {fifo} {url}" for url in expand_urls(demo_shards["train"])]
+    stalled = [f"pipe:{pipe.format(fifo=fifo, url=url)}" for url in expand_urls(demo_shards["train"])]
     loader = train_loader(stalled, "data.num_workers=1", timeout_s=4)
     try:
         with DeviceBatches(iter(loader), CPU) as batches:
@@ -71,6 +73,7 @@ def test_a_stalled_pipe_read_stops_the_batches_at_the_timeout_naming_the_worker(
             with pytest.raises(WorkerStalled, match=r"^loader worker 0 \(pid \d+\) delivered nothing for 4 s "):
                 next(batches)
             waited_s = time.monotonic() - started
+            assert running(f"cat {fifo} ") == []
         print(f"stopped {waited_s:.1f} s after the first batch was asked for")
         assert 4 <= waited_s < 4 + 10
     finally:

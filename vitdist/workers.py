@@ -1,9 +1,11 @@
 """The training loader's worker processes: started in sessions of their own below the training
-process's priority, and watched from the thread that waits for their chunks.
+process's priority, watched from the thread that waits for their chunks, and ended, with the
+commands they started, when the loader stops.
 
 Watched, because torch notices a dead worker at once only from the main thread (its SIGCHLD
 handler), and the training loader runs in DeviceBatches' thread: there torch's one wait of
-`timeout` seconds would notice a worker the kernel's OOM killer took only at dist.timeout_s."""
+`timeout` seconds would notice a worker the kernel's OOM killer took only at dist.timeout_s.
+Ended with their commands, because a `pipe:` command that stalls outlives its worker."""
 
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ def start_worker(worker_id: int) -> None:
     process group, to the main process: it finishes the step and checkpoints, then stops them
     itself (they would die of the signal and take the step down). Ignoring the signals instead
     would also make them immune to the SIGTERM that stops a hung worker, and hang the exit; and
-    they leave on their own when the main process dies (torch's watchdog).
+    they leave on their own when the main process dies (torch's watchdog). The worker's own
+    process group also holds the commands it starts (`pipe:` shards), so that `watched` ends
+    them with it.
 
     They also run at a lower priority than the training process. Decoding keeps every core busy
     when there are about as many workers as cores; at equal priority the training process, whose
@@ -55,7 +59,7 @@ def watched(loader: DataLoader, timeout_s: float) -> Iterator:
     """The items of `loader` (built with `worker_init_fn=start_worker` and `poll_timeout`), until
     a worker exits (WorkerDied, within POLL_S of a wait for a chunk) or delivers nothing for
     `timeout_s` (WorkerStalled). Once they stop, for any reason (an error, close()), the workers
-    are gone."""
+    and the commands they started are gone."""
     chunks = iter(loader)
     workers: list[Process] = getattr(chunks, "_workers", [])  # none without workers
     if workers:
@@ -67,6 +71,13 @@ def watched(loader: DataLoader, timeout_s: float) -> Iterator:
         for received in itertools.count():
             yield _next(chunks, workers, received, loader.timeout, timeout_s)
     finally:
+        # Each worker's process group: the worker and its commands. A group outlives its leader
+        # while a member is left, and its id is not reused meanwhile, so a dead worker's commands
+        # end too. Torch's workers exit at once at a SIGTERM from their parent, even in a stalled
+        # read (torch's shutdown would first wait for each in turn).
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):  # the worker died and left nothing
+                os.killpg(worker.pid, signal.SIGTERM)
         if workers:
             chunks._shutdown_workers()  # now: an error's traceback would keep the iterator until exit
 
