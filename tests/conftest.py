@@ -131,3 +131,16 @@ def process_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def running(text: str) -> list[int]:
+    """The live processes whose command line holds `text` (zombies run nothing)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            held = text.encode() in cmdline.read_bytes().replace(b"\0", b" ")
+        except OSError:  # gone since the listing
+            continue
+        if held and not gone(int(cmdline.parent.name)):
+            found.append(int(cmdline.parent.name))
+    return found

@@ -21,12 +21,13 @@ from PIL import Image
 from conftest import REPO, TINY, png_bytes, write_shard
 from vitdist.config import ConfigError, DataConfig
 from vitdist.config_yaml import load_config
-from vitdist.data import WORKER_NICENESS, Stream, TrainLoader, eval_loader, expand_urls, shard_order, train_shard_urls
+from vitdist.data import Stream, TrainLoader, eval_loader, expand_urls, shard_order, train_shard_urls
 from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
 from vitdist.samples import READ_ERROR, BadSample, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.train import preflight
 from vitdist.shards import make_shards, scan_image_folder
+from vitdist.workers import WORKER_NICENESS
 
 
 def data_cfg(shards, *overrides):

@@ -4,13 +4,12 @@ waiting on a dead or silent peer exits within `dist.timeout_s`, naming the peer.
 import os
 import re
 import signal
-import subprocess
 import time
 
 import pytest
 
-from conftest import (EXACT, children, gone, loss_curve, run_pretrain, shard_overrides, start_pretrain, wait_for,
-                      worker_pid)
+from conftest import (EXACT, children, gone, loss_curve, run_pretrain, running, shard_overrides, start_pretrain,
+                      wait_for, worker_pid)
 from vitdist.data import expand_urls
 from vitdist.distributed import _free_port
 
@@ -92,9 +91,37 @@ def test_a_rank_waiting_on_a_lost_node_exits_within_the_timeout_naming_it(demo_s
         assert gone(ranks[1])  # the stopped rank died with its torchrun: nothing left running
 
 
+def test_a_killed_loader_worker_stops_the_run_within_seconds_for_a_retry(demo_shards, tmp_path):
+    """A loader worker SIGKILLed mid-run, as the kernel's OOM killer kills, after an evaluation
+    (whose loader, iterated in the main thread, installs torch's SIGCHLD handler there): the step
+    raises the error naming it, the run exits 1 within seconds, and nothing is marked in FATAL,
+    so torchrun's restarts and SLURM's requeue retry it."""
+    log_path = tmp_path / "run.log"
+    process = start_pretrain(0, [*shard_overrides(demo_shards), "data.num_workers=2", "train.eval_every_steps=2",
+                                 "ckpt.every_steps=2", f"dist.timeout_s={TIMEOUT_S * 10}", f"run.dir={tmp_path}"],
+                             log_path)
+    try:
+        wait_for(lambda: (tmp_path / "checkpoints" / "step_2").is_dir(), process)  # evaluated at step 2
+        workers = [pid for pid in children(process.pid) if os.getsid(pid) == pid]  # in sessions of their own
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        killed_at = time.time()
+        assert process.wait(timeout=MARGIN_S + 30) == 1
+        exited_s = time.time() - killed_at
+        print(f"the run exited {exited_s:.1f} s after the kill")
+        assert exited_s < MARGIN_S
+        log = log_path.read_text()
+        assert re.search(rf"WorkerDied: loader worker [01] \(pid {workers[0]}\) was killed by SIGKILL ", log), log[-3000:]
+        assert not (tmp_path / "FATAL").exists()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_path):
     """A `pipe:` shard whose command never delivers (a stalled network read: a FIFO nobody writes):
-    the loader's wait times out after dist.timeout_s and the run exits, its worker with it."""
+    the loader's wait times out after dist.timeout_s and the run exits, its worker and the
+    stalled command (in the worker's process group) with it."""
     fifo = tmp_path / "stalled"
     os.mkfifo(fifo)
     stalled = [f"pipe:cat {fifo} {url}" for url in expand_urls(demo_shards["train"])]
@@ -108,8 +135,11 @@ def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_pat
         waited_s = time.time() - started
         print(f"the run exited {waited_s:.1f} s after its first batch was asked for")
         assert TIMEOUT_S - 1 < waited_s < TIMEOUT_S + MARGIN_S
-        assert f"DataLoader timed out after {TIMEOUT_S} seconds" in log_path.read_text()
-    finally:  # the stalled reads outlive the worker (its own session): only this test's FIFO names them
-        subprocess.run(["pkill", "-f", f"cat {fifo} "], check=False)
+        assert re.search(rf"WorkerStalled: loader worker 0 \(pid \d+\) delivered nothing for {TIMEOUT_S} s ",
+                         log_path.read_text())
+        assert running(f"cat {fifo} ") == []
+    finally:
+        for pid in running(f"cat {fifo} "):
+            os.kill(pid, signal.SIGKILL)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

@@ -16,9 +16,9 @@ samples, boxes and flips as on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -34,11 +34,10 @@ from webdataset.gopen import gopen_schemes
 from .config import ConfigError, DataConfig
 from .samples import BadSample, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
 from .transforms import draw_augmentation, eval_transform, resized_crop, to_uint8_tensor
+from .workers import poll_timeout, start_worker, watched
 
 
 log = logging.getLogger(__name__)
-
-WORKER_NICENESS = 10  # CPU weight about a tenth of the training process's (Linux's CFS weights)
 
 
 def is_remote(url: str) -> bool:
@@ -209,21 +208,6 @@ class TrainChunks(IterableDataset):
         return chunk
 
 
-def _start_worker(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1, which SLURM and torchrun send to the job's whole
-    process group, to the main process: it finishes the step and checkpoints, then stops them
-    itself (they would die of the signal and take the step down). Ignoring the signals instead
-    would also make them immune to the SIGTERM that stops a hung worker, and hang the exit; and
-    they leave on their own when the main process dies (torch's watchdog).
-
-    They also run at a lower priority than the training process. Decoding keeps every core busy
-    when there are about as many workers as cores; at equal priority the training process, whose
-    threads launch the GPU's work and copy the batches over, then waits for a core behind them, and
-    the GPU idles while no batch is late (low data_wait, yet a slower step)."""
-    os.setsid()
-    os.nice(WORKER_NICENESS)
-
-
 def train_shard_urls(cfg: DataConfig, world_size: int) -> list[str]:
     """The training shard URLs, refused (ConfigError) when missing or too few for the streams."""
     urls = expand_urls(cfg.train_shards, "data.train_shards")
@@ -237,8 +221,9 @@ def train_shard_urls(cfg: DataConfig, world_size: int) -> list[str]:
 class TrainLoader:
     """Yields, per optimizer step, this rank's share of the global batch: one chunk from each of
     its streams, in stream order. `positions` (stream -> position) is what a checkpoint saves.
-    A worker that delivers nothing for `timeout_s` (a stalled `pipe:` read, a hung filesystem)
-    stops the run, as a silent peer would. With `pin_memory` the chunks are joined straight into
+    A worker that dies stops the run within seconds, and one that delivers nothing for
+    `timeout_s` (a stalled `pipe:` read, a hung filesystem) stops it as a silent peer would
+    (vitdist.workers). With `pin_memory` the chunks are joined straight into
     pinned memory: one copy on the host, and the copy to the GPU is asynchronous (the loader's own
     pinning would copy each chunk once more, and the batch joined from them would be pageable)."""
 
@@ -262,24 +247,24 @@ class TrainLoader:
         # The loader's round-robin over workers meets the workers' round-robin over their
         # streams, so the first `per_rank` items are exactly one chunk of every stream.
         workers = max(1, cfg.num_workers)
-        self.pin_memory = pin_memory
+        self.pin_memory, self.timeout_s = pin_memory, timeout_s
         self.loader = DataLoader(chunks, batch_size=None, num_workers=cfg.num_workers,
                                  prefetch_factor=cfg.prefetch_steps * self.per_rank // workers if cfg.num_workers else None,
-                                 worker_init_fn=_start_worker, timeout=timeout_s if cfg.num_workers else 0)
+                                 worker_init_fn=start_worker, timeout=poll_timeout(timeout_s, cfg.num_workers))
 
     def __iter__(self) -> Iterator[dict]:
-        chunks = iter(self.loader)
-        while True:
-            step = sorted((next(chunks) for _ in range(self.per_rank)), key=lambda c: c["stream"])
-            for c in step:
-                self.positions[c["stream"]] = c["position"]
-            # The positions after this batch travel with it: a batch may be consumed well after it
-            # was read (DeviceBatches reads ahead), and a checkpoint must record what was trained on.
-            batch = {name: [x for c in step for x in c[name]] for name in ("key", "url")}
-            batch.update(positions=dict(self.positions), skipped=sum((Counter(c["skipped"]) for c in step), Counter()))
-            batch.update({name: self._join([c[name] for c in step]) for name, value in step[0].items()
-                          if isinstance(value, torch.Tensor)})
-            yield batch
+        with contextlib.closing(watched(self.loader, self.timeout_s)) as chunks:
+            while True:
+                step = sorted((next(chunks) for _ in range(self.per_rank)), key=lambda c: c["stream"])
+                for c in step:
+                    self.positions[c["stream"]] = c["position"]
+                # The positions after this batch travel with it: a batch may be consumed well after it
+                # was read (DeviceBatches reads ahead), and a checkpoint must record what was trained on.
+                batch = {name: [x for c in step for x in c[name]] for name in ("key", "url")}
+                batch.update(positions=dict(self.positions), skipped=sum((Counter(c["skipped"]) for c in step), Counter()))
+                batch.update({name: self._join([c[name] for c in step]) for name, value in step[0].items()
+                              if isinstance(value, torch.Tensor)})
+                yield batch
 
     def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
         shape = (sum(len(part) for part in parts), *parts[0].shape[1:])
@@ -336,7 +321,7 @@ def eval_loader(cfg: DataConfig, img_size: int, num_classes: int, rank: int, wor
     dataset = EvalSamples(expand_urls(cfg.val_shards), cfg, img_size, num_classes, rank, world_size,
                           cfg.micro_batch_size)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_start_worker)
+                      worker_init_fn=start_worker)
 
 
 class Normalize:

@@ -19,7 +19,9 @@ class DeviceBatches:
     `ahead` batches before the step asks, on a CUDA stream of its own: the host work of decoding
     (launches, decoding, resizing) and its kernels overlap the training step instead of
     adding to it. On a CPU device the thread still overlaps it with the step's Python. JPEGs found
-    corrupt only here are added to their batch's "skipped", as the workers' bad samples are."""
+    corrupt only here are added to their batch's "skipped", as the workers' bad samples are. The
+    batches end where `batches` ends; an error it raises is raised by the call that would have
+    had the next batch, and by every call after."""
 
     def __init__(self, batches: Generator[dict], device: torch.device, ahead: int = 2):
         self.batches, self.device = batches, device
@@ -36,10 +38,10 @@ class DeviceBatches:
         """Stop the thread, then close the loader's generator, which shuts its workers down now
         rather than whenever the last reference to it goes (after an error, at interpreter exit)."""
         self.stopped.set()
-        with contextlib.suppress(queue.Empty):
-            while True:  # unblock a waiting put; the thread then sees `stopped`
+        while self.thread.is_alive():  # unblock a waiting put, the end's too; the thread then sees `stopped`
+            with contextlib.suppress(queue.Empty):
                 self.ready.get_nowait()
-        self.thread.join()
+            self.thread.join(timeout=0.1)
         self.batches.close()
 
     def _fill(self, batches: Generator[dict]) -> None:
@@ -56,8 +58,10 @@ class DeviceBatches:
                     batch["label"] = batch["label"].to(self.device, non_blocking=True)
                     done = self.stream.record_event() if self.stream else None
                     self.ready.put((batch, done))
+            end = StopIteration()
         except BaseException as error:  # the step re-raises it: a loader failure must stop training
-            self.ready.put((error, None))
+            end = error
+        self.ready.put((end, None))
 
     def __iter__(self) -> DeviceBatches:
         return self
@@ -65,6 +69,7 @@ class DeviceBatches:
     def __next__(self) -> dict:
         batch, done = self.ready.get()
         if isinstance(batch, BaseException):
+            self.ready.put((batch, done))  # the source has ended: every later call ends alike
             raise batch
         if done is not None:
             step_stream = torch.cuda.current_stream(self.device)

@@ -1,0 +1,124 @@
+"""The training loader's worker processes: started in sessions of their own below the training
+process's priority, watched from the thread that waits for their chunks, and ended, with the
+commands they started, when the loader stops.
+
+Watched, because torch notices a dead worker at once only from the main thread (its SIGCHLD
+handler), and the training loader runs in DeviceBatches' thread: there torch's one wait of
+`timeout` seconds would notice a worker the kernel's OOM killer took only at dist.timeout_s.
+Ended with their commands, because a `pipe:` command that stalls outlives its worker."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import time
+from multiprocessing import Process, connection
+from typing import Iterator
+
+from torch.utils.data import DataLoader
+from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+WORKER_NICENESS = 10  # CPU weight about a tenth of the training process's (Linux's CFS weights)
+POLL_S = 2.0  # how often a wait for a chunk looks at the workers: a dead one is noticed within this
+
+
+class WorkerDied(RuntimeError):
+    """A loader worker exited while the loader still needed it."""
+
+
+class WorkerStalled(RuntimeError):
+    """A loader worker delivered nothing for the loader's timeout."""
+
+
+def start_worker(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1, which SLURM and torchrun send to the job's whole
+    process group, to the main process: it finishes the step and checkpoints, then stops them
+    itself (they would die of the signal and take the step down). Ignoring the signals instead
+    would also make them immune to the SIGTERM that stops a hung worker, and hang the exit; and
+    they leave on their own when the main process dies (torch's watchdog). The worker's own
+    process group also holds the commands it starts (`pipe:` shards), so that `watched` ends
+    them with it.
+
+    They also run at a lower priority than the training process. Decoding keeps every core busy
+    when there are about as many workers as cores; at equal priority the training process, whose
+    threads launch the GPU's work and copy the batches over, then waits for a core behind them, and
+    the GPU idles while no batch is late (low data_wait, yet a slower step)."""
+    os.setsid()
+    os.nice(WORKER_NICENESS)
+
+
+def poll_timeout(timeout_s: float, num_workers: int) -> float:
+    """The `timeout` of a DataLoader read through `watched`: each wait of torch's returns after
+    it, to look at the workers (0 without workers, the only value torch takes then)."""
+    return min(POLL_S, timeout_s) if num_workers else 0
+
+
+def watched(loader: DataLoader, timeout_s: float) -> Iterator:
+    """The items of `loader` (built with `worker_init_fn=start_worker` and `poll_timeout`), until
+    a worker exits (WorkerDied, within POLL_S of a wait for a chunk) or delivers nothing for
+    `timeout_s` (WorkerStalled). Once they stop, for any reason (an error, close()), the workers
+    and the commands they started are gone."""
+    chunks = iter(loader)
+    workers: list[Process] = getattr(chunks, "_workers", [])  # none without workers
+    if workers:
+        # Only this thread reports them: torch's SIGCHLD handler, which a loader iterated in the
+        # main thread installs (evaluation's), would raise in the main thread, wherever it is.
+        _remove_worker_pids(id(chunks))
+        chunks._worker_pids_set = False
+    try:
+        for received in itertools.count():
+            yield _next(chunks, workers, received, loader.timeout, timeout_s)
+    finally:
+        # Each worker's process group: the worker and its commands. A group outlives its leader
+        # while a member is left, and its id is not reused meanwhile, so a dead worker's commands
+        # end too. Torch's workers exit at once at a SIGTERM from their parent, even in a stalled
+        # read (torch's shutdown would first wait for each in turn).
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):  # the worker died and left nothing
+                os.killpg(worker.pid, signal.SIGTERM)
+        if workers:
+            chunks._shutdown_workers()  # now: an error's traceback would keep the iterator until exit
+
+
+def _next(chunks: Iterator, workers: list[Process], received: int, poll_s: float, timeout_s: float):
+    started = time.monotonic()
+    while True:
+        try:
+            return next(chunks)
+        except Exception as error:
+            polled = str(error) == f"DataLoader timed out after {poll_s} seconds"
+            if workers:
+                # Torch's own check, after each wait, names only a pid. A worker's death can also break
+                # the read of a chunk it sent (a connection reset), a moment before it can be reaped.
+                _check(workers, error, grace_s=0 if polled else POLL_S)
+            if not polled:
+                raise
+        if time.monotonic() - started >= timeout_s:
+            # The loader takes the workers' chunks in turn: the received-th is this worker's.
+            worker = received % len(workers)
+            raise WorkerStalled(
+                f"loader worker {worker} (pid {workers[worker].pid}) delivered nothing for {timeout_s:g} s "
+                "(dist.timeout_s): a shard read that stalls (a pipe: command, a filesystem) or a hung worker")
+
+
+def _check(workers: list[Process], cause: Exception, grace_s: float) -> None:
+    """WorkerDied if a worker has exited, or exits within `grace_s`."""
+    ended = connection.wait([worker.sentinel for worker in workers], timeout=grace_s)
+    dead = [i for i, worker in enumerate(workers) if worker.sentinel in ended]
+    for i in dead:
+        workers[i].join()  # its sentinel is ready once it is exiting: this reaps it
+    if dead:
+        raise WorkerDied("; ".join(f"loader worker {i} (pid {workers[i].pid}) {_exit_reason(workers[i].exitcode)}"
+                                   for i in dead)) from cause
+
+
+def _exit_reason(exitcode: int) -> str:
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    if -exitcode == signal.SIGKILL:
+        return "was killed by SIGKILL (out of memory? the kernel's OOM killer sends it: see `dmesg`)"
+    with contextlib.suppress(ValueError):  # a signal Python has no name for
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"was killed by signal {-exitcode}"
