@@ -351,4 +351,5 @@ def test_evaluate_labels_an_image_folder_by_the_runs_class_names(tmp_path):
     unnamed = evaluate("unnamed.safetensors")
     assert unnamed.returncode == 2
     assert (f"--data: '{tmp_path / 'val'}' has 1 class folders for the checkpoint's 3 classes, and "
-            f"'{tmp_path / 'unnamed.safetensors'}' does not record its class names") in unnamed.stderr
+            f"'{tmp_path / 'unnamed.json'}' does not name them (a vitdist run trained on shards without a "
+            "classes.json") in unnamed.stderr
