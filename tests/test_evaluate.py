@@ -45,16 +45,16 @@ def colour_reader(outputs: list[str]) -> torch.nn.Module:
     return model
 
 
-def write_hub(path, outputs: list[str] = OUTPUTS, names_in: str | None = "config") -> None:
-    """A hub folder of colour_reader(outputs), as save_for_hf writes it, with label_names at the top
-    level of config.json (names_in='config', as push_to_hf_hub(model_config=...) puts them), in its
-    pretrained_cfg (as a vitdist export's weights loaded through timm's pretrained path pass them
-    on), or nowhere (None)."""
+def write_hub(path, outputs: list[str] = OUTPUTS, names_in: str | None = "config", safe: bool = True) -> None:
+    """A hub folder of colour_reader(outputs), as save_for_hf writes it (model.safetensors, or
+    pytorch_model.bin where not `safe`), with label_names at the top level of config.json
+    (names_in='config', as push_to_hf_hub(model_config=...) puts them), in its pretrained_cfg (as a
+    vitdist export's weights loaded through timm's pretrained path pass them on), or nowhere (None)."""
     model = colour_reader(outputs)
     model.pretrained_cfg = {**model.pretrained_cfg, **HUB_DATA, "num_classes": len(outputs),
                             **({"label_names": outputs} if names_in == "pretrained_cfg" else {})}
     save_for_hf(model, path, model_config={"label_names": outputs} if names_in == "config" else None,
-                safe_serialization=True)
+                safe_serialization=safe)
 
 
 def write_ringed_images(root, folders: dict[str, list[str]]) -> None:
@@ -89,14 +89,15 @@ def cli_evaluate(checkpoint, data) -> subprocess.CompletedProcess:
                            "--data", str(data), "--workers", "0"], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
-@pytest.mark.parametrize("names_in", ["config", "pretrained_cfg"])
-def test_a_hub_folder_is_evaluated_as_its_config_json_says(tmp_path, names_in):
+@pytest.mark.parametrize("names_in, safe", [("config", True), ("pretrained_cfg", False)])
+def test_a_hub_folder_is_evaluated_as_its_config_json_says(tmp_path, names_in, safe):
     """Outputs named red, blue, green, folders sorted blue, green, red: each folder takes the output
     of its name (in sorted order, all but the green images were counted wrong, silently: 8.33% for
     91.67%), with the hub's normalisation and crop (vitdist's default crop sees the ring: 0%), and
     no --config. One image in 'blue' is red: 11 of 12 are right. A folder with some classes only
     takes the outputs of their names too (it was refused: 'does not record its class names')."""
-    write_hub(tmp_path / "hub", names_in=names_in)
+    write_hub(tmp_path / "hub", names_in=names_in, safe=safe)
+    assert (tmp_path / "hub" / "model.safetensors").exists() == safe
     write_ringed_images(tmp_path / "val", {"red": ["red"] * 4, "green": ["green"] * 4, "blue": ["blue"] * 3 + ["red"]})
     top1, loss = timm_figures(tmp_path / "hub", tmp_path / "val", OUTPUTS)
     assert top1 == 11 / 12
