@@ -41,6 +41,16 @@ def png_bytes(color, size=(40, 40)) -> bytes:
     return buffer.getvalue()
 
 
+def write_png_folder(root, classes=("ant", "bee", "cat"), per_class=6):
+    """An ImageFolder of 16 px PNGs, <root>/<class>/<class>.<i>.png, each of its own colour."""
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (c * 80, i * 10, 0)).save(root / name / f"{name}.{i}.png")
+
+
 def shard_overrides(shards: dict[str, str]) -> list[str]:
     return [f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}"]
 

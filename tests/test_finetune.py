@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import DIGITS, REPO, TINY, read_scalars, run_pretrain, shard_overrides
+from conftest import DIGITS, REPO, TINY, read_scalars, run_pretrain, shard_overrides, write_png_folder
 from vitdist.config_yaml import load_config
 from vitdist.handoff import load_pretrained
 from vitdist.model import build_model
@@ -117,15 +117,6 @@ def test_digits_are_real_scans_split_and_sharded(tmp_path):
     sizes = {split: [len(list(wds.WebDataset(u, shardshuffle=False))) for u in expand_urls(p)]
              for split, p in patterns.items()}
     assert sizes == {"train": [325] * 4, "val": [125, 124, 124, 124]}  # one shard per stream
-
-
-def write_png_folder(root, classes=("ant", "bee", "cat"), per_class=6):
-    from PIL import Image
-
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.new("RGB", (16, 16), (c * 80, i * 10, 0)).save(root / name / f"{name}.{i}.png")
 
 
 def test_image_folder_is_checked_before_any_process_group(tmp_path):
@@ -351,4 +342,5 @@ def test_evaluate_labels_an_image_folder_by_the_runs_class_names(tmp_path):
     unnamed = evaluate("unnamed.safetensors")
     assert unnamed.returncode == 2
     assert (f"--data: '{tmp_path / 'val'}' has 1 class folders for the checkpoint's 3 classes, and "
-            f"'{tmp_path / 'unnamed.safetensors'}' does not record its class names") in unnamed.stderr
+            f"'{tmp_path / 'unnamed.json'}' does not name them (a vitdist run trained on shards without a "
+            "classes.json") in unnamed.stderr

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import (EXACT, TINY, gone, loss_curve, read_scalars, run_pretrain, shard_overrides, start_pretrain,
-                      wait_for, worker_pid)
+                      wait_for, worker_pid, write_png_folder)
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.data import expand_urls
@@ -301,3 +301,80 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_each_step_on
     again = run_pretrain(0, common)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [s for s, _ in loss_curve(tmp_path)] == [1, 2]
+
+
+def test_a_resume_onto_an_image_folder_of_other_images_is_refused_even_converted_again(tmp_path):
+    """A run on an ImageFolder trains on its conversion into <run.dir>/shards/train. The folder
+    changed since was refused only by that conversion's manifest: deleted, as the refusal allowed,
+    the changed folder was converted again into shards of the same names, and the resume went on
+    without a word over other samples than the checkpoint's stream positions index. Its checkpoints
+    record the images they were trained on: such a resume is refused, whether converted again or
+    not, naming what changed. With the images restored, the deleted conversion is made again, and
+    the resume is exact."""
+    from PIL import Image
+
+    images, run_dir = tmp_path / "images", tmp_path / "run"
+    write_png_folder(images, per_class=6)  # 18 images: one or two per stream
+    common = [f"data.train_shards={images}", *EXACT, "ckpt.keep=0", "data.num_workers=0", f"run.dir={run_dir}",
+              "train.steps=8"]
+    first = run_pretrain(0, common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    uninterrupted = loss_curve(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_8")  # as if killed before it
+    step_4 = run_dir / "checkpoints" / "step_4"
+
+    def check():
+        preflight(load_config(TINY, common), world_size=1)
+
+    def refused(what: str) -> str:
+        return (f"data.train_shards: '{images}' is not the ImageFolder checkpoint '{step_4}' was trained on ({what}): "
+                "converted again, its data stream positions would index another sample order")
+
+    added = images / "bee" / "bee.6.png"
+    Image.new("RGB", (16, 16), (80, 60, 0)).save(added)
+    with pytest.raises(ConfigError, match=re.escape(refused("19 images where there were 18"))):
+        check()
+    shutil.rmtree(run_dir / "shards" / "train")  # as the conversion's refusal allowed
+    again = run_pretrain(0, common)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert refused("19 images where there were 18") in again.stderr
+    assert not (run_dir / "shards" / "train").exists()  # refused before converting
+    added.unlink()
+    replaced = images / "ant" / "ant.0.png"
+    original = replaced.read_bytes()
+    Image.new("RGB", (20, 20), (0, 0, 0)).save(replaced)
+    with pytest.raises(ConfigError, match=re.escape(refused(
+            "the same 18 images by count, but other files (renamed, replaced or of another size)"))):
+        check()
+    write_png_folder(images, classes=("dog",), per_class=1)
+    with pytest.raises(ConfigError, match=re.escape(refused(
+            "class folders ['dog'] added; 19 images where there were 18"))):
+        check()
+
+    shutil.rmtree(images / "dog")
+    replaced.write_bytes(original)
+    resumed = run_pretrain(0, common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {step_4} at step 4" in resumed.stderr and "converting ImageFolder" in resumed.stderr
+    assert loss_curve(run_dir) == uninterrupted  # bitwise: the same samples at the same positions
+
+    # A checkpoint that does not record its images (an earlier vitdist's) is compared through the run's
+    # conversion, and refused when there is none to compare with.
+    step_8 = run_dir / "checkpoints" / "step_8"
+    state = json.loads((step_8 / "train_state.json").read_text())
+    assert state["data_order"]["image_folder"]["images"] == 18
+    del state["data_order"]["image_folder"]
+    (step_8 / "train_state.json").write_text(json.dumps(state))
+    check()
+    added = images / "bee" / "bee.6.png"
+    Image.new("RGB", (16, 16), (80, 60, 0)).save(added)
+    with pytest.raises(ConfigError, match=re.escape(
+            f"'{images}' is not the ImageFolder checkpoint '{step_8}' was trained on (19 images where there were 18)")):
+        check()
+    added.unlink()
+    shutil.rmtree(run_dir / "shards" / "train")
+    with pytest.raises(ConfigError, match=re.escape(
+            f"data.train_shards is the ImageFolder '{images}', but checkpoint '{step_8}' does not record the images it "
+            f"was trained on (trained on shards, or by an earlier vitdist), and '{run_dir / 'shards' / 'train'}' holds "
+            "no conversion of them")):
+        check()

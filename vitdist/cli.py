@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="output file, e.g. b16.safetensors")
 
     evaluate = commands.add_parser("evaluate", help="top-1, top-5 and loss of a checkpoint on labelled shards")
-    evaluate.add_argument("--checkpoint", required=True, help="a checkpoint directory, an export, a timm or torchvision state dict")
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="a checkpoint directory, an export, a timm hub folder (config.json and weights), a timm "
+                               "or torchvision state dict")
     evaluate.add_argument("--data", required=True, help="labelled shards (a brace pattern or a .txt list), or an ImageFolder directory")
     evaluate.add_argument("--config", help="for a state dict that does not say its architecture: a config with its model section")
     evaluate.add_argument("--batch-size", type=_positive, default=64)

@@ -3,61 +3,115 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
+import timm
 import torch
 
 from . import distributed
-from .checkpoint import MODEL_META, newest_if_run
+from .checkpoint import MODEL_META
 from .config import Config, ConfigError, DistConfig, ModelConfig
 from .config_yaml import load_config
 from .data import eval_loader
-from .handoff import HandoffError, load_pretrained
+from .handoff import HUB_WEIGHTS, HandoffError, load_pretrained, locate
 from .imagefolder import convert, is_image_folder, scan
-from .model import build_model
 from .train import evaluate, model_meta
 
+log = logging.getLogger(__name__)
 
-def checkpoint_meta(checkpoint: Path, config: str | None) -> dict:
-    """Architecture and normalisation: from the checkpoint itself (a vitdist checkpoint directory,
-    or the JSON beside an export), else from the model and data sections of `config`."""
+HUB_CONFIG = "config.json"
+
+
+def checkpoint_meta(checkpoint: Path, config: str | None) -> tuple[dict, str]:
+    """What builds and feeds the model (arch, timm kwargs, normalisation, validation crop, class
+    names), and the file that says it: the checkpoint itself (a vitdist checkpoint directory, or the
+    JSON beside an export), else the config.json of the Hugging Face hub folder whose weights it
+    is, else the model and data sections of `config`."""
     for meta in (checkpoint / MODEL_META, checkpoint.with_suffix(".json")):
         if meta.is_file():
-            return json.loads(meta.read_text())
+            return json.loads(meta.read_text()), str(meta)
+    hub = checkpoint.parent / HUB_CONFIG
+    if checkpoint.name in HUB_WEIGHTS and hub.is_file():
+        return hub_meta(hub), str(hub)
     if config is None:
-        raise ConfigError(f"'{checkpoint}' does not say its architecture: give --config with its model section")
+        beside = f" and has no {HUB_CONFIG} beside it" if checkpoint.name in HUB_WEIGHTS else ""
+        raise ConfigError(f"'{checkpoint}' does not say its architecture{beside}: give --config with its model section")
     cfg = load_config(config, ["data.train_shards=unused"])
-    return model_meta(cfg.model, cfg.data)
+    return model_meta(cfg.model, cfg.data), config
+
+
+def hub_meta(path: Path) -> dict:
+    """The config.json that timm's save_for_hf and push_to_hf_hub write, read as timm reads it:
+    num_classes and label_names at its top level before its pretrained_cfg's, and model_args (the
+    weights' own timm.create_model arguments) to build the model. ConfigError, naming the file and
+    the key, where something evaluation needs is missing."""
+    try:
+        hub = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read '{path}': {e}") from None
+    pretrained = hub.get("pretrained_cfg", {})
+
+    def needed(key: str, value):
+        if value is None:
+            raise ConfigError(f"'{path}' has no {key}, which evaluating its weights needs")
+        return value
+
+    arch = needed("architecture", hub.get("architecture"))
+    num_classes = needed("num_classes", hub.get("num_classes", pretrained.get("num_classes")))
+    _, height, width = needed("pretrained_cfg.input_size", pretrained.get("input_size"))
+    if height != width:
+        raise ConfigError(f"'{path}' has pretrained_cfg.input_size {height}x{width}: vitdist evaluates square images")
+    crop_mode, interpolation = pretrained.get("crop_mode", "center"), pretrained.get("interpolation", "bicubic")
+    if (crop_mode, interpolation) != ("center", "bicubic"):
+        log.warning("'%s' asks for a %s crop resized %s; vitdist center-crops and resizes bicubically: the figures "
+                    "may differ a little from timm's", path, crop_mode, interpolation)
+    meta = {"arch": arch, "timm_kwargs": {**hub.get("model_args", {}), "num_classes": num_classes, "img_size": height},
+            "mean": needed("pretrained_cfg.mean", pretrained.get("mean")),
+            "std": needed("pretrained_cfg.std", pretrained.get("std")),
+            "val_crop_frac": pretrained.get("crop_pct", timm.data.DEFAULT_CROP_PCT)}
+    names = hub.get("label_names", pretrained.get("label_names"))
+    if isinstance(names, dict):  # timm's form for outputs some of which have no name: {index: name}
+        names = [names.get(str(i)) for i in range(num_classes)]
+    if names:
+        meta["classes"] = names
+    return meta
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = None, batch_size: int = 64,
                         workers: int = 2) -> dict[str, float]:
-    checkpoint = newest_if_run(Path(checkpoint))
-    meta = checkpoint_meta(checkpoint, config)
-    cfg = Config(model=ModelConfig(arch=meta["arch"], **meta["timm_kwargs"]))
+    checkpoint = locate(checkpoint)
+    meta, source = checkpoint_meta(checkpoint, config)
+    if not timm.is_model(meta["arch"]):
+        raise ConfigError(f"'{source}' names the architecture '{meta['arch']}', which timm {timm.__version__} does not have")
+    kwargs = meta["timm_kwargs"]
     with tempfile.TemporaryDirectory(prefix="vitdist-evaluate-") as tmp:
         if is_image_folder(data):  # an ImageFolder directory: shards for this evaluation only
-            # Its sub-folders take the indices of the training classes' names, which the run recorded
-            # when it had them; sorted folders fewer than the classes would take wrong labels.
-            folder = scan("--data", data, cfg.model.num_classes, meta.get("classes"))
-            if "classes" not in meta and len(folder.classes) != cfg.model.num_classes:
+            # Its sub-folders take the indices of the model's outputs by name, where the checkpoint
+            # names them; sorted folders fewer than the outputs would take wrong labels.
+            folder = scan("--data", data, kwargs["num_classes"], meta.get("classes"))
+            if "classes" not in meta and len(folder.classes) != kwargs["num_classes"]:
                 raise ConfigError(
                     f"--data: '{data}' has {len(folder.classes)} class folders for the checkpoint's "
-                    f"{cfg.model.num_classes} classes, and '{checkpoint}' does not record its class names (trained "
-                    "on shards without a classes.json): the sorted folders would take the wrong labels")
+                    f"{kwargs['num_classes']} classes, and '{source}' does not name them (a vitdist run trained on "
+                    f"shards without a classes.json, a {HUB_CONFIG} without label_names): the sorted folders would "
+                    "take the wrong labels")
             data = convert(folder, Path(tmp) / "val", max(1, workers), seed=0)
-        return _evaluate(checkpoint, cfg, data, batch_size, workers, meta)
+        return _evaluate(checkpoint, meta, data, batch_size, workers)
 
 
-def _evaluate(checkpoint: Path, cfg: Config, data: str | list[str], batch_size: int, workers: int,
-              meta: dict) -> dict[str, float]:
+def _evaluate(checkpoint: Path, meta: dict, data: str | list[str], batch_size: int, workers: int) -> dict[str, float]:
+    kwargs = meta["timm_kwargs"]
+    cfg = Config(model=ModelConfig(arch=meta["arch"], img_size=kwargs["img_size"], num_classes=kwargs["num_classes"]))
     cfg.data.val_shards, cfg.data.micro_batch_size, cfg.data.num_workers = data, batch_size, workers
     cfg.data.mean, cfg.data.std = meta["mean"], meta["std"]
     # The run's own validation crop, so that its val/top1 is what this reproduces (a checkpoint from
     # before the crop was recorded: the default).
     cfg.data.val_crop_frac = meta.get("val_crop_frac", cfg.data.val_crop_frac)
-    model = build_model(cfg.model)
+    # As the export's JSON and a hub folder's config.json say to rebuild the model: with all the
+    # weights' arguments (a hub model's may be other than those of vitdist's config, e.g. global_pool).
+    model = timm.create_model(meta["arch"], pretrained=False, **kwargs)
     kind, fresh = load_pretrained(model, checkpoint)
     if fresh:
         raise HandoffError(f"'{checkpoint}' ({kind}) has no weights for {fresh}: nothing to evaluate with")

@@ -25,7 +25,7 @@ from .checkpoint import MODEL_META, UnsafeCheckpoint, load_model_weights, newest
 from .export import header
 
 HEAD_KEYS = ("head.weight", "head.bias")
-_HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _TORCHVISION = [  # torchvision ViT key -> timm ViT key
     (r"^class_token$", "cls_token"),
     (r"^conv_proj\.", "patch_embed.proj."),
@@ -69,7 +69,7 @@ def locate(path: str | Path) -> Path:
     if not path.exists():
         raise HandoffError(f"checkpoint '{path}' does not exist")
     path = newest_if_run(path)
-    hub = [path / name for name in _HUB_WEIGHTS if (path / name).is_file()]
+    hub = [path / name for name in HUB_WEIGHTS if (path / name).is_file()]
     if hub and not (path / ".metadata").exists():  # a Hugging Face hub folder, as timm's save_for_hf writes
         return hub[0]
     return path

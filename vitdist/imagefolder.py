@@ -5,9 +5,11 @@ A run converts each such directory once into WebDataset shards under `<run.dir>/
 (with `vitdist make-shards`' writer), and from there on it is an ordinary run over shards: the
 same data order contract, the same exact resume. A conversion is complete once its directory has
 its final name (it is written as `<split>.tmp` and renamed), and is reused only if its manifest
-says it came from the same images (names, sizes, classes), seed and streams: the stream
-positions in the run's checkpoints refer to those shards. There is one shard per stream, of
-sizes that differ by at most one sample, so each sample is seen once per epoch.
+says it came from the same images (names, sizes, classes), seed and streams. The run's
+checkpoints record which images their stream positions refer to (the recipe), so that a resume
+onto a conversion of other images, made after the old one was deleted, is refused
+(resume.check). There is one shard per stream, of sizes that differ by at most one sample, so
+each sample is seen once per epoch.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from .shards import make_shards, scan_image_folder
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# What of a recipe names the images; data.seed and data.streams are compared as config keys.
+_IMAGES = ("classes", "images", "listing_sha256")
 
 
 @dataclass(frozen=True)
@@ -86,25 +90,49 @@ def shard_classes(train_shards) -> list[str] | None:
     return json.loads(names.read_text()) if not is_remote(first) and names.is_file() else None
 
 
-def _recipe(folder: ImageFolder, streams: int, seed: int) -> dict:
+def conversion_dir(run_dir: str | Path) -> Path:
+    """Where a run converts its ImageFolders, one sub-directory per split."""
+    return Path(run_dir) / "shards"
+
+
+def recipe(folder: ImageFolder, streams: int, seed: int) -> dict:
     """What the shards are a function of; a conversion is reused only if this matches."""
     listing = "\n".join(f"{path.relative_to(folder.root)}\t{path.stat().st_size}\t{label}" for path, label in folder.items)
     return {"classes": folder.classes, "images": len(folder.items), "streams": streams, "seed": seed,
             "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
 
+def converted_recipe(out: Path) -> dict | None:
+    """The recipe of the conversion in `out` (a split's directory under conversion_dir), if any."""
+    manifest = out / MANIFEST
+    return json.loads(manifest.read_text())["recipe"] if manifest.is_file() else None
+
+
+def other_images(recorded: dict, now: dict) -> str | None:
+    """How the images of recipe `now` differ from those of `recorded`, in words; None if they do not."""
+    if all(recorded[key] == now[key] for key in _IMAGES):
+        return None
+    added = [name for name in now["classes"] if name not in recorded["classes"]]
+    removed = [name for name in recorded["classes"] if name not in now["classes"]]
+    what = [f"class folders {names[:5]} {verb}" for names, verb in ((added, "added"), (removed, "removed")) if names]
+    if now["images"] != recorded["images"]:
+        what.append(f"{now['images']} images where there were {recorded['images']}")
+    return "; ".join(what) or f"the same {now['images']} images by count, but other files (renamed, replaced or of " \
+                              "another size)"
+
+
 def convert(folder: ImageFolder, out: Path, streams: int, seed: int) -> list[str]:
     """The shard paths of `folder` converted into `out` (with classes.json and the manifest), one
     per stream (one per image if there are fewer): written now, or reused from an earlier run when
     the manifest matches."""
-    recipe = _recipe(folder, streams, seed)
+    made_of = recipe(folder, streams, seed)
     if out.is_dir():
         manifest = json.loads((out / MANIFEST).read_text())
-        if manifest["recipe"] != recipe:
+        if manifest["recipe"] != made_of:
             raise ConfigError(
                 f"{folder.key}: '{folder.root}' is not what this run converted into '{out}' (images, classes, "
-                "data.seed or data.streams changed, or an older vitdist converted it), and the run's checkpoints "
-                f"refer to those shards: use another run.dir, or delete '{out}' to convert again")
+                f"data.seed or data.streams changed, or an older vitdist converted it): use another run.dir, or delete "
+                f"'{out}' to convert again (a resume from a checkpoint trained on other images is then refused)")
         return [str(out / name) for name in manifest["shards"]]
     tmp = out.with_name(out.name + ".tmp")  # a conversion killed half-way is left here, never used
     shutil.rmtree(tmp, ignore_errors=True)
@@ -113,7 +141,7 @@ def convert(folder: ImageFolder, out: Path, streams: int, seed: int) -> list[str
     make_shards(folder.root, tmp, prefix=out.name, samples_per_shard=math.ceil(len(folder.items) / streams),
                 max_shard_bytes=math.inf, seed=seed, progress=False, classes=folder.classes, streams=streams)
     shards = sorted(p.name for p in tmp.glob(f"{out.name}-*.tar"))
-    (tmp / MANIFEST).write_text(json.dumps({"source": str(folder.root.resolve()), "recipe": recipe, "shards": shards},
+    (tmp / MANIFEST).write_text(json.dumps({"source": str(folder.root.resolve()), "recipe": made_of, "shards": shards},
                                            indent=1))
     tmp.rename(out)
     return [str(out / name) for name in shards]

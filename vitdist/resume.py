@@ -17,8 +17,10 @@ import os
 import re
 from pathlib import Path
 
+from . import imagefolder
 from .checkpoint import MODEL_META, TRAIN_STATE, check_files
 from .config import Config, ConfigError, to_dict
+from .imagefolder import ImageFolder
 from .model import timm_kwargs
 from .schedule import lr_at
 
@@ -31,12 +33,15 @@ _UNREPORTED = {"model.grad_checkpointing", "data.train_shards", "data.micro_batc
                "train.activation_memory_budget", "train.eval_every_steps", "train.max_bad_steps", "finetune.init"}
 
 
-def data_order(cfg: Config, urls: list[str]) -> dict:
+def data_order(cfg: Config, urls: list[str], converted: dict | None = None) -> dict:
     """What the meaning of the stream positions depends on, for train_state.json: the shards by
-    shard_ids, in order, and as a set (which tells a reordered list from another one)."""
+    shard_ids, in order, and as a set (which tells a reordered list from another one); for shards
+    converted from an ImageFolder, the recipe of their conversion too (`converted`): converted
+    again from other images, they keep their names."""
     ids = shard_ids(urls)
-    return {"seed": cfg.data.seed, "shuffle_block": cfg.data.shuffle_block, "shards": len(urls),
-            "shard_ids_sha256": _sha256(ids), "shard_set_sha256": _sha256(sorted(ids))}
+    order = {"seed": cfg.data.seed, "shuffle_block": cfg.data.shuffle_block, "shards": len(urls),
+             "shard_ids_sha256": _sha256(ids), "shard_set_sha256": _sha256(sorted(ids))}
+    return {**order, "image_folder": converted} if converted else order
 
 
 def shard_ids(urls: list[str]) -> list[str]:
@@ -59,9 +64,9 @@ def _sha256(lines: list[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def check(cfg: Config, path: Path, urls: list[str] | None) -> None:
+def check(cfg: Config, path: Path, train: list[str] | ImageFolder) -> None:
     """Refuse (ConfigError) a resume from `path` that cannot continue the run it comes from.
-    `urls`: the training shards, None for an ImageFolder (whose conversion refuses a changed folder)."""
+    `train`: the training shards' URLs, or the ImageFolder that the run converts into shards."""
     try:
         check_files(path)
     except FileNotFoundError as e:
@@ -90,8 +95,28 @@ def check(cfg: Config, path: Path, urls: list[str] | None) -> None:
         if order[key] != getattr(cfg.data, key):
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)}, but {where} was trained with data.{key}="
                               f"{order[key]}: {changed}; {start_new}")
-    if urls is not None:
-        _check_shards(order, urls, cfg.data.train_shards, state["config"]["data"]["train_shards"], path, changed)
+    if isinstance(train, ImageFolder):
+        _check_images(order, train, cfg, path, changed)
+    else:
+        _check_shards(order, train, cfg.data.train_shards, state["config"]["data"]["train_shards"], path, changed)
+
+
+def _check_images(order: dict, folder: ImageFolder, cfg: Config, path: Path, changed: str) -> None:
+    """Refuse (ConfigError) an ImageFolder that is not made of the images checkpoint `path` was
+    trained on: its conversion, made again after the old one was deleted, would put other samples
+    under the same shard names. A checkpoint that does not record them (written before vitdist
+    did, or trained on shards) is compared through the run's conversion, if there is one."""
+    where, start_new = f"checkpoint '{path}'", f"start a new run.dir with finetune.init={path}"
+    converted = imagefolder.conversion_dir(cfg.run.dir) / "train"
+    recorded = order.get("image_folder") or imagefolder.converted_recipe(converted)
+    if recorded is None:
+        raise ConfigError(f"data.train_shards is the ImageFolder '{folder.root}', but {where} does not record the "
+                          f"images it was trained on (trained on shards, or by an earlier vitdist), and '{converted}' "
+                          f"holds no conversion of them: converted now, they may be other images, and {changed}; "
+                          f"resume with the shards it was trained on, or {start_new}")
+    if what := imagefolder.other_images(recorded, imagefolder.recipe(folder, cfg.data.streams, cfg.data.seed)):
+        raise ConfigError(f"data.train_shards: '{folder.root}' is not the ImageFolder {where} was trained on ({what}): "
+                          f"converted again, {changed}; restore the images it was trained on, or {start_new}")
 
 
 def _check_shards(order: dict, urls: list[str], given, trained_with, path: Path, changed: str) -> None:

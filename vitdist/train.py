@@ -68,7 +68,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     layout for this world size, the shard lists (or ImageFolder directories), the architecture."""
     batch_layout(cfg, world_size)
     folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
-    urls = None if "train" in folders else train_shard_urls(cfg.data, world_size)
+    train_data = folders["train"] if "train" in folders else train_shard_urls(cfg.data, world_size)
     if cfg.data.val_shards and "val" not in folders:
         expand_urls(cfg.data.val_shards, "data.val_shards")
     check_model(cfg.model)
@@ -79,7 +79,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     except (FileNotFoundError, FileExistsError) as e:
         raise ConfigError(str(e)) from None
     if resume_from is not None:
-        resume.check(cfg, resume_from, urls)
+        resume.check(cfg, resume_from, train_data)
 
 
 def train(cfg: Config) -> Path:
@@ -103,7 +103,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     run_dir = Path(cfg.run.dir)
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    cfg = replace(cfg, data=imagefolder.to_shards(cfg.data, cfg.model.num_classes, run_dir / "shards", ctx.is_main,
+    conversions, from_folder = imagefolder.conversion_dir(run_dir), imagefolder.is_image_folder(cfg.data.train_shards)
+    cfg = replace(cfg, data=imagefolder.to_shards(cfg.data, cfg.model.num_classes, conversions, ctx.is_main,
                                                   ctx.control))
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -125,7 +126,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     meta = model_meta(cfg.model, cfg.data)
     if classes := imagefolder.shard_classes(cfg.data.train_shards):  # ImageFolders are converted by now
         meta["classes"] = classes  # what `vitdist evaluate` labels an ImageFolder's sub-folders by
-    data_order = resume.data_order(cfg, expand_urls(cfg.data.train_shards))  # after an ImageFolder's conversion
+    converted = imagefolder.converted_recipe(conversions / "train") if from_folder else None
+    data_order = resume.data_order(cfg, expand_urls(cfg.data.train_shards), converted)  # after an ImageFolder's conversion
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta, cfg.dist.timeout_s)
 
     step, positions, skipped_total, best_top1 = 0, {}, {}, -1.0  # skipped_total: kind -> samples, over ranks

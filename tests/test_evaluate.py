@@ -1,0 +1,154 @@
+"""`vitdist evaluate` on a Hugging Face hub folder as timm's save_for_hf writes it: the architecture,
+the outputs' class names, the normalisation and the crop come from its config.json."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.models import save_for_hf
+
+from conftest import REPO, TINY
+from vitdist.config import ConfigError
+from vitdist.config_yaml import load_config
+from vitdist.evaluate import evaluate_checkpoint, hub_meta
+from vitdist.model import build_model
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+RING = {"red": "green", "green": "blue", "blue": "red"}
+OUTPUTS = ["red", "blue", "green"]  # not the sorted order of the folders: blue, green, red
+HUB_DATA = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.3, 0.25), "crop_pct": 0.5}
+
+
+def colour_reader(outputs: list[str]) -> torch.nn.Module:
+    """The tiny ViT set to answer the colour that covers most of the image it is given: output i
+    for colour outputs[i]. The patch embedding takes each patch's mean red, green and blue into
+    the first three token dimensions; the first block's [CLS] attends to every token alike and
+    adds their normalised values; every other attention and MLP adds nothing; the head reads the
+    colour's dimension of the [CLS] token."""
+    model = build_model(load_config(TINY, [f"model.num_classes={len(outputs)}"]).model).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not re.fullmatch(r"(blocks\.\d+\.)?norm\d?\.weight", name):  # the LayerNorms keep their scale of 1
+                param.zero_()
+        kernel, width = model.patch_embed.proj.kernel_size[0], model.embed_dim
+        for channel in range(3):
+            model.patch_embed.proj.weight[channel, channel] = 1 / kernel**2
+        model.blocks[0].attn.qkv.weight[2 * width:] = torch.eye(width)  # values; queries and keys 0: uniform
+        model.blocks[0].attn.proj.weight.copy_(torch.eye(width))
+        for output, colour in enumerate(outputs):
+            model.head.weight[output, list(COLOURS).index(colour)] = 0.25  # losses well above 0 to compare
+    return model
+
+
+def write_hub(path, outputs: list[str] = OUTPUTS, names_in: str | None = "config", safe: bool = True) -> None:
+    """A hub folder of colour_reader(outputs), as save_for_hf writes it (model.safetensors, or
+    pytorch_model.bin where not `safe`), with label_names at the top level of config.json
+    (names_in='config', as push_to_hf_hub(model_config=...) puts them), in its pretrained_cfg (as a
+    vitdist export's weights loaded through timm's pretrained path pass them on), or nowhere (None)."""
+    model = colour_reader(outputs)
+    model.pretrained_cfg = {**model.pretrained_cfg, **HUB_DATA, "num_classes": len(outputs),
+                            **({"label_names": outputs} if names_in == "pretrained_cfg" else {})}
+    save_for_hf(model, path, model_config={"label_names": outputs} if names_in == "config" else None,
+                safe_serialization=safe)
+
+
+def write_ringed_images(root, folders: dict[str, list[str]]) -> None:
+    """root/<folder>/<i>.png for each colour listed: 48 px, its centre half of that colour, the ring
+    around it of another. The hub's crop (crop_pct 0.5) sees the centre only; vitdist's default
+    (0.875) sees mostly the ring."""
+    for folder, colours in folders.items():
+        (root / folder).mkdir(parents=True)
+        for i, colour in enumerate(colours):
+            image = Image.new("RGB", (48, 48), COLOURS[RING[colour]])
+            image.paste(COLOURS[colour], (12, 12, 36, 36))
+            image.save(root / folder / f"{i}.png")
+
+
+def timm_figures(hub, root, outputs: list[str]) -> tuple[float, float]:
+    """Top-1 and loss as timm computes them: the hub folder loaded by timm itself, its images
+    through timm's own transform from the model's data config, folders labelled by class name."""
+    model = timm.create_model(f"local-dir:{hub}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    correct, losses = [], []
+    with torch.no_grad():
+        for path in sorted(root.glob("*/*.png")):
+            logits = model(transform(Image.open(path).convert("RGB"))[None])
+            label = torch.tensor([outputs.index(path.parent.name)])
+            correct.append((logits.argmax(-1) == label).item())
+            losses.append(torch.nn.functional.cross_entropy(logits, label).item())
+    return sum(correct) / len(correct), sum(losses) / len(losses)
+
+
+def cli_evaluate(checkpoint, data) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint", str(checkpoint),
+                           "--data", str(data), "--workers", "0"], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("names_in, safe", [("config", True), ("pretrained_cfg", False)])
+def test_a_hub_folder_is_evaluated_as_its_config_json_says(tmp_path, names_in, safe):
+    """Outputs named red, blue, green, folders sorted blue, green, red: each folder takes the output
+    of its name (in sorted order, all but the green images were counted wrong, silently: 8.33% for
+    91.67%), with the hub's normalisation and crop (vitdist's default crop sees the ring: 0%), and
+    no --config. One image in 'blue' is red: 11 of 12 are right. A folder with some classes only
+    takes the outputs of their names too (it was refused: 'does not record its class names')."""
+    write_hub(tmp_path / "hub", names_in=names_in, safe=safe)
+    assert (tmp_path / "hub" / "model.safetensors").exists() == safe
+    write_ringed_images(tmp_path / "val", {"red": ["red"] * 4, "green": ["green"] * 4, "blue": ["blue"] * 3 + ["red"]})
+    top1, loss = timm_figures(tmp_path / "hub", tmp_path / "val", OUTPUTS)
+    assert top1 == 11 / 12
+
+    evaluation = cli_evaluate(tmp_path / "hub", tmp_path / "val")
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert "top-1 91.67% | top-5 100.00%" in evaluation.stdout
+    assert float(re.search(r"loss ([\d.]+)", evaluation.stdout).group(1)) == pytest.approx(loss, abs=1e-3)
+
+    write_ringed_images(tmp_path / "some", {"green": ["green"] * 2, "red": ["red"] * 2})
+    some = cli_evaluate(tmp_path / "hub", tmp_path / "some")
+    assert some.returncode == 0, some.stderr
+    assert "top-1 100.00%" in some.stdout
+
+
+def edit(config, change, original: str) -> None:
+    """config.json as `original` has it, changed by `change`."""
+    hub = json.loads(original)
+    change(hub)
+    config.write_text(json.dumps(hub))
+
+
+def test_a_hub_folder_without_what_evaluation_needs_is_refused_naming_its_file(tmp_path, caplog):
+    write_ringed_images(tmp_path / "some", {"green": ["green"], "red": ["red"]})
+    write_hub(tmp_path / "hub", names_in=None)
+    config = tmp_path / "hub" / "config.json"
+    original = config.read_text()
+
+    def refused(message: str) -> None:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            evaluate_checkpoint(tmp_path / "hub", str(tmp_path / "some"), workers=0)
+
+    refused(f"--data: '{tmp_path / 'some'}' has 2 class folders for the checkpoint's 3 classes, and '{config}' does "
+            "not name them")
+    edit(config, lambda hub: hub["pretrained_cfg"].update(input_size=[3, 32, 48]), original)
+    refused(f"'{config}' has pretrained_cfg.input_size 32x48: vitdist evaluates square images")
+    edit(config, lambda hub: hub["pretrained_cfg"].pop("mean"), original)
+    refused(f"'{config}' has no pretrained_cfg.mean, which evaluating its weights needs")
+    edit(config, lambda hub: hub.update(architecture="vit_made_up"), original)
+    refused(f"'{config}' names the architecture 'vit_made_up', which timm")
+    config.unlink()
+    refused(f"'{tmp_path / 'hub' / 'model.safetensors'}' does not say its architecture and has no config.json beside "
+            "it: give --config")
+
+    # What vitdist's validation cannot do as the file asks is said, not done otherwise without a word.
+    write_hub(tmp_path / "squash")
+    config = tmp_path / "squash" / "config.json"
+    edit(config, lambda hub: hub["pretrained_cfg"].update(crop_mode="squash", interpolation="bilinear"),
+         config.read_text())
+    assert hub_meta(config)["val_crop_frac"] == 0.5
+    assert f"'{config}' asks for a squash crop resized bilinear; vitdist center-crops" in caplog.text
+    # timm's form of label_names for outputs some of which have no name.
+    edit(config, lambda hub: hub.update(label_names={"0": "red", "2": "green"}), config.read_text())
+    assert hub_meta(config)["classes"] == ["red", None, "green"]
