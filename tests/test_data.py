@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import REPO, TINY, png_bytes, write_shard
 from vitdist.config import ConfigError, DataConfig
 from vitdist.config_yaml import load_config
-from vitdist.data import Stream, TrainLoader, eval_loader, expand_urls, shard_order, train_shard_urls
+from vitdist.data import EvalLoader, Stream, TrainLoader, expand_urls, shard_order, train_shard_urls
 from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
 from vitdist.samples import READ_ERROR, BadSample, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
@@ -367,7 +367,7 @@ def test_eval_sees_every_sample_once(demo_shards, shards):
     assert len(expand_urls(pattern)) == shards
     seen = Counter()
     for rank in range(2):
-        for batch in eval_loader(cfg.data, 32, 8, rank, 2):
+        for batch in EvalLoader(cfg.data, 32, 8, rank, 2):
             assert len(batch["image"]) == len(batch["label"]) == len(batch["key"]) <= 5 and batch["skipped"] == 0
             seen.update(batch["key"])
     assert sorted(seen.elements()) == all_keys(pattern)  # each once
@@ -382,10 +382,10 @@ def test_eval_counts_the_bad_samples_it_skips(tmp_path):
                                        {"__key__": "nolabel", "png": png_bytes((0, 0, 0))}])
     cfg = load_config(TINY, [f"data.val_shards={tmp_path / 'val.tar'}", "data.num_workers=0"])
     cfg.data.micro_batch_size = 2
-    assert [(b["key"], b["skipped"]) for b in eval_loader(cfg.data, 32, 8, 0, 1)] == [(["good0", "good1"], 1),
+    assert [(b["key"], b["skipped"]) for b in EvalLoader(cfg.data, 32, 8, 0, 1)] == [(["good0", "good1"], 1),
                                                                                        (["good2"], 2)]
     cfg.data.micro_batch_size = 3
-    batches = list(eval_loader(cfg.data, 32, 8, 0, 1))
+    batches = list(EvalLoader(cfg.data, 32, 8, 0, 1))
     assert [(b["key"], b["skipped"]) for b in batches] == [(["good0", "good1", "good2"], 1), ([], 2)]
     assert batches[-1]["image"].shape == (0, 3, 32, 32)
 

@@ -111,7 +111,7 @@ def test_a_killed_loader_worker_stops_the_run_within_seconds_for_a_retry(demo_sh
         print(f"the run exited {exited_s:.1f} s after the kill")
         assert exited_s < MARGIN_S
         log = log_path.read_text()
-        assert re.search(rf"WorkerDied: loader worker [01] \(pid {workers[0]}\) was killed by SIGKILL ", log), log[-3000:]
+        assert re.search(rf"WorkerDied: training loader worker [01] \(pid {workers[0]}\) was killed by SIGKILL ", log), log[-3000:]
         assert not (tmp_path / "FATAL").exists()
     finally:
         if process.poll() is None:
@@ -135,11 +135,44 @@ def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_pat
         waited_s = time.time() - started
         print(f"the run exited {waited_s:.1f} s after its first batch was asked for")
         assert TIMEOUT_S - 1 < waited_s < TIMEOUT_S + MARGIN_S
-        assert re.search(rf"WorkerStalled: loader worker 0 \(pid \d+\) delivered nothing for {TIMEOUT_S} s ",
+        assert re.search(rf"WorkerStalled: training loader worker 0 \(pid \d+\) delivered nothing for {TIMEOUT_S} s ",
                          log_path.read_text())
         assert running(f"cat {fifo} ") == []
     finally:
         for pid in running(f"cat {fifo} "):
+            os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_stalled_validation_read_stops_every_rank_within_the_timeout(demo_shards, tmp_path):
+    """Rank 1's validation shard is a `pipe:` command that never delivers, rank 0's is read: rank 1's
+    validation loader stops after dist.timeout_s naming its worker, the stalled command ends with it,
+    and rank 0, waiting for rank 1 in the evaluation's collectives, exits naming it."""
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    first, second = expand_urls(demo_shards["val"])  # rank 0's and rank 1's, with one worker each
+    stalled = f"cat {fifo} {second} "  # the command's line; the run's own lines hold it without the space
+    log_path = tmp_path / "run.log"
+    process = start_pretrain(2, [f"data.train_shards={demo_shards['train']}",
+                                 f'data.val_shards=["{first}", "pipe:cat {fifo} {second}"]', "data.num_workers=1",
+                                 "train.steps=2", "data.micro_batch_size=32", f"dist.timeout_s={TIMEOUT_S}",
+                                 f"run.dir={tmp_path}"], log_path)
+    try:
+        wait_for(lambda: running(stalled), process)  # the evaluation at the last step has begun
+        ranks = [worker_pid(process.pid, rank) for rank in (0, 1)]
+        started = time.time()
+        assert process.wait(timeout=TIMEOUT_S + MARGIN_S + 30) != 0
+        waited_s = time.time() - started
+        print(f"the run exited {waited_s:.1f} s after the stalled read began")
+        assert TIMEOUT_S - 1 < waited_s < TIMEOUT_S + MARGIN_S and all(gone(pid) for pid in ranks)
+        log = log_path.read_text()
+        assert re.search(rf"WorkerStalled: validation loader worker 0 \(pid \d+\) delivered nothing for {TIMEOUT_S} s ",
+                         log), log[-3000:]
+        assert "rank 0 lost contact with the process group: rank(s) 1 did not report within 5 s" in log, log[-3000:]
+        assert running(stalled) == []
+    finally:
+        for pid in running(stalled):
             os.kill(pid, signal.SIGKILL)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

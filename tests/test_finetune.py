@@ -283,11 +283,11 @@ def test_pretraining_on_shapes_helps_finetuning_on_digits(tmp_path):
 
 def val_loss(model, data_cfg) -> float:
     """The mean validation loss over data_cfg.val_shards through vitdist's own validation loader."""
-    from vitdist.data import Normalize, eval_loader
+    from vitdist.data import EvalLoader, Normalize
 
     normalize, total, count = Normalize(data_cfg, torch.device("cpu")), 0.0, 0
     with torch.no_grad():
-        for batch in eval_loader(data_cfg, 32, 8, rank=0, world_size=1):
+        for batch in EvalLoader(data_cfg, 32, 8, rank=0, world_size=1):
             logits = model(normalize(batch["image"]))
             total += torch.nn.functional.cross_entropy(logits, batch["label"], reduction="sum").item()
             count += len(batch["label"])

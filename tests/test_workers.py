@@ -1,19 +1,21 @@
 """Loader workers that fail as real ones do, under the path training takes (DeviceBatches over a
 TrainLoader, iterated in a thread): one SIGKILLed (as by the kernel's OOM killer) stops the
 batches within seconds, not at the loader's timeout; a stalled `pipe:` read stops them at the
-timeout; either way the workers and the commands they started are gone afterwards."""
+timeout; either way the workers and the commands they started are gone afterwards. Validation's
+loader, which ends, is watched alike."""
 
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
 import torch
 
-from conftest import TINY, children, gone, running
+from conftest import TINY, children, gone, png_bytes, running, write_shard
 from vitdist.config_yaml import load_config
-from vitdist.data import TrainLoader, expand_urls
+from vitdist.data import EvalLoader, TrainLoader, expand_urls
 from vitdist.prefetch import DeviceBatches
 from vitdist.workers import WorkerDied, WorkerStalled
 
@@ -52,7 +54,7 @@ def test_a_killed_worker_stops_the_batches_within_seconds_naming_it(demo_shards,
             noticed_s = time.monotonic() - killed_at
             print(f"noticed {noticed_s:.1f} s after the kill")
             assert noticed_s < 10
-            assert re.fullmatch(rf"loader worker [01] \(pid {victim}\) was killed by SIGKILL \(.*\)", str(died.value))
+            assert re.fullmatch(rf"training loader worker [01] \(pid {victim}\) was killed by SIGKILL \(.*\)", str(died.value))
             assert running(f"cat {fifo} ") == [] and all(gone(pid) for pid in workers)
     finally:
         for pid in running(f"cat {fifo} "):
@@ -70,12 +72,70 @@ def test_a_stalled_pipe_read_stops_the_batches_at_the_timeout_and_ends_the_comma
     try:
         with DeviceBatches(iter(loader), CPU) as batches:
             started = time.monotonic()
-            with pytest.raises(WorkerStalled, match=r"^loader worker 0 \(pid \d+\) delivered nothing for 4 s "):
+            with pytest.raises(WorkerStalled, match=r"^training loader worker 0 \(pid \d+\) delivered nothing for 4 s "):
                 next(batches)
             waited_s = time.monotonic() - started
             assert running(f"cat {fifo} ") == []
         print(f"stopped {waited_s:.1f} s after the first batch was asked for")
         assert 4 <= waited_s < 4 + 10
+    finally:
+        for pid in running(f"cat {fifo} "):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stalled_validation_read_stops_at_the_timeout_naming_its_worker(demo_shards, tmp_path):
+    """Worker 0 reads two 1-sample shards and is done (torch lets it exit) long before worker 1,
+    which reads a shard of 32 samples in batches of 10, then a `pipe:` shard that never delivers: the finished
+    worker is no failure, and the stall names worker 1, although the loader's items have no longer
+    come from its workers in turn."""
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    for i in range(2):
+        write_shard(tmp_path / f"one{i}.tar", [{"__key__": f"one{i}", "png": png_bytes((i, 0, 0)), "cls": 0}])
+    shards = [str(tmp_path / "one0.tar"), expand_urls(demo_shards["val"])[0], str(tmp_path / "one1.tar"),
+              f"pipe:cat {fifo}"]
+    cfg = load_config(TINY, [f"data.val_shards={shards}".replace("'", '"'), "data.num_workers=2",
+                             "data.micro_batch_size=10"])
+    batches = iter(EvalLoader(cfg.data, 32, 8, 0, 1, timeout_s=4))
+    try:
+        sizes = [len(next(batches)["key"]) for _ in range(4)]
+        started = time.monotonic()
+        with pytest.raises(WorkerStalled, match=r"^validation loader worker 1 \(pid \d+\) delivered nothing for 4 s "):
+            next(batches)
+        waited_s = time.monotonic() - started
+        assert sorted(sizes) == [2, 10, 10, 10]  # before the stall: both 1-sample shards, 30 of the 32
+        assert 4 <= waited_s < 4 + 5
+        assert running(f"cat {fifo}") == []
+    finally:
+        for pid in running(f"cat {fifo}"):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_validation_worker_stops_the_evaluation_within_seconds(demo_shards, tmp_path):
+    """Validation's loader is read in the main thread, while both its workers wait in stalled reads:
+    one SIGKILLed is named within seconds, not at the timeout, and the commands end."""
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    shards = [f"pipe:cat {fifo} {url}" for url in expand_urls(demo_shards["val"])]
+    cfg = load_config(TINY, [f"data.val_shards={shards}".replace("'", '"'), "data.num_workers=2"])
+    before, killed = set(children(os.getpid())), []
+
+    def kill_a_worker_in_its_read():
+        while not (reading := [pid for pid in children(os.getpid()) if pid not in before and children(pid)]):
+            time.sleep(0.1)
+        os.kill(reading[0], signal.SIGKILL)
+        killed.extend([reading[0], time.monotonic()])
+
+    killer = threading.Thread(target=kill_a_worker_in_its_read, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(WorkerDied) as died:
+            next(iter(EvalLoader(cfg.data, 32, 8, 0, 1, timeout_s=TIMEOUT_S)))
+        victim, killed_at = killed
+        assert time.monotonic() - killed_at < 10
+        assert re.fullmatch(rf"validation loader worker [01] \(pid {victim}\) was killed by SIGKILL \(.*\)",
+                            str(died.value))
+        assert running(f"cat {fifo} ") == []
     finally:
         for pid in running(f"cat {fifo} "):
             os.kill(pid, signal.SIGKILL)

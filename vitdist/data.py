@@ -253,7 +253,7 @@ class TrainLoader:
                                  worker_init_fn=start_worker, timeout=poll_timeout(timeout_s, cfg.num_workers))
 
     def __iter__(self) -> Iterator[dict]:
-        with contextlib.closing(watched(self.loader, self.timeout_s)) as chunks:
+        with contextlib.closing(watched(self.loader, self.timeout_s, "training")) as chunks:
             while True:
                 step = sorted((next(chunks) for _ in range(self.per_rank)), key=lambda c: c["stream"])
                 for c in step:
@@ -316,12 +316,21 @@ class EvalSamples(IterableDataset):
                 "key": [key for _, _, key in batch], "skipped": skipped}
 
 
-def eval_loader(cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
-                pin_memory: bool = False) -> DataLoader:
-    dataset = EvalSamples(expand_urls(cfg.val_shards), cfg, img_size, num_classes, rank, world_size,
-                          cfg.micro_batch_size)
-    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
-                      worker_init_fn=start_worker)
+class EvalLoader:
+    """The validation samples (EvalSamples), read afresh each time it is iterated. Its workers are
+    watched as the training loader's are (vitdist.workers): one that dies stops the evaluation within
+    seconds, and one that delivers nothing for `timeout_s` (a stalled `pipe:` read) stops it then."""
+
+    def __init__(self, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
+                 pin_memory: bool = False, timeout_s: float = 600):
+        dataset = EvalSamples(expand_urls(cfg.val_shards), cfg, img_size, num_classes, rank, world_size,
+                              cfg.micro_batch_size)
+        self.timeout_s = timeout_s
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
+                                 worker_init_fn=start_worker, timeout=poll_timeout(timeout_s, cfg.num_workers))
+
+    def __iter__(self) -> Iterator[dict]:
+        return watched(self.loader, self.timeout_s, "validation")
 
 
 class Normalize:

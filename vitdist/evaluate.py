@@ -14,7 +14,7 @@ from . import distributed
 from .checkpoint import MODEL_META
 from .config import Config, ConfigError, DistConfig, ModelConfig
 from .config_yaml import load_config
-from .data import eval_loader
+from .data import EvalLoader
 from .handoff import HUB_WEIGHTS, HandoffError, load_pretrained, locate
 from .imagefolder import convert, is_image_folder, scan
 from .train import evaluate, model_meta
@@ -118,8 +118,8 @@ def _evaluate(checkpoint: Path, meta: dict, data: str | list[str], batch_size: i
     ctx = distributed.init(DistConfig())
     try:
         autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
-        loader = eval_loader(cfg.data, cfg.model.img_size, cfg.model.num_classes, ctx.rank, ctx.world_size,
-                             pin_memory=ctx.device.type == "cuda")
+        loader = EvalLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, ctx.rank, ctx.world_size,
+                            pin_memory=ctx.device.type == "cuda", timeout_s=cfg.dist.timeout_s)
         return evaluate(model.to(ctx.device), loader, cfg, ctx, autocast)
     finally:
         distributed.close()

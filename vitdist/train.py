@@ -21,7 +21,7 @@ from . import checkpoint, distributed, imagefolder, resume
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, to_dict
 from .config_yaml import save_config
-from .data import Normalize, TrainLoader, eval_loader, expand_urls, train_shard_urls
+from .data import EvalLoader, Normalize, TrainLoader, expand_urls, train_shard_urls
 from .export import recorded_top1, write_safetensors
 from .handoff import load_pretrained
 from .metrics import MetricLogger, matmul_peak_flops
@@ -149,8 +149,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     pin = ctx.device.type == "cuda"
     loader = TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, cfg.train.global_batch_size,
                          ctx.rank, ctx.world_size, positions, pin_memory=pin, timeout_s=cfg.dist.timeout_s)
-    val_loader = (eval_loader(cfg.data, cfg.model.img_size, cfg.model.num_classes, ctx.rank, ctx.world_size, pin)
-                  if cfg.data.val_shards else None)
+    val_loader = (EvalLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, ctx.rank, ctx.world_size, pin,
+                             cfg.dist.timeout_s) if cfg.data.val_shards else None)
     # TensorBoard drops what a killed run logged after the checkpoint resumed from (after step 0 for a
     # run killed before its first checkpoint, and started again): no step twice.
     logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=step + 1)
@@ -354,28 +354,30 @@ def _window_scalars(window: Window, lr: float, skipped_before: dict[str, int], b
 def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistContext, compute) -> dict:
     """Loss, top-1 and top-5 over the whole validation set, every sample counted once over all ranks.
     Ranks run the same number of forward passes (under FSDP each one gathers parameters from
-    all ranks): a rank whose share has run out runs an empty batch."""
+    all ranks): a rank whose share has run out runs an empty batch. A rank whose read fails (a dead
+    or stalled loader worker) raises; the others, waiting for it in a collective, time out after
+    dist.timeout_s and exit naming it, as for a failed training read."""
     model.eval()
     normalize = Normalize(cfg.data, ctx.device)
     totals = torch.zeros(5, device=ctx.device)  # loss sum, top-1 correct, top-5 correct, count, skipped
     k = min(5, cfg.model.num_classes)
     empty = {"image": torch.zeros(0, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.uint8),
              "label": torch.zeros(0, dtype=torch.long), "skipped": 0}
-    batches = iter(loader)
-    while True:
-        batch = next(batches, None)
-        if not distributed.any_rank(batch is not None, ctx):
-            break
-        batch = batch or empty
-        images = normalize(batch["image"].to(ctx.device, non_blocking=True))
-        labels = batch["label"].to(ctx.device, non_blocking=True)
-        with compute:
-            logits = model(images).float()
-        top = logits.topk(k, dim=-1).indices == labels[:, None]
-        totals[:3] += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), top[:, 0].sum().float(),
-                                   top.any(-1).sum().float()])
-        totals[3] += len(labels)  # numbers added on the device: no copy from the host, no wait
-        totals[4] += batch["skipped"]
+    with contextlib.closing(iter(loader)) as batches:
+        while True:
+            batch = next(batches, None)
+            if not distributed.any_rank(batch is not None, ctx):
+                break
+            batch = batch or empty
+            images = normalize(batch["image"].to(ctx.device, non_blocking=True))
+            labels = batch["label"].to(ctx.device, non_blocking=True)
+            with compute:
+                logits = model(images).float()
+            top = logits.topk(k, dim=-1).indices == labels[:, None]
+            totals[:3] += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), top[:, 0].sum().float(),
+                                       top.any(-1).sum().float()])
+            totals[3] += len(labels)  # numbers added on the device: no copy from the host, no wait
+            totals[4] += batch["skipped"]
     model.train()
     totals = distributed.all_reduce_sum(totals)
     count = max(totals[3].item(), 1.0)

@@ -1,16 +1,16 @@
-"""The training loader's worker processes: started in sessions of their own below the training
-process's priority, watched from the thread that waits for their chunks, and ended, with the
-commands they started, when the loader stops.
+"""The loaders' worker processes (training's and validation's): started in sessions of their own
+below the training process's priority, watched from the thread that waits for their chunks, and
+ended, with the commands they started, when the loader stops.
 
 Watched, because torch notices a dead worker at once only from the main thread (its SIGCHLD
 handler), and the training loader runs in DeviceBatches' thread: there torch's one wait of
 `timeout` seconds would notice a worker the kernel's OOM killer took only at dist.timeout_s.
+Validation's loader, in the main thread, would wait for a stalled read with no end at all.
 Ended with their commands, because a `pipe:` command that stalls outlives its worker."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import signal
 import time
@@ -55,11 +55,12 @@ def poll_timeout(timeout_s: float, num_workers: int) -> float:
     return min(POLL_S, timeout_s) if num_workers else 0
 
 
-def watched(loader: DataLoader, timeout_s: float) -> Iterator:
-    """The items of `loader` (built with `worker_init_fn=start_worker` and `poll_timeout`), until
-    a worker exits (WorkerDied, within POLL_S of a wait for a chunk) or delivers nothing for
-    `timeout_s` (WorkerStalled). Once they stop, for any reason (an error, close()), the workers
-    and the commands they started are gone."""
+def watched(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
+    """The items of `loader` (built with `worker_init_fn=start_worker` and `poll_timeout`) until it
+    ends, or until a worker exits (WorkerDied, within POLL_S of a wait for a chunk) or delivers
+    nothing for `timeout_s` (WorkerStalled); `name` ("training", "validation") names the loader in
+    them. Once they stop, for any reason (the end, an error, close()), the workers and the commands
+    they started are gone."""
     chunks = iter(loader)
     workers: list[Process] = getattr(chunks, "_workers", [])  # none without workers
     if workers:
@@ -68,8 +69,12 @@ def watched(loader: DataLoader, timeout_s: float) -> Iterator:
         _remove_worker_pids(id(chunks))
         chunks._worker_pids_set = False
     try:
-        for received in itertools.count():
-            yield _next(chunks, workers, received, loader.timeout, timeout_s)
+        while True:
+            try:
+                item = _next(chunks, workers, name, loader.timeout, timeout_s)
+            except StopIteration:  # the end of a finite loader (validation's): no generator may raise it
+                return
+            yield item
     finally:
         # Each worker's process group: the worker and its commands. A group outlives its leader
         # while a member is left, and its id is not reused meanwhile, so a dead worker's commands
@@ -82,36 +87,46 @@ def watched(loader: DataLoader, timeout_s: float) -> Iterator:
             chunks._shutdown_workers()  # now: an error's traceback would keep the iterator until exit
 
 
-def _next(chunks: Iterator, workers: list[Process], received: int, poll_s: float, timeout_s: float):
+def _next(chunks: Iterator, workers: list[Process], name: str, poll_s: float, timeout_s: float):
     started = time.monotonic()
     while True:
         try:
             return next(chunks)
+        except StopIteration:  # the end of a finite loader, no failure
+            raise
         except Exception as error:
             polled = str(error) == f"DataLoader timed out after {poll_s} seconds"
             if workers:
                 # Torch's own check, after each wait, names only a pid. A worker's death can also break
                 # the read of a chunk it sent (a connection reset), a moment before it can be reaped.
-                _check(workers, error, grace_s=0 if polled else POLL_S)
+                _check(chunks, workers, name, error, grace_s=0 if polled else POLL_S)
             if not polled:
                 raise
         if time.monotonic() - started >= timeout_s:
-            # The loader takes the workers' chunks in turn: the received-th is this worker's.
-            worker = received % len(workers)
+            # Torch returns the items in the order it asked for them: it waits for the one asked of this
+            # worker (their count no longer tells which once a finite loader's worker is done).
+            worker, = chunks._task_info[chunks._rcvd_idx]
             raise WorkerStalled(
-                f"loader worker {worker} (pid {workers[worker].pid}) delivered nothing for {timeout_s:g} s "
+                f"{name} loader worker {worker} (pid {workers[worker].pid}) delivered nothing for {timeout_s:g} s "
                 "(dist.timeout_s): a shard read that stalls (a pipe: command, a filesystem) or a hung worker")
 
 
-def _check(workers: list[Process], cause: Exception, grace_s: float) -> None:
+def _check(chunks: Iterator, workers: list[Process], name: str, cause: Exception, grace_s: float) -> None:
     """WorkerDied if a worker has exited, or exits within `grace_s`."""
-    ended = connection.wait([worker.sentinel for worker in workers], timeout=grace_s)
-    dead = [i for i, worker in enumerate(workers) if worker.sentinel in ended]
-    for i in dead:
-        workers[i].join()  # its sentinel is ready once it is exiting: this reaps it
+    ended = connection.wait([w.sentinel for i, w in enumerate(workers) if not _done(chunks, i)], timeout=grace_s)
+    for worker in workers:
+        if worker.sentinel in ended:
+            worker.join()  # its sentinel is ready once it is exiting: this reaps it
+    dead = [i for i, worker in enumerate(workers) if worker.sentinel in ended and not _done(chunks, i)]
     if dead:
-        raise WorkerDied("; ".join(f"loader worker {i} (pid {workers[i].pid}) {_exit_reason(workers[i].exitcode)}"
+        raise WorkerDied("; ".join(f"{name} loader worker {i} (pid {workers[i].pid}) {_exit_reason(workers[i].exitcode)}"
                                    for i in dead)) from cause
+
+
+def _done(chunks: Iterator, worker: int) -> bool:
+    """Whether the worker has read its share of a finite loader's items, and torch has let it go:
+    it exits then, as a dead worker does, but with code 0 (torch lets a dead one go too)."""
+    return not chunks._workers_status[worker] and chunks._workers[worker].exitcode == 0
 
 
 def _exit_reason(exitcode: int) -> str:
