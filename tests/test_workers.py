@@ -7,8 +7,11 @@ loader, which ends, is watched alike."""
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,5 +140,41 @@ def test_a_killed_validation_worker_stops_the_evaluation_within_seconds(demo_sha
                             str(died.value))
         assert running(f"cat {fifo} ") == []
     finally:
+        for pid in running(f"cat {fifo} "):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_and_their_commands_end_when_the_training_process_is_sigkilled(demo_shards, tmp_path):
+    """The training process, reading its loader as training does (through DeviceBatches' thread),
+    is SIGKILLed while its workers wait in stalled `pipe:` reads (the OOM killer, `kill -9`): nothing
+    in it cleans up, yet the workers and every command of their pipelines end within seconds."""
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    stalled = [f"pipe:cat {fifo} {url} | cat" for url in expand_urls(demo_shards["train"])]
+    training = subprocess.Popen([sys.executable, "-c", f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_workers import train_loader
+from vitdist.prefetch import DeviceBatches
+with DeviceBatches(iter(train_loader({stalled!r}, "data.num_workers=2")), torch.device("cpu")) as batches:
+    next(batches)
+"""])
+    try:
+        while True:  # until both workers wait in their reads: each with a shell that has forked both commands
+            workers = children(training.pid)
+            commands = [pid for worker in workers for shell in children(worker) for pid in (shell, *children(shell))]
+            if len(commands) == 6:
+                break
+            assert training.poll() is None
+            time.sleep(0.1)
+        training.kill()
+        killed_at = time.monotonic()
+        while not all(gone(pid) for pid in [*workers, *commands]) and time.monotonic() - killed_at < 10:
+            time.sleep(0.1)
+        print(f"ended {time.monotonic() - killed_at:.1f} s after the kill")
+        assert [pid for pid in [*workers, *commands] if not gone(pid)] == []
+    finally:
+        training.kill()
+        training.wait()
         for pid in running(f"cat {fifo} "):
             os.kill(pid, signal.SIGKILL)

@@ -48,13 +48,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def signal_at_parent_death(signum: int) -> bool:
+    """Ask Linux to send this process `signum` when the thread that started it ends (its process's
+    death included); False elsewhere, where nothing is sent."""
+    if not sys.platform.startswith("linux"):
+        return False
+    ctypes.CDLL(None, use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG
+    return True
+
+
 def _die_with_launcher() -> None:
     """torchrun starts workers in sessions of their own: if torchrun is SIGKILLed, they would go on
     training, unseen, beside the next run. Ask Linux to kill this worker when its parent dies."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the launcher died before the request was in place
-            os._exit(1)
+    if signal_at_parent_death(signal.SIGKILL) and os.getppid() == 1:  # died before the request was in place
+        os._exit(1)
 
 
 def _attempt_store(timeout: timedelta) -> dist.Store:

@@ -14,12 +14,16 @@ import contextlib
 import os
 import signal
 import time
-from multiprocessing import Process, connection
+from multiprocessing import Process, connection, parent_process
 from typing import Iterator
 
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.signal_handling import _remove_worker_pids
 
+from .distributed import signal_at_parent_death
+
+# A worker has no terminal to hang up: this signal, which its parent's death sends, means only that.
+PARENT_DIED = signal.SIGHUP
 WORKER_NICENESS = 10  # CPU weight about a tenth of the training process's (Linux's CFS weights)
 POLL_S = 2.0  # how often a wait for a chunk looks at the workers: a dead one is noticed within this
 
@@ -37,16 +41,29 @@ def start_worker(worker_id: int) -> None:
     process group, to the main process: it finishes the step and checkpoints, then stops them
     itself (they would die of the signal and take the step down). Ignoring the signals instead
     would also make them immune to the SIGTERM that stops a hung worker, and hang the exit; and
-    they leave on their own when the main process dies (torch's watchdog). The worker's own
+    they leave on their own when the main process dies (see below). The worker's own
     process group also holds the commands it starts (`pipe:` shards), so that `watched` ends
     them with it.
 
     They also run at a lower priority than the training process. Decoding keeps every core busy
     when there are about as many workers as cores; at equal priority the training process, whose
     threads launch the GPU's work and copy the batches over, then waits for a core behind them, and
-    the GPU idles while no batch is late (low data_wait, yet a slower step)."""
+    the GPU idles while no batch is late (low data_wait, yet a slower step).
+
+    When the training process dies without a word (SIGKILL: the OOM killer, `kill -9`), the
+    worker takes its process group down at once, the commands it started with it: a worker in a
+    stalled read would never look for its parent (torch's watchdog does between items), nor would
+    its commands. Linux tells it (PR_SET_PDEATHSIG) when the thread that started it ends: the
+    training loader's thread (DeviceBatches') ends only once the loader has stopped."""
     os.setsid()
     os.nice(WORKER_NICENESS)
+    signal.signal(PARENT_DIED, _end_process_group)
+    if signal_at_parent_death(PARENT_DIED) and os.getppid() != parent_process().pid:
+        _end_process_group()  # the parent died before the request was in place
+
+
+def _end_process_group(*_) -> None:
+    os.killpg(0, signal.SIGKILL)
 
 
 def poll_timeout(timeout_s: float, num_workers: int) -> float:
