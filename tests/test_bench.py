@@ -51,3 +51,19 @@ def test_data_pipeline_bench_measures_both_decodes_alone_and_in_training(tmp_pat
     assert [r["decode"] for r in results["training"]] == ["cpu", "gpu"]
     for run in results["training"]:
         assert run["images_per_sec"]["mean"] > 0 and 0 <= run["data_wait_frac"]["mean"] <= 1
+
+
+def test_device_check_runs_the_parts_named_and_refuses_an_unknown_one(tmp_path):
+    """bench/device_check.sh, the one prepared device call, at tiny scale: the part named runs with its
+    own arguments and writes its figures under OUT; a misspelt part stops it before anything runs."""
+    env = {**ENV, "DEVICE_CHECK_SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    script = str(REPO / "bench" / "device_check.sh")
+    refused = subprocess.run(["bash", script, "step_l16", "step_b17"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown part 'step_b17'" in refused.stderr
+    assert not (tmp_path / "step_l16.log").exists()
+    done = subprocess.run(["bash", script, "step_l16"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert "step_l16: exit 0" in done.stdout and "vitdist:dist.strategy=ddp" in done.stdout
+    results = {r["variant"]: r for r in json.loads((tmp_path / "step_l16.json").read_text())["results"]}
+    assert set(results) == {REFERENCE, "timm-eager", "vitdist:dist.strategy=ddp"}
+    assert all(r["img_s"] > 0 for r in results.values())
