@@ -28,13 +28,13 @@ import braceexpand
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen_schemes
 
 from .config import ConfigError, DataConfig
 from .samples import BadSample, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
 from .transforms import draw_augmentation, eval_transform, resized_crop, to_uint8_tensor
-from .workers import poll_timeout, start_worker, watched
+from .workers import data_loader, watched
 
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,17 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
     return urls
 
 
-def device_decodable(image: Image.Image, data: bytes) -> bool:
-    """Whether the device decoder gets this image: colour (YCbCr) JPEGs only. Greyscale and CMYK
-    are rare and not every nvJPEG build handles them; a JPEG without its end-of-image marker is
-    truncated, and the worker's PIL refuses it as BadSample just as with decode: cpu. Bytes after
-    the marker are no harm: the device decodes up to it (gpu_decode.encoded_jpegs). Only a JPEG
-    that does not end with the marker is scanned for it: most do."""
-    return image.format == "JPEG" and image.mode == "RGB" and (data.endswith(b"\xff\xd9") or jpeg_end(data) is not None)
+def device_jpeg(image: Image.Image, data: bytes) -> bytes | None:
+    """The bytes the device decoder gets of this image, or None where it stays on the CPU path:
+    colour (YCbCr) JPEGs only. Greyscale and CMYK are rare and not every nvJPEG build handles them;
+    a JPEG without its end-of-image marker is truncated, and the worker's PIL refuses it as
+    BadSample just as with decode: cpu. Bytes after the marker (a camera's padding, a phone's
+    trailer, which can hold a video) are cut off here: libjpeg ignores them, nvJPEG's handling of
+    them is not documented, and they need not travel. Only a JPEG that does not end with the marker
+    is scanned for it: most do."""
+    if image.format != "JPEG" or image.mode != "RGB":
+        return None
+    return data if data.endswith(b"\xff\xd9") else data[:end] if (end := jpeg_end(data)) else None
 
 
 def shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
@@ -177,9 +181,10 @@ class TrainChunks(IterableDataset):
             try:
                 data, image, label = read_image(sample, self.cfg, self.num_classes)
                 box, flip = draw_augmentation(rng, image.width, image.height, self.cfg)
-                leave_encoded = self.on_device and device_decodable(image, data)
+                jpeg = device_jpeg(image, data) if self.on_device else None
+                leave_encoded = jpeg is not None
                 if leave_encoded:
-                    jpegs.append(data)
+                    jpegs.append(jpeg)
                     boxes.append(box)
                     flips.append(flip)
                     pixels.append(image.width * image.height)
@@ -248,9 +253,8 @@ class TrainLoader:
         # streams, so the first `per_rank` items are exactly one chunk of every stream.
         workers = max(1, cfg.num_workers)
         self.pin_memory, self.timeout_s = pin_memory, timeout_s
-        self.loader = DataLoader(chunks, batch_size=None, num_workers=cfg.num_workers,
-                                 prefetch_factor=cfg.prefetch_steps * self.per_rank // workers if cfg.num_workers else None,
-                                 worker_init_fn=start_worker, timeout=poll_timeout(timeout_s, cfg.num_workers))
+        self.loader = data_loader(chunks, cfg.num_workers, timeout_s,
+                                  prefetch_factor=cfg.prefetch_steps * self.per_rank // workers if cfg.num_workers else None)
 
     def __iter__(self) -> Iterator[dict]:
         with contextlib.closing(watched(self.loader, self.timeout_s, "training")) as chunks:
@@ -326,8 +330,7 @@ class EvalLoader:
         dataset = EvalSamples(expand_urls(cfg.val_shards), cfg, img_size, num_classes, rank, world_size,
                               cfg.micro_batch_size)
         self.timeout_s = timeout_s
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
-                                 worker_init_fn=start_worker, timeout=poll_timeout(timeout_s, cfg.num_workers))
+        self.loader = data_loader(dataset, cfg.num_workers, timeout_s, pin_memory=pin_memory)
 
     def __iter__(self) -> Iterator[dict]:
         return watched(self.loader, self.timeout_s, "validation")

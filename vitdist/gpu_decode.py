@@ -8,7 +8,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .transforms import to_uint8_tensor
-from .samples import BadSample, Skips, jpeg_end, load_rgb, open_image
+from .samples import BadSample, Skips, load_rgb, open_image
 
 # Decoded full-size images stay on the device until cropped: decoding at most this many pixels at
 # a time (192 MB as RGB) bounds that memory whatever the images' sizes, and still gives nvJPEG
@@ -70,14 +70,10 @@ def decode_groups(pixels: list[int]) -> list[slice]:
 
 
 def encoded_jpegs(batch: dict) -> list[torch.Tensor]:
-    """A loader batch's encoded JPEGs, cut out of the one buffer they travel in, those with bytes
-    after their end-of-image marker cut there: libjpeg ignores such bytes, but nvJPEG's handling
-    of them is not documented, and they can be many (a phone's trailer holds a video)."""
-    buffer, sizes = batch["jpeg"], batch["jpeg_sizes"]
-    ends = sizes.cumsum(0)
-    complete = ((buffer[ends - 2] == 0xFF) & (buffer[ends - 1] == 0xD9)).tolist()
-    jpegs = [buffer[end - n : end] for end, n in zip(ends.tolist(), sizes.tolist())]
-    return [jpeg if done else jpeg[: jpeg_end(jpeg.numpy().tobytes())] for jpeg, done in zip(jpegs, complete)]
+    """A loader batch's encoded JPEGs (up to their end-of-image markers: data.device_jpeg), cut out
+    of the one buffer they travel in."""
+    ends = batch["jpeg_sizes"].cumsum(0).tolist()
+    return [batch["jpeg"][end - n : end] for end, n in zip(ends, batch["jpeg_sizes"].tolist())]
 
 
 def resize_crops(images: list[torch.Tensor | None], boxes: list[list[int]], flips: list[bool], size: int,

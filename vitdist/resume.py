@@ -64,6 +64,18 @@ def _sha256(lines: list[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
+# Why a resume onto other samples is refused, in every such refusal.
+_CHANGED = "its data stream positions would index another sample order: samples repeated or never seen"
+
+
+def _where(path: Path) -> str:
+    return f"checkpoint '{path}'"
+
+
+def _start_new(path: Path) -> str:
+    return f"start a new run.dir with finetune.init={path}"
+
+
 def check(cfg: Config, path: Path, train: list[str] | ImageFolder) -> None:
     """Refuse (ConfigError) a resume from `path` that cannot continue the run it comes from.
     `train`: the training shards' URLs, or the ImageFolder that the run converts into shards."""
@@ -73,8 +85,7 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder) -> None:
         raise ConfigError(str(e)) from None
     state = json.loads((path / TRAIN_STATE).read_text())
     meta = json.loads((path / MODEL_META).read_text())
-    where = f"checkpoint '{path}'"
-    start_new = f"resume with the value it was trained with, or start a new run.dir with finetune.init={path}"
+    where, start_new = _where(path), f"resume with the value it was trained with, or {_start_new(path)}"
 
     want, had = {"arch": cfg.model.arch, **timm_kwargs(cfg.model)}, {"arch": meta["arch"], **meta["timm_kwargs"]}
     for key in sorted(want.keys() | had.keys()):
@@ -90,23 +101,22 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder) -> None:
     order = state.get("data_order")  # not in checkpoints written before it was recorded
     if order is None:
         return
-    changed = "its data stream positions would index another sample order: samples repeated or never seen"
     for key in ("seed", "shuffle_block"):
         if order[key] != getattr(cfg.data, key):
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)}, but {where} was trained with data.{key}="
-                              f"{order[key]}: {changed}; {start_new}")
+                              f"{order[key]}: {_CHANGED}; {start_new}")
     if isinstance(train, ImageFolder):
-        _check_images(order, train, cfg, path, changed)
+        _check_images(order, train, cfg, path)
     else:
-        _check_shards(order, train, cfg.data.train_shards, state["config"]["data"]["train_shards"], path, changed)
+        _check_shards(order, train, cfg.data.train_shards, state["config"]["data"]["train_shards"], path)
 
 
-def _check_images(order: dict, folder: ImageFolder, cfg: Config, path: Path, changed: str) -> None:
+def _check_images(order: dict, folder: ImageFolder, cfg: Config, path: Path) -> None:
     """Refuse (ConfigError) an ImageFolder that is not made of the images checkpoint `path` was
     trained on: its conversion, made again after the old one was deleted, would put other samples
     under the same shard names. A checkpoint that does not record them (written before vitdist
     did, or trained on shards) is compared through the run's conversion, if there is one."""
-    where, start_new = f"checkpoint '{path}'", f"start a new run.dir with finetune.init={path}"
+    where, start_new, changed = _where(path), _start_new(path), _CHANGED
     converted = imagefolder.conversion_dir(cfg.run.dir) / "train"
     recorded = order.get("image_folder") or imagefolder.converted_recipe(converted)
     if recorded is None:
@@ -119,10 +129,10 @@ def _check_images(order: dict, folder: ImageFolder, cfg: Config, path: Path, cha
                           f"converted again, {changed}; restore the images it was trained on, or {start_new}")
 
 
-def _check_shards(order: dict, urls: list[str], given, trained_with, path: Path, changed: str) -> None:
+def _check_shards(order: dict, urls: list[str], given, trained_with, path: Path) -> None:
     """Refuse (ConfigError) a shard list that is not the one the data_order of checkpoint `path`
     records. `given`, `trained_with`: data.train_shards now and in the checkpoint's config."""
-    where, start_new = f"checkpoint '{path}'", f"start a new run.dir with finetune.init={path}"
+    where, start_new, changed = _where(path), _start_new(path), _CHANGED
     ids = shard_ids(urls)
     if len(urls) != order["shards"]:
         what = f"names {len(urls)} shards, {where} was trained on {order['shards']}"

@@ -66,14 +66,16 @@ def _end_process_group(*_) -> None:
     os.killpg(0, signal.SIGKILL)
 
 
-def poll_timeout(timeout_s: float, num_workers: int) -> float:
-    """The `timeout` of a DataLoader read through `watched`: each wait of torch's returns after
-    it, to look at the workers (0 without workers, the only value torch takes then)."""
-    return min(POLL_S, timeout_s) if num_workers else 0
+def data_loader(dataset, num_workers: int, timeout_s: float, **kwargs) -> DataLoader:
+    """A DataLoader of `dataset`'s items for `watched`: its workers started by start_worker, and
+    each wait of torch's for an item returning after POLL_S at most, to look at the workers (no
+    timeout without workers, the only value torch takes then)."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=start_worker,
+                      timeout=min(POLL_S, timeout_s) if num_workers else 0, **kwargs)
 
 
 def watched(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
-    """The items of `loader` (built with `worker_init_fn=start_worker` and `poll_timeout`) until it
+    """The items of `loader` (made by `data_loader`) until it
     ends, or until a worker exits (WorkerDied, within POLL_S of a wait for a chunk) or delivers
     nothing for `timeout_s` (WorkerStalled); `name` ("training", "validation") names the loader in
     them. Once they stop, for any reason (the end, an error, close()), the workers and the commands
