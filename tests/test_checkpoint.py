@@ -1,9 +1,13 @@
 import json
 import os
 import pickle
+import re
 import resource
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +206,44 @@ def test_a_save_that_cannot_be_written_stops_the_run_and_keeps_the_last_checkpoi
     assert went_on.returncode == 1 and "error: checkpoint at step 12 could not be written" in went_on.stderr
     assert max(step for step, _ in read_scalars(tmp_path / "tb")["train/loss"]) == 12
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_4"]
+
+
+SAVE_ONE = """
+import sys, torch, torch.distributed as dist
+from vitdist import checkpoint
+from vitdist.config import CkptConfig
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0, world_size=1)
+model = torch.nn.Linear(4, 2)
+optimizer = torch.optim.AdamW(model.parameters())
+checkpoint.Checkpointer(sys.argv[1], CkptConfig(), {"arch": "x"}).save(1, model, optimizer, {"step": 1})
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to watch the save's system calls")
+def test_a_checkpoint_is_on_disk_before_the_rename_that_makes_it_complete(tmp_path):
+    """After a power loss, a `step_N` directory must not hold files (or lack names) that the disk
+    had not stored yet: resume would pick it. Watched in the save's own system calls: the JSON
+    files and the directory's entries are fsynced before the rename, the rename itself after it."""
+    from vitdist.distributed import _free_port
+
+    log, root = tmp_path / "strace.log", tmp_path / "ckpt"
+    done = subprocess.run(["strace", "-f", "-qq", "--seccomp-bpf", "-o", str(log), "-e", "trace=openat,fsync,rename,renameat,renameat2",
+                           sys.executable, "-c", SAVE_ONE, str(root), str(_free_port())],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    opened, synced, renamed = {}, [], None  # fd -> path per process; paths fsynced before the rename
+    for line in log.read_text().splitlines():
+        pid, call = line.split(" ", 1)
+        if m := re.match(r'openat\(AT_FDCWD, "([^"]+)", .*\) = (\d+)$', call):
+            opened[pid, m.group(2)] = Path(m.group(1))
+        elif m := re.match(r"fsync\((\d+)\) += 0$", call):
+            synced.append((renamed is not None, opened[pid, m.group(1)]))
+        elif re.match(r'rename(at2?)?\(.*"[^"]*step_1\.tmp", .*"[^"]*step_1"', call):
+            renamed = True
+    partial = root / "step_1.tmp"
+    assert renamed, "no rename of step_1.tmp to step_1 seen"
+    before = {path for after, path in synced if not after}
+    assert {partial / "train_state.json", partial / "model.json", partial} <= before, sorted(before)
+    assert (True, root) in synced, synced
+    assert checkpoint.read_json(root / "step_1", "train_state.json") == {"step": 1}

@@ -182,6 +182,14 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
     (broken / "__0_0.distcp").unlink()
     with pytest.raises(ConfigError, match="its file '__0_0.distcp' is missing; restore it, or move the checkpoint"):
         check(f"train.resume={broken}", run=tmp_path / "new")
+    # What a crash can leave of files the disk had not stored yet: refused by name too, not a traceback.
+    for name in ("train_state.json", "model.json", ".metadata"):
+        shutil.rmtree(broken)
+        shutil.copytree(step_4, broken)
+        os.truncate(broken / name, 0)
+        with pytest.raises(ConfigError, match=re.escape(f"checkpoint '{broken}' is incomplete: its file '{name}' "
+                                                        "cannot be read (")):
+            check(f"train.resume={broken}", run=tmp_path / "new")
 
     longer = run_pretrain(0, [*common, "train.steps=8", "data.num_workers=0", "data.micro_batch_size=16",
                               "model.drop_path_rate=0.1", "model.grad_checkpointing=true"])

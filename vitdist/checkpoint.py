@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -62,8 +63,21 @@ def newest_if_run(path: Path) -> Path:
     return path if (path / ".metadata").exists() else newest_checkpoint(path) or path
 
 
+def read_json(checkpoint: Path, name: str) -> dict:
+    """The checkpoint's TRAIN_STATE or MODEL_META (FileNotFoundError naming it if unreadable)."""
+    try:
+        return json.loads((checkpoint / name).read_text())
+    except (OSError, ValueError) as e:  # ValueError: cut short, or not text
+        raise FileNotFoundError(_incomplete(checkpoint, name, f"cannot be read ({e})")) from None
+
+
+def _incomplete(checkpoint: Path, name: str, why: str) -> str:
+    return (f"checkpoint '{checkpoint}' is incomplete: its file '{name}' {why}; restore it, or move the checkpoint "
+            f"out of '{checkpoint.parent}' to resume from the one before")
+
+
 def _step(checkpoint: Path) -> int:
-    return json.loads((checkpoint / TRAIN_STATE).read_text())["step"]
+    return read_json(checkpoint, TRAIN_STATE)["step"]
 
 
 def resume_path(spec: str, root: str | Path) -> Path | None:
@@ -102,6 +116,22 @@ def prune(root: Path, keep: int, keep_every: int) -> None:
     for step, path in _steps(root, _PARTIAL):
         if step < newest:
             shutil.rmtree(path)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    """Its entries on disk: a file's own fsync does not write the name that finds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class SaveFailed(OSError):
@@ -174,10 +204,14 @@ class Checkpointer:
         if dist.get_rank() == 0:
             partial, final = self.root / f"step_{step}.tmp", self.root / f"step_{step}"
             try:
-                (partial / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
-                (partial / MODEL_META).write_text(json.dumps(self.model_meta, indent=1))
+                # On disk before the name that makes the checkpoint complete: after a power loss a
+                # renamed directory could otherwise hold empty files, and resume would pick it.
+                _write_synced(partial / TRAIN_STATE, json.dumps(train_state, indent=1))
+                _write_synced(partial / MODEL_META, json.dumps(self.model_meta, indent=1))
+                _sync_dir(partial)
                 shutil.rmtree(final, ignore_errors=True)
                 partial.rename(final)
+                _sync_dir(self.root)
             except OSError as e:
                 error = [e]
         dist.broadcast_object_list(error, src=0, group=self.group)
@@ -277,18 +311,24 @@ def _safe_load(state: dict, path: Path, **kwargs) -> None:
 
 
 def check_files(path: Path) -> None:
-    """Every file `.metadata` names is there, and long enough (FileNotFoundError naming it): one
-    rank's file lost, or a checkpoint copied in part, is refused before any load starts."""
+    """`.metadata` and the JSON files read, and every file `.metadata` names is there and long
+    enough (FileNotFoundError naming the file): one rank's file lost, a checkpoint copied in part,
+    or one written before a crash that lost what the disk had not yet stored, is refused before
+    any load starts."""
+    try:
+        metadata = _SafeReader(path).read_metadata()
+    except (OSError, EOFError, pickle.UnpicklingError) as e:
+        raise FileNotFoundError(_incomplete(path, ".metadata", f"cannot be read ({str(e) or 'cut short'})")) from None
     needed: dict[str, int] = {}  # file -> bytes
-    for info in _SafeReader(path).read_metadata().storage_data.values():
+    for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     for name, size in sorted(needed.items()):
         have = (path / name).stat().st_size if (path / name).is_file() else None
         if have is None or have < size:
-            raise FileNotFoundError(
-                f"checkpoint '{path}' is incomplete: its file '{name}' "
-                f"{'is missing' if have is None else f'has {have} of its {size} bytes'}; restore it, or move the "
-                f"checkpoint out of '{path.parent}' to resume from the one before")
+            raise FileNotFoundError(_incomplete(path, name, "is missing" if have is None else
+                                                f"has {have} of its {size} bytes"))
+    for name in (TRAIN_STATE, MODEL_META):
+        read_json(path, name)
 
 
 def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -297,7 +337,7 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     path = Path(path)
     if not (path / ".metadata").is_file() or not (path / MODEL_META).is_file():
         raise FileNotFoundError(f"'{path}' is not a complete vitdist checkpoint (no .metadata or {MODEL_META})")
-    meta = json.loads((path / MODEL_META).read_text())
+    meta = read_json(path, MODEL_META)
     state = {"model": timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"]).state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -317,4 +357,4 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     set_optimizer_state_dict(model, optimizer, state["optim"])
     for group, configured in zip(optimizer.param_groups, settings, strict=True):
         group.update(configured)
-    return json.loads((path / TRAIN_STATE).read_text())
+    return read_json(path, TRAIN_STATE)

@@ -12,13 +12,12 @@ a warning, key by key, since the run then differs from the one it resumes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
 
 from . import imagefolder
-from .checkpoint import MODEL_META, TRAIN_STATE, check_files
+from .checkpoint import MODEL_META, TRAIN_STATE, check_files, read_json
 from .config import Config, ConfigError, to_dict
 from .imagefolder import ImageFolder
 from .model import timm_kwargs
@@ -83,8 +82,7 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder) -> None:
         check_files(path)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    state = json.loads((path / TRAIN_STATE).read_text())
-    meta = json.loads((path / MODEL_META).read_text())
+    state, meta = read_json(path, TRAIN_STATE), read_json(path, MODEL_META)
     where, start_new = _where(path), f"resume with the value it was trained with, or {_start_new(path)}"
 
     want, had = {"arch": cfg.model.arch, **timm_kwargs(cfg.model)}, {"arch": meta["arch"], **meta["timm_kwargs"]}
