@@ -130,7 +130,7 @@ def test_vit_b16_is_the_paper_size():
     ("model.drop_path_rate=1", "config key 'model.drop_path_rate' must be >= 0 and < 1, got 1.0"),
     ("data.std=[0.2, 0, 0.2]", "config key 'data.std' must be > 0, got [0.2, 0.0, 0.2]"),
     ("optim.warmup_steps=-1", "config key 'optim.warmup_steps' must be >= 0"),
-    ("train.seed=18446744073709551616", "config key 'train.seed' must be >= 0 and < 18446744073709551616, got 1844"),
+    ("train.seed=18446744073709551616", "config key 'train.seed' must be >= 0 and < 4294967296, got 1844"),
     ("data.streams=3", "train.global_batch_size=128 is not divisible by data.streams=3"),
     ("data.train_shards=''", "config key 'data.train_shards' is empty"),
     ("data.train_shards=[]", "config key 'data.train_shards' is empty"),

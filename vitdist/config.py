@@ -109,8 +109,8 @@ class TrainConfig:
     steps: int = _opt(10000, "optimizer steps to train", above=0)
     global_batch_size: int = _opt(1024, "samples per optimizer step, over all ranks", above=0)
     precision: Literal["bf16", "fp32"] = _opt("bf16", "autocast dtype of forward/backward; weights and optimizer stay fp32")
-    # torch.manual_seed takes 64 bits: a larger seed failed once the process group had started
-    seed: int = _opt(0, "seed of model initialisation and of the random draws on the device (drop path, mixup/cutmix)", at_least=0, below=2**64)
+    # NumPy's generator (mixup's draws) takes 32 bits: a larger seed failed at the first step
+    seed: int = _opt(0, "seed of model initialisation and of the random draws on the device (drop path, mixup/cutmix)", at_least=0, below=2**32)
     compile: bool = _opt(False, "torch.compile the model")
     activation_memory_budget: float = _opt(
         1.0, "compiled runs: the share of the activations for backward that compile's partitioner may keep (0.5 keeps "
