@@ -76,6 +76,18 @@ def test_text_that_reads_as_null_round_trips_quoted(tmp_path):
     assert cfg.run.dir == "None" and load_config(tmp_path / "saved.yaml") == cfg
 
 
+def test_a_paths_leading_tilde_is_the_home_directory(monkeypatch, tmp_path):
+    """As a shell would expand it, which it does not after `run.dir=`: the run wrote into a
+    directory named `~` under the working directory. In the YAML file too."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("data:\n  val_shards: ~/val.tar\nrun:\n  dir: ~/runs/b16\n")
+    cfg = load_config(tmp_path / "c.yaml", ["data.train_shards=['~/a-{0..3}.tar', 'pipe:cat ~/b.tar']",
+                                            "finetune.init=~/w.pth", "train.resume=~/runs/old/checkpoints"])
+    assert cfg.data.train_shards == [f"{tmp_path}/a-{{0..3}}.tar", "pipe:cat ~/b.tar"]
+    assert cfg.data.val_shards == f"{tmp_path}/val.tar" and cfg.run.dir == f"{tmp_path}/runs/b16"
+    assert (cfg.finetune.init, cfg.train.resume) == (f"{tmp_path}/w.pth", f"{tmp_path}/runs/old/checkpoints")
+
+
 def test_a_brace_pattern_the_shell_expanded_is_refused_not_cut_to_its_last_shard():
     expanded = [f"data.train_shards=/d/train-{i}.tar" for i in range(4)]  # bash's words for an unquoted {0..3}
     with pytest.raises(ConfigError, match=r"'data.train_shards' is given twice in a row .* Quote it"):

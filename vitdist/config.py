@@ -11,6 +11,7 @@ import dataclasses
 import decimal
 import math
 import operator
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -266,11 +267,24 @@ def takes_text(key: str) -> bool:
     return tp is str or (_is_union(tp) and str in get_args(tp))
 
 
+# Keys that name local paths. The shell expands no `~` after `run.dir=` (not a variable assignment
+# to it), and the run would have written into a directory named `~` in the working directory.
+_PATH_KEYS = ("data.train_shards", "data.val_shards", "train.resume", "finetune.init", "run.dir")
+
+
+def _expand_home(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_expand_home(item) for item in value]
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
 def set_key(cfg: Config, key: str, value: Any) -> None:
-    """Set `key` of `cfg` to `value` as the key's type; ConfigError naming the key if it is not one."""
+    """Set `key` of `cfg` to `value` as the key's type (a path's leading `~` the home directory);
+    ConfigError naming the key if it is not one."""
     tp = _key_type(key)
     section, name = key.split(".")
-    setattr(getattr(cfg, section), name, _check_value(key, value, tp))
+    value = _check_value(key, value, tp)
+    setattr(getattr(cfg, section), name, _expand_home(value) if key in _PATH_KEYS else value)
 
 
 def validate(cfg: Config) -> None:
