@@ -130,6 +130,8 @@ def test_vit_b16_is_the_paper_size():
     ("model.patch_size=8.5", "config key 'model.patch_size' must be int | null, got 8.5"),
     ("data.val_shards=[1, 2]", "config key 'data.val_shards' must be str | list[str] | null, got [1, 2]"),
     ("train.steps", "override 'train.steps' is not of the form key.sub=value"),
+    ("data.train_shards=[/d/a-{0..3}.tar, /d/b-{0..3}.tar]", "override 'data.train_shards=[/d/a-{0..3}.tar, "
+     "/d/b-{0..3}.tar]': a list whose items hold braces needs each item quoted"),
     ("optim.betas=[0.9, 0.99, 0.5]", "config key 'optim.betas' must have 2 numbers"),
     ("train.steps=0", "config key 'train.steps' must be > 0, got 0"),
     ("data.crop_scale=[1.0, 0.5]", "config key 'data.crop_scale' is a range, low to high: got [1.0, 0.5]"),
