@@ -76,6 +76,18 @@ def test_text_that_reads_as_null_round_trips_quoted(tmp_path):
     assert cfg.run.dir == "None" and load_config(tmp_path / "saved.yaml") == cfg
 
 
+def test_a_paths_leading_tilde_is_the_home_directory(monkeypatch, tmp_path):
+    """As a shell would expand it, which it does not after `run.dir=`: the run wrote into a
+    directory named `~` under the working directory. In the YAML file too."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("data:\n  val_shards: ~/val.tar\nrun:\n  dir: ~/runs/b16\n")
+    cfg = load_config(tmp_path / "c.yaml", ["data.train_shards=['~/a-{0..3}.tar', 'pipe:cat ~/b.tar']",
+                                            "finetune.init=~/w.pth", "train.resume=~/runs/old/checkpoints"])
+    assert cfg.data.train_shards == [f"{tmp_path}/a-{{0..3}}.tar", "pipe:cat ~/b.tar"]
+    assert cfg.data.val_shards == f"{tmp_path}/val.tar" and cfg.run.dir == f"{tmp_path}/runs/b16"
+    assert (cfg.finetune.init, cfg.train.resume) == (f"{tmp_path}/w.pth", f"{tmp_path}/runs/old/checkpoints")
+
+
 def test_a_brace_pattern_the_shell_expanded_is_refused_not_cut_to_its_last_shard():
     expanded = [f"data.train_shards=/d/train-{i}.tar" for i in range(4)]  # bash's words for an unquoted {0..3}
     with pytest.raises(ConfigError, match=r"'data.train_shards' is given twice in a row .* Quote it"):
@@ -118,6 +130,8 @@ def test_vit_b16_is_the_paper_size():
     ("model.patch_size=8.5", "config key 'model.patch_size' must be int | null, got 8.5"),
     ("data.val_shards=[1, 2]", "config key 'data.val_shards' must be str | list[str] | null, got [1, 2]"),
     ("train.steps", "override 'train.steps' is not of the form key.sub=value"),
+    ("data.train_shards=[/d/a-{0..3}.tar, /d/b-{0..3}.tar]", "override 'data.train_shards=[/d/a-{0..3}.tar, "
+     "/d/b-{0..3}.tar]': a list whose items hold braces needs each item quoted"),
     ("optim.betas=[0.9, 0.99, 0.5]", "config key 'optim.betas' must have 2 numbers"),
     ("train.steps=0", "config key 'train.steps' must be > 0, got 0"),
     ("data.crop_scale=[1.0, 0.5]", "config key 'data.crop_scale' is a range, low to high: got [1.0, 0.5]"),
@@ -130,7 +144,7 @@ def test_vit_b16_is_the_paper_size():
     ("model.drop_path_rate=1", "config key 'model.drop_path_rate' must be >= 0 and < 1, got 1.0"),
     ("data.std=[0.2, 0, 0.2]", "config key 'data.std' must be > 0, got [0.2, 0.0, 0.2]"),
     ("optim.warmup_steps=-1", "config key 'optim.warmup_steps' must be >= 0"),
-    ("train.seed=18446744073709551616", "config key 'train.seed' must be >= 0 and < 18446744073709551616, got 1844"),
+    ("train.seed=18446744073709551616", "config key 'train.seed' must be >= 0 and < 4294967296, got 1844"),
     ("data.streams=3", "train.global_batch_size=128 is not divisible by data.streams=3"),
     ("data.train_shards=''", "config key 'data.train_shards' is empty"),
     ("data.train_shards=[]", "config key 'data.train_shards' is empty"),

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from conftest import TINY
 from vitdist import distributed
+from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.model import build_model
 from vitdist.objective import Classification
@@ -202,6 +203,15 @@ def test_device_random_draws_depend_on_seed_rank_and_step():
     assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1])
     for other in (draws(1, 0, 5), draws(0, 1, 5), draws(0, 0, 6)):
         assert not torch.equal(other[0], want[0]) and not np.array_equal(other[1], want[1])
+
+
+def test_every_train_seed_the_config_accepts_seeds_the_steps():
+    """NumPy's generator takes 32-bit seeds: a larger train.seed passed the config and the process
+    group's start, then failed at the first step. It is refused beforehand, naming the key."""
+    largest = load_config(TINY, [f"train.seed={2**32 - 1}"]).train.seed
+    seed_step(largest, rank=7, step=10**6)
+    with pytest.raises(ConfigError, match=r"config key 'train.seed' must be >= 0 and < 4294967296, got 4294967296"):
+        load_config(TINY, [f"train.seed={2**32}"])
 
 
 def _two_ranks(rank, port, out_dir):

@@ -12,13 +12,14 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import TINY, png_bytes, read_scalars, run_pretrain, shard_overrides, write_shard
 from vitdist.config import to_dict
 from vitdist.config_yaml import load_config
 from vitdist.data import TrainLoader, expand_urls
-from vitdist.model import timm_kwargs
+from vitdist.model import build_model, timm_kwargs, train_flops_per_image
 from vitdist.schedule import lr_at
 
 pytestmark = pytest.mark.slow
@@ -46,6 +47,19 @@ def test_pretrain_on_2_ranks_then_resume(demo_shards, tmp_path):
     assert all(0 <= v <= 1 for _, v in curves["perf/data_wait_frac"])
     assert all(v > 0 for _, v in curves["perf/images_per_sec"])
     assert all(0 < v < 1 for _, v in curves["perf/mfu"])
+    # perf/images_per_sec counts every rank's images (64 a step) over the window's time: here against
+    # the events' times, for windows that neither follow nor hold a checkpoint or validation. perf/mfu
+    # is per device: the FLOPs of those images over 2 devices' peak (the first line prints it).
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    wall = {e.step: e.wall_time for e in events.Scalars("train/loss")}
+    per_sec = dict(curves["perf/images_per_sec"])
+    for end in (10, 25):
+        assert 0.7 < per_sec[end] * (wall[end] - wall[end - 5]) / (5 * 64) < 1.4, (end, per_sec, wall)
+    peak = float(re.search(r"mfu against (\S+) TFLOP/s per device \(measured\)", first.stdout)[1]) * 1e12
+    flops = train_flops_per_image(build_model(load_config(run_dir / "config.yaml").model))
+    assert [v for _, v in curves["perf/mfu"]] == pytest.approx([v * flops / peak / 2 for v in per_sec.values()],
+                                                                rel=6e-3)
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 writes, alone
     # The console shows what TensorBoard holds; the lr is the one the logged step trained at (its
     # index counts from 0), not the next step's.
@@ -89,6 +103,8 @@ def test_pretrain_on_2_ranks_then_resume(demo_shards, tmp_path):
     assert "steps 30 -> 40" in resumed.stdout and "step 5/40" not in resumed.stdout
     curves = read_scalars(run_dir / "tb")
     assert [s for s, _ in curves["train/loss"]] == [5, 10, 15, 20, 25, 30, 35, 40]
+    resumed_lr = [lr_at(s - 1, lr=2e-3, min_lr=1e-5, warmup_steps=5, total_steps=40) for s in (35, 40)]
+    assert [v for _, v in curves["train/lr"]] == pytest.approx([*schedule, *resumed_lr], rel=1e-6)  # the longer cosine
     assert (run_dir / "checkpoints" / "step_40" / ".metadata").is_file()
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import decimal
 import math
 import operator
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,8 +110,8 @@ class TrainConfig:
     steps: int = _opt(10000, "optimizer steps to train", above=0)
     global_batch_size: int = _opt(1024, "samples per optimizer step, over all ranks", above=0)
     precision: Literal["bf16", "fp32"] = _opt("bf16", "autocast dtype of forward/backward; weights and optimizer stay fp32")
-    # torch.manual_seed takes 64 bits: a larger seed failed once the process group had started
-    seed: int = _opt(0, "seed of model initialisation and of the random draws on the device (drop path, mixup/cutmix)", at_least=0, below=2**64)
+    # NumPy's generator (mixup's draws) takes 32 bits: a larger seed failed at the first step
+    seed: int = _opt(0, "seed of model initialisation and of the random draws on the device (drop path, mixup/cutmix)", at_least=0, below=2**32)
     compile: bool = _opt(False, "torch.compile the model")
     activation_memory_budget: float = _opt(
         1.0, "compiled runs: the share of the activations for backward that compile's partitioner may keep (0.5 keeps "
@@ -151,7 +152,7 @@ class CkptConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = _opt(10, "console and TensorBoard line every N steps", above=0)
+    every_steps: int = _opt(10, "console and TensorBoard line every N steps, and at checkpoint and validation steps", above=0)
     peak_tflops: float | None = _opt(None, "per-device matmul peak that perf/mfu divides by; null: measured at start "
                                            "(bf16 or fp32, per train.precision)", above=0)
 
@@ -266,11 +267,24 @@ def takes_text(key: str) -> bool:
     return tp is str or (_is_union(tp) and str in get_args(tp))
 
 
+# Keys that name local paths. The shell expands no `~` after `run.dir=` (not a variable assignment
+# to it), and the run would have written into a directory named `~` in the working directory.
+_PATH_KEYS = ("data.train_shards", "data.val_shards", "train.resume", "finetune.init", "run.dir")
+
+
+def _expand_home(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_expand_home(item) for item in value]
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
 def set_key(cfg: Config, key: str, value: Any) -> None:
-    """Set `key` of `cfg` to `value` as the key's type; ConfigError naming the key if it is not one."""
+    """Set `key` of `cfg` to `value` as the key's type (a path's leading `~` the home directory);
+    ConfigError naming the key if it is not one."""
     tp = _key_type(key)
     section, name = key.split(".")
-    setattr(getattr(cfg, section), name, _check_value(key, value, tp))
+    value = _check_value(key, value, tp)
+    setattr(getattr(cfg, section), name, _expand_home(value) if key in _PATH_KEYS else value)
 
 
 def validate(cfg: Config) -> None:

@@ -74,6 +74,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.load(raw, _Loader)
     except yaml.YAMLError as e:
+        if as_text and raw.startswith("[") and raw.endswith("]"):  # else read as one shard named '[a-0.tar, ...'
+            raise ConfigError(f"override '{text}': a list whose items hold braces needs each item quoted (YAML reads "
+                              f"an unquoted {{ in a list as a mapping): {key}=['a-{{0..3}}.tar', 'b-{{0..3}}.tar']") from None
         if as_text:
             return key, raw
         raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
