@@ -270,3 +270,27 @@ def test_check_only_validates_for_the_world_size_given(demo_shards, tmp_path):
     assert missing.returncode == 2, missing.stderr
     assert f"config error: train.resume='{tmp_path / 'gone'}' is not a complete checkpoint directory" in missing.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_likely_mistakes_are_warned_of_once_and_still_run(demo_shards, tmp_path):
+    """A long run's config with a short run's overrides: allowed, but said, by rank 0 alone, also
+    under `--check` (what SLURM jobs run first). A directory given as the config is named as one."""
+    from conftest import ENV, shard_overrides
+
+    usual = [sys.executable, "launch/pretrain.py", "--config", str(TINY), "--check", *shard_overrides(demo_shards),
+             f"run.dir={tmp_path / 'run'}"]
+    command = [*usual, "train.steps=10", "optim.warmup_steps=20", "optim.min_lr=0.01", "data.val_shards=null"]
+    run = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    warned = [line for line in run.stderr.splitlines() if line.startswith("config warning: ")]
+    assert warned == ["config warning: optim.warmup_steps=20 > train.steps=10: the learning rate rises to 0.001 of "
+                      "optim.lr=0.002 and never decays",
+                      "config warning: optim.min_lr=0.01 > optim.lr=0.002: the learning rate rises after the warmup",
+                      "config warning: train.eval_every_steps=100, but data.val_shards is null: nothing is validated"]
+    other_rank = subprocess.run(command, cwd=REPO, env={**ENV, "RANK": "1"}, capture_output=True, text=True, timeout=120)
+    assert other_rank.returncode == 0 and "config warning" not in other_rank.stderr
+    plain = subprocess.run(usual, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and "config warning" not in plain.stderr, plain.stderr
+    folder = subprocess.run([*command[:3], str(tmp_path), "--check"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert folder.returncode == 2 and f"config file '{tmp_path}' is not a file" in folder.stderr

@@ -332,6 +332,20 @@ def validate(cfg: Config) -> None:
             "every global batch takes the same number of samples from each stream")
 
 
+def doubts(cfg: Config) -> list[str]:
+    """What is allowed but likely a mistake, such as a short run's overrides on a long run's config."""
+    found = []
+    optim, train = cfg.optim, cfg.train
+    if optim.warmup_steps > train.steps:
+        found.append(f"optim.warmup_steps={optim.warmup_steps} > train.steps={train.steps}: the learning rate rises to "
+                     f"{optim.lr * train.steps / optim.warmup_steps:.3g} of optim.lr={optim.lr:g} and never decays")
+    if optim.min_lr > optim.lr:
+        found.append(f"optim.min_lr={optim.min_lr:g} > optim.lr={optim.lr:g}: the learning rate rises after the warmup")
+    if train.eval_every_steps and not cfg.data.val_shards:
+        found.append(f"train.eval_every_steps={train.eval_every_steps}, but data.val_shards is null: nothing is validated")
+    return found
+
+
 def batch_layout(cfg: Config, world_size: int) -> int:
     """Gradient accumulation steps for this world size; a layout that cannot divide is a ConfigError."""
     global_batch, micro, streams = cfg.train.global_batch_size, cfg.data.micro_batch_size, cfg.data.streams

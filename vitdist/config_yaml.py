@@ -91,7 +91,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
+            raise ConfigError(f"config file '{path}' {'is not a file' if path.exists() else 'does not exist'}")
         try:
             tree = yaml.load(path.read_text(), _Loader) or {}
         except yaml.YAMLError as e:

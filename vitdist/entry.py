@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import SaveFailed, UnsafeCheckpoint
-from .config import ConfigError
+from .config import ConfigError, doubts
 from .config_yaml import load_config
 from .distributed import refuse_together
 from .handoff import HandoffError
@@ -40,6 +40,9 @@ def main(description: str, finetune: bool) -> int:
         refusal = str(e)
     if refuse_together(refusal, lambda message: print(f"config error: {message}", file=sys.stderr, flush=True)):
         return 2
+    if os.environ.get("RANK", "0") == "0":
+        for doubt in doubts(cfg):
+            print(f"config warning: {doubt}", file=sys.stderr, flush=True)
     if args.check:
         return 0
     # A recurring error is marked in <run.dir>/FATAL: torchrun's restarts of this launch exit at
