@@ -341,6 +341,23 @@ def test_shard_specs(demo_shards, tmp_path):
         expand_urls(str(tmp_path / "missing.txt"))
 
 
+def test_a_shard_named_twice_or_a_shard_list_inside_a_list_is_refused(demo_shards, tmp_path):
+    """Either would go unnoticed: a shard named twice is read twice per epoch (its validation samples
+    count twice in top-1), and a .txt list inside a list was read as a tar shard, all of whose
+    "samples" are skipped as read errors."""
+    urls = expand_urls(demo_shards["val"])
+    listing = tmp_path / "val.txt"
+    listing.write_text("\n".join([*urls, urls[1]]) + "\n  # an indented comment\n")
+    for spec in (str(listing), [demo_shards["val"], urls[1]]):
+        with pytest.raises(ConfigError, match=f"^data.val_shards: '{re.escape(urls[1])}' is named 2 times"):
+            expand_urls(spec, "data.val_shards")
+    listing.write_text("\n".join(urls[:2]) + "\n  # an indented comment\n")
+    assert expand_urls(str(listing)) == urls[:2]
+    with pytest.raises(ConfigError, match=f"^data.train_shards: the shard list file '{re.escape(str(listing))}' is an "
+                                          "item of a list"):
+        expand_urls([str(listing), urls[0]], "data.train_shards")
+
+
 def test_a_missing_shard_is_refused_naming_its_key(demo_shards, tmp_path):
     cfg = load_config(TINY, [f"data.train_shards={demo_shards['train']}", f"data.val_shards={tmp_path}/v-{{0..1}}.tar",
                                f"run.dir={tmp_path}"])
