@@ -475,6 +475,20 @@ def test_hidden_files_and_folders_are_neither_classes_nor_images_nor_folders_nam
         ("cat/img.0.jpg", 0), ("dog/img.0.jpg", 1), ("eel/img.0.jpg", 2)]
 
 
+def test_make_shards_refuses_a_folder_that_holds_shards_of_its_prefix(tmp_path):
+    """Written again there (another --streams, --seed, or other images), shards would replace those
+    of the same names, which a run may be training on (its resume would then read other samples,
+    unnoticed: shards are compared by name), and fewer of them would leave old ones beside the new."""
+    make_image_folder(tmp_path / "src")
+    pattern = make_shards(tmp_path / "src", tmp_path / "out", samples_per_shard=4, progress=False)
+    before = {url: Path(url).read_bytes() for url in expand_urls(pattern)}
+    with pytest.raises(FileExistsError, match=f"'{tmp_path / 'out'}' holds 4 shard\\(s\\) train-\\*.tar already"):
+        make_shards(tmp_path / "src", tmp_path / "out", samples_per_shard=8, seed=1, progress=False)
+    assert {url: Path(url).read_bytes() for url in expand_urls(pattern)} == before
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == sorted(Path(u).name for u in before)
+    make_shards(tmp_path / "src", tmp_path / "out", prefix="val", samples_per_shard=8, progress=False)  # another prefix
+
+
 def test_make_shards_by_size(tmp_path):
     """--max-shard-bytes bounds the image bytes per shard, and shards stay of equal sizes up to one."""
     gen = torch.Generator().manual_seed(0)
