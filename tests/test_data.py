@@ -407,6 +407,30 @@ def test_eval_counts_the_bad_samples_it_skips(tmp_path):
     assert batches[-1]["image"].shape == (0, 3, 32, 32)
 
 
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2), (3, 1)])
+def test_eval_counts_each_sample_and_each_skip_once_on_any_layout(tmp_path, world_size, workers):
+    """val/top1 on N ranks is top-1 on one: shards of unequal sizes (one empty, one cut short before
+    a member) dealt whole (1 and 3 slots) or every 4th sample of all (4 slots: more than shards),
+    each good sample once over all ranks and workers, each bad one (undecodable, the cut shard's
+    unreadable rest) counted once."""
+    write_shard(tmp_path / "a.tar", [{"__key__": f"a{i}", "png": png_bytes((i, 0, 0)) if i != 3 else b"bad", "cls": i % 8}
+                                     for i in range(8)])
+    write_shard(tmp_path / "empty.tar", [])
+    write_shard(tmp_path / "whole.tar", [{"__key__": f"c{i}", "png": png_bytes((0, i, 0)), "cls": 1} for i in range(5)])
+    header = min(m.offset for m in tarfile.open(tmp_path / "whole.tar").getmembers() if m.name.startswith("c3."))
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "whole.tar").read_bytes()[:header])
+    (tmp_path / "val.txt").write_text("".join(f"{tmp_path / name}\n" for name in ("a.tar", "empty.tar", "cut.tar")))
+    cfg = load_config(TINY, [f"data.val_shards={tmp_path / 'val.txt'}", f"data.num_workers={workers}",
+                             "data.micro_batch_size=2"])
+    seen, skipped = Counter(), 0
+    for rank in range(world_size):
+        for batch in EvalLoader(cfg.data, 32, 8, rank, world_size):
+            seen.update(batch["key"])
+            skipped += batch["skipped"]
+    assert sorted(seen.elements()) == ["a0", "a1", "a2", "a4", "a5", "a6", "a7", "c0", "c1", "c2"]
+    assert skipped == 2
+
+
 def test_crop_boxes_follow_scale_and_ratio():
     rng = random.Random(0)
     for _ in range(2000):
