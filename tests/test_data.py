@@ -341,6 +341,23 @@ def test_shard_specs(demo_shards, tmp_path):
         expand_urls(str(tmp_path / "missing.txt"))
 
 
+def test_a_shard_named_twice_or_a_shard_list_inside_a_list_is_refused(demo_shards, tmp_path):
+    """Either would go unnoticed: a shard named twice is read twice per epoch (its validation samples
+    count twice in top-1), and a .txt list inside a list was read as a tar shard, all of whose
+    "samples" are skipped as read errors."""
+    urls = expand_urls(demo_shards["val"])
+    listing = tmp_path / "val.txt"
+    listing.write_text("\n".join([*urls, urls[1]]) + "\n  # an indented comment\n")
+    for spec in (str(listing), [demo_shards["val"], urls[1]]):
+        with pytest.raises(ConfigError, match=f"^data.val_shards: '{re.escape(urls[1])}' is named 2 times"):
+            expand_urls(spec, "data.val_shards")
+    listing.write_text("\n".join(urls[:2]) + "\n  # an indented comment\n")
+    assert expand_urls(str(listing)) == urls[:2]
+    with pytest.raises(ConfigError, match=f"^data.train_shards: the shard list file '{re.escape(str(listing))}' is an "
+                                          "item of a list"):
+        expand_urls([str(listing), urls[0]], "data.train_shards")
+
+
 def test_a_missing_shard_is_refused_naming_its_key(demo_shards, tmp_path):
     cfg = load_config(TINY, [f"data.train_shards={demo_shards['train']}", f"data.val_shards={tmp_path}/v-{{0..1}}.tar",
                                f"run.dir={tmp_path}"])
@@ -388,6 +405,30 @@ def test_eval_counts_the_bad_samples_it_skips(tmp_path):
     batches = list(EvalLoader(cfg.data, 32, 8, 0, 1))
     assert [(b["key"], b["skipped"]) for b in batches] == [(["good0", "good1", "good2"], 1), ([], 2)]
     assert batches[-1]["image"].shape == (0, 3, 32, 32)
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2), (3, 1)])
+def test_eval_counts_each_sample_and_each_skip_once_on_any_layout(tmp_path, world_size, workers):
+    """val/top1 on N ranks is top-1 on one: shards of unequal sizes (one empty, one cut short before
+    a member) dealt whole (1 and 3 slots) or every 4th sample of all (4 slots: more than shards),
+    each good sample once over all ranks and workers, each bad one (undecodable, the cut shard's
+    unreadable rest) counted once."""
+    write_shard(tmp_path / "a.tar", [{"__key__": f"a{i}", "png": png_bytes((i, 0, 0)) if i != 3 else b"bad", "cls": i % 8}
+                                     for i in range(8)])
+    write_shard(tmp_path / "empty.tar", [])
+    write_shard(tmp_path / "whole.tar", [{"__key__": f"c{i}", "png": png_bytes((0, i, 0)), "cls": 1} for i in range(5)])
+    header = min(m.offset for m in tarfile.open(tmp_path / "whole.tar").getmembers() if m.name.startswith("c3."))
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "whole.tar").read_bytes()[:header])
+    (tmp_path / "val.txt").write_text("".join(f"{tmp_path / name}\n" for name in ("a.tar", "empty.tar", "cut.tar")))
+    cfg = load_config(TINY, [f"data.val_shards={tmp_path / 'val.txt'}", f"data.num_workers={workers}",
+                             "data.micro_batch_size=2"])
+    seen, skipped = Counter(), 0
+    for rank in range(world_size):
+        for batch in EvalLoader(cfg.data, 32, 8, rank, world_size):
+            seen.update(batch["key"])
+            skipped += batch["skipped"]
+    assert sorted(seen.elements()) == ["a0", "a1", "a2", "a4", "a5", "a6", "a7", "c0", "c1", "c2"]
+    assert skipped == 2
 
 
 def test_crop_boxes_follow_scale_and_ratio():
@@ -456,6 +497,20 @@ def test_hidden_files_and_folders_are_neither_classes_nor_images_nor_folders_nam
     assert classes == ["cat", "dog", "eel"]
     assert [(path.relative_to(tmp_path / "src").as_posix(), label) for path, label in items] == [
         ("cat/img.0.jpg", 0), ("dog/img.0.jpg", 1), ("eel/img.0.jpg", 2)]
+
+
+def test_make_shards_refuses_a_folder_that_holds_shards_of_its_prefix(tmp_path):
+    """Written again there (another --streams, --seed, or other images), shards would replace those
+    of the same names, which a run may be training on (its resume would then read other samples,
+    unnoticed: shards are compared by name), and fewer of them would leave old ones beside the new."""
+    make_image_folder(tmp_path / "src")
+    pattern = make_shards(tmp_path / "src", tmp_path / "out", samples_per_shard=4, progress=False)
+    before = {url: Path(url).read_bytes() for url in expand_urls(pattern)}
+    with pytest.raises(FileExistsError, match=f"'{tmp_path / 'out'}' holds 4 shard\\(s\\) train-\\*.tar already"):
+        make_shards(tmp_path / "src", tmp_path / "out", samples_per_shard=8, seed=1, progress=False)
+    assert {url: Path(url).read_bytes() for url in expand_urls(pattern)} == before
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == sorted(Path(u).name for u in before)
+    make_shards(tmp_path / "src", tmp_path / "out", prefix="val", samples_per_shard=8, progress=False)  # another prefix
 
 
 def test_make_shards_by_size(tmp_path):

@@ -140,7 +140,7 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
         shutil.copy(url, tmp_path / "moved")
     moved = [str(tmp_path / "moved" / Path(url).name) for url in urls]
     shutil.copy(urls[0], tmp_path / "moved" / "renamed.tar")
-    lists = {"reordered": urls[1:] + urls[:1], "added": urls + urls[:1], "moved": moved,
+    lists = {"reordered": urls[1:] + urls[:1], "added": [*urls, str(tmp_path / "moved" / "renamed.tar")], "moved": moved,
              "renamed": [str(tmp_path / "moved" / "renamed.tar"), *moved[1:]]}
     for name, shards in lists.items():
         (tmp_path / f"{name}.txt").write_text("\n".join(shards))

@@ -48,21 +48,32 @@ def is_remote(url: str) -> bool:
 
 def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
     """Shard URLs from a brace pattern, a list of patterns, or a .txt file with one per line.
-    `key` (the config key that gave them) is named in the errors."""
+    `key` (the config key that gave them) is named in the errors. A shard named twice is refused:
+    its samples would be read twice per epoch, and count twice in validation."""
     where = f"{key}: " if key else ""
-    if isinstance(spec, str) and spec.endswith(".txt") and not spec.startswith("pipe:"):
+    if isinstance(spec, str) and _is_list_file(spec):
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"{where}shard list file '{spec}' does not exist")
-        spec = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        spec = [line for line in map(str.strip, path.read_text().splitlines()) if line and not line.startswith("#")]
+    elif listed := next((p for p in ([] if isinstance(spec, str) else spec) if _is_list_file(p)), None):
+        raise ConfigError(f"{where}the shard list file '{listed}' is an item of a list, where it would be read as a tar "
+                          "shard: give the .txt file alone, or its lines in the list")
     patterns = [spec] if isinstance(spec, str) else spec
     urls = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
+    if twice := next((url for url, count in Counter(urls).items() if count > 1), None):
+        raise ConfigError(f"{where}'{twice}' is named {urls.count(twice)} times: its samples would be read as many "
+                          "times per epoch (and counted as many times in validation); name each shard once")
     missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
     if missing:
         raise ConfigError(f"{where}{len(missing)} shard file(s) do not exist, first: '{missing[0]}'")
     if not urls:
         raise ConfigError(f"{where}no shards in {spec!r}")
     return urls
+
+
+def _is_list_file(spec: str) -> bool:
+    return spec.endswith(".txt") and not spec.startswith("pipe:")
 
 
 def device_jpeg(image: Image.Image, data: bytes) -> bytes | None:

@@ -80,6 +80,13 @@ def draw_photo(width: int, height: int, rng: np.random.Generator, grain: float =
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def _drop_shards(folder: Path, prefix: str) -> None:
+    """The demo's shards of an earlier write (one cut short, which launch/demo.sh writes again):
+    make_shards refuses to write over shards, and the demo's are drawn again alike."""
+    for shard in folder.glob(f"{prefix}-*.tar"):
+        shard.unlink()
+
+
 def write_demo_dataset(out_dir: str | Path, train_per_class: int = 600, val_per_class: int = 100,
                        image_size: int = 40, samples_per_shard: int = 300, seed: int = 0) -> dict[str, str]:
     """Draw the images as an ImageFolder under `out_dir/images`, then shard them with make-shards,
@@ -93,6 +100,7 @@ def write_demo_dataset(out_dir: str | Path, train_per_class: int = 600, val_per_
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 draw_shape(name, image_size, rng).save(folder / f"{name}_{i:05d}.png")
+        _drop_shards(out_dir / "shards", split)
         patterns[split] = make_shards(out_dir / "images" / split, out_dir / "shards", prefix=split,
                                       samples_per_shard=samples_per_shard, seed=seed, progress=False)
     return patterns
@@ -117,6 +125,7 @@ def write_digits_dataset(out_dir: str | Path, image_size: int = 32, val_count: i
             folder.mkdir(parents=True, exist_ok=True)
             grey = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8))
             grey.resize((image_size, image_size), Image.BILINEAR).convert("RGB").save(folder / f"digit_{i:04d}.png")
+        _drop_shards(out_dir / "shards", split)
         patterns[split] = make_shards(out_dir / "images" / split, out_dir / "shards", prefix=split,
                                       samples_per_shard=math.ceil(len(indices) / streams), seed=seed,
                                       progress=False, streams=streams)

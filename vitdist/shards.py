@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import math
@@ -63,11 +64,17 @@ def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", sam
     """Write shards `<out_dir>/<prefix>-NNNNNN.tar` (laid out by shard_bounds) and
     `<out_dir>/classes.json`; return the brace pattern of the shards. Samples are shuffled first:
     ImageFolder order is sorted by class, and a stream's shuffle block could not undo that.
-    `classes`: see scan_image_folder."""
+    `classes`: see scan_image_folder. A folder that holds `<prefix>-*.tar` shards already is refused
+    (FileExistsError): a run may be training on them, and a resume finds shards by name."""
+    out_dir = Path(out_dir)
+    if held := sorted(out_dir.glob(f"{glob.escape(prefix)}-*.tar")):
+        raise FileExistsError(f"'{out_dir}' holds {len(held)} shard(s) {prefix}-*.tar already: written again, they "
+                              "would be replaced under the same names (a run trained on them would resume onto other "
+                              "samples) or, fewer, leave old ones beside them; write to another folder or --prefix, or "
+                              "delete them first")
     classes, items = scan_image_folder(src, classes)
     random.Random(seed).shuffle(items)
     bounds = shard_bounds([path.stat().st_size for path, _ in items], samples_per_shard, max_shard_bytes, streams)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(items), desc=f"{prefix} shards", unit="img", disable=not progress) as bar:
         for shard, (start, end) in enumerate(itertools.pairwise(bounds)):
