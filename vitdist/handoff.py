@@ -166,7 +166,12 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
 def load_pretrained(model: torch.nn.Module, path: str | Path) -> tuple[str, list[str]]:
     """Initialise `model` from the checkpoint at `path`. Returns the checkpoint's kind and the keys
     left at their fresh initialisation (the head's, when it was replaced)."""
-    path = locate(path)
+    return load_located(model, locate(path))
+
+
+def load_located(model: torch.nn.Module, path: Path) -> tuple[str, list[str]]:
+    """load_pretrained for a checkpoint that `locate` gave: for a caller that has read its metadata
+    already, so that a run's newer checkpoint is not looked up in between."""
     state, kind = read_state_dict(path)
     source = f"the checkpoint '{path}' ({describe(recorded_arch(path), state)})"
     result = model.load_state_dict(adapt(state, model, source), strict=False)
