@@ -19,6 +19,7 @@ from conftest import REPO, TINY, running
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.evaluate import evaluate_checkpoint, hub_meta
+from vitdist.handoff import HandoffError
 from vitdist.model import build_model
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -176,6 +177,10 @@ def test_a_hub_folder_without_what_evaluation_needs_is_refused_naming_its_file(t
     config.unlink()
     refused(f"'{tmp_path / 'hub' / 'model.safetensors'}' does not say its architecture and has no config.json beside "
             "it: give --config")
+    # A run's checkpoints/ whose first save has not completed: it was asked for --config.
+    (tmp_path / "run" / "checkpoints" / "step_4.tmp").mkdir(parents=True)
+    with pytest.raises(HandoffError, match=re.escape(f"'{tmp_path / 'run' / 'checkpoints'}' holds no checkpoint: ")):
+        evaluate_checkpoint(tmp_path / "run" / "checkpoints", str(tmp_path / "some"), workers=0)
 
     # What vitdist's validation cannot do as the file asks is said, not done otherwise without a word.
     write_hub(tmp_path / "squash")

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         from .export import export
         try:
             out = export(args.checkpoint, args.out)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             print(f"vitdist export: {e}", file=sys.stderr)
             return 2
         print(f"wrote {out} and {out.with_suffix('.json')}")

@@ -69,10 +69,14 @@ def locate(path: str | Path) -> Path:
     if not path.exists():
         raise HandoffError(f"checkpoint '{path}' does not exist")
     path = newest_if_run(path)
+    if not path.is_dir() or (path / ".metadata").exists():
+        return path
     hub = [path / name for name in HUB_WEIGHTS if (path / name).is_file()]
-    if hub and not (path / ".metadata").exists():  # a Hugging Face hub folder, as timm's save_for_hf writes
-        return hub[0]
-    return path
+    if not hub:  # e.g. a run's checkpoints/ before its first save completed: say so, not "no model.json"
+        raise HandoffError(f"'{path}' holds no checkpoint: it is no vitdist checkpoint (no .metadata), no run's "
+                           "checkpoints/ with a complete one (step_N/, not step_N.tmp/), no Hugging Face hub folder "
+                           f"({' or '.join(HUB_WEIGHTS)})")
+    return hub[0]  # a Hugging Face hub folder, as timm's save_for_hf writes it
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
