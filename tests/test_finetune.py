@@ -29,6 +29,30 @@ def test_layer_decay_lr_per_block():
     assert scale[id(model.pos_embed)] == scale[id(model.patch_embed.proj.weight)] == 0.5 ** (depth + 1)
 
 
+def test_a_resume_may_turn_layer_decay_on(tmp_path, process_group):
+    """finetune.layer_decay changed for a resume is the user's to make, as other optimizer settings
+    are: from 1 (two parameter groups) to 0.75 (one pair per layer, each with an lr_scale), the
+    checkpoint's moments load into the new groups, where the load failed with a traceback of
+    torch.distributed.checkpoint's ('Missing key in checkpoint state_dict:
+    optim.param_groups.0.lr_scale')."""
+    from vitdist import checkpoint
+    from vitdist.config import CkptConfig
+
+    cfg = load_config(TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    path = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=0), {}).save(1, model, optimizer, {"step": 1})
+    resumed = build_model(cfg.model)
+    decayed = build_optimizer(resumed, cfg.optim, layer_decay=0.75)
+    checkpoint.load(path, resumed, decayed)
+    assert len({g["lr_scale"] for g in decayed.param_groups}) == len(resumed.blocks) + 2
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(decayed.state[q]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"], rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp_path):
     """Pretrain (2 ranks, DDP) -> fine-tune at 48 px with 5 classes, layer decay and a frozen
