@@ -53,6 +53,26 @@ def test_a_resume_may_turn_layer_decay_on(tmp_path, process_group):
         torch.testing.assert_close(decayed.state[q]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"], rtol=0, atol=0)
 
 
+def test_a_linear_probe_is_not_resumed_as_a_full_fine_tune(tmp_path, process_group):
+    """A probe's optimizer holds the head's moments only: resumed with finetune.freeze=none it failed
+    in torch.distributed.checkpoint with a traceback ('Missing key in checkpoint state_dict'); it is
+    refused before any process group, naming the way to do it."""
+    from vitdist import checkpoint, resume
+    from vitdist.config import CkptConfig, ConfigError, to_dict
+    from vitdist.train import model_meta
+
+    probe = load_config(TINY, ["finetune.freeze=backbone"])
+    model = build_model(probe.model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("head."))
+    path = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=0), model_meta(probe.model, probe.data)).save(
+        1, model, build_optimizer(model, probe.optim),
+        {"step": 1, "config": to_dict(probe), "data_positions": [[0, 0, 0]] * probe.data.streams})
+    with pytest.raises(ConfigError, match=re.escape(
+            f"finetune.freeze=none, but checkpoint '{path}' trained the head alone (finetune.freeze=backbone)")):
+        resume.check(load_config(TINY), path, [])
+
+
 @pytest.mark.slow
 def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp_path):
     """Pretrain (2 ranks, DDP) -> fine-tune at 48 px with 5 classes, layer decay and a frozen
