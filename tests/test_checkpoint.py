@@ -150,11 +150,11 @@ def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(tmp_path, pro
         3, model, optimizer, {"step": 3, "data_positions": {}})
     marker = tmp_path / "pwned"
 
-    # A non-tensor value (an optimizer hyperparameter) replaced by the exploit.
+    # A value of the optimizer's state replaced by the exploit.
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    state["optim"]["param_groups"][0]["lr"] = Exploit(marker)
+    state["optim"]["state"]["pos_embed"]["step"] = Exploit(marker)
     dcp.save(state, checkpoint_id=tmp_path / "evil_value")
-    with pytest.raises(checkpoint.UnsafeCheckpoint, match="evil_value'.*refusing to unpickle 'optim.param_groups"):
+    with pytest.raises(checkpoint.UnsafeCheckpoint, match="evil_value'.*refusing to unpickle 'optim.state.pos_embed"):
         checkpoint.load(tmp_path / "evil_value", *trained_pair(1))
     assert not marker.exists()
 

@@ -2,9 +2,12 @@
 the outputs' class names, the normalisation and the crop come from its config.json."""
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import timm
@@ -12,10 +15,11 @@ import torch
 from PIL import Image
 from timm.models import save_for_hf
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, running
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.evaluate import evaluate_checkpoint, hub_meta
+from vitdist.handoff import HandoffError
 from vitdist.model import build_model
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -24,13 +28,13 @@ OUTPUTS = ["red", "blue", "green"]  # not the sorted order of the folders: blue,
 HUB_DATA = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.3, 0.25), "crop_pct": 0.5}
 
 
-def colour_reader(outputs: list[str]) -> torch.nn.Module:
+def colour_reader(outputs: list[str], *overrides: str) -> torch.nn.Module:
     """The tiny ViT set to answer the colour that covers most of the image it is given: output i
     for colour outputs[i]. The patch embedding takes each patch's mean red, green and blue into
     the first three token dimensions; the first block's [CLS] attends to every token alike and
     adds their normalised values; every other attention and MLP adds nothing; the head reads the
-    colour's dimension of the [CLS] token."""
-    model = build_model(load_config(TINY, [f"model.num_classes={len(outputs)}"]).model).eval()
+    colour's dimension of the [CLS] token. `overrides`: of the tiny config's model section."""
+    model = build_model(load_config(TINY, [f"model.num_classes={len(outputs)}", *overrides]).model).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not re.fullmatch(r"(blocks\.\d+\.)?norm\d?\.weight", name):  # the LayerNorms keep their scale of 1
@@ -45,12 +49,13 @@ def colour_reader(outputs: list[str]) -> torch.nn.Module:
     return model
 
 
-def write_hub(path, outputs: list[str] = OUTPUTS, names_in: str | None = "config", safe: bool = True) -> None:
+def write_hub(path, outputs: list[str] = OUTPUTS, names_in: str | None = "config", safe: bool = True,
+              overrides: tuple[str, ...] = ()) -> None:
     """A hub folder of colour_reader(outputs), as save_for_hf writes it (model.safetensors, or
     pytorch_model.bin where not `safe`), with label_names at the top level of config.json
     (names_in='config', as push_to_hf_hub(model_config=...) puts them), in its pretrained_cfg (as a
     vitdist export's weights loaded through timm's pretrained path pass them on), or nowhere (None)."""
-    model = colour_reader(outputs)
+    model = colour_reader(outputs, *overrides)
     model.pretrained_cfg = {**model.pretrained_cfg, **HUB_DATA, "num_classes": len(outputs),
                             **({"label_names": outputs} if names_in == "pretrained_cfg" else {})}
     save_for_hf(model, path, model_config={"label_names": outputs} if names_in == "config" else None,
@@ -84,9 +89,10 @@ def timm_figures(hub, root, outputs: list[str]) -> tuple[float, float]:
     return sum(correct) / len(correct), sum(losses) / len(losses)
 
 
-def cli_evaluate(checkpoint, data) -> subprocess.CompletedProcess:
+def cli_evaluate(checkpoint, data, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint", str(checkpoint),
-                           "--data", str(data), "--workers", "0"], capture_output=True, text=True, cwd=REPO, timeout=120)
+                           "--data", str(data), "--workers", "0", *options], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
 
 
 @pytest.mark.parametrize("names_in, safe", [("config", True), ("pretrained_cfg", False)])
@@ -113,6 +119,33 @@ def test_a_hub_folder_is_evaluated_as_its_config_json_says(tmp_path, names_in, s
     assert "top-1 100.00%" in some.stdout
 
 
+@pytest.mark.parametrize("names_key", ["labels", "label_names"])
+def test_a_hub_folder_of_timm_before_0_9_is_evaluated_as_timm_reads_it(tmp_path, names_key):
+    """timm before 0.9 wrote config.json as one flat dict: its pretrained_cfg (input_size, mean,
+    std, crop_pct, ...) with the architecture, num_classes and the class names (`labels`, or
+    `label_names`) beside them, and no model_args (the weights are the architecture's own size).
+    timm still reads it; vitdist refused it as lacking pretrained_cfg.input_size."""
+    size = ["model.img_size=224", "model.patch_size=null", "model.embed_dim=null", "model.depth=null",
+            "model.num_heads=null"]  # vit_tiny_patch16_224 as timm builds it by name
+    write_hub(tmp_path / "hub", names_in=None, overrides=tuple(size))
+    config = tmp_path / "hub" / "config.json"
+    hub = json.loads(config.read_text())
+    flat = {**hub["pretrained_cfg"], "architecture": hub["architecture"], "num_classes": hub["num_classes"],
+            "num_features": hub["num_features"], names_key: OUTPUTS}
+    config.write_text(json.dumps(flat))
+    write_ringed_images(tmp_path / "val", {"red": ["red"] * 2, "green": ["green"] * 2, "blue": ["blue", "red"]})
+    top1, loss = timm_figures(tmp_path / "hub", tmp_path / "val", OUTPUTS)
+    assert top1 == 5 / 6
+
+    evaluation = cli_evaluate(tmp_path / "hub", tmp_path / "val")
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert "top-1 83.33% | top-5 100.00%" in evaluation.stdout
+    assert float(re.search(r"loss ([\d.]+)", evaluation.stdout).group(1)) == pytest.approx(loss, abs=1e-3)
+    config.write_text(json.dumps({key: value for key, value in flat.items() if key != "mean"}))
+    with pytest.raises(ConfigError, match=re.escape(f"'{config}' has no mean, which evaluating its weights needs")):
+        hub_meta(config)
+
+
 def edit(config, change, original: str) -> None:
     """config.json as `original` has it, changed by `change`."""
     hub = json.loads(original)
@@ -132,7 +165,10 @@ def test_a_hub_folder_without_what_evaluation_needs_is_refused_naming_its_file(t
 
     refused(f"--data: '{tmp_path / 'some'}' has 2 class folders for the checkpoint's 3 classes, and '{config}' does "
             "not name them")
-    edit(config, lambda hub: hub["pretrained_cfg"].update(input_size=[3, 32, 48]), original)
+    edit(config, lambda hub: hub["model_args"].update(img_size=[32, 48]), original)
+    refused(f"'{config}' has model_args.img_size 32x48: vitdist evaluates square images")
+    edit(config, lambda hub: (hub["model_args"].pop("img_size"), hub["pretrained_cfg"].update(input_size=[3, 32, 48])),
+         original)
     refused(f"'{config}' has pretrained_cfg.input_size 32x48: vitdist evaluates square images")
     edit(config, lambda hub: hub["pretrained_cfg"].pop("mean"), original)
     refused(f"'{config}' has no pretrained_cfg.mean, which evaluating its weights needs")
@@ -141,6 +177,10 @@ def test_a_hub_folder_without_what_evaluation_needs_is_refused_naming_its_file(t
     config.unlink()
     refused(f"'{tmp_path / 'hub' / 'model.safetensors'}' does not say its architecture and has no config.json beside "
             "it: give --config")
+    # A run's checkpoints/ whose first save has not completed: it was asked for --config.
+    (tmp_path / "run" / "checkpoints" / "step_4.tmp").mkdir(parents=True)
+    with pytest.raises(HandoffError, match=re.escape(f"'{tmp_path / 'run' / 'checkpoints'}' holds no checkpoint: ")):
+        evaluate_checkpoint(tmp_path / "run" / "checkpoints", str(tmp_path / "some"), workers=0)
 
     # What vitdist's validation cannot do as the file asks is said, not done otherwise without a word.
     write_hub(tmp_path / "squash")
@@ -148,7 +188,40 @@ def test_a_hub_folder_without_what_evaluation_needs_is_refused_naming_its_file(t
     edit(config, lambda hub: hub["pretrained_cfg"].update(crop_mode="squash", interpolation="bilinear"),
          config.read_text())
     assert hub_meta(config)["val_crop_frac"] == 0.5
+    # A model made at another size than its pretrained_cfg's (timm.create_model(arch, img_size=...)),
+    # exported by a timm that kept the source's input_size: timm takes model_args' img_size, the
+    # weights' own; so does vitdist (it resampled the position embeddings to 224 px without a word).
+    edit(config, lambda hub: hub["pretrained_cfg"].update(input_size=[3, 224, 224]), config.read_text())
+    assert hub_meta(config)["timm_kwargs"]["img_size"] == 32
     assert f"'{config}' asks for a squash crop resized bilinear; vitdist center-crops" in caplog.text
     # timm's form of label_names for outputs some of which have no name.
     edit(config, lambda hub: hub.update(label_names={"0": "red", "2": "green"}), config.read_text())
     assert hub_meta(config)["classes"] == ["red", None, "green"]
+
+
+def test_a_stalled_read_stops_the_evaluation_at_its_timeout_naming_the_worker(tmp_path):
+    """`--timeout-s`: a `pipe:` shard that never delivers (a FIFO nobody writes) stops `vitdist
+    evaluate` after that many seconds with one line naming the loader worker (it waited 600 s, the
+    loader's default, with no option to shorten it), and the stalled command ends with it."""
+    from vitdist.export import write_safetensors
+    from vitdist.train import model_meta
+
+    cfg = load_config(TINY)
+    write_safetensors(build_model(cfg.model).state_dict(), model_meta(cfg.model, cfg.data), tmp_path / "w.safetensors")
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    try:
+        started = time.monotonic()
+        stalled = cli_evaluate(tmp_path / "w.safetensors", f"pipe:cat {fifo}", "--workers", "1", "--timeout-s", "3")
+        waited_s = time.monotonic() - started
+        assert stalled.returncode == 1, stalled.stderr
+        assert re.search(r"^vitdist evaluate: validation loader worker 0 \(pid \d+\) delivered nothing for 3 s ",
+                         stalled.stderr, re.MULTILINE), stalled.stderr
+        assert "Traceback" not in stalled.stderr
+        assert waited_s < 3 + 30  # the interpreter's start, timm's import and the model's build included
+        assert running(f"cat {fifo}") == []
+    finally:
+        for pid in running(f"cat {fifo}"):
+            os.kill(pid, signal.SIGKILL)
+    refused = cli_evaluate(tmp_path / "w.safetensors", f"pipe:cat {fifo}", "--timeout-s", "0")
+    assert refused.returncode == 2 and "--timeout-s: must be at least 1, got 0" in refused.stderr

@@ -29,6 +29,50 @@ def test_layer_decay_lr_per_block():
     assert scale[id(model.pos_embed)] == scale[id(model.patch_embed.proj.weight)] == 0.5 ** (depth + 1)
 
 
+def test_a_resume_may_turn_layer_decay_on(tmp_path, process_group):
+    """finetune.layer_decay changed for a resume is the user's to make, as other optimizer settings
+    are: from 1 (two parameter groups) to 0.75 (one pair per layer, each with an lr_scale), the
+    checkpoint's moments load into the new groups, where the load failed with a traceback of
+    torch.distributed.checkpoint's ('Missing key in checkpoint state_dict:
+    optim.param_groups.0.lr_scale')."""
+    from vitdist import checkpoint
+    from vitdist.config import CkptConfig
+
+    cfg = load_config(TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    path = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=0), {}).save(1, model, optimizer, {"step": 1})
+    resumed = build_model(cfg.model)
+    decayed = build_optimizer(resumed, cfg.optim, layer_decay=0.75)
+    checkpoint.load(path, resumed, decayed)
+    assert len({g["lr_scale"] for g in decayed.param_groups}) == len(resumed.blocks) + 2
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(decayed.state[q]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"], rtol=0, atol=0)
+
+
+def test_a_linear_probe_is_not_resumed_as_a_full_fine_tune(tmp_path, process_group):
+    """A probe's optimizer holds the head's moments only: resumed with finetune.freeze=none it failed
+    in torch.distributed.checkpoint with a traceback ('Missing key in checkpoint state_dict'); it is
+    refused before any process group, naming the way to do it."""
+    from vitdist import checkpoint, resume
+    from vitdist.config import CkptConfig, ConfigError, to_dict
+    from vitdist.train import model_meta
+
+    probe = load_config(TINY, ["finetune.freeze=backbone"])
+    model = build_model(probe.model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("head."))
+    path = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=0), model_meta(probe.model, probe.data)).save(
+        1, model, build_optimizer(model, probe.optim),
+        {"step": 1, "config": to_dict(probe), "data_positions": [[0, 0, 0]] * probe.data.streams})
+    with pytest.raises(ConfigError, match=re.escape(
+            f"finetune.freeze=none, but checkpoint '{path}' trained the head alone (finetune.freeze=backbone)")):
+        resume.check(load_config(TINY), path, [])
+
+
 @pytest.mark.slow
 def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp_path):
     """Pretrain (2 ranks, DDP) -> fine-tune at 48 px with 5 classes, layer decay and a frozen

@@ -155,6 +155,33 @@ def test_unreadable_and_unsafe_checkpoints(tmp_path):
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(HandoffError, match="does not exist"):
         load_pretrained(tiny(), tmp_path / "missing.pth")
+    # A run's checkpoints/ before its first save completed: no checkpoint is in it, and it says so.
+    (tmp_path / "run" / "checkpoints" / "step_4.tmp").mkdir(parents=True)
+    with pytest.raises(HandoffError, match=re.escape(
+            f"'{tmp_path / 'run' / 'checkpoints'}' holds no checkpoint: it is no vitdist checkpoint (no .metadata), "
+            "no run's checkpoints/ with a complete one (step_N/, not step_N.tmp/), no Hugging Face hub folder "
+            "(model.safetensors or pytorch_model.bin)")):
+        load_pretrained(tiny(), tmp_path / "run" / "checkpoints")
+
+
+def test_an_export_is_written_only_under_a_safetensors_name(tmp_path, process_group):
+    """timm and vitdist read a file as safetensors by its name: `vitdist export --out b16.pt`
+    wrote safetensors under a .pt name, which fine-tuning then refused as holding objects other
+    than tensors (an unsafe pickle), and timm's pretrained path could not read either."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cfg = load_config(TINY)
+    source = tiny()
+    saver = checkpoint.Checkpointer(tmp_path / "ckpts", CkptConfig(keep=0), model_meta(cfg.model, cfg.data))
+    step_dir = saver.save(1, source, build_optimizer(source, cfg.optim), {"step": 1})
+    export_to = [sys.executable, "-m", "vitdist.cli", "export", "--checkpoint", str(step_dir), "--out"]
+    refused = subprocess.run([*export_to, str(tmp_path / "b16.pt")], capture_output=True, text=True, cwd=REPO,
+                             timeout=120)
+    assert refused.returncode == 2 and not (tmp_path / "b16.pt").exists() and not (tmp_path / "b16.json").exists()
+    assert f"vitdist export: --out '{tmp_path / 'b16.pt'}' must end in .safetensors" in refused.stderr
 
 
 def test_register_tokens_without_positions_resample_and_other_prefix_tokens_are_refused(tmp_path):

@@ -347,14 +347,13 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
 
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load model and optimizer in place (any world size, DDP or FSDP); return the train state.
-    The optimizer's state (moments, step counts) comes from the checkpoint, its settings (weight
-    decay, betas, eps, lr scales) stay those it was built with: a resume's config changes them."""
+    The optimizer's state (moments, step counts) comes from the checkpoint; its parameter groups
+    and their settings (weight decay, betas, eps, lr scales) stay those it was built with: a
+    resume's config changes them, finetune.layer_decay the groups themselves."""
     path = Path(path)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    optim = get_optimizer_state_dict(model, optimizer)
+    state = {"model": get_model_state_dict(model), "optim": {"state": optim["state"]}}
     _safe_load(state, path)
     set_model_state_dict(model, state["model"])
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    set_optimizer_state_dict(model, optimizer, state["optim"])
-    for group, configured in zip(optimizer.param_groups, settings, strict=True):
-        group.update(configured)
+    set_optimizer_state_dict(model, optimizer, {"state": state["optim"]["state"], "param_groups": optim["param_groups"]})
     return read_json(path, TRAIN_STATE)

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--config", help="for a state dict that does not say its architecture: a config with its model section")
     evaluate.add_argument("--batch-size", type=_positive, default=64)
     evaluate.add_argument("--workers", type=_non_negative, default=2)
+    evaluate.add_argument("--timeout-s", type=_positive, default=600,
+                          help="stop, naming the loader worker, when a read delivers nothing for this many seconds (a "
+                               "stalled pipe: command or filesystem; default: 600)")
 
     commands.add_parser("config-reference", help="print the config reference (markdown)")
 
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         from .export import export
         try:
             out = export(args.checkpoint, args.out)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             print(f"vitdist export: {e}", file=sys.stderr)
             return 2
         print(f"wrote {out} and {out.with_suffix('.json')}")
@@ -89,11 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         from .config import ConfigError
         from .evaluate import evaluate_checkpoint
         from .handoff import HandoffError
+        from .workers import WorkerDied, WorkerStalled
         try:
-            result = evaluate_checkpoint(args.checkpoint, args.data, args.config, args.batch_size, args.workers)
+            result = evaluate_checkpoint(args.checkpoint, args.data, args.config, args.batch_size, args.workers,
+                                         args.timeout_s)
         except (ConfigError, HandoffError) as e:
             print(f"vitdist evaluate: {e}", file=sys.stderr)
             return 2
+        except (WorkerDied, WorkerStalled) as e:  # may not recur: a retry may be read in full
+            print(f"vitdist evaluate: {e}", file=sys.stderr)
+            return 1
         print(f"top-1 {result['val/top1']:.2%} | top-5 {result['val/top5']:.2%} | loss {result['val/loss']:.4f} | "
               f"skipped {result['val/skipped']:.0f} bad samples")
     else:

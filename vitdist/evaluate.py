@@ -15,7 +15,7 @@ from .checkpoint import MODEL_META
 from .config import Config, ConfigError, DistConfig, ModelConfig
 from .config_yaml import load_config
 from .data import EvalLoader
-from .handoff import HUB_WEIGHTS, HandoffError, load_pretrained, locate
+from .handoff import HUB_WEIGHTS, HandoffError, load_located, locate
 from .imagefolder import convert, is_image_folder, scan
 from .train import evaluate, model_meta
 
@@ -43,15 +43,19 @@ def checkpoint_meta(checkpoint: Path, config: str | None) -> tuple[dict, str]:
 
 
 def hub_meta(path: Path) -> dict:
-    """The config.json that timm's save_for_hf and push_to_hf_hub write, read as timm reads it:
-    num_classes and label_names at its top level before its pretrained_cfg's, and model_args (the
-    weights' own timm.create_model arguments) to build the model. ConfigError, naming the file and
-    the key, where something evaluation needs is missing."""
+    """The config.json that timm's save_for_hf and push_to_hf_hub write, read as timm reads it
+    (timm.models._hub): num_classes and label_names at its top level before its pretrained_cfg's,
+    and model_args (the weights' own timm.create_model arguments) to build the model; or, as timm
+    before 0.9 wrote it, one flat dict: the pretrained_cfg itself, with the architecture and the
+    class names (`labels`) in it. ConfigError, naming the file and the key, where something
+    evaluation needs is missing."""
     try:
         hub = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read '{path}': {e}") from None
-    pretrained = hub.get("pretrained_cfg", {})
+    flat = "pretrained_cfg" not in hub
+    pretrained, prefix = (hub, "") if flat else (hub["pretrained_cfg"], "pretrained_cfg.")
+    model_args = hub.get("model_args", {})
 
     def needed(key: str, value):
         if value is None:
@@ -60,18 +64,26 @@ def hub_meta(path: Path) -> dict:
 
     arch = needed("architecture", hub.get("architecture"))
     num_classes = needed("num_classes", hub.get("num_classes", pretrained.get("num_classes")))
-    _, height, width = needed("pretrained_cfg.input_size", pretrained.get("input_size"))
+    size_key = f"{prefix}input_size"
+    _, height, width = needed(size_key, pretrained.get("input_size"))
+    if model_args.get("img_size") is not None and pretrained.get("fixed_input_size"):
+        # The weights' own size, as timm takes it: some timm versions wrote the input_size of the
+        # model a fine-tune started from (timm.create_model(arch, img_size=384) of a 224 px arch).
+        size_key, size = "model_args.img_size", model_args["img_size"]
+        height, width = (size, size) if isinstance(size, int) else size
     if height != width:
-        raise ConfigError(f"'{path}' has pretrained_cfg.input_size {height}x{width}: vitdist evaluates square images")
+        raise ConfigError(f"'{path}' has {size_key} {height}x{width}: vitdist evaluates square images")
     crop_mode, interpolation = pretrained.get("crop_mode", "center"), pretrained.get("interpolation", "bicubic")
     if (crop_mode, interpolation) != ("center", "bicubic"):
         log.warning("'%s' asks for a %s crop resized %s; vitdist center-crops and resizes bicubically: the figures "
                     "may differ a little from timm's", path, crop_mode, interpolation)
-    meta = {"arch": arch, "timm_kwargs": {**hub.get("model_args", {}), "num_classes": num_classes, "img_size": height},
-            "mean": needed("pretrained_cfg.mean", pretrained.get("mean")),
-            "std": needed("pretrained_cfg.std", pretrained.get("std")),
+    meta = {"arch": arch, "timm_kwargs": {**model_args, "num_classes": num_classes, "img_size": height},
+            "mean": needed(f"{prefix}mean", pretrained.get("mean")),
+            "std": needed(f"{prefix}std", pretrained.get("std")),
             "val_crop_frac": pretrained.get("crop_pct", timm.data.DEFAULT_CROP_PCT)}
     names = hub.get("label_names", pretrained.get("label_names"))
+    if names is None and flat:
+        names = hub.get("labels")  # the flat form's name for them
     if isinstance(names, dict):  # timm's form for outputs some of which have no name: {index: name}
         names = [names.get(str(i)) for i in range(num_classes)]
     if names:
@@ -80,8 +92,9 @@ def hub_meta(path: Path) -> dict:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = None, batch_size: int = 64,
-                        workers: int = 2) -> dict[str, float]:
-    checkpoint = locate(checkpoint)
+                        workers: int = 2, timeout_s: int = 600) -> dict[str, float]:
+    """`timeout_s`: how long a loader worker may deliver nothing before the evaluation stops."""
+    checkpoint = locate(checkpoint)  # once: its metadata and weights are read from the same one
     meta, source = checkpoint_meta(checkpoint, config)
     if not timm.is_model(meta["arch"]):
         raise ConfigError(f"'{source}' names the architecture '{meta['arch']}', which timm {timm.__version__} does not have")
@@ -98,12 +111,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = 
                     f"shards without a classes.json, a {HUB_CONFIG} without label_names): the sorted folders would "
                     "take the wrong labels")
             data = convert(folder, Path(tmp) / "val", max(1, workers), seed=0)
-        return _evaluate(checkpoint, meta, data, batch_size, workers)
+        return _evaluate(checkpoint, meta, data, batch_size, workers, timeout_s)
 
 
-def _evaluate(checkpoint: Path, meta: dict, data: str | list[str], batch_size: int, workers: int) -> dict[str, float]:
+def _evaluate(checkpoint: Path, meta: dict, data: str | list[str], batch_size: int, workers: int,
+              timeout_s: int) -> dict[str, float]:
     kwargs = meta["timm_kwargs"]
-    cfg = Config(model=ModelConfig(arch=meta["arch"], img_size=kwargs["img_size"], num_classes=kwargs["num_classes"]))
+    cfg = Config(model=ModelConfig(arch=meta["arch"], img_size=kwargs["img_size"], num_classes=kwargs["num_classes"]),
+                 dist=DistConfig(timeout_s=timeout_s))
     cfg.data.val_shards, cfg.data.micro_batch_size, cfg.data.num_workers = data, batch_size, workers
     cfg.data.mean, cfg.data.std = meta["mean"], meta["std"]
     # The run's own validation crop, so that its val/top1 is what this reproduces (a checkpoint from
@@ -112,10 +127,10 @@ def _evaluate(checkpoint: Path, meta: dict, data: str | list[str], batch_size: i
     # As the export's JSON and a hub folder's config.json say to rebuild the model: with all the
     # weights' arguments (a hub model's may be other than those of vitdist's config, e.g. global_pool).
     model = timm.create_model(meta["arch"], pretrained=False, **kwargs)
-    kind, fresh = load_pretrained(model, checkpoint)
+    kind, fresh = load_located(model, checkpoint)
     if fresh:
         raise HandoffError(f"'{checkpoint}' ({kind}) has no weights for {fresh}: nothing to evaluate with")
-    ctx = distributed.init(DistConfig())
+    ctx = distributed.init(cfg.dist)
     try:
         autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
         loader = EvalLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, ctx.rank, ctx.world_size,

@@ -16,7 +16,11 @@ from .config import DataConfig
 
 def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
     """A checkpoint directory, or a run's checkpoints/ (its newest complete one, as for fine-tuning
-    and evaluation), into `out`."""
+    and evaluation), into `out`, whose name must end in .safetensors: timm and vitdist read a file
+    as safetensors by its name, and as a pickle otherwise (ValueError)."""
+    if Path(out).suffix != ".safetensors":
+        raise ValueError(f"--out '{out}' must end in .safetensors: timm and vitdist tell a safetensors file by its "
+                         "name, and would read it as a pickled state dict")
     checkpoint_dir = newest_if_run(Path(checkpoint_dir))
     weights, meta = load_model_weights(checkpoint_dir)
     return write_safetensors(weights, {**meta, "source": str(checkpoint_dir)}, out)

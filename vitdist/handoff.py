@@ -69,10 +69,14 @@ def locate(path: str | Path) -> Path:
     if not path.exists():
         raise HandoffError(f"checkpoint '{path}' does not exist")
     path = newest_if_run(path)
+    if not path.is_dir() or (path / ".metadata").exists():
+        return path
     hub = [path / name for name in HUB_WEIGHTS if (path / name).is_file()]
-    if hub and not (path / ".metadata").exists():  # a Hugging Face hub folder, as timm's save_for_hf writes
-        return hub[0]
-    return path
+    if not hub:  # e.g. a run's checkpoints/ before its first save completed: say so, not "no model.json"
+        raise HandoffError(f"'{path}' holds no checkpoint: it is no vitdist checkpoint (no .metadata), no run's "
+                           "checkpoints/ with a complete one (step_N/, not step_N.tmp/), no Hugging Face hub folder "
+                           f"({' or '.join(HUB_WEIGHTS)})")
+    return hub[0]  # a Hugging Face hub folder, as timm's save_for_hf writes it
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -166,7 +170,12 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
 def load_pretrained(model: torch.nn.Module, path: str | Path) -> tuple[str, list[str]]:
     """Initialise `model` from the checkpoint at `path`. Returns the checkpoint's kind and the keys
     left at their fresh initialisation (the head's, when it was replaced)."""
-    path = locate(path)
+    return load_located(model, locate(path))
+
+
+def load_located(model: torch.nn.Module, path: Path) -> tuple[str, list[str]]:
+    """load_pretrained for a checkpoint that `locate` gave: for a caller that has read its metadata
+    already, so that a run's newer checkpoint is not looked up in between."""
     state, kind = read_state_dict(path)
     source = f"the checkpoint '{path}' ({describe(recorded_arch(path), state)})"
     result = model.load_state_dict(adapt(state, model, source), strict=False)

@@ -90,6 +90,10 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder) -> None:
         if want.get(key) != had.get(key):
             raise ConfigError(f"model.{key}={want.get(key)}, but {where} holds a model with model.{key}="
                               f"{had.get(key)}: its weights do not fit this one; {start_new}")
+    if cfg.finetune.freeze == "none" and state.get("config", {}).get("finetune", {}).get("freeze") == "backbone":
+        raise ConfigError(f"finetune.freeze=none, but {where} trained the head alone (finetune.freeze=backbone): its "
+                          f"optimizer holds no state for the backbone; to fine-tune all of a linear probe, "
+                          f"{_start_new(path)}")
     if state["step"] > cfg.train.steps:
         raise ConfigError(f"train.steps={cfg.train.steps}, but {where} is at step {state['step']} already: give "
                           f"train.steps >= {state['step']}")
