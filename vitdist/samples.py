@@ -222,6 +222,10 @@ class Skips:
             log.warning("skipped %s in %s: %s [%s]", what, sample["__url__"], reason, reason.kind)
 
 
+class NoUsableSamples(ValueError):
+    """Training shards read to their end held no sample to train on: a data problem, not retried."""
+
+
 class TooManyBadSamples(RuntimeError):
     """More of the samples read were bad than data.max_skip_frac allows."""
 
