@@ -18,12 +18,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from conftest import REPO, TINY, png_bytes, write_shard
+from conftest import REPO, TINY, png_bytes, run_pretrain, write_shard
 from vitdist.config import ConfigError, DataConfig
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader, Stream, TrainLoader, expand_urls, shard_order, train_shard_urls
 from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
-from vitdist.samples import READ_ERROR, BadSample, load_rgb, open_image, read_sample, read_samples
+from vitdist.samples import READ_ERROR, BadSample, NoUsableSamples, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.train import preflight
 from vitdist.shards import make_shards, scan_image_folder
@@ -238,15 +238,47 @@ def test_bad_samples_are_skipped_and_counted_by_kind(tmp_path, caplog):
 def test_shards_without_a_usable_sample_stop_the_stream_instead_of_hanging(tmp_path):
     """Shards whose every sample is skipped (labels under another key, class names in .cls, an
     empty tar) never fill a chunk: the stream says so, rather than reading them forever (with
-    workers, until the loader's timeout names no cause)."""
+    workers, until the loader's timeout names no cause). Read to their end, they are a data
+    problem, not retried (NoUsableSamples, through the worker); cut short by a read error, they
+    may be a storage outage that passes (a RuntimeError, retried)."""
     photo = png_bytes((9, 9, 9))
     write_shard(tmp_path / "s0.tar", [{"__key__": f"j{i}", "png": photo, "json": b'{"label": 1}'} for i in range(3)])
     write_shard(tmp_path / "s1.tar", [{"__key__": f"n{i}", "png": photo, "cls": b"n01440764"} for i in range(3)])
     write_shard(tmp_path / "s2.tar", [])
-    cfg = load_config(TINY, [f"data.train_shards={tmp_path}/s{{0..2}}.tar", "data.val_shards=null", "data.streams=1",
-                             "train.global_batch_size=2", "data.micro_batch_size=2", "data.num_workers=1"])
-    with pytest.raises(RuntimeError, match=r"data stream 0 read 3 shards in a row without a usable sample, the last '.*/s\d\.tar'"):
-        next(iter(TrainLoader(cfg.data, 32, 8, 2, 0, 1, timeout_s=10)))
+    write_shard(tmp_path / "good.tar", [{"__key__": f"g{i}", "png": photo, "cls": b"1"} for i in range(3)])
+    cut = (tmp_path / "good.tar").read_bytes()[:1000]  # within the first sample's image
+    for i in range(3):
+        (tmp_path / f"cut{i}.tar").write_bytes(cut)
+
+    def first_batch(shards):
+        cfg = load_config(TINY, [f"data.train_shards={shards}", "data.val_shards=null", "data.streams=1",
+                                 "train.global_batch_size=2", "data.micro_batch_size=2", "data.num_workers=1"])
+        return next(iter(TrainLoader(cfg.data, 32, 8, 2, 0, 1, timeout_s=10)))
+
+    with pytest.raises(NoUsableSamples) as data_problem:
+        first_batch(f"{tmp_path}/s{{0..2}}.tar")
+    assert re.search(r"data stream 0 read 3 shards in a row without a usable sample \('.*/s\d\.tar', '.*/s\d\.tar', "
+                     r"'.*/s\d\.tar'\), each read to its end: all their 6 samples were skipped: (no_label 3, bad_label 3|"
+                     r"bad_label 3, no_label 3) \(the log names", str(data_problem.value)), str(data_problem.value)
+    with pytest.raises(RuntimeError, match=r"data stream 0 read 3 shards in a row without a usable sample \('.*/cut\d\.tar'"
+                                           r", .*\): 3 of them could not be read to their end, which may pass") as outage:
+        first_batch(f"{tmp_path}/cut{{0..2}}.tar")
+    assert not isinstance(outage.value, NoUsableSamples)
+
+
+def test_shards_without_a_usable_sample_stop_the_run_unretried(tmp_path):
+    """The data problem exits 2 and is marked in FATAL, so neither torchrun's restarts nor SLURM's
+    requeue read the same shards again; without workers, as the training process reads them."""
+    photo = png_bytes((9, 9, 9))
+    for i in range(2):
+        write_shard(tmp_path / f"s{i}.tar", [{"__key__": f"j{i}{k}", "png": photo, "json": b"{}"} for k in range(2)])
+    run = run_pretrain(0, [f"data.train_shards={tmp_path}/s{{0..1}}.tar", "data.val_shards=null", "data.streams=1",
+                           "train.global_batch_size=2", "data.micro_batch_size=2", "data.num_workers=0",
+                           f"run.dir={tmp_path / 'run'}"], timeout_s=120)
+    message = "data stream 0 read 2 shards in a row without a usable sample"
+    assert run.returncode == 2 and f"error: {message}" in run.stderr, run.stderr[-3000:]
+    assert "all their 4 samples were skipped: no_label 4" in run.stderr
+    assert (tmp_path / "run" / "FATAL").read_text().startswith(message)
 
 
 def write_tar(path, files):

@@ -86,6 +86,42 @@ def test_a_stalled_pipe_read_stops_the_batches_at_the_timeout_and_ends_the_comma
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("pipe", ["cat {fifo} {url}", "cat {fifo} {url} | cat"], ids=["command", "pipeline"])
+def test_a_stalled_read_without_workers_stops_the_training_process_at_the_timeout(demo_shards, tmp_path, pipe):
+    """data.num_workers=0: the training process reads its shards itself (in DeviceBatches' thread),
+    and a `pipe:` command that never delivers is its own child. The process raises after the
+    timeout, naming the loader, and exits with the read still stuck; the command, and a pipeline's
+    every command, end with it."""
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    stalled = [f"pipe:{pipe.format(fifo=fifo, url=url)}" for url in expand_urls(demo_shards["train"])]
+    training = subprocess.Popen([sys.executable, "-c", f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_workers import train_loader
+from vitdist.prefetch import DeviceBatches
+with DeviceBatches(iter(train_loader({stalled!r}, "data.num_workers=0", timeout_s=4)), torch.device("cpu")) as batches:
+    next(batches)
+"""], stderr=subprocess.PIPE, text=True)
+    try:
+        while not [pid for pid in running(f"cat {fifo} ") if pid != training.pid]:  # its script holds the text too
+            assert training.poll() is None, training.stderr.read()
+            time.sleep(0.1)
+        started = time.monotonic()
+        _, stderr = training.communicate(timeout=4 + 20)
+        waited_s = time.monotonic() - started
+        print(f"exited {waited_s:.1f} s after the read began")
+        assert training.returncode == 1 and 4 <= waited_s < 4 + 15, stderr[-3000:]  # its exit, on a loaded machine
+        assert re.search(r"ReadStalled: training loader, read in the training process \(data.num_workers=0\), "
+                         r"delivered nothing for 4 s ", stderr), stderr[-3000:]
+        assert running(f"cat {fifo} ") == []
+    finally:
+        training.kill()
+        training.wait()
+        for pid in running(f"cat {fifo} "):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_stalled_validation_read_stops_at_the_timeout_naming_its_worker(demo_shards, tmp_path):
     """Worker 0 reads two 1-sample shards and is done (torch lets it exit) long before worker 1,
     which reads a shard of 32 samples in batches of 10, then a `pipe:` shard that never delivers: the finished

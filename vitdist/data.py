@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen_schemes
 
 from .config import ConfigError, DataConfig
-from .samples import BadSample, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
+from .samples import BadSample, NoUsableSamples, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
 from .transforms import draw_augmentation, eval_transform, resized_crop, to_uint8_tensor
 from .workers import data_loader, watched
 
@@ -104,8 +104,10 @@ class Stream:
     seed. `position` is (epoch, shard index, offset in shard) of the next sample; a stream built
     at a position yields exactly what the uninterrupted stream yields from there, after reading
     (not decoding) the part of that one shard before it. A shard that gives no usable sample
-    (none at all, or only ones its reader skipped: see `mark_usable`) is passed over; as many of them
-    in a row as there are shards means none ever will: an error, not an endless search.
+    (none at all, or only ones its reader skipped: see `judged`) is passed over; as many of them
+    in a row as there are shards means none ever will: an error, not an endless search. Shards
+    read to their end are a data problem that a retry meets again (NoUsableSamples); a read error
+    among them may be the storage's passing failure (RuntimeError, retried).
     """
 
     def __init__(self, urls: list[str], stream_id: int, num_streams: int, cfg: DataConfig,
@@ -113,36 +115,52 @@ class Stream:
         self.urls, self.stream_id, self.num_streams, self.cfg = urls, stream_id, num_streams, cfg
         self.position = tuple(position)
         self._samples = self._walk(*self.position)
-        self._shard_usable = False
+        self._shard_usable, self._shard_skips = False, Counter()
 
-    def mark_usable(self) -> None:
-        """The reader's word that the sample last given was not skipped. Only the reader can tell:
-        the stream does not decode. It reads the next sample only once the reader has judged this
-        one, so at a shard's end it knows whether the shard gave anything to train on."""
-        self._shard_usable = True
+    def judged(self, skipped: str | None) -> None:
+        """The reader's word on the sample last given: None if usable, else the kind it was skipped
+        as. Only the reader can tell: the stream does not decode. It reads the next sample only
+        once the reader has judged this one, so at a shard's end it knows whether the shard gave
+        anything to train on, and if not, why."""
+        if skipped is None:
+            self._shard_usable = True
+        else:
+            self._shard_skips[skipped] += 1
 
     def _walk(self, epoch: int, shard_index: int, offset: int) -> Iterator[tuple[dict, tuple[int, int, int]]]:
         """(sample, position after it), forever."""
         block_size, seed = self.cfg.shuffle_block, self.cfg.seed
-        barren = 0  # shards in a row without a usable sample
+        barren, skips = [], Counter()  # the shards in a row without a usable sample, their samples' skips
         while True:
             shards = shard_order(self.urls, seed, epoch)
             for index, url in enumerate(shards[self.stream_id :: self.num_streams][shard_index:], start=shard_index):
                 start = offset - offset % block_size
                 samples = itertools.islice(read_samples(url), start, None)
-                self._shard_usable = offset > 0  # before the position resumed from
+                self._shard_usable, self._shard_skips = offset > 0, Counter()  # usable before the position resumed from
                 while block := list(itertools.islice(samples, block_size)):
                     random.Random(f"{seed}/block/{epoch}/{self.stream_id}/{index}/{start}").shuffle(block)
                     for k in range(offset - start, len(block)):
                         yield block[k], (epoch, index, start + k + 1)
                     start = offset = start + len(block)
                 offset = 0
-                barren = 0 if self._shard_usable else barren + 1
-                if barren >= len(self.urls):
-                    raise RuntimeError(f"data stream {self.stream_id} read {barren} shards in a row without a usable "
-                                       f"sample, the last '{url}': are the shards empty, unreadable, or all their samples "
-                                       "bad (the log names the first skipped ones, with why)?")
+                barren, skips = ([], Counter()) if self._shard_usable else ([*barren, url], skips + self._shard_skips)
+                if len(barren) >= len(self.urls):
+                    raise self._barren(barren, skips)
             epoch, shard_index = epoch + 1, 0
+
+    def _barren(self, barren: list[str], skips: Counter) -> Exception:
+        """The error that ends the stream after `barren` shards (their samples' skips by kind)."""
+        shards = list(dict.fromkeys(barren))
+        named = ", ".join(f"'{url}'" for url in shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+        kinds = ", ".join(f"{kind} {count}" for kind, count in skips.most_common())
+        where = f"data stream {self.stream_id} read {len(barren)} shards in a row without a usable sample ({named})"
+        if skips["read_error"]:
+            return RuntimeError(f"{where}: {skips['read_error']} of them could not be read to their end, which may "
+                                f"pass (a storage outage); skipped: {kinds} (the log names the first skipped ones, with why)")
+        lacked = (f"all their {skips.total()} samples were skipped: {kinds} (the log names the first of each kind, with "
+                  "why)" if skips else "they hold no samples")
+        return NoUsableSamples(f"{where}, each read to its end: {lacked}. Fix or drop these shards: a retry would "
+                               "meet them again")
 
     def next_raw(self) -> tuple[dict, random.Random]:
         """The next raw sample and an augmentation rng seeded by its position (exact on resume)."""
@@ -203,8 +221,9 @@ class TrainChunks(IterableDataset):
                     images.append(resized_crop(load_rgb(image), box, flip, self.img_size))
             except BadSample as reason:
                 skips.report(sample, reason)
+                stream.judged(reason.kind)
                 continue
-            stream.mark_usable()
+            stream.judged(None)
             labels.append(label)
             keys.append(sample["__key__"])
             urls.append(sample["__url__"])

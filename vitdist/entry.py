@@ -12,11 +12,11 @@ from .config_yaml import load_config
 from .distributed import refuse_together
 from .handoff import HandoffError
 from .optim import NonFiniteTraining
-from .samples import TooManyBadSamples
+from .samples import NoUsableSamples, TooManyBadSamples
 from .train import preflight, train
 
 # Errors met by every rank alike, which a retry from the newest checkpoint meets again.
-RECURRING = (ConfigError, HandoffError, UnsafeCheckpoint, TooManyBadSamples, NonFiniteTraining)
+RECURRING = (ConfigError, HandoffError, UnsafeCheckpoint, TooManyBadSamples, NoUsableSamples, NonFiniteTraining)
 
 
 def main(description: str, finetune: bool) -> int:

@@ -17,8 +17,10 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
+from webdataset.gopen import Pipe
 from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
+from .commands import recorded
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -34,23 +36,26 @@ def read_samples(url: str) -> Iterator[dict]:
     """Raw samples of one shard: {'__key__', '__url__', ext: bytes}. A shard that cannot be read to
     its end (truncated, deleted since the start) ends with one {READ_ERROR: message} sample in place
     of the rest, the sample being read when it broke included: it is skipped and counted like any
-    bad sample, and it holds a position in the stream, so a resumed stream meets it where it was."""
+    bad sample, and it holds a position in the stream, so a resumed stream meets it where it was.
+    The command a shard's URL starts (`pipe:`, http:) is recorded while open (vitdist.commands)."""
     errors = []
 
     def stop(exn: Exception) -> bool:  # nothing after a broken tar header or member can be trusted
         errors.append(exn)
         return False
 
-    sources = [dict(source, stream=_Tail(source["stream"])) for source in url_opener([{"url": url}], handler=stop)]
-    for sample in _group_by_keys(tar_file_expander(sources, handler=stop, eof_value=None)):  # one shard: no end marker
-        if errors:
-            break
-        yield sample
-    if not errors and sources:
-        try:
-            sources[0]["stream"].check_end()
-        except (EOFError, OSError) as exn:  # OSError: the stream can fail at its end, e.g. a pipe's command
-            errors.append(exn)
+    opened = list(url_opener([{"url": url}], handler=stop))
+    sources = [dict(source, stream=_Tail(source["stream"])) for source in opened]
+    with recorded([source["stream"].proc for source in opened if isinstance(source["stream"], Pipe)]):
+        for sample in _group_by_keys(tar_file_expander(sources, handler=stop, eof_value=None)):  # one shard: no end marker
+            if errors:
+                break
+            yield sample
+        if not errors and sources:
+            try:
+                sources[0]["stream"].check_end()
+            except (EOFError, OSError) as exn:  # OSError: the stream can fail at its end, e.g. a pipe's command
+                errors.append(exn)
     if errors:
         reason = getattr(errors[0], "strerror", None) or errors[0].args[0]
         yield {"__key__": "", "__url__": url, READ_ERROR: f"{type(errors[0]).__name__}: {reason}"}
@@ -215,6 +220,10 @@ class Skips:
         if self.counts[reason.kind] <= _MAX_WARNINGS:
             what = "the rest of the shard" if READ_ERROR in sample else f"sample '{sample['__key__']}'"
             log.warning("skipped %s in %s: %s [%s]", what, sample["__url__"], reason, reason.kind)
+
+
+class NoUsableSamples(ValueError):
+    """Training shards read to their end held no sample to train on: a data problem, not retried."""
 
 
 class TooManyBadSamples(RuntimeError):

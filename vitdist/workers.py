@@ -6,20 +6,28 @@ Watched, because torch notices a dead worker at once only from the main thread (
 handler), and the training loader runs in DeviceBatches' thread: there torch's one wait of
 `timeout` seconds would notice a worker the kernel's OOM killer took only at dist.timeout_s.
 Validation's loader, in the main thread, would wait for a stalled read with no end at all.
-Ended with their commands, because a `pipe:` command that stalls outlives its worker."""
+Ended with their commands, because a `pipe:` command that stalls outlives its worker.
+
+A loader without workers (data.num_workers=0) reads in the training process itself: there a
+thread of its own reads it, which the waiting thread gives up on after the timeout, ending the
+commands the reads started (vitdist.commands)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
+import threading
 import time
 from multiprocessing import Process, connection, parent_process
 from typing import Iterator
 
+import torch
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.signal_handling import _remove_worker_pids
 
+from .commands import Commands
 from .distributed import signal_at_parent_death
 
 # A worker has no terminal to hang up: this signal, which its parent's death sends, means only that.
@@ -34,6 +42,10 @@ class WorkerDied(RuntimeError):
 
 class WorkerStalled(RuntimeError):
     """A loader worker delivered nothing for the loader's timeout."""
+
+
+class ReadStalled(RuntimeError):
+    """A loader without workers, read in the training process, delivered nothing for its timeout."""
 
 
 def start_worker(worker_id: int) -> None:
@@ -79,14 +91,18 @@ def watched(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
     ends, or until a worker exits (WorkerDied, within POLL_S of a wait for a chunk) or delivers
     nothing for `timeout_s` (WorkerStalled); `name` ("training", "validation") names the loader in
     them. Once they stop, for any reason (the end, an error, close()), the workers and the commands
-    they started are gone."""
+    they started are gone. A loader without workers is read in this process, and stopped alike
+    (ReadStalled: see `_read_here`)."""
+    return _from_workers(loader, timeout_s, name) if loader.num_workers else _read_here(loader, timeout_s, name)
+
+
+def _from_workers(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
     chunks = iter(loader)
-    workers: list[Process] = getattr(chunks, "_workers", [])  # none without workers
-    if workers:
-        # Only this thread reports them: torch's SIGCHLD handler, which a loader iterated in the
-        # main thread installs (evaluation's), would raise in the main thread, wherever it is.
-        _remove_worker_pids(id(chunks))
-        chunks._worker_pids_set = False
+    workers: list[Process] = chunks._workers
+    # Only this thread reports them: torch's SIGCHLD handler, which a loader iterated in the
+    # main thread installs (evaluation's), would raise in the main thread, wherever it is.
+    _remove_worker_pids(id(chunks))
+    chunks._worker_pids_set = False
     try:
         while True:
             try:
@@ -102,8 +118,51 @@ def watched(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
         for worker in workers:
             with contextlib.suppress(ProcessLookupError):  # the worker died and left nothing
                 os.killpg(worker.pid, signal.SIGTERM)
-        if workers:
-            chunks._shutdown_workers()  # now: an error's traceback would keep the iterator until exit
+        chunks._shutdown_workers()  # now: an error's traceback would keep the iterator until exit
+
+
+def _read_here(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
+    """The items of a loader without workers, read in this process by a thread of their own, one
+    item at a time as asked for, as the caller would read them itself: torch takes no timeout
+    without workers, and only another thread can give up on a read that never returns. A wait of
+    `timeout_s` for an item raises ReadStalled, once the commands the reads started (a `pipe:`
+    shard's, children of this process) are ended; the thread stays behind only in a read that
+    cannot be interrupted, and does not keep the process from exiting."""
+    commands = Commands()
+    asked, given = queue.SimpleQueue(), queue.SimpleQueue()
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+    def read():
+        commands.record_here()
+        if device is not None:
+            torch.cuda.set_device(device)  # the caller's: pinned memory belongs to its device's context
+        items = iter(loader)
+        while asked.get():
+            try:
+                given.put((next(items), None))
+            except BaseException as error:  # the end (StopIteration) too: raised in the caller
+                given.put((None, error))
+                return
+
+    threading.Thread(target=read, daemon=True, name=f"{name} loader").start()
+    try:
+        while True:
+            asked.put(True)
+            try:
+                item, error = given.get(timeout=timeout_s)
+            except queue.Empty:
+                commands.end()
+                raise ReadStalled(
+                    f"{name} loader, read in the training process (data.num_workers=0), delivered nothing for "
+                    f"{timeout_s:g} s (dist.timeout_s): a shard read that stalls (a pipe: command, a filesystem); "
+                    "the commands it started were ended") from None
+            if isinstance(error, StopIteration):  # the end of a finite loader: no generator may raise it
+                return
+            if error is not None:
+                raise error
+            yield item
+    finally:
+        asked.put(False)  # the thread ends once it is done with the item it reads, if any
 
 
 def _next(chunks: Iterator, workers: list[Process], name: str, poll_s: float, timeout_s: float):
@@ -115,10 +174,9 @@ def _next(chunks: Iterator, workers: list[Process], name: str, poll_s: float, ti
             raise
         except Exception as error:
             polled = str(error) == f"DataLoader timed out after {poll_s} seconds"
-            if workers:
-                # Torch's own check, after each wait, names only a pid. A worker's death can also break
-                # the read of a chunk it sent (a connection reset), a moment before it can be reaped.
-                _check(chunks, workers, name, error, grace_s=0 if polled else POLL_S)
+            # Torch's own check, after each wait, names only a pid. A worker's death can also break
+            # the read of a chunk it sent (a connection reset), a moment before it can be reaped.
+            _check(chunks, workers, name, error, grace_s=0 if polled else POLL_S)
             if not polled:
                 raise
         if time.monotonic() - started >= timeout_s:
