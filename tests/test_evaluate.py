@@ -95,6 +95,16 @@ def cli_evaluate(checkpoint, data, *options: str) -> subprocess.CompletedProcess
                           timeout=120)
 
 
+def evaluates_as_timm(hub, val, top1: float) -> None:
+    """timm's own model and transform get `top1` on `val`, and `vitdist evaluate` the same figures."""
+    timm_top1, loss = timm_figures(hub, val, OUTPUTS)
+    assert timm_top1 == pytest.approx(top1)
+    evaluation = cli_evaluate(hub, val)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert f"top-1 {100 * top1:.2f}% | top-5 100.00%" in evaluation.stdout
+    assert float(re.search(r"loss ([\d.]+)", evaluation.stdout).group(1)) == pytest.approx(loss, abs=1e-3)
+
+
 @pytest.mark.parametrize("names_in, safe", [("config", True), ("pretrained_cfg", False)])
 def test_a_hub_folder_is_evaluated_as_its_config_json_says(tmp_path, names_in, safe):
     """Outputs named red, blue, green, folders sorted blue, green, red: each folder takes the output
@@ -105,13 +115,7 @@ def test_a_hub_folder_is_evaluated_as_its_config_json_says(tmp_path, names_in, s
     write_hub(tmp_path / "hub", names_in=names_in, safe=safe)
     assert (tmp_path / "hub" / "model.safetensors").exists() == safe
     write_ringed_images(tmp_path / "val", {"red": ["red"] * 4, "green": ["green"] * 4, "blue": ["blue"] * 3 + ["red"]})
-    top1, loss = timm_figures(tmp_path / "hub", tmp_path / "val", OUTPUTS)
-    assert top1 == 11 / 12
-
-    evaluation = cli_evaluate(tmp_path / "hub", tmp_path / "val")
-    assert evaluation.returncode == 0, evaluation.stderr
-    assert "top-1 91.67% | top-5 100.00%" in evaluation.stdout
-    assert float(re.search(r"loss ([\d.]+)", evaluation.stdout).group(1)) == pytest.approx(loss, abs=1e-3)
+    evaluates_as_timm(tmp_path / "hub", tmp_path / "val", top1=11 / 12)
 
     write_ringed_images(tmp_path / "some", {"green": ["green"] * 2, "red": ["red"] * 2})
     some = cli_evaluate(tmp_path / "hub", tmp_path / "some")
@@ -134,13 +138,7 @@ def test_a_hub_folder_of_timm_before_0_9_is_evaluated_as_timm_reads_it(tmp_path,
             "num_features": hub["num_features"], names_key: OUTPUTS}
     config.write_text(json.dumps(flat))
     write_ringed_images(tmp_path / "val", {"red": ["red"] * 2, "green": ["green"] * 2, "blue": ["blue", "red"]})
-    top1, loss = timm_figures(tmp_path / "hub", tmp_path / "val", OUTPUTS)
-    assert top1 == 5 / 6
-
-    evaluation = cli_evaluate(tmp_path / "hub", tmp_path / "val")
-    assert evaluation.returncode == 0, evaluation.stderr
-    assert "top-1 83.33% | top-5 100.00%" in evaluation.stdout
-    assert float(re.search(r"loss ([\d.]+)", evaluation.stdout).group(1)) == pytest.approx(loss, abs=1e-3)
+    evaluates_as_timm(tmp_path / "hub", tmp_path / "val", top1=5 / 6)
     config.write_text(json.dumps({key: value for key, value in flat.items() if key != "mean"}))
     with pytest.raises(ConfigError, match=re.escape(f"'{config}' has no mean, which evaluating its weights needs")):
         hub_meta(config)
