@@ -279,13 +279,17 @@ def test_likely_mistakes_are_warned_of_once_and_still_run(demo_shards, tmp_path)
 
     usual = [sys.executable, "launch/pretrain.py", "--config", str(TINY), "--check", *shard_overrides(demo_shards),
              f"run.dir={tmp_path / 'run'}"]
-    command = [*usual, "train.steps=10", "optim.warmup_steps=20", "optim.min_lr=0.01", "data.val_shards=null"]
+    command = [*usual, "train.steps=10", "optim.warmup_steps=20", "optim.min_lr=0.01", "data.val_shards=null",
+               "finetune.freeze=backbone", "model.drop_path_rate=0.1"]
     run = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     warned = [line for line in run.stderr.splitlines() if line.startswith("config warning: ")]
     assert warned == ["config warning: optim.warmup_steps=20 > train.steps=10: the learning rate rises to 0.001 of "
                       "optim.lr=0.002 and never decays",
                       "config warning: optim.min_lr=0.01 > optim.lr=0.002: the learning rate rises after the warmup",
+                      "config warning: finetune.freeze=backbone with model.drop_path_rate=0.1: the frozen blocks are "
+                      "still dropped at random in training, so the head learns from noisier features than it is "
+                      "evaluated on (a linear probe usually has 0)",
                       "config warning: train.eval_every_steps=100, but data.val_shards is null: nothing is validated"]
     other_rank = subprocess.run(command, cwd=REPO, env={**ENV, "RANK": "1"}, capture_output=True, text=True, timeout=120)
     assert other_rank.returncode == 0 and "config warning" not in other_rank.stderr

@@ -146,6 +146,8 @@ def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp
     torch.testing.assert_close(probe.blocks[1].mlp.fc1.weight, start.blocks[1].mlp.fc1.weight, rtol=0, atol=0)
     torch.testing.assert_close(probe.pos_embed, start.pos_embed, rtol=0, atol=0)
     assert not torch.equal(probe.head.weight, start.head.weight)
+    head = sum(p.numel() for p in probe.head.parameters()) / 1e6
+    assert f"on rank 0, {head:.3g}M trained) |" in frozen.stdout, frozen.stdout[:2000]
 
 
 def test_digits_are_real_scans_split_and_sharded(tmp_path):

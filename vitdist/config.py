@@ -341,6 +341,10 @@ def doubts(cfg: Config) -> list[str]:
                      f"{optim.lr * train.steps / optim.warmup_steps:.3g} of optim.lr={optim.lr:g} and never decays")
     if optim.min_lr > optim.lr:
         found.append(f"optim.min_lr={optim.min_lr:g} > optim.lr={optim.lr:g}: the learning rate rises after the warmup")
+    if cfg.finetune.freeze == "backbone" and cfg.model.drop_path_rate > 0:
+        found.append(f"finetune.freeze=backbone with model.drop_path_rate={cfg.model.drop_path_rate:g}: the frozen blocks "
+                     "are still dropped at random in training, so the head learns from noisier features than it is "
+                     "evaluated on (a linear probe usually has 0)")
     if train.eval_every_steps and not cfg.data.val_shards:
         found.append(f"train.eval_every_steps={train.eval_every_steps}, but data.val_shards is null: nothing is validated")
     return found

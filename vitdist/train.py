@@ -120,6 +120,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         for name, param in model.named_parameters():
             param.requires_grad_(name.startswith("head."))
     params = sum(p.numel() for p in model.parameters())
+    trained = "" if cfg.finetune.freeze == "none" else \
+        f", {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3g}M trained"
     dp_model = prepare_model(model, cfg, ctx)
     optimizer = build_optimizer(model, cfg.optim, cfg.finetune.layer_decay)
     objective = Classification(cfg.train, cfg.model.num_classes)
@@ -159,7 +161,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else matmul_peak_flops(ctx.device, dtype)
     flops_per_image = train_flops_per_image(model)
     if ctx.is_main:
-        print(f"{cfg.model.arch}: {params / 1e6:.2f}M params ({distributed.local_numel(model) / 1e6:.2f}M on rank 0) | "
+        print(f"{cfg.model.arch}: {params / 1e6:.2f}M params ({distributed.local_numel(model) / 1e6:.2f}M on rank 0{trained}) | "
               f"{'no DDP' if ctx.world_size == 1 and cfg.dist.strategy == 'ddp' else cfg.dist.strategy} over "
               f"{ctx.world_size} rank(s) on {ctx.device.type} | global batch "
               f"{cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x {accum_steps} "
