@@ -21,7 +21,7 @@ from conftest import (EXACT, TINY, gone, loss_curve, read_scalars, run_pretrain,
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.data import expand_urls
-from vitdist.export import export
+from vitdist.export import export, recorded_top1
 from vitdist.resume import shard_ids
 from vitdist.train import preflight
 
@@ -105,8 +105,11 @@ def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
 
 
 def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):
-    common = [*shard_overrides(demo_shards), *EXACT, "ckpt.every_steps=0", "data.micro_batch_size=32",
-              f"run.dir={tmp_path}"]
+    """Validated at every step, so the signal stops the run at a step that owes a validation:
+    the resumed run validates there first, so no step is missing from val/ or from the race for
+    the best weights."""
+    common = [*shard_overrides(demo_shards), *EXACT, f"data.val_shards={demo_shards['val']}",
+              "train.eval_every_steps=1", "ckpt.every_steps=0", "data.micro_batch_size=32", f"run.dir={tmp_path}"]
     process = start_pretrain(0, [*common, "train.steps=1000"], tmp_path / "run.log")
     wait_for(lambda: (tmp_path / "tb").is_dir() and len(read_scalars(tmp_path / "tb").get("train/loss", [])) >= 3,
              process)
@@ -117,10 +120,15 @@ def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):
                                       r".*step_(\d+)", log).groups())
     assert newest == step  # written at the step the signal stopped
     assert 3 <= step < 1000 and (tmp_path / "checkpoints" / f"step_{step}" / ".metadata").is_file()
+    assert [s for s, _ in read_scalars(tmp_path / "tb")["val/top1"]] == list(range(1, step))
 
     resumed = run_pretrain(0, [*common, f"train.steps={step + 2}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stderr and f"steps {step} -> {step + 2}" in resumed.stdout
+    top1 = read_scalars(tmp_path / "tb")["val/top1"]
+    assert [s for s, _ in top1] == list(range(1, step + 3))
+    assert f"step {step}: validating first, as the preempted run that checkpointed there did not" in resumed.stderr
+    assert recorded_top1(tmp_path / "best.safetensors") == pytest.approx(max(v for _, v in top1))
 
 
 def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused(demo_shards, tmp_path):

@@ -134,6 +134,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
 
     step, positions, skipped_total, best_top1 = 0, {}, {}, -1.0  # skipped_total: kind -> samples, over ranks
     bad_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
+    eval_owed = False  # the run this one resumes was preempted at an evaluation step, before evaluating
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer)
         step, positions, skipped_total = state["step"], state["data_positions"], state["skipped"]
@@ -141,6 +142,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         if isinstance(skipped_total, int):  # a checkpoint from before skips were counted by kind
             skipped_total = {"unknown": skipped_total}
         best_top1 = state.get("best_top1", -1.0)
+        eval_owed = state.get("eval_owed", False)
         log.info("resumed from %s at step %d", resume_from, step)
         if ctx.is_main and (changes := resume.changes(cfg, state)):
             log.warning("resuming with a config changed since %s, so this run differs from the one it continues: %s",
@@ -168,6 +170,12 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
               f"accumulation step(s) | steps {step} -> {cfg.train.steps} | mfu against {peak / 1e12:.3g} TFLOP/s per "
               f"device ({'log.peak_tflops' if cfg.log.peak_tflops else 'measured'})", flush=True)
 
+    if eval_owed and val_loader is not None:  # else that step would be missing from val/ and never be the best
+        log.info("step %d: validating first, as the preempted run that checkpointed there did not", step)
+        scalars, best_top1 = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step, best_top1, best_file,
+                                                    meta)
+        logger.log(step, scalars)
+
     bad_steps = BadSteps(ctx.device)
     normalize = Normalize(cfg.data, ctx.device)
     with DeviceBatches(iter(loader), ctx.device) as batches:
@@ -194,8 +202,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             preempted = preemption.requested(ctx) and step < cfg.train.steps  # the last step ends the run anyway
             at_ckpt_step = preempted or step == cfg.train.steps or (
                 cfg.ckpt.every_steps > 0 and step % cfg.ckpt.every_steps == 0)
-            at_eval_step = val_loader is not None and not preempted and (step == cfg.train.steps or (
-                cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0))
+            eval_due = val_loader is not None and (step == cfg.train.steps or (
+                cfg.train.eval_every_steps > 0 and step % cfg.train.eval_every_steps == 0))
+            at_eval_step = eval_due and not preempted  # a preempted run leaves it to the resumed one (eval_owed)
             # A checkpoint holds the counts so far; after an evaluation a new window starts, so that
             # its time stays out of perf/.
             at_log_step = step % cfg.log.every_steps == 0 or at_ckpt_step or at_eval_step
@@ -205,10 +214,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                                                          ctx)
                 bad_total = scalars["train/skipped_steps"]
             if at_eval_step:
-                scalars.update(evaluate(model, val_loader, cfg, ctx, compute))
-                if scalars["val/top1"] > best_top1:
-                    best_top1 = scalars["val/top1"]
-                    save_weights(model, {**meta, "step": step, "val_top1": best_top1}, best_file, ctx)
+                val_scalars, best_top1 = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step, best_top1,
+                                                                best_file, meta)
+                scalars.update(val_scalars)
             if scalars:
                 logger.log(step, scalars)
             if at_log_step:
@@ -226,7 +234,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                 else:
                     train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
                                    "skipped": skipped_total, "bad_steps": bad_total, "best_top1": best_top1,
-                                   "data_order": data_order, "config": to_dict(cfg)}
+                                   "eval_owed": eval_due and preempted, "data_order": data_order,
+                                   "config": to_dict(cfg)}
                     checkpointer.save(step, model, optimizer, train_state, final=preempted or step == cfg.train.steps)
             if preempted:
                 checkpointer.wait(final=True)
@@ -303,6 +312,17 @@ def top1_to_beat(best_file: Path, checkpoint_top1: float, resume_from: Path | No
         return recorded
     this_run = resume_from is not None and resume_from.parent.resolve() == (best_file.parent / "checkpoints").resolve()
     return checkpoint_top1 if best_file.is_file() and this_run else -1.0
+
+
+def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx: distributed.DistContext, compute,
+                           step: int, best_top1: float, best_file: Path, meta: dict) -> tuple[dict, float]:
+    """Validate; weights with a val/top1 above `best_top1` go to `best_file`. Returns the scalars and
+    the val/top1 that later weights must beat."""
+    scalars = evaluate(model, val_loader, cfg, ctx, compute)
+    if scalars["val/top1"] > best_top1:
+        best_top1 = scalars["val/top1"]
+        save_weights(model, {**meta, "step": step, "val_top1": best_top1}, best_file, ctx)
+    return scalars, best_top1
 
 
 def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed.DistContext) -> None:
