@@ -127,6 +127,9 @@ vitdist_slurm_main() {
     vitdist_requeue "SIG$VITDIST_SIGNALLED before training started"
   fi
   rm -f "$run_dir/FINISHED"  # written by the ranks once they have trained to the end
+  if [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ]; then  # a new job, not a requeue: its own VITDIST_MAX_FAILURES
+    rm -f "$run_dir/slurm_failures"
+  fi
   # Since Slurm 22.05 a step does not inherit the job's --cpus-per-task: without it, torchrun and
   # all its ranks' loader workers would share one core. --export=ALL: the step gets the environment
   # set up here even when the job was submitted with --export=NONE, which steps inherit otherwise.

@@ -90,6 +90,7 @@ def test_two_node_job_equals_two_process_torchrun(cluster, demo_shards, tmp_path
     common = [*shard_overrides(demo_shards), *EXACT, "train.steps=6"]
     (tmp_path / "slurm").mkdir()
     (tmp_path / "slurm" / "FATAL").write_text("an earlier job's error\n")  # does not stop this one
+    (tmp_path / "slurm" / "slurm_failures").write_text("1\n")  # an earlier job's: this one has its own
     # As sites that ask for --export: only the variables named (and SLURM's own) reach the job, and
     # its steps must still get the environment the batch script sets up (the venv, PYTHONPATH).
     job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *common, f"run.dir={tmp_path / 'slurm'}",
@@ -102,7 +103,7 @@ def test_two_node_job_equals_two_process_torchrun(cluster, demo_shards, tmp_path
     assert re.search(r"^0: \[rank [01]\] .*on node1", log, re.M) and re.search(r"^1: \[rank [01]\] .*on node2", log, re.M)
     assert "ddp over 2 rank(s)" in log
     assert (tmp_path / "slurm" / "checkpoints" / "step_6" / ".metadata").is_file()
-    assert not (tmp_path / "slurm" / "FATAL").exists()
+    assert not (tmp_path / "slurm" / "FATAL").exists() and not (tmp_path / "slurm" / "slurm_failures").exists()
     assert list((tmp_path / "slurm" / "tb").glob("events.out.tfevents.*"))
     got = loss_curve(tmp_path / "slurm")
     assert [step for step, _ in got] == list(range(1, 7)) and got == loss_curve(tmp_path / "ref")
