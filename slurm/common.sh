@@ -59,10 +59,17 @@ vitdist_on_signal() {
   scancel --signal=TERM "$VITDIST_JOB"
 }
 
+# Exits 0 once SLURM has the job back in its queue. A requeue it refuses (a job submitted with
+# --no-requeue, the controller unreachable) fails the job: exit 0 would mark it COMPLETED, and a
+# job waiting on it (--dependency=afterok, as the fine-tune of slurm/submit_pipeline.sh) would start.
 vitdist_requeue() {
   trap - USR1 TERM
   vitdist_log "requeueing job $VITDIST_JOB ($1)"
-  scontrol requeue "$VITDIST_JOB"
+  if ! scontrol requeue "$VITDIST_JOB"; then
+    vitdist_log "SLURM refused the requeue: the job fails unfinished; resubmit it with run.dir=$run_dir" \
+                "to resume from its newest checkpoint"
+    exit 75
+  fi
   exit 0
 }
 

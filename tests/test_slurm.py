@@ -1,8 +1,8 @@
 """slurm/*.sbatch on a real two-node SLURM cluster on this machine (tests/slurm_cluster.py), all
 through sbatch: a 2-node run equal to a 2-process torchrun, preemption -> checkpoint -> requeue
 -> resume, of one array task alone, a warning during the last steps that does not requeue, the
-pretrain -> fine-tune chain, a bad config that fails fast, and an error that recurs once training
-started, not retried."""
+pretrain -> fine-tune chain, a bad config that fails fast, an error that recurs once training
+started, not retried, and a requeue SLURM refuses, which fails the job."""
 
 from __future__ import annotations
 
@@ -161,6 +161,22 @@ def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{step}'} at step {step}" in log
     assert f"steps {step} -> 12" in log and "finished: run dir" in log
     assert [step for step, _ in loss_curve(run_dir)] == list(range(1, 13))  # no step lost or repeated
+
+
+def test_a_requeue_that_slurm_refuses_fails_the_job(cluster, tmp_path):
+    """Exit 0 after a refused requeue would mark the preempted job COMPLETED, and start a fine-tune
+    waiting on it (afterok) from an unfinished run: the job fails, saying how to resume."""
+    job = subprocess.run(["sbatch", "--parsable", "--no-requeue", f"--output={tmp_path}/sleep.log", "--wrap",
+                          "sleep 120"], env=cluster.env, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        script = f'source {REPO}/slurm/common.sh; VITDIST_JOB={job} run_dir=runs/x; vitdist_requeue "preempted"'
+        out = subprocess.run(["bash", "-c", script], env=cluster.env, capture_output=True, text=True)
+    finally:
+        subprocess.run(["scancel", job], env=cluster.env, check=True)
+    assert out.returncode == 75, out.stdout + out.stderr
+    assert f"requeueing job {job} (preempted)" in out.stdout
+    assert ("SLURM refused the requeue: the job fails unfinished; resubmit it with run.dir=runs/x to resume from "
+            "its newest checkpoint") in out.stdout
 
 
 def test_usr1_to_one_array_task_requeues_that_task_only(cluster, demo_shards, tmp_path):
