@@ -62,6 +62,7 @@ vitdist_on_signal() {
 # Exits 0 once SLURM has the job back in its queue. A requeue it refuses (a job submitted with
 # --no-requeue, the controller unreachable) fails the job: exit 0 would mark it COMPLETED, and a
 # job waiting on it (--dependency=afterok, as the fine-tune of slurm/submit_pipeline.sh) would start.
+# Called from vitdist_slurm_main, whose run_dir it names.
 vitdist_requeue() {
   trap - USR1 TERM
   vitdist_log "requeueing job $VITDIST_JOB ($1)"
