@@ -154,3 +154,11 @@ def running(text: str) -> list[int]:
         if held and not gone(int(cmdline.parent.name)):
             found.append(int(cmdline.parent.name))
     return found
+
+
+def still_running(text: str, wait_s: float = 5) -> list[int]:
+    """`running(text)` once none is, or after `wait_s`: a process just signalled takes a moment to exit."""
+    deadline = time.monotonic() + wait_s
+    while (found := running(text)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from timm.models import save_for_hf
 
-from conftest import REPO, TINY, running
+from conftest import REPO, TINY, running, still_running
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.evaluate import evaluate_checkpoint, hub_meta
@@ -217,7 +217,7 @@ def test_a_stalled_read_stops_the_evaluation_at_its_timeout_naming_the_worker(tm
                          stalled.stderr, re.MULTILINE), stalled.stderr
         assert "Traceback" not in stalled.stderr
         assert waited_s < 3 + 30  # the interpreter's start, timm's import and the model's build included
-        assert running(f"cat {fifo}") == []
+        assert still_running(f"cat {fifo}") == []
     finally:
         for pid in running(f"cat {fifo}"):
             os.kill(pid, signal.SIGKILL)

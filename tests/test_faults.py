@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import (EXACT, children, gone, loss_curve, run_pretrain, running, shard_overrides, start_pretrain,
-                      wait_for, worker_pid)
+                      still_running, wait_for, worker_pid)
 from vitdist.data import expand_urls
 from vitdist.distributed import _free_port
 
@@ -142,7 +142,7 @@ def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_pat
         assert TIMEOUT_S - 1 < waited_s < TIMEOUT_S + MARGIN_S
         assert re.search(rf"WorkerStalled: training loader worker 0 \(pid \d+\) delivered nothing for {TIMEOUT_S} s ",
                          log_path.read_text())
-        assert running(f"cat {fifo} ") == []
+        assert still_running(f"cat {fifo} ") == []
     finally:
         for pid in running(f"cat {fifo} "):
             os.kill(pid, signal.SIGKILL)
@@ -178,7 +178,7 @@ def test_a_stalled_validation_read_stops_every_rank_within_the_timeout(demo_shar
                           r"ReadStalled: validation loader, read in the training process \(data.num_workers=0\),")
         assert re.search(rf"{stalled_loader} delivered nothing for {TIMEOUT_S} s ", log), log[-3000:]
         assert "rank 0 lost contact with the process group: rank(s) 1 did not report within 5 s" in log, log[-3000:]
-        assert running(stalled) == []
+        assert still_running(stalled) == []
     finally:
         for pid in running(stalled):
             os.kill(pid, signal.SIGKILL)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, children, gone, png_bytes, running, write_shard
+from conftest import TINY, children, gone, png_bytes, running, still_running, write_shard
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader, TrainLoader, expand_urls
 from vitdist.prefetch import DeviceBatches
@@ -58,7 +58,7 @@ def test_a_killed_worker_stops_the_batches_within_seconds_naming_it(demo_shards,
             print(f"noticed {noticed_s:.1f} s after the kill")
             assert noticed_s < 10
             assert re.fullmatch(rf"training loader worker [01] \(pid {victim}\) was killed by SIGKILL \(.*\)", str(died.value))
-            assert running(f"cat {fifo} ") == [] and all(gone(pid) for pid in workers)
+            assert still_running(f"cat {fifo} ") == [] and all(gone(pid) for pid in workers)
     finally:
         for pid in running(f"cat {fifo} "):
             os.kill(pid, signal.SIGKILL)
@@ -78,7 +78,7 @@ def test_a_stalled_pipe_read_stops_the_batches_at_the_timeout_and_ends_the_comma
             with pytest.raises(WorkerStalled, match=r"^training loader worker 0 \(pid \d+\) delivered nothing for 4 s "):
                 next(batches)
             waited_s = time.monotonic() - started
-            assert running(f"cat {fifo} ") == []
+            assert still_running(f"cat {fifo} ") == []
         print(f"stopped {waited_s:.1f} s after the first batch was asked for")
         assert 4 <= waited_s < 4 + 10
     finally:
@@ -114,7 +114,7 @@ with DeviceBatches(iter(train_loader({stalled!r}, "data.num_workers=0", timeout_
         assert training.returncode == 1 and 4 <= waited_s < 4 + 15, stderr[-3000:]  # its exit, on a loaded machine
         assert re.search(r"ReadStalled: training loader, read in the training process \(data.num_workers=0\), "
                          r"delivered nothing for 4 s ", stderr), stderr[-3000:]
-        assert running(f"cat {fifo} ") == []
+        assert still_running(f"cat {fifo} ") == []
     finally:
         training.kill()
         training.wait()
@@ -144,7 +144,7 @@ def test_a_stalled_validation_read_stops_at_the_timeout_naming_its_worker(demo_s
         waited_s = time.monotonic() - started
         assert sorted(sizes) == [2, 10, 10, 10]  # before the stall: both 1-sample shards, 30 of the 32
         assert 4 <= waited_s < 4 + 5
-        assert running(f"cat {fifo}") == []
+        assert still_running(f"cat {fifo}") == []
     finally:
         for pid in running(f"cat {fifo}"):
             os.kill(pid, signal.SIGKILL)
@@ -174,7 +174,7 @@ def test_a_killed_validation_worker_stops_the_evaluation_within_seconds(demo_sha
         assert time.monotonic() - killed_at < 10
         assert re.fullmatch(rf"validation loader worker [01] \(pid {victim}\) was killed by SIGKILL \(.*\)",
                             str(died.value))
-        assert running(f"cat {fifo} ") == []
+        assert still_running(f"cat {fifo} ") == []
     finally:
         for pid in running(f"cat {fifo} "):
             os.kill(pid, signal.SIGKILL)

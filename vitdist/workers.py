@@ -111,14 +111,33 @@ def _from_workers(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
                 return
             yield item
     finally:
-        # Each worker's process group: the worker and its commands. A group outlives its leader
-        # while a member is left, and its id is not reused meanwhile, so a dead worker's commands
-        # end too. Torch's workers exit at once at a SIGTERM from their parent, even in a stalled
-        # read (torch's shutdown would first wait for each in turn).
-        for worker in workers:
-            with contextlib.suppress(ProcessLookupError):  # the worker died and left nothing
-                os.killpg(worker.pid, signal.SIGTERM)
-        chunks._shutdown_workers()  # now: an error's traceback would keep the iterator until exit
+        _stop(chunks, workers)  # now: an error's traceback would keep the iterator until exit
+
+
+def _stop(chunks, workers: list[Process]) -> None:
+    """End the workers and their process groups, in place of torch's shutdown. Torch's would wait
+    for each worker in turn (one in a stalled read for seconds), and, with the workers ended first,
+    could wait for ever: it sets an Event that workers read under a lock they share, and a worker
+    ended inside such a read leaves the lock held (torch's SIGCHLD handler, which would interrupt
+    that wait, is not in place: see `_from_workers`)."""
+    chunks._shutdown = True  # torch's own shutdown, which the iterator's deletion runs, is done here
+    if hasattr(chunks, "_pin_memory_thread"):  # as torch does: it reads what the workers send
+        chunks._pin_memory_thread_done_event.set()
+        chunks._worker_result_queue.put((None, None))
+        chunks._pin_memory_thread.join()
+    # Each worker's process group: the worker and its commands. A group outlives its leader
+    # while a member is left, and its id is not reused meanwhile, so a dead worker's commands
+    # end too. Torch's workers exit at once at a SIGTERM from their parent, even in a stalled read.
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):  # the worker died and left nothing
+            os.killpg(worker.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.join(timeout=POLL_S)
+        if worker.is_alive():  # in a read the kernel does not interrupt
+            worker.kill()
+    for q in (*chunks._index_queues, chunks._worker_result_queue):
+        q.cancel_join_thread()  # nothing sent to a worker, or by one, is awaited any more
+        q.close()
 
 
 def _read_here(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
