@@ -107,5 +107,5 @@ for name in "${parts[@]}"; do
     data_e2e) sed -n '/^| measurement/,$p' "$log" | grep . || grep "^loader \|^device work \|^training " "$log" ;;
     *) sed -n '/ bf16 matmul peak /,$p' "$log" | grep . || grep '^{"variant"' "$log" | cut -c1-220 ;;
   esac
-  grep -q "^| measurement\| bf16 matmul peak \|passed\|failed" "$log" || tail -n 4 "$log"
+  grep -q "^| measurement\| bf16 matmul peak \|passed\|failed" "$log" || grep -v '^{"variant"' "$log" | tail -n 4
 done
