@@ -140,16 +140,25 @@ def measure_training(args, pattern: str, decode: str, streams: int, micro_batch:
                  "model.drop_path_rate=0.0"]  # the model bench/train_step.py times on synthetic input
     command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(args.config), *overrides]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise SystemExit(f"training with data.decode={decode} failed ({run.returncode}):\n{run.stderr[-4000:]}")
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
     figures = {}
+    try:
+        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.train_timeout)
+        if run.returncode != 0:
+            raise RuntimeError(f"training with data.decode={decode} failed ({run.returncode}):\n{run.stderr[-4000:]}")
+    except subprocess.TimeoutExpired:
+        # Killed. A run can hang at its exit, after its last window was logged (a loader worker
+        # stopped while it held the loader's lock: bench/RESULTS.md), and those windows still count.
+        figures["killed_after_s"] = args.train_timeout
+    logged = {}
+    if (run_dir / "tb").is_dir():
+        events = EventAccumulator(str(run_dir / "tb"))
+        events.Reload()
+        logged = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     for tag in ("perf/images_per_sec", "perf/data_wait_frac"):
-        windows = [e.value for e in events.Scalars(tag)][1:]
+        windows = logged.get(tag, [])[1:]
         if not windows:
-            raise SystemExit(f"{run_dir / 'tb'}: no {tag} after the first log window; raise --train-steps")
+            raise RuntimeError(f"{run_dir / 'tb'}: no {tag} after the first log window ("
+                               + (f"killed after {args.train_timeout} s)" if figures else "raise --train-steps)"))
         figures[tag.split("/")[1]] = {"mean": float(np.mean(windows)), "windows": windows}
     return figures
 
@@ -168,6 +177,7 @@ def main() -> None:
     parser.add_argument("--train-workers", type=int, default=8, help="data.num_workers of the training runs")
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--train-timeout", type=float, default=600, help="seconds before a training run is killed")
     parser.add_argument("--micro-batch", type=int, default=None, help="data.micro_batch_size of the training runs (default: --batch)")
     parser.add_argument("--skip-training", action="store_true", help="measure the loader alone")
     args = parser.parse_args()
@@ -186,36 +196,51 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
                "cpu_cores": os.cpu_count(), "shards": shards, "batch": args.batch, "streams": streams,
                "loader": [], "training": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every measurement, whole: a run stopped at its time limit keeps what it measured
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(json.dumps(results, indent=1))
+        os.replace(partial, args.out)
+
     rows = []
     for decode in ("cpu", "gpu"):
         for w in workers:
             rate = measure_loader(pattern, decode, w, streams, args.batch, args.loader_batches,
                                   model_cfg.model.img_size, device)
             results["loader"].append({"decode": decode, "workers": w, "samples_per_sec": rate})
+            save()
             rows.append(("loader alone", decode, w, f"{rate:,.0f}", ""))
             print(f"loader decode={decode} workers={w}: {rate:,.0f} samples/s", flush=True)
     device_work = measure_device_work(pattern, streams, args.batch, 2, model_cfg.model.img_size, device)
     results["device_work"] = device_work
+    save()
     for name, value in device_work.items():
         rows.append((f"device work alone: {name.replace('_', ' ')}", "gpu", "-", f"{value:,.0f}", ""))
         print(f"device work {name}: {value:,.0f} samples/s", flush=True)
+    failed = 0
     if not args.skip_training:
         micro_batch = args.micro_batch or args.batch
-        for decode in ("cpu", "gpu"):
-            figures = measure_training(args, pattern, decode, streams, micro_batch)
-            results["training"].append({"decode": decode, "workers": args.train_workers, "config": str(args.config),
-                                        "steps": args.train_steps, **figures})
-            rows.append((f"training {args.config.name}", decode, args.train_workers,
-                         f"{figures['images_per_sec']['mean']:,.0f}", f"{figures['data_wait_frac']['mean']:.3f}"))
-            print(f"training decode={decode}: {figures['images_per_sec']['mean']:,.0f} img/s", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+        for decode in ("cpu", "gpu"):  # a failed run costs only its own row
+            run = {"decode": decode, "workers": args.train_workers, "config": str(args.config), "steps": args.train_steps}
+            try:
+                run.update(measure_training(args, pattern, decode, streams, micro_batch))
+                figures = f"{run['images_per_sec']['mean']:,.0f}", f"{run['data_wait_frac']['mean']:.3f}"
+            except RuntimeError as error:
+                print(error, file=sys.stderr, flush=True)
+                run["error"], figures, failed = str(error)[-1000:], ("failed", ""), failed + 1
+            results["training"].append(run)
+            save()
+            rows.append((f"training {args.config.name}", decode, args.train_workers, *figures))
+            print(f"training decode={decode}: {figures[0]} img/s", flush=True)
     print(f"\n{results['device']}, {os.cpu_count()} CPU cores; {shards['samples']} JPEGs of {IMAGE_SIZE[0]}x"
           f"{IMAGE_SIZE[1]}, {shards['kb_per_image']:.0f} KB each; global batch {args.batch}\n")
     print("| measurement | decode | workers | samples/s | data_wait_frac |\n| --- | --- | --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
     print(f"\nfigures: {args.out}")
+    if failed:
+        raise SystemExit(f"{failed} training run(s) failed: see above")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,15 @@ overrides. Settings `inductor.<option>=<value>` (or `dynamo.`) patch torch._indu
 torch._dynamo.config) for one variant, of either kind, e.g. `timm:inductor.max_autotune=true` or
 `vitdist:dist.strategy=ddp;inductor.max_autotune_gemm_backends=TRITON`. Every variant starts from
 the same initial weights and is timed with CUDA events on fresh random batches (median of
-repeats, after warm-up and compilation). "saved MiB/img" is what autograd keeps for backward
-(activations, not weights), counted on any device. Numerics: each vitdist variant trains
-`--check-steps` steps on a fixed set of batches, and its losses are compared with vitdist's
-eager bf16-autocast step (`vitdist:train.compile=false;dist.strategy=ddp`) from the same initial
-weights. MFU counts model FLOPs (`vitdist.model.train_flops_per_image`, no
-recomputation) against the bf16 matmul peak measured in the same run.
+repeats, after warm-up and compilation). "mem GiB" is the timed steps' peak of what the variant
+allocated, plus one input batch (the script holds 8 for all variants; the loop holds one).
+"saved MiB/img" is what autograd keeps for backward (activations, not weights), counted on any
+device. "x timm" is the ratio to the `timm` row compiled with the same inductor.*/dynamo.*
+settings. Numerics: each vitdist variant trains `--check-steps` steps on a fixed set of batches,
+and its losses are compared with vitdist's eager bf16-autocast step
+(`vitdist:train.compile=false;dist.strategy=ddp`) from the same initial weights. MFU counts model
+FLOPs (`vitdist.model.train_flops_per_image`, no recomputation) against the bf16 matmul peak
+measured in the same run. Each variant's JSON row is written as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import statistics
 import time
 
@@ -59,7 +63,7 @@ def timm_step(args, init: dict, compile_: bool):
     model = timm.create_model(args.arch, **args.timm_kwargs).to(args.device)
     model.load_state_dict(init)
     model.set_grad_checkpointing(args.ckpt)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=args.device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # as vitdist's, on any device
     forward = torch.compile(model) if compile_ else model
 
     def step(x, y):
@@ -149,15 +153,21 @@ def profile(step, batches, device, steps: int = 3) -> None:
         print(f"  {ms:7.2f} ms x{count:<4d} {name[:110]}")
 
 
-def run_variant(name: str, args, init: dict, ctx, check_batches) -> dict:
+def split_variant(name: str) -> tuple[str, list[str], list[str]]:
     """`name`: `timm`, `timm-eager` or `vitdist`, then optionally `:` and `;`-separated settings:
     `inductor.<option>=<value>` and `dynamo.<option>=<value>` patch torch._inductor.config and
-    torch._dynamo.config for this variant (any kind), the others are vitdist config overrides."""
+    torch._dynamo.config for this variant (any kind), the others are vitdist config overrides.
+    Returns the kind, the compiler settings and the overrides."""
     kind, _, settings = name.partition(":")
     settings = [s for s in settings.split(";") if s]
+    compiler = sorted(s for s in settings if s.startswith(tuple(COMPILER_CONFIGS)))
+    return kind, compiler, [s for s in settings if s not in compiler]
+
+
+def run_variant(name: str, args, init: dict, ctx, check_batches) -> dict:
+    kind, compiler, overrides = split_variant(name)
     patches = {prefix: {k.removeprefix(prefix): yaml.safe_load(v) for k, v in
-                        (s.split("=", 1) for s in settings if s.startswith(prefix))} for prefix in COMPILER_CONFIGS}
-    overrides = [s for s in settings if not s.startswith(tuple(COMPILER_CONFIGS))]
+                        (s.split("=", 1) for s in compiler if s.startswith(prefix))} for prefix in COMPILER_CONFIGS}
     torch._dynamo.reset()
     torch._functorch.config.activation_memory_budget = 1.0  # timm's default; vitdist's variants set their own
     torch.manual_seed(0)
@@ -168,7 +178,10 @@ def run_variant(name: str, args, init: dict, ctx, check_batches) -> dict:
 
 
 def _run_variant(name: str, kind: str, overrides: list[str], args, init: dict, ctx, check_batches) -> dict:
+    began = time.perf_counter()
     batches = [random_batch(args) for _ in range(4)]  # fresh inputs, rotated: no timing of one cached batch
+    cuda = args.device.type == "cuda"
+    inputs = torch.cuda.memory_allocated(args.device) if cuda else 0  # the 8 batches (and earlier variants' leftovers)
     if kind in ("timm", "timm-eager"):
         if overrides:
             raise ValueError(f"{name}: timm variants take only inductor.* and dynamo.* settings, got {overrides}")
@@ -180,21 +193,39 @@ def _run_variant(name: str, kind: str, overrides: list[str], args, init: dict, c
         loss, saved = counted_step(step, check_batches[0] if check_batches else batches[0])
         losses = [loss.item(), *(step(x, y).item() for x, y in check_batches[1:])] if check_batches else None
     flops = train_flops_per_image(model)
-    if args.device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
     per_step, warmup_s = time_steps(step, batches, args.warmup, args.steps, args.repeats, args.device)
     if args.profile:
         profile(step, batches, args.device)
     seconds = statistics.median(per_step)
+    one_batch = sum(t.nbytes for t in batches[0])
+    peak = torch.cuda.max_memory_allocated(args.device) - inputs + one_batch if cuda else 0
     result = {"variant": name, "img_s": args.batch / seconds, "step_ms": seconds * 1e3,
               "spread": (max(per_step) - min(per_step)) / seconds, "warmup_s": warmup_s,
-              "peak_mem_gib": torch.cuda.max_memory_allocated(args.device) / 2**30 if args.device.type == "cuda" else 0.0,
-              "saved_mib_per_img": saved / 2**20, "flops_per_img": flops, "losses": losses}
+              "peak_mem_gib": peak / 2**30, "saved_mib_per_img": saved / 2**20, "flops_per_img": flops,
+              "losses": losses, "variant_s": time.perf_counter() - began}
     del model, step, batches
     gc.collect()
-    if args.device.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def compare(results: list[dict], peak: float) -> None:
+    """Each row's MFU, ratio to timm's compiled step with the same compiler settings (`timm:<settings>`
+    for `vitdist:...;<settings>`) and loss after N steps relative to the reference's, from the rows so far."""
+    timm_img_s = {tuple(split_variant(r["variant"])[1]): r["img_s"] for r in results
+                  if split_variant(r["variant"])[0] == "timm" and "img_s" in r}
+    reference = next((r["losses"] for r in results if r["variant"] == REFERENCE and r.get("losses")), None)
+    for r in results:
+        if "error" in r:
+            continue
+        r["mfu"] = r["img_s"] * r["flops_per_img"] / peak
+        timm_rate = timm_img_s.get(tuple(split_variant(r["variant"])[1]))
+        r["x_timm"] = r["img_s"] / timm_rate if timm_rate else None
+        if r["losses"] and reference:
+            r["loss_rel_diff"] = abs(r["losses"][-1] - reference[-1]) / abs(reference[-1])
 
 
 def random_batch(args):
@@ -236,17 +267,22 @@ def main() -> None:
     names = args.variants.split(",")
     if args.check_steps and any(n.startswith("vitdist:") for n in names) and REFERENCE not in names:
         names.insert(0, REFERENCE)
+    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
     results = []
     for name in names:
         try:
             results.append(run_variant(name, args, init, ctx, check_batches))
         except Exception as e:  # one failing variant must not cost the others' figures
             results.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        compare(results, peak)
+        if args.out:  # after every variant, whole (a run stopped at its time limit keeps what it measured)
+            with open(f"{args.out}.partial", "w") as f:
+                json.dump({"device": device_name, "torch": torch.__version__, "timm": timm.__version__,
+                           "matmul_peak_flops": peak, "args": {k: str(v) for k, v in vars(args).items()},
+                           "results": results}, f, indent=1)
+            os.replace(f"{args.out}.partial", args.out)
         print(json.dumps(results[-1]), flush=True)
 
-    timm_img_s = next((r["img_s"] for r in results if r["variant"] == "timm" and "img_s" in r), None)
-    reference = next((r["losses"] for r in results if r["variant"] == REFERENCE and "losses" in r), None)
-    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
     print(f"\n{device_name} | torch {torch.__version__} | timm {timm.__version__} | "
           f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s | {args.arch} batch {args.batch} ckpt {args.ckpt}")
     print(f"{'variant':58s} {'img/s':>7s} {'MFU':>6s} {'mem GiB':>8s} {'saved MiB/img':>13s} {'x timm':>7s} "
@@ -255,21 +291,13 @@ def main() -> None:
         if "error" in r:
             print(f"{r['variant']:58s} {r['error']}")
             continue
-        r["mfu"] = r["img_s"] * r["flops_per_img"] / peak
-        r["x_timm"] = r["img_s"] / timm_img_s if timm_img_s else None
-        if r["losses"] and reference:
-            r["loss_rel_diff"] = abs(r["losses"][-1] - reference[-1]) / abs(reference[-1])
         ratio = f"{r['x_timm']:.3f}" if r["x_timm"] else "-"
         rel = f"{r['loss_rel_diff']:.2e}" if "loss_rel_diff" in r else "-"
         print(f"{r['variant']:58s} {r['img_s']:7.0f} {r['mfu']:6.1%} {r['peak_mem_gib']:8.1f} "
               f"{r['saved_mib_per_img']:13.2f} {ratio:>7s} {rel:>10s}")
+    reference = next((r["losses"] for r in results if r["variant"] == REFERENCE and r.get("losses")), None)
     if reference:
         print(f"reference loss: step 1 {reference[0]:.4f} -> step {len(reference)} {reference[-1]:.4f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": device_name, "torch": torch.__version__,
-                       "timm": timm.__version__, "matmul_peak_flops": peak, "args": {k: str(v) for k, v in vars(args).items()},
-                       "results": results}, f, indent=1)
     distributed.close()
 
 
