@@ -17,7 +17,8 @@ from .config_yaml import load_config
 from .data import EvalLoader
 from .handoff import HUB_WEIGHTS, HandoffError, load_located, locate
 from .imagefolder import convert, is_image_folder, scan
-from .train import evaluate, model_meta
+from .train import model_meta
+from .validation import evaluate
 
 log = logging.getLogger(__name__)
 

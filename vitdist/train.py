@@ -14,15 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch._functorch.config
-import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from . import checkpoint, distributed, imagefolder, resume
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, to_dict
 from .config_yaml import save_config
 from .data import EvalLoader, Normalize, TrainLoader, expand_urls, train_shard_urls
-from .export import recorded_top1, write_safetensors
 from .handoff import load_pretrained
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, check_model, timm_kwargs, train_flops_per_image
@@ -32,6 +29,7 @@ from .prefetch import DeviceBatches
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .samples import SKIP_KINDS, TooManyBadSamples, check_skipped
 from .schedule import lr_at
+from .validation import evaluate_and_keep_best, top1_to_beat
 
 log = logging.getLogger(__name__)
 
@@ -302,36 +300,6 @@ def train_step(dp_model: torch.nn.Module, model: torch.nn.Module, optimizer: tor
     return total, grad_norm, bad
 
 
-def top1_to_beat(best_file: Path, checkpoint_top1: float, resume_from: Path | None) -> float:
-    """The val/top1 that new best weights must beat: that of the best weights in run.dir, where a
-    killed run may have written better ones after the checkpoint resumed from, which a resume that
-    is not bitwise (another world size, a changed config) may not reach again. The checkpoint's own
-    figure serves for a file that records none, written by this run; a warm start's checkpoint
-    holds another run's."""
-    if (recorded := recorded_top1(best_file)) is not None:
-        return recorded
-    this_run = resume_from is not None and resume_from.parent.resolve() == (best_file.parent / "checkpoints").resolve()
-    return checkpoint_top1 if best_file.is_file() and this_run else -1.0
-
-
-def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx: distributed.DistContext, compute,
-                           step: int, best_top1: float, best_file: Path, meta: dict) -> tuple[dict, float]:
-    """Validate; weights with a val/top1 above `best_top1` go to `best_file`. Returns the scalars and
-    the val/top1 that later weights must beat."""
-    scalars = evaluate(model, val_loader, cfg, ctx, compute)
-    if scalars["val/top1"] > best_top1:
-        best_top1 = scalars["val/top1"]
-        save_weights(model, {**meta, "step": step, "val_top1": best_top1}, best_file, ctx)
-    return scalars, best_top1
-
-
-def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed.DistContext) -> None:
-    """The whole model (gathered from the shards under FSDP) as one timm-loadable file, by rank 0."""
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if ctx.is_main:
-        write_safetensors(weights, meta, out)
-
-
 def model_meta(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict:
     """What rebuilds the model in timm and feeds it (normalisation and the validation crop):
     written into every checkpoint."""
@@ -370,38 +338,3 @@ def _window_scalars(window: Window, lr: float, skipped_before: dict[str, int], b
         **{f"data/skipped_{kind}": count for kind, count in sorted(skipped.items())},
     }
     return scalars, dict(skipped)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistContext, compute) -> dict:
-    """Loss, top-1 and top-5 over the whole validation set, every sample counted once over all ranks.
-    Ranks run the same number of forward passes (under FSDP each one gathers parameters from
-    all ranks): a rank whose share has run out runs an empty batch. A rank whose read fails (a dead
-    or stalled loader worker) raises; the others, waiting for it in a collective, time out after
-    dist.timeout_s and exit naming it, as for a failed training read."""
-    model.eval()
-    normalize = Normalize(cfg.data, ctx.device)
-    totals = torch.zeros(5, device=ctx.device)  # loss sum, top-1 correct, top-5 correct, count, skipped
-    k = min(5, cfg.model.num_classes)
-    empty = {"image": torch.zeros(0, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.uint8),
-             "label": torch.zeros(0, dtype=torch.long), "skipped": 0}
-    with contextlib.closing(iter(loader)) as batches:
-        while True:
-            batch = next(batches, None)
-            if not distributed.any_rank(batch is not None, ctx):
-                break
-            batch = batch or empty
-            images = normalize(batch["image"].to(ctx.device, non_blocking=True))
-            labels = batch["label"].to(ctx.device, non_blocking=True)
-            with compute:
-                logits = model(images).float()
-            top = logits.topk(k, dim=-1).indices == labels[:, None]
-            totals[:3] += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), top[:, 0].sum().float(),
-                                       top.any(-1).sum().float()])
-            totals[3] += len(labels)  # numbers added on the device: no copy from the host, no wait
-            totals[4] += batch["skipped"]
-    model.train()
-    totals = distributed.all_reduce_sum(totals)
-    count = max(totals[3].item(), 1.0)
-    return {"val/loss": totals[0].item() / count, "val/top1": totals[1].item() / count,
-            "val/top5": totals[2].item() / count, "val/skipped": totals[4].item()}
