@@ -34,6 +34,7 @@ from .distributed import signal_at_parent_death
 PARENT_DIED = signal.SIGHUP
 WORKER_NICENESS = 10  # CPU weight about a tenth of the training process's (Linux's CFS weights)
 POLL_S = 2.0  # how often a wait for a chunk looks at the workers: a dead one is noticed within this
+ENDED_READ_S = 5.0  # for a read whose commands were ended to return (a read the kernel does not interrupt, never)
 
 
 class WorkerDied(RuntimeError):
@@ -163,7 +164,8 @@ def _read_here(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
                 given.put((None, error))
                 return
 
-    threading.Thread(target=read, daemon=True, name=f"{name} loader").start()
+    reader = threading.Thread(target=read, daemon=True, name=f"{name} loader")
+    reader.start()
     try:
         while True:
             asked.put(True)
@@ -171,6 +173,10 @@ def _read_here(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
                 item, error = given.get(timeout=timeout_s)
             except queue.Empty:
                 commands.end()
+                # Unblocked, the thread goes on to the next shard: it must be done before this process
+                # exits, which would freeze it, a daemon, between starting a command and recording it.
+                asked.put(False)
+                reader.join(timeout=ENDED_READ_S)
                 raise ReadStalled(
                     f"{name} loader, read in the training process (data.num_workers=0), delivered nothing for "
                     f"{timeout_s:g} s (dist.timeout_s): a shard read that stalls (a pipe: command, a filesystem); "
