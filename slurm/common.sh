@@ -87,6 +87,11 @@ vitdist_slurm_main() {
   for arg in "$@"; do
     case $arg in
       run.dir=*)  # each task of an array its own: run.dir=runs/sweep-%A_%a
+        if [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [[ $arg != *%a* ]]; then
+          echo "config error: run.dir=${arg#run.dir=} is shared by every task of array job $SLURM_ARRAY_JOB_ID: they would" \
+               "resume from and overwrite each other's checkpoints; give each its own with %a (run.dir=runs/sweep-%A_%a)" >&2
+          exit 2
+        fi
         run_dir=$(vitdist_job_patterns "${arg#run.dir=}" "$SLURM_JOB_ID" "$SLURM_JOB_NAME" \
                                        "${SLURM_ARRAY_JOB_ID:-}" "${SLURM_ARRAY_TASK_ID:-}")
         arg=run.dir=$run_dir ;;

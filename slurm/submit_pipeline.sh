@@ -28,7 +28,7 @@ source slurm/common.sh
 run_dir_of() {
   local job=$1 dir="" arg name
   shift
-  name=$(scontrol show job "$job" -o | sed -n 's/.*JobName=\([^ ]*\).*/\1/p')
+  name=$(squeue -h -j "$job" -o %j)  # whole, spaces too
   for arg in "$@"; do
     case $arg in run.dir=*) dir=$(vitdist_job_patterns "${arg#run.dir=}" "$job" "$name") ;; esac
   done

@@ -123,6 +123,19 @@ def test_bad_config_fails_fast_without_requeue(cluster, demo_shards, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_an_array_whose_tasks_would_share_a_run_dir_is_refused(cluster, demo_shards, tmp_path):
+    """Tasks that shared run.dir would resume from, and overwrite, each other's checkpoints."""
+    array = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards),
+                   f"run.dir={tmp_path / 'sweep-%A'}", options=["--array=0-1", "--nodes=1"])
+    for task in (0, 1):
+        assert wait_done(cluster, f"{array}_{task}") == "FAILED"
+        assert job_field(cluster, f"{array}_{task}", "Restarts") == "0"
+    logs = [log.read_text() for log in tmp_path.glob("vitdist-pretrain-*.log")]  # one per task
+    refusal = f"config error: run.dir={tmp_path / 'sweep-%A'} is shared by every task of array job {array}"
+    assert len(logs) == 2 and all(refusal in log for log in logs), logs
+    assert not list(tmp_path.glob("sweep-*"))
+
+
 def test_an_error_that_recurs_is_neither_restarted_nor_requeued(cluster, demo_shards, tmp_path):
     """A fine-tune from a file that is not a checkpoint passes the config check, then fails:
     torchrun's 3 restarts exit at once and the job is not requeued."""
