@@ -2,8 +2,10 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -12,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import DIGITS, REPO, TINY, read_scalars, run_pretrain, shard_overrides, write_png_folder
 from vitdist.config_yaml import load_config
+from vitdist.data import expand_urls
 from vitdist.handoff import load_pretrained
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer
@@ -81,10 +84,16 @@ def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp
                            "train.global_batch_size=64", "data.micro_batch_size=32"])
     assert pre.returncode == 0, pre.stderr[-3000:]
     init = tmp_path / "pre" / "checkpoints" / "step_4"
-    finetune = [*shard_overrides(demo_shards), f"finetune.init={init}", "model.img_size=48", "model.num_classes=5",
-                "finetune.layer_decay=0.75", "train.steps=4", "train.global_batch_size=64",
-                "data.micro_batch_size=32", "train.eval_every_steps=2", "dist.strategy=fsdp"]
-    # Labels 5..7 of the 8 shape classes are out of range for a 5-class head: skipped and counted.
+    # Training shards as another tool writes them, without the classes.json that would have the
+    # 5-class head refused: labels 5..7 of the 8 shape classes are out of range, skipped and counted.
+    (tmp_path / "other").mkdir()
+    for url in expand_urls(demo_shards["train"]):
+        shutil.copy(url, tmp_path / "other")
+    train_shards = str(tmp_path / "other" / Path(demo_shards["train"]).name)
+    finetune = [*shard_overrides(demo_shards), f"data.train_shards={train_shards}", f"finetune.init={init}",
+                "model.img_size=48", "model.num_classes=5", "finetune.layer_decay=0.75", "train.steps=4",
+                "train.global_batch_size=64", "data.micro_batch_size=32", "train.eval_every_steps=2",
+                "dist.strategy=fsdp"]
     run = run_pretrain(2, [*finetune, f"run.dir={tmp_path / 'ft'}"], launcher="finetune")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "(vitdist checkpoint); freshly initialised: ['head.bias', 'head.weight']" in run.stderr
@@ -151,7 +160,6 @@ def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp
 
 
 def test_digits_are_real_scans_split_and_sharded(tmp_path):
-    from vitdist.data import expand_urls
     import webdataset as wds
     from vitdist.demo_data import write_digits_dataset
 
@@ -194,6 +202,24 @@ def test_image_folder_is_checked_before_any_process_group(tmp_path):
         check(f"data.train_shards={tmp_path / 'ok'}", "data.val_shards=null", "model.num_classes=2")
     with pytest.raises(ConfigError, match=re.escape(f"data.val_shards: class folder(s) ['dog'] of '{tmp_path / 'odd'}'")):
         check(f"data.train_shards={tmp_path / 'ok'}", f"data.val_shards={tmp_path / 'odd'}")
+
+
+def test_shards_with_more_classes_than_the_model_are_refused_before_any_process_group(demo_shards, tmp_path):
+    """The classes.json that make-shards writes beside the shards says how many classes they hold.
+    A model with fewer outputs (a config's num_classes left as it was) would skip the rest as
+    bad_label: the run would stop after 10 steps, or, under data.max_skip_frac, train on without them."""
+    from vitdist.config import ConfigError
+    from vitdist.train import preflight
+
+    def check(*overrides):
+        preflight(load_config(TINY, [*shard_overrides(demo_shards), f"run.dir={tmp_path}", *overrides]), world_size=2)
+
+    check("model.num_classes=8")
+    check("model.num_classes=10")  # more outputs than classes: allowed, as a head sized for later data
+    classes_json = expand_urls(demo_shards["train"])[0].rsplit("/", 1)[0] + "/classes.json"
+    with pytest.raises(ConfigError, match=re.escape(f"data.train_shards: '{classes_json}' lists 8 classes, more than "
+                                                    "model.num_classes=7")):
+        check("model.num_classes=7")
 
 
 def test_image_folder_converted_once_and_reused(tmp_path):

@@ -62,14 +62,20 @@ def scan(key: str, root: str, num_classes: int, classes: list[str] | None = None
 
 def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
     """The data.*_shards values that are ImageFolder directories, by split ('train', 'val'),
-    checked: class folders with images, no more classes than the model has, at least one training
-    image per data stream. Validation class folders take the training set's class indices."""
+    checked: class folders with images, no more classes than the model has (nor in the
+    classes.json beside training shards), at least one training image per data stream.
+    Validation class folders take the training set's class indices."""
     folders = {}
     if is_image_folder(data.train_shards):
         folders["train"] = scan("data.train_shards", data.train_shards, num_classes)
         if len(folders["train"].items) < data.streams:
             raise ConfigError(f"data.train_shards: '{data.train_shards}' has {len(folders['train'].items)} images, "
                               f"fewer than data.streams={data.streams}: every stream needs a shard")
+    elif (names := shard_classes(data.train_shards)) and len(names) > num_classes:
+        # Labels from num_classes on would be skipped as bad_label: a stop after 10 steps, or,
+        # under data.max_skip_frac, a run that trains on without those classes.
+        raise ConfigError(f"data.train_shards: '{classes_file(data.train_shards)}' lists {len(names)} classes, more "
+                          f"than model.num_classes={num_classes}")
     if is_image_folder(data.val_shards):
         train = folders.get("train")
         classes = train.classes if train else shard_classes(data.train_shards)
@@ -85,9 +91,14 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
 def shard_classes(train_shards) -> list[str] | None:
     """The class names `vitdist make-shards` wrote beside the training shards, if it did: the
     labels a validation ImageFolder's sub-folders must take."""
-    first = expand_urls(train_shards)[0]
-    names = Path(first).parent / "classes.json"
-    return json.loads(names.read_text()) if not is_remote(first) and names.is_file() else None
+    names = classes_file(train_shards)
+    return json.loads(names.read_text()) if names is not None and names.is_file() else None
+
+
+def classes_file(train_shards) -> Path | None:
+    """Where `vitdist make-shards` puts the class names of local training shards."""
+    first = expand_urls(train_shards, "data.train_shards")[0]
+    return None if is_remote(first) else Path(first).parent / "classes.json"
 
 
 def conversion_dir(run_dir: str | Path) -> Path:
