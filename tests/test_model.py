@@ -70,6 +70,9 @@ def test_weight_decay_groups():
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.arch=vit_nonexistent"], "model.arch 'vit_nonexistent' is not a timm model"),
+    # A typo is answered with the names it is nearest to, not the first names in timm's list.
+    (["model.arch=vit_base_patch16_2244"], "not a timm model; did you mean vit_base_patch16_224, "),
+    (["model.arch=deit_smal_patch16_224"], "did you mean deit_small_patch16_224, "),
     (["model.arch=beit_base_patch16_224"], "builds a Beit, not a VisionTransformer"),
     (["model.arch=resnet18"], "timm cannot build model.arch 'resnet18'"),
     (["model.num_heads=3"], "dim should be divisible by num_heads"),

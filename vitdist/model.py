@@ -1,5 +1,7 @@
 """The ViT: timm's VisionTransformer, so that a saved state dict loads in timm by name + kwargs."""
 
+import difflib
+
 import timm
 import torch
 from torch import nn
@@ -19,7 +21,9 @@ def timm_kwargs(cfg: ModelConfig) -> dict:
 
 def build_model(cfg: ModelConfig) -> VisionTransformer:
     if not timm.is_model(cfg.arch):
-        raise ConfigError(f"model.arch '{cfg.arch}' is not a timm model; e.g. {', '.join(timm.list_models('vit_*')[:5])}")
+        vits = timm.list_models(module=["vision_transformer", "deit"])  # the VisionTransformers vitdist trains
+        nearest = difflib.get_close_matches(cfg.arch, vits, n=5, cutoff=0.5) or timm.list_models("vit_*_patch16_224")[:5]
+        raise ConfigError(f"model.arch '{cfg.arch}' is not a timm model; did you mean {', '.join(nearest)}?")
     model = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate, **timm_kwargs(cfg))
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"model.arch '{cfg.arch}' builds a {type(model).__name__}, not a VisionTransformer")
