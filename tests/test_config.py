@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, write_png_folder
 from vitdist.config import ConfigError, Config, batch_layout, reference_markdown
 from vitdist.config_yaml import load_config, save_config
 
@@ -244,6 +244,36 @@ def test_entry_point_refuses_before_any_process_group(tmp_path):
     assert run.returncode == 2
     assert "config error: unknown config key 'optim.lrr'" in run.stderr
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_messages_are_written_a_whole_line_at_a_time(monkeypatch, tmp_path):
+    """Every rank writes its refusal to the same pipe (torchrun's output, a SLURM log). print's two
+    writes, the text then the newline, each reach the pipe under PYTHONUNBUFFERED=1 (set in many
+    containers), so two ranks' lines were met run together: '... lower data.streamsconfig error: ...'.
+    One write of a whole line is not cut by another process's."""
+    from vitdist import entry
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    for key in ("WORLD_SIZE", "RANK", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    write_png_folder(tmp_path / "images", per_class=6)
+    warned = ["train.steps=10", "optim.warmup_steps=20", "data.val_shards=null", f"data.train_shards={tmp_path / 'images'}"]
+    for overrides, code in ((["optim.lrr=1"], 2), ([*warned, "--check"], 0)):
+        monkeypatch.setattr(sys, "argv", ["pretrain.py", "--config", str(TINY), f"run.dir={tmp_path}", *overrides])
+        assert entry.main("", finetune=False) == code
+    assert any(w.startswith("config error: unknown config key 'optim.lrr'") for w in writes), writes
+    assert any(w.startswith("config warning: optim.warmup_steps=20 > train.steps=10") for w in writes), writes
+    assert writes and all(w.endswith("\n") and w.count("\n") == 1 for w in writes), writes
 
 
 def test_overrides_on_both_sides_of_the_options(tmp_path):

@@ -19,6 +19,14 @@ from .train import preflight, train
 RECURRING = (ConfigError, HandoffError, UnsafeCheckpoint, TooManyBadSamples, NoUsableSamples, NonFiniteTraining)
 
 
+def say(line: str) -> None:
+    """A line on stderr in one write: every rank writes to the same pipe (torchrun's output, a
+    SLURM log), where print's two writes, the text then the newline, let another rank's line in
+    between under PYTHONUNBUFFERED=1."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+
+
 def main(description: str, finetune: bool) -> int:
     """Parse `--config C.yaml [key.sub=value ...]`, refuse a bad config on every rank before any
     process group starts (exit 2), then train."""
@@ -38,11 +46,11 @@ def main(description: str, finetune: bool) -> int:
         preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         refusal = str(e)
-    if refuse_together(refusal, lambda message: print(f"config error: {message}", file=sys.stderr, flush=True)):
+    if refuse_together(refusal, lambda message: say(f"config error: {message}")):
         return 2
     if os.environ.get("RANK", "0") == "0":
         for doubt in doubts(cfg):
-            print(f"config warning: {doubt}", file=sys.stderr, flush=True)
+            say(f"config warning: {doubt}")
     if args.check:
         return 0
     # A recurring error is marked in <run.dir>/FATAL: torchrun's restarts of this launch exit at
@@ -52,18 +60,18 @@ def main(description: str, finetune: bool) -> int:
         fatal.unlink(missing_ok=True)
         finished.unlink(missing_ok=True)
     elif fatal.exists():
-        print(f"error: {fatal.read_text().strip()} (recurs: not retried, see {fatal})", file=sys.stderr)
+        say(f"error: {fatal.read_text().strip()} (recurs: not retried, see {fatal})")
         return 2
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s")
     try:
         last_checkpoint = train(cfg)
     except RECURRING as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         fatal.parent.mkdir(parents=True, exist_ok=True)
         fatal.write_text(f"{e}\n")  # by every rank: the batch shell reads the one on its node
         return 2
     except SaveFailed as e:  # may not recur (space freed, a storage hiccup)
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 1
     # Trained to the end, by every rank, for slurm/common.sh: torchrun exits 1 when it got SIGTERM
     # itself (the time-limit warning, during the last steps, which finish the run all the same).
