@@ -92,6 +92,9 @@ def test_export_and_checkpoint_directory(tmp_path, process_group):
     target = tiny(seed=1)
     assert load_pretrained(target, newest) == ("safetensors", [])
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    # A mistyped path is said not to exist, not to be an incomplete checkpoint.
+    with pytest.raises(FileNotFoundError, match=re.escape(f"checkpoint '{tmp_path / 'ckpt'}' does not exist")):
+        export(tmp_path / "ckpt", tmp_path / "typo.safetensors")
 
 
 def test_a_run_is_resolved_once_so_a_save_during_the_read_is_not_named(tmp_path, process_group, monkeypatch):

@@ -335,6 +335,8 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     """The whole model's weights (timm's keys) and its `model.json`, read in this process alone,
     with no process group: for exports, fine-tuning and evaluation."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if not (path / ".metadata").is_file() or not (path / MODEL_META).is_file():
         raise FileNotFoundError(f"'{path}' is not a complete vitdist checkpoint (no .metadata or {MODEL_META})")
     meta = read_json(path, MODEL_META)
