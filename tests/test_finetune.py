@@ -216,10 +216,20 @@ def test_shards_with_more_classes_than_the_model_are_refused_before_any_process_
 
     check("model.num_classes=8")
     check("model.num_classes=10")  # more outputs than classes: allowed, as a head sized for later data
-    classes_json = expand_urls(demo_shards["train"])[0].rsplit("/", 1)[0] + "/classes.json"
+    classes_json = Path(expand_urls(demo_shards["train"])[0]).parent / "classes.json"
     with pytest.raises(ConfigError, match=re.escape(f"data.train_shards: '{classes_json}' lists 8 classes, more than "
                                                     "model.num_classes=7")):
         check("model.num_classes=7")
+    # A classes.json that is not a list of names (cut short, another tool's) is named, not a traceback.
+    (tmp_path / "shards").mkdir()
+    for i, url in enumerate(expand_urls(demo_shards["train"])[:2]):
+        shutil.copy(url, tmp_path / "shards" / f"train-{i}.tar")
+    for text in ('["circle", "ri', '{"circle": 0}'):
+        (tmp_path / "shards" / "classes.json").write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(f"data.train_shards: '{tmp_path / 'shards' / 'classes.json'}' "
+                                                        "is not a JSON list of class names")):
+            check(f"data.train_shards={tmp_path / 'shards' / 'train-{0..1}.tar'}", "data.streams=2",
+                  "data.val_shards=null")
 
 
 def test_image_folder_converted_once_and_reused(tmp_path):

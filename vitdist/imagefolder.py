@@ -91,8 +91,17 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
 def shard_classes(train_shards) -> list[str] | None:
     """The class names `vitdist make-shards` wrote beside the training shards, if it did: the
     labels a validation ImageFolder's sub-folders must take."""
-    names = classes_file(train_shards)
-    return json.loads(names.read_text()) if names is not None and names.is_file() else None
+    path = classes_file(train_shards)
+    if path is None or not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"data.train_shards: '{path}' is not a JSON list of class names, as vitdist make-shards "
+                          "writes beside its shards: fix it, or move it away")
+    return names
 
 
 def classes_file(train_shards) -> Path | None:
