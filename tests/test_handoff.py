@@ -39,9 +39,11 @@ def test_torchvision_vit_b16_gives_torchvisions_logits(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["timm", "mae"])
-def test_new_head_and_resolution(tmp_path, layout):
+def test_new_head_and_resolution(tmp_path, layout, caplog):
     """From what the training scripts of timm (train.py) and of DeiT/MAE save: the weights beside
-    the optimizer's state and the script's arguments."""
+    the optimizer's state and the script's arguments. The resampling is logged: a run at another
+    resolution says that it did it."""
+    caplog.set_level("INFO", logger="vitdist.handoff")
     source = tiny()
     args = argparse.Namespace(model="vit_tiny_patch16_224", lr=5e-4, input_size=32, smoothing=0.1)
     saved = {"optimizer": build_optimizer(source, load_config(TINY).optim).state_dict(), "args": args, "epoch": 3}
@@ -51,9 +53,25 @@ def test_new_head_and_resolution(tmp_path, layout):
     kind, fresh = load_pretrained(target, tmp_path / "timm.pth")
     assert kind == "torch state dict" and fresh == ["head.bias", "head.weight"]
     assert target.pos_embed.shape == (1, 1 + 36, 128)  # 4x4 grid resampled to 6x6
+    assert "position embeddings resampled from a 4x4 to a 6x6 patch grid" in caplog.text
     torch.testing.assert_close(target.pos_embed[:, :1], source.pos_embed[:, :1])  # [CLS] position kept
     torch.testing.assert_close(target.blocks[2].mlp.fc1.weight, source.blocks[2].mlp.fc1.weight)
     assert target(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+
+
+def test_another_patch_size_resamples_the_patch_embedding(tmp_path, caplog):
+    """model.patch_size 8 -> 4 at 32 px: the patch projection is resampled to 4x4 pixels and the
+    position embeddings to the 8x8 grid, each logged; the rest loads as it was."""
+    caplog.set_level("INFO", logger="vitdist.handoff")
+    source = tiny()
+    torch.save(source.state_dict(), tmp_path / "vit.pth")
+    target = tiny("model.patch_size=4", seed=1)
+    assert load_pretrained(target, tmp_path / "vit.pth") == ("torch state dict", [])
+    assert target.patch_embed.proj.weight.shape == (128, 3, 4, 4) and target.pos_embed.shape == (1, 1 + 64, 128)
+    assert "patch embedding resampled from 8x8 to 4x4 pixel patches" in caplog.text
+    assert "position embeddings resampled from a 4x4 to a 8x8 patch grid" in caplog.text
+    torch.testing.assert_close(target.blocks[3].attn.proj.weight, source.blocks[3].attn.proj.weight)
+    assert target(torch.randn(1, 3, 32, 32)).shape == (1, 8)
 
 
 @pytest.mark.parametrize("safe", [False, True])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import pickle
 import re
@@ -24,6 +25,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from .checkpoint import MODEL_META, UnsafeCheckpoint, load_model_weights, newest_if_run
 from .export import header
 
+log = logging.getLogger(__name__)
 HEAD_KEYS = ("head.weight", "head.bias")
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _TORCHVISION = [  # torchvision ViT key -> timm ViT key
@@ -145,11 +147,15 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
         prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
         grid = state["pos_embed"].shape[1] - prefix
         if grid > 0 and math.isqrt(grid) ** 2 == grid:  # else it has other prefix tokens: another architecture, refused below
-            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.patch_embed.grid_size),
-                                                        num_prefix_tokens=prefix)
+            new_grid = list(model.patch_embed.grid_size)
+            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=new_grid, num_prefix_tokens=prefix)
+            side = math.isqrt(grid)
+            log.info("position embeddings resampled from a %dx%d to a %dx%d patch grid", side, side, *new_grid)
     key = "patch_embed.proj.weight"
     if key in state and state[key].shape[-2:] != target[key].shape[-2:]:
+        old_size = tuple(state[key].shape[-2:])
         state[key] = resample_patch_embed(state[key], new_size=list(target[key].shape[-2:]))
+        log.info("patch embedding resampled from %dx%d to %dx%d pixel patches", *old_size, *target[key].shape[-2:])
     unexpected = set(state) - set(target)
     missing = set(target) - set(state) - set(HEAD_KEYS)
     mismatched = {k for k in set(state) & set(target) if state[k].shape != target[k].shape}
