@@ -357,7 +357,7 @@ def test_resume_with_other_streams_is_refused(demo_shards):
         TrainLoader(cfg.data, 32, 8, 128, 0, 1, positions={s: (0, 0, 10) for s in range(4)})
 
 
-def test_shard_specs(demo_shards, tmp_path):
+def test_shard_specs(demo_shards, tmp_path, monkeypatch):
     urls = expand_urls(demo_shards["train"])
     assert len(urls) == 16 and urls[0].endswith("train-000000.tar")
     listing = tmp_path / "shards.txt"
@@ -367,8 +367,14 @@ def test_shard_specs(demo_shards, tmp_path):
     assert expand_urls(f"pipe:cat {urls[0]}") == [f"pipe:cat {urls[0]}"]
     # What webdataset opens itself is not looked for on the local disk.
     assert expand_urls("gs://bucket/train-{0..1}.tar") == ["gs://bucket/train-0.tar", "gs://bucket/train-1.tar"]
-    with pytest.raises(ConfigError, match=r"do not exist, first: '.*/nope-1.tar'"):
+    with pytest.raises(ConfigError, match=r"do not exist, first: '.*/nope-1.tar'$"):
         expand_urls(str(tmp_path / "nope-{1..2}.tar"))
+    # A relative path (as in the shipped configs: demo/...) is read from the working directory,
+    # which a job started elsewhere does not share: the error says which directory that was.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(f"do not exist, first: 'demo/nope-1.tar' (a relative path, from "
+                                                    f"the working directory '{tmp_path}')")):
+        expand_urls("demo/nope-{1..2}.tar")
     with pytest.raises(ConfigError, match="shard list file '.*missing.txt' does not exist"):
         expand_urls(str(tmp_path / "missing.txt"))
 

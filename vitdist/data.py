@@ -66,7 +66,9 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
                           "times per epoch (and counted as many times in validation); name each shard once")
     missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
     if missing:
-        raise ConfigError(f"{where}{len(missing)} shard file(s) do not exist, first: '{missing[0]}'")
+        # A job started in another directory than the config's relative paths assume (the shipped configs' demo/...)
+        relative = "" if Path(missing[0]).is_absolute() else f" (a relative path, from the working directory '{Path.cwd()}')"
+        raise ConfigError(f"{where}{len(missing)} shard file(s) do not exist, first: '{missing[0]}'{relative}")
     if not urls:
         raise ConfigError(f"{where}no shards in {spec!r}")
     return urls
