@@ -21,7 +21,7 @@ from conftest import (EXACT, TINY, gone, loss_curve, read_scalars, run_pretrain,
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.data import expand_urls
-from vitdist.export import export, recorded_top1
+from vitdist.export import export, recorded_best
 from vitdist.resume import shard_ids
 from vitdist.train import preflight
 
@@ -128,7 +128,7 @@ def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):
     top1 = read_scalars(tmp_path / "tb")["val/top1"]
     assert [s for s, _ in top1] == list(range(1, step + 3))
     assert f"step {step}: validating first, as the preempted run that checkpointed there did not" in resumed.stderr
-    assert recorded_top1(tmp_path / "best.safetensors") == pytest.approx(max(v for _, v in top1))
+    assert recorded_best(tmp_path / "best.safetensors")["val_top1"] == pytest.approx(max(v for _, v in top1))
 
 
 def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused(demo_shards, tmp_path):
@@ -283,7 +283,7 @@ def test_a_resume_tells_pipe_commands_apart_by_the_file_they_read(demo_shards, t
 
 def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards, tmp_path):
     """The run evaluates at steps 3 and 6 and writes best.safetensors; it is then resumed from its
-    step-2 checkpoint, whose best_top1 predates both evaluations, with a learning rate of 0 (as a
+    step-2 checkpoint, whose best scores predate both evaluations, with a learning rate of 0 (as a
     resume that is not bitwise may do worse): its evaluations of the step-2 weights must not replace
     better weights. The file records the step and val/top1 of the weights it holds."""
     common = [*EXACT, *shard_overrides(demo_shards), "train.steps=6", "ckpt.every_steps=2", "ckpt.keep=0",
@@ -291,6 +291,7 @@ def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards
     first = run_pretrain(0, common)
     assert first.returncode == 0, first.stderr[-3000:]
     evaluated = dict(read_scalars(tmp_path / "tb")["val/top1"])
+    losses = dict(read_scalars(tmp_path / "tb")["val/loss"])
     for step in (4, 6):  # as if lost, or moved away to go back to step 2
         shutil.rmtree(tmp_path / "checkpoints" / f"step_{step}")
     again = run_pretrain(0, [*common, "optim.lr=0", "optim.min_lr=0"])
@@ -301,7 +302,7 @@ def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards
     best = tmp_path / "best.safetensors"
     step_2 = export(tmp_path / "checkpoints" / "step_2", tmp_path / "step_2.safetensors")
     assert not torch.equal(load_file(best)["head.weight"], load_file(step_2)["head.weight"])
-    best_step = max(evaluated, key=evaluated.get)
+    best_step = max(evaluated, key=lambda step: (evaluated[step], -losses[step]))  # of equal top-1, the lower loss
     with safe_open(str(best), "pt") as f:
         assert f.metadata()["step"] == str(best_step)
         assert float(f.metadata()["val_top1"]) == pytest.approx(evaluated[best_step])

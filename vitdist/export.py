@@ -28,8 +28,8 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
 
 def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
     """`out` (safetensors) and `out` with .json: the arch, timm kwargs, image size, classes, normalisation,
-    and the pretrained_cfg that timm's own loading, data config and output names need. A `step` and `val_top1` in
-    `meta` (best.safetensors) go into the safetensors metadata too. Each file is written beside,
+    and the pretrained_cfg that timm's own loading, data config and output names need. A `step`, `val_top1` and
+    `val_loss` in `meta` (best.safetensors) go into the safetensors metadata too. Each file is written beside,
     then renamed: a kill mid-write leaves the previous one whole."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,7 @@ def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
         # past the head's outputs are those of labels the run skipped as out of range.
         pretrained_cfg["label_names"] = meta["classes"][:num_classes]
     info = {**meta, "img_size": size, "num_classes": num_classes, "pretrained_cfg": pretrained_cfg}
-    header = {"arch": meta["arch"], **{key: str(meta[key]) for key in ("step", "val_top1") if key in meta}}
+    header = {"arch": meta["arch"], **{key: str(meta[key]) for key in ("step", "val_top1", "val_loss") if key in meta}}
     partial = out.with_name(out.name + ".tmp")
     save_file({k: v.contiguous() for k, v in weights.items()}, str(partial), metadata=header)
     partial.replace(out)
@@ -55,16 +55,18 @@ def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
     return out
 
 
-def recorded_top1(path: Path) -> float | None:
-    """The `val_top1` a best.safetensors records; None where it records none (written before
-    vitdist recorded it) or there is no such file."""
+def recorded_best(path: Path) -> dict | None:
+    """The `val_top1` and `val_loss` a best.safetensors records (the loss infinite where it records
+    none, written before vitdist recorded it); None where it records no val_top1 or there is no such file."""
     if not path.is_file():
         return None
-    top1 = header(path).get("val_top1")
-    return None if top1 is None else float(top1)
+    recorded = header(path)
+    if "val_top1" not in recorded:
+        return None
+    return {"val_top1": float(recorded["val_top1"]), "val_loss": float(recorded.get("val_loss", "inf"))}
 
 
 def header(path: Path) -> dict[str, str]:
-    """The metadata a safetensors file carries (what write_safetensors puts there: arch, step, val_top1)."""
+    """The metadata a safetensors file carries (what write_safetensors puts there: arch, step, val_top1, val_loss)."""
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}

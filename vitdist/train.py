@@ -29,7 +29,7 @@ from .prefetch import DeviceBatches
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .samples import SKIP_KINDS, TooManyBadSamples, check_skipped
 from .schedule import lr_at
-from .validation import evaluate_and_keep_best, top1_to_beat
+from .validation import NO_BEST, best_to_beat, evaluate_and_keep_best
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     data_order = resume.data_order(cfg, expand_urls(cfg.data.train_shards), converted)  # after an ImageFolder's conversion
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta, cfg.dist.timeout_s)
 
-    step, positions, skipped_total, best_top1 = 0, {}, {}, -1.0  # skipped_total: kind -> samples, over ranks
+    step, positions, skipped_total, best = 0, {}, {}, NO_BEST  # skipped_total: kind -> samples, over ranks
     bad_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
     eval_owed = False  # the run this one resumes was preempted at an evaluation step, before evaluating
     if resume_from is not None:
@@ -139,7 +139,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         bad_total = state.get("bad_steps", 0)
         if isinstance(skipped_total, int):  # a checkpoint from before skips were counted by kind
             skipped_total = {"unknown": skipped_total}
-        best_top1 = state.get("best_top1", -1.0)
+        # Before 2026-12-03 a checkpoint recorded the best val/top1 alone.
+        best = state.get("best", {**NO_BEST, "val_top1": state.get("best_top1", NO_BEST["val_top1"])})
         eval_owed = state.get("eval_owed", False)
         log.info("resumed from %s at step %d", resume_from, step)
         if ctx.is_main and (changes := resume.changes(cfg, state)):
@@ -147,7 +148,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                         resume_from, "; ".join(changes))
 
     best_file = run_dir / "best.safetensors"
-    best_top1 = top1_to_beat(best_file, best_top1, resume_from)
+    best = best_to_beat(best_file, best, resume_from)
     pin = ctx.device.type == "cuda"
     loader = TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, cfg.train.global_batch_size,
                          ctx.rank, ctx.world_size, positions, pin_memory=pin, timeout_s=cfg.dist.timeout_s)
@@ -170,8 +171,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
 
     if eval_owed and val_loader is not None:  # else that step would be missing from val/ and never be the best
         log.info("step %d: validating first, as the preempted run that checkpointed there did not", step)
-        scalars, best_top1 = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step, best_top1, best_file,
-                                                    meta)
+        scalars, best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step, best, best_file, meta)
         logger.log(step, scalars)
 
     bad_steps = BadSteps(ctx.device)
@@ -212,8 +212,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                                                          ctx)
                 bad_total = scalars["train/skipped_steps"]
             if at_eval_step:
-                val_scalars, best_top1 = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step, best_top1,
-                                                                best_file, meta)
+                val_scalars, best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step, best,
+                                                           best_file, meta)
                 scalars.update(val_scalars)
             if scalars:
                 logger.log(step, scalars)
@@ -231,7 +231,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                                 step, ongoing)
                 else:
                     train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
-                                   "skipped": skipped_total, "bad_steps": bad_total, "best_top1": best_top1,
+                                   "skipped": skipped_total, "bad_steps": bad_total, "best": best,
                                    "eval_owed": eval_due and preempted, "data_order": data_order,
                                    "config": to_dict(cfg)}
                     checkpointer.save(step, model, optimizer, train_state, final=preempted or step == cfg.train.steps)

@@ -1,9 +1,10 @@
 """Validation during training: loss, top-1 and top-5 over the validation set, and the best
-weights by val/top1 kept beside the checkpoints."""
+weights by val/top1 (of equal ones, by the lower val/loss) kept beside the checkpoints."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -13,30 +14,40 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from . import distributed
 from .config import Config
 from .data import Normalize
-from .export import recorded_top1, write_safetensors
+from .export import recorded_best, write_safetensors
 
 
-def top1_to_beat(best_file: Path, checkpoint_top1: float, resume_from: Path | None) -> float:
-    """The val/top1 that new best weights must beat: that of the best weights in run.dir, where a
-    killed run may have written better ones after the checkpoint resumed from, which a resume that
-    is not bitwise (another world size, a changed config) may not reach again. The checkpoint's own
-    figure serves for a file that records none, written by this run; a warm start's checkpoint
-    holds another run's."""
-    if (recorded := recorded_top1(best_file)) is not None:
+NO_BEST = {"val_top1": -1.0, "val_loss": math.inf}
+
+
+def better(scores: dict, best: dict) -> bool:
+    """A higher val_top1, or the same with a lower val_loss: top-1 moves in steps of one sample,
+    and on a small validation set many evaluations tie (all at 100%, at worst)."""
+    return (scores["val_top1"], -scores["val_loss"]) > (best["val_top1"], -best["val_loss"])
+
+
+def best_to_beat(best_file: Path, checkpoint_best: dict, resume_from: Path | None) -> dict:
+    """The scores ({val_top1, val_loss}) that new best weights must beat: those of the best weights
+    in run.dir, where a killed run may have written better ones after the checkpoint resumed from,
+    which a resume that is not bitwise (another world size, a changed config) may not reach again.
+    The checkpoint's own figures serve for a file that records none, written by this run; a warm
+    start's checkpoint holds another run's."""
+    if (recorded := recorded_best(best_file)) is not None:
         return recorded
     this_run = resume_from is not None and resume_from.parent.resolve() == (best_file.parent / "checkpoints").resolve()
-    return checkpoint_top1 if best_file.is_file() and this_run else -1.0
+    return checkpoint_best if best_file.is_file() and this_run else NO_BEST
 
 
 def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx: distributed.DistContext, compute,
-                           step: int, best_top1: float, best_file: Path, meta: dict) -> tuple[dict, float]:
-    """Validate; weights with a val/top1 above `best_top1` go to `best_file`. Returns the scalars and
-    the val/top1 that later weights must beat."""
+                           step: int, best: dict, best_file: Path, meta: dict) -> tuple[dict, dict]:
+    """Validate; weights that score `better` than `best` go to `best_file`. Returns the scalars and
+    the scores that later weights must beat."""
     scalars = evaluate(model, val_loader, cfg, ctx, compute)
-    if scalars["val/top1"] > best_top1:
-        best_top1 = scalars["val/top1"]
-        save_weights(model, {**meta, "step": step, "val_top1": best_top1}, best_file, ctx)
-    return scalars, best_top1
+    scores = {"val_top1": scalars["val/top1"], "val_loss": scalars["val/loss"]}
+    if better(scores, best):
+        best = scores
+        save_weights(model, {**meta, "step": step, **best}, best_file, ctx)
+    return scalars, best
 
 
 def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed.DistContext) -> None:

@@ -1,0 +1,40 @@
+"""Validation during training: the best weights are kept by val/top1, and of equal ones by val/loss."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, shard_overrides
+from vitdist.config_yaml import load_config
+from vitdist.data import EvalLoader
+from vitdist.distributed import DistContext
+from vitdist.model import build_model
+from vitdist.train import compute_precision, model_meta
+from vitdist.validation import NO_BEST, best_to_beat, evaluate_and_keep_best
+
+
+def test_of_weights_with_equal_top1_those_with_the_lower_loss_are_kept(process_group, demo_shards, tmp_path):
+    """A temperature on the head (its weights and bias times a power of two: exact in floating
+    point) keeps every prediction, so val/top1 ties, and changes val/loss. Evaluated at steps 1-3
+    with temperatures 1, 1/2, 2, the weights kept are those of the lowest loss, whichever step
+    that is; the file records their scores, and a resume reads them back as the ones to beat."""
+    cfg = load_config(TINY, [*shard_overrides(demo_shards), "data.num_workers=0"])
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    model = build_model(cfg.model)
+    head = {name: p.detach().clone() for name, p in model.head.named_parameters()}
+    loader = EvalLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, 0, 1)
+    best, best_file, evaluated = NO_BEST, tmp_path / "best.safetensors", {}
+    for step, scale in ((1, 1.0), (2, 0.5), (3, 2.0)):
+        with torch.no_grad():
+            for name, p in model.head.named_parameters():
+                p.copy_(head[name] * scale)
+        scalars, best = evaluate_and_keep_best(model, loader, cfg, ctx, compute_precision(cfg, ctx.device), step, best,
+                                               best_file, model_meta(cfg.model, cfg.data))
+        evaluated[step] = (scalars["val/top1"], scalars["val/loss"])
+    assert len({top1 for top1, _ in evaluated.values()}) == 1, evaluated  # the same predictions
+    assert len({loss for _, loss in evaluated.values()}) == 3, evaluated
+    lowest = min(evaluated, key=lambda step: evaluated[step][1])
+    assert best == {"val_top1": evaluated[lowest][0], "val_loss": evaluated[lowest][1]}
+    assert best_to_beat(best_file, NO_BEST, None) == pytest.approx(best)
+    scale = {1: 1.0, 2: 0.5, 3: 2.0}[lowest]
+    assert torch.equal(load_file(best_file)["head.weight"], head["weight"] * scale)
