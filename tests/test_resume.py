@@ -309,6 +309,12 @@ def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards
     info = json.loads(best.with_suffix(".json").read_text())
     assert info["step"] == best_step and info["val_top1"] == pytest.approx(evaluated[best_step])
 
+    kept = best.read_bytes()
+    done = run_pretrain(0, [*common, "optim.lr=0", "optim.min_lr=0"])  # the same command once more
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step_6 is at train.steps=6 already: nothing to train (give a larger train.steps to train on)" in done.stderr
+    assert dict(read_scalars(tmp_path / "tb")["val/top1"]) == evaluated_again and best.read_bytes() == kept
+
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_with_each_step_once(demo_shards, tmp_path):
     common = [*shard_overrides(demo_shards), *EXACT, "train.steps=2", f"run.dir={tmp_path}"]

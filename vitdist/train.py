@@ -168,6 +168,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
               f"{cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x {accum_steps} "
               f"accumulation step(s) | steps {step} -> {cfg.train.steps} | mfu against {peak / 1e12:.3g} TFLOP/s per "
               f"device ({'log.peak_tflops' if cfg.log.peak_tflops else 'measured'})", flush=True)
+        if step == cfg.train.steps and resume_from is not None:
+            log.warning("%s is at train.steps=%d already: nothing to train (give a larger train.steps to train on)",
+                        resume_from, step)
 
     if eval_owed and val_loader is not None:  # else that step would be missing from val/ and never be the best
         log.info("step %d: validating first, as the preempted run that checkpointed there did not", step)
