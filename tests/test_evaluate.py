@@ -223,3 +223,5 @@ def test_a_stalled_read_stops_the_evaluation_at_its_timeout_naming_the_worker(tm
             os.kill(pid, signal.SIGKILL)
     refused = cli_evaluate(tmp_path / "w.safetensors", f"pipe:cat {fifo}", "--timeout-s", "0")
     assert refused.returncode == 2 and "--timeout-s: must be at least 1, got 0" in refused.stderr
+    missing = cli_evaluate(tmp_path / "w.safetensors", str(tmp_path / "val-{0..1}.tar"))
+    assert missing.returncode == 2 and "--data: 2 shard file(s) do not exist, first: " in missing.stderr, missing.stderr

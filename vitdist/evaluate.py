@@ -14,7 +14,7 @@ from . import distributed
 from .checkpoint import MODEL_META
 from .config import Config, ConfigError, DistConfig, ModelConfig
 from .config_yaml import load_config
-from .data import EvalLoader
+from .data import EvalLoader, expand_urls
 from .handoff import HUB_WEIGHTS, HandoffError, load_located, locate
 from .imagefolder import convert, is_image_folder, scan
 from .train import model_meta
@@ -112,6 +112,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = 
                     f"shards without a classes.json, a {HUB_CONFIG} without label_names): the sorted folders would "
                     "take the wrong labels")
             data = convert(folder, Path(tmp) / "val", max(1, workers), seed=0)
+        else:
+            expand_urls(data, "--data")  # refused naming the option, before the model loads
         return _evaluate(checkpoint, meta, data, batch_size, workers, timeout_s)
 
 
