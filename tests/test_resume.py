@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ from braceexpand import braceexpand
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import (EXACT, TINY, gone, loss_curve, read_scalars, run_pretrain, shard_overrides, start_pretrain,
-                      wait_for, worker_pid, write_png_folder)
+from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, read_scalars, run_pretrain,
+                      shard_overrides, wait_for, worker_pid, write_png_folder)
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.data import expand_urls
@@ -44,16 +43,13 @@ def test_sigkill_then_resume_is_bitwise_identical(demo_shards, tmp_path):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run_dir, log_path = tmp_path / "killed", tmp_path / "killed.log"
-    process = start_pretrain(2, [*common, f"run.dir={run_dir}"], log_path)
-    # Killed 2 or 3 steps past a checkpoint (every 4 steps), so the resumed run logs those steps again.
-    wait_for(lambda: (steps := logged_steps(log_path)) and steps[-1] >= 10 and steps[-1] % 4 in (2, 3), process)
-    ranks = [worker_pid(process.pid, rank) for rank in (0, 1)]
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun, no warning; its ranks must die with it
-    process.wait()
-    deadline = time.time() + 30
-    while not all(gone(pid) for pid in ranks):
-        assert time.time() < deadline, "a rank outlived its torchrun"
-        time.sleep(0.05)
+    with background_pretrain(2, [*common, f"run.dir={run_dir}"], log_path) as process:
+        # Killed 2 or 3 steps past a checkpoint (every 4 steps), so the resumed run logs those steps again.
+        wait_for(lambda: (steps := logged_steps(log_path)) and steps[-1] >= 10 and steps[-1] % 4 in (2, 3), process)
+        ranks = [worker_pid(process.pid, rank) for rank in (0, 1)]
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun, no warning; its ranks must die with it
+        process.wait()
+        assert outliving(ranks, wait_s=30) == [], "a rank outlived its torchrun"
     done = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*[0-9]"))
     assert 8 <= done[-1] < 28
     assert loss_curve(run_dir)[-1][0] >= done[-1] + 2  # logged past the checkpoint: steps to purge on resume
@@ -110,11 +106,11 @@ def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):
     the best weights."""
     common = [*shard_overrides(demo_shards), *EXACT, f"data.val_shards={demo_shards['val']}",
               "train.eval_every_steps=1", "ckpt.every_steps=0", "data.micro_batch_size=32", f"run.dir={tmp_path}"]
-    process = start_pretrain(0, [*common, "train.steps=1000"], tmp_path / "run.log")
-    wait_for(lambda: (tmp_path / "tb").is_dir() and len(read_scalars(tmp_path / "tb").get("train/loss", [])) >= 3,
-             process)
-    os.killpg(process.pid, signal.SIGTERM)  # the process and its loader workers, as SLURM signals a job
-    assert process.wait(timeout=120) == 75
+    with background_pretrain(0, [*common, "train.steps=1000"], tmp_path / "run.log") as process:
+        wait_for(lambda: (tmp_path / "tb").is_dir() and len(read_scalars(tmp_path / "tb").get("train/loss", [])) >= 3,
+                 process)
+        os.killpg(process.pid, signal.SIGTERM)  # the process and its loader workers, as SLURM signals a job
+        assert process.wait(timeout=120) == 75
     log = (tmp_path / "run.log").read_text()
     step, newest = map(int, re.search(r"preempted at step (\d+): exiting with 75; the newest complete checkpoint is "
                                       r".*step_(\d+)", log).groups())
