@@ -76,6 +76,12 @@ def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300, launche
                           text=True, timeout=timeout_s, preexec_fn=preexec_fn)
 
 
+def vitdist_cli(*args, timeout_s: int = 120) -> subprocess.CompletedProcess:
+    """`python -m vitdist.cli <args>` (make-shards, export, evaluate), its output captured."""
+    return subprocess.run([sys.executable, "-m", "vitdist.cli", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout_s)
+
+
 @contextlib.contextmanager
 def background_pretrain(nproc: int, overrides: list[str], log_path: Path,
                         torchrun: tuple[str, ...] = ("--standalone",)) -> Iterator[subprocess.Popen]:

@@ -5,8 +5,6 @@ import os
 import random
 import re
 import struct
-import subprocess
-import sys
 import tarfile
 import zlib
 from collections import Counter
@@ -18,7 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from conftest import REPO, TINY, png_bytes, run_pretrain, write_shard
+from conftest import TINY, png_bytes, run_pretrain, vitdist_cli, write_shard
 from vitdist.config import ConfigError, DataConfig
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader, Stream, TrainLoader, expand_urls, shard_order, train_shard_urls
@@ -569,14 +567,12 @@ def test_one_image_over_the_byte_limit_does_not_split_every_shard():
 
 def test_make_shards_cli(tmp_path):
     make_image_folder(tmp_path / "src")
-    run = subprocess.run([sys.executable, "-m", "vitdist.cli", "make-shards", str(tmp_path / "src"),
-                          str(tmp_path / "out"), "--samples-per-shard", "8", "--streams", "3", "--prefix", "pets"],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    run = vitdist_cli("make-shards", tmp_path / "src", tmp_path / "out", "--samples-per-shard", "8", "--streams", "3",
+                      "--prefix", "pets")
     assert run.returncode == 0, run.stderr
     assert f"shards: {tmp_path}/out/pets-{{000000..000002}}.tar" in run.stdout  # 2 by size, 3 for the streams
     assert "15/15" in run.stderr  # the progress bar
-    run = subprocess.run([sys.executable, "-m", "vitdist.cli", "make-shards", str(tmp_path / "nope"),
-                          str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    run = vitdist_cli("make-shards", tmp_path / "nope", tmp_path / "out")
     assert run.returncode == 2 and "image folder" in run.stderr and "nope' does not exist" in run.stderr
 
 

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 from timm.models import save_for_hf
 
-from conftest import REPO, TINY, killing, still_running
+from conftest import TINY, killing, still_running, vitdist_cli
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.evaluate import evaluate_checkpoint, hub_meta
@@ -89,9 +88,7 @@ def timm_figures(hub, root, outputs: list[str]) -> tuple[float, float]:
 
 
 def cli_evaluate(checkpoint, data, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint", str(checkpoint),
-                           "--data", str(data), "--workers", "0", *options], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+    return vitdist_cli("evaluate", "--checkpoint", checkpoint, "--data", data, "--workers", "0", *options)
 
 
 def evaluates_as_timm(hub, val, top1: float) -> None:
