@@ -153,11 +153,12 @@ def gone(pid: int) -> bool:
 
 @pytest.fixture(scope="session")
 def process_group():
-    """A real one-rank gloo group in this process (multi-rank runs are covered by test_train)."""
+    """A real one-rank gloo group in this process (multi-rank runs are covered by test_train). Its
+    store listens on a port the system gives it (0): a port picked free beforehand may be taken meanwhile."""
     import torch.distributed as dist
-    from vitdist.distributed import _free_port
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
