@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from conftest import TINY, png_bytes, run_pretrain, vitdist_cli, write_shard
+from conftest import TINY, children, png_bytes, run_pretrain, vitdist_cli, write_shard
 from vitdist.config import ConfigError, DataConfig
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader, Stream, TrainLoader, expand_urls, shard_order, train_shard_urls
@@ -112,31 +112,18 @@ def test_shards_not_a_multiple_of_the_streams_are_warned_about_once(demo_shards,
     assert "some samples repeat before others are seen" in message
 
 
-def child_processes() -> dict[int, tuple[int, int]]:
-    """This process's children: pid -> (session id, nice), from /proc."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone since the listing
-            continue
-        if int(fields[1]) == os.getpid():
-            children[int(stat.parent.name)] = (int(fields[3]), int(fields[16]))
-    return children
-
-
 def test_loader_workers_run_in_their_own_session_below_the_training_process(demo_shards):
     """SLURM's and torchrun's signals to the job's process group reach only the main process, and
     decoding on every core leaves the training process first in line for a core."""
-    before = child_processes()
+    before = set(children(os.getpid()))
     batches = iter(TrainLoader(data_cfg(demo_shards, "data.num_workers=2").data, 32, 8, 128, 0, 1))
     next(batches)
-    workers = {pid: stat for pid, stat in child_processes().items() if pid not in before}
+    workers = [pid for pid in children(os.getpid()) if pid not in before]
     assert len(workers) == 2
     own_nice = os.getpriority(os.PRIO_PROCESS, 0)
-    for pid, (session, nice) in workers.items():
-        assert session == pid != os.getsid(0)
-        assert nice == min(19, own_nice + WORKER_NICENESS)
+    for pid in workers:
+        assert os.getsid(pid) == pid != os.getsid(0)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, own_nice + WORKER_NICENESS)
 
 
 @pytest.mark.parametrize("block, steps", [(128, 3), (10, 5), (10, 8)])
