@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -73,18 +76,34 @@ def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300, launche
                           text=True, timeout=timeout_s, preexec_fn=preexec_fn)
 
 
-def start_pretrain(nproc: int, overrides: list[str], log_path: Path,
-                   torchrun: tuple[str, ...] = ("--standalone",)) -> subprocess.Popen:
-    """A run in the background, in its own process group (so a test can signal or kill all of it)."""
-    log = open(log_path, "w")
-    return subprocess.Popen(pretrain_command(nproc, overrides, torchrun=torchrun), cwd=REPO, env=ENV, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+def vitdist_cli(*args, timeout_s: int = 120) -> subprocess.CompletedProcess:
+    """`python -m vitdist.cli <args>` (make-shards, export, evaluate), its output captured."""
+    return subprocess.run([sys.executable, "-m", "vitdist.cli", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout_s)
 
 
-def wait_for(predicate, process: subprocess.Popen, timeout_s: float = 240) -> None:
+@contextlib.contextmanager
+def background_pretrain(nproc: int, overrides: list[str], log_path: Path,
+                        torchrun: tuple[str, ...] = ("--standalone",)) -> Iterator[subprocess.Popen]:
+    """A run in the background, in its own process group (so a test can signal or kill all of it),
+    SIGKILLed on the way out whatever the test's outcome: a failed test leaves nothing training
+    beside the next ones. torchrun's ranks, in sessions of their own, die with it (PR_SET_PDEATHSIG)."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(pretrain_command(nproc, overrides, torchrun=torchrun), cwd=REPO, env=ENV,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield process
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_for(predicate, process: subprocess.Popen | None = None, timeout_s: float = 240) -> None:
+    """Until `predicate()` holds; the test fails if `process` ends first, or after `timeout_s`."""
     deadline = time.time() + timeout_s
     while not predicate():
-        assert process.poll() is None, "the run ended before the test could interrupt it"
+        assert process is None or process.poll() is None, "the run ended before the test could interrupt it"
         assert time.time() < deadline, "timed out"
         time.sleep(0.05)
 
@@ -134,11 +153,12 @@ def gone(pid: int) -> bool:
 
 @pytest.fixture(scope="session")
 def process_group():
-    """A real one-rank gloo group in this process (multi-rank runs are covered by test_train)."""
+    """A real one-rank gloo group in this process (multi-rank runs are covered by test_train). Its
+    store listens on a port the system gives it (0): a port picked free beforehand may be taken meanwhile."""
     import torch.distributed as dist
-    from vitdist.distributed import _free_port
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -156,9 +176,32 @@ def running(text: str) -> list[int]:
     return found
 
 
-def still_running(text: str, wait_s: float = 5) -> list[int]:
-    """`running(text)` once none is, or after `wait_s`: a process just signalled takes a moment to exit."""
+@contextlib.contextmanager
+def killing(text: str) -> Iterator[None]:
+    """On the way out, whatever the outcome, SIGKILL the processes whose command line holds `text`:
+    the `cat` of a stalled `pipe:` shard, say, that a failed test would leave waiting for ever."""
+    try:
+        yield
+    finally:
+        for pid in running(text):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _left_after(find: Callable[[], list[int]], wait_s: float) -> list[int]:
+    """`find()` once it is empty, or after `wait_s`: a process just signalled, or whose parent just
+    died, takes a moment to exit (its memory freed first), longer on a loaded machine."""
     deadline = time.monotonic() + wait_s
-    while (found := running(text)) and time.monotonic() < deadline:
+    while (found := find()) and time.monotonic() < deadline:
         time.sleep(0.05)
     return found
+
+
+def still_running(text: str, wait_s: float = 5) -> list[int]:
+    """The processes whose command line holds `text`, once none is, or after `wait_s`."""
+    return _left_after(lambda: running(text), wait_s)
+
+
+def outliving(pids: list[int], wait_s: float = 5) -> list[int]:
+    """Those of `pids` not gone, once none is, or after `wait_s`."""
+    return _left_after(lambda: [pid for pid in pids if not gone(pid)], wait_s)

@@ -212,7 +212,7 @@ SAVE_ONE = """
 import sys, torch, torch.distributed as dist
 from vitdist import checkpoint
 from vitdist.config import CkptConfig
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0, world_size=1)
+dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True), rank=0, world_size=1)
 model = torch.nn.Linear(4, 2)
 optimizer = torch.optim.AdamW(model.parameters())
 checkpoint.Checkpointer(sys.argv[1], CkptConfig(), {"arch": "x"}).save(1, model, optimizer, {"step": 1})
@@ -225,11 +225,9 @@ def test_a_checkpoint_is_on_disk_before_the_rename_that_makes_it_complete(tmp_pa
     """After a power loss, a `step_N` directory must not hold files (or lack names) that the disk
     had not stored yet: resume would pick it. Watched in the save's own system calls: the JSON
     files and the directory's entries are fsynced before the rename, the rename itself after it."""
-    from vitdist.distributed import _free_port
-
     log, root = tmp_path / "strace.log", tmp_path / "ckpt"
     done = subprocess.run(["strace", "-f", "-qq", "--seccomp-bpf", "-o", str(log), "-e", "trace=openat,fsync,rename,renameat,renameat2",
-                           sys.executable, "-c", SAVE_ONE, str(root), str(_free_port())],
+                           sys.executable, "-c", SAVE_ONE, str(root)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     opened, synced, renamed = {}, [], None  # fd -> path per process; paths fsynced before the rename

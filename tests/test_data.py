@@ -5,8 +5,6 @@ import os
 import random
 import re
 import struct
-import subprocess
-import sys
 import tarfile
 import zlib
 from collections import Counter
@@ -18,7 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from conftest import REPO, TINY, png_bytes, run_pretrain, write_shard
+from conftest import TINY, children, png_bytes, run_pretrain, vitdist_cli, write_shard
 from vitdist.config import ConfigError, DataConfig
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader, Stream, TrainLoader, expand_urls, shard_order, train_shard_urls
@@ -114,31 +112,18 @@ def test_shards_not_a_multiple_of_the_streams_are_warned_about_once(demo_shards,
     assert "some samples repeat before others are seen" in message
 
 
-def child_processes() -> dict[int, tuple[int, int]]:
-    """This process's children: pid -> (session id, nice), from /proc."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone since the listing
-            continue
-        if int(fields[1]) == os.getpid():
-            children[int(stat.parent.name)] = (int(fields[3]), int(fields[16]))
-    return children
-
-
 def test_loader_workers_run_in_their_own_session_below_the_training_process(demo_shards):
     """SLURM's and torchrun's signals to the job's process group reach only the main process, and
     decoding on every core leaves the training process first in line for a core."""
-    before = child_processes()
+    before = set(children(os.getpid()))
     batches = iter(TrainLoader(data_cfg(demo_shards, "data.num_workers=2").data, 32, 8, 128, 0, 1))
     next(batches)
-    workers = {pid: stat for pid, stat in child_processes().items() if pid not in before}
+    workers = [pid for pid in children(os.getpid()) if pid not in before]
     assert len(workers) == 2
     own_nice = os.getpriority(os.PRIO_PROCESS, 0)
-    for pid, (session, nice) in workers.items():
-        assert session == pid != os.getsid(0)
-        assert nice == min(19, own_nice + WORKER_NICENESS)
+    for pid in workers:
+        assert os.getsid(pid) == pid != os.getsid(0)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, own_nice + WORKER_NICENESS)
 
 
 @pytest.mark.parametrize("block, steps", [(128, 3), (10, 5), (10, 8)])
@@ -575,14 +560,12 @@ def test_one_image_over_the_byte_limit_does_not_split_every_shard():
 
 def test_make_shards_cli(tmp_path):
     make_image_folder(tmp_path / "src")
-    run = subprocess.run([sys.executable, "-m", "vitdist.cli", "make-shards", str(tmp_path / "src"),
-                          str(tmp_path / "out"), "--samples-per-shard", "8", "--streams", "3", "--prefix", "pets"],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    run = vitdist_cli("make-shards", tmp_path / "src", tmp_path / "out", "--samples-per-shard", "8", "--streams", "3",
+                      "--prefix", "pets")
     assert run.returncode == 0, run.stderr
     assert f"shards: {tmp_path}/out/pets-{{000000..000002}}.tar" in run.stdout  # 2 by size, 3 for the streams
     assert "15/15" in run.stderr  # the progress bar
-    run = subprocess.run([sys.executable, "-m", "vitdist.cli", "make-shards", str(tmp_path / "nope"),
-                          str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    run = vitdist_cli("make-shards", tmp_path / "nope", tmp_path / "out")
     assert run.returncode == 2 and "image folder" in run.stderr and "nope' does not exist" in run.stderr
 
 

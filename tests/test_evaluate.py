@@ -4,9 +4,7 @@ the outputs' class names, the normalisation and the crop come from its config.js
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 from PIL import Image
 from timm.models import save_for_hf
 
-from conftest import REPO, TINY, running, still_running
+from conftest import TINY, killing, still_running, vitdist_cli
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.evaluate import evaluate_checkpoint, hub_meta
@@ -90,9 +88,7 @@ def timm_figures(hub, root, outputs: list[str]) -> tuple[float, float]:
 
 
 def cli_evaluate(checkpoint, data, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint", str(checkpoint),
-                           "--data", str(data), "--workers", "0", *options], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+    return vitdist_cli("evaluate", "--checkpoint", checkpoint, "--data", data, "--workers", "0", *options)
 
 
 def evaluates_as_timm(hub, val, top1: float) -> None:
@@ -208,7 +204,7 @@ def test_a_stalled_read_stops_the_evaluation_at_its_timeout_naming_the_worker(tm
     write_safetensors(build_model(cfg.model).state_dict(), model_meta(cfg.model, cfg.data), tmp_path / "w.safetensors")
     fifo = tmp_path / "stalled"
     os.mkfifo(fifo)
-    try:
+    with killing(f"cat {fifo}"):
         started = time.monotonic()
         stalled = cli_evaluate(tmp_path / "w.safetensors", f"pipe:cat {fifo}", "--workers", "1", "--timeout-s", "3")
         waited_s = time.monotonic() - started
@@ -218,9 +214,6 @@ def test_a_stalled_read_stops_the_evaluation_at_its_timeout_naming_the_worker(tm
         assert "Traceback" not in stalled.stderr
         assert waited_s < 3 + 30  # the interpreter's start, timm's import and the model's build included
         assert still_running(f"cat {fifo}") == []
-    finally:
-        for pid in running(f"cat {fifo}"):
-            os.kill(pid, signal.SIGKILL)
     refused = cli_evaluate(tmp_path / "w.safetensors", f"pipe:cat {fifo}", "--timeout-s", "0")
     assert refused.returncode == 2 and "--timeout-s: must be at least 1, got 0" in refused.stderr
     missing = cli_evaluate(tmp_path / "w.safetensors", str(tmp_path / "val-{0..1}.tar"))

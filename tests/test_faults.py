@@ -1,6 +1,7 @@
 """A rank dies or hangs: torchrun restarts the group and the run resumes exactly; a rank left
 waiting on a dead or silent peer exits within `dist.timeout_s`, naming the peer."""
 
+import contextlib
 import os
 import re
 import signal
@@ -8,8 +9,8 @@ import time
 
 import pytest
 
-from conftest import (EXACT, children, gone, loss_curve, run_pretrain, running, shard_overrides, start_pretrain,
-                      still_running, wait_for, worker_pid)
+from conftest import (EXACT, background_pretrain, children, gone, killing, loss_curve, outliving, run_pretrain,
+                      running, shard_overrides, still_running, wait_for, worker_pid)
 from vitdist.data import expand_urls
 from vitdist.distributed import _free_port
 
@@ -27,17 +28,17 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_resumes_bitwise(demo
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run_dir, log_path = tmp_path / "killed", tmp_path / "killed.log"
-    process = start_pretrain(2, [*common, f"run.dir={run_dir}"], log_path,
-                             torchrun=("--standalone", "--max-restarts=1"))
-    wait_for(lambda: (run_dir / "checkpoints" / "step_4").is_dir(), process)
-    survivor = worker_pid(process.pid, 0)
-    os.kill(worker_pid(process.pid, 1), signal.SIGKILL)  # one rank, mid-step; torchrun stays
-    killed_at = time.time()
-    wait_for(lambda: gone(survivor), process, timeout_s=TIMEOUT_S + MARGIN_S)
-    survivor_exit_s = time.time() - killed_at
-    wait_for(lambda: "at step" in log_path.read_text(), process)
-    restart_s = time.time() - killed_at
-    assert process.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    with background_pretrain(2, [*common, f"run.dir={run_dir}"], log_path,
+                             torchrun=("--standalone", "--max-restarts=1")) as process:
+        wait_for(lambda: (run_dir / "checkpoints" / "step_4").is_dir(), process)
+        survivor = worker_pid(process.pid, 0)
+        os.kill(worker_pid(process.pid, 1), signal.SIGKILL)  # one rank, mid-step; torchrun stays
+        killed_at = time.time()
+        wait_for(lambda: gone(survivor), process, timeout_s=TIMEOUT_S + MARGIN_S)
+        survivor_exit_s = time.time() - killed_at
+        wait_for(lambda: "at step" in log_path.read_text(), process)
+        restart_s = time.time() - killed_at
+        assert process.wait(timeout=120) == 0, log_path.read_text()[-3000:]
     print(f"survivor exited {survivor_exit_s:.1f} s after the kill, resumed {restart_s:.1f} s after")
 
     log = log_path.read_text()
@@ -60,40 +61,35 @@ def test_a_rank_waiting_on_a_lost_node_exits_within_the_timeout_naming_it(demo_s
     port = _free_port()
     common = [*shard_overrides(demo_shards), *EXACT, "train.steps=1000", "data.micro_batch_size=32",
               f"dist.timeout_s={TIMEOUT_S}", f"run.dir={tmp_path / 'run'}"]
-    nodes = [start_pretrain(1, common, tmp_path / f"node{i}.log", torchrun=(
-        "--nnodes=2", f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}")) for i in (0, 1)]
+    ranks = []
     try:
-        wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_4").is_dir(), nodes[0])
-        ranks = [worker_pid(node.pid, rank) for rank, node in enumerate(nodes)]
-        if signum == signal.SIGKILL:
-            os.killpg(nodes[1].pid, signal.SIGKILL)  # the node's torchrun; its rank dies with it
-        else:
-            os.kill(ranks[1], signal.SIGSTOP)
-        lost_at = time.time()
-        assert nodes[0].wait(timeout=TIMEOUT_S + MARGIN_S + 30) != 0
-        survivor_exit_s = time.time() - lost_at
-        print(f"{signal.Signals(signum).name}: node 0 exited {survivor_exit_s:.1f} s after")
-        assert survivor_exit_s < TIMEOUT_S + MARGIN_S and gone(ranks[0])
-        log = (tmp_path / "node0.log").read_text()
-        message = re.search(r"rank 0 lost contact with the process group: rank\(s\) 1 did not report "
-                            r"within 5 s, dead or hung \(see their logs\): (.*)", log)
-        assert message, log[-3000:]
-        cause = "Timed out" if signum == signal.SIGSTOP else r"127\.0\.0\.1\]:\d+"  # gloo's words, and the peer's address
-        assert re.search(cause, message.group(1)), message.group(1)
+        with contextlib.ExitStack() as stack:
+            nodes = [stack.enter_context(background_pretrain(1, common, tmp_path / f"node{i}.log", torchrun=(
+                "--nnodes=2", f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}"))) for i in (0, 1)]
+            wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_4").is_dir(), nodes[0])
+            ranks = [worker_pid(node.pid, rank) for rank, node in enumerate(nodes)]
+            if signum == signal.SIGKILL:
+                os.killpg(nodes[1].pid, signal.SIGKILL)  # the node's torchrun; its rank dies with it
+            else:
+                os.kill(ranks[1], signal.SIGSTOP)
+            lost_at = time.time()
+            assert nodes[0].wait(timeout=TIMEOUT_S + MARGIN_S + 30) != 0
+            survivor_exit_s = time.time() - lost_at
+            print(f"{signal.Signals(signum).name}: node 0 exited {survivor_exit_s:.1f} s after")
+            assert survivor_exit_s < TIMEOUT_S + MARGIN_S and gone(ranks[0])
+            log = (tmp_path / "node0.log").read_text()
+            message = re.search(r"rank 0 lost contact with the process group: rank\(s\) 1 did not report "
+                                r"within 5 s, dead or hung \(see their logs\): (.*)", log)
+            assert message, log[-3000:]
+            cause = "Timed out" if signum == signal.SIGSTOP else r"127\.0\.0\.1\]:\d+"  # gloo's words, and the peer's address
+            assert re.search(cause, message.group(1)), message.group(1)
+        # Only the torchruns are SIGKILLed on the way out of the block: their ranks, in sessions of
+        # their own, must die with them, the stopped one too.
+        assert outliving(ranks, wait_s=10) == [], "a rank outlived its torchrun"
     finally:
-        for node in nodes:
-            with_children = [node.pid, *(children(node.pid) if not gone(node.pid) else [])]
-            for pid in with_children:
-                if not gone(pid):
-                    os.kill(pid, signal.SIGKILL)
-            node.wait(timeout=30)
-    if signum == signal.SIGSTOP:
-        # The stopped rank died with its torchrun: nothing left running. A SIGKILLed process takes a
-        # moment to exit (its memory freed first), longer on a loaded machine: looked at for 10 s.
-        deadline = time.time() + 10
-        while not gone(ranks[1]) and time.time() < deadline:
-            time.sleep(0.1)
-        assert gone(ranks[1])
+        for pid in outliving(ranks, wait_s=0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_killed_loader_worker_stops_the_run_within_seconds_for_a_retry(demo_shards, tmp_path):
@@ -102,10 +98,9 @@ def test_a_killed_loader_worker_stops_the_run_within_seconds_for_a_retry(demo_sh
     raises the error naming it, the run exits 1 within seconds, and nothing is marked in FATAL,
     so torchrun's restarts and SLURM's requeue retry it."""
     log_path = tmp_path / "run.log"
-    process = start_pretrain(0, [*shard_overrides(demo_shards), "data.num_workers=2", "train.eval_every_steps=2",
+    with background_pretrain(0, [*shard_overrides(demo_shards), "data.num_workers=2", "train.eval_every_steps=2",
                                  "ckpt.every_steps=2", f"dist.timeout_s={TIMEOUT_S * 10}", f"run.dir={tmp_path}"],
-                             log_path)
-    try:
+                             log_path) as process:
         wait_for(lambda: (tmp_path / "checkpoints" / "step_2").is_dir(), process)  # evaluated at step 2
         workers = [pid for pid in children(process.pid) if os.getsid(pid) == pid]  # in sessions of their own
         assert len(workers) == 2
@@ -118,9 +113,6 @@ def test_a_killed_loader_worker_stops_the_run_within_seconds_for_a_retry(demo_sh
         log = log_path.read_text()
         assert re.search(rf"WorkerDied: training loader worker [01] \(pid {workers[0]}\) was killed by SIGKILL ", log), log[-3000:]
         assert not (tmp_path / "FATAL").exists()
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_path):
@@ -131,9 +123,9 @@ def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_pat
     os.mkfifo(fifo)
     stalled = [f"pipe:cat {fifo} {url}" for url in expand_urls(demo_shards["train"])]
     log_path = tmp_path / "run.log"
-    process = start_pretrain(0, [f"data.train_shards={stalled}".replace("'", '"'), "data.val_shards=null",
-                                 "data.num_workers=1", f"dist.timeout_s={TIMEOUT_S}", f"run.dir={tmp_path}"], log_path)
-    try:
+    with background_pretrain(0, [f"data.train_shards={stalled}".replace("'", '"'), "data.val_shards=null",
+                                 "data.num_workers=1", f"dist.timeout_s={TIMEOUT_S}", f"run.dir={tmp_path}"],
+                             log_path) as process, killing(f"cat {fifo} "):
         wait_for(lambda: "steps 0 -> " in log_path.read_text(), process)
         started = time.time()
         assert process.wait(timeout=TIMEOUT_S + MARGIN_S + 30) != 0
@@ -143,11 +135,6 @@ def test_a_hung_shard_read_stops_the_run_within_the_timeout(demo_shards, tmp_pat
         assert re.search(rf"WorkerStalled: training loader worker 0 \(pid \d+\) delivered nothing for {TIMEOUT_S} s ",
                          log_path.read_text())
         assert still_running(f"cat {fifo} ") == []
-    finally:
-        for pid in running(f"cat {fifo} "):
-            os.kill(pid, signal.SIGKILL)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_a_stalled_validation_read_stops_every_rank_within_the_timeout(demo_shards, tmp_path):
@@ -161,11 +148,10 @@ def test_a_stalled_validation_read_stops_every_rank_within_the_timeout(demo_shar
     first, second = expand_urls(demo_shards["val"])  # rank 0's and rank 1's
     stalled = f"cat {fifo} {second} "  # the command's line; the run's own lines hold it without the space
     log_path = tmp_path / "run.log"
-    process = start_pretrain(2, [f"data.train_shards={demo_shards['train']}",
+    with background_pretrain(2, [f"data.train_shards={demo_shards['train']}",
                                  f'data.val_shards=["{first}", "pipe:cat {fifo} {second}"]', "data.num_workers=0",
                                  "train.steps=2", "data.micro_batch_size=32", f"dist.timeout_s={TIMEOUT_S}",
-                                 f"run.dir={tmp_path}"], log_path)
-    try:
+                                 f"run.dir={tmp_path}"], log_path) as process, killing(stalled):
         wait_for(lambda: running(stalled), process)  # the evaluation at the last step has begun
         ranks = [worker_pid(process.pid, rank) for rank in (0, 1)]
         started = time.time()
@@ -178,8 +164,3 @@ def test_a_stalled_validation_read_stops_every_rank_within_the_timeout(demo_shar
                          rf"delivered nothing for {TIMEOUT_S} s ", log), log[-3000:]
         assert "rank 0 lost contact with the process group: rank(s) 1 did not report within 5 s" in log, log[-3000:]
         assert still_running(stalled) == []
-    finally:
-        for pid in running(stalled):
-            os.kill(pid, signal.SIGKILL)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)

@@ -3,8 +3,6 @@
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import DIGITS, REPO, TINY, read_scalars, run_pretrain, shard_overrides, write_png_folder
+from conftest import DIGITS, TINY, read_scalars, run_pretrain, shard_overrides, vitdist_cli, write_png_folder
 from vitdist.config_yaml import load_config
 from vitdist.data import expand_urls
 from vitdist.handoff import load_pretrained
@@ -118,13 +116,11 @@ def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp
     model = timm.create_model(meta["arch"], **meta["timm_kwargs"])
     model.load_state_dict(load_file(best), strict=True)
 
-    export = subprocess.run([sys.executable, "-m", "vitdist.cli", "export", "--checkpoint",
-                             str(tmp_path / "ft" / "checkpoints" / "step_4"), "--out", str(tmp_path / "ft.safetensors")],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    export = vitdist_cli("export", "--checkpoint", tmp_path / "ft" / "checkpoints" / "step_4", "--out",
+                         tmp_path / "ft.safetensors")
     assert export.returncode == 0, export.stderr
     # `vitdist evaluate` on the best weights reproduces the best validation top-1 of the run.
-    evaluation = subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint", str(best),
-                                 "--data", demo_shards["val"]], capture_output=True, text=True, cwd=REPO, timeout=120)
+    evaluation = vitdist_cli("evaluate", "--checkpoint", best, "--data", demo_shards["val"])
     assert evaluation.returncode == 0, evaluation.stderr
     top1 = float(re.search(r"top-1 ([\d.]+)%", evaluation.stdout).group(1)) / 100
     assert top1 == pytest.approx(max(v for _, v in curves["val/top1"]), abs=1e-4)
@@ -319,13 +315,10 @@ def test_finetune_on_image_folders_on_2_ranks_then_resume(tmp_path):
     top1 = [v for _, v in read_scalars(run_dir / "tb")["val/top1"]]
     assert len(top1) == 2
 
-    evaluation = subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint",
-                                 str(run_dir / "best.safetensors"), "--data", str(images / "val")],
-                                capture_output=True, text=True, cwd=REPO, timeout=120)
+    evaluation = vitdist_cli("evaluate", "--checkpoint", run_dir / "best.safetensors", "--data", images / "val")
     assert evaluation.returncode == 0, evaluation.stderr
     assert float(re.search(r"top-1 ([\d.]+)%", evaluation.stdout).group(1)) / 100 == pytest.approx(max(top1), abs=1e-4)
-    newest = subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint", str(run_dir / "checkpoints"),
-                             "--data", str(images / "val")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    newest = vitdist_cli("evaluate", "--checkpoint", run_dir / "checkpoints", "--data", images / "val")
     assert newest.returncode == 0, newest.stderr  # the run's checkpoints directory: its newest, step 6
     assert float(re.search(r"top-1 ([\d.]+)%", newest.stdout).group(1)) / 100 == pytest.approx(top1[-1], abs=1e-4)
 
@@ -386,9 +379,8 @@ def test_evaluate_crops_as_the_run_validated(demo_shards, tmp_path):
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     write_safetensors(model.state_dict(), model_meta(cfg.model, cfg.data), tmp_path / "run.safetensors")
-    evaluation = subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint",
-                                 str(tmp_path / "run.safetensors"), "--data", demo_shards["val"], "--workers", "0"],
-                                capture_output=True, text=True, cwd=REPO, timeout=120)
+    evaluation = vitdist_cli("evaluate", "--checkpoint", tmp_path / "run.safetensors", "--data", demo_shards["val"],
+                             "--workers", "0")
     assert evaluation.returncode == 0, evaluation.stderr
     loss = float(re.search(r"loss ([\d.]+)", evaluation.stdout).group(1))
     assert loss == pytest.approx(val_loss(model, cfg.data), abs=1e-4)
@@ -414,9 +406,7 @@ def test_evaluate_labels_an_image_folder_by_the_runs_class_names(tmp_path):
     write_safetensors(model.state_dict(), meta, tmp_path / "unnamed.safetensors")
 
     def evaluate(weights):
-        return subprocess.run([sys.executable, "-m", "vitdist.cli", "evaluate", "--checkpoint", str(tmp_path / weights),
-                               "--data", str(tmp_path / "val"), "--workers", "0"],
-                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        return vitdist_cli("evaluate", "--checkpoint", tmp_path / weights, "--data", tmp_path / "val", "--workers", "0")
 
     named = evaluate("named.safetensors")
     assert named.returncode == 0, named.stderr

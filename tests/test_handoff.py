@@ -52,9 +52,12 @@ def test_new_head_and_resolution(tmp_path, layout, caplog):
     target = tiny("model.img_size=48", "model.num_classes=5", seed=1)
     kind, fresh = load_pretrained(target, tmp_path / "timm.pth")
     assert kind == "torch state dict" and fresh == ["head.bias", "head.weight"]
-    assert target.pos_embed.shape == (1, 1 + 36, 128)  # 4x4 grid resampled to 6x6
     assert "position embeddings resampled from a 4x4 to a 6x6 patch grid" in caplog.text
-    torch.testing.assert_close(target.pos_embed[:, :1], source.pos_embed[:, :1])  # [CLS] position kept
+    # The [CLS] position kept; the 4x4 grid of the others resampled to 6x6 as an image of 128 channels is.
+    torch.testing.assert_close(target.pos_embed[:, :1], source.pos_embed[:, :1])
+    grid = source.pos_embed[:, 1:].reshape(1, 4, 4, 128).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", antialias=True)
+    torch.testing.assert_close(target.pos_embed[:, 1:], resized.permute(0, 2, 3, 1).reshape(1, 36, 128))
     torch.testing.assert_close(target.blocks[2].mlp.fc1.weight, source.blocks[2].mlp.fc1.weight)
     assert target(torch.randn(1, 3, 48, 48)).shape == (1, 5)
 

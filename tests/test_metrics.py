@@ -21,14 +21,17 @@ def test_the_cpu_peak_is_measured_alike_while_other_processes_load_the_cores():
     torch.set_num_threads(1)  # a rank's share under torchrun, which sets OMP_NUM_THREADS=1
     try:
         alone = matmul_peak_flops(torch.device("cpu"), torch.float32)
-        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in os.sched_getaffinity(0)]
+        hogs = [subprocess.Popen([sys.executable, "-c", "print('looping', flush=True)\nwhile True: pass"],
+                                 stdout=subprocess.PIPE, text=True) for _ in os.sched_getaffinity(0)]
         try:
-            time.sleep(0.2)  # both running
+            for hog in hogs:
+                assert hog.stdout.readline() == "looping\n"  # past its interpreter's start, in its loop
             loaded = matmul_peak_flops(torch.device("cpu"), torch.float32)
         finally:
             for hog in hogs:
                 hog.kill()
                 hog.wait()
+                hog.stdout.close()
     finally:
         torch.set_num_threads(threads)
     assert loaded > 0.7 * alone, (loaded / 1e9, alone / 1e9)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
 from conftest import DIGITS, REPO, TINY, loss_curve, run_pretrain, shard_overrides
 from slurm_cluster import Cluster, missing_binaries
 
@@ -22,10 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm,
               pytest.mark.skipif(bool(missing_binaries()), reason=f"SLURM is not installed (missing: "
                                  f"{', '.join(missing_binaries())}); launch/test.sh installs it where it may")]
 
-# Exact and short: fp32, no dropout, constant lr after a 1-step warmup, a loss every step.
-EXACT = ["data.val_shards=null", "train.precision=fp32", "model.drop_path_rate=0.0", "optim.warmup_steps=1",
-         "optim.min_lr=2e-3", "optim.lr=2e-3", "train.global_batch_size=64", "data.micro_batch_size=32",
-         "log.every_steps=1", "ckpt.every_steps=0"]
+# The bitwise-reproducible runs of the other tests, one micro-batch per rank, checkpointed only
+# at the end (or when preempted).
+EXACT = [*conftest.EXACT, "data.micro_batch_size=32", "ckpt.every_steps=0"]
 # One CPU rank per node; sbatch options override the scripts' GPU-sized #SBATCH lines.
 CPU_NODES = ["--gpus-per-node=0", "--cpus-per-task=1"]
 
@@ -47,12 +47,27 @@ def cluster():
         cluster.stop()
 
 
+SUBMITTED: list[str] = []  # the jobs of the test running
+
+
+@pytest.fixture(autouse=True)
+def cancel_what_the_test_left(cluster):
+    """A test that fails while its jobs run must not leave them training beside the next tests, on
+    this machine's 2 cores (the cluster may be shared with other test runs: only this test's jobs)."""
+    yield
+    if SUBMITTED:
+        subprocess.run(["scancel", *SUBMITTED], env=cluster.env, capture_output=True)
+        SUBMITTED.clear()
+
+
 def sbatch(cluster: Cluster, log_dir: Path, script: str, *args: str, options: list[str] = ()) -> int:
     env = {**cluster.env, "VITDIST_NPROC": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(["sbatch", "--parsable", *CPU_NODES, f"--output={log_dir}/%x-%j.log", *options,
                           str(REPO / "slurm" / script), *args], cwd=REPO, env=env, capture_output=True, text=True,
                          check=True)
-    return int(out.stdout.strip().split(";")[0])
+    job = int(out.stdout.strip().split(";")[0])
+    SUBMITTED.append(str(job))
+    return job
 
 
 def job_field(cluster: Cluster, job_id: int | str, field: str) -> str | None:
@@ -262,6 +277,7 @@ def test_pipeline_finetunes_from_the_final_pretraining_checkpoint(cluster, demo_
                          cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     pre_job = int(re.search(r"pretrain job: (\d+)", out).group(1))
     ft_job = int(re.search(r"finetune job: (\d+)", out).group(1))
+    SUBMITTED.extend([str(pre_job), str(ft_job)])
     pre_dir, ft_dir = tmp_path / f"pre-{pre_job}", tmp_path / "vitdist-finetune-ft"  # run.dir's %j and %x
     assert f"tensorboard --logdir_spec pretrain:{pre_dir}/tb,finetune:{ft_dir}/tb" in out
     assert job_state(cluster, ft_job) == "PENDING"  # waits for the pretraining job

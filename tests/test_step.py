@@ -214,8 +214,9 @@ def test_every_train_seed_the_config_accepts_seeds_the_steps():
         load_config(TINY, [f"train.seed={2**32}"])
 
 
-def _two_ranks(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _two_ranks(rank, out_dir):
+    # A file store: no port to pick beforehand, which another process could take meanwhile.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'store'}", rank=rank, world_size=2)
     try:
         ctx = distributed.DistContext(rank, 2, rank, torch.device("cpu"), control=dist.new_group(backend="gloo"))
         found = {"any_rank": [distributed.any_rank(rank == 1, ctx), distributed.any_rank(False, ctx)],
@@ -238,7 +239,7 @@ def test_two_ranks_agree_on_flags_and_the_global_gradient_norm(tmp_path):
     """A flag raised on one rank is raised on every rank (a NaN/Inf step is skipped on all;
     evaluation runs until every rank's share is done), and under FSDP the gradient norm is that
     of the whole model's gradients, not of this rank's shard. Two real gloo processes."""
-    mp.spawn(_two_ranks, args=(distributed._free_port(), tmp_path), nprocs=2)
+    mp.spawn(_two_ranks, args=(tmp_path,), nprocs=2)
     for rank in range(2):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert found["any_rank"] == [True, False] and found["on_device"] == [1.0, 0.0], rank

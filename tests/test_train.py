@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import TINY, png_bytes, read_scalars, run_pretrain, shard_overrides, write_shard
+from conftest import TINY, png_bytes, read_scalars, run_pretrain, shard_overrides, vitdist_cli, write_shard
 from vitdist.config import to_dict
 from vitdist.config_yaml import load_config
 from vitdist.data import TrainLoader, expand_urls
@@ -87,8 +87,7 @@ def test_pretrain_on_2_ranks_then_resume(demo_shards, tmp_path):
     reference.load_state_dict(weights, strict=True)
 
     # The single-file export: timm rebuilds the model from the JSON and loads it strictly.
-    export = subprocess.run([sys.executable, "-m", "vitdist.cli", "export", "--checkpoint", str(ckpt), "--out",
-                             str(tmp_path / "vit.safetensors")], capture_output=True, text=True, timeout=120)
+    export = vitdist_cli("export", "--checkpoint", ckpt, "--out", tmp_path / "vit.safetensors")
     assert export.returncode == 0, export.stderr
     meta = json.loads((tmp_path / "vit.json").read_text())
     assert meta["arch"] == cfg.model.arch and meta["img_size"] == 32 and meta["num_classes"] == 8

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, children, gone, png_bytes, running, still_running, write_shard
+from conftest import (TINY, children, gone, killing, outliving, png_bytes, running, still_running, wait_for,
+                      write_shard)
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader, TrainLoader, expand_urls
 from vitdist.prefetch import DeviceBatches
@@ -31,6 +32,19 @@ def train_loader(shards, *overrides, timeout_s=TIMEOUT_S) -> TrainLoader:
     return TrainLoader(cfg.data, 32, 8, cfg.train.global_batch_size, 0, 1, timeout_s=timeout_s)
 
 
+def reading_in_a_process(shards, *overrides, timeout_s=TIMEOUT_S, **popen) -> subprocess.Popen:
+    """A process of its own that reads `shards` as training does (through DeviceBatches' thread) to
+    its first batch, with nothing in this test process to clean up after it."""
+    return subprocess.Popen([sys.executable, "-c", f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_workers import train_loader
+from vitdist.prefetch import DeviceBatches
+with DeviceBatches(iter(train_loader({shards!r}, *{overrides!r}, timeout_s={timeout_s})), torch.device("cpu")) as batches:
+    next(batches)
+"""], **popen)
+
+
 @pytest.mark.parametrize("reads", ["delivering", "stalled"])
 def test_a_killed_worker_stops_the_batches_within_seconds_naming_it(demo_shards, tmp_path, reads):
     """SIGKILLed (as the kernel's OOM killer kills) with its chunks queued, or while the loader
@@ -40,28 +54,27 @@ def test_a_killed_worker_stops_the_batches_within_seconds_naming_it(demo_shards,
     urls = expand_urls(demo_shards["train"])
     shards = urls if reads == "delivering" else [f"pipe:cat {fifo} {url}" for url in urls]
     before = set(children(os.getpid()))
-    try:
-        with DeviceBatches(iter(train_loader(shards, "data.num_workers=2")), CPU) as batches:
-            workers = []
-            while len(workers) < 2 or (reads == "stalled" and not all(children(pid) for pid in workers)):
-                time.sleep(0.1)  # until both have started, and, when stalled, are in their reads
-                workers = [pid for pid in children(os.getpid()) if pid not in before]
-            if reads == "delivering":
+
+    def started():
+        return [pid for pid in children(os.getpid()) if pid not in before]
+
+    with killing(f"cat {fifo} "), DeviceBatches(iter(train_loader(shards, "data.num_workers=2")), CPU) as batches:
+        # Until both have started, and, when stalled, are in their reads.
+        wait_for(lambda: len(workers := started()) == 2 and (reads == "delivering" or all(map(children, workers))))
+        workers = started()
+        if reads == "delivering":
+            next(batches)
+        victim = max(workers)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        with pytest.raises(WorkerDied) as died:
+            while True:  # the batches read before the kill come first
                 next(batches)
-            victim = max(workers)
-            os.kill(victim, signal.SIGKILL)
-            killed_at = time.monotonic()
-            with pytest.raises(WorkerDied) as died:
-                while True:  # the batches read before the kill come first
-                    next(batches)
-            noticed_s = time.monotonic() - killed_at
-            print(f"noticed {noticed_s:.1f} s after the kill")
-            assert noticed_s < 10
-            assert re.fullmatch(rf"training loader worker [01] \(pid {victim}\) was killed by SIGKILL \(.*\)", str(died.value))
-            assert still_running(f"cat {fifo} ") == [] and all(gone(pid) for pid in workers)
-    finally:
-        for pid in running(f"cat {fifo} "):
-            os.kill(pid, signal.SIGKILL)
+        noticed_s = time.monotonic() - killed_at
+        print(f"noticed {noticed_s:.1f} s after the kill")
+        assert noticed_s < 10
+        assert re.fullmatch(rf"training loader worker [01] \(pid {victim}\) was killed by SIGKILL \(.*\)", str(died.value))
+        assert still_running(f"cat {fifo} ") == [] and all(gone(pid) for pid in workers)
 
 
 @pytest.mark.parametrize("pipe", ["cat {fifo} {url}", "cat {fifo} {url} | cat"], ids=["command", "pipeline"])
@@ -72,7 +85,7 @@ def test_a_stalled_pipe_read_stops_the_batches_at_the_timeout_and_ends_the_comma
     os.mkfifo(fifo)
     stalled = [f"pipe:{pipe.format(fifo=fifo, url=url)}" for url in expand_urls(demo_shards["train"])]
     loader = train_loader(stalled, "data.num_workers=1", timeout_s=4)
-    try:
+    with killing(f"cat {fifo} "):
         with DeviceBatches(iter(loader), CPU) as batches:
             started = time.monotonic()
             with pytest.raises(WorkerStalled, match=r"^training loader worker 0 \(pid \d+\) delivered nothing for 4 s "):
@@ -81,9 +94,6 @@ def test_a_stalled_pipe_read_stops_the_batches_at_the_timeout_and_ends_the_comma
             assert still_running(f"cat {fifo} ") == []
         print(f"stopped {waited_s:.1f} s after the first batch was asked for")
         assert 4 <= waited_s < 4 + 10
-    finally:
-        for pid in running(f"cat {fifo} "):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("pipe", ["cat {fifo} {url}", "cat {fifo} {url} | cat"], ids=["command", "pipeline"])
@@ -95,31 +105,21 @@ def test_a_stalled_read_without_workers_stops_the_training_process_at_the_timeou
     fifo = tmp_path / "stalled"
     os.mkfifo(fifo)
     stalled = [f"pipe:{pipe.format(fifo=fifo, url=url)}" for url in expand_urls(demo_shards["train"])]
-    training = subprocess.Popen([sys.executable, "-c", f"""
-import sys, torch
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_workers import train_loader
-from vitdist.prefetch import DeviceBatches
-with DeviceBatches(iter(train_loader({stalled!r}, "data.num_workers=0", timeout_s=4)), torch.device("cpu")) as batches:
-    next(batches)
-"""], stderr=subprocess.PIPE, text=True)
-    try:
-        while not [pid for pid in running(f"cat {fifo} ") if pid != training.pid]:  # its script holds the text too
-            assert training.poll() is None, training.stderr.read()
-            time.sleep(0.1)
-        started = time.monotonic()
-        _, stderr = training.communicate(timeout=4 + 20)
-        waited_s = time.monotonic() - started
-        print(f"exited {waited_s:.1f} s after the read began")
-        assert training.returncode == 1 and 4 <= waited_s < 4 + 15, stderr[-3000:]  # its exit, on a loaded machine
-        assert re.search(r"ReadStalled: training loader, read in the training process \(data.num_workers=0\), "
-                         r"delivered nothing for 4 s ", stderr), stderr[-3000:]
-        assert still_running(f"cat {fifo} ") == []
-    finally:
-        training.kill()
-        training.wait()
-        for pid in running(f"cat {fifo} "):
-            os.kill(pid, signal.SIGKILL)
+    with killing(f"cat {fifo} "):
+        training = reading_in_a_process(stalled, "data.num_workers=0", timeout_s=4, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: [pid for pid in running(f"cat {fifo} ") if pid != training.pid], training)  # its script holds the text too
+            started = time.monotonic()
+            _, stderr = training.communicate(timeout=4 + 20)
+            waited_s = time.monotonic() - started
+            print(f"exited {waited_s:.1f} s after the read began")
+            assert training.returncode == 1 and 4 <= waited_s < 4 + 15, stderr[-3000:]  # its exit, on a loaded machine
+            assert re.search(r"ReadStalled: training loader, read in the training process \(data.num_workers=0\), "
+                             r"delivered nothing for 4 s ", stderr), stderr[-3000:]
+            assert still_running(f"cat {fifo} ") == []
+        finally:
+            training.kill()
+            training.wait()
 
 
 def test_a_stalled_validation_read_stops_at_the_timeout_naming_its_worker(demo_shards, tmp_path):
@@ -136,7 +136,7 @@ def test_a_stalled_validation_read_stops_at_the_timeout_naming_its_worker(demo_s
     cfg = load_config(TINY, [f"data.val_shards={shards}".replace("'", '"'), "data.num_workers=2",
                              "data.micro_batch_size=10"])
     batches = iter(EvalLoader(cfg.data, 32, 8, 0, 1, timeout_s=4))
-    try:
+    with killing(f"cat {fifo}"):
         sizes = [len(next(batches)["key"]) for _ in range(4)]
         started = time.monotonic()
         with pytest.raises(WorkerStalled, match=r"^validation loader worker 1 \(pid \d+\) delivered nothing for 4 s "):
@@ -145,9 +145,6 @@ def test_a_stalled_validation_read_stops_at_the_timeout_naming_its_worker(demo_s
         assert sorted(sizes) == [2, 10, 10, 10]  # before the stall: both 1-sample shards, 30 of the 32
         assert 4 <= waited_s < 4 + 5
         assert still_running(f"cat {fifo}") == []
-    finally:
-        for pid in running(f"cat {fifo}"):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_killed_validation_worker_stops_the_evaluation_within_seconds(demo_shards, tmp_path):
@@ -167,7 +164,7 @@ def test_a_killed_validation_worker_stops_the_evaluation_within_seconds(demo_sha
 
     killer = threading.Thread(target=kill_a_worker_in_its_read, daemon=True)
     killer.start()
-    try:
+    with killing(f"cat {fifo} "):
         with pytest.raises(WorkerDied) as died:
             next(iter(EvalLoader(cfg.data, 32, 8, 0, 1, timeout_s=TIMEOUT_S)))
         victim, killed_at = killed
@@ -175,9 +172,6 @@ def test_a_killed_validation_worker_stops_the_evaluation_within_seconds(demo_sha
         assert re.fullmatch(rf"validation loader worker [01] \(pid {victim}\) was killed by SIGKILL \(.*\)",
                             str(died.value))
         assert still_running(f"cat {fifo} ") == []
-    finally:
-        for pid in running(f"cat {fifo} "):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_workers_and_their_commands_end_when_the_training_process_is_sigkilled(demo_shards, tmp_path):
@@ -187,30 +181,20 @@ def test_workers_and_their_commands_end_when_the_training_process_is_sigkilled(d
     fifo = tmp_path / "stalled"
     os.mkfifo(fifo)
     stalled = [f"pipe:cat {fifo} {url} | cat" for url in expand_urls(demo_shards["train"])]
-    training = subprocess.Popen([sys.executable, "-c", f"""
-import sys, torch
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_workers import train_loader
-from vitdist.prefetch import DeviceBatches
-with DeviceBatches(iter(train_loader({stalled!r}, "data.num_workers=2")), torch.device("cpu")) as batches:
-    next(batches)
-"""])
-    try:
-        while True:  # until both workers wait in their reads: each with a shell that has forked both commands
-            workers = children(training.pid)
-            commands = [pid for worker in workers for shell in children(worker) for pid in (shell, *children(shell))]
-            if len(commands) == 6:
-                break
-            assert training.poll() is None
-            time.sleep(0.1)
-        training.kill()
-        killed_at = time.monotonic()
-        while not all(gone(pid) for pid in [*workers, *commands]) and time.monotonic() - killed_at < 10:
-            time.sleep(0.1)
-        print(f"ended {time.monotonic() - killed_at:.1f} s after the kill")
-        assert [pid for pid in [*workers, *commands] if not gone(pid)] == []
-    finally:
-        training.kill()
-        training.wait()
-        for pid in running(f"cat {fifo} "):
-            os.kill(pid, signal.SIGKILL)
+    def commands():
+        return [pid for worker in children(training.pid) for shell in children(worker) for pid in (shell, *children(shell))]
+
+    with killing(f"cat {fifo} "):
+        training = reading_in_a_process(stalled, "data.num_workers=2")
+        try:
+            # Until both workers wait in their reads: each with a shell that has forked both commands.
+            wait_for(lambda: len(commands()) == 6, training)
+            workers, started = children(training.pid), commands()
+            training.kill()
+            killed_at = time.monotonic()
+            left = outliving([*workers, *started], wait_s=10)
+            print(f"ended {time.monotonic() - killed_at:.1f} s after the kill")
+            assert left == []
+        finally:
+            training.kill()
+            training.wait()
