@@ -8,7 +8,7 @@ import torchvision
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
-from conftest import TINY
+from conftest import TINY, vitdist_cli
 from vitdist import checkpoint
 from vitdist.config import CkptConfig
 from vitdist.config_yaml import load_config
@@ -192,18 +192,11 @@ def test_an_export_is_written_only_under_a_safetensors_name(tmp_path, process_gr
     """timm and vitdist read a file as safetensors by its name: `vitdist export --out b16.pt`
     wrote safetensors under a .pt name, which fine-tuning then refused as holding objects other
     than tensors (an unsafe pickle), and timm's pretrained path could not read either."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     cfg = load_config(TINY)
     source = tiny()
     saver = checkpoint.Checkpointer(tmp_path / "ckpts", CkptConfig(keep=0), model_meta(cfg.model, cfg.data))
     step_dir = saver.save(1, source, build_optimizer(source, cfg.optim), {"step": 1})
-    export_to = [sys.executable, "-m", "vitdist.cli", "export", "--checkpoint", str(step_dir), "--out"]
-    refused = subprocess.run([*export_to, str(tmp_path / "b16.pt")], capture_output=True, text=True, cwd=REPO,
-                             timeout=120)
+    refused = vitdist_cli("export", "--checkpoint", step_dir, "--out", tmp_path / "b16.pt")
     assert refused.returncode == 2 and not (tmp_path / "b16.pt").exists() and not (tmp_path / "b16.json").exists()
     assert f"vitdist export: --out '{tmp_path / 'b16.pt'}' must end in .safetensors" in refused.stderr
 
