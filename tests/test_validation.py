@@ -10,7 +10,7 @@ from vitdist.data import EvalLoader
 from vitdist.distributed import DistContext
 from vitdist.model import build_model
 from vitdist.train import compute_precision, model_meta
-from vitdist.validation import NO_BEST, best_to_beat, evaluate_and_keep_best
+from vitdist.validation import best_to_beat, evaluate_and_keep_best
 
 
 def test_of_weights_with_equal_top1_those_with_the_lower_loss_are_kept(process_group, demo_shards, tmp_path):
@@ -23,7 +23,7 @@ def test_of_weights_with_equal_top1_those_with_the_lower_loss_are_kept(process_g
     model = build_model(cfg.model)
     head = {name: p.detach().clone() for name, p in model.head.named_parameters()}
     loader = EvalLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, 0, 1)
-    best, best_file, evaluated = NO_BEST, tmp_path / "best.safetensors", {}
+    best, best_file, evaluated = None, tmp_path / "best.safetensors", {}
     for step, scale in ((1, 1.0), (2, 0.5), (3, 2.0)):
         with torch.no_grad():
             for name, p in model.head.named_parameters():
@@ -35,6 +35,6 @@ def test_of_weights_with_equal_top1_those_with_the_lower_loss_are_kept(process_g
     assert len({loss for _, loss in evaluated.values()}) == 3, evaluated
     lowest = min(evaluated, key=lambda step: evaluated[step][1])
     assert best == {"val_top1": evaluated[lowest][0], "val_loss": evaluated[lowest][1]}
-    assert best_to_beat(best_file, NO_BEST, None) == pytest.approx(best)
+    assert best_to_beat(best_file, None, None) == pytest.approx(best)
     scale = {1: 1.0, 2: 0.5, 3: 2.0}[lowest]
     assert torch.equal(load_file(best_file)["head.weight"], head["weight"] * scale)

@@ -56,14 +56,12 @@ def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
 
 
 def recorded_best(path: Path) -> dict | None:
-    """The `val_top1` and `val_loss` a best.safetensors records (the loss infinite where it records
-    none, written before vitdist recorded it); None where it records no val_top1 or there is no such file."""
-    if not path.is_file():
-        return None
-    recorded = header(path)
+    """The `val_top1` and `val_loss` a best.safetensors records (no val_loss where it was written
+    before vitdist recorded it); None where it records no val_top1 or there is no such file."""
+    recorded = header(path) if path.is_file() else {}
     if "val_top1" not in recorded:
         return None
-    return {"val_top1": float(recorded["val_top1"]), "val_loss": float(recorded.get("val_loss", "inf"))}
+    return {key: float(recorded[key]) for key in ("val_top1", "val_loss") if key in recorded}
 
 
 def header(path: Path) -> dict[str, str]:

@@ -71,14 +71,10 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
         if len(folders["train"].items) < data.streams:
             raise ConfigError(f"data.train_shards: '{data.train_shards}' has {len(folders['train'].items)} images, "
                               f"fewer than data.streams={data.streams}: every stream needs a shard")
-    elif (names := shard_classes(data.train_shards)) and len(names) > num_classes:
-        # Labels from num_classes on would be skipped as bad_label: a stop after 10 steps, or,
-        # under data.max_skip_frac, a run that trains on without those classes.
-        raise ConfigError(f"data.train_shards: '{classes_file(data.train_shards)}' lists {len(names)} classes, more "
-                          f"than model.num_classes={num_classes}")
+        classes = folders["train"].classes
+    else:
+        classes = shard_classes(data.train_shards, num_classes)
     if is_image_folder(data.val_shards):
-        train = folders.get("train")
-        classes = train.classes if train else shard_classes(data.train_shards)
         folders["val"] = scan("data.val_shards", data.val_shards, num_classes, classes)
         if classes is None and len(folders["val"].classes) != num_classes:
             raise ConfigError(
@@ -88,11 +84,14 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
     return folders
 
 
-def shard_classes(train_shards) -> list[str] | None:
-    """The class names `vitdist make-shards` wrote beside the training shards, if it did: the
-    labels a validation ImageFolder's sub-folders must take."""
-    path = classes_file(train_shards)
-    if path is None or not path.is_file():
+def shard_classes(train_shards, num_classes: int) -> list[str] | None:
+    """The class names `vitdist make-shards` wrote beside local training shards, if it did: the
+    labels a validation ImageFolder's sub-folders must take. More of them than the model has are
+    refused: labels from num_classes on would be skipped as bad_label, a stop after 10 steps or,
+    under data.max_skip_frac, a run that trains on without those classes."""
+    first = expand_urls(train_shards, "data.train_shards")[0]
+    path = Path(first).parent / "classes.json"
+    if is_remote(first) or not path.is_file():
         return None
     try:
         names = json.loads(path.read_text())
@@ -101,13 +100,10 @@ def shard_classes(train_shards) -> list[str] | None:
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise ConfigError(f"data.train_shards: '{path}' is not a JSON list of class names, as vitdist make-shards "
                           "writes beside its shards: fix it, or move it away")
+    if len(names) > num_classes:
+        raise ConfigError(f"data.train_shards: '{path}' lists {len(names)} classes, more than "
+                          f"model.num_classes={num_classes}")
     return names
-
-
-def classes_file(train_shards) -> Path | None:
-    """Where `vitdist make-shards` puts the class names of local training shards."""
-    first = expand_urls(train_shards, "data.train_shards")[0]
-    return None if is_remote(first) else Path(first).parent / "classes.json"
 
 
 def conversion_dir(run_dir: str | Path) -> Path:

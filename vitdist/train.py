@@ -29,7 +29,7 @@ from .prefetch import DeviceBatches
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .samples import SKIP_KINDS, TooManyBadSamples, check_skipped
 from .schedule import lr_at
-from .validation import NO_BEST, best_to_beat, evaluate_and_keep_best
+from .validation import best_to_beat, evaluate_and_keep_best
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +124,14 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     optimizer = build_optimizer(model, cfg.optim, cfg.finetune.layer_decay)
     objective = Classification(cfg.train, cfg.model.num_classes)
     meta = model_meta(cfg.model, cfg.data)
-    if classes := imagefolder.shard_classes(cfg.data.train_shards):  # ImageFolders are converted by now
+    # ImageFolders are converted by now, their classes.json beside their shards
+    if classes := imagefolder.shard_classes(cfg.data.train_shards, cfg.model.num_classes):
         meta["classes"] = classes  # what `vitdist evaluate` labels an ImageFolder's sub-folders by
     converted = imagefolder.converted_recipe(conversions / "train") if from_folder else None
     data_order = resume.data_order(cfg, expand_urls(cfg.data.train_shards), converted)  # after an ImageFolder's conversion
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta, cfg.dist.timeout_s)
 
-    step, positions, skipped_total, best = 0, {}, {}, NO_BEST  # skipped_total: kind -> samples, over ranks
+    step, positions, skipped_total, best = 0, {}, {}, None  # skipped_total: kind -> samples, over ranks
     bad_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
     eval_owed = False  # the run this one resumes was preempted at an evaluation step, before evaluating
     if resume_from is not None:
@@ -139,8 +140,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         bad_total = state.get("bad_steps", 0)
         if isinstance(skipped_total, int):  # a checkpoint from before skips were counted by kind
             skipped_total = {"unknown": skipped_total}
-        # Before 2026-12-03 a checkpoint recorded the best val/top1 alone.
-        best = state.get("best", {**NO_BEST, "val_top1": state.get("best_top1", NO_BEST["val_top1"])})
+        # Before 2026-12-03 a checkpoint recorded the best val/top1 alone (-1 before any validation).
+        best = state["best"] if "best" in state else {"val_top1": state.get("best_top1", -1.0)}
         eval_owed = state.get("eval_owed", False)
         log.info("resumed from %s at step %d", resume_from, step)
         if ctx.is_main and (changes := resume.changes(cfg, state)):

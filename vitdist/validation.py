@@ -17,29 +17,29 @@ from .data import Normalize
 from .export import recorded_best, write_safetensors
 
 
-NO_BEST = {"val_top1": -1.0, "val_loss": math.inf}
-
-
-def better(scores: dict, best: dict) -> bool:
+def better(scores: dict, best: dict | None) -> bool:
     """A higher val_top1, or the same with a lower val_loss: top-1 moves in steps of one sample,
-    and on a small validation set many evaluations tie (all at 100%, at worst)."""
-    return (scores["val_top1"], -scores["val_loss"]) > (best["val_top1"], -best["val_loss"])
+    and on a small validation set many evaluations tie (all at 100%, at worst). Any scores beat
+    none (None), and a val_loss beats none recorded (weights kept before vitdist recorded it)."""
+    if best is None:
+        return True
+    return (scores["val_top1"], -scores["val_loss"]) > (best["val_top1"], -best.get("val_loss", math.inf))
 
 
-def best_to_beat(best_file: Path, checkpoint_best: dict, resume_from: Path | None) -> dict:
-    """The scores ({val_top1, val_loss}) that new best weights must beat: those of the best weights
-    in run.dir, where a killed run may have written better ones after the checkpoint resumed from,
+def best_to_beat(best_file: Path, checkpoint_best: dict | None, resume_from: Path | None) -> dict | None:
+    """The scores ({val_top1, val_loss}) that new best weights must beat (None: any): those of the
+    best weights in run.dir, where a killed run may have written better ones after the checkpoint resumed from,
     which a resume that is not bitwise (another world size, a changed config) may not reach again.
     The checkpoint's own figures serve for a file that records none, written by this run; a warm
     start's checkpoint holds another run's."""
     if (recorded := recorded_best(best_file)) is not None:
         return recorded
     this_run = resume_from is not None and resume_from.parent.resolve() == (best_file.parent / "checkpoints").resolve()
-    return checkpoint_best if best_file.is_file() and this_run else NO_BEST
+    return checkpoint_best if best_file.is_file() and this_run else None
 
 
 def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx: distributed.DistContext, compute,
-                           step: int, best: dict, best_file: Path, meta: dict) -> tuple[dict, dict]:
+                           step: int, best: dict | None, best_file: Path, meta: dict) -> tuple[dict, dict]:
     """Validate; weights that score `better` than `best` go to `best_file`. Returns the scalars and
     the scores that later weights must beat."""
     scalars = evaluate(model, val_loader, cfg, ctx, compute)
