@@ -146,8 +146,8 @@ def measure_training(args, pattern: str, decode: str, streams: int, micro_batch:
         if run.returncode != 0:
             raise RuntimeError(f"training with data.decode={decode} failed ({run.returncode}):\n{run.stderr[-4000:]}")
     except subprocess.TimeoutExpired:
-        # Killed. A run can hang at its exit, after its last window was logged (a loader worker
-        # stopped while it held the loader's lock: bench/RESULTS.md), and those windows still count.
+        # Killed: a guard against a run that stalls (a hung read, a GPU fault), not an expected
+        # end; the windows it logged before the kill still count.
         figures["killed_after_s"] = args.train_timeout
     logged = {}
     if (run_dir / "tb").is_dir():
