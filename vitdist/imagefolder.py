@@ -73,7 +73,7 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
                               f"fewer than data.streams={data.streams}: every stream needs a shard")
         classes = folders["train"].classes
     else:
-        classes = shard_classes(data.train_shards, num_classes)
+        classes = shard_classes(expand_urls(data.train_shards, "data.train_shards"), num_classes)
     if is_image_folder(data.val_shards):
         folders["val"] = scan("data.val_shards", data.val_shards, num_classes, classes)
         if classes is None and len(folders["val"].classes) != num_classes:
@@ -84,12 +84,13 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
     return folders
 
 
-def shard_classes(train_shards, num_classes: int) -> list[str] | None:
-    """The class names `vitdist make-shards` wrote beside local training shards, if it did: the
-    labels a validation ImageFolder's sub-folders must take. More of them than the model has are
-    refused: labels from num_classes on would be skipped as bad_label, a stop after 10 steps or,
-    under data.max_skip_frac, a run that trains on without those classes."""
-    first = expand_urls(train_shards, "data.train_shards")[0]
+def shard_classes(train_urls: list[str], num_classes: int) -> list[str] | None:
+    """The class names `vitdist make-shards` wrote beside local training shards (given expanded:
+    the first URL tells where), if it did: the labels a validation ImageFolder's sub-folders must
+    take. More of them than the model has are refused: labels from num_classes on would be skipped
+    as bad_label, a stop after 10 steps or, under data.max_skip_frac, a run that trains on without
+    those classes."""
+    first = train_urls[0]
     path = Path(first).parent / "classes.json"
     if is_remote(first) or not path.is_file():
         return None

@@ -124,11 +124,11 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     optimizer = build_optimizer(model, cfg.optim, cfg.finetune.layer_decay)
     objective = Classification(cfg.train, cfg.model.num_classes)
     meta = model_meta(cfg.model, cfg.data)
-    # ImageFolders are converted by now, their classes.json beside their shards
-    if classes := imagefolder.shard_classes(cfg.data.train_shards, cfg.model.num_classes):
+    train_urls = expand_urls(cfg.data.train_shards)  # ImageFolders are converted by now, classes.json beside
+    if classes := imagefolder.shard_classes(train_urls, cfg.model.num_classes):
         meta["classes"] = classes  # what `vitdist evaluate` labels an ImageFolder's sub-folders by
     converted = imagefolder.converted_recipe(conversions / "train") if from_folder else None
-    data_order = resume.data_order(cfg, expand_urls(cfg.data.train_shards), converted)  # after an ImageFolder's conversion
+    data_order = resume.data_order(cfg, train_urls, converted)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta, cfg.dist.timeout_s)
 
     step, positions, skipped_total, best = 0, {}, {}, None  # skipped_total: kind -> samples, over ranks
