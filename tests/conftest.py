@@ -66,14 +66,44 @@ def pretrain_command(nproc: int, overrides: list[str], launcher: str = "pretrain
     return [*runner, str(REPO / "launch" / f"{launcher}.py"), "--config", str(config), *overrides]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# PYTHONFAULTHANDLER: a process that gets SIGABRT prints every thread's stack (see run_pretrain).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300, launcher: str = "pretrain",
-                 config: Path = TINY, preexec_fn=None):
-    """`preexec_fn`: run in the child before torchrun starts, e.g. to set a resource limit for all ranks."""
-    return subprocess.run(pretrain_command(nproc, overrides, launcher, config), cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=timeout_s, preexec_fn=preexec_fn)
+                 config: Path = TINY, preexec_fn=None) -> subprocess.CompletedProcess:
+    """`preexec_fn`: run in the child before torchrun starts, e.g. to set a resource limit for all ranks.
+    A run still going after `timeout_s` fails the test with the stacks of all its processes (ranks and
+    loader workers), where it hangs."""
+    with subprocess.Popen(pretrain_command(nproc, overrides, launcher, config), cwd=REPO, env=ENV, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = _stacks_then_kill(process)
+            pytest.fail(f"the run did not end within {timeout_s} s; its output:\n{stdout[-3000:]}\n"
+                        f"its errors, with the stacks of its processes (SIGABRT):\n{stderr[-30000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid`'s processes at every depth: torchrun's ranks and their loader workers, in sessions of
+    their own, so that no process group holds them all."""
+    with contextlib.suppress(FileNotFoundError):  # exited meanwhile
+        return [p for child in children(pid) for p in (child, *descendants(child))]
+    return []
+
+
+def _stacks_then_kill(process: subprocess.Popen) -> tuple[str, str]:
+    processes = descendants(process.pid)
+    for pid in processes:  # faulthandler prints its stacks to the stderr it shares with torchrun
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+    time.sleep(3)
+    for pid in [process.pid, *processes]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return process.communicate(timeout=30)
 
 
 def vitdist_cli(*args, timeout_s: int = 120) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ batches within seconds, not at the loader's timeout; a stalled `pipe:` read stop
 timeout; either way the workers and the commands they started are gone afterwards. Validation's
 loader, which ends, is watched alike."""
 
+import json
 import os
 import re
 import signal
@@ -145,6 +146,54 @@ def test_a_stalled_validation_read_stops_at_the_timeout_naming_its_worker(demo_s
         assert sorted(sizes) == [2, 10, 10, 10]  # before the stall: both 1-sample shards, 30 of the 32
         assert 4 <= waited_s < 4 + 5
         assert still_running(f"cat {fifo}") == []
+
+
+def test_a_worker_that_never_starts_is_killed_and_the_workers_started_again(demo_shards, tmp_path):
+    """A forked worker that hangs before it runs any of the worker's code, as a fork beside gloo's
+    threads does now and then on CPython 3.11.7 (gh-112275; here the process's first fork is made
+    to hang): it is killed once the start timeout is over, and the loader's workers are started
+    again, so validation still reads every sample once."""
+    marker = tmp_path / "forked"
+    run = subprocess.run([sys.executable, "-c", f"""
+import json, logging, os, sys, time
+from vitdist.config_yaml import load_config
+from vitdist.data import EvalLoader
+
+def hang_the_first_fork():
+    try:
+        os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    time.sleep(600)
+
+logging.basicConfig()
+os.register_at_fork(after_in_child=hang_the_first_fork)
+cfg = load_config({str(TINY)!r}, ["data.val_shards={demo_shards['val']}", "data.num_workers=2"])
+print(json.dumps([key for batch in EvalLoader(cfg.data, 32, 8, 0, 1, timeout_s=5) for key in batch["key"]]))
+"""], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    cfg = load_config(TINY, [f"data.val_shards={demo_shards['val']}", "data.num_workers=2"])
+    expected = [key for batch in EvalLoader(cfg.data, 32, 8, 0, 1, timeout_s=5) for key in batch["key"]]
+    assert sorted(json.loads(run.stdout)) == sorted(expected) and len(set(expected)) == len(expected) > 0
+    stuck = re.search(r"validation loader worker\(s\) 0 \(pid (\d+)\) did not start within 5 s \(.*\): starting the "
+                      r"loader's workers again \(attempt 2 of 3\)", run.stderr)
+    assert stuck, run.stderr
+    assert gone(int(stuck[1]))
+
+
+def test_workers_are_forked_whatever_the_default_start_method(demo_shards):
+    """Python 3.14 makes forkserver the default on Linux: its workers' parent would be the fork
+    server, not the training process, and they would take themselves for orphans and exit."""
+    read = subprocess.run([sys.executable, "-c", f"""
+import multiprocessing, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_workers import train_loader
+from vitdist.prefetch import DeviceBatches
+multiprocessing.set_start_method("forkserver")
+with DeviceBatches(iter(train_loader({demo_shards['train']!r}, "data.num_workers=2")), torch.device("cpu")) as batches:
+    print(len(next(batches)["label"]))
+"""], capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0 and read.stdout.split() == ["128"], read.stderr[-3000:]
 
 
 def test_a_killed_validation_worker_stops_the_evaluation_within_seconds(demo_shards, tmp_path):

@@ -10,11 +10,20 @@ Ended with their commands, because a `pipe:` command that stalls outlives its wo
 
 A loader without workers (data.num_workers=0) reads in the training process itself: there a
 thread of its own reads it, which the waiting thread gives up on after the timeout, ending the
-commands the reads started (vitdist.commands)."""
+commands the reads started (vitdist.commands).
+
+Started again, all of them, when one has not started within WORKER_START_S: on a CPython without
+the fix for gh-112275 (3.11 got it in September 2024; 3.11.7 lacks it), a child forked while
+another thread of the training process creates a Python thread state deadlocks before it runs
+any Python. gloo's threads create one whenever they drop the last reference to a tensor that
+Python made, so a run that forks a validation loader's workers at each evaluation met this
+about once in a few hundred forks on a busy 2-core machine, and waited dist.timeout_s for a
+worker that never started."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import signal
@@ -30,11 +39,15 @@ from torch.utils.data._utils.signal_handling import _remove_worker_pids
 from .commands import Commands
 from .distributed import signal_at_parent_death
 
+log = logging.getLogger(__name__)
+
 # A worker has no terminal to hang up: this signal, which its parent's death sends, means only that.
 PARENT_DIED = signal.SIGHUP
 WORKER_NICENESS = 10  # CPU weight about a tenth of the training process's (Linux's CFS weights)
 POLL_S = 2.0  # how often a wait for a chunk looks at the workers: a dead one is noticed within this
 ENDED_READ_S = 5.0  # for a read whose commands were ended to return (a read the kernel does not interrupt, never)
+WORKER_START_S = 15.0  # a fork, then a few calls: well under a second, even on a loaded machine
+START_ATTEMPTS = 3
 
 
 class WorkerDied(RuntimeError):
@@ -82,9 +95,13 @@ def _end_process_group(*_) -> None:
 def data_loader(dataset, num_workers: int, timeout_s: float, **kwargs) -> DataLoader:
     """A DataLoader of `dataset`'s items for `watched`: its workers started by start_worker, and
     each wait of torch's for an item returning after POLL_S at most, to look at the workers (no
-    timeout without workers, the only value torch takes then)."""
+    timeout without workers, the only value torch takes then). The workers are forked, whatever
+    the process's default start method (forkserver from Python 3.14): start_worker and `_stop` need
+    the training process as their parent, and forking needs neither a fresh interpreter per worker
+    nor a dataset that pickles."""
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=start_worker,
-                      timeout=min(POLL_S, timeout_s) if num_workers else 0, **kwargs)
+                      timeout=min(POLL_S, timeout_s) if num_workers else 0,
+                      multiprocessing_context="fork" if num_workers else None, **kwargs)
 
 
 def watched(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
@@ -98,12 +115,7 @@ def watched(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
 
 
 def _from_workers(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
-    chunks = iter(loader)
-    workers: list[Process] = chunks._workers
-    # Only this thread reports them: torch's SIGCHLD handler, which a loader iterated in the
-    # main thread installs (evaluation's), would raise in the main thread, wherever it is.
-    _remove_worker_pids(id(chunks))
-    chunks._worker_pids_set = False
+    chunks, workers = _start(loader, timeout_s, name)
     try:
         while True:
             try:
@@ -113,6 +125,37 @@ def _from_workers(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
             yield item
     finally:
         _stop(chunks, workers)  # now: an error's traceback would keep the iterator until exit
+
+
+def _start(loader: DataLoader, timeout_s: float, name: str) -> tuple[Iterator, list[Process]]:
+    """`iter(loader)` once every worker has started (see the module's docstring); its workers."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        chunks = iter(loader)
+        workers: list[Process] = chunks._workers
+        # Only this thread reports them: torch's SIGCHLD handler, which a loader iterated in the
+        # main thread installs (evaluation's), would raise in the main thread, wherever it is.
+        _remove_worker_pids(id(chunks))
+        chunks._worker_pids_set = False
+        deadline = time.monotonic() + min(WORKER_START_S, timeout_s)
+        while (stuck := [i for i, worker in enumerate(workers) if not _started(worker)]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not stuck:
+            return chunks, workers
+        for i in stuck:
+            workers[i].kill()
+        _stop(chunks, workers)
+        message = (f"{name} loader worker(s) {', '.join(f'{i} (pid {workers[i].pid})' for i in stuck)} did not start within "
+                   f"{min(WORKER_START_S, timeout_s):g} s (deadlocked in the fork? see CPython's gh-112275)")
+        if attempt < START_ATTEMPTS:
+            log.warning("%s: starting the loader's workers again (attempt %d of %d)", message, attempt + 1, START_ATTEMPTS)
+    raise WorkerStalled(f"{message}, {START_ATTEMPTS} times")
+
+
+def _started(worker: Process) -> bool:
+    """Whether the worker is past start_worker's setsid, or has exited already (which `_next` reports)."""
+    with contextlib.suppress(ProcessLookupError):  # reaped meanwhile
+        return not worker.is_alive() or os.getsid(worker.pid) == worker.pid
+    return True
 
 
 def _stop(chunks, workers: list[Process]) -> None:
