@@ -14,4 +14,7 @@ if ! command -v slurmctld >/dev/null && command -v apt-get >/dev/null && [ "$(id
     > /tmp/vitdist-apt.log 2>&1 \
     || echo "installing SLURM failed (/tmp/vitdist-apt.log): the SLURM tests will skip" >&2
 fi
-exec python -m pytest --durations=15 "$@"
+# Two tests at a time, each test file on one worker (the SLURM tests share one cluster): a test
+# waits on process start-ups, timeouts and SLURM's scheduling about half its time, which the
+# other test fills on a 2-core machine. `-n 0` runs them one at a time.
+exec python -m pytest -n 2 --dist loadfile --durations=15 "$@"

@@ -5,7 +5,7 @@ ensure_venv() {
   local spec="." imports="vitdist, torch, torchvision, timm, webdataset, tensorboard, yaml, tqdm"
   if [ -n "$extras" ]; then spec=".[$extras]"; fi
   if [ "$extras" = demo ]; then imports="$imports, sklearn"; fi
-  if [ "$extras" = dev ]; then imports="$imports, sklearn, pytest"; fi
+  if [ "$extras" = dev ]; then imports="$imports, sklearn, pytest, xdist"; fi
   if [ ! -x .venv/bin/python ]; then
     echo "creating .venv"
     python3 -m venv .venv
