@@ -66,22 +66,26 @@ def pretrain_command(nproc: int, overrides: list[str], launcher: str = "pretrain
     return [*runner, str(REPO / "launch" / f"{launcher}.py"), "--config", str(config), *overrides]
 
 
-# PYTHONFAULTHANDLER: a process that gets SIGABRT prints every thread's stack (see run_pretrain).
+# PYTHONFAULTHANDLER: a process that gets SIGABRT prints every thread's stack (see run_captured).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300, launcher: str = "pretrain",
                  config: Path = TINY, preexec_fn=None) -> subprocess.CompletedProcess:
-    """`preexec_fn`: run in the child before torchrun starts, e.g. to set a resource limit for all ranks.
-    A run still going after `timeout_s` fails the test with the stacks of all its processes (ranks and
-    loader workers), where it hangs."""
-    with subprocess.Popen(pretrain_command(nproc, overrides, launcher, config), cwd=REPO, env=ENV, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn) as process:
+    """`preexec_fn`: run in the child before torchrun starts, e.g. to set a resource limit for all ranks."""
+    return run_captured(pretrain_command(nproc, overrides, launcher, config), timeout_s, preexec_fn=preexec_fn)
+
+
+def run_captured(command: list[str], timeout_s: float, **popen) -> subprocess.CompletedProcess:
+    """`command`'s exit code and output. One still going after `timeout_s` fails the test with the
+    stacks of all its processes (ranks and loader workers too): where it hangs, not only that it did."""
+    with subprocess.Popen(command, cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          **popen) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             stdout, stderr = _stacks_then_kill(process)
-            pytest.fail(f"the run did not end within {timeout_s} s; its output:\n{stdout[-3000:]}\n"
+            pytest.fail(f"{command[:4]}... did not end within {timeout_s} s; its output:\n{stdout[-3000:]}\n"
                         f"its errors, with the stacks of its processes (SIGABRT):\n{stderr[-30000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -95,12 +99,12 @@ def descendants(pid: int) -> list[int]:
 
 
 def _stacks_then_kill(process: subprocess.Popen) -> tuple[str, str]:
-    processes = descendants(process.pid)
-    for pid in processes:  # faulthandler prints its stacks to the stderr it shares with torchrun
+    processes = [*descendants(process.pid), process.pid]
+    for pid in processes:  # faulthandler prints each one's stacks to the stderr they share
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGABRT)
     time.sleep(3)
-    for pid in [process.pid, *processes]:
+    for pid in processes:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return process.communicate(timeout=30)
@@ -108,8 +112,7 @@ def _stacks_then_kill(process: subprocess.Popen) -> tuple[str, str]:
 
 def vitdist_cli(*args, timeout_s: int = 120) -> subprocess.CompletedProcess:
     """`python -m vitdist.cli <args>` (make-shards, export, evaluate), its output captured."""
-    return subprocess.run([sys.executable, "-m", "vitdist.cli", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout_s)
+    return run_captured([sys.executable, "-m", "vitdist.cli", *map(str, args)], timeout_s)
 
 
 @contextlib.contextmanager
