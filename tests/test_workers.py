@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (TINY, children, gone, killing, outliving, png_bytes, running, still_running, wait_for,
-                      write_shard)
+from conftest import (TINY, children, gone, killing, outliving, png_bytes, run_captured, running, still_running,
+                      wait_for, write_shard)
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader, TrainLoader, expand_urls
 from vitdist.prefetch import DeviceBatches
@@ -33,16 +33,18 @@ def train_loader(shards, *overrides, timeout_s=TIMEOUT_S) -> TrainLoader:
     return TrainLoader(cfg.data, 32, 8, cfg.train.global_batch_size, 0, 1, timeout_s=timeout_s)
 
 
-def reading_in_a_process(shards, *overrides, timeout_s=TIMEOUT_S, **popen) -> subprocess.Popen:
-    """A process of its own that reads `shards` as training does (through DeviceBatches' thread) to
-    its first batch, with nothing in this test process to clean up after it."""
+def reading_in_a_process(shards, *overrides, timeout_s=TIMEOUT_S, setup="", **popen) -> subprocess.Popen:
+    """A process of its own that runs `setup`, then reads `shards` as training does (through
+    DeviceBatches' thread) to its first batch and prints its size, with nothing in this test
+    process to clean up after it."""
     return subprocess.Popen([sys.executable, "-c", f"""
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_workers import train_loader
 from vitdist.prefetch import DeviceBatches
+{setup}
 with DeviceBatches(iter(train_loader({shards!r}, *{overrides!r}, timeout_s={timeout_s})), torch.device("cpu")) as batches:
-    next(batches)
+    print(len(next(batches)["label"]))
 """], **popen)
 
 
@@ -154,7 +156,7 @@ def test_a_worker_that_never_starts_is_killed_and_the_workers_started_again(demo
     to hang): it is killed once the start timeout is over, and the loader's workers are started
     again, so validation still reads every sample once."""
     marker = tmp_path / "forked"
-    run = subprocess.run([sys.executable, "-c", f"""
+    run = run_captured([sys.executable, "-c", f"""
 import json, logging, os, sys, time
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader
@@ -170,7 +172,7 @@ logging.basicConfig()
 os.register_at_fork(after_in_child=hang_the_first_fork)
 cfg = load_config({str(TINY)!r}, ["data.val_shards={demo_shards['val']}", "data.num_workers=2"])
 print(json.dumps([key for batch in EvalLoader(cfg.data, 32, 8, 0, 1, timeout_s=5) for key in batch["key"]]))
-"""], capture_output=True, text=True, timeout=120)
+"""], timeout_s=120)
     assert run.returncode == 0, run.stderr
     cfg = load_config(TINY, [f"data.val_shards={demo_shards['val']}", "data.num_workers=2"])
     expected = [key for batch in EvalLoader(cfg.data, 32, 8, 0, 1, timeout_s=5) for key in batch["key"]]
@@ -184,16 +186,14 @@ print(json.dumps([key for batch in EvalLoader(cfg.data, 32, 8, 0, 1, timeout_s=5
 def test_workers_are_forked_whatever_the_default_start_method(demo_shards):
     """Python 3.14 makes forkserver the default on Linux: its workers' parent would be the fork
     server, not the training process, and they would take themselves for orphans and exit."""
-    read = subprocess.run([sys.executable, "-c", f"""
-import multiprocessing, sys, torch
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_workers import train_loader
-from vitdist.prefetch import DeviceBatches
-multiprocessing.set_start_method("forkserver")
-with DeviceBatches(iter(train_loader({demo_shards['train']!r}, "data.num_workers=2")), torch.device("cpu")) as batches:
-    print(len(next(batches)["label"]))
-"""], capture_output=True, text=True, timeout=120)
-    assert read.returncode == 0 and read.stdout.split() == ["128"], read.stderr[-3000:]
+    reading = reading_in_a_process(demo_shards["train"], "data.num_workers=2",
+                                   setup="import multiprocessing; multiprocessing.set_start_method('forkserver')",
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = reading.communicate(timeout=120)
+    finally:
+        reading.kill()
+    assert reading.returncode == 0 and stdout.split() == ["128"], stderr[-3000:]
 
 
 def test_a_killed_validation_worker_stops_the_evaluation_within_seconds(demo_shards, tmp_path):

@@ -129,6 +129,7 @@ def _from_workers(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
 
 def _start(loader: DataLoader, timeout_s: float, name: str) -> tuple[Iterator, list[Process]]:
     """`iter(loader)` once every worker has started (see the module's docstring); its workers."""
+    start_s = min(WORKER_START_S, timeout_s)
     for attempt in range(1, START_ATTEMPTS + 1):
         chunks = iter(loader)
         workers: list[Process] = chunks._workers
@@ -136,7 +137,7 @@ def _start(loader: DataLoader, timeout_s: float, name: str) -> tuple[Iterator, l
         # main thread installs (evaluation's), would raise in the main thread, wherever it is.
         _remove_worker_pids(id(chunks))
         chunks._worker_pids_set = False
-        deadline = time.monotonic() + min(WORKER_START_S, timeout_s)
+        deadline = time.monotonic() + start_s
         while (stuck := [i for i, worker in enumerate(workers) if not _started(worker)]) and time.monotonic() < deadline:
             time.sleep(0.01)
         if not stuck:
@@ -145,7 +146,7 @@ def _start(loader: DataLoader, timeout_s: float, name: str) -> tuple[Iterator, l
             workers[i].kill()
         _stop(chunks, workers)
         message = (f"{name} loader worker(s) {', '.join(f'{i} (pid {workers[i].pid})' for i in stuck)} did not start within "
-                   f"{min(WORKER_START_S, timeout_s):g} s (deadlocked in the fork? see CPython's gh-112275)")
+                   f"{start_s:g} s (deadlocked in the fork? see CPython's gh-112275)")
         if attempt < START_ATTEMPTS:
             log.warning("%s: starting the loader's workers again (attempt %d of %d)", message, attempt + 1, START_ATTEMPTS)
     raise WorkerStalled(f"{message}, {START_ATTEMPTS} times")
