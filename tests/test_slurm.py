@@ -173,8 +173,10 @@ def test_an_error_that_recurs_is_neither_restarted_nor_requeued(cluster, demo_sh
 
 def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards, tmp_path):
     run_dir = tmp_path / "run"
+    # Steps of 256 images: steps of 64 took the run from step 3 to its last step before the signal
+    # reached the ranks, the test sharing the 2 cores with another (the run then finishes, rightly).
     job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
-                 "train.steps=12", f"run.dir={run_dir}")
+                 "train.global_batch_size=256", "train.steps=12", f"run.dir={run_dir}")
     log_path = tmp_path / f"vitdist-pretrain-{job}.log"
     wait_for_line(cluster, job, log_path, "step 3/12")
     # What SLURM does before a time limit with --signal=B:USR1@N: a signal to the batch shell only.
