@@ -16,6 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import vitdist.data
 from conftest import TINY, children, png_bytes, run_pretrain, vitdist_cli, write_shard
 from vitdist.config import ConfigError, DataConfig
 from vitdist.config_yaml import load_config
@@ -354,6 +355,20 @@ def test_shard_specs(demo_shards, tmp_path, monkeypatch):
     assert expand_urls("gs://bucket/train-{0..1}.tar") == ["gs://bucket/train-0.tar", "gs://bucket/train-1.tar"]
     with pytest.raises(ConfigError, match=r"do not exist, first: '.*/nope-1.tar'$"):
         expand_urls(str(tmp_path / "nope-{1..2}.tar"))
+    # Looked up one by one, or, for many in one directory, by listing it: either way a link to a
+    # shard is one, a directory or a dangling link is not.
+    for listed_from in (vitdist.data.LISTED_FROM, 1):
+        monkeypatch.setattr(vitdist.data, "LISTED_FROM", listed_from)
+        here = tmp_path / f"listed-from-{listed_from}"
+        here.mkdir()
+        (here / "linked-0.tar").symlink_to(urls[0])
+        (here / "linked-1.tar").mkdir()
+        (here / "linked-2.tar").symlink_to(here / "gone.tar")
+        assert expand_urls(str(here / "linked-0.tar")) == [str(here / "linked-0.tar")]
+        with pytest.raises(ConfigError, match=r"2 shard file\(s\) do not exist, first: '.*/linked-1.tar'$"):
+            expand_urls(str(here / "linked-{0..2}.tar"))
+        with pytest.raises(ConfigError, match=r"1 shard file\(s\) do not exist, first: '.*/no-such-dir/s.tar'$"):
+            expand_urls([urls[0], str(here / "no-such-dir/s.tar")])
     # A relative path (as in the shipped configs: demo/...) is read from the working directory,
     # which a job started elsewhere does not share: the error says which directory that was.
     monkeypatch.chdir(tmp_path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -38,6 +39,8 @@ from .workers import data_loader, watched
 
 
 log = logging.getLogger(__name__)
+
+LISTED_FROM = 64  # shards named in one directory, from which it is listed rather than each stat'ed
 
 
 def is_remote(url: str) -> bool:
@@ -64,7 +67,7 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
     if twice := next((url for url, count in Counter(urls).items() if count > 1), None):
         raise ConfigError(f"{where}'{twice}' is named {urls.count(twice)} times: its samples would be read as many "
                           "times per epoch (and counted as many times in validation); name each shard once")
-    missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
+    missing = _missing_files([u for u in urls if not is_remote(u)])
     if missing:
         # A job started in another directory than the config's relative paths assume (the shipped configs' demo/...)
         relative = "" if Path(missing[0]).is_absolute() else f" (a relative path, from the working directory '{Path.cwd()}')"
@@ -72,6 +75,27 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
     if not urls:
         raise ConfigError(f"{where}no shards in {spec!r}")
     return urls
+
+
+def _missing_files(paths: list[str]) -> list[str]:
+    """The paths that are not files. Every rank checks the shard list (the config check, the run,
+    the loader), and a stat per shard, tens of thousands from every rank at once, loads a cluster
+    filesystem's metadata server: a directory named by many paths is listed once instead."""
+    by_directory: dict[Path, list[str]] = {}
+    for path in paths:
+        by_directory.setdefault(Path(path).parent, []).append(path)
+    missing = set()
+    for directory, named in by_directory.items():
+        if len(named) < LISTED_FROM:
+            missing.update(path for path in named if not Path(path).is_file())
+            continue
+        try:
+            with os.scandir(directory) as entries:
+                files = {entry.name for entry in entries if entry.is_file()}
+        except OSError:  # missing or unreadable: as a stat of each would find them
+            files = set()
+        missing.update(path for path in named if Path(path).name not in files)
+    return [path for path in paths if path in missing]
 
 
 def _is_list_file(spec: str) -> bool:
