@@ -9,8 +9,10 @@
 #   VITDIST_NPROC           processes per node (default: the GPUs allocated on the node, else 1)
 #   VITDIST_IFNAME          network interface for NCCL and gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)
 #   VITDIST_MAX_FAILURES    requeues after a failure (not a preemption) before giving up (default 1)
-#   VITDIST_SHUTDOWN_S      seconds torchrun gives the ranks to checkpoint after a signal (default 120;
-#                           torch releases from before TORCH_ELASTIC_SHUTDOWN_TIMEOUT give them 30)
+#   VITDIST_SHUTDOWN_S      seconds torchrun gives the ranks to checkpoint after a signal (default 240:
+#                           the scripts' 300 s warning less a minute for the requeue; keep it below
+#                           your --signal lead; torch releases from before TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+#                           give them 30)
 #   VITDIST_MAX_RESTARTS    times torchrun restarts a node's ranks in place after one fails (default 3)
 
 vitdist_log() { echo "vitdist-slurm [$(date +%H:%M:%S)] $*"; }
@@ -109,7 +111,7 @@ vitdist_slurm_main() {
   local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / nproc > 0 ? cpus / nproc : 1 ))}
   # Read by torchrun itself: its --shutdown_timeout flag is refused by releases that predate it.
-  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${VITDIST_SHUTDOWN_S:-120}
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${VITDIST_SHUTDOWN_S:-240}
   if [ -n "${VITDIST_IFNAME:-}" ]; then
     export NCCL_SOCKET_IFNAME=$VITDIST_IFNAME GLOO_SOCKET_IFNAME=$VITDIST_IFNAME
   fi
