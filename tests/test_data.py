@@ -8,6 +8,7 @@ import struct
 import tarfile
 import zlib
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -252,18 +253,59 @@ def test_shards_without_a_usable_sample_stop_the_stream_instead_of_hanging(tmp_p
     assert not isinstance(outage.value, NoUsableSamples)
 
 
-def test_shards_without_a_usable_sample_stop_the_run_unretried(tmp_path):
-    """The data problem exits 2 and is marked in FATAL, so neither torchrun's restarts nor SLURM's
-    requeue read the same shards again; without workers, as the training process reads them."""
+def test_a_stream_dealt_only_barren_shards_for_a_while_reads_on_to_the_usable_one(tmp_path):
+    """Each epoch deals a stream a share of the shards, not all of them: a stream may read as many
+    barren shards in a row as there are shards and still be dealt the usable one later. Only once it
+    has passed over every shard is there none to be found."""
     photo = png_bytes((9, 9, 9))
+    urls = [str(tmp_path / "good.tar")]
+    write_shard(urls[0], [{"__key__": f"g{i}", "png": photo, "cls": b"1"} for i in range(2)])
+    for s in range(3):
+        urls.append(str(tmp_path / f"nolabel{s}.tar"))
+        write_shard(urls[-1], [{"__key__": f"n{s}{i}", "png": photo} for i in range(2)])
+    # A seed whose first two epochs deal the usable shard to stream 1: stream 0 reads 4 barren shards first.
+    seed = next(seed for seed in range(100) if all(urls[0] not in shard_order(urls, seed, e)[0::2] for e in (0, 1)))
+    cfg = DataConfig(train_shards=urls, streams=2, shuffle_block=2, num_workers=0, seed=seed)
+    stream, keys = Stream(urls, 0, 2, cfg), []
+    while not keys or keys[-1][0] != "g":
+        sample, _ = stream.next_raw()
+        keys.append(sample["__key__"])
+        stream.judged(None if "cls" in sample else "no_label")
+    assert sum(key[0] == "n" for key in keys) >= 8  # 4 barren shards and more, in a row
+
+    stream = Stream(urls[1:], 0, 2, replace(cfg, train_shards=urls[1:]))
+    with pytest.raises(NoUsableSamples, match="data stream 0 read [3-9] shards in a row"):
+        while True:
+            stream.next_raw()
+            stream.judged("no_label")
+
+
+def test_shards_without_a_usable_sample_stop_the_run_unretried(tmp_path):
+    """A mistake every sample shares (labels under another key) is refused before any process
+    starts, from the first samples' headers, naming the key. Samples whose headers pass but whose
+    images cannot be decoded are found by the streams, once every shard has given nothing: a data
+    problem that exits 2 and is marked in FATAL, so neither torchrun's restarts nor SLURM's requeue
+    read the same shards again; without workers, as the training process reads them."""
+    photo = png_bytes((9, 9, 9))
+    cut = png_bytes((9, 9, 9), size=(400, 400))
+    cut = cut[:len(cut) // 2]  # its header whole, its pixels not
     for i in range(2):
-        write_shard(tmp_path / f"s{i}.tar", [{"__key__": f"j{i}{k}", "png": photo, "json": b"{}"} for k in range(2)])
-    run = run_pretrain(0, [f"data.train_shards={tmp_path}/s{{0..1}}.tar", "data.val_shards=null", "data.streams=1",
-                           "train.global_batch_size=2", "data.micro_batch_size=2", "data.num_workers=0",
-                           f"run.dir={tmp_path / 'run'}"], timeout_s=120)
+        write_shard(tmp_path / f"json{i}.tar", [{"__key__": f"j{i}{k}", "png": photo, "json": b"{}"} for k in range(2)])
+        write_shard(tmp_path / f"cut{i}.tar", [{"__key__": f"c{i}{k}", "png": cut, "cls": b"1"} for k in range(2)])
+    args = ["data.val_shards=null", "data.streams=1", "train.global_batch_size=2", "data.micro_batch_size=2",
+            "data.num_workers=0", f"run.dir={tmp_path / 'run'}"]
+
+    refused = run_pretrain(0, [f"data.train_shards={tmp_path}/json{{0..1}}.tar", *args], timeout_s=120)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert re.search(r"config error: data.train_shards: none of the first 4 samples of 2 shards, from '.*/json0.tar' on "
+                     r"is usable \(4 no_label, first 'j00' in '.*/json0.tar': no .cls label among \['json', 'png'\]\)",
+                     refused.stderr), refused.stderr[-3000:]
+    assert "rank 0" not in refused.stderr and not (tmp_path / "run").exists()  # refused before training began
+
+    run = run_pretrain(0, [f"data.train_shards={tmp_path}/cut{{0..1}}.tar", *args], timeout_s=120)
     message = "data stream 0 read 2 shards in a row without a usable sample"
     assert run.returncode == 2 and f"error: {message}" in run.stderr, run.stderr[-3000:]
-    assert "all their 4 samples were skipped: no_label 4" in run.stderr
+    assert "all their 4 samples were skipped: undecodable 4" in run.stderr
     assert (tmp_path / "run" / "FATAL").read_text().startswith(message)
 
 

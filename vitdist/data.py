@@ -33,14 +33,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen_schemes
 
 from .config import ConfigError, DataConfig
-from .samples import BadSample, NoUsableSamples, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
+from .samples import READ_ERROR, BadSample, NoUsableSamples, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
 from .transforms import draw_augmentation, eval_transform, resized_crop, to_uint8_tensor
-from .workers import data_loader, watched
+from .workers import ReadStalled, data_loader, watched
 
 
 log = logging.getLogger(__name__)
 
 LISTED_FROM = 64  # shards named in one directory, from which it is listed rather than each stat'ed
+PROBED_SAMPLES, PROBED_SHARDS, PROBE_TIMEOUT_S = 32, 4, 60.0  # what `probe` reads, from the head of the shard list
 
 
 def is_remote(url: str) -> bool:
@@ -98,6 +99,49 @@ def _missing_files(paths: list[str]) -> list[str]:
     return [path for path in paths if path in missing]
 
 
+def probe(urls: list[str], cfg: DataConfig, num_classes: int, key: str, timeout_s: float) -> None:
+    """ConfigError, naming `key`, when not one of the first PROBED_SAMPLES samples of the first
+    shards is usable: a mistake every sample shares (labels under another key than .cls, images
+    under another extension) found in a moment, before any process starts. The loader would read
+    shard after shard of them without filling a batch, until its worker was taken for stalled.
+    Only the samples' headers are read. What cannot be read within `timeout_s` (PROBE_TIMEOUT_S at
+    most), or to the end of a shard, is not judged here: the loader meets it, and counts it."""
+    read, probed, skipped = 0, set(), {}  # skipped: kind -> (count, the first one's sample and reason)
+    timeout_s = min(timeout_s, PROBE_TIMEOUT_S)
+    try:
+        for sample in itertools.islice(watched(data_loader(_Heads(urls), 0, timeout_s), timeout_s, "probe"), PROBED_SAMPLES):
+            if READ_ERROR in sample:
+                return
+            read += 1
+            probed.add(sample["__url__"])
+            try:
+                read_image(sample, cfg, num_classes)
+                return
+            except BadSample as reason:
+                count, first = skipped.get(reason.kind, (0, (sample, reason)))
+                skipped[reason.kind] = (count + 1, first)
+    except ReadStalled:
+        log.warning("%s: the first shards gave no sample within %g s: their samples are not checked before the start",
+                    key, timeout_s)
+        return
+    if read:
+        shards = f"'{urls[0]}'" if len(probed) == 1 else f"{len(probed)} shards, from '{urls[0]}' on"
+        kinds = "; ".join(f"{count} {kind}, first '{first['__key__']}' in '{first['__url__']}': {reason}"
+                          for kind, (count, (first, reason)) in skipped.items())
+        raise ConfigError(f"{key}: none of the first {read} samples of {shards} is usable ({kinds}). Images are read "
+                          f"from .jpg, .jpeg, .png or .webp, labels from .cls (a class index below model.num_classes)")
+
+
+class _Heads(IterableDataset):
+    """The samples of the first PROBED_SHARDS shards, for `probe`."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+
+    def __iter__(self):
+        return itertools.chain.from_iterable(map(read_samples, self.urls[:PROBED_SHARDS]))
+
+
 def _is_list_file(spec: str) -> bool:
     return spec.endswith(".txt") and not spec.startswith("pipe:")
 
@@ -130,8 +174,9 @@ class Stream:
     seed. `position` is (epoch, shard index, offset in shard) of the next sample; a stream built
     at a position yields exactly what the uninterrupted stream yields from there, after reading
     (not decoding) the part of that one shard before it. A shard that gives no usable sample
-    (none at all, or only ones its reader skipped: see `judged`) is passed over; as many of them
-    in a row as there are shards means none ever will: an error, not an endless search. Shards
+    (none at all, or only ones its reader skipped: see `judged`) is passed over; once every shard
+    has been passed over without a usable one in between, none ever will give one: an error, not an
+    endless search (a mistake all samples share is refused sooner, by samples.probe). Shards
     read to their end are a data problem that a retry meets again (NoUsableSamples); a read error
     among them may be the storage's passing failure (RuntimeError, retried).
     """
@@ -170,7 +215,7 @@ class Stream:
                     start = offset = start + len(block)
                 offset = 0
                 barren, skips = ([], Counter()) if self._shard_usable else ([*barren, url], skips + self._shard_skips)
-                if len(barren) >= len(self.urls):
+                if len(set(barren)) == len(self.urls):  # a stream is dealt a share per epoch, not every shard
                     raise self._barren(barren, skips)
             epoch, shard_index = epoch + 1, 0
 

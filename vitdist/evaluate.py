@@ -12,9 +12,9 @@ import torch
 
 from . import distributed
 from .checkpoint import MODEL_META
-from .config import Config, ConfigError, DistConfig, ModelConfig
+from .config import Config, ConfigError, DataConfig, DistConfig, ModelConfig
 from .config_yaml import load_config
-from .data import EvalLoader, expand_urls
+from .data import EvalLoader, expand_urls, probe
 from .handoff import HUB_WEIGHTS, HandoffError, load_located, locate
 from .imagefolder import convert, is_image_folder, scan
 from .train import model_meta
@@ -113,7 +113,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = 
                     "take the wrong labels")
             data = convert(folder, Path(tmp) / "val", max(1, workers), seed=0)
         else:
-            expand_urls(data, "--data")  # refused naming the option, before the model loads
+            probe(expand_urls(data, "--data"), DataConfig(), kwargs["num_classes"], "--data", timeout_s)  # before the model loads
         return _evaluate(checkpoint, meta, data, batch_size, workers, timeout_s)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ from . import checkpoint, distributed, imagefolder, resume
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, to_dict
 from .config_yaml import save_config
-from .data import EvalLoader, Normalize, TrainLoader, expand_urls, train_shard_urls
+from .data import EvalLoader, Normalize, TrainLoader, expand_urls, probe, train_shard_urls
 from .handoff import load_pretrained
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, check_model, timm_kwargs, train_flops_per_image
@@ -67,8 +68,11 @@ def preflight(cfg: Config, world_size: int) -> None:
     batch_layout(cfg, world_size)
     folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
     train_data = folders["train"] if "train" in folders else train_shard_urls(cfg.data, world_size)
-    if cfg.data.val_shards and "val" not in folders:
-        expand_urls(cfg.data.val_shards, "data.val_shards")
+    val_urls = expand_urls(cfg.data.val_shards, "data.val_shards") if cfg.data.val_shards and "val" not in folders else []
+    if os.environ.get("RANK", "0") == "0":  # one reader of the shards' heads, not thousands; its verdict is shared
+        for key, urls in (("data.train_shards", [] if "train" in folders else train_data), ("data.val_shards", val_urls)):
+            if urls:
+                probe(urls, cfg.data, cfg.model.num_classes, key, cfg.dist.timeout_s)
     check_model(cfg.model)
     if cfg.finetune.init and not Path(cfg.finetune.init).exists():
         raise ConfigError(f"finetune.init '{cfg.finetune.init}' does not exist")
