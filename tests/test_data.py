@@ -342,7 +342,8 @@ def test_a_key_with_a_dot_is_skipped_naming_its_files_and_the_cause(tmp_path):
 
 
 def test_a_tar_cut_before_a_member_header_is_a_read_error(tmp_path):
-    """tarfile ends such a tar without complaint, as if complete; plain, piped and gzipped shards."""
+    """tarfile ends such a tar without complaint, as if complete; plain, piped and gzipped shards.
+    Also one followed by another tar."""
     whole = str(tmp_path / "whole.tar")
     write_shard(whole, [{"__key__": f"k{i}", "png": noise_png(i), "cls": i} for i in range(3)])
     cut = tmp_path / "cut.tar"
@@ -357,6 +358,15 @@ def test_a_tar_cut_before_a_member_header_is_a_read_error(tmp_path):
         assert read(url) == ["k0", "k1", "k2"], url
     for url in str(cut), f"pipe:cat {cut}":
         assert read(url) == ["k0", "k1", "EOFError: the tar ends without its end-of-archive block, cut short before a member"]
+    # Two shards joined with cat: tarfile stops at the first one's end; the second's samples are a
+    # read error, counted, not left out unseen.
+    other = str(tmp_path / "other.tar")
+    write_shard(other, [{"__key__": f"o{i}", "png": noise_png(i), "cls": i} for i in range(2)])
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(Path(whole).read_bytes() + Path(other).read_bytes())
+    for url in str(joined), f"pipe:cat {joined}":
+        assert read(url) == ["k0", "k1", "k2", "EOFError: data after the tar's end-of-archive block, which is not read "
+                                               "(tars joined with cat? write each shard as one tar)"], url
 
 
 def test_16bit_png_and_cmyk_jpeg_convert_to_rgb():

@@ -100,10 +100,19 @@ class _Tail:
         return repr(self.stream)
 
     def check_end(self) -> None:
-        while self.read(1 << 16):  # tarfile stops at the first zero block: the rest is padding
-            pass
-        if self.head[257:262] == b"ustar" and (len(self.tail) < 512 or any(self.tail)):
+        """After tarfile has stopped, at the first zero block: in a plain tar, what follows is
+        padding (zeros). Any other byte is data tarfile would never read, most often a second tar
+        (shards joined with `cat`): its samples are counted as lost rather than silently left out."""
+        beyond = False
+        while data := self.read(1 << 16):
+            beyond = beyond or bool(data.strip(b"\0"))
+        if self.head[257:262] != b"ustar":  # compressed: the rest is the compressor's, which checks itself
+            return
+        if len(self.tail) < 512 or any(self.tail):
             raise EOFError("the tar ends without its end-of-archive block, cut short before a member")
+        if beyond:
+            raise EOFError("data after the tar's end-of-archive block, which is not read (tars joined with cat? write "
+                           "each shard as one tar)")
 
 
 class BadSample(ValueError):
