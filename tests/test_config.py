@@ -103,7 +103,7 @@ def test_every_shipped_config_loads():
     # Those README.md names, at least: a loop over no file (a move, a .yml) would check nothing.
     assert {f"{p.parent.name}/{p.stem}" for p in paths} >= {
         "pretrain/tiny", "pretrain/vit_s16", "pretrain/vit_b16", "pretrain/vit_l16", "pretrain/vit_h14",
-        "pretrain/vit_g14", "finetune/tiny_digits"}
+        "pretrain/vit_g14", "finetune/tiny_digits", "finetune/vit_b16"}
     for path in paths:
         load_config(path)
 

@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 import vitdist.data
-from conftest import TINY, children, png_bytes, run_pretrain, vitdist_cli, write_shard
+from conftest import TINY, children, png_bytes, run_pretrain, vitdist_cli, write_png_folder, write_shard
 from vitdist.config import ConfigError, DataConfig
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader, Stream, TrainLoader, expand_urls, shard_order, train_shard_urls
@@ -537,14 +537,20 @@ def test_hflip_is_the_probability_of_a_flip():
     assert flips(0.0) == 0 and flips(1.0) == 400 and 160 < flips(0.5) < 240
 
 
-@pytest.mark.parametrize("height, width, crop_frac", [(40, 60, 1.0), (60, 40, 1.0), (60, 40, 0.8)])
+@pytest.mark.parametrize("height, width, crop_frac", [(40, 60, 1.0), (60, 40, 1.0), (60, 40, 0.8), (37, 101, 0.875),
+                                                     (101, 37, 0.9), (375, 500, 0.875)])
 def test_validation_resizes_the_shorter_side_then_crops_the_center(height, width, crop_frac):
-    """As torchvision's Resize(img_size / val_crop_frac) then CenterCrop(img_size), for wide and tall images."""
+    """As timm's eval transform for crop_pct=val_crop_frac: torchvision's Resize(floor(img_size /
+    crop_pct)) then CenterCrop(img_size), for wide and tall images (odd margins: the rounding of
+    the offsets)."""
+    from timm.data import create_transform
     from torchvision.transforms.v2 import InterpolationMode, functional as TF
 
+    transform = create_transform(32, crop_pct=crop_frac, interpolation="bicubic")
+    resize, crop = [t for t in transform.transforms if type(t).__name__ in ("Resize", "CenterCrop")]
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    resized = TF.resize(image, round(32 / crop_frac), interpolation=InterpolationMode.BICUBIC, antialias=True)
-    assert torch.equal(eval_transform(image, DataConfig(val_crop_frac=crop_frac), 32), TF.center_crop(resized, [32, 32]))
+    resized = TF.resize(image, resize.size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(eval_transform(image, DataConfig(val_crop_frac=crop_frac), 32), TF.center_crop(resized, crop.size))
 
 
 def make_image_folder(root, per_class=5):
@@ -601,6 +607,44 @@ def test_make_shards_refuses_a_folder_that_holds_shards_of_its_prefix(tmp_path):
     assert {url: Path(url).read_bytes() for url in expand_urls(pattern)} == before
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == sorted(Path(u).name for u in before)
     make_shards(tmp_path / "src", tmp_path / "out", prefix="val", samples_per_shard=8, progress=False)  # another prefix
+
+
+def test_a_split_lacking_classes_is_labelled_by_the_classes_json_already_there(tmp_path):
+    """A validation folder without some of the training classes, numbered by its own sorted
+    folders, would take other classes' indices: written beside the training shards it is labelled
+    by their classes.json, which stays as it was; written elsewhere, by --classes. A split whose
+    folders the classes.json lacks is refused, as is a --classes other than the one there, and a
+    run (or `vitdist evaluate`) whose validation shards were labelled by other classes."""
+    write_png_folder(tmp_path / "train", classes=("ant", "bee", "cat", "dog"), per_class=2)
+    write_png_folder(tmp_path / "val", classes=("bee", "dog"), per_class=2)
+    classes_json = tmp_path / "out" / "classes.json"
+    train = make_shards(tmp_path / "train", tmp_path / "out", progress=False)
+    val = make_shards(tmp_path / "val", tmp_path / "out", prefix="val", progress=False)
+    assert json.loads(classes_json.read_text()) == ["ant", "bee", "cat", "dog"]
+
+    def labels(pattern):
+        return sorted({(s["__key__"].split("_")[1], int(s["cls"])) for u in expand_urls(pattern)
+                       for s in wds.WebDataset(u, shardshuffle=False)})
+
+    assert labels(val) == [("bee", 1), ("dog", 3)]
+    write_png_folder(tmp_path / "more", classes=("ant", "eel"), per_class=1)
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['eel'\] of .* are not among the 4 classes .* \(those of "
+                                         f"'{re.escape(str(classes_json))}', which labels the shards beside it"):
+        make_shards(tmp_path / "more", tmp_path / "out", prefix="more", progress=False)
+    with pytest.raises(ValueError, match=f"'{re.escape(str(classes_json))}' lists other classes than those given"):
+        make_shards(tmp_path / "val", tmp_path / "out", prefix="val2", classes=["bee", "dog"], progress=False)
+
+    run = vitdist_cli("make-shards", tmp_path / "val", tmp_path / "elsewhere", "--classes", classes_json)
+    assert run.returncode == 0, run.stderr
+    assert labels(f"{tmp_path}/elsewhere/train-000000.tar") == [("bee", 1), ("dog", 3)]
+    own = make_shards(tmp_path / "val", tmp_path / "own", prefix="val", progress=False)  # numbered by its own folders
+    assert labels(own) == [("bee", 0), ("dog", 1)]
+    cfg = load_config(TINY, [f"data.train_shards={train}", f"data.val_shards={own}", "model.num_classes=4", "data.streams=1"])
+    with pytest.raises(ConfigError, match=f"^data.val_shards: '{re.escape(str(tmp_path / 'own' / 'classes.json'))}' labels "
+                                          r"its shards by other classes than the training shards' \(2 and 4 classes; "
+                                          r"class 0 is 'bee' against 'ant'\)"):
+        preflight(cfg, 1)
+    preflight(replace(cfg, data=replace(cfg.data, val_shards=f"{tmp_path}/elsewhere/train-000000.tar")), 1)
 
 
 def test_make_shards_by_size(tmp_path):

@@ -19,6 +19,7 @@ from vitdist.config_yaml import load_config
 from vitdist.evaluate import evaluate_checkpoint, hub_meta
 from vitdist.handoff import HandoffError
 from vitdist.model import build_model
+from vitdist.shards import make_shards
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 RING = {"red": "green", "green": "blue", "blue": "red"}
@@ -159,6 +160,13 @@ def test_a_hub_folder_without_what_evaluation_needs_is_refused_naming_its_file(t
 
     refused(f"--data: '{tmp_path / 'some'}' has 2 class folders for the checkpoint's 3 classes, and '{config}' does "
             "not name them")
+    # Shards labelled by other class names than the checkpoint's outputs.
+    write_hub(tmp_path / "named")
+    shards = make_shards(tmp_path / "some", tmp_path / "shards", progress=False)
+    with pytest.raises(ConfigError, match=re.escape(
+            f"--data: '{tmp_path / 'shards' / 'classes.json'}' labels its shards by other classes than "
+            f"'{tmp_path / 'named' / 'config.json'}' (2 and 3 classes; class 0 is 'green' against 'red')")):
+        evaluate_checkpoint(tmp_path / "named", shards, workers=0)
     edit(config, lambda hub: hub["model_args"].update(img_size=[32, 48]), original)
     refused(f"'{config}' has model_args.img_size 32x48: vitdist evaluates square images")
     edit(config, lambda hub: (hub["model_args"].pop("img_size"), hub["pretrained_cfg"].update(input_size=[3, 32, 48])),

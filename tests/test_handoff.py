@@ -8,7 +8,7 @@ import torchvision
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
-from conftest import TINY, vitdist_cli
+from conftest import REPO, TINY, vitdist_cli
 from vitdist import checkpoint
 from vitdist.config import CkptConfig
 from vitdist.config_yaml import load_config
@@ -38,6 +38,25 @@ def test_torchvision_vit_b16_gives_torchvisions_logits(tmp_path):
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("pretrain, finetune", [("pretrain/tiny", "finetune/tiny_digits"),
+                                                 ("pretrain/vit_b16", "finetune/vit_b16")])
+def test_each_finetune_config_takes_its_pretraining_configs_checkpoint(tmp_path, pretrain, finetune):
+    """What the README pairs: a checkpoint of the pretraining config fine-tunes under the fine-tune
+    config, with a new head and at its resolution. Two blocks of each, for the time: what must
+    match (width, patch size, heads) is the configs' own."""
+    configs = REPO / "configs"
+    torch.manual_seed(0)
+    source = build_model(load_config(configs / f"{pretrain}.yaml", ["model.depth=2", "model.num_classes=100"]).model)
+    save_file(source.state_dict(), tmp_path / "pretrained.safetensors")
+    cfg = load_config(configs / f"{finetune}.yaml", ["model.depth=2"])
+    target = build_model(cfg.model)
+    kind, fresh = load_pretrained(target, tmp_path / "pretrained.safetensors")
+    assert fresh == ["head.bias", "head.weight"]
+    torch.testing.assert_close(target.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+    with torch.no_grad():
+        assert target(torch.randn(1, 3, cfg.model.img_size, cfg.model.img_size)).shape == (1, cfg.model.num_classes)
+
+
 @pytest.mark.parametrize("layout", ["timm", "mae"])
 def test_new_head_and_resolution(tmp_path, layout, caplog):
     """From what the training scripts of timm (train.py) and of DeiT/MAE save: the weights beside
@@ -48,11 +67,16 @@ def test_new_head_and_resolution(tmp_path, layout, caplog):
     args = argparse.Namespace(model="vit_tiny_patch16_224", lr=5e-4, input_size=32, smoothing=0.1)
     saved = {"optimizer": build_optimizer(source, load_config(TINY).optim).state_dict(), "args": args, "epoch": 3}
     weights = {"timm": "state_dict", "mae": "model"}[layout]
-    torch.save({**saved, weights: source.state_dict()}, tmp_path / "timm.pth")
+    state = source.state_dict()
+    if layout == "mae":  # MAE's pretraining saves its pixel decoder and mask token beside the encoder
+        state.update({"mask_token": torch.zeros(1, 1, 64), "decoder_embed.weight": torch.zeros(64, 128),
+                      "decoder_pos_embed": torch.zeros(1, 17, 64), "decoder_pred.weight": torch.zeros(192, 64)})
+    torch.save({**saved, weights: state}, tmp_path / "timm.pth")
     target = tiny("model.img_size=48", "model.num_classes=5", seed=1)
     kind, fresh = load_pretrained(target, tmp_path / "timm.pth")
     assert kind == "torch state dict" and fresh == ["head.bias", "head.weight"]
     assert "position embeddings resampled from a 4x4 to a 6x6 patch grid" in caplog.text
+    assert ("left out 4 weights of MAE's pretraining" in caplog.text) == (layout == "mae")
     # The [CLS] position kept; the 4x4 grid of the others resampled to 6x6 as an image of 128 channels is.
     torch.testing.assert_close(target.pos_embed[:, :1], source.pos_embed[:, :1])
     grid = source.pos_embed[:, 1:].reshape(1, 4, 4, 128).permute(0, 3, 1, 2)
@@ -60,6 +84,19 @@ def test_new_head_and_resolution(tmp_path, layout, caplog):
     torch.testing.assert_close(target.pos_embed[:, 1:], resized.permute(0, 2, 3, 1).reshape(1, 36, 128))
     torch.testing.assert_close(target.blocks[2].mlp.fc1.weight, source.blocks[2].mlp.fc1.weight)
     assert target(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+
+
+def test_a_distilled_deit_gets_both_its_heads_anew_and_a_probe_trains_both(tmp_path):
+    """DeiT's distilled ViTs classify with two heads (timm's pretrained_cfg names both): a new
+    model.num_classes replaces both, and a linear probe trains both."""
+    from vitdist.model import is_classifier
+
+    distilled = ["model.arch=deit_tiny_distilled_patch16_224"]
+    torch.save(tiny(*distilled, "model.num_classes=1000").state_dict(), tmp_path / "deit.pth")
+    target = tiny(*distilled, "model.num_classes=5", seed=1)
+    kind, fresh = load_pretrained(target, tmp_path / "deit.pth")
+    assert fresh == ["head.bias", "head.weight", "head_dist.bias", "head_dist.weight"]
+    assert sorted(name for name, _ in target.named_parameters() if is_classifier(target, name)) == fresh
 
 
 def test_another_patch_size_resamples_the_patch_embedding(tmp_path, caplog):

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="write a multiple of this many shards: give data.streams, so that every stream holds as "
                              "many samples (default: 1)")
     shards.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle before writing")
+    shards.add_argument("--classes", help="a classes.json whose class indices label the images (the training shards', "
+                                          "for a split written to another folder): default, the classes.json in the "
+                                          "output folder if any, else the sorted sub-folders")
 
     demo = commands.add_parser("demo-data", help="write the demo datasets as shards: shapes (built in), digits (scikit-learn)")
     demo.add_argument("out", help="output folder: <out>/shapes, <out>/digits")
@@ -67,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "make-shards":
-        from .shards import make_shards
+        from .shards import make_shards, read_classes
         try:
             pattern = make_shards(args.src, args.out, args.prefix, args.samples_per_shard, args.max_shard_bytes,
-                                  args.seed, streams=args.streams)
+                                  args.seed, classes=read_classes(args.classes) if args.classes else None, streams=args.streams)
         except (OSError, ValueError) as e:  # OSError names the file: missing, unreadable, a disk full
             print(f"vitdist make-shards: {e}", file=sys.stderr)
             return 2

@@ -70,8 +70,8 @@ class DataConfig:
     crop_scale: list[float] = _opt([0.08, 1.0], "RandomResizedCrop area range", above=0, at_most=1)
     crop_ratio: list[float] = _opt([0.75, 1.3333333], "RandomResizedCrop aspect ratio range", above=0)
     hflip: float = _opt(0.5, "probability of a horizontal flip", at_least=0, at_most=1)
-    val_crop_frac: float = _opt(0.875, "validation: resize to img_size / val_crop_frac, then center crop img_size",
-                                above=0, at_most=1)
+    val_crop_frac: float = _opt(0.875, "validation: resize the shorter side to floor(img_size / val_crop_frac), then "
+                                       "center crop img_size (timm's crop_pct)", above=0, at_most=1)
     mean: list[float] = _opt([0.485, 0.456, 0.406], "per-channel normalisation mean (0..1 scale)")
     std: list[float] = _opt([0.229, 0.224, 0.225], "per-channel normalisation std (0..1 scale)", above=0)
     prefetch_steps: int = _opt(2, "optimizer steps of data each loader worker prepares ahead", above=0)

@@ -116,7 +116,7 @@ def write_digits_dataset(out_dir: str | Path, image_size: int = 32, val_count: i
     digits = load_digits()
     order = list(range(len(digits.target)))
     random.Random(seed).shuffle(order)
-    splits = {"val": order[:val_count], "train": order[val_count:]}
+    splits = {"train": order[val_count:], "val": order[:val_count]}  # train first: its classes.json labels both
     out_dir = Path(out_dir)
     patterns = {}
     for split, indices in splits.items():

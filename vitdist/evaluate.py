@@ -16,7 +16,7 @@ from .config import Config, ConfigError, DataConfig, DistConfig, ModelConfig
 from .config_yaml import load_config
 from .data import EvalLoader, expand_urls, probe
 from .handoff import HUB_WEIGHTS, HandoffError, load_located, locate
-from .imagefolder import convert, is_image_folder, scan
+from .imagefolder import convert, is_image_folder, same_classes, scan
 from .train import model_meta
 from .validation import evaluate
 
@@ -113,7 +113,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = 
                     "take the wrong labels")
             data = convert(folder, Path(tmp) / "val", max(1, workers), seed=0)
         else:
-            probe(expand_urls(data, "--data"), DataConfig(), kwargs["num_classes"], "--data", timeout_s)  # before the model loads
+            urls = expand_urls(data, "--data")  # checked before the model loads
+            same_classes("--data", urls, meta.get("classes"), f"'{source}'")
+            probe(urls, DataConfig(), kwargs["num_classes"], "--data", timeout_s)
         return _evaluate(checkpoint, meta, data, batch_size, workers, timeout_s)
 
 

@@ -24,9 +24,12 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from .checkpoint import MODEL_META, UnsafeCheckpoint, load_model_weights, newest_if_run
 from .export import header
+from .model import is_classifier
 
 log = logging.getLogger(__name__)
-HEAD_KEYS = ("head.weight", "head.bias")
+# What MAE's pretraining adds beside the encoder (its pixel decoder, the masked patches' token):
+# fine-tuning uses the encoder alone, as MAE's own fine-tuning does.
+MAE_PRETRAINING = ("decoder_", "mask_token")
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _TORCHVISION = [  # torchvision ViT key -> timm ViT key
     (r"^class_token$", "cls_token"),
@@ -138,9 +141,15 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
     naming `source` (the checkpoint and its architecture) and the model's architecture."""
     target = model.state_dict()
     state = dict(state)
-    if any(k in state and state[k].shape != target[k].shape for k in HEAD_KEYS):
-        for key in HEAD_KEYS:
+    heads = [key for key in target if is_classifier(model, key)]
+    done = []  # logged once the checkpoint is found to fit
+    if any(k in state and state[k].shape != target[k].shape for k in heads):
+        for key in heads:
             state.pop(key, None)
+    if mae := [key for key in state if key.startswith(MAE_PRETRAINING) and key not in target]:
+        for key in mae:
+            del state[key]
+        done.append(f"left out {len(mae)} weights of MAE's pretraining ({_list(mae, 3)}): fine-tuning takes the encoder")
     if "pos_embed" in state and state["pos_embed"].shape != target["pos_embed"].shape:
         # The class and register tokens have rows of pos_embed before the patch grid's, unless the
         # model gives them none (timm's no_embed_class, as the *_reg4_gap archs do).
@@ -150,14 +159,14 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
             new_grid = list(model.patch_embed.grid_size)
             state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=new_grid, num_prefix_tokens=prefix)
             side = math.isqrt(grid)
-            log.info("position embeddings resampled from a %dx%d to a %dx%d patch grid", side, side, *new_grid)
+            done.append(f"position embeddings resampled from a {side}x{side} to a {new_grid[0]}x{new_grid[1]} patch grid")
     key = "patch_embed.proj.weight"
     if key in state and state[key].shape[-2:] != target[key].shape[-2:]:
         old_size = tuple(state[key].shape[-2:])
         state[key] = resample_patch_embed(state[key], new_size=list(target[key].shape[-2:]))
-        log.info("patch embedding resampled from %dx%d to %dx%d pixel patches", *old_size, *target[key].shape[-2:])
+        done.append("patch embedding resampled from {}x{} to {}x{} pixel patches".format(*old_size, *target[key].shape[-2:]))
     unexpected = set(state) - set(target)
-    missing = set(target) - set(state) - set(HEAD_KEYS)
+    missing = set(target) - set(state) - set(heads)
     mismatched = {k for k in set(state) & set(target) if state[k].shape != target[k].shape}
     problems = []
     if unexpected:
@@ -170,6 +179,8 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
     if problems:
         arch = getattr(model, "pretrained_cfg", {}).get("architecture")
         raise HandoffError(f"{source} does not fit the model ({describe(arch, target)}): " + "; ".join(problems))
+    for line in done:
+        log.info(line)
     return state
 
 

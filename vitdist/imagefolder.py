@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from .config import ConfigError, DataConfig
 from .data import expand_urls, is_remote
-from .shards import make_shards, scan_image_folder
+from .shards import make_shards, read_classes, scan_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
         classes = folders["train"].classes
     else:
         classes = shard_classes(expand_urls(data.train_shards, "data.train_shards"), num_classes)
+    if data.val_shards and not is_image_folder(data.val_shards):
+        same_classes("data.val_shards", expand_urls(data.val_shards, "data.val_shards"), classes, "the training shards'")
     if is_image_folder(data.val_shards):
         folders["val"] = scan("data.val_shards", data.val_shards, num_classes, classes)
         if classes is None and len(folders["val"].classes) != num_classes:
@@ -84,27 +87,41 @@ def image_folders(data: DataConfig, num_classes: int) -> dict[str, ImageFolder]:
     return folders
 
 
-def shard_classes(train_urls: list[str], num_classes: int) -> list[str] | None:
-    """The class names `vitdist make-shards` wrote beside local training shards (given expanded:
-    the first URL tells where), if it did: the labels a validation ImageFolder's sub-folders must
-    take. More of them than the model has are refused: labels from num_classes on would be skipped
-    as bad_label, a stop after 10 steps or, under data.max_skip_frac, a run that trains on without
-    those classes."""
-    first = train_urls[0]
-    path = Path(first).parent / "classes.json"
-    if is_remote(first) or not path.is_file():
+def classes_beside(urls: list[str], key: str) -> list[str] | None:
+    """The class names `vitdist make-shards` wrote beside local shards (given expanded: the first
+    URL tells where), if it did; `key` names the shards in the error for a malformed file."""
+    path = Path(urls[0]).parent / "classes.json"
+    if is_remote(urls[0]) or not path.is_file():
         return None
     try:
-        names = json.loads(path.read_text())
-    except (OSError, ValueError):
-        names = None
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise ConfigError(f"data.train_shards: '{path}' is not a JSON list of class names, as vitdist make-shards "
-                          "writes beside its shards: fix it, or move it away")
-    if len(names) > num_classes:
-        raise ConfigError(f"data.train_shards: '{path}' lists {len(names)} classes, more than "
-                          f"model.num_classes={num_classes}")
+        return read_classes(path)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}: fix it, or move it away") from None
+
+
+def shard_classes(train_urls: list[str], num_classes: int) -> list[str] | None:
+    """The training shards' class names (classes_beside): the labels a validation split must
+    share. More of them than the model has are refused: labels from num_classes on would be
+    skipped as bad_label, a stop after 10 steps or, under data.max_skip_frac, a run that trains on
+    without those classes."""
+    names = classes_beside(train_urls, "data.train_shards")
+    if names is not None and len(names) > num_classes:
+        raise ConfigError(f"data.train_shards: '{Path(train_urls[0]).parent / 'classes.json'}' lists {len(names)} "
+                          f"classes, more than model.num_classes={num_classes}")
     return names
+
+
+def same_classes(key: str, urls: list[str], classes: list[str] | None, whose: str) -> None:
+    """ConfigError when the classes.json beside shards `urls` names other classes than `classes`
+    (`whose`: the training shards', a checkpoint's): their labels would stand for other classes."""
+    theirs = None if classes is None else classes_beside(urls, key)
+    if theirs is not None and theirs != classes:
+        differ = next(i for i, pair in enumerate(itertools.zip_longest(theirs, classes)) if pair[0] != pair[1])
+        raise ConfigError(
+            f"{key}: '{Path(urls[0]).parent / 'classes.json'}' labels its shards by other classes than {whose} "
+            f"({len(theirs)} and {len(classes)} classes; class {differ} is {theirs[differ] if differ < len(theirs) else None!r} "
+            f"against {classes[differ] if differ < len(classes) else None!r}): label 0 of one is not label 0 of the other. "
+            "Write both splits into one folder, the one with every class first, or give make-shards --classes")
 
 
 def conversion_dir(run_dir: str | Path) -> Path:

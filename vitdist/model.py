@@ -46,6 +46,14 @@ def check_model(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.img_size={cfg.img_size} is not a multiple of the patch size {patch}")
 
 
+def is_classifier(model: VisionTransformer, name: str) -> bool:
+    """Whether parameter `name` belongs to the classifier: what a new model.num_classes replaces and
+    a linear probe trains. timm's pretrained_cfg names its modules: 'head', and 'head_dist' too in
+    DeiT's distilled ViTs."""
+    classifier = model.pretrained_cfg.get("classifier", "head")
+    return name.split(".")[0] in ((classifier,) if isinstance(classifier, str) else classifier)
+
+
 def train_flops_per_image(model: VisionTransformer) -> float:
     """Model FLOPs of one image's forward + backward (3x the forward's matrix products: every
     linear layer per token, the patch projection per patch, attention's QK^T and AV). Norms and
@@ -57,6 +65,6 @@ def train_flops_per_image(model: VisionTransformer) -> float:
     attention_macs = 2 * tokens * tokens * model.embed_dim * len(model.blocks)
     head_macs = sum(m.in_features * m.out_features for m in model.head.modules() if isinstance(m, nn.Linear))
     macs = block_macs * tokens + model.patch_embed.proj.weight.numel() * patches + attention_macs + head_macs
-    if not any(p.requires_grad for name, p in model.named_parameters() if not name.startswith("head.")):
+    if not any(p.requires_grad for name, p in model.named_parameters() if not is_classifier(model, name)):
         return 2 * (macs + head_macs)  # a linear probe: backward computes only the head's weight gradient
     return 3 * 2 * macs

@@ -39,6 +39,21 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
     return classes, items
 
 
+def read_classes(path: str | Path) -> list[str]:
+    """The class names of a classes.json (as make_shards writes it), or ValueError naming the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read '{path}': {e}") from None
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"'{path}' is not a JSON list of class names, as vitdist make-shards writes beside its shards")
+    return names
+
+
 def shard_bounds(image_bytes: list[int], samples_per_shard: int, max_shard_bytes: float, streams: int = 1) -> list[int]:
     """Where the samples (of these sizes, in writing order) split into shards: the fewest shards, a
     multiple of `streams`, of sizes that differ by at most one sample, none over `samples_per_shard`
@@ -65,14 +80,29 @@ def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", sam
     `<out_dir>/classes.json`; return the brace pattern of the shards. Samples are shuffled first:
     ImageFolder order is sorted by class, and a stream's shuffle block could not undo that.
     `classes`: see scan_image_folder. A folder that holds `<prefix>-*.tar` shards already is refused
-    (FileExistsError): a run may be training on them, and a resume finds shards by name."""
+    (FileExistsError): a run may be training on them, and a resume finds shards by name.
+
+    A `classes.json` already in `out_dir` (another split's, written there first) labels these
+    shards too, and is never replaced: numbered by their own sorted folders, a validation split
+    that lacks some of the training classes would take other classes' indices."""
     out_dir = Path(out_dir)
     if held := sorted(out_dir.glob(f"{glob.escape(prefix)}-*.tar")):
         raise FileExistsError(f"'{out_dir}' holds {len(held)} shard(s) {prefix}-*.tar already: written again, they "
                               "would be replaced under the same names (a run trained on them would resume onto other "
                               "samples) or, fewer, leave old ones beside them; write to another folder or --prefix, or "
                               "delete them first")
-    classes, items = scan_image_folder(src, classes)
+    beside = out_dir / "classes.json"
+    written = read_classes(beside) if beside.is_file() else None
+    if classes is not None and written is not None and list(classes) != written:
+        raise ValueError(f"'{beside}' lists other classes than those given ({len(written)}: {written[:5]}...; given "
+                         f"{len(classes)}: {list(classes)[:5]}...), and labels the shards beside it: write to another folder")
+    try:
+        classes, items = scan_image_folder(src, written if classes is None else classes)
+    except ValueError as e:
+        if written is None:
+            raise
+        raise ValueError(f"{e} (those of '{beside}', which labels the shards beside it: write the split with every "
+                         "class first, or to another folder)") from None
     random.Random(seed).shuffle(items)
     bounds = shard_bounds([path.stat().st_size for path, _ in items], samples_per_shard, max_shard_bytes, streams)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,5 +115,6 @@ def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", sam
                     sink.write({"__key__": f"{i:08d}_{stem}", EXTENSIONS[path.suffix.lower()]: path.read_bytes(),
                                 "cls": label})
                     bar.update()
-    (out_dir / "classes.json").write_text(json.dumps(classes, indent=1))
+    if written is None:
+        beside.write_text(json.dumps(classes, indent=1))
     return str(out_dir / f"{prefix}-{{000000..{len(bounds) - 2:06d}}}.tar")

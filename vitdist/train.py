@@ -23,7 +23,7 @@ from .config_yaml import save_config
 from .data import EvalLoader, Normalize, TrainLoader, expand_urls, probe, train_shard_urls
 from .handoff import load_pretrained
 from .metrics import MetricLogger, matmul_peak_flops
-from .model import build_model, check_model, timm_kwargs, train_flops_per_image
+from .model import build_model, check_model, is_classifier, timm_kwargs, train_flops_per_image
 from .objective import Classification
 from .optim import BadSteps, NonFiniteTraining, build_optimizer, step_unless_bad
 from .prefetch import DeviceBatches
@@ -120,7 +120,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         log.info("initialised from %s (%s); freshly initialised: %s", cfg.finetune.init, kind, fresh or "nothing")
     if cfg.finetune.freeze == "backbone":
         for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith("head."))
+            param.requires_grad_(is_classifier(model, name))
     params = sum(p.numel() for p in model.parameters())
     trained = "" if cfg.finetune.freeze == "none" else \
         f", {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3g}M trained"

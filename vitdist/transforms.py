@@ -62,8 +62,12 @@ def resized_crop(image: Image.Image, box: tuple[int, int, int, int], flip: bool,
 
 
 def eval_transform(image: torch.Tensor, cfg: DataConfig, size: int) -> torch.Tensor:
+    """The validation crop as timm's eval transform makes it: the shorter side resized to
+    floor(size / crop_pct), the longer in proportion (truncated, as torchvision's Resize does),
+    then the centre cut out (offsets rounded, as its CenterCrop does). An export names crop_pct
+    for timm, whose figures then match vitdist's up to the resampler (timm resizes with PIL)."""
     _, height, width = image.shape
-    scale = round(size / cfg.val_crop_frac) / min(width, height)
-    w, h = max(size, round(width * scale)), max(size, round(height * scale))
-    left, top = (w - size) // 2, (h - size) // 2
+    short = math.floor(size / cfg.val_crop_frac)
+    w, h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    left, top = int(round((w - size) / 2)), int(round((h - size) / 2))
     return resize(image, h, w)[:, top : top + size, left : left + size]
