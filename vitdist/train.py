@@ -64,15 +64,12 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 
 def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be refused before a process group starts (ConfigError): the batch
-    layout for this world size, the shard lists (or ImageFolder directories), the architecture."""
+    layout for this world size, the shard lists (or ImageFolder directories), the architecture,
+    the checkpoint to resume from, and (rank 0) the first samples of the shards."""
     batch_layout(cfg, world_size)
     folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
     train_data = folders["train"] if "train" in folders else train_shard_urls(cfg.data, world_size)
     val_urls = expand_urls(cfg.data.val_shards, "data.val_shards") if cfg.data.val_shards and "val" not in folders else []
-    if os.environ.get("RANK", "0") == "0":  # one reader of the shards' heads, not thousands; its verdict is shared
-        for key, urls in (("data.train_shards", [] if "train" in folders else train_data), ("data.val_shards", val_urls)):
-            if urls:
-                probe(urls, cfg.data, cfg.model.num_classes, key, cfg.dist.timeout_s)
     check_model(cfg.model)
     if cfg.finetune.init and not Path(cfg.finetune.init).exists():
         raise ConfigError(f"finetune.init '{cfg.finetune.init}' does not exist")
@@ -82,6 +79,10 @@ def preflight(cfg: Config, world_size: int) -> None:
         raise ConfigError(str(e)) from None
     if resume_from is not None:
         resume.check(cfg, resume_from, train_data)
+    if os.environ.get("RANK", "0") == "0":  # last, as the slowest: one reader of the shards' heads, not thousands
+        for key, urls in (("data.train_shards", [] if "train" in folders else train_data), ("data.val_shards", val_urls)):
+            if urls:
+                probe(urls, cfg.data, cfg.model.num_classes, key, cfg.dist.timeout_s)
 
 
 def train(cfg: Config) -> Path:
