@@ -330,6 +330,14 @@ def test_a_file_name_met_twice_starts_a_new_sample(tmp_path):
         ("a", ["cls", "png"]), ("a", ["cls", "png"]), ("b", ["jpg"]), ("b", ["cls", "jpg"]), ("c", ["cls", "png"])]
 
 
+def test_a_label_written_by_a_text_editor_is_read():
+    """Whitespace, a Windows line end, and the byte-order mark that Windows editors put first."""
+    for text in (b"3", b" 3\n", b"3\r\n", "\ufeff3\r\n".encode()):
+        assert read_sample({"__key__": "k", "png": b"", "cls": text}, 8)[1] == 3, text
+    with pytest.raises(BadSample, match="is not an integer"):
+        read_sample({"__key__": "k", "png": b"", "cls": b"3a"}, 8)
+
+
 def test_a_key_with_a_dot_is_skipped_naming_its_files_and_the_cause(tmp_path):
     """webdataset ends a key at the first dot of a file name: 'n0123/img.v2.cls' is key 'n0123/img',
     file 'v2.cls'. Such a sample is skipped as unlabelled, and the message says why, not just that

@@ -130,7 +130,7 @@ def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
     if "cls" not in sample:
         raise BadSample("no_label", _lacking(".cls label", sample))
     try:
-        label = int(sample["cls"].decode().strip())
+        label = int(sample["cls"].decode("utf-8-sig"))  # a Windows editor's byte-order mark; int() strips whitespace
     except ValueError:
         raise BadSample("bad_label", f"label {sample['cls'][:20]!r} is not an integer") from None
     if not 0 <= label < num_classes:
