@@ -104,7 +104,7 @@ def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
 def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):
     """Validated at every step, so the signal stops the run at a step that owes a validation:
     the resumed run validates there first, so no step is missing from val/ or from the race for
-    the best weights."""
+    the best weights; and only once, though that run is killed and the next resumes there too."""
     common = [*shard_overrides(demo_shards), *EXACT, f"data.val_shards={demo_shards['val']}",
               "train.eval_every_steps=1", "ckpt.every_steps=0", "data.micro_batch_size=32", f"run.dir={tmp_path}"]
     with background_pretrain(0, [*common, "train.steps=1000"], tmp_path / "run.log") as process:
@@ -119,12 +119,21 @@ def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):
     assert 3 <= step < 1000 and (tmp_path / "checkpoints" / f"step_{step}" / ".metadata").is_file()
     assert [s for s, _ in read_scalars(tmp_path / "tb")["val/top1"]] == list(range(1, step))
 
+    # A resumed run killed (SIGKILL: no checkpoint) after its owed validation and a step.
+    with background_pretrain(0, [*common, "train.steps=1000"], tmp_path / "killed.log") as process:
+        wait_for(lambda: [s for s, _ in read_scalars(tmp_path / "tb")["val/top1"]][-1:] == [step + 1], process)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    validated = f"step {step}: validating first, as the preempted run that checkpointed there did not"
+    assert validated in (tmp_path / "killed.log").read_text()
+
     resumed = run_pretrain(0, [*common, f"train.steps={step + 2}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stderr and f"steps {step} -> {step + 2}" in resumed.stdout
     top1 = read_scalars(tmp_path / "tb")["val/top1"]
-    assert [s for s, _ in top1] == list(range(1, step + 3))
-    assert f"step {step}: validating first, as the preempted run that checkpointed there did not" in resumed.stderr
+    assert [s for s, _ in top1] == list(range(1, step + 3))  # step `step` once: the killed run's, not again
+    assert validated not in resumed.stderr
+    assert f"step {step}: validated and logged by a run resumed from here before: not again" in resumed.stderr
     assert recorded_best(tmp_path / "best.safetensors")["val_top1"] == pytest.approx(max(v for _, v in top1))
 
 

@@ -30,7 +30,7 @@ from .prefetch import DeviceBatches
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .samples import SKIP_KINDS, TooManyBadSamples, check_skipped
 from .schedule import lr_at
-from .validation import best_to_beat, evaluate_and_keep_best
+from .validation import best_to_beat, evaluate_and_keep_best, owed_validation_logged, record_owed_validation
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +179,13 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                         resume_from, step)
 
     if eval_owed and val_loader is not None:  # else that step would be missing from val/ and never be the best
-        log.info("step %d: validating first, as the preempted run that checkpointed there did not", step)
-        scalars, best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step, best, best_file, meta)
-        logger.log(step, scalars)
+        if owed_validation_logged(run_dir / "tb", resume_from, step, ctx):
+            log.info("step %d: validated and logged by a run resumed from here before: not again", step)
+        else:
+            log.info("step %d: validating first, as the preempted run that checkpointed there did not", step)
+            scalars, best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step, best, best_file, meta)
+            logger.log(step, scalars)
+            record_owed_validation(run_dir / "tb", resume_from, step, ctx)
 
     bad_steps = BadSteps(ctx.device)
     normalize = Normalize(cfg.data, ctx.device)

@@ -4,10 +4,12 @@ weights by val/top1 (of equal ones, by the lower val/loss) kept beside the check
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -48,6 +50,32 @@ def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx:
         best = scores
         save_weights(model, {**meta, "step": step, **best}, best_file, ctx)
     return scalars, best
+
+
+# In the TensorBoard directory, whose val/ events it vouches for: the checkpoint and step whose
+# owed validation a resumed run has logged. A run that resumes there again (the first resumed run
+# killed before its next checkpoint) logs none again, which TensorBoard would show twice.
+OWED_DONE = "owed_validation.json"
+
+
+def owed_validation_logged(tb_dir: Path, checkpoint: Path, step: int, ctx: distributed.DistContext) -> bool:
+    """Whether a run resumed from `checkpoint` has validated its `step` and logged it (rank 0 reads
+    the record, every rank takes its answer)."""
+    answer = [False]
+    if ctx.is_main:
+        with contextlib.suppress(OSError, ValueError):
+            answer = [json.loads((tb_dir / OWED_DONE).read_text()) == _owed(checkpoint, step)]
+    dist.broadcast_object_list(answer, src=0, group=ctx.control)
+    return answer[0]
+
+
+def record_owed_validation(tb_dir: Path, checkpoint: Path, step: int, ctx: distributed.DistContext) -> None:
+    if ctx.is_main:  # once its events are flushed (MetricLogger.log)
+        (tb_dir / OWED_DONE).write_text(json.dumps(_owed(checkpoint, step)))
+
+
+def _owed(checkpoint: Path, step: int) -> dict:
+    return {"checkpoint": str(checkpoint.resolve()), "step": step}
 
 
 def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed.DistContext) -> None:
