@@ -17,11 +17,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-import vitdist.data
+import vitdist.shard_list
 from conftest import TINY, children, png_bytes, run_pretrain, vitdist_cli, write_png_folder, write_shard
 from vitdist.config import ConfigError, DataConfig
 from vitdist.config_yaml import load_config
-from vitdist.data import EvalLoader, Stream, TrainLoader, expand_urls, shard_order, train_shard_urls
+from vitdist.data import EvalLoader, Stream, TrainLoader, shard_order
+from vitdist.shard_list import expand_urls, train_shard_urls
 from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
 from vitdist.samples import READ_ERROR, BadSample, NoUsableSamples, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
@@ -417,8 +418,8 @@ def test_shard_specs(demo_shards, tmp_path, monkeypatch):
         expand_urls(str(tmp_path / "nope-{1..2}.tar"))
     # Looked up one by one, or, for many in one directory, by listing it: either way a link to a
     # shard is one, a directory or a dangling link is not.
-    for listed_from in (vitdist.data.LISTED_FROM, 1):
-        monkeypatch.setattr(vitdist.data, "LISTED_FROM", listed_from)
+    for listed_from in (vitdist.shard_list.LISTED_FROM, 1):
+        monkeypatch.setattr(vitdist.shard_list, "LISTED_FROM", listed_from)
         here = tmp_path / f"listed-from-{listed_from}"
         here.mkdir()
         (here / "linked-0.tar").symlink_to(urls[0])

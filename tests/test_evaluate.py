@@ -220,7 +220,7 @@ def test_a_stalled_read_stops_the_evaluation_at_its_timeout_naming_the_worker(tm
         assert re.search(r"^vitdist evaluate: validation loader worker 0 \(pid \d+\) delivered nothing for 3 s ",
                          stalled.stderr, re.MULTILINE), stalled.stderr
         assert "Traceback" not in stalled.stderr
-        # The look at the first samples (vitdist.data.probe) gave up on the same read first, alike.
+        # The look at the first samples (vitdist.shard_list.probe) gave up on the same read first, alike.
         assert "--data: the first shards gave no sample within 3 s: their samples are not checked" in stalled.stderr
         assert waited_s < 2 * 3 + 30  # the interpreter's start, timm's import and the model's build included
         assert still_running(f"cat {fifo}") == []

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import (EXACT, background_pretrain, children, gone, killing, loss_curve, outliving, run_pretrain,
                       running, shard_overrides, still_running, wait_for, worker_pid)
-from vitdist.data import expand_urls
+from vitdist.shard_list import expand_urls
 from vitdist.distributed import _free_port
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import DIGITS, TINY, read_scalars, run_pretrain, shard_overrides, vitdist_cli, write_png_folder
 from vitdist.config_yaml import load_config
-from vitdist.data import expand_urls
+from vitdist.shard_list import expand_urls
 from vitdist.handoff import load_pretrained
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer

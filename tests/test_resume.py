@@ -19,7 +19,7 @@ from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, r
                       shard_overrides, wait_for, worker_pid, write_png_folder)
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
-from vitdist.data import expand_urls
+from vitdist.shard_list import expand_urls
 from vitdist.export import export, recorded_best
 from vitdist.resume import shard_ids
 from vitdist.train import preflight

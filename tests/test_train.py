@@ -18,7 +18,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from conftest import TINY, png_bytes, read_scalars, run_pretrain, shard_overrides, vitdist_cli, write_shard
 from vitdist.config import to_dict
 from vitdist.config_yaml import load_config
-from vitdist.data import TrainLoader, expand_urls
+from vitdist.data import TrainLoader
+from vitdist.shard_list import expand_urls
 from vitdist.model import build_model, timm_kwargs, train_flops_per_image
 from vitdist.schedule import lr_at
 

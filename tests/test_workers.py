@@ -20,7 +20,8 @@ import torch
 from conftest import (TINY, children, gone, killing, outliving, png_bytes, run_captured, running, still_running,
                       wait_for, write_shard)
 from vitdist.config_yaml import load_config
-from vitdist.data import EvalLoader, TrainLoader, expand_urls
+from vitdist.data import EvalLoader, TrainLoader
+from vitdist.shard_list import expand_urls
 from vitdist.prefetch import DeviceBatches
 from vitdist.workers import WorkerDied, WorkerStalled
 

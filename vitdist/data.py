@@ -19,131 +19,22 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import random
 from collections import Counter
-from pathlib import Path
 from typing import Iterator
 
-import braceexpand
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.gopen import gopen_schemes
 
 from .config import ConfigError, DataConfig
-from .samples import READ_ERROR, BadSample, NoUsableSamples, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
+from .samples import BadSample, NoUsableSamples, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
+from .shard_list import expand_urls, train_shard_urls
 from .transforms import draw_augmentation, eval_transform, resized_crop, to_uint8_tensor
-from .workers import ReadStalled, data_loader, watched
-
+from .workers import data_loader, watched
 
 log = logging.getLogger(__name__)
-
-LISTED_FROM = 64  # shards named in one directory, from which it is listed rather than each stat'ed
-PROBED_SAMPLES, PROBED_SHARDS, PROBE_TIMEOUT_S = 32, 4, 60.0  # what `probe` reads, from the head of the shard list
-
-
-def is_remote(url: str) -> bool:
-    """A URL that webdataset opens itself (pipe:, http:, gs:, hf:, ...), not a local file."""
-    scheme, colon, _ = url.partition(":")
-    return bool(colon) and scheme in gopen_schemes
-
-
-def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
-    """Shard URLs from a brace pattern, a list of patterns, or a .txt file with one per line.
-    `key` (the config key that gave them) is named in the errors. A shard named twice is refused:
-    its samples would be read twice per epoch, and count twice in validation."""
-    where = f"{key}: " if key else ""
-    if isinstance(spec, str) and _is_list_file(spec):
-        path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"{where}shard list file '{spec}' does not exist")
-        spec = [line for line in map(str.strip, path.read_text().splitlines()) if line and not line.startswith("#")]
-    elif listed := next((p for p in ([] if isinstance(spec, str) else spec) if _is_list_file(p)), None):
-        raise ConfigError(f"{where}the shard list file '{listed}' is an item of a list, where it would be read as a tar "
-                          "shard: give the .txt file alone, or its lines in the list")
-    patterns = [spec] if isinstance(spec, str) else spec
-    urls = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
-    if twice := next((url for url, count in Counter(urls).items() if count > 1), None):
-        raise ConfigError(f"{where}'{twice}' is named {urls.count(twice)} times: its samples would be read as many "
-                          "times per epoch (and counted as many times in validation); name each shard once")
-    missing = _missing_files([u for u in urls if not is_remote(u)])
-    if missing:
-        # A job started in another directory than the config's relative paths assume (the shipped configs' demo/...)
-        relative = "" if Path(missing[0]).is_absolute() else f" (a relative path, from the working directory '{Path.cwd()}')"
-        raise ConfigError(f"{where}{len(missing)} shard file(s) do not exist, first: '{missing[0]}'{relative}")
-    if not urls:
-        raise ConfigError(f"{where}no shards in {spec!r}")
-    return urls
-
-
-def _missing_files(paths: list[str]) -> list[str]:
-    """The paths that are not files. Every rank checks the shard list (the config check, the run,
-    the loader), and a stat per shard, tens of thousands from every rank at once, loads a cluster
-    filesystem's metadata server: a directory named by many paths is listed once instead."""
-    by_directory: dict[Path, list[str]] = {}
-    for path in paths:
-        by_directory.setdefault(Path(path).parent, []).append(path)
-    missing = set()
-    for directory, named in by_directory.items():
-        if len(named) < LISTED_FROM:
-            missing.update(path for path in named if not Path(path).is_file())
-            continue
-        try:
-            with os.scandir(directory) as entries:
-                files = {entry.name for entry in entries if entry.is_file()}
-        except OSError:  # missing or unreadable: as a stat of each would find them
-            files = set()
-        missing.update(path for path in named if Path(path).name not in files)
-    return [path for path in paths if path in missing]
-
-
-def probe(urls: list[str], cfg: DataConfig, num_classes: int, key: str, timeout_s: float) -> None:
-    """ConfigError, naming `key`, when not one of the first PROBED_SAMPLES samples of the first
-    shards is usable: a mistake every sample shares (labels under another key than .cls, images
-    under another extension) found in a moment, before any process starts. The loader would read
-    shard after shard of them without filling a batch, until its worker was taken for stalled.
-    Only the samples' headers are read. What cannot be read within `timeout_s` (PROBE_TIMEOUT_S at
-    most), or to the end of a shard, is not judged here: the loader meets it, and counts it."""
-    read, probed, skipped = 0, set(), {}  # skipped: kind -> (count, the first one's sample and reason)
-    timeout_s = min(timeout_s, PROBE_TIMEOUT_S)
-    try:
-        for sample in itertools.islice(watched(data_loader(_Heads(urls), 0, timeout_s), timeout_s, "probe"), PROBED_SAMPLES):
-            if READ_ERROR in sample:
-                return
-            read += 1
-            probed.add(sample["__url__"])
-            try:
-                read_image(sample, cfg, num_classes)
-                return
-            except BadSample as reason:
-                count, first = skipped.get(reason.kind, (0, (sample, reason)))
-                skipped[reason.kind] = (count + 1, first)
-    except ReadStalled:
-        log.warning("%s: the first shards gave no sample within %g s: their samples are not checked before the start",
-                    key, timeout_s)
-        return
-    if read:
-        shards = f"'{urls[0]}'" if len(probed) == 1 else f"{len(probed)} shards, from '{urls[0]}' on"
-        kinds = "; ".join(f"{count} {kind}, first '{first['__key__']}' in '{first['__url__']}': {reason}"
-                          for kind, (count, (first, reason)) in skipped.items())
-        raise ConfigError(f"{key}: none of the first {read} samples of {shards} is usable ({kinds}). Images are read "
-                          f"from .jpg, .jpeg, .png or .webp, labels from .cls (a class index below model.num_classes)")
-
-
-class _Heads(IterableDataset):
-    """The samples of the first PROBED_SHARDS shards, for `probe`."""
-
-    def __init__(self, urls: list[str]):
-        self.urls = urls
-
-    def __iter__(self):
-        return itertools.chain.from_iterable(map(read_samples, self.urls[:PROBED_SHARDS]))
-
-
-def _is_list_file(spec: str) -> bool:
-    return spec.endswith(".txt") and not spec.startswith("pipe:")
 
 
 def device_jpeg(image: Image.Image, data: bytes) -> bytes | None:
@@ -176,7 +67,7 @@ class Stream:
     (not decoding) the part of that one shard before it. A shard that gives no usable sample
     (none at all, or only ones its reader skipped: see `judged`) is passed over; once every shard
     has been passed over without a usable one in between, none ever will give one: an error, not an
-    endless search (a mistake all samples share is refused sooner, by samples.probe). Shards
+    endless search (a mistake all samples share is refused sooner, by shard_list.probe). Shards
     read to their end are a data problem that a retry meets again (NoUsableSamples); a read error
     among them may be the storage's passing failure (RuntimeError, retried).
     """
@@ -312,16 +203,6 @@ class TrainChunks(IterableDataset):
                          jpeg_flip=torch.tensor(flips, dtype=torch.bool),
                          jpeg_pixels=torch.tensor(pixels, dtype=torch.int64), encoded=torch.tensor(encoded))
         return chunk
-
-
-def train_shard_urls(cfg: DataConfig, world_size: int) -> list[str]:
-    """The training shard URLs, refused (ConfigError) when missing or too few for the streams."""
-    urls = expand_urls(cfg.train_shards, "data.train_shards")
-    if len(urls) < cfg.streams:
-        raise ConfigError(
-            f"{len(urls)} training shard(s) for data.streams={cfg.streams} (at least ranks x workers = {world_size} x "
-            f"{max(1, cfg.num_workers)}): every stream needs a shard; write more, smaller shards or lower data.streams")
-    return urls
 
 
 class TrainLoader:

@@ -14,9 +14,10 @@ from . import distributed
 from .checkpoint import MODEL_META
 from .config import Config, ConfigError, DataConfig, DistConfig, ModelConfig
 from .config_yaml import load_config
-from .data import EvalLoader, expand_urls, probe
+from .data import EvalLoader
 from .handoff import HUB_WEIGHTS, HandoffError, load_located, locate
 from .imagefolder import convert, is_image_folder, same_classes, scan
+from .shard_list import expand_urls, probe
 from .train import model_meta
 from .validation import evaluate
 

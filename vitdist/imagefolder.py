@@ -27,7 +27,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .config import ConfigError, DataConfig
-from .data import expand_urls, is_remote
+from .shard_list import expand_urls, is_remote
 from .shards import make_shards, read_classes, scan_image_folder
 
 log = logging.getLogger(__name__)
@@ -116,12 +116,13 @@ def same_classes(key: str, urls: list[str], classes: list[str] | None, whose: st
     (`whose`: the training shards', a checkpoint's): their labels would stand for other classes."""
     theirs = None if classes is None else classes_beside(urls, key)
     if theirs is not None and theirs != classes:
-        differ = next(i for i, pair in enumerate(itertools.zip_longest(theirs, classes)) if pair[0] != pair[1])
+        index, (their, our) = next((i, pair) for i, pair in enumerate(itertools.zip_longest(theirs, classes))
+                                   if pair[0] != pair[1])
         raise ConfigError(
             f"{key}: '{Path(urls[0]).parent / 'classes.json'}' labels its shards by other classes than {whose} "
-            f"({len(theirs)} and {len(classes)} classes; class {differ} is {theirs[differ] if differ < len(theirs) else None!r} "
-            f"against {classes[differ] if differ < len(classes) else None!r}): label 0 of one is not label 0 of the other. "
-            "Write both splits into one folder, the one with every class first, or give make-shards --classes")
+            f"({len(theirs)} and {len(classes)} classes; class {index} is {their!r} against {our!r}): label 0 of one "
+            "is not label 0 of the other. Write both splits into one folder, the one with every class first, or give "
+            "make-shards --classes")
 
 
 def conversion_dir(run_dir: str | Path) -> Path:

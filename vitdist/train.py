@@ -20,7 +20,7 @@ from . import checkpoint, distributed, imagefolder, resume
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, to_dict
 from .config_yaml import save_config
-from .data import EvalLoader, Normalize, TrainLoader, expand_urls, probe, train_shard_urls
+from .data import EvalLoader, Normalize, TrainLoader
 from .handoff import load_pretrained
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, check_model, is_classifier, timm_kwargs, train_flops_per_image
@@ -30,6 +30,7 @@ from .prefetch import DeviceBatches
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .samples import SKIP_KINDS, TooManyBadSamples, check_skipped
 from .schedule import lr_at
+from .shard_list import expand_urls, probe, train_shard_urls
 from .validation import best_to_beat, evaluate_and_keep_best, owed_validation_logged, record_owed_validation
 
 log = logging.getLogger(__name__)
