@@ -5,6 +5,7 @@ import os
 import random
 import re
 import struct
+import sys
 import tarfile
 import zlib
 from collections import Counter
@@ -308,6 +309,41 @@ def test_shards_without_a_usable_sample_stop_the_run_unretried(tmp_path):
     assert run.returncode == 2 and f"error: {message}" in run.stderr, run.stderr[-3000:]
     assert "all their 4 samples were skipped: undecodable 4" in run.stderr
     assert (tmp_path / "run" / "FATAL").read_text().startswith(message)
+
+
+ENDLESS_SHARD = """
+import io, itertools, signal, sys, tarfile
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # ended quietly once the reader is gone
+image = open(sys.argv[1], "rb").read()
+with tarfile.open(fileobj=sys.stdout.buffer, mode="w|") as tar:
+    for i in itertools.count():
+        for suffix, data in (("png", image), ("cls", b"1")):
+            if i < 40 or suffix == "png":  # labels for the first 40 samples only
+                member = tarfile.TarInfo(f"{i:08d}.{suffix}")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_shards_read_on_without_a_usable_sample_stop_the_run_unretried_at_the_timeout(tmp_path, workers):
+    """Shards whose first samples are fine and the rest unlabelled: no chunk comes, though the stream
+    reads on, and its barren-shard rule would need every shard read to end it (here, an endless
+    `pipe:`). At the timeout the run stops as it does for too many bad samples (exit 2, FATAL: not
+    retried), naming the kind, not as for a read that stalls (exit 1, retried, the same shards
+    met again)."""
+    (tmp_path / "photo.png").write_bytes(png_bytes((9, 9, 9)))
+    (tmp_path / "endless.py").write_text(ENDLESS_SHARD)
+    run = run_pretrain(0, [f"data.train_shards=pipe:{sys.executable} {tmp_path}/endless.py {tmp_path}/photo.png",
+                           "data.val_shards=null", "data.streams=1", "train.global_batch_size=2",
+                           "data.micro_batch_size=2", "data.shuffle_block=8", "data.max_skip_frac=0.5",
+                           f"data.num_workers={workers}", "dist.timeout_s=5", f"run.dir={tmp_path / 'run'}"],
+                       timeout_s=120)
+    who = r"training loader worker 0 \(pid \d+\)" if workers else r"training loader, read in the training process \(data.num_workers=0\),"
+    message = rf"{who} delivered nothing for 5 s \(dist.timeout_s\), reading on: (\d+) of the \1 samples it read meanwhile were bad \(no_label \1\), more than data.max_skip_frac=0.5"
+    assert run.returncode == 2 and re.search(rf"^error: {message}", run.stderr, re.MULTILINE), run.stderr[-3000:]
+    assert re.match(message, (tmp_path / "run" / "FATAL").read_text())
+    assert re.search(r"^step 10/", run.stdout, re.MULTILINE), run.stdout  # the first samples were trained on
 
 
 def write_tar(path, files):

@@ -32,7 +32,7 @@ from .config import ConfigError, DataConfig
 from .samples import BadSample, NoUsableSamples, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
 from .shard_list import expand_urls, train_shard_urls
 from .transforms import draw_augmentation, eval_transform, resized_crop, to_uint8_tensor
-from .workers import data_loader, watched
+from .workers import Reads, data_loader, watched
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,14 @@ class TrainChunks(IterableDataset):
     "jpeg_sizes"): one shared-memory buffer per chunk rather than one per image. "jpeg_box" and
     "jpeg_flip" are their augmentation, "jpeg_pixels" their full size (from the header: what
     decoding them takes), "encoded" marks them in sample order. "key" and "url" name every sample.
+    Each sample read is also counted in `reads`, which the loader's waiting thread looks at.
     """
 
     def __init__(self, urls, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
-                 chunk_size: int, positions: dict[int, tuple[int, int, int]] | None = None, on_device: bool = False):
+                 chunk_size: int, reads: Reads, positions: dict[int, tuple[int, int, int]] | None = None,
+                 on_device: bool = False):
         self.urls, self.cfg, self.img_size, self.num_classes = urls, cfg, img_size, num_classes
-        self.rank, self.world_size, self.chunk_size = rank, world_size, chunk_size
+        self.rank, self.world_size, self.chunk_size, self.reads = rank, world_size, chunk_size, reads
         self.positions, self.on_device = dict(positions or {}), on_device  # where each stream starts
 
     def __iter__(self):
@@ -184,8 +186,10 @@ class TrainChunks(IterableDataset):
             except BadSample as reason:
                 skips.report(sample, reason)
                 stream.judged(reason.kind)
+                self.reads.count(reason.kind)
                 continue
             stream.judged(None)
+            self.reads.count(None)
             labels.append(label)
             keys.append(sample["__key__"])
             urls.append(sample["__url__"])
@@ -229,8 +233,9 @@ class TrainLoader:
         self.per_rank = cfg.streams // world_size
         mine = range(rank * self.per_rank, (rank + 1) * self.per_rank)
         self.positions = {int(k): tuple(v) for k, v in (positions or {}).items() if int(k) in mine}
-        chunks = TrainChunks(urls, cfg, img_size, num_classes, rank, world_size,
-                             global_batch_size // cfg.streams, self.positions, decodes_on_device(cfg))
+        self.reads = Reads(cfg.num_workers, cfg.max_skip_frac)
+        chunks = TrainChunks(urls, cfg, img_size, num_classes, rank, world_size, global_batch_size // cfg.streams,
+                             self.reads, self.positions, decodes_on_device(cfg))
         # The loader's round-robin over workers meets the workers' round-robin over their
         # streams, so the first `per_rank` items are exactly one chunk of every stream.
         workers = max(1, cfg.num_workers)
@@ -239,7 +244,7 @@ class TrainLoader:
                                   prefetch_factor=cfg.prefetch_steps * self.per_rank // workers if cfg.num_workers else None)
 
     def __iter__(self) -> Iterator[dict]:
-        with contextlib.closing(watched(self.loader, self.timeout_s, "training")) as chunks:
+        with contextlib.closing(watched(self.loader, self.timeout_s, "training", self.reads)) as chunks:
             while True:
                 step = sorted((next(chunks) for _ in range(self.per_rank)), key=lambda c: c["stream"])
                 for c in step:

@@ -29,15 +29,17 @@ import queue
 import signal
 import threading
 import time
-from multiprocessing import Process, connection, parent_process
+from collections import Counter
+from multiprocessing import Process, RawArray, connection, parent_process
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data._utils.signal_handling import _remove_worker_pids
 
 from .commands import Commands
 from .distributed import signal_at_parent_death
+from .samples import SKIP_KINDS, TooManyBadSamples
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,33 @@ class WorkerStalled(RuntimeError):
 
 class ReadStalled(RuntimeError):
     """A loader without workers, read in the training process, delivered nothing for its timeout."""
+
+
+class Reads:
+    """The samples each worker of a training loader has read, and of them those skipped, by kind,
+    in memory the workers share with the thread that waits for their chunks (they are forked after
+    it is made). A chunk's own counts travel with the chunk: when none comes for the timeout, these
+    tell a read that stalls (retried: it may pass) from shards that are read on but hold almost
+    nothing usable, where the stream's barren-shard rule would need every shard read to stop
+    (TooManyBadSamples, which a retry would meet again)."""
+
+    def __init__(self, num_workers: int, max_skip_frac: float):
+        self.width, self.max_skip_frac = 1 + len(SKIP_KINDS), max_skip_frac
+        self.counts = RawArray("q", max(1, num_workers) * self.width)  # one writer per slot: no lock
+
+    def count(self, skipped: str | None) -> None:
+        """In the worker (or the training process's reading thread): one sample read, skipped as `skipped`."""
+        info = get_worker_info()
+        start = (info.id if info else 0) * self.width
+        self.counts[start] += 1
+        if skipped is not None:
+            self.counts[start + 1 + SKIP_KINDS.index(skipped)] += 1
+
+    def since(self, before: list[int], worker: int) -> tuple[int, Counter]:
+        """What `worker` has read since `before` (a copy of `counts`): the samples, and the skipped ones by kind."""
+        now = self.counts[worker * self.width : (worker + 1) * self.width]
+        read, *skipped = (n - b for n, b in zip(now, before[worker * self.width :]))
+        return read, Counter({kind: n for kind, n in zip(SKIP_KINDS, skipped) if n})
 
 
 def start_worker(worker_id: int) -> None:
@@ -104,22 +133,24 @@ def data_loader(dataset, num_workers: int, timeout_s: float, **kwargs) -> DataLo
                       multiprocessing_context="fork" if num_workers else None, **kwargs)
 
 
-def watched(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
+def watched(loader: DataLoader, timeout_s: float, name: str, reads: Reads | None = None) -> Iterator:
     """The items of `loader` (made by `data_loader`) until it
     ends, or until a worker exits (WorkerDied, within POLL_S of a wait for a chunk) or delivers
-    nothing for `timeout_s` (WorkerStalled); `name` ("training", "validation") names the loader in
-    them. Once they stop, for any reason (the end, an error, close()), the workers and the commands
-    they started are gone. A loader without workers is read in this process, and stopped alike
-    (ReadStalled: see `_read_here`)."""
-    return _from_workers(loader, timeout_s, name) if loader.num_workers else _read_here(loader, timeout_s, name)
+    nothing for `timeout_s` (WorkerStalled; TooManyBadSamples when `reads` shows it read on, skipping
+    what it read); `name` ("training", "validation") names the loader in them. Once they stop, for
+    any reason (the end, an error, close()), the workers and the commands they started are gone. A
+    loader without workers is read in this process, and stopped alike (ReadStalled: see `_read_here`)."""
+    if loader.num_workers:
+        return _from_workers(loader, timeout_s, name, reads)
+    return _read_here(loader, timeout_s, name, reads)
 
 
-def _from_workers(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
+def _from_workers(loader: DataLoader, timeout_s: float, name: str, reads: Reads | None) -> Iterator:
     chunks, workers = _start(loader, timeout_s, name)
     try:
         while True:
             try:
-                item = _next(chunks, workers, name, loader.timeout, timeout_s)
+                item = _next(chunks, workers, name, loader.timeout, timeout_s, reads)
             except StopIteration:  # the end of a finite loader (validation's): no generator may raise it
                 return
             yield item
@@ -185,7 +216,7 @@ def _stop(chunks, workers: list[Process]) -> None:
         q.close()
 
 
-def _read_here(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
+def _read_here(loader: DataLoader, timeout_s: float, name: str, reads: Reads | None) -> Iterator:
     """The items of a loader without workers, read in this process by a thread of their own, one
     item at a time as asked for, as the caller would read them itself: torch takes no timeout
     without workers, and only another thread can give up on a read that never returns. A wait of
@@ -213,18 +244,18 @@ def _read_here(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
     try:
         while True:
             asked.put(True)
+            before = reads.counts[:] if reads else None
             try:
                 item, error = given.get(timeout=timeout_s)
             except queue.Empty:
+                late = _late(f"{name} loader, read in the training process (data.num_workers=0),", 0, timeout_s,
+                             reads, before, ReadStalled, "; the commands it started were ended")  # before they end
                 commands.end()
                 # Unblocked, the thread goes on to the next shard: it must be done before this process
                 # exits, which would freeze it, a daemon, between starting a command and recording it.
                 asked.put(False)
                 reader.join(timeout=ENDED_READ_S)
-                raise ReadStalled(
-                    f"{name} loader, read in the training process (data.num_workers=0), delivered nothing for "
-                    f"{timeout_s:g} s (dist.timeout_s): a shard read that stalls (a pipe: command, a filesystem); "
-                    "the commands it started were ended") from None
+                raise late from None
             if isinstance(error, StopIteration):  # the end of a finite loader: no generator may raise it
                 return
             if error is not None:
@@ -234,8 +265,8 @@ def _read_here(loader: DataLoader, timeout_s: float, name: str) -> Iterator:
         asked.put(False)  # the thread ends once it is done with the item it reads, if any
 
 
-def _next(chunks: Iterator, workers: list[Process], name: str, poll_s: float, timeout_s: float):
-    started = time.monotonic()
+def _next(chunks: Iterator, workers: list[Process], name: str, poll_s: float, timeout_s: float, reads: Reads | None):
+    started, before = time.monotonic(), reads.counts[:] if reads else None
     while True:
         try:
             return next(chunks)
@@ -252,9 +283,24 @@ def _next(chunks: Iterator, workers: list[Process], name: str, poll_s: float, ti
             # Torch returns the items in the order it asked for them: it waits for the one asked of this
             # worker (their count no longer tells which once a finite loader's worker is done).
             worker, = chunks._task_info[chunks._rcvd_idx]
-            raise WorkerStalled(
-                f"{name} loader worker {worker} (pid {workers[worker].pid}) delivered nothing for {timeout_s:g} s "
-                "(dist.timeout_s): a shard read that stalls (a pipe: command, a filesystem) or a hung worker")
+            raise _late(f"{name} loader worker {worker} (pid {workers[worker].pid})", worker, timeout_s, reads, before,
+                        WorkerStalled, " or a hung worker")
+
+
+def _late(who: str, worker: int, timeout_s: float, reads: Reads | None, before: list[int] | None,
+          stalled: type[Exception], more: str) -> Exception:
+    """The error for `who`, which delivered nothing for `timeout_s`: `stalled`, unless `reads` shows it
+    read on, skipping more than data.max_skip_frac of what it read (TooManyBadSamples)."""
+    late = f"{who} delivered nothing for {timeout_s:g} s (dist.timeout_s)"
+    read, skipped = reads.since(before, worker) if reads else (None, Counter())
+    if read and skipped.total() > reads.max_skip_frac * read:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in skipped.most_common())
+        return TooManyBadSamples(
+            f"{late}, reading on: {skipped.total()} of the {read} samples it read meanwhile were bad ({kinds}), more than "
+            f"data.max_skip_frac={reads.max_skip_frac}. The log names the shard and key of the first ones of each kind: "
+            "fix or drop those shards, or raise data.max_skip_frac")
+    meanwhile = "" if read is None else f", reading {read} samples meanwhile" if read else ", reading no sample meanwhile"
+    return stalled(f"{late}{meanwhile}: a shard read that stalls or crawls (a pipe: command, a filesystem){more}")
 
 
 def _check(chunks: Iterator, workers: list[Process], name: str, cause: Exception, grace_s: float) -> None:
