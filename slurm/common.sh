@@ -54,11 +54,33 @@ vitdist_head_addr() {
 
 # Forward a warning signal to every rank of every node (SIGTERM to the job's steps: torchrun
 # passes it on to its ranks, each finishes its step and the next, checkpoints and exits 75).
+# scancel signals only the steps running: one that came before srun's step began reached nothing
+# (and scancel says nothing of it), so it is marked to be sent again once the step runs.
 vitdist_on_signal() {
   vitdist_log "received SIG$1: the ranks checkpoint, then the job requeues"
   VITDIST_SIGNALLED=$1
   VITDIST_TRAPS=$(( VITDIST_TRAPS + 1 ))
+  vitdist_step_running || VITDIST_UNDELIVERED=1
   scancel --signal=TERM "$VITDIST_JOB"
+}
+
+# Whether srun's step runs (one of the job's steps other than the batch shell's and the extern one).
+vitdist_step_running() {
+  squeue --steps --noheader --jobs="$VITDIST_JOB" --format=%i 2>/dev/null | grep -qv -e '\.batch$' -e '\.extern$'
+}
+
+# A signal that reached no step (see vitdist_on_signal) goes to srun's step once it runs; while
+# srun starts it, or until srun ends without one.
+vitdist_deliver_undelivered() {
+  while [ -n "$VITDIST_UNDELIVERED" ] && kill -0 "$1" 2>/dev/null; do
+    if vitdist_step_running; then
+      vitdist_log "SIG$VITDIST_SIGNALLED came before srun's step began: sending it to the step now"
+      scancel --signal=TERM "$VITDIST_JOB"
+      VITDIST_UNDELIVERED=""
+    else
+      sleep 1
+    fi
+  done
 }
 
 # Exits 0 once SLURM has the job back in its queue. A requeue it refuses (a job submitted with
@@ -126,7 +148,7 @@ vitdist_slurm_main() {
 
   # The batch shell runs its traps only while it waits on a background child (or between
   # commands): srun runs in the background and the shell waits, again after each trap.
-  VITDIST_SIGNALLED="" VITDIST_TRAPS=0
+  VITDIST_SIGNALLED="" VITDIST_TRAPS=0 VITDIST_UNDELIVERED=""
   trap 'vitdist_on_signal USR1' USR1
   trap 'vitdist_on_signal TERM' TERM
 
@@ -156,6 +178,7 @@ vitdist_slurm_main() {
       "launch/$launcher.py" --config "$config" "${overrides[@]}" &
   local srun_pid=$!
   while true; do
+    vitdist_deliver_undelivered "$srun_pid"
     local traps_before=$VITDIST_TRAPS
     wait "$srun_pid"
     rc=$?

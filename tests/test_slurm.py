@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -60,8 +61,9 @@ def cancel_what_the_test_left(cluster):
         SUBMITTED.clear()
 
 
-def sbatch(cluster: Cluster, log_dir: Path, script: str, *args: str, options: list[str] = ()) -> int:
-    env = {**cluster.env, "VITDIST_NPROC": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def sbatch(cluster: Cluster, log_dir: Path, script: str, *args: str, options: list[str] = (),
+           env: dict[str, str] | None = None) -> int:
+    env = {**cluster.env, "VITDIST_NPROC": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     out = subprocess.run(["sbatch", "--parsable", *CPU_NODES, f"--output={log_dir}/%x-%j.log", *options,
                           str(REPO / "slurm" / script), *args], cwd=REPO, env=env, capture_output=True, text=True,
                          check=True)
@@ -191,6 +193,29 @@ def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{step}'} at step {step}" in log
     assert f"steps {step} -> 12" in log and "finished: run dir" in log
     assert [step for step, _ in loss_curve(run_dir)] == list(range(1, 13))  # no step lost or repeated
+
+
+def test_a_warning_before_sruns_step_began_reaches_the_ranks_once_it_runs(cluster, demo_shards, tmp_path):
+    """scancel signals only the steps running: a warning between the config check and the start of
+    srun's step reached no rank, and the run trained on, to be killed at the time limit, neither
+    checkpointed nor requeued. It is sent again once the step runs. Here srun starts 4 s late (a
+    wrapper first on PATH, which marks when it began), and the warning comes meanwhile."""
+    shim, run_dir = tmp_path / "shim", tmp_path / "run"
+    shim.mkdir()
+    (shim / "srun").write_text(f"#!/bin/sh\ntouch {shim}/began\nsleep 4\nexec {shutil.which('srun')} \"$@\"\n")
+    (shim / "srun").chmod(0o755)
+    job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
+                 "train.global_batch_size=256", "train.steps=4", f"run.dir={run_dir}", options=["--nodes=1"],
+                 env={"PATH": f"{shim}:{os.environ['PATH']}"})
+    log_path = tmp_path / f"vitdist-pretrain-{job}.log"
+    conftest.wait_for(lambda: (shim / "began").exists(), timeout_s=120)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=cluster.env, check=True)
+    assert wait_done(cluster, job, timeout_s=300) == "COMPLETED"
+    log = log_path.read_text()
+    assert "SIGUSR1 came before srun's step began: sending it to the step now" in log, log[-3000:]
+    assert f"requeueing job {job} (preempted: SIGUSR1" in log and "restart 1:" in log
+    assert "finished: run dir" in log
+    assert [step for step, _ in loss_curve(run_dir)] == list(range(1, 5))  # no step lost or repeated
 
 
 def test_a_requeue_that_slurm_refuses_fails_the_job(cluster, tmp_path):
