@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, read_scalars, run_pretrain,
-                      shard_overrides, wait_for, worker_pid, write_png_folder)
+                      shard_overrides, wait_for, worker_pid, write_png_folder, write_shard)
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.shard_list import expand_urls
@@ -320,6 +320,35 @@ def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step_6 is at train.steps=6 already: nothing to train (give a larger train.steps to train on)" in done.stderr
     assert dict(read_scalars(tmp_path / "tb")["val/top1"]) == evaluated_again and best.read_bytes() == kept
+
+
+def test_a_resume_with_another_global_batch_judges_bad_samples_by_the_samples_trained_on(demo_shards, tmp_path):
+    """The bad fraction took the samples trained on for the steps times the global batch now: resumed
+    at step 10 of 64 samples with a batch of 16, the 672 samples trained on by step 12 counted as
+    192, and a run with 1.8% bad samples stopped at data.max_skip_frac=0.05 (exit 2, not retried).
+    Checkpoints record the samples trained on; one that does not (written before) counts its steps
+    at the global batch of its own config."""
+    write_shard(tmp_path / "bad.tar", [{"__key__": f"bad{i}", "jpg": b"not a jpeg", "cls": 1} for i in range(6)])
+    run_dir = tmp_path / "run"
+    common = [f"data.train_shards={json.dumps([*expand_urls(demo_shards['train']), str(tmp_path / 'bad.tar')])}",
+              "data.val_shards=null", "data.max_skip_frac=0.05", "log.every_steps=10", "ckpt.every_steps=10",
+              "ckpt.keep=0", f"run.dir={run_dir}"]
+
+    def run(steps: int, batch: int) -> dict:
+        done = run_pretrain(0, [*common, f"train.steps={steps}", f"train.global_batch_size={batch}",
+                                f"data.micro_batch_size={batch}"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((run_dir / "checkpoints" / f"step_{steps}" / "train_state.json").read_text())
+
+    assert run(10, 64)["skipped"] == {"undecodable": 12}  # the bad shard read twice
+    assert run(12, 16)["trained_samples"] == 10 * 64 + 2 * 16
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_12")
+    step_10 = run_dir / "checkpoints" / "step_10" / "train_state.json"
+    state = json.loads(step_10.read_text())
+    del state["trained_samples"]  # as a checkpoint written before they were counted
+    step_10.write_text(json.dumps(state))
+    assert run(12, 16)["trained_samples"] == 10 * 64 + 2 * 16
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_with_each_step_once(demo_shards, tmp_path):
