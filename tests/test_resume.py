@@ -351,6 +351,34 @@ def test_a_resume_with_another_global_batch_judges_bad_samples_by_the_samples_tr
     assert run(12, 16)["trained_samples"] == 10 * 64 + 2 * 16
 
 
+def test_a_fresh_run_sets_an_earlier_runs_best_weights_aside_and_keeps_its_own(demo_shards, tmp_path):
+    """A run with no checkpoint of its run.dir's own to resume (one killed before its first, or whose
+    checkpoints were moved away) starts afresh: TensorBoard hides the earlier run's curves, and its
+    best weights are no longer the bar that this run's must beat, which kept a worse run from ever
+    writing its own, leaving another run's weights and scores under its name. They are renamed,
+    beside any set aside before, with a warning."""
+    from vitdist.export import header, write_safetensors
+    from vitdist.model import build_model
+    from vitdist.train import model_meta
+
+    common = [*EXACT, *shard_overrides(demo_shards), "train.steps=2", f"run.dir={tmp_path}"]
+    cfg = load_config(TINY, common)
+    earlier = {**model_meta(cfg.model, cfg.data), "step": 500, "val_top1": 1.0, "val_loss": 0.01}
+    write_safetensors(build_model(cfg.model).state_dict(), earlier, tmp_path / "best.safetensors")
+    (tmp_path / "best.earlier-1.safetensors").write_bytes(b"set aside before")
+
+    fresh = run_pretrain(0, common)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    [(step, top1)] = read_scalars(tmp_path / "tb")["val/top1"]
+    assert header(tmp_path / "best.safetensors")["step"] == "2" == str(step)
+    assert json.loads((tmp_path / "best.json").read_text())["val_top1"] == pytest.approx(top1)
+    aside = tmp_path / "best.earlier-2.safetensors"
+    assert header(aside)["step"] == "500" and json.loads(aside.with_suffix(".json").read_text())["step"] == 500
+    assert (tmp_path / "best.earlier-1.safetensors").read_bytes() == b"set aside before"
+    assert (f"'{tmp_path / 'best.safetensors'}' holds the best weights of an earlier run (step 500, val/top1 1.0), "
+            f"and this run starts afresh: they are not the ones to beat, and are moved to '{aside}'") in fresh.stderr
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_again_with_each_step_once(demo_shards, tmp_path):
     common = [*shard_overrides(demo_shards), *EXACT, "train.steps=2", f"run.dir={tmp_path}"]
     first = run_pretrain(0, common)

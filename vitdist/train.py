@@ -159,7 +159,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                         resume_from, "; ".join(changes))
 
     best_file = run_dir / "best.safetensors"
-    best = best_to_beat(best_file, best, resume_from)
+    best = best_to_beat(best_file, best, resume_from, ctx)
     pin = ctx.device.type == "cuda"
     loader = TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, cfg.train.global_batch_size,
                          ctx.rank, ctx.world_size, positions, pin_memory=pin, timeout_s=cfg.dist.timeout_s)
