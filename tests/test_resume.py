@@ -379,6 +379,24 @@ def test_a_fresh_run_sets_an_earlier_runs_best_weights_aside_and_keeps_its_own(d
             f"and this run starts afresh: they are not the ones to beat, and are moved to '{aside}'") in fresh.stderr
 
 
+def test_a_resume_that_switches_where_jpegs_are_decoded_warns(demo_shards, tmp_path):
+    """A JPEG broken past its header is skipped by data.decode: cpu, which takes its stream's next
+    sample instead, and trained on as a grey image by gpu: from the first one on, the two put other
+    samples in each step (tests/test_gpu_decode.py runs gpu on the CPU). A resume that switches
+    them, explicitly or by `auto` on a machine with or without CUDA, went on without a word; it
+    warns, with the data.decode each resolved to. `auto` resolving as before does not."""
+    common = [*EXACT, *shard_overrides(demo_shards), f"run.dir={tmp_path}"]
+    resolved = {"cpu": "cpu", "gpu": "gpu", "auto": "gpu" if torch.cuda.is_available() else "cpu"}
+    before = "cpu"
+    for steps, decode in ((2, "cpu"), (4, "auto"), (6, "gpu")):
+        run = run_pretrain(0, [*common, f"train.steps={steps}", f"data.decode={decode}"])
+        assert run.returncode == 0, run.stderr[-3000:]
+        switched = (f"data.decode: '{before}' -> '{resolved[decode]}' (as resolved on each machine): a JPEG broken "
+                    "past its header")
+        assert (switched in run.stderr) == (before != resolved[decode]), run.stderr[-3000:]
+        before = resolved[decode]
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_again_with_each_step_once(demo_shards, tmp_path):
     common = [*shard_overrides(demo_shards), *EXACT, "train.steps=2", f"run.dir={tmp_path}"]
     first = run_pretrain(0, common)

@@ -252,7 +252,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                     train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
                                    "skipped": skipped_total, "trained_samples": trained_total, "bad_steps": bad_total,
                                    "best": best, "eval_owed": eval_due and preempted, "data_order": data_order,
-                                   "config": to_dict(cfg)}
+                                   "decoded_on": resume.decoded_on(cfg), "config": to_dict(cfg)}
                     checkpointer.save(step, model, optimizer, train_state, final=preempted or step == cfg.train.steps)
             if preempted:
                 checkpointer.wait(final=True)
