@@ -32,6 +32,7 @@ import webdataset as wds
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from atomic_write import write_json, written_whole
 from vitdist.config_yaml import load_config
 from vitdist.data import TrainLoader
 from vitdist.demo_data import draw_photo
@@ -46,13 +47,11 @@ WARMUP_BATCHES = 3
 def write_shard(task: tuple[str, int, int]) -> None:
     path, first, count = task
     rng = np.random.default_rng(first)
-    partial = path + ".partial"  # an interrupted run leaves no shard that looks complete
-    with wds.TarWriter(partial) as sink:
+    with written_whole(path) as partial, wds.TarWriter(str(partial)) as sink:
         for index in range(first, first + count):
             jpeg = io.BytesIO()
             draw_photo(*IMAGE_SIZE, rng).save(jpeg, format="JPEG", quality=90)
             sink.write({"__key__": f"{index:08d}", "jpg": jpeg.getvalue(), "cls": index % NUM_CLASSES})
-    os.replace(partial, path)
 
 
 def ensure_shards(cache: Path, samples: int, per_shard: int) -> tuple[str, dict]:
@@ -198,23 +197,19 @@ def main() -> None:
                "loader": [], "training": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save() -> None:  # after every measurement, whole: a run stopped at its time limit keeps what it measured
-        partial = args.out.with_name(args.out.name + ".partial")
-        partial.write_text(json.dumps(results, indent=1))
-        os.replace(partial, args.out)
-
+    # The figures go to args.out after every measurement: a run stopped at its time limit keeps what it measured.
     rows = []
     for decode in ("cpu", "gpu"):
         for w in workers:
             rate = measure_loader(pattern, decode, w, streams, args.batch, args.loader_batches,
                                   model_cfg.model.img_size, device)
             results["loader"].append({"decode": decode, "workers": w, "samples_per_sec": rate})
-            save()
+            write_json(args.out, results)
             rows.append(("loader alone", decode, w, f"{rate:,.0f}", ""))
             print(f"loader decode={decode} workers={w}: {rate:,.0f} samples/s", flush=True)
     device_work = measure_device_work(pattern, streams, args.batch, 2, model_cfg.model.img_size, device)
     results["device_work"] = device_work
-    save()
+    write_json(args.out, results)
     for name, value in device_work.items():
         rows.append((f"device work alone: {name.replace('_', ' ')}", "gpu", "-", f"{value:,.0f}", ""))
         print(f"device work {name}: {value:,.0f} samples/s", flush=True)
@@ -230,7 +225,7 @@ def main() -> None:
                 print(error, file=sys.stderr, flush=True)
                 run["error"], figures, failed = str(error)[-1000:], ("failed", ""), failed + 1
             results["training"].append(run)
-            save()
+            write_json(args.out, results)
             rows.append((f"training {args.config.name}", decode, args.train_workers, *figures))
             print(f"training decode={decode}: {figures[0]} img/s", flush=True)
     print(f"\n{results['device']}, {os.cpu_count()} CPU cores; {shards['samples']} JPEGs of {IMAGE_SIZE[0]}x"

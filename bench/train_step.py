@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import statistics
 import time
 
@@ -39,6 +38,7 @@ import torch._inductor.config
 import torch.nn.functional as F
 import yaml
 
+from atomic_write import write_json
 from vitdist import distributed
 from vitdist.config_yaml import load_config
 from vitdist.metrics import matmul_peak_flops
@@ -275,12 +275,10 @@ def main() -> None:
         except Exception as e:  # one failing variant must not cost the others' figures
             results.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         compare(results, peak)
-        if args.out:  # after every variant, whole (a run stopped at its time limit keeps what it measured)
-            with open(f"{args.out}.partial", "w") as f:
-                json.dump({"device": device_name, "torch": torch.__version__, "timm": timm.__version__,
-                           "matmul_peak_flops": peak, "args": {k: str(v) for k, v in vars(args).items()},
-                           "results": results}, f, indent=1)
-            os.replace(f"{args.out}.partial", args.out)
+        if args.out:  # after every variant: a run stopped at its time limit keeps what it measured
+            write_json(args.out, {"device": device_name, "torch": torch.__version__, "timm": timm.__version__,
+                                  "matmul_peak_flops": peak, "args": {k: str(v) for k, v in vars(args).items()},
+                                  "results": results})
         print(json.dumps(results[-1]), flush=True)
 
     print(f"\n{device_name} | torch {torch.__version__} | timm {timm.__version__} | "

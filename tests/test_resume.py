@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, read_scalars, run_pretrain,
-                      shard_overrides, wait_for, worker_pid, write_png_folder)
+                      shard_overrides, wait_for, worker_pid, write_png_folder, write_shard)
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.shard_list import expand_urls
@@ -320,6 +320,81 @@ def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step_6 is at train.steps=6 already: nothing to train (give a larger train.steps to train on)" in done.stderr
     assert dict(read_scalars(tmp_path / "tb")["val/top1"]) == evaluated_again and best.read_bytes() == kept
+
+
+def test_a_resume_with_another_global_batch_judges_bad_samples_by_the_samples_trained_on(demo_shards, tmp_path):
+    """The bad fraction took the samples trained on for the steps times the global batch now: resumed
+    at step 10 of 64 samples with a batch of 16, the 672 samples trained on by step 12 counted as
+    192, and a run with 1.8% bad samples stopped at data.max_skip_frac=0.05 (exit 2, not retried).
+    Checkpoints record the samples trained on; one that does not (written before) counts its steps
+    at the global batch of its own config."""
+    write_shard(tmp_path / "bad.tar", [{"__key__": f"bad{i}", "jpg": b"not a jpeg", "cls": 1} for i in range(6)])
+    run_dir = tmp_path / "run"
+    common = [f"data.train_shards={json.dumps([*expand_urls(demo_shards['train']), str(tmp_path / 'bad.tar')])}",
+              "data.val_shards=null", "data.max_skip_frac=0.05", "log.every_steps=10", "ckpt.every_steps=10",
+              "ckpt.keep=0", f"run.dir={run_dir}"]
+
+    def run(steps: int, batch: int) -> dict:
+        done = run_pretrain(0, [*common, f"train.steps={steps}", f"train.global_batch_size={batch}",
+                                f"data.micro_batch_size={batch}"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((run_dir / "checkpoints" / f"step_{steps}" / "train_state.json").read_text())
+
+    assert run(10, 64)["skipped"] == {"undecodable": 12}  # the bad shard read twice
+    assert run(12, 16)["trained_samples"] == 10 * 64 + 2 * 16
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_12")
+    step_10 = run_dir / "checkpoints" / "step_10" / "train_state.json"
+    state = json.loads(step_10.read_text())
+    del state["trained_samples"]  # as a checkpoint written before they were counted
+    step_10.write_text(json.dumps(state))
+    assert run(12, 16)["trained_samples"] == 10 * 64 + 2 * 16
+
+
+def test_a_fresh_run_sets_an_earlier_runs_best_weights_aside_and_keeps_its_own(demo_shards, tmp_path):
+    """A run with no checkpoint of its run.dir's own to resume (one killed before its first, or whose
+    checkpoints were moved away) starts afresh: TensorBoard hides the earlier run's curves, and its
+    best weights are no longer the bar that this run's must beat, which kept a worse run from ever
+    writing its own, leaving another run's weights and scores under its name. They are renamed,
+    beside any set aside before, with a warning."""
+    from vitdist.export import header, write_safetensors
+    from vitdist.model import build_model
+    from vitdist.train import model_meta
+
+    common = [*EXACT, *shard_overrides(demo_shards), "train.steps=2", f"run.dir={tmp_path}"]
+    cfg = load_config(TINY, common)
+    earlier = {**model_meta(cfg.model, cfg.data), "step": 500, "val_top1": 1.0, "val_loss": 0.01}
+    write_safetensors(build_model(cfg.model).state_dict(), earlier, tmp_path / "best.safetensors")
+    (tmp_path / "best.earlier-1.safetensors").write_bytes(b"set aside before")
+
+    fresh = run_pretrain(0, common)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    [(step, top1)] = read_scalars(tmp_path / "tb")["val/top1"]
+    assert header(tmp_path / "best.safetensors")["step"] == "2" == str(step)
+    assert json.loads((tmp_path / "best.json").read_text())["val_top1"] == pytest.approx(top1)
+    aside = tmp_path / "best.earlier-2.safetensors"
+    assert header(aside)["step"] == "500" and json.loads(aside.with_suffix(".json").read_text())["step"] == 500
+    assert (tmp_path / "best.earlier-1.safetensors").read_bytes() == b"set aside before"
+    assert (f"'{tmp_path / 'best.safetensors'}' holds the best weights of an earlier run (step 500, val/top1 1.0), "
+            f"and this run starts afresh: they are not the ones to beat, and are moved to '{aside}'") in fresh.stderr
+
+
+def test_a_resume_that_switches_where_jpegs_are_decoded_warns(demo_shards, tmp_path):
+    """A JPEG broken past its header is skipped by data.decode: cpu, which takes its stream's next
+    sample instead, and trained on as a grey image by gpu: from the first one on, the two put other
+    samples in each step (tests/test_gpu_decode.py runs gpu on the CPU). A resume that switches
+    them, explicitly or by `auto` on a machine with or without CUDA, went on without a word; it
+    warns, with the data.decode each resolved to. `auto` resolving as before does not."""
+    common = [*EXACT, *shard_overrides(demo_shards), f"run.dir={tmp_path}"]
+    resolved = {"cpu": "cpu", "gpu": "gpu", "auto": "gpu" if torch.cuda.is_available() else "cpu"}
+    before = "cpu"
+    for steps, decode in ((2, "cpu"), (4, "auto"), (6, "gpu")):
+        run = run_pretrain(0, [*common, f"train.steps={steps}", f"data.decode={decode}"])
+        assert run.returncode == 0, run.stderr[-3000:]
+        switched = (f"data.decode: '{before}' -> '{resolved[decode]}' (as resolved on each machine): a JPEG broken "
+                    "past its header")
+        assert (switched in run.stderr) == (before != resolved[decode]), run.stderr[-3000:]
+        before = resolved[decode]
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_with_each_step_once(demo_shards, tmp_path):

@@ -35,6 +35,6 @@ def test_of_weights_with_equal_top1_those_with_the_lower_loss_are_kept(process_g
     assert len({loss for _, loss in evaluated.values()}) == 3, evaluated
     lowest = min(evaluated, key=lambda step: evaluated[step][1])
     assert best == {"val_top1": evaluated[lowest][0], "val_loss": evaluated[lowest][1]}
-    assert best_to_beat(best_file, None, None) == pytest.approx(best)
+    assert best_to_beat(best_file, None, tmp_path / "checkpoints" / "step_3", ctx) == pytest.approx(best)
     scale = {1: 1.0, 2: 0.5, 3: 2.0}[lowest]
     assert torch.equal(load_file(best_file)["head.weight"], head["weight"] * scale)

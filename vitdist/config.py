@@ -79,7 +79,9 @@ class DataConfig:
         "auto", "training images: cpu: loader workers decode (PIL) and crop them (torch's uint8 resize); gpu: workers hand "
         "over the JPEG bytes and crop boxes, the training device decodes (nvJPEG on CUDA) and resizes them in batches, "
         "to the same pixels; "
-        "other images still decode in the workers; auto: gpu when training on CUDA, else cpu. Validation always decodes in the workers")
+        "other images still decode in the workers; auto: gpu when training on CUDA, else cpu. Validation always decodes in the "
+        "workers. A resume that switches cpu and gpu warns: JPEGs broken past their headers put other samples in the "
+        "steps from there")
     min_image_side: int = _opt(
         8, "skip (as too_small) images whose shorter side has fewer pixels: 1x1 tracking pixels and broken thumbnails "
         "hold nothing to crop, while 32 px images (CIFAR, icons) pass", at_least=0)

@@ -19,13 +19,15 @@ from pathlib import Path
 from . import imagefolder
 from .checkpoint import MODEL_META, TRAIN_STATE, check_files, read_json
 from .config import Config, ConfigError, to_dict
+from .data import decodes_on_device
 from .imagefolder import ImageFolder
 from .model import timm_kwargs
 from .schedule import lr_at
 
 # How the run is carried out, not what it computes (beyond the order of float sums, as with
 # another world size); data.train_shards and the architecture are compared as what they resolve
-# to (check). model.drop_path_rate is reported: it changes what the run learns.
+# to (check), data.decode too (changes). model.drop_path_rate is reported: it changes what the
+# run learns.
 _UNREPORTED_SECTIONS = {"dist", "ckpt", "log", "run"}
 _UNREPORTED = {"model.grad_checkpointing", "data.train_shards", "data.micro_batch_size", "data.num_workers",
                "data.prefetch_steps", "data.decode", "data.max_skip_frac", "train.resume", "train.compile",
@@ -41,6 +43,11 @@ def data_order(cfg: Config, urls: list[str], converted: dict | None = None) -> d
     order = {"seed": cfg.data.seed, "shuffle_block": cfg.data.shuffle_block, "shards": len(urls),
              "shard_ids_sha256": _sha256(ids), "shard_set_sha256": _sha256(sorted(ids))}
     return {**order, "image_folder": converted} if converted else order
+
+
+def decoded_on(cfg: Config) -> str:
+    """data.decode resolved, for train_state.json: 'auto' is 'gpu' on a machine with CUDA, else 'cpu'."""
+    return "gpu" if decodes_on_device(cfg.data) else "cpu"
 
 
 def shard_ids(urls: list[str]) -> list[str]:
@@ -163,14 +170,20 @@ def _check_shards(order: dict, urls: list[str], given, trained_with, path: Path)
 
 
 def changes(cfg: Config, state: dict) -> list[str]:
-    """The keys changed since the checkpoint's run, 'key: old -> new', and what the learning rate
-    at the resumed step became if the schedule changed (as `train.steps` does to extend a run)."""
+    """The keys changed since the checkpoint's run, 'key: old -> new' (data.decode as resolved on
+    each machine), and what the learning rate at the resumed step became if the schedule changed
+    (as `train.steps` does to extend a run)."""
     if "config" not in state:  # a checkpoint written before the config was recorded
         return []
     old, new = _flat(state["config"]), _flat(to_dict(cfg))
     changed = [key for key in new if old.get(key) != new[key] and key not in _UNREPORTED
                and key.split(".")[0] not in _UNREPORTED_SECTIONS]
     lines = [f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in changed]
+    if (before := state.get("decoded_on")) and before != decoded_on(cfg):  # earlier checkpoints do not record it
+        lines.append(f"data.decode: {before!r} -> {decoded_on(cfg)!r} (as resolved on each machine): a "
+                     "JPEG broken past its header is skipped with cpu, its stream's next sample taken in its place, "
+                     "and trained on as a grey image with gpu, so from the first such JPEG on, steps hold other "
+                     "samples than the uninterrupted run's")
     step = state["step"]
     then, now = (lr_at(step, lr=c["optim.lr"], min_lr=c["optim.min_lr"], warmup_steps=c["optim.warmup_steps"],
                        total_steps=c["train.steps"]) for c in (old, new))

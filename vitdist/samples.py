@@ -244,10 +244,11 @@ class TooManyBadSamples(RuntimeError):
 _JUDGE_SKIPS_FROM_STEP = 10
 
 
-def check_skipped(skipped: dict[str, int], step: int, global_batch_size: int, cfg: DataConfig) -> None:
+def check_skipped(skipped: dict[str, int], step: int, trained: int, cfg: DataConfig) -> None:
     """TooManyBadSamples when more than `data.max_skip_frac` of the samples read in `step` steps
-    were skipped. `skipped` (kind -> count) is summed over ranks: every rank decides alike."""
-    total, trained = sum(skipped.values()), step * global_batch_size
+    were skipped, `trained` being the samples trained on. `skipped` (kind -> count) is summed over
+    ranks: every rank decides alike."""
+    total = sum(skipped.values())
     if step < _JUDGE_SKIPS_FROM_STEP or total <= cfg.max_skip_frac * (total + trained):
         return
     top = ", ".join(f"{kind} {count}" for kind, count in Counter(skipped).most_common(3))

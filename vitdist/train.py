@@ -139,11 +139,15 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
 
     step, positions, skipped_total, best = 0, {}, {}, None  # skipped_total: kind -> samples, over ranks
     bad_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
+    trained_total = 0  # samples trained on, over ranks: not steps x the global batch, which a resume may change
     eval_owed = False  # the run this one resumes was preempted at an evaluation step, before evaluating
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer)
         step, positions, skipped_total = state["step"], state["data_positions"], state["skipped"]
         bad_total = state.get("bad_steps", 0)
+        # A checkpoint from before they were counted: its steps at its own config's global batch.
+        trained_total = state.get("trained_samples",
+                                  step * state.get("config", to_dict(cfg))["train"]["global_batch_size"])
         if isinstance(skipped_total, int):  # a checkpoint from before skips were counted by kind
             skipped_total = {"unknown": skipped_total}
         # Before 2026-12-03 a checkpoint recorded the best val/top1 alone (-1 before any validation).
@@ -155,7 +159,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                         resume_from, "; ".join(changes))
 
     best_file = run_dir / "best.safetensors"
-    best = best_to_beat(best_file, best, resume_from)
+    best = best_to_beat(best_file, best, resume_from, ctx)
     pin = ctx.device.type == "cuda"
     loader = TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, cfg.train.global_batch_size,
                          ctx.rank, ctx.world_size, positions, pin_memory=pin, timeout_s=cfg.dist.timeout_s)
@@ -208,6 +212,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             loss, grad_norm, bad = train_step(dp_model, model, optimizer, objective, images, batch["label"], cfg,
                                               compute)
             step += 1
+            trained_total += cfg.train.global_batch_size
             bad_steps.record(bad)
             window.add_step(loss, grad_norm, bad, cfg.train.global_batch_size)
 
@@ -234,7 +239,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             if at_log_step:
                 checkpointer.finish_if_written(ctx.control)
                 try:
-                    check_skipped(skipped_total, step, cfg.train.global_batch_size, cfg.data)
+                    check_skipped(skipped_total, step, trained_total, cfg.data)
                     bad_steps.check(cfg.train.max_bad_steps, step)
                 except (TooManyBadSamples, NonFiniteTraining) as error:
                     checkpointer.wait()  # every rank stops here together, so they can finish the save in flight
@@ -245,9 +250,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                                 step, ongoing)
                 else:
                     train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
-                                   "skipped": skipped_total, "bad_steps": bad_total, "best": best,
-                                   "eval_owed": eval_due and preempted, "data_order": data_order,
-                                   "config": to_dict(cfg)}
+                                   "skipped": skipped_total, "trained_samples": trained_total, "bad_steps": bad_total,
+                                   "best": best, "eval_owed": eval_due and preempted, "data_order": data_order,
+                                   "decoded_on": resume.decoded_on(cfg), "config": to_dict(cfg)}
                     checkpointer.save(step, model, optimizer, train_state, final=preempted or step == cfg.train.steps)
             if preempted:
                 checkpointer.wait(final=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from . import distributed
 from .config import Config
 from .data import Normalize
-from .export import recorded_best, write_safetensors
+from .export import header, recorded_best, write_safetensors
+
+log = logging.getLogger(__name__)
 
 
 def better(scores: dict, best: dict | None) -> bool:
@@ -28,16 +31,39 @@ def better(scores: dict, best: dict | None) -> bool:
     return (scores["val_top1"], -scores["val_loss"]) > (best["val_top1"], -best.get("val_loss", math.inf))
 
 
-def best_to_beat(best_file: Path, checkpoint_best: dict | None, resume_from: Path | None) -> dict | None:
-    """The scores ({val_top1, val_loss}) that new best weights must beat (None: any): those of the
-    best weights in run.dir, where a killed run may have written better ones after the checkpoint resumed from,
-    which a resume that is not bitwise (another world size, a changed config) may not reach again.
-    The checkpoint's own figures serve for a file that records none, written by this run; a warm
-    start's checkpoint holds another run's."""
+def best_to_beat(best_file: Path, checkpoint_best: dict | None, resume_from: Path | None,
+                 ctx: distributed.DistContext) -> dict | None:
+    """The scores ({val_top1, val_loss}) that new best weights must beat (None: any). A run that
+    resumes a checkpoint of its run.dir's own: those of the best weights there, where a killed run
+    may have written better ones after the checkpoint resumed from, which a resume that is not
+    bitwise (another world size, a changed config) may not reach again; the checkpoint's own
+    figures serve for a file that records none. A run that starts afresh (killed before its first
+    checkpoint, its checkpoints moved away, or a warm start from another run's) competes with
+    none, as TensorBoard hides the earlier run's curves: rank 0 moves that run's best weights aside,
+    which a worse run would never replace, leaving them under its name."""
+    this_run = resume_from is not None and resume_from.parent.resolve() == (best_file.parent / "checkpoints").resolve()
+    if not this_run:
+        if ctx.is_main and best_file.is_file():
+            _set_aside(best_file)
+        return None
     if (recorded := recorded_best(best_file)) is not None:
         return recorded
-    this_run = resume_from is not None and resume_from.parent.resolve() == (best_file.parent / "checkpoints").resolve()
-    return checkpoint_best if best_file.is_file() and this_run else None
+    return checkpoint_best if best_file.is_file() else None
+
+
+def _set_aside(best_file: Path) -> None:
+    """best.safetensors and its JSON renamed best.earlier-<n>.*, n the first not taken: kept, as an
+    earlier run's checkpoints and curves are."""
+    n = 1
+    while (aside := best_file.with_name(f"{best_file.stem}.earlier-{n}{best_file.suffix}")).exists():
+        n += 1
+    recorded = header(best_file)
+    log.warning("'%s' holds the best weights of an earlier run (step %s, val/top1 %s), and this run starts afresh: "
+                "they are not the ones to beat, and are moved to '%s'", best_file, recorded.get("step", "?"),
+                recorded.get("val_top1", "?"), aside)
+    if best_file.with_suffix(".json").is_file():
+        best_file.with_suffix(".json").replace(aside.with_suffix(".json"))
+    best_file.replace(aside)
 
 
 def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx: distributed.DistContext, compute,
