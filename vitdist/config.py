@@ -338,7 +338,7 @@ def doubts(cfg: Config) -> list[str]:
     optim, train = cfg.optim, cfg.train
     if optim.warmup_steps > train.steps:
         found.append(f"optim.warmup_steps={optim.warmup_steps} > train.steps={train.steps}: the learning rate rises to "
-                     f"{optim.lr * train.steps / optim.warmup_steps:.3g} of optim.lr={optim.lr:g} and never decays")
+                     f"{train.steps / optim.warmup_steps:.3g} of optim.lr={optim.lr:g} and never decays")
     if optim.min_lr > optim.lr:
         found.append(f"optim.min_lr={optim.min_lr:g} > optim.lr={optim.lr:g}: the learning rate rises after the warmup")
     if cfg.finetune.freeze == "backbone" and cfg.model.drop_path_rate > 0:
