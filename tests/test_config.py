@@ -147,7 +147,10 @@ def test_vit_b16_is_the_paper_size():
     ("train.label_smoothing=1.5", "config key 'train.label_smoothing' must be >= 0 and <= 1, got 1.5"),
     ("data.val_crop_frac=0", "config key 'data.val_crop_frac' must be > 0 and <= 1, got 0.0"),
     ("model.drop_path_rate=1", "config key 'model.drop_path_rate' must be >= 0 and < 1, got 1.0"),
-    ("data.std=[0.2, 0, 0.2]", "config key 'data.std' must be > 0, got [0.2, 0.0, 0.2]"),
+    ("data.std=[0.2, 0, 0.2]", "config key 'data.std' must be > 0 and <= 1, got [0.2, 0.0, 0.2]"),
+    # 0-255 values, as mmcv's configs give them: the run trained on inputs near -2 everywhere, learning nothing
+    ("data.mean=[123.675, 116.28, 103.53]", "config key 'data.mean' must be >= 0 and <= 1, got [123.675, 116.28, 103.53]"),
+    ("data.std=[58.395, 57.12, 57.375]", "config key 'data.std' must be > 0 and <= 1, got [58.395, 57.12, 57.375]"),
     ("optim.warmup_steps=-1", "config key 'optim.warmup_steps' must be >= 0"),
     ("train.seed=18446744073709551616", "config key 'train.seed' must be >= 0 and < 4294967296, got 1844"),
     ("data.streams=3", "train.global_batch_size=128 is not divisible by data.streams=3"),
