@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY, write_png_folder
-from vitdist.config import ConfigError, Config, batch_layout, reference_markdown
+from vitdist.config import ConfigError, Config, batch_layout, doubts, reference_markdown
 from vitdist.config_yaml import load_config, save_config
 
 SHARDS = "data.train_shards=/x/train-{0..3}.tar"
@@ -147,7 +147,10 @@ def test_vit_b16_is_the_paper_size():
     ("train.label_smoothing=1.5", "config key 'train.label_smoothing' must be >= 0 and <= 1, got 1.5"),
     ("data.val_crop_frac=0", "config key 'data.val_crop_frac' must be > 0 and <= 1, got 0.0"),
     ("model.drop_path_rate=1", "config key 'model.drop_path_rate' must be >= 0 and < 1, got 1.0"),
-    ("data.std=[0.2, 0, 0.2]", "config key 'data.std' must be > 0, got [0.2, 0.0, 0.2]"),
+    ("data.std=[0.2, 0, 0.2]", "config key 'data.std' must be > 0 and <= 1, got [0.2, 0.0, 0.2]"),
+    # 0-255 values, as mmcv's configs give them: the run trained on inputs near -2 everywhere, learning nothing
+    ("data.mean=[123.675, 116.28, 103.53]", "config key 'data.mean' must be >= 0 and <= 1, got [123.675, 116.28, 103.53]"),
+    ("data.std=[58.395, 57.12, 57.375]", "config key 'data.std' must be > 0 and <= 1, got [58.395, 57.12, 57.375]"),
     ("optim.warmup_steps=-1", "config key 'optim.warmup_steps' must be >= 0"),
     ("train.seed=18446744073709551616", "config key 'train.seed' must be >= 0 and < 4294967296, got 1844"),
     ("data.streams=3", "train.global_batch_size=128 is not divisible by data.streams=3"),
@@ -307,6 +310,17 @@ def test_check_only_validates_for_the_world_size_given(demo_shards, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_warmup_longer_than_the_run_is_warned_of_with_the_share_of_the_peak_reached():
+    """The last step's rate is train.steps / optim.warmup_steps of optim.lr: "rises to 0.05 of
+    optim.lr=0.001", as README shows, not the rate itself (5e-05 "of optim.lr" read as a share)."""
+    cfg = load_config(TINY, ["optim.warmup_steps=1000", "train.steps=50", "optim.lr=0.001"])
+    assert doubts(cfg)[0] == ("optim.warmup_steps=1000 > train.steps=50: the learning rate rises to 0.05 of "
+                              "optim.lr=0.001 and never decays")
+    from vitdist.schedule import lr_at
+    last = lr_at(49, lr=0.001, min_lr=cfg.optim.min_lr, warmup_steps=1000, total_steps=50)
+    assert last == pytest.approx(0.05 * 0.001)
+
+
 def test_likely_mistakes_are_warned_of_once_and_still_run(demo_shards, tmp_path):
     """A long run's config with a short run's overrides: allowed, but said, by rank 0 alone, also
     under `--check` (what SLURM jobs run first). A directory given as the config is named as one."""
@@ -319,7 +333,7 @@ def test_likely_mistakes_are_warned_of_once_and_still_run(demo_shards, tmp_path)
     run = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     warned = [line for line in run.stderr.splitlines() if line.startswith("config warning: ")]
-    assert warned == ["config warning: optim.warmup_steps=20 > train.steps=10: the learning rate rises to 0.001 of "
+    assert warned == ["config warning: optim.warmup_steps=20 > train.steps=10: the learning rate rises to 0.5 of "
                       "optim.lr=0.002 and never decays",
                       "config warning: optim.min_lr=0.01 > optim.lr=0.002: the learning rate rises after the warmup",
                       "config warning: finetune.freeze=backbone with model.drop_path_rate=0.1: the frozen blocks are "

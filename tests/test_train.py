@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import yaml
 import pytest
@@ -16,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import TINY, png_bytes, read_scalars, run_pretrain, shard_overrides, vitdist_cli, write_shard
-from vitdist.config import to_dict
+from vitdist.config import ConfigError, to_dict
 from vitdist.config_yaml import load_config
 from vitdist.data import TrainLoader
 from vitdist.shard_list import expand_urls
@@ -214,6 +215,18 @@ def test_bad_config_stops_every_rank_before_training(demo_shards, tmp_path, over
     assert run.returncode != 0
     assert run.stderr.count(message) == 2, run.stderr[-3000:]
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_nccl_without_a_gpu_is_refused_before_the_process_group(demo_shards, tmp_path, monkeypatch):
+    """dist.backend=nccl on a machine where torch sees no GPU (a GPU config run on a CPU node) was
+    let through by preflight and --check, then failed in init_process_group with a traceback and
+    exit 1, which torchrun's restarts and SLURM's requeue retry."""
+    from vitdist.train import preflight
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(TINY, [*shard_overrides(demo_shards), f"run.dir={tmp_path}", "data.val_shards=null"])
+    preflight(replace(cfg, dist=replace(cfg.dist, backend="gloo")), world_size=1)
+    with pytest.raises(ConfigError, match="dist.backend=nccl needs CUDA GPUs"):
+        preflight(replace(cfg, dist=replace(cfg.dist, backend="nccl")), world_size=1)
 
 
 def test_diverged_steps_are_skipped_counted_then_stop_without_checkpointing_them(demo_shards, tmp_path):

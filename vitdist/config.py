@@ -72,8 +72,9 @@ class DataConfig:
     hflip: float = _opt(0.5, "probability of a horizontal flip", at_least=0, at_most=1)
     val_crop_frac: float = _opt(0.875, "validation: resize the shorter side to floor(img_size / val_crop_frac), then "
                                        "center crop img_size (timm's crop_pct)", above=0, at_most=1)
-    mean: list[float] = _opt([0.485, 0.456, 0.406], "per-channel normalisation mean (0..1 scale)")
-    std: list[float] = _opt([0.229, 0.224, 0.225], "per-channel normalisation std (0..1 scale)", above=0)
+    # Bounded to the 0..1 scale: 0-255 values (mmcv's, OpenCV recipes') were taken, and a run learned nothing
+    mean: list[float] = _opt([0.485, 0.456, 0.406], "per-channel normalisation mean (0..1 scale)", at_least=0, at_most=1)
+    std: list[float] = _opt([0.229, 0.224, 0.225], "per-channel normalisation std (0..1 scale)", above=0, at_most=1)
     prefetch_steps: int = _opt(2, "optimizer steps of data each loader worker prepares ahead", above=0)
     decode: Literal["auto", "cpu", "gpu"] = _opt(
         "auto", "training images: cpu: loader workers decode (PIL) and crop them (torch's uint8 resize); gpu: workers hand "
@@ -340,7 +341,7 @@ def doubts(cfg: Config) -> list[str]:
     optim, train = cfg.optim, cfg.train
     if optim.warmup_steps > train.steps:
         found.append(f"optim.warmup_steps={optim.warmup_steps} > train.steps={train.steps}: the learning rate rises to "
-                     f"{optim.lr * train.steps / optim.warmup_steps:.3g} of optim.lr={optim.lr:g} and never decays")
+                     f"{train.steps / optim.warmup_steps:.3g} of optim.lr={optim.lr:g} and never decays")
     if optim.min_lr > optim.lr:
         found.append(f"optim.min_lr={optim.min_lr:g} > optim.lr={optim.lr:g}: the learning rate rises after the warmup")
     if cfg.finetune.freeze == "backbone" and cfg.model.drop_path_rate > 0:

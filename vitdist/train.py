@@ -68,6 +68,9 @@ def preflight(cfg: Config, world_size: int) -> None:
     layout for this world size, the shard lists (or ImageFolder directories), the architecture,
     the checkpoint to resume from, and (rank 0) the first samples of the shards."""
     batch_layout(cfg, world_size)
+    if cfg.dist.backend == "nccl" and not torch.cuda.is_available():  # else a traceback in init, exit 1, retried
+        raise ConfigError("dist.backend=nccl needs CUDA GPUs, and torch sees none here (torch.cuda.is_available() is "
+                          "False): use dist.backend=auto (gloo on a CPU) or gloo")
     folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
     train_data = folders["train"] if "train" in folders else train_shard_urls(cfg.data, world_size)
     val_urls = expand_urls(cfg.data.val_shards, "data.val_shards") if cfg.data.val_shards and "val" not in folders else []
