@@ -3,6 +3,8 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import DIGITS, TINY, read_scalars, run_pretrain, shard_overrides, vitdist_cli, write_png_folder
+from conftest import DIGITS, ENV, REPO, TINY, read_scalars, run_pretrain, shard_overrides, vitdist_cli, write_png_folder
 from vitdist.config_yaml import load_config
 from vitdist.shard_list import expand_urls
 from vitdist.handoff import load_pretrained
@@ -133,12 +135,13 @@ def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp
     x = torch.randn(2, 3, 48, 48)
     torch.testing.assert_close(exported.eval()(x), ours.eval()(x), rtol=0, atol=0)
 
-    # Another architecture: every rank stops with the offending keys, no traceback.
+    # Another architecture: every rank stops with the offending keys before training starts, no traceback.
     wrong = run_pretrain(2, [*finetune, "model.depth=6", f"run.dir={tmp_path / 'wrong'}"], launcher="finetune")
     assert wrong.returncode != 0 and "]: Traceback" not in wrong.stderr  # torchrun tags a rank's traceback [rankN]:
-    assert wrong.stderr.count(f"error: the checkpoint '{init}' (vit_tiny_patch16_224, 4 blocks of width 128) does not "
-                              "fit the model (vit_tiny_patch16_224, 6 blocks of width 128): model keys the checkpoint "
-                              "lacks: blocks.4.attn.proj.bias") == 2
+    assert wrong.stderr.count(f"config error: finetune.init='{init}': the checkpoint '{init}' (vit_tiny_patch16_224, "
+                              "4 blocks of width 128) does not fit the model (vit_tiny_patch16_224, 6 blocks of width "
+                              "128): model keys the checkpoint lacks: blocks.4.attn.proj.bias") == 2, wrong.stderr[-3000:]
+    assert not (tmp_path / "wrong" / "config.yaml").exists()
 
     # Linear probe: only the head moves.
     frozen = run_pretrain(0, [*finetune, "dist.strategy=ddp", "finetune.freeze=backbone",
@@ -226,6 +229,47 @@ def test_shards_with_more_classes_than_the_model_are_refused_before_any_process_
                                                         "is not a JSON list of class names")):
             check(f"data.train_shards={tmp_path / 'shards' / 'train-{0..1}.tar'}", "data.streams=2",
                   "data.val_shards=null")
+
+
+@pytest.mark.parametrize("kind", ["run's checkpoints", "export", "timm state dict"])
+def test_check_refuses_a_finetune_init_that_does_not_fit_before_any_process_group(tmp_path, process_group, kind):
+    """`launch/finetune.py --check`, as the SLURM jobs run it before any rank starts (no process group
+    ever does under --check): a checkpoint of another architecture is refused there (exit 2), naming
+    finetune.init and the offending keys, judged from its key names and shapes alone; one that fits
+    (a new head, another resolution) passes. It used to be refused only once every rank had started."""
+    from vitdist import checkpoint
+    from vitdist.config import CkptConfig
+    from vitdist.export import write_safetensors
+    from vitdist.train import model_meta
+
+    cfg = load_config(TINY)
+    torch.manual_seed(0)
+    source = build_model(cfg.model)
+    meta = model_meta(cfg.model, cfg.data)
+    if kind == "run's checkpoints":  # what SLURM's pipeline passes: its newest complete checkpoint is meant
+        init = tmp_path / "pre" / "checkpoints"
+        located = checkpoint.Checkpointer(init, CkptConfig(keep=0), meta).save(
+            1, source, build_optimizer(source, cfg.optim), {"step": 1})
+    elif kind == "export":
+        init = located = write_safetensors(source.state_dict(), meta, tmp_path / "vit.safetensors")
+    else:
+        init = located = tmp_path / "vit.pth"
+        torch.save({"model": source.state_dict(), "epoch": 3}, init)
+    arch = "architecture not recorded" if kind == "timm state dict" else "vit_tiny_patch16_224"
+    write_png_folder(tmp_path / "images", per_class=6)
+    command = [sys.executable, "launch/finetune.py", "--config", str(TINY), "--check", f"finetune.init={init}",
+               f"data.train_shards={tmp_path / 'images'}", "data.val_shards=null", f"run.dir={tmp_path / 'run'}"]
+
+    refused = subprocess.run([*command, "model.depth=6"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert (f"config error: finetune.init='{init}': the checkpoint '{located}' ({arch}, 4 blocks of width 128) does "
+            "not fit the model (vit_tiny_patch16_224, 6 blocks of width 128): model keys the checkpoint lacks: "
+            "blocks.4.attn.proj.bias, blocks.4.attn.proj.weight") in refused.stderr, refused.stderr[-3000:]
+    fits = subprocess.run([*command, "model.img_size=48", "model.num_classes=5"], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert fits.returncode == 0, fits.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_image_folder_converted_once_and_reused(tmp_path):

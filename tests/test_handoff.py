@@ -199,6 +199,41 @@ def test_wrong_architecture_lists_the_keys(tmp_path):
         load_pretrained(tiny(), tmp_path / "other.safetensors")
 
 
+def test_the_fit_is_judged_from_metadata_alone_as_the_load_judges_it(tmp_path, process_group):
+    """What preflight runs: check_fit, on a model built on the meta device and the checkpoint's key
+    names and shapes (DCP's .metadata, safetensors' header, a torch file's pickle without its
+    storages), accepts what load_pretrained loads and refuses what it refuses, in the same words."""
+    from vitdist.handoff import check_fit
+    from vitdist.model import check_model
+
+    cfg = load_config(TINY)
+    source = tiny()
+    torch.save(source.state_dict(), tmp_path / "timm.pth")
+    write_safetensors(source.state_dict(), model_meta(cfg.model, cfg.data), tmp_path / "vit.safetensors")
+    run = tmp_path / "run" / "checkpoints"
+    checkpoint.Checkpointer(run, CkptConfig(keep=0), model_meta(cfg.model, cfg.data)).save(
+        1, source, build_optimizer(source, cfg.optim), {"step": 1})
+    targets = [[], ["model.img_size=48", "model.num_classes=5"], ["model.patch_size=4"], ["model.depth=6"],
+               ["model.embed_dim=64"]]
+
+    def verdict(judge) -> str:
+        try:
+            judge()
+        except HandoffError as e:
+            return str(e)
+        return "fits"
+
+    for path in (tmp_path / "timm.pth", tmp_path / "vit.safetensors", run):
+        checked = [verdict(lambda: check_fit(check_model(load_config(TINY, t).model), path)) for t in targets]
+        assert checked == [verdict(lambda: load_pretrained(tiny(*t), path)) for t in targets]
+        assert checked[:3] == ["fits"] * 3 and all("does not fit the model" in v for v in checked[3:]), checked
+    # A checkpoint copied in part is refused by name (the load failed with a traceback of DCP's).
+    (run / "step_1" / "__0_0.distcp").unlink()
+    with pytest.raises(HandoffError, match=re.escape(f"checkpoint '{run / 'step_1'}' is incomplete: its file "
+                                                     "'__0_0.distcp' is missing")):
+        check_fit(check_model(cfg.model), run)
+
+
 def test_unreadable_and_unsafe_checkpoints(tmp_path):
     torch.save(tiny().state_dict(), tmp_path / "full.pth")
     data = (tmp_path / "full.pth").read_bytes()

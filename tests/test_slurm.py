@@ -19,6 +19,8 @@ import torch
 import conftest
 from conftest import DIGITS, REPO, TINY, loss_curve, run_pretrain, shard_overrides
 from slurm_cluster import Cluster, missing_binaries
+from vitdist.config_yaml import load_config
+from vitdist.model import build_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm,
               pytest.mark.skipif(bool(missing_binaries()), reason=f"SLURM is not installed (missing: "
@@ -154,18 +156,22 @@ def test_an_array_whose_tasks_would_share_a_run_dir_is_refused(cluster, demo_sha
 
 
 def test_an_error_that_recurs_is_neither_restarted_nor_requeued(cluster, demo_shards, tmp_path):
-    """A fine-tune from a file that is not a checkpoint passes the config check, then fails:
-    torchrun's 3 restarts exit at once and the job is not requeued."""
-    torch.save([1, 2], tmp_path / "init.pt")
+    """A fine-tune whose config and checkpoint pass the config check, then diverges (optim.lr=1e30):
+    its NaN steps stop it, torchrun's 3 restarts exit at once and the job is not requeued. (A file
+    that is not a checkpoint no longer reaches training: the check refuses it.)"""
+    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "init.pt")
     run_dir = tmp_path / "run"
     start = time.time()
     job = sbatch(cluster, tmp_path, "finetune.sbatch", str(TINY), *shard_overrides(demo_shards),
-                 f"finetune.init={tmp_path / 'init.pt'}", f"run.dir={run_dir}")
+                 f"finetune.init={tmp_path / 'init.pt'}", f"run.dir={run_dir}", "optim.lr=1e30", "optim.min_lr=1e30",
+                 "optim.warmup_steps=1", "train.max_bad_steps=1", "log.every_steps=1", "train.global_batch_size=32",
+                 "data.micro_batch_size=16")
     assert wait_done(cluster, job) == "FAILED"
     assert time.time() - start < 90
     log = job_log(tmp_path, "vitdist-finetune", job)
-    error = f"'{tmp_path / 'init.pt'}' is not a state dict of tensors"
-    assert (run_dir / "FATAL").read_text() == error + "\n"
+    error = (run_dir / "FATAL").read_text().removesuffix("\n")
+    assert re.match(r"1 steps in a row up to step \d+ had a NaN/Inf loss or gradient norm \(train.max_bad_steps=1\)",
+                    error), error
     assert log.count(f"error: {error} (recurs: not retried, see {run_dir / 'FATAL'})") == 3, log[-3000:]
     assert f"on an error that a retry meets again: {error}" in log and "not requeueing" in log
     assert "Restarts=0" in subprocess.run(["scontrol", "show", "job", str(job)], env=cluster.env, capture_output=True,

@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
@@ -310,15 +310,17 @@ def _safe_load(state: dict, path: Path, **kwargs) -> None:
         raise
 
 
-def check_files(path: Path) -> None:
-    """`.metadata` and the JSON files read, and every file `.metadata` names is there and long
-    enough (FileNotFoundError naming the file): one rank's file lost, a checkpoint copied in part,
-    or one written before a crash that lost what the disk had not yet stored, is refused before
-    any load starts."""
+def _complete_metadata(path: Path) -> Metadata:
+    """`path`'s `.metadata`, unpickled safely (UnsafeCheckpoint naming the path), once every file it
+    names is there and long enough (else FileNotFoundError naming the file): one rank's file lost, a
+    checkpoint copied in part, or one written before a crash that lost what the disk had not yet
+    stored, is refused before any load starts."""
     try:
         metadata = _SafeReader(path).read_metadata()
     except (OSError, EOFError, pickle.UnpicklingError) as e:
         raise FileNotFoundError(_incomplete(path, ".metadata", f"cannot be read ({str(e) or 'cut short'})")) from None
+    except UnsafeCheckpoint as e:
+        raise UnsafeCheckpoint(f"'{path}': {e}") from None
     needed: dict[str, int] = {}  # file -> bytes
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -327,24 +329,47 @@ def check_files(path: Path) -> None:
         if have is None or have < size:
             raise FileNotFoundError(_incomplete(path, name, "is missing" if have is None else
                                                 f"has {have} of its {size} bytes"))
+    return metadata
+
+
+def check_files(path: Path) -> None:
+    """`.metadata` and the JSON files read, and every file `.metadata` names there and long enough
+    (FileNotFoundError naming the file)."""
+    _complete_metadata(path)
     for name in (TRAIN_STATE, MODEL_META):
         read_json(path, name)
+
+
+def _model_json(path: Path) -> dict:
+    """The `model.json` of the complete checkpoint `path` (FileNotFoundError saying what it lacks)."""
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    if not (path / ".metadata").is_file() or not (path / MODEL_META).is_file():
+        raise FileNotFoundError(f"'{path}' is not a complete vitdist checkpoint (no .metadata or {MODEL_META})")
+    return read_json(path, MODEL_META)
 
 
 def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The whole model's weights (timm's keys) and its `model.json`, read in this process alone,
     with no process group: for exports, fine-tuning and evaluation."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    if not (path / ".metadata").is_file() or not (path / MODEL_META).is_file():
-        raise FileNotFoundError(f"'{path}' is not a complete vitdist checkpoint (no .metadata or {MODEL_META})")
-    meta = read_json(path, MODEL_META)
+    meta = _model_json(path)
     state = {"model": timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"]).state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         _safe_load(state, path, no_dist=True)
     return state["model"], meta
+
+
+def model_weight_shapes(path: str | Path) -> dict[str, torch.Tensor]:
+    """What load_model_weights gives, as tensors on the meta device: names, shapes and dtypes from
+    `.metadata`, no tensor data read (a check before the load, which reads GBs for ViT-g); the
+    files that hold the data are only looked at, as check_files does."""
+    path = Path(path)
+    _model_json(path)  # refused as load_model_weights refuses it
+    return {fqn.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+            for fqn, item in _complete_metadata(path).state_dict_metadata.items()
+            if fqn.startswith("model.") and isinstance(item, TensorStorageMetadata)}
 
 
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -6,6 +6,8 @@ Loading never unpickles arbitrary objects (`weights_only=True`, safetensors).
 As in MAE's fine-tuning: the head is dropped when its shape differs, position embeddings are
 resampled to the new patch grid, the rest loads, and the only keys allowed to be missing are
 the head's. Anything else is a HandoffError that names both architectures and lists the offending keys.
+`check_fit` reaches the same verdict from the checkpoint's metadata alone (key names and shapes),
+so that a config check before training refuses it without reading the weights.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import logging
 import math
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from .checkpoint import MODEL_META, UnsafeCheckpoint, load_model_weights, newest_if_run
+from .checkpoint import MODEL_META, UnsafeCheckpoint, load_model_weights, model_weight_shapes, newest_if_run
 from .export import header
 from .model import is_classifier
 
@@ -84,21 +88,26 @@ def locate(path: str | Path) -> Path:
     return hub[0]  # a Hugging Face hub folder, as timm's save_for_hf writes it
 
 
-def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def read_state_dict(path: Path, meta: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     """The weights of the checkpoint `path` (as `locate` gives it) with timm's key names, and which
-    kind of checkpoint it was."""
+    kind of checkpoint it was. `meta`: as tensors on the meta device, from the checkpoint's metadata
+    (names, shapes), its tensor data left unread."""
     if path.is_dir():
         try:
-            return load_model_weights(path)[0], "vitdist checkpoint"
+            return (model_weight_shapes(path) if meta else load_model_weights(path)[0]), "vitdist checkpoint"
         except (FileNotFoundError, UnsafeCheckpoint) as e:
             raise HandoffError(str(e)) from None
     try:
         if path.suffix == ".safetensors":
-            state, kind = load_file(str(path)), "safetensors"
+            state, kind = (_safetensors_shapes(path) if meta else load_file(str(path))), "safetensors"
         else:
             # The training scripts of timm, DeiT and MAE store their arguments beside the weights.
             with torch.serialization.safe_globals([argparse.Namespace]):
-                state, kind = torch.load(path, map_location="cpu", weights_only=True), "torch state dict"
+                # meta: only the pickled structure is read. Mapped, the storages are never touched (torch
+                # releases before the meta-aware loader read each one before moving it to meta); a file in the
+                # format of torch before 1.6, not a zip, cannot be mapped and is read through.
+                where = {"map_location": "meta", "mmap": zipfile.is_zipfile(path)} if meta else {"map_location": "cpu"}
+                state, kind = torch.load(path, weights_only=True, **where), "torch state dict"
     except pickle.UnpicklingError as e:
         raise HandoffError(f"'{path}' holds objects other than tensors; refusing to unpickle them ({e})") from None
     except Exception as e:
@@ -112,6 +121,13 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if "conv_proj.weight" in state:
         return from_torchvision(state), "torchvision ViT"
     return state, kind
+
+
+def _safetensors_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors on the meta device, from its header. Of the shape only: the fit
+    does not depend on the dtype, which the header names in safetensors' own terms."""
+    with safe_open(str(path), "pt") as f:
+        return {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
 
 
 def describe(arch: str | None, state: dict[str, torch.Tensor]) -> str:
@@ -136,13 +152,15 @@ def recorded_arch(path: Path) -> str | None:
 
 
 def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
-          source: str = "the checkpoint") -> dict[str, torch.Tensor]:
+          source: str = "the checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:
     """Fit `state` to `model`: new head, resampled position and patch embeddings; else refuse,
-    naming `source` (the checkpoint and its architecture) and the model's architecture."""
+    naming `source` (the checkpoint and its architecture) and the model's architecture. Returns the
+    fitted state and what was done to it, for the log once it is loaded. On meta tensors (and a
+    model on the meta device) the same verdict, from shapes alone."""
     target = model.state_dict()
     state = dict(state)
     heads = [key for key in target if is_classifier(model, key)]
-    done = []  # logged once the checkpoint is found to fit
+    done = []
     if any(k in state and state[k].shape != target[k].shape for k in heads):
         for key in heads:
             state.pop(key, None)
@@ -179,9 +197,7 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
     if problems:
         arch = getattr(model, "pretrained_cfg", {}).get("architecture")
         raise HandoffError(f"{source} does not fit the model ({describe(arch, target)}): " + "; ".join(problems))
-    for line in done:
-        log.info(line)
-    return state
+    return state, done
 
 
 def load_pretrained(model: torch.nn.Module, path: str | Path) -> tuple[str, list[str]]:
@@ -194,6 +210,21 @@ def load_located(model: torch.nn.Module, path: Path) -> tuple[str, list[str]]:
     """load_pretrained for a checkpoint that `locate` gave: for a caller that has read its metadata
     already, so that a run's newer checkpoint is not looked up in between."""
     state, kind = read_state_dict(path)
-    source = f"the checkpoint '{path}' ({describe(recorded_arch(path), state)})"
-    result = model.load_state_dict(adapt(state, model, source), strict=False)
+    state, done = adapt(state, model, _source(path, state))
+    result = model.load_state_dict(state, strict=False)
+    for line in done:
+        log.info(line)
     return kind, sorted(result.missing_keys)
+
+
+def check_fit(model: torch.nn.Module, path: str | Path) -> None:
+    """Refuse (HandoffError) what load_pretrained(model, path) would refuse, reading the checkpoint's
+    metadata only: safetensors' header, DCP's `.metadata`, a torch file's pickle without its storages.
+    `model` may be on the meta device."""
+    path = locate(path)
+    state, _ = read_state_dict(path, meta=True)
+    adapt(state, model, _source(path, state))
+
+
+def _source(path: Path, state: dict[str, torch.Tensor]) -> str:
+    return f"the checkpoint '{path}' ({describe(recorded_arch(path), state)})"

@@ -31,9 +31,10 @@ def build_model(cfg: ModelConfig) -> VisionTransformer:
     return model
 
 
-def check_model(cfg: ModelConfig) -> None:
+def check_model(cfg: ModelConfig) -> VisionTransformer:
     """Build the model on the meta device (no memory, no compute) so that an impossible
-    architecture is a ConfigError before any process group starts."""
+    architecture is a ConfigError before any process group starts. Returns it, for checks of
+    what its weights' shapes must be."""
     with torch.device("meta"):
         try:
             model = build_model(cfg)
@@ -44,6 +45,7 @@ def check_model(cfg: ModelConfig) -> None:
     patch = model.patch_embed.patch_size[0]  # the arch's own when model.patch_size is null
     if cfg.img_size % patch:  # timm would drop the remainder pixels without a word
         raise ConfigError(f"model.img_size={cfg.img_size} is not a multiple of the patch size {patch}")
+    return model
 
 
 def is_classifier(model: VisionTransformer, name: str) -> bool:

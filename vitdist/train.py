@@ -21,7 +21,7 @@ from .checkpoint import Checkpointer
 from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, to_dict
 from .config_yaml import save_config
 from .data import EvalLoader, Normalize, TrainLoader
-from .handoff import load_pretrained
+from .handoff import HandoffError, check_fit, load_pretrained
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, check_model, is_classifier, timm_kwargs, train_flops_per_image
 from .objective import Classification
@@ -66,7 +66,8 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be refused before a process group starts (ConfigError): the batch
     layout for this world size, the shard lists (or ImageFolder directories), the architecture,
-    the checkpoint to resume from, and (rank 0) the first samples of the shards."""
+    the checkpoint to resume from or else `finetune.init` (whether it fits the model, from its
+    metadata alone), and (rank 0) the first samples of the shards."""
     batch_layout(cfg, world_size)
     if cfg.dist.backend == "nccl" and not torch.cuda.is_available():  # else a traceback in init, exit 1, retried
         raise ConfigError("dist.backend=nccl needs CUDA GPUs, and torch sees none here (torch.cuda.is_available() is "
@@ -74,7 +75,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
     train_data = folders["train"] if "train" in folders else train_shard_urls(cfg.data, world_size)
     val_urls = expand_urls(cfg.data.val_shards, "data.val_shards") if cfg.data.val_shards and "val" not in folders else []
-    check_model(cfg.model)
+    model = check_model(cfg.model)
     if cfg.finetune.init and not Path(cfg.finetune.init).exists():
         raise ConfigError(f"finetune.init '{cfg.finetune.init}' does not exist")
     try:
@@ -83,6 +84,11 @@ def preflight(cfg: Config, world_size: int) -> None:
         raise ConfigError(str(e)) from None
     if resume_from is not None:
         resume.check(cfg, resume_from, train_data)
+    elif cfg.finetune.init:  # what _train loads when it does not resume
+        try:
+            check_fit(model, cfg.finetune.init)
+        except HandoffError as e:
+            raise ConfigError(f"finetune.init='{cfg.finetune.init}': {e}") from None
     if os.environ.get("RANK", "0") == "0":  # last, as the slowest: one reader of the shards' heads, not thousands
         for key, urls in (("data.train_shards", [] if "train" in folders else train_data), ("data.val_shards", val_urls)):
             if urls:
