@@ -16,8 +16,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from conftest import TINY, read_scalars, run_pretrain, shard_overrides
-from vitdist import checkpoint
-from vitdist.config import CkptConfig
+from vitdist import checkpoint, resume
+from vitdist.config import CkptConfig, ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.handoff import HandoffError, load_pretrained
 from vitdist.model import build_model
@@ -166,6 +166,8 @@ def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(tmp_path, pro
         checkpoint.load(tmp_path / "evil_value", *trained_pair(1))
     with pytest.raises(HandoffError, match="refusing to unpickle posix.system"):
         load_pretrained(trained_pair(1)[0], tmp_path / "evil_value")
+    with pytest.raises(ConfigError, match="evil_value': .*refusing to unpickle posix.system"):  # train.resume=<it>
+        resume.check(load_config(TINY), tmp_path / "evil_value", [])
     assert not marker.exists()
     checkpoint.load(path, *trained_pair(1))  # the genuine one still loads
 

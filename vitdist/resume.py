@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from . import imagefolder
-from .checkpoint import MODEL_META, TRAIN_STATE, check_files, read_json
+from .checkpoint import MODEL_META, TRAIN_STATE, UnsafeCheckpoint, check_files, read_json
 from .config import Config, ConfigError, to_dict
 from .data import decodes_on_device
 from .imagefolder import ImageFolder
@@ -87,7 +87,7 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder) -> None:
     `train`: the training shards' URLs, or the ImageFolder that the run converts into shards."""
     try:
         check_files(path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UnsafeCheckpoint) as e:
         raise ConfigError(str(e)) from None
     state, meta = read_json(path, TRAIN_STATE), read_json(path, MODEL_META)
     where, start_new = _where(path), f"resume with the value it was trained with, or {_start_new(path)}"
