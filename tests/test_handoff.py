@@ -273,6 +273,22 @@ def test_an_export_is_written_only_under_a_safetensors_name(tmp_path, process_gr
     assert f"vitdist export: --out '{tmp_path / 'b16.pt'}' must end in .safetensors" in refused.stderr
 
 
+def test_an_export_of_a_checkpoint_copied_in_part_names_the_lost_file(tmp_path, process_group):
+    """`vitdist export` (and evaluation, fine-tuning) of a checkpoint that lost a tensor file: exit 2
+    naming the file, where DCP's load failed half-way with a traceback."""
+    cfg = load_config(TINY)
+    source = tiny()
+    saver = checkpoint.Checkpointer(tmp_path / "ckpts", CkptConfig(keep=0), model_meta(cfg.model, cfg.data))
+    step_dir = saver.save(1, source, build_optimizer(source, cfg.optim), {"step": 1})
+    lost = next(step_dir.glob("*.distcp"))
+    lost.unlink()
+    refused = vitdist_cli("export", "--checkpoint", step_dir, "--out", tmp_path / "b16.safetensors")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert re.search(rf"^vitdist export: .*'{re.escape(str(step_dir))}'.*'{lost.name}' is missing", refused.stderr,
+                     re.MULTILINE), refused.stderr
+    assert not (tmp_path / "b16.safetensors").exists()
+
+
 def test_register_tokens_without_positions_resample_and_other_prefix_tokens_are_refused(tmp_path):
     """The *_reg4_gap archs give their register tokens no rows of pos_embed (no_embed_class): at
     another resolution only the patch grid is resampled. A checkpoint whose prefix tokens differ

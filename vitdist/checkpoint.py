@@ -354,6 +354,7 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     with no process group: for exports, fine-tuning and evaluation."""
     path = Path(path)
     meta = _model_json(path)
+    _complete_metadata(path)  # a lost or short file named (FileNotFoundError), not DCP's traceback mid-load
     state = {"model": timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"]).state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
