@@ -654,6 +654,30 @@ def test_make_shards_refuses_a_folder_that_holds_shards_of_its_prefix(tmp_path):
     make_shards(tmp_path / "src", tmp_path / "out", prefix="val", samples_per_shard=8, progress=False)  # another prefix
 
 
+def test_an_interrupted_make_shards_leaves_no_shard_behind(tmp_path, monkeypatch):
+    """Ctrl-C half-way: the shard being written, closed on the way out with its end-of-archive
+    block, would read as a complete shard of fewer samples, under a final name, beside complete
+    ones. Nothing of the call is left: a re-run writes the shards in full."""
+    make_image_folder(tmp_path / "src")
+    write = wds.TarWriter.write
+    calls = []
+
+    def interrupted(self, sample):
+        calls.append(sample["__key__"])
+        if len(calls) == 6:  # in the second shard of 4 samples
+            raise KeyboardInterrupt
+        return write(self, sample)
+
+    monkeypatch.setattr(wds.TarWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_shards(tmp_path / "src", tmp_path / "out", samples_per_shard=4, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(wds.TarWriter, "write", write)
+    pattern = make_shards(tmp_path / "src", tmp_path / "out", samples_per_shard=4, progress=False)
+    assert [len(list(wds.WebDataset(u, shardshuffle=False))) for u in expand_urls(pattern)] == [4, 4, 4, 3]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["classes.json"] + [f"train-00000{i}.tar" for i in range(4)]
+
+
 def test_a_split_lacking_classes_is_labelled_by_the_classes_json_already_there(tmp_path):
     """A validation folder without some of the training classes, numbered by its own sorted
     folders, would take other classes' indices: written beside the training shards it is labelled

@@ -81,6 +81,7 @@ def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", sam
     ImageFolder order is sorted by class, and a stream's shuffle block could not undo that.
     `classes`: see scan_image_folder. A folder that holds `<prefix>-*.tar` shards already is refused
     (FileExistsError): a run may be training on them, and a resume finds shards by name.
+    Interrupted, it deletes the shards it wrote.
 
     A `classes.json` already in `out_dir` (another split's, written there first) labels these
     shards too, and is never replaced: numbered by their own sorted folders, a validation split
@@ -106,15 +107,29 @@ def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", sam
     random.Random(seed).shuffle(items)
     bounds = shard_bounds([path.stat().st_size for path, _ in items], samples_per_shard, max_shard_bytes, streams)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(items), desc=f"{prefix} shards", unit="img", disable=not progress) as bar:
-        for shard, (start, end) in enumerate(itertools.pairwise(bounds)):
-            with wds.TarWriter(str(out_dir / f"{prefix}-{shard:06d}.tar")) as sink:
-                for i, (path, label) in enumerate(items[start:end], start=start):
-                    # Dots would split a webdataset key; the index keeps keys unique after cleaning.
-                    stem = re.sub(r"[^A-Za-z0-9_-]", "_", f"{path.parent.name}_{path.stem}")
-                    sink.write({"__key__": f"{i:08d}_{stem}", EXTENSIONS[path.suffix.lower()]: path.read_bytes(),
-                                "cls": label})
-                    bar.update()
+    # A shard is written under a temporary name and renamed once closed; an interrupted call
+    # (Ctrl-C, a read error) deletes what it wrote. Else its last shard, closed on the way out with
+    # an end-of-archive block, would read as a complete one of fewer samples, under the name of one.
+    written_shards = []
+    try:
+        with tqdm(total=len(items), desc=f"{prefix} shards", unit="img", disable=not progress) as bar:
+            for shard, (start, end) in enumerate(itertools.pairwise(bounds)):
+                final = out_dir / f"{prefix}-{shard:06d}.tar"
+                partial = final.with_name(final.name + ".partial")
+                written_shards.append(partial)
+                with wds.TarWriter(str(partial)) as sink:
+                    for i, (path, label) in enumerate(items[start:end], start=start):
+                        # Dots would split a webdataset key; the index keeps keys unique after cleaning.
+                        stem = re.sub(r"[^A-Za-z0-9_-]", "_", f"{path.parent.name}_{path.stem}")
+                        sink.write({"__key__": f"{i:08d}_{stem}", EXTENSIONS[path.suffix.lower()]: path.read_bytes(),
+                                    "cls": label})
+                        bar.update()
+                partial.rename(final)
+                written_shards.append(final)
+    except BaseException:
+        for path in written_shards:
+            path.unlink(missing_ok=True)
+        raise
     if written is None:
         beside.write_text(json.dumps(classes, indent=1))
     return str(out_dir / f"{prefix}-{{000000..{len(bounds) - 2:06d}}}.tar")
