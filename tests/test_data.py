@@ -640,6 +640,20 @@ def test_hidden_files_and_folders_are_neither_classes_nor_images_nor_folders_nam
         ("cat/img.0.jpg", 0), ("dog/img.0.jpg", 1), ("eel/img.0.jpg", 2)]
 
 
+def test_symlinked_sub_folders_of_a_class_are_followed_but_not_round_a_loop(tmp_path):
+    """A class assembled from links to other folders (as torchvision's ImageFolder follows them):
+    their images are the class's; a link back to a parent folder is not followed round and round."""
+    make_image_folder(tmp_path / "src", per_class=1)
+    (tmp_path / "more_cats").mkdir()
+    Image.new("RGB", (20, 30)).save(tmp_path / "more_cats" / "tabby.png")
+    (tmp_path / "src" / "cat" / "more").symlink_to(tmp_path / "more_cats", target_is_directory=True)
+    (tmp_path / "src" / "dog" / "loop").symlink_to(tmp_path / "src" / "dog", target_is_directory=True)
+    classes, items = scan_image_folder(tmp_path / "src")
+    assert classes == ["cat", "dog", "eel"]
+    assert [(path.relative_to(tmp_path / "src").as_posix(), label) for path, label in items] == [
+        ("cat/img.0.jpg", 0), ("cat/more/tabby.png", 0), ("dog/img.0.jpg", 1), ("eel/img.0.jpg", 2)]
+
+
 def test_make_shards_refuses_a_folder_that_holds_shards_of_its_prefix(tmp_path):
     """Written again there (another --streams, --seed, or other images), shards would replace those
     of the same names, which a run may be training on (its resume would then read other samples,

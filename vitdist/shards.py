@@ -6,6 +6,7 @@ import glob
 import itertools
 import json
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -31,12 +32,30 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
     if unknown := sorted(set(names) - set(classes)):
         raise ValueError(f"class folder(s) {unknown[:5]} of '{root}' are not among the {len(classes)} classes {classes[:5]}...")
     index = {name: i for i, name in enumerate(classes)}
-    items = [(path, index[name]) for name in names
-             for path in sorted((root / name).rglob("*")) if path.suffix.lower() in EXTENSIONS and path.is_file()
-             and not any(part.startswith(".") for part in path.relative_to(root).parts)]
+    items = [(path, index[name]) for name in names for path in _images_under(root / name)]
     if not items:
         raise ValueError(f"no .jpg/.jpeg/.png/.webp images under '{root}'")
     return classes, items
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """The images in `folder` and its sub-folders, sorted, hidden ones left out. Symlinked
+    sub-folders are followed, as torchvision's ImageFolder follows them (pathlib's rglob does not:
+    a class assembled from links to other folders would lose their images), but not into a folder
+    of their own chain of parents, where a link to a parent would loop for ever."""
+    found, parents = [], {str(folder): {os.path.realpath(folder)}}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        chain = parents.pop(dirpath)
+        kept = []
+        for name in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if not name.startswith(".") and real not in chain:
+                kept.append(name)
+                parents[os.path.join(dirpath, name)] = chain | {real}
+        dirnames[:] = kept
+        found += [path for name in filenames if not name.startswith(".")
+                  and (path := Path(dirpath, name)).suffix.lower() in EXTENSIONS and path.is_file()]
+    return sorted(found)
 
 
 def read_classes(path: str | Path) -> list[str]:
