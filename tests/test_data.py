@@ -1,6 +1,7 @@
 import gzip
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -652,6 +653,20 @@ def test_symlinked_sub_folders_of_a_class_are_followed_but_not_round_a_loop(tmp_
     assert classes == ["cat", "dog", "eel"]
     assert [(path.relative_to(tmp_path / "src").as_posix(), label) for path, label in items] == [
         ("cat/img.0.jpg", 0), ("cat/more/tabby.png", 0), ("dog/img.0.jpg", 1), ("eel/img.0.jpg", 2)]
+
+
+def test_files_of_other_types_are_left_out_with_a_warning_counting_them(tmp_path, caplog):
+    """A .bmp, .tif or .gif among the JPEGs (torchvision's ImageFolder reads them) is not read: say
+    so, counted by type, rather than train on a smaller dataset without a word."""
+    make_image_folder(tmp_path / "src", per_class=1)  # and cat/notes.txt
+    for name in ("a.BMP", "b.tif", "c.bmp"):
+        Image.new("RGB", (20, 30)).save(tmp_path / "src" / "dog" / name)
+    (tmp_path / "src" / "dog" / ".DS_Store").write_bytes(b"\0")  # hidden: left out without a word
+    with caplog.at_level(logging.WARNING, logger="vitdist.shards"):
+        classes, items = scan_image_folder(tmp_path / "src")
+    assert len(items) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"left out 4 file(s) under '{tmp_path / 'src'}' that are not .jpg/.jpeg/.png/.webp images: .bmp 2, .txt 1, .tif 1"]
 
 
 def test_make_shards_refuses_a_folder_that_holds_shards_of_its_prefix(tmp_path):

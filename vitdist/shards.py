@@ -5,14 +5,18 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import logging
 import math
 import os
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import webdataset as wds
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
@@ -32,17 +36,22 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
     if unknown := sorted(set(names) - set(classes)):
         raise ValueError(f"class folder(s) {unknown[:5]} of '{root}' are not among the {len(classes)} classes {classes[:5]}...")
     index = {name: i for i, name in enumerate(classes)}
-    items = [(path, index[name]) for name in names for path in _images_under(root / name)]
+    others = Counter()
+    items = [(path, index[name]) for name in names for path in _images_under(root / name, others)]
+    if others:
+        log.warning("left out %d file(s) under '%s' that are not .jpg/.jpeg/.png/.webp images: %s", others.total(),
+                    root, ", ".join(f"{suffix or '(no suffix)'} {n}" for suffix, n in others.most_common(8)))
     if not items:
         raise ValueError(f"no .jpg/.jpeg/.png/.webp images under '{root}'")
     return classes, items
 
 
-def _images_under(folder: Path) -> list[Path]:
+def _images_under(folder: Path, others: Counter) -> list[Path]:
     """The images in `folder` and its sub-folders, sorted, hidden ones left out. Symlinked
     sub-folders are followed, as torchvision's ImageFolder follows them (pathlib's rglob does not:
     a class assembled from links to other folders would lose their images), but not into a folder
-    of their own chain of parents, where a link to a parent would loop for ever."""
+    of their own chain of parents, where a link to a parent would loop for ever. Files of other
+    types are counted in `others` by suffix (lowercased): .bmp, .tif, .gif are not read."""
     found, parents = [], {str(folder): {os.path.realpath(folder)}}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         chain = parents.pop(dirpath)
@@ -53,8 +62,14 @@ def _images_under(folder: Path) -> list[Path]:
                 kept.append(name)
                 parents[os.path.join(dirpath, name)] = chain | {real}
         dirnames[:] = kept
-        found += [path for name in filenames if not name.startswith(".")
-                  and (path := Path(dirpath, name)).suffix.lower() in EXTENSIONS and path.is_file()]
+        for name in filenames:
+            path = Path(dirpath, name)
+            if name.startswith(".") or not path.is_file():
+                continue
+            if path.suffix.lower() in EXTENSIONS:
+                found.append(path)
+            else:
+                others[path.suffix.lower()] += 1
     return sorted(found)
 
 
