@@ -254,6 +254,23 @@ def test_diverged_steps_are_skipped_counted_then_stop_without_checkpointing_them
     assert all(math.isfinite(losses[s]) for s in range(1, 6)) and all(math.isnan(losses[s]) for s in (6, 7, 8))
 
 
+def test_a_run_whose_last_steps_are_bad_but_tolerated_still_checkpoints_its_end(demo_shards, tmp_path):
+    """Fewer bad steps in a row than train.max_bad_steps at the last step: the run ends as it would
+    have, its final checkpoint written with the weights they left unchanged, and FINISHED names it.
+    It left FINISHED naming an earlier checkpoint, every good step since lost, and a fine-tune from
+    the run's checkpoints/ started from there without a word."""
+    common = [*shard_overrides(demo_shards), "data.val_shards=null", f"run.dir={tmp_path}", "ckpt.every_steps=4",
+              "log.every_steps=1", "train.global_batch_size=32", "data.micro_batch_size=32", "optim.warmup_steps=1"]
+    assert run_pretrain(0, [*common, "train.steps=4"]).returncode == 0
+    # Step 5 at lr 1e30 blows the weights up; step 6, the last, has a NaN loss: 1 bad step of 3 allowed.
+    run = run_pretrain(0, [*common, "train.steps=6", "optim.lr=1e30", "optim.min_lr=1e30", "train.max_bad_steps=3"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert ("step 6, the last: its checkpoint holds the weights as they were after step 5, the last 1 step(s) having "
+            "had a NaN/Inf loss or gradient norm") in run.stderr, run.stderr[-3000:]
+    assert (tmp_path / "FINISHED").read_text() == f"{tmp_path / 'checkpoints' / 'step_6'}\n"
+    assert dict(read_scalars(tmp_path / "tb")["train/skipped_steps"])[6] == 1
+
+
 # Trains in a process of its own (no other process group in it) and prints where the host waited.
 COUNT_WAITS = """
 import json, sys, warnings, torch

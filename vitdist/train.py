@@ -254,15 +254,20 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                     checkpointer.wait()  # every rank stops here together, so they can finish the save in flight
                     raise type(error)(f"{error}. The newest complete checkpoint: {checkpointer.newest() or 'none yet'}") from None
             if at_ckpt_step:
-                if ongoing := bad_steps.ongoing():  # these weights may be what made those steps fail
+                last = step == cfg.train.steps
+                if (ongoing := bad_steps.ongoing()) and not last:  # these weights may be what made those steps fail
                     log.warning("step %d: no checkpoint, the last %d step(s) had a NaN/Inf loss or gradient norm",
                                 step, ongoing)
                 else:
+                    if ongoing:  # fewer than train.max_bad_steps, tolerated: the run's end must have its checkpoint
+                        log.warning("step %d, the last: its checkpoint holds the weights as they were after step %d, "
+                                    "the last %d step(s) having had a NaN/Inf loss or gradient norm (skipped, no "
+                                    "update)", step, step - ongoing, ongoing)
                     train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
                                    "skipped": skipped_total, "trained_samples": trained_total, "bad_steps": bad_total,
                                    "best": best, "eval_owed": eval_due and preempted, "data_order": data_order,
                                    "decoded_on": resume.decoded_on(cfg), "config": to_dict(cfg)}
-                    checkpointer.save(step, model, optimizer, train_state, final=preempted or step == cfg.train.steps)
+                    checkpointer.save(step, model, optimizer, train_state, final=preempted or last)
             if preempted:
                 checkpointer.wait(final=True)
                 logger.close()
