@@ -669,6 +669,23 @@ def test_files_of_other_types_are_left_out_with_a_warning_counting_them(tmp_path
         f"left out 4 file(s) under '{tmp_path / 'src'}' that are not .jpg/.jpeg/.png/.webp images: .bmp 2, .txt 1, .tif 1"]
 
 
+def test_an_empty_class_folder_of_a_training_split_is_warned_of(tmp_path, caplog):
+    """An empty class folder still takes an index (the labels after it shift, the model gets an
+    output it never learns): said for a split whose folders are its classes, not for one labelled
+    by another split's classes, which may lack some."""
+    make_image_folder(tmp_path / "src", per_class=1)
+    (tmp_path / "src" / "bat").mkdir()
+    with caplog.at_level(logging.WARNING, logger="vitdist.shards"):
+        classes, items = scan_image_folder(tmp_path / "src")
+        assert classes[0] == "bat" and sorted({label for _, label in items}) == [1, 2, 3]
+        assert [r.getMessage() for r in caplog.records if "hold no image" in r.getMessage()] == [
+            f"class folder(s) ['bat'] of '{tmp_path / 'src'}' hold no image: each is a class all the same (index 0), "
+            "with no sample to learn it from; remove them unless the classes must match another split's"]
+        caplog.clear()
+        scan_image_folder(tmp_path / "src", classes)
+        assert not [r for r in caplog.records if "hold no image" in r.getMessage()]
+
+
 def test_make_shards_refuses_a_folder_that_holds_shards_of_its_prefix(tmp_path):
     """Written again there (another --streams, --seed, or other images), shards would replace those
     of the same names, which a run may be training on (its resume would then read other samples,

@@ -32,7 +32,7 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise ValueError(f"'{root}' has no class sub-folders (expected <root>/<class>/<image>)")
-    classes = names if classes is None else list(classes)
+    given, classes = classes, names if classes is None else list(classes)
     if unknown := sorted(set(names) - set(classes)):
         raise ValueError(f"class folder(s) {unknown[:5]} of '{root}' are not among the {len(classes)} classes {classes[:5]}...")
     index = {name: i for i, name in enumerate(classes)}
@@ -43,6 +43,13 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
                     root, ", ".join(f"{suffix or '(no suffix)'} {n}" for suffix, n in others.most_common(8)))
     if not items:
         raise ValueError(f"no .jpg/.jpeg/.png/.webp images under '{root}'")
+    # A training split's folders are its classes: an empty one (torchvision's ImageFolder refuses it)
+    # takes an index, which shifts the labels after it and adds an output the model never learns.
+    # A split labelled by given classes (validation's) may well lack some.
+    if given is None and (empty := sorted(set(names) - {classes[i] for _, i in items})):
+        log.warning("class folder(s) %s of '%s' hold no image: each is a class all the same (index %s), with no "
+                    "sample to learn it from; remove them unless the classes must match another split's",
+                    empty, root, ", ".join(str(index[name]) for name in empty))
     return classes, items
 
 
