@@ -32,10 +32,10 @@ import webdataset as wds
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from atomic_write import write_json, written_whole
 from vitdist.config_yaml import load_config
 from vitdist.data import TrainLoader
 from vitdist.demo_data import draw_photo
+from vitdist.files import write_json, written_whole
 from vitdist.gpu_decode import encoded_jpegs, resize_crops, to_device
 
 REPO = Path(__file__).resolve().parents[1]

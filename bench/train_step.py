@@ -38,9 +38,9 @@ import torch._inductor.config
 import torch.nn.functional as F
 import yaml
 
-from atomic_write import write_json
 from vitdist import distributed
 from vitdist.config_yaml import load_config
+from vitdist.files import write_json
 from vitdist.metrics import matmul_peak_flops
 from vitdist.model import build_model, timm_kwargs, train_flops_per_image
 from vitdist.objective import Classification

@@ -59,9 +59,8 @@ def test_train_step_bench_keeps_the_finished_variants_figures_when_stopped(tmp_p
     assert results[0] == json.loads(first) and results[0]["variant"] == REFERENCE and results[0]["img_s"] > 0
 
 
-def test_each_row_is_compared_with_timms_step_compiled_alike(monkeypatch):
+def test_each_row_is_compared_with_timms_step_compiled_alike():
     """x timm: each row against the `timm` row compiled with the same inductor/dynamo settings."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))  # its helpers, beside it, as when run as a script
     spec = importlib.util.spec_from_file_location("train_step", REPO / "bench" / "train_step.py")
     train_step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_step)

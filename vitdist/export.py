@@ -4,7 +4,6 @@ normalisation. Needs no process group and reads only the model's tensors."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import safe_open
@@ -12,6 +11,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import load_model_weights, newest_if_run
 from .config import DataConfig
+from .files import write_json, written_whole
 
 
 def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
@@ -47,11 +47,9 @@ def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
         pretrained_cfg["label_names"] = meta["classes"][:num_classes]
     info = {**meta, "img_size": size, "num_classes": num_classes, "pretrained_cfg": pretrained_cfg}
     header = {"arch": meta["arch"], **{key: str(meta[key]) for key in ("step", "val_top1", "val_loss") if key in meta}}
-    partial = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(partial), metadata=header)
-    partial.replace(out)
-    partial.write_text(json.dumps(info, indent=1))
-    partial.replace(out.with_suffix(".json"))
+    with written_whole(out) as partial:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(partial), metadata=header)
+    write_json(out.with_suffix(".json"), info)
     return out
 
 

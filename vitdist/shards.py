@@ -16,6 +16,8 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from .files import written_whole
+
 log = logging.getLogger(__name__)
 
 EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -148,28 +150,25 @@ def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", sam
     random.Random(seed).shuffle(items)
     bounds = shard_bounds([path.stat().st_size for path, _ in items], samples_per_shard, max_shard_bytes, streams)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # A shard is written under a temporary name and renamed once closed; an interrupted call
-    # (Ctrl-C, a read error) deletes what it wrote. Else its last shard, closed on the way out with
-    # an end-of-archive block, would read as a complete one of fewer samples, under the name of one.
+    # Each shard is written whole or not at all, and an interrupted call (Ctrl-C, a read error)
+    # deletes those it wrote: its last shard, closed on the way out with an end-of-archive block,
+    # would read as a complete one of fewer samples, under the name of one.
     written_shards = []
     try:
         with tqdm(total=len(items), desc=f"{prefix} shards", unit="img", disable=not progress) as bar:
             for shard, (start, end) in enumerate(itertools.pairwise(bounds)):
-                final = out_dir / f"{prefix}-{shard:06d}.tar"
-                partial = final.with_name(final.name + ".partial")
-                written_shards.append(partial)
-                with wds.TarWriter(str(partial)) as sink:
+                name = out_dir / f"{prefix}-{shard:06d}.tar"
+                with written_whole(name) as partial, wds.TarWriter(str(partial)) as sink:
                     for i, (path, label) in enumerate(items[start:end], start=start):
                         # Dots would split a webdataset key; the index keeps keys unique after cleaning.
                         stem = re.sub(r"[^A-Za-z0-9_-]", "_", f"{path.parent.name}_{path.stem}")
                         sink.write({"__key__": f"{i:08d}_{stem}", EXTENSIONS[path.suffix.lower()]: path.read_bytes(),
                                     "cls": label})
                         bar.update()
-                partial.rename(final)
-                written_shards.append(final)
+                written_shards.append(name)
     except BaseException:
         for path in written_shards:
-            path.unlink(missing_ok=True)
+            path.unlink()
         raise
     if written is None:
         beside.write_text(json.dumps(classes, indent=1))

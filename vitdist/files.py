@@ -1,4 +1,5 @@
-"""Files the benchmarks write whole or not at all: written beside their name, then renamed to it."""
+"""Files written whole or not at all: written beside their name, then renamed to it, so that a
+reader (a resume, a run on new shards, timm) never finds half of one that looks complete."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def written_whole(path: str | Path) -> Iterator[Path]:
-    """A path beside `path` to write to, renamed to `path` once the block ends without an error: a
-    run stopped at its time limit (bench/device_check.sh) or interrupted leaves the file before it,
-    or none, never half of one that looks complete."""
+    """A path beside `path` to write to, renamed to `path` once the block ends; deleted if it raises
+    (an error, Ctrl-C, a time limit's signal)."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    yield partial
+    try:
+        yield partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)
 
 
