@@ -244,15 +244,24 @@ class TooManyBadSamples(RuntimeError):
 _JUDGE_SKIPS_FROM_STEP = 10
 
 
+def too_many_skipped(skipped: Counter, read: int, max_skip_frac: float) -> bool:
+    """The one rule for bad samples, during the run and at a loader's timeout alike."""
+    return skipped.total() > max_skip_frac * read
+
+
+def bad_samples(what: str, skipped: Counter, max_skip_frac: float) -> TooManyBadSamples:
+    """The error for `skipped` (kind -> count), which broke the rule above; `what` says how many were bad."""
+    top = ", ".join(f"{kind} {count}" for kind, count in skipped.most_common(3))
+    return TooManyBadSamples(
+        f"{what}, more than data.max_skip_frac={max_skip_frac}; most were {top}. The log names the shard and key of "
+        "the first ones of each kind: fix or drop those shards, or raise data.max_skip_frac")
+
+
 def check_skipped(skipped: dict[str, int], step: int, trained: int, cfg: DataConfig) -> None:
     """TooManyBadSamples when more than `data.max_skip_frac` of the samples read in `step` steps
     were skipped, `trained` being the samples trained on. `skipped` (kind -> count) is summed over
     ranks: every rank decides alike."""
-    total = sum(skipped.values())
-    if step < _JUDGE_SKIPS_FROM_STEP or total <= cfg.max_skip_frac * (total + trained):
-        return
-    top = ", ".join(f"{kind} {count}" for kind, count in Counter(skipped).most_common(3))
-    raise TooManyBadSamples(
-        f"{total / (total + trained):.1%} of the samples read were bad ({total} skipped, {trained} trained on), more "
-        f"than data.max_skip_frac={cfg.max_skip_frac}; most were {top}. The log names the shard and key of the first "
-        "ones of each kind: fix or drop those shards, or raise data.max_skip_frac")
+    skipped, read = Counter(skipped), sum(skipped.values()) + trained
+    if step >= _JUDGE_SKIPS_FROM_STEP and too_many_skipped(skipped, read, cfg.max_skip_frac):
+        raise bad_samples(f"{skipped.total() / read:.1%} of the samples read were bad ({skipped.total()} skipped, "
+                          f"{trained} trained on)", skipped, cfg.max_skip_frac)

@@ -16,7 +16,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from .files import written_whole
+from .files import write_json, written_whole
 
 log = logging.getLogger(__name__)
 
@@ -171,5 +171,5 @@ def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", sam
             path.unlink()
         raise
     if written is None:
-        beside.write_text(json.dumps(classes, indent=1))
+        write_json(beside, classes)
     return str(out_dir / f"{prefix}-{{000000..{len(bounds) - 2:06d}}}.tar")

@@ -39,7 +39,7 @@ from torch.utils.data._utils.signal_handling import _remove_worker_pids
 
 from .commands import Commands
 from .distributed import signal_at_parent_death
-from .samples import SKIP_KINDS, TooManyBadSamples
+from .samples import SKIP_KINDS, bad_samples, too_many_skipped
 
 log = logging.getLogger(__name__)
 
@@ -293,12 +293,9 @@ def _late(who: str, worker: int, timeout_s: float, reads: Reads | None, before: 
     read on, skipping more than data.max_skip_frac of what it read (TooManyBadSamples)."""
     late = f"{who} delivered nothing for {timeout_s:g} s (dist.timeout_s)"
     read, skipped = reads.since(before, worker) if reads else (None, Counter())
-    if read and skipped.total() > reads.max_skip_frac * read:
-        kinds = ", ".join(f"{kind} {count}" for kind, count in skipped.most_common())
-        return TooManyBadSamples(
-            f"{late}, reading on: {skipped.total()} of the {read} samples it read meanwhile were bad ({kinds}), more than "
-            f"data.max_skip_frac={reads.max_skip_frac}. The log names the shard and key of the first ones of each kind: "
-            "fix or drop those shards, or raise data.max_skip_frac")
+    if read and too_many_skipped(skipped, read, reads.max_skip_frac):
+        return bad_samples(f"{late}, reading on: {skipped.total()} of the {read} samples it read meanwhile were bad",
+                           skipped, reads.max_skip_frac)
     meanwhile = "" if read is None else f", reading {read} samples meanwhile" if read else ", reading no sample meanwhile"
     return stalled(f"{late}{meanwhile}: a shard read that stalls or crawls (a pipe: command, a filesystem){more}")
 
