@@ -156,6 +156,8 @@ def test_vit_b16_is_the_paper_size():
     ("data.streams=3", "train.global_batch_size=128 is not divisible by data.streams=3"),
     ("data.train_shards=''", "config key 'data.train_shards' is empty"),
     ("data.train_shards=[]", "config key 'data.train_shards' is empty"),
+    # '' is the working directory: the run validated on it as an ImageFolder, after warning that val_shards was null
+    ("data.val_shards=''", "config key 'data.val_shards' is empty: give shards, or null for no validation"),
 ])
 def test_refusals_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

@@ -329,6 +329,8 @@ def validate(cfg: Config) -> None:
                           f"pairs each sample with the batch's reverse), got {cfg.data.micro_batch_size}")
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: give a brace pattern, a list or a .txt file of shards")
+    if cfg.data.val_shards == "":  # the path of the working directory, which a run validated on as an ImageFolder
+        raise ConfigError("config key 'data.val_shards' is empty: give shards, or null for no validation")
     if cfg.train.global_batch_size % cfg.data.streams:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by data.streams={cfg.data.streams}: "
