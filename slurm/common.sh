@@ -24,9 +24,11 @@ VITDIST_JOB=${VITDIST_JOB:-${SLURM_JOB_ID:-}}
 
 # vitdist_job_patterns TEXT JOB_ID JOB_NAME [ARRAY_JOB_ID ARRAY_TASK_ID]: TEXT with sbatch's
 # --output patterns replaced as sbatch does: %j the job id, %x the job name, %A the array's job id
-# (the job id outside an array), %a the task id (4294967294 outside an array).
+# (the job id outside an array), %a the task id (4294967294 outside an array); and a leading ~ is
+# the home directory, as the ranks read run.dir (the shell leaves it as it is after `run.dir=`).
 vitdist_job_patterns() {
   local text=$1
+  [[ $text == "~" || $text == "~/"* ]] && text=$HOME${text#"~"}
   text=${text//"%j"/$2}
   text=${text//"%A"/${4:-$2}}
   text=${text//"%a"/${5:-4294967294}}

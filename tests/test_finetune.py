@@ -272,6 +272,29 @@ def test_check_refuses_a_finetune_init_that_does_not_fit_before_any_process_grou
     assert not (tmp_path / "run").exists()
 
 
+def test_a_finetune_resumes_from_its_own_checkpoint_once_its_init_is_gone(tmp_path):
+    """A fine-tune that has checkpointed resumes from its own checkpoint and never reads
+    finetune.init again, which may be gone by then (the pretraining run's checkpoint pruned or moved,
+    a scratch copy cleaned up). It was refused before any process group (`finetune.init ... does not
+    exist`, exit 2): a requeued SLURM job failed at its config check, and was not requeued."""
+    from vitdist.export import write_safetensors
+    from vitdist.train import model_meta
+
+    cfg = load_config(TINY)
+    init = write_safetensors(build_model(cfg.model).state_dict(), model_meta(cfg.model, cfg.data),
+                             tmp_path / "pre.safetensors")
+    write_png_folder(tmp_path / "images", per_class=4)
+    common = [f"finetune.init={init}", f"data.train_shards={tmp_path / 'images'}", "data.val_shards=null",
+              "data.streams=2", "train.global_batch_size=8", "data.micro_batch_size=8", "optim.warmup_steps=1",
+              "model.num_classes=3", f"run.dir={tmp_path / 'run'}"]
+    first = run_pretrain(0, [*common, "train.steps=2"], launcher="finetune", timeout_s=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    init.unlink()
+    resumed = run_pretrain(0, [*common, "train.steps=3"], launcher="finetune", timeout_s=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and (tmp_path / "run" / "checkpoints" / "step_3").is_dir()
+
+
 def test_image_folder_converted_once_and_reused(tmp_path):
     import webdataset as wds
     from vitdist.config import ConfigError, DataConfig

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -298,13 +299,17 @@ def test_a_run_that_finishes_after_the_warning_is_done_not_requeued(cluster, dem
 
 
 def test_pipeline_finetunes_from_the_final_pretraining_checkpoint(cluster, demo_shards, tmp_path):
+    """The pretraining run.dir under ~ (home: tmp_path), which the shell leaves as it is after
+    `run.dir=`: the fine-tune starts from it. The scripts took it for a folder named ~ in the
+    repository: the fine-tune's finetune.init did not exist there."""
     from vitdist.demo_data import write_digits_dataset
 
     digits = write_digits_dataset(tmp_path / "digits", streams=4)
-    env = {**cluster.env, "VITDIST_NPROC": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "VITDIST_SBATCH_ARGS": f"{' '.join(CPU_NODES)} --output={tmp_path}/%x-%j.log"}
+    # Another home: the jobs' python is the tests' own, which a pyenv shim would no longer find.
+    env = {**cluster.env, "VITDIST_NPROC": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HOME": str(tmp_path),
+           "VITDIST_VENV": sys.prefix, "VITDIST_SBATCH_ARGS": f"{' '.join(CPU_NODES)} --output={tmp_path}/%x-%j.log"}
     out = subprocess.run([str(REPO / "slurm" / "submit_pipeline.sh"), str(TINY), str(DIGITS),
-                          *shard_overrides(demo_shards), *EXACT, "train.steps=4", f"run.dir={tmp_path}/pre-%j", "--",
+                          *shard_overrides(demo_shards), *EXACT, "train.steps=4", "run.dir=~/pre-%j", "--",
                           *shard_overrides(digits), "data.streams=4", "train.steps=3", "train.global_batch_size=64",
                           "data.micro_batch_size=32", "train.eval_every_steps=0", f"run.dir={tmp_path}/%x-ft"],
                          cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
@@ -319,3 +324,4 @@ def test_pipeline_finetunes_from_the_final_pretraining_checkpoint(cluster, demo_
     log = job_log(tmp_path, "vitdist-finetune", ft_job)
     assert f"initialised from {pre_dir / 'checkpoints'} (vitdist checkpoint)" in log
     assert "steps 0 -> 3" in log and (ft_dir / "checkpoints" / "step_3").is_dir()
+    assert not (REPO / "~").exists()

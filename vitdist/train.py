@@ -76,15 +76,13 @@ def preflight(cfg: Config, world_size: int) -> None:
     train_data = folders["train"] if "train" in folders else train_shard_urls(cfg.data, world_size)
     val_urls = expand_urls(cfg.data.val_shards, "data.val_shards") if cfg.data.val_shards and "val" not in folders else []
     model = check_model(cfg.model)
-    if cfg.finetune.init and not Path(cfg.finetune.init).exists():
-        raise ConfigError(f"finetune.init '{cfg.finetune.init}' does not exist")
     try:
         resume_from = checkpoint.resume_path(cfg.train.resume, Path(cfg.run.dir) / "checkpoints")
     except (FileNotFoundError, FileExistsError) as e:
         raise ConfigError(str(e)) from None
     if resume_from is not None:
         resume.check(cfg, resume_from, train_data)
-    elif cfg.finetune.init:  # what _train loads when it does not resume
+    elif cfg.finetune.init:  # what _train loads when it does not resume: a resume never reads it
         try:
             check_fit(model, cfg.finetune.init)
         except HandoffError as e:
