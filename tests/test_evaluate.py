@@ -16,9 +16,10 @@ from timm.models import save_for_hf
 from conftest import TINY, killing, still_running, vitdist_cli
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
-from vitdist.evaluate import evaluate_checkpoint, hub_meta
+from vitdist.evaluate import evaluate_checkpoint
 from vitdist.handoff import HandoffError
 from vitdist.model import build_model
+from vitdist.recorded import hub_meta
 from vitdist.shards import make_shards
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}

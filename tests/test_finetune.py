@@ -236,7 +236,8 @@ def test_check_refuses_a_finetune_init_that_does_not_fit_before_any_process_grou
     """`launch/finetune.py --check`, as the SLURM jobs run it before any rank starts (no process group
     ever does under --check): a checkpoint of another architecture is refused there (exit 2), naming
     finetune.init and the offending keys, judged from its key names and shapes alone; one that fits
-    (a new head, another resolution) passes. It used to be refused only once every rank had started."""
+    (a new head, another resolution) passes, warning where the checkpoint records a normalisation
+    other than the fine-tune's. It used to be refused only once every rank had started."""
     from vitdist import checkpoint
     from vitdist.config import CkptConfig
     from vitdist.export import write_safetensors
@@ -245,7 +246,7 @@ def test_check_refuses_a_finetune_init_that_does_not_fit_before_any_process_grou
     cfg = load_config(TINY)
     torch.manual_seed(0)
     source = build_model(cfg.model)
-    meta = model_meta(cfg.model, cfg.data)
+    meta = {**model_meta(cfg.model, cfg.data), "mean": [0.5] * 3, "std": [0.5] * 3}  # as timm's 0.5/0.5 weights
     if kind == "run's checkpoints":  # what SLURM's pipeline passes: its newest complete checkpoint is meant
         init = tmp_path / "pre" / "checkpoints"
         located = checkpoint.Checkpointer(init, CkptConfig(keep=0), meta).save(
@@ -269,6 +270,12 @@ def test_check_refuses_a_finetune_init_that_does_not_fit_before_any_process_grou
     fits = subprocess.run([*command, "model.img_size=48", "model.num_classes=5"], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert fits.returncode == 0, fits.stderr[-3000:]
+    recorded = located / "model.json" if kind == "run's checkpoints" else tmp_path / "vit.json"
+    warning = (f"config warning: finetune.init's weights were trained on images normalised with mean [0.5, 0.5, 0.5], "
+               f"std [0.5, 0.5, 0.5] ('{recorded}'), this fine-tune normalises with data.mean={list(cfg.data.mean)}, "
+               f"data.std={list(cfg.data.std)}: give it theirs (data.mean=[0.5,0.5,0.5] data.std=[0.5,0.5,0.5]) unless "
+               "the change is meant")
+    assert (warning in fits.stderr) == (kind != "timm state dict"), fits.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 
 

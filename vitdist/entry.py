@@ -38,18 +38,18 @@ def main(description: str, finetune: bool) -> int:
     # Overrides may come on either side of the options: `train.steps=5 --config C.yaml run.dir=r`
     # was refused (argparse takes one run of positionals only) as "unrecognized arguments: run.dir=r".
     args = parser.parse_intermixed_args()
-    refusal = None
+    refusal, found = None, []
     try:
         cfg = load_config(args.config, args.overrides)
         if finetune and not cfg.finetune.init:
             raise ConfigError("finetune.init is not set: give the checkpoint to start from, finetune.init=<path>")
-        preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        found = preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         refusal = str(e)
     if refuse_together(refusal, lambda message: say(f"config error: {message}")):
         return 2
     if os.environ.get("RANK", "0") == "0":
-        for doubt in doubts(cfg):
+        for doubt in doubts(cfg) + found:
             say(f"config warning: {doubt}")
     if args.check:
         return 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import tempfile
 from pathlib import Path
 
@@ -11,86 +9,29 @@ import timm
 import torch
 
 from . import distributed
-from .checkpoint import MODEL_META
 from .config import Config, ConfigError, DataConfig, DistConfig, ModelConfig
 from .config_yaml import load_config
 from .data import EvalLoader
 from .handoff import HUB_WEIGHTS, HandoffError, load_located, locate
 from .imagefolder import convert, is_image_folder, same_classes, scan
+from .recorded import HUB_CONFIG, recorded_meta
 from .shard_list import expand_urls, probe
 from .train import model_meta
 from .validation import evaluate
 
-log = logging.getLogger(__name__)
-
-HUB_CONFIG = "config.json"
-
 
 def checkpoint_meta(checkpoint: Path, config: str | None) -> tuple[dict, str]:
     """What builds and feeds the model (arch, timm kwargs, normalisation, validation crop, class
-    names), and the file that says it: the checkpoint itself (a vitdist checkpoint directory, or the
-    JSON beside an export), else the config.json of the Hugging Face hub folder whose weights it
-    is, else the model and data sections of `config`."""
-    for meta in (checkpoint / MODEL_META, checkpoint.with_suffix(".json")):
-        if meta.is_file():
-            return json.loads(meta.read_text()), str(meta)
-    hub = checkpoint.parent / HUB_CONFIG
-    if checkpoint.name in HUB_WEIGHTS and hub.is_file():
-        return hub_meta(hub), str(hub)
+    names), and the file that says it: what the checkpoint records, else the model and data sections
+    of `config`."""
+    recorded = recorded_meta(checkpoint)
+    if recorded is not None:
+        return recorded
     if config is None:
         beside = f" and has no {HUB_CONFIG} beside it" if checkpoint.name in HUB_WEIGHTS else ""
         raise ConfigError(f"'{checkpoint}' does not say its architecture{beside}: give --config with its model section")
     cfg = load_config(config, ["data.train_shards=unused"])
     return model_meta(cfg.model, cfg.data), config
-
-
-def hub_meta(path: Path) -> dict:
-    """The config.json that timm's save_for_hf and push_to_hf_hub write, read as timm reads it
-    (timm.models._hub): num_classes and label_names at its top level before its pretrained_cfg's,
-    and model_args (the weights' own timm.create_model arguments) to build the model; or, as timm
-    before 0.9 wrote it, one flat dict: the pretrained_cfg itself, with the architecture and the
-    class names (`labels`) in it. ConfigError, naming the file and the key, where something
-    evaluation needs is missing."""
-    try:
-        hub = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read '{path}': {e}") from None
-    flat = "pretrained_cfg" not in hub
-    pretrained, prefix = (hub, "") if flat else (hub["pretrained_cfg"], "pretrained_cfg.")
-    model_args = hub.get("model_args", {})
-
-    def needed(key: str, value):
-        if value is None:
-            raise ConfigError(f"'{path}' has no {key}, which evaluating its weights needs")
-        return value
-
-    arch = needed("architecture", hub.get("architecture"))
-    num_classes = needed("num_classes", hub.get("num_classes", pretrained.get("num_classes")))
-    size_key = f"{prefix}input_size"
-    _, height, width = needed(size_key, pretrained.get("input_size"))
-    if model_args.get("img_size") is not None and pretrained.get("fixed_input_size"):
-        # The weights' own size, as timm takes it: some timm versions wrote the input_size of the
-        # model a fine-tune started from (timm.create_model(arch, img_size=384) of a 224 px arch).
-        size_key, size = "model_args.img_size", model_args["img_size"]
-        height, width = (size, size) if isinstance(size, int) else size
-    if height != width:
-        raise ConfigError(f"'{path}' has {size_key} {height}x{width}: vitdist evaluates square images")
-    crop_mode, interpolation = pretrained.get("crop_mode", "center"), pretrained.get("interpolation", "bicubic")
-    if (crop_mode, interpolation) != ("center", "bicubic"):
-        log.warning("'%s' asks for a %s crop resized %s; vitdist center-crops and resizes bicubically: the figures "
-                    "may differ a little from timm's", path, crop_mode, interpolation)
-    meta = {"arch": arch, "timm_kwargs": {**model_args, "num_classes": num_classes, "img_size": height},
-            "mean": needed(f"{prefix}mean", pretrained.get("mean")),
-            "std": needed(f"{prefix}std", pretrained.get("std")),
-            "val_crop_frac": pretrained.get("crop_pct", timm.data.DEFAULT_CROP_PCT)}
-    names = hub.get("label_names", pretrained.get("label_names"))
-    if names is None and flat:
-        names = hub.get("labels")  # the flat form's name for them
-    if isinstance(names, dict):  # timm's form for outputs some of which have no name: {index: name}
-        names = [names.get(str(i)) for i in range(num_classes)]
-    if names:
-        meta["classes"] = names
-    return meta
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = None, batch_size: int = 64,

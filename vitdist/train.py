@@ -28,6 +28,7 @@ from .objective import Classification
 from .optim import BadSteps, NonFiniteTraining, build_optimizer, step_unless_bad
 from .prefetch import DeviceBatches
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
+from .recorded import normalisation_doubt
 from .samples import SKIP_KINDS, TooManyBadSamples, check_skipped
 from .schedule import lr_at
 from .shard_list import expand_urls, probe, train_shard_urls
@@ -63,11 +64,12 @@ def seed_step(seed: int, rank: int, step: int) -> None:
     np.random.seed([seed, rank, step])
 
 
-def preflight(cfg: Config, world_size: int) -> None:
+def preflight(cfg: Config, world_size: int) -> list[str]:
     """Everything that can be refused before a process group starts (ConfigError): the batch
     layout for this world size, the shard lists (or ImageFolder directories), the architecture,
     the checkpoint to resume from or else `finetune.init` (whether it fits the model, from its
-    metadata alone), and (rank 0) the first samples of the shards."""
+    metadata alone), and (rank 0) the first samples of the shards. Returns the doubts these raise
+    that are not refusals."""
     batch_layout(cfg, world_size)
     if cfg.dist.backend == "nccl" and not torch.cuda.is_available():  # else a traceback in init, exit 1, retried
         raise ConfigError("dist.backend=nccl needs CUDA GPUs, and torch sees none here (torch.cuda.is_available() is "
@@ -75,7 +77,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
     train_data = folders["train"] if "train" in folders else train_shard_urls(cfg.data, world_size)
     val_urls = expand_urls(cfg.data.val_shards, "data.val_shards") if cfg.data.val_shards and "val" not in folders else []
-    model = check_model(cfg.model)
+    model, found = check_model(cfg.model), []
     try:
         resume_from = checkpoint.resume_path(cfg.train.resume, Path(cfg.run.dir) / "checkpoints")
     except (FileNotFoundError, FileExistsError) as e:
@@ -87,10 +89,13 @@ def preflight(cfg: Config, world_size: int) -> None:
             check_fit(model, cfg.finetune.init)
         except HandoffError as e:
             raise ConfigError(f"finetune.init='{cfg.finetune.init}': {e}") from None
+        if doubt := normalisation_doubt(cfg.finetune.init, cfg.data):
+            found.append(doubt)
     if os.environ.get("RANK", "0") == "0":  # last, as the slowest: one reader of the shards' heads, not thousands
         for key, urls in (("data.train_shards", [] if "train" in folders else train_data), ("data.val_shards", val_urls)):
             if urls:
                 probe(urls, cfg.data, cfg.model.num_classes, key, cfg.dist.timeout_s)
+    return found
 
 
 def train(cfg: Config) -> Path:
