@@ -21,7 +21,7 @@ from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.shard_list import expand_urls
 from vitdist.export import export, recorded_best
-from vitdist.resume import shard_ids
+from vitdist.resume import changes, shard_ids
 from vitdist.train import preflight
 
 pytestmark = pytest.mark.slow
@@ -211,6 +211,19 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
     assert (f"resuming with a config changed since {step_4}, so this run differs from the one it continues: "
             "model.drop_path_rate: 0.0 -> 0.1; train.steps: 4 -> 8; the learning rate of step 5 is 0.00123, where the checkpoint's schedule has 1e-05 "
             "(the cosine decay now ends at train.steps=8)\n") in longer.stderr
+
+
+def test_a_resume_reports_the_learning_rate_its_changes_make_and_why():
+    """Half-way down the cosine (step 30 of 40 after 20 warmup steps) the lr is halfway between
+    optim.lr and optim.min_lr; the decay's new end is named only where train.steps moved it."""
+    from vitdist.config import to_dict
+
+    state = {"config": to_dict(load_config(TINY, ["train.steps=40"])), "step": 30}  # optim.lr 2e-3, min_lr 1e-5
+    assert changes(load_config(TINY, ["train.steps=40", "optim.lr=0.004"]), state) == [
+        "optim.lr: 0.002 -> 0.004", "the learning rate of step 31 is 0.00201, where the checkpoint's schedule has 0.00101"]
+    assert changes(load_config(TINY, ["train.steps=80"]), state) == [  # 1e-5 + 1.99e-3 x (1 + cos(pi/6)) / 2
+        "train.steps: 40 -> 80", "the learning rate of step 31 is 0.00187, where the checkpoint's schedule has 0.00101 "
+        "(the cosine decay now ends at train.steps=80)"]
 
 
 def test_shard_ids_keep_what_differs_between_shards_and_drop_what_a_move_changes():

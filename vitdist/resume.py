@@ -188,8 +188,9 @@ def changes(cfg: Config, state: dict) -> list[str]:
     then, now = (lr_at(step, lr=c["optim.lr"], min_lr=c["optim.min_lr"], warmup_steps=c["optim.warmup_steps"],
                        total_steps=c["train.steps"]) for c in (old, new))
     if now != then:
+        ends = f" (the cosine decay now ends at train.steps={new['train.steps']})" if "train.steps" in changed else ""
         lines.append(f"the learning rate of step {step + 1} is {now:.3g}, where the checkpoint's schedule has "
-                     f"{then:.3g} (the cosine decay now ends at train.steps={new['train.steps']})")
+                     f"{then:.3g}{ends}")
     return lines
 
 
