@@ -92,13 +92,16 @@ class Reads:
 
 
 def start_worker(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1, which SLURM and torchrun send to the job's whole
-    process group, to the main process: it finishes the step and checkpoints, then stops them
-    itself (they would die of the signal and take the step down). Ignoring the signals instead
-    would also make them immune to the SIGTERM that stops a hung worker, and hang the exit; and
-    they leave on their own when the main process dies (see below). The worker's own
-    process group also holds the commands it starts (`pipe:` shards), so that `watched` ends
-    them with it.
+    """Loader workers leave SIGTERM/SIGUSR1 to the main process: it finishes the step and
+    checkpoints, then stops them itself (they would die of the signal and take the step down).
+    torchrun and a shell signal the job's process group, which the worker's session leaves it out
+    of; SLURM's proctrack/linuxproc (at `scancel --signal`) and systemd (at a stop) signal every
+    process of the job, so SIGTERM is taken by a thread of the worker's, which ends it only when
+    it comes from the training process (as at its exit: Python's multiprocessing ends the workers
+    still running so, and waits for them). Ignoring the signal instead would make the workers
+    immune to that one too, and hang the exit; and they leave on their own when the main process
+    dies (see below). The worker's own process group also holds the commands it starts (`pipe:`
+    shards), so that `watched` ends them with it.
 
     They also run at a lower priority than the training process. Decoding keeps every core busy
     when there are about as many workers as cores; at equal priority the training process, whose
@@ -115,6 +118,14 @@ def start_worker(worker_id: int) -> None:
     signal.signal(PARENT_DIED, _end_process_group)
     if signal_at_parent_death(PARENT_DIED) and os.getppid() != parent_process().pid:
         _end_process_group()  # the parent died before the request was in place
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # in the threads started from here on too
+    threading.Thread(target=_end_at_sigterm_from_parent, daemon=True, name="sigterm").start()
+
+
+def _end_at_sigterm_from_parent() -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+        pass
+    _end_process_group()
 
 
 def _end_process_group(*_) -> None:
@@ -203,7 +214,7 @@ def _stop(chunks, workers: list[Process]) -> None:
         chunks._pin_memory_thread.join()
     # Each worker's process group: the worker and its commands. A group outlives its leader
     # while a member is left, and its id is not reused meanwhile, so a dead worker's commands
-    # end too. Torch's workers exit at once at a SIGTERM from their parent, even in a stalled read.
+    # end too. A worker ends at once at a SIGTERM from its parent (start_worker), even in a stalled read.
     for worker in workers:
         with contextlib.suppress(ProcessLookupError):  # the worker died and left nothing
             os.killpg(worker.pid, signal.SIGTERM)
