@@ -194,26 +194,28 @@ def test_corrupt_jpegs_are_skipped_counted_or_replaced(tmp_path, caplog):
 
 def test_a_jpeg_with_bytes_after_its_end_is_decoded_on_the_device(tmp_path):
     """Cameras pad JPEGs after their end-of-image marker, phones append a trailer (Samsung's holds
-    a video, and may hold that marker again): PIL and libjpeg stop at the marker. Such JPEGs took
+    a video, and may hold that marker again; an Ultra HDR photo ends with a second JPEG, its gain
+    map, so with the marker too): PIL and libjpeg stop at the first marker. Such JPEGs took
     the CPU path; they are decoded on the device, from their bytes up to the marker, to the CPU
     path's pixels. A JPEG cut short is still refused by the worker, as with decode: cpu, though an
     EXIF thumbnail inside it ends with that marker."""
     rng = np.random.default_rng(2)
-    photos = [encode(draw_photo(120, 90, rng), quality=90) for _ in range(4)]
+    photos = [encode(draw_photo(120, 90, rng), quality=90) for _ in range(5)]
     exif = b"Exif\0\0" + encode(draw_photo(16, 12, rng), quality=80)
     with_thumbnail = photos[3][:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + photos[3][2:]
     samples = {"cut": with_thumbnail[: -len(photos[3]) // 3], "plain": photos[0], "padded": photos[1] + b"\0\0\0",
-               "trailer": photos[2] + b"SEFH\0\0\xff\xd9\0video\xff\xd8\0" + bytes(range(256))}
+               "trailer": photos[2] + b"SEFH\0\0\xff\xd9\0video\xff\xd8\0" + bytes(range(256)),
+               "gain_map": photos[4] + encode(draw_photo(60, 45, rng), quality=80)}
     with wds.TarWriter(str(tmp_path / "trailing.tar")) as sink:
         for i, (key, jpeg) in enumerate(samples.items()):
             sink.write({"__key__": key, "jpg": jpeg, "cls": i})
     pattern, options = str(tmp_path / "trailing.tar"), ("data.streams=1", "data.shuffle_block=1")
-    want = next(iter(loader(pattern, "cpu", *options, batch_size=3)))
-    got = next(iter(loader(pattern, "gpu", *options, batch_size=3)))
-    assert got["key"] == want["key"] == ["plain", "padded", "trailer"]
+    want = next(iter(loader(pattern, "cpu", *options, batch_size=4)))
+    got = next(iter(loader(pattern, "gpu", *options, batch_size=4)))
+    assert got["key"] == want["key"] == ["plain", "padded", "trailer", "gain_map"]
     assert got["skipped"] == want["skipped"] == {"undecodable": 1}
     assert got["encoded"].all()
-    assert [bytes(jpeg) for jpeg in encoded_jpegs(got)] == photos[:3]
+    assert [bytes(jpeg) for jpeg in encoded_jpegs(got)] == [*photos[:3], photos[4]]
     assert torch.equal(to_device(got, CPU), want["image"])
 
 

@@ -42,12 +42,12 @@ def device_jpeg(image: Image.Image, data: bytes) -> bytes | None:
     colour (YCbCr) JPEGs only. Greyscale and CMYK are rare and not every nvJPEG build handles them;
     a JPEG without its end-of-image marker is truncated, and the worker's PIL refuses it as
     BadSample just as with decode: cpu. Bytes after the marker (a camera's padding, a phone's
-    trailer, which can hold a video) are cut off here: libjpeg ignores them, nvJPEG's handling of
-    them is not documented, and they need not travel. Only a JPEG that does not end with the marker
-    is scanned for it: most do."""
+    trailer, which can hold a video, an Ultra HDR photo's gain map, a JPEG that ends with the marker
+    too) are cut off here: libjpeg ignores them, nvJPEG's handling of them is not documented, and
+    they need not travel. Every JPEG is scanned for its marker (about 60 us for 80 KB, on one core)."""
     if image.format != "JPEG" or image.mode != "RGB":
         return None
-    return data if data.endswith(b"\xff\xd9") else data[:end] if (end := jpeg_end(data)) else None
+    return data[:end] if (end := jpeg_end(data)) else None
 
 
 def shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
