@@ -429,6 +429,15 @@ def test_16bit_png_and_cmyk_jpeg_convert_to_rgb():
         assert np.abs(np.asarray(load_rgb(cmyk), dtype=int).mean((0, 1)) - rgb).max() < 8
 
 
+def test_an_eps_file_under_an_image_key_is_undecodable_not_handed_to_ghostscript():
+    """PIL opens any format it knows, whatever the key says; its EPS plugin has Ghostscript, a
+    program outside the process, decode the shard's bytes. Other formats than the usual three still open."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n0 0 moveto 32 32 lineto stroke\nshowpage\n%%EOF\n"
+    with pytest.raises(BadSample, match="undecodable image: cannot identify image file"):
+        open_image(eps)
+    assert open_image(encoded(Image.new("RGB", (32, 32)), "BMP")).size == (32, 32)
+
+
 def test_fewer_shards_than_streams_is_a_clear_error(demo_shards):
     cfg = data_cfg(demo_shards, "data.streams=32", "train.global_batch_size=128", "data.num_workers=2")
     with pytest.raises(ConfigError, match=re.escape("16 training shard(s) for data.streams=32 (at least ranks x workers = 8 x 2)")):

@@ -153,6 +153,12 @@ def _lacking(what: str, sample: dict) -> str:
             f"file '{dotted}'; write keys without dots, as vitdist make-shards does)")
 
 
+# The formats read: all that PIL knows but EPS, whose pixels PIL has Ghostscript decode, a program
+# run on a shard's bytes (a sample's .jpg may hold anything).
+Image.init()
+_FORMATS = tuple(name for name in Image.OPEN if name != "EPS")
+
+
 def open_image(data: bytes) -> Image.Image:
     """The image with only its header read (size, mode, format): no pixels decoded yet; or BadSample.
     data.max_image_pixels judges the size (read_image). PIL's own decompression-bomb check, which
@@ -161,7 +167,7 @@ def open_image(data: bytes) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=_FORMATS)
     except Image.DecompressionBombError as e:
         raise BadSample("too_large", f"{e} (PIL's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, bounds data.max_image_pixels)") from None
     except Exception as e:
