@@ -360,9 +360,14 @@ def batch_layout(cfg: Config, world_size: int) -> int:
     global_batch, micro, streams = cfg.train.global_batch_size, cfg.data.micro_batch_size, cfg.data.streams
     slots = world_size * max(1, cfg.data.num_workers)
     if global_batch % (world_size * micro):
+        per_rank, left = divmod(global_batch, world_size)
+        fix = (f"give train.global_batch_size a multiple of {world_size}" if left else
+               f"each rank takes {per_rank} samples a step: give data.micro_batch_size="
+               f"{max(d for d in range(1, min(micro, per_rank) + 1) if per_rank % d == 0)}, the largest below "
+               f"{micro} that divides it")
         raise ConfigError(
             f"train.global_batch_size={global_batch} is not divisible by world size {world_size} x "
-            f"data.micro_batch_size={micro}; pick sizes so that global = world x micro x accumulation steps")
+            f"data.micro_batch_size={micro} (global = world x micro x accumulation steps): {fix}")
     if streams % slots:
         raise ConfigError(
             f"data.streams={streams} is not a multiple of ranks x workers = {world_size} x "
