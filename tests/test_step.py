@@ -58,12 +58,17 @@ def test_one_process_trains_the_model_itself_without_ddp(process_group):
     assert prepare_model(model, cfg, distributed.DistContext(0, 1, 0, torch.device("cpu"))) is model
 
 
-def test_bf16_autocast_keeps_fp32_weights_grads_and_optimizer_state():
-    model, cfg = tiny()
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_bf16_autocast_keeps_fp32_weights_grads_and_optimizer_state(process_group, strategy):
+    """train.precision=bf16 as a run sets it up (prepare_model, compute_precision): the forward runs
+    in bf16 (autocast under DDP, bf16 parameter gathers under FSDP), the weights, their gradients
+    and Adam's moments stay fp32."""
+    model, cfg = tiny("train.precision=bf16", f"dist.strategy={strategy}")
+    model = prepare_model(model, cfg, distributed.DistContext(0, 1, 0, torch.device("cpu")))
     optimizer = build_optimizer(model, cfg.optim)
     objective = Classification(cfg.train, cfg.model.num_classes)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 8, (4,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with compute_precision(cfg, torch.device("cpu")):
         assert model(x).dtype == torch.bfloat16  # the matmuls ran in bf16
         loss = objective(model, x, y)
     assert loss.dtype == torch.float32
