@@ -183,7 +183,8 @@ def test_a_training_step_applies_the_clipped_gradients(process_group):
 
 def test_bad_steps_stop_the_run_only_in_a_row():
     """Scattered NaN/Inf steps never add up to train.max_bad_steps, and once a step trains again
-    the latest weights may be checkpointed."""
+    the latest weights may be checkpointed. The loop checks at log steps only: a run of them between
+    two checks stops the run, though a good step came after it."""
     bad_steps = BadSteps(torch.device("cpu"))
     for flag in (1, 1, 0, 1, 0):
         bad_steps.record(torch.tensor(float(flag)))
@@ -194,6 +195,12 @@ def test_bad_steps_stop_the_run_only_in_a_row():
     assert bad_steps.ongoing() == 3
     with pytest.raises(NonFiniteTraining, match="^3 steps in a row up to step 8 had a NaN/Inf loss"):
         bad_steps.check(limit=3, step=8)
+    between = BadSteps(torch.device("cpu"))
+    for flag in (0, 1, 1, 1, 0):
+        between.record(torch.tensor(float(flag)))
+    assert between.ongoing() == 0
+    with pytest.raises(NonFiniteTraining, match="^3 steps in a row up to step 5 had a NaN/Inf loss"):
+        between.check(limit=3, step=5)
 
 
 def test_device_random_draws_depend_on_seed_rank_and_step():
