@@ -121,6 +121,9 @@ def test_keep_every_and_async_save(tmp_path, process_group):
     saver = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=1, keep_every=20, async_save=True), {})
     for step in (10, 20, 30, 40, 50):
         saver.save(step, model, optimizer, {"step": step})
+    # Each save finished the one before; the last is still in flight, completed (renamed) only once
+    # the loop finds it written: a synchronous save would have completed it already.
+    assert not (tmp_path / "step_50").exists() and (tmp_path / "step_40").is_dir()
     deadline = time.time() + 60
     while not (tmp_path / "step_50").exists():  # the loop polls at log steps, with no next save to come
         assert time.time() < deadline, "step_50 was written but never finished"

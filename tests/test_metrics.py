@@ -1,5 +1,7 @@
-"""The perf/ figures: the matmul peak perf/mfu divides by, and the time a log window lasts."""
+"""The perf/ figures: the matmul peak perf/mfu divides by, the time a log window lasts, and the
+share of it spent waiting for data."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,8 +10,10 @@ import time
 import pytest
 import torch
 
+from conftest import read_scalars, run_pretrain
 from vitdist.distributed import DistContext
 from vitdist.metrics import matmul_peak_flops
+from vitdist.shard_list import expand_urls
 from vitdist.train import Window, _window_scalars
 
 
@@ -49,3 +53,21 @@ def test_a_log_window_ends_when_the_gpu_has_run_its_steps(process_group):
     window.add_step(zero, zero, zero, images=100)
     scalars, _ = _window_scalars(window, 1e-3, {}, 0, 1e-12, ctx)
     assert scalars["perf/images_per_sec"] < 100 / 0.45
+
+
+@pytest.mark.slow
+def test_the_data_wait_is_the_share_of_the_window_spent_waiting_for_batches(demo_shards, tmp_path):
+    """Two streams, each reading one shard whose `pipe:` command sleeps 1 s first, in the training
+    process (data.num_workers=0): the 4 steps of the one log window wait at least those 2 s for
+    their batches (the first sleep may begin a moment before the window). The window's length is its
+    images over perf/images_per_sec."""
+    slow = [f"pipe:sleep 1 && cat {url}" for url in expand_urls(demo_shards["train"])[:2]]
+    run = run_pretrain(0, [f"data.train_shards={json.dumps(slow)}", "data.val_shards=null", "data.streams=2",
+                           "data.num_workers=0", "train.global_batch_size=16", "data.micro_batch_size=16",
+                           "train.steps=4", "log.every_steps=4", "ckpt.every_steps=0", f"run.dir={tmp_path}"],
+                       timeout_s=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    scalars = read_scalars(tmp_path / "tb")
+    [(_, wait_frac)], [(_, per_sec)] = scalars["perf/data_wait_frac"], scalars["perf/images_per_sec"]
+    window_s = 4 * 16 / per_sec
+    assert 1.5 <= wait_frac * window_s <= window_s, (wait_frac, window_s)

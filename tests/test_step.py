@@ -58,12 +58,17 @@ def test_one_process_trains_the_model_itself_without_ddp(process_group):
     assert prepare_model(model, cfg, distributed.DistContext(0, 1, 0, torch.device("cpu"))) is model
 
 
-def test_bf16_autocast_keeps_fp32_weights_grads_and_optimizer_state():
-    model, cfg = tiny()
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_bf16_autocast_keeps_fp32_weights_grads_and_optimizer_state(process_group, strategy):
+    """train.precision=bf16 as a run sets it up (prepare_model, compute_precision): the forward runs
+    in bf16 (autocast under DDP, bf16 parameter gathers under FSDP), the weights, their gradients
+    and Adam's moments stay fp32."""
+    model, cfg = tiny("train.precision=bf16", f"dist.strategy={strategy}")
+    model = prepare_model(model, cfg, distributed.DistContext(0, 1, 0, torch.device("cpu")))
     optimizer = build_optimizer(model, cfg.optim)
     objective = Classification(cfg.train, cfg.model.num_classes)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 8, (4,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with compute_precision(cfg, torch.device("cpu")):
         assert model(x).dtype == torch.bfloat16  # the matmuls ran in bf16
         loss = objective(model, x, y)
     assert loss.dtype == torch.float32
@@ -178,7 +183,8 @@ def test_a_training_step_applies_the_clipped_gradients(process_group):
 
 def test_bad_steps_stop_the_run_only_in_a_row():
     """Scattered NaN/Inf steps never add up to train.max_bad_steps, and once a step trains again
-    the latest weights may be checkpointed."""
+    the latest weights may be checkpointed. The loop checks at log steps only: a run of them between
+    two checks stops the run, though a good step came after it."""
     bad_steps = BadSteps(torch.device("cpu"))
     for flag in (1, 1, 0, 1, 0):
         bad_steps.record(torch.tensor(float(flag)))
@@ -189,6 +195,12 @@ def test_bad_steps_stop_the_run_only_in_a_row():
     assert bad_steps.ongoing() == 3
     with pytest.raises(NonFiniteTraining, match="^3 steps in a row up to step 8 had a NaN/Inf loss"):
         bad_steps.check(limit=3, step=8)
+    between = BadSteps(torch.device("cpu"))
+    for flag in (0, 1, 1, 1, 0):
+        between.record(torch.tensor(float(flag)))
+    assert between.ongoing() == 0
+    with pytest.raises(NonFiniteTraining, match="^3 steps in a row up to step 5 had a NaN/Inf loss"):
+        between.check(limit=3, step=5)
 
 
 def test_device_random_draws_depend_on_seed_rank_and_step():
