@@ -60,7 +60,7 @@ def ensure_shards(cache: Path, samples: int, per_shard: int) -> tuple[str, dict]
     pattern = str(cache / f"bench-{{000000..{num_shards - 1:06d}}}.tar")
     paths = [cache / f"bench-{i:06d}.tar" for i in range(num_shards)]
     marker = cache / "shards.json"
-    wanted = {"samples": samples, "per_shard": per_shard, "image_size": IMAGE_SIZE}
+    wanted = {"samples": samples, "per_shard": per_shard, "image_size": list(IMAGE_SIZE)}  # as JSON reads it back
     if not (marker.is_file() and json.loads(marker.read_text())["spec"] == wanted and all(p.is_file() for p in paths)):
         cache.mkdir(parents=True, exist_ok=True)
         tasks = [(str(p), i * per_shard, min(per_shard, samples - i * per_shard)) for i, p in enumerate(paths)]

@@ -86,6 +86,28 @@ def test_data_pipeline_bench_measures_both_decodes_alone_and_in_training(tmp_pat
         assert run["images_per_sec"]["mean"] > 0 and 0 <= run["data_wait_frac"]["mean"] <= 1
 
 
+def test_data_pipeline_bench_writes_its_shards_once(tmp_path):
+    """The shards are cached in --cache: a run with the same spec reads them instead of writing them
+    again (12,000 JPEGs are 20-30 s of a device call); another spec writes them anew."""
+    spec = importlib.util.spec_from_file_location("data_pipeline", REPO / "bench" / "data_pipeline.py")
+    data_pipeline = importlib.util.module_from_spec(spec)
+    sys.modules["data_pipeline"] = data_pipeline  # the writing processes find write_shard by its module's name
+    try:
+        spec.loader.exec_module(data_pipeline)
+
+        def files():
+            return {p.name: p.stat().st_ino for p in tmp_path.glob("*.tar")}
+
+        first = data_pipeline.ensure_shards(tmp_path, 4, 2)
+        written = files()
+        assert data_pipeline.ensure_shards(tmp_path, 4, 2) == first
+        assert files() == written  # the same files, not new ones renamed into place
+        data_pipeline.ensure_shards(tmp_path, 6, 2)
+        assert set(files()) == set(written) | {"bench-000002.tar"} and files().items().isdisjoint(written.items())
+    finally:
+        del sys.modules["data_pipeline"]
+
+
 def test_data_pipeline_bench_keeps_its_figures_when_a_training_run_fails(tmp_path):
     """A training run that fails costs its own row only: the figures measured before it are kept,
     the next run still runs, each error is recorded, and the script exits non-zero."""
