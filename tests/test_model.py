@@ -5,7 +5,7 @@ import torch
 from conftest import TINY
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
-from vitdist.model import build_model, check_model, timm_kwargs, train_flops_per_image
+from vitdist.model import build_model, check_model, is_classifier, timm_kwargs, train_flops_per_image
 from vitdist.optim import build_optimizer
 
 
@@ -79,11 +79,16 @@ def test_impossible_models_are_config_errors(overrides, message):
         check_model(load_config(TINY, overrides).model)
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.img_size=64", "model.depth=2", "model.num_classes=100"]])
+@pytest.mark.parametrize("overrides", [
+    [], ["model.img_size=64", "model.depth=2", "model.num_classes=100"],
+    ["model.arch=vit_so150m_patch16_reg4_map_256"],  # attention pooling over the patches, not the registers
+    ["model.arch=deit_tiny_distilled_patch16_224"],  # two heads
+])
 def test_train_flops_match_torch_flop_counter(overrides):
     """perf/mfu's FLOP count against torch's own count of a real forward + backward (whose input
-    gradient of the patch projection is not computed: the image needs none). The math attention
-    backend, because the counter does not see inside the CPU's fused attention kernel."""
+    gradient of the patch projection is not computed: the image needs none), for ViTs of other
+    heads too. The math attention backend, because the counter does not see inside the CPU's fused
+    attention kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -95,7 +100,7 @@ def test_train_flops_match_torch_flop_counter(overrides):
     assert train_flops_per_image(model) * len(x) == pytest.approx(counter.get_total_flops() + patch_input_grad, rel=1e-6)
 
     for name, param in model.named_parameters():  # finetune.freeze=backbone: a linear probe
-        param.requires_grad_(name.startswith("head."))
+        param.requires_grad_(is_classifier(model, name))
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(x).sum().backward()
     assert train_flops_per_image(model) * len(x) == pytest.approx(counter.get_total_flops(), rel=1e-6)

@@ -58,15 +58,35 @@ def is_classifier(model: VisionTransformer, name: str) -> bool:
 
 def train_flops_per_image(model: VisionTransformer) -> float:
     """Model FLOPs of one image's forward + backward (3x the forward's matrix products: every
-    linear layer per token, the patch projection per patch, attention's QK^T and AV). Norms and
-    pointwise ops are left out, and recomputation under checkpointing is not counted, as in MFU.
-    With the backbone frozen, backward runs through the head alone."""
+    linear layer per token, the patch projection per patch, attention's QK^T and AV, the attention
+    pool's, every classifier head's). Norms and pointwise ops are left out, and recomputation under
+    checkpointing is not counted, as in MFU. With the backbone frozen, backward runs through the
+    head alone."""
     patches = model.patch_embed.num_patches
     tokens = patches + model.num_prefix_tokens
-    block_macs = sum(m.in_features * m.out_features for m in model.blocks.modules() if isinstance(m, nn.Linear))
+    block_macs = _linear_macs(model.blocks)
     attention_macs = 2 * tokens * tokens * model.embed_dim * len(model.blocks)
-    head_macs = sum(m.in_features * m.out_features for m in model.head.modules() if isinstance(m, nn.Linear))
-    macs = block_macs * tokens + model.patch_embed.proj.weight.numel() * patches + attention_macs + head_macs
+    head_macs = sum(_linear_macs(m) for name, m in model.named_children() if is_classifier(model, name))
+    macs = (block_macs * tokens + model.patch_embed.proj.weight.numel() * patches + attention_macs
+            + _attention_pool_macs(model, tokens, patches) + head_macs)
     if not any(p.requires_grad for name, p in model.named_parameters() if not is_classifier(model, name)):
         return 2 * (macs + head_macs)  # a linear probe: backward computes only the head's weight gradient
     return 3 * 2 * macs
+
+
+def _linear_macs(module: nn.Module) -> int:
+    """Multiply-accumulates of `module`'s linear layers for one token."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _attention_pool_macs(model: VisionTransformer, tokens: int, patches: int) -> int:
+    """SigLIP's attention pooling (global_pool='map'): its latent queries attend over the tokens,
+    so only keys and values are computed per token; the rest of the pool runs on the latents."""
+    pool = model.attn_pool
+    if pool is None:
+        return 0
+    # timm before pool_include_prefix pooled every token, the prefix tokens too
+    seen = tokens if getattr(model, "pool_include_prefix", True) else patches
+    kv_macs = pool.kv.in_features * pool.kv.out_features
+    per_latent = _linear_macs(pool) - kv_macs + 2 * seen * model.embed_dim  # + QK^T and AV
+    return kv_macs * seen + pool.latent_len * per_latent
