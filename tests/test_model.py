@@ -70,6 +70,8 @@ def test_weight_decay_groups():
     (["model.arch=beit_base_patch16_224"], "builds a Beit, not a VisionTransformer"),
     (["model.arch=resnet18"], "timm cannot build model.arch 'resnet18'"),
     (["model.num_heads=3"], "dim should be divisible by num_heads"),
+    # A bare assert in timm, which has no message: the refusal quotes it (SwiGLU's packed width, 64 x 5.33, is odd).
+    (["model.arch=vit_giant_patch14_dinov2", "model.embed_dim=64"], r"AssertionError in mlp.py, line \d+: assert hidden_features % 2 == 0"),
     (["model.img_size=36"], "model.img_size=36 is not a multiple of the patch size 8"),
     # The arch's own patch size (16) when model.patch_size is null: timm would train on 32 px.
     (["model.patch_size=null", "model.img_size=40"], "model.img_size=40 is not a multiple of the patch size 16"),

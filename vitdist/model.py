@@ -1,6 +1,8 @@
 """The ViT: timm's VisionTransformer, so that a saved state dict loads in timm by name + kwargs."""
 
 import difflib
+import traceback
+from pathlib import Path
 
 import timm
 import torch
@@ -41,11 +43,19 @@ def check_model(cfg: ModelConfig) -> VisionTransformer:
         except ConfigError:
             raise
         except Exception as e:
-            raise ConfigError(f"timm cannot build model.arch '{cfg.arch}' with {timm_kwargs(cfg)}: {e}") from None
+            raise ConfigError(f"timm cannot build model.arch '{cfg.arch}' with {timm_kwargs(cfg)}: {_reason(e)}") from None
     patch = model.patch_embed.patch_size[0]  # the arch's own when model.patch_size is null
     if cfg.img_size % patch:  # timm would drop the remainder pixels without a word
         raise ConfigError(f"model.img_size={cfg.img_size} is not a multiple of the patch size {patch}")
     return model
+
+
+def _reason(error: Exception) -> str:
+    """Why timm failed: its message, or for a bare assert, which says nothing, the failing line."""
+    if str(error):
+        return str(error)
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"{type(error).__name__} in {Path(frame.filename).name}, line {frame.lineno}: {frame.line}"
 
 
 def is_classifier(model: VisionTransformer, name: str) -> bool:
