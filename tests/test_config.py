@@ -47,6 +47,7 @@ def test_whole_numbers_in_scientific_notation_are_integers():
     ("data.val_shards=2024-06-01/val.tar", "2024-06-01/val.tar"),
     ("run.dir=2024-06-01", "2024-06-01"),  # a date
     ("run.dir=0755", "0755"),  # an integer
+    ("data.train_shards=out/é #1/train-{0..3}.tar", "out/é #1/train-{0..3}.tar"),  # text, then a comment
     ("data.train_shards=[a.tar, '{b,c}.tar']", ["a.tar", "{b,c}.tar"]),  # still YAML: a list, a quoted string
     ("data.val_shards=null", None),
 ])

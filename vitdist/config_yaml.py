@@ -64,9 +64,10 @@ def _flatten(tree: Any, source: str) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`key.sub=value` with the value read as YAML (so 1e-3 is a float, [1,2] a list). A key that
-    takes text gets the text as written where YAML reads it as something else than text, a list or
-    null: a brace pattern {a,b}.tar (a YAML syntax error), run.dir=2024-06-01 (a date), a pipe:
-    command with ': ' in it (a mapping)."""
+    takes text gets the text as written unless YAML reads it as a list or null, or it is quoted: a
+    brace pattern {a,b}.tar (a YAML syntax error), run.dir=2024-06-01 (a date), a pipe: command
+    with ': ' in it (a mapping), a path with ' #' in it (YAML's comment: run.dir=/scratch/run #3
+    was /scratch/run)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
     key, raw = (part.strip() for part in text.split("=", 1))
@@ -80,7 +81,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         if as_text:
             return key, raw
         raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
-    if as_text and not isinstance(value, (str, list, type(None))):
+    if as_text and not isinstance(value, (list, type(None))) and raw[:1] not in "'\"":
         return key, raw
     return key, value
 
