@@ -484,6 +484,11 @@ def test_shard_specs(demo_shards, tmp_path, monkeypatch):
         expand_urls("demo/nope-{1..2}.tar")
     with pytest.raises(ConfigError, match="shard list file '.*missing.txt' does not exist"):
         expand_urls(str(tmp_path / "missing.txt"))
+    # A brace of a name, not of a pattern, was a traceback that named no key.
+    (tmp_path / "a{b.tar").write_bytes(Path(urls[0]).read_bytes())
+    with pytest.raises(ConfigError, match=r"^data.train_shards: Unbalanced braces: 'a\{b.tar': a brace that is part"):
+        expand_urls("a{b.tar", "data.train_shards")
+    assert expand_urls(r"a\{b.tar") == ["a{b.tar"]
 
 
 def test_a_shard_named_twice_or_a_shard_list_inside_a_list_is_refused(demo_shards, tmp_path):

@@ -44,7 +44,10 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
         raise ConfigError(f"{where}the shard list file '{listed}' is an item of a list, where it would be read as a tar "
                           "shard: give the .txt file alone, or its lines in the list")
     patterns = [spec] if isinstance(spec, str) else spec
-    urls = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
+    try:
+        urls = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
+    except braceexpand.UnbalancedBracesError as e:
+        raise ConfigError(f"{where}{e}: a brace that is part of a name is written \\{{ or \\}}") from None
     if twice := next((url for url, count in Counter(urls).items() if count > 1), None):
         raise ConfigError(f"{where}'{twice}' is named {urls.count(twice)} times: its samples would be read as many "
                           "times per epoch (and counted as many times in validation); name each shard once")
