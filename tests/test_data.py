@@ -803,6 +803,18 @@ def test_one_image_over_the_byte_limit_does_not_split_every_shard():
     assert bounds[0] == 0 and bounds[-1] == 401 and max(b - a for a, b in zip(bounds, bounds[1:])) == 67
 
 
+def test_folders_named_with_braces_are_named_by_the_shard_specs_written_for_them(tmp_path):
+    """make-shards' pattern and an ImageFolder's conversion are brace-expanded: a run.dir runs/{a,b}
+    was read as two folders, neither of which holds the shards."""
+    make_image_folder(tmp_path / "src")
+    out = tmp_path / "out {a,b} \\ x"
+    assert expand_urls(make_shards(tmp_path / "src", out, samples_per_shard=8, progress=False)) == [
+        str(out / f"train-{i:06d}.tar") for i in range(2)]
+    converted = to_shards(DataConfig(train_shards=str(tmp_path / "src"), streams=2), 3, tmp_path / "run {a,b}", True)
+    assert expand_urls(converted.train_shards) == [str(tmp_path / "run {a,b}" / "train" / f"train-{i:06d}.tar")
+                                                   for i in range(2)]
+
+
 def test_make_shards_cli(tmp_path):
     make_image_folder(tmp_path / "src")
     run = vitdist_cli("make-shards", tmp_path / "src", tmp_path / "out", "--samples-per-shard", "8", "--streams", "3",

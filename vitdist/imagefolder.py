@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .config import ConfigError, DataConfig
 from .shard_list import expand_urls, is_remote
-from .shards import make_shards, read_classes, scan_image_folder
+from .shards import literal, make_shards, read_classes, scan_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,9 @@ def other_images(recorded: dict, now: dict) -> str | None:
 
 
 def convert(folder: ImageFolder, out: Path, streams: int, seed: int) -> list[str]:
-    """The shard paths of `folder` converted into `out` (with classes.json and the manifest), one
-    per stream (one per image if there are fewer): written now, or reused from an earlier run when
-    the manifest matches."""
+    """The shards of `folder` converted into `out` (with classes.json and the manifest), one per
+    stream (one per image if there are fewer), as specs (shards.literal): written now, or reused
+    from an earlier run when the manifest matches."""
     made_of = recipe(folder, streams, seed)
     if out.is_dir():
         manifest = json.loads((out / MANIFEST).read_text())
@@ -168,7 +168,7 @@ def convert(folder: ImageFolder, out: Path, streams: int, seed: int) -> list[str
                 f"{folder.key}: '{folder.root}' is not what this run converted into '{out}' (images, classes, "
                 f"data.seed or data.streams changed, or an older vitdist converted it): use another run.dir, or delete "
                 f"'{out}' to convert again (a resume from a checkpoint trained on other images is then refused)")
-        return [str(out / name) for name in manifest["shards"]]
+        return [literal(out / name) for name in manifest["shards"]]
     tmp = out.with_name(out.name + ".tmp")  # a conversion killed half-way is left here, never used
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("converting ImageFolder %s (%d images, %d classes) into shards in %s",
@@ -179,7 +179,7 @@ def convert(folder: ImageFolder, out: Path, streams: int, seed: int) -> list[str
     (tmp / MANIFEST).write_text(json.dumps({"source": str(folder.root.resolve()), "recipe": made_of, "shards": shards},
                                            indent=1))
     tmp.rename(out)
-    return [str(out / name) for name in shards]
+    return [literal(out / name) for name in shards]
 
 
 def to_shards(data: DataConfig, num_classes: int, out_dir: Path, is_main: bool, group=None) -> DataConfig:

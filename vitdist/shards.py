@@ -116,6 +116,12 @@ def shard_bounds(image_bytes: list[int], samples_per_shard: int, max_shard_bytes
         num_shards += streams
 
 
+def literal(path: str | Path) -> str:
+    """`path` as a shard spec that names it alone: its braces and backslashes escaped, which
+    braceexpand would expand (a run.dir runs/{a,b}) or drop."""
+    return re.sub(r"[\\{}]", r"\\\g<0>", str(path))
+
+
 def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", samples_per_shard: int = 1000,
                 max_shard_bytes: float = 1e9, seed: int = 0, progress: bool = True,
                 classes: list[str] | None = None, streams: int = 1) -> str:
@@ -172,4 +178,4 @@ def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", sam
         raise
     if written is None:
         write_json(beside, classes)
-    return str(out_dir / f"{prefix}-{{000000..{len(bounds) - 2:06d}}}.tar")
+    return literal(out_dir / prefix) + f"-{{000000..{len(bounds) - 2:06d}}}.tar"
