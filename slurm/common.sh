@@ -32,7 +32,8 @@ vitdist_job_patterns() {
   text=${text//"%j"/$2}
   text=${text//"%A"/${4:-$2}}
   text=${text//"%a"/${5:-4294967294}}
-  echo "${text//"%x"/$3}"
+  # The job name quoted: unquoted, bash 5.2 puts the "%x" matched in place of each & in it.
+  echo "${text//"%x"/"$3"}"
 }
 
 # Make the repository's code importable: the venv if any, and the repository on PYTHONPATH.

@@ -89,6 +89,13 @@ def test_a_paths_leading_tilde_is_the_home_directory(monkeypatch, tmp_path):
     assert (cfg.finetune.init, cfg.train.resume) == (f"{tmp_path}/w.pth", f"{tmp_path}/runs/old/checkpoints")
 
 
+def test_the_slurm_scripts_fill_run_dir_with_the_job_name_as_given():
+    """slurm/common.sh's run.dir patterns: a job named r&d ran in runs/r%xd-7."""
+    out = subprocess.run(["bash", "-c", 'source slurm/common.sh; vitdist_job_patterns "runs/%x-%j" 7 "r&d (é)"'],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out == "runs/r&d (é)-7\n"
+
+
 def test_a_brace_pattern_the_shell_expanded_is_refused_not_cut_to_its_last_shard():
     expanded = [f"data.train_shards=/d/train-{i}.tar" for i in range(4)]  # bash's words for an unquoted {0..3}
     with pytest.raises(ConfigError, match=r"'data.train_shards' is given twice in a row .* Quote it"):
