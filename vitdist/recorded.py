@@ -92,8 +92,8 @@ def normalisation_doubt(init: str | Path, data: DataConfig) -> str | None:
         return None
     if recorded is None:
         return None
-    (meta, source), mine = recorded, (*data.mean, *data.std)
-    theirs = (*meta["mean"], *meta["std"])
+    meta, source = recorded
+    theirs, mine = [*meta["mean"], *meta["std"]], [*data.mean, *data.std]
     if len(theirs) == len(mine) and all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(theirs, mine)):
         return None
     return (f"finetune.init's weights were trained on images normalised with mean {list(meta['mean'])}, std "
