@@ -112,7 +112,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = _opt(10000, "optimizer steps to train", above=0)
     global_batch_size: int = _opt(1024, "samples per optimizer step, over all ranks", above=0)
-    precision: Literal["bf16", "fp32"] = _opt("bf16", "autocast dtype of forward/backward; weights and optimizer stay fp32")
+    precision: Literal["bf16", "fp32"] = _opt("bf16", "compute dtype of forward/backward (DDP: autocast; FSDP: parameters gathered in it); weights and optimizer stay fp32")
     # NumPy's generator (mixup's draws) takes 32 bits: a larger seed failed at the first step
     seed: int = _opt(0, "seed of model initialisation and of the random draws on the device (drop path, mixup/cutmix)", at_least=0, below=2**32)
     compile: bool = _opt(False, "torch.compile the model")

@@ -27,7 +27,7 @@ class Preemption:
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
-            log.warning("received %s: checkpointing after this step, then exiting with %d",
+            log.warning("received %s: checkpointing after the next step (the ranks agree on it a step later), then exiting with %d",
                         signal.Signals(signum).name, PREEMPTED_EXIT_CODE)
         self.received = signum
 
