@@ -14,7 +14,8 @@ from conftest import read_scalars, run_pretrain
 from vitdist.distributed import DistContext
 from vitdist.metrics import matmul_peak_flops
 from vitdist.shard_list import expand_urls
-from vitdist.train import Window, _window_scalars
+from vitdist.train import Window, _close_window
+from vitdist.train_state import TrainState
 
 
 def test_the_cpu_peak_is_measured_alike_while_other_processes_load_the_cores():
@@ -51,7 +52,7 @@ def test_a_log_window_ends_when_the_gpu_has_run_its_steps(process_group):
     window = Window(start=time.perf_counter())
     torch.cuda._sleep(1_000_000_000)  # a step of 1e9 GPU clock cycles: 0.5 s or more at 2 GHz or less
     window.add_step(zero, zero, zero, images=100)
-    scalars, _ = _window_scalars(window, 1e-3, {}, 0, 1e-12, ctx)
+    scalars = _close_window(window, 1e-3, TrainState(), 1e-12, ctx)
     assert scalars["perf/images_per_sec"] < 100 / 0.45
 
 

@@ -32,6 +32,7 @@ from .recorded import normalisation_doubt
 from .samples import SKIP_KINDS, TooManyBadSamples, check_skipped
 from .schedule import lr_at
 from .shard_list import expand_urls, probe, train_shard_urls
+from .train_state import TrainState
 from .validation import best_to_beat, evaluate_and_keep_best, owed_validation_logged, record_owed_validation
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,6 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     if cfg.finetune.freeze == "backbone":
         for name, param in model.named_parameters():
             param.requires_grad_(is_classifier(model, name))
-    params = sum(p.numel() for p in model.parameters())
-    trained = "" if cfg.finetune.freeze == "none" else \
-        f", {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3g}M trained"
     dp_model = prepare_model(model, cfg, ctx)
     optimizer = build_optimizer(model, cfg.optim, cfg.finetune.layer_decay)
     objective = Classification(cfg.train, cfg.model.num_classes)
@@ -149,84 +147,67 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     data_order = resume.data_order(cfg, train_urls, converted)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, meta, cfg.dist.timeout_s)
 
-    step, positions, skipped_total, best = 0, {}, {}, None  # skipped_total: kind -> samples, over ranks
-    bad_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
-    trained_total = 0  # samples trained on, over ranks: not steps x the global batch, which a resume may change
-    eval_owed = False  # the run this one resumes was preempted at an evaluation step, before evaluating
+    state = TrainState()
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model, optimizer)
-        step, positions, skipped_total = state["step"], state["data_positions"], state["skipped"]
-        bad_total = state.get("bad_steps", 0)
-        # A checkpoint from before they were counted: its steps at its own config's global batch.
-        trained_total = state.get("trained_samples",
-                                  step * state.get("config", to_dict(cfg))["train"]["global_batch_size"])
-        if isinstance(skipped_total, int):  # a checkpoint from before skips were counted by kind
-            skipped_total = {"unknown": skipped_total}
-        # Before 2026-12-03 a checkpoint recorded the best val/top1 alone (-1 before any validation).
-        best = state["best"] if "best" in state else {"val_top1": state.get("best_top1", -1.0)}
-        eval_owed = state.get("eval_owed", False)
-        log.info("resumed from %s at step %d", resume_from, step)
-        if ctx.is_main and (changes := resume.changes(cfg, state)):
+        saved = checkpoint.load(resume_from, model, optimizer)
+        state = TrainState.restored(saved, cfg.train.global_batch_size)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+        if ctx.is_main and (changes := resume.changes(cfg, saved)):
             log.warning("resuming with a config changed since %s, so this run differs from the one it continues: %s",
                         resume_from, "; ".join(changes))
 
     best_file = run_dir / "best.safetensors"
-    best = best_to_beat(best_file, best, resume_from, ctx)
+    state.best = best_to_beat(best_file, state.best, resume_from, ctx)
     pin = ctx.device.type == "cuda"
     loader = TrainLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, cfg.train.global_batch_size,
-                         ctx.rank, ctx.world_size, positions, pin_memory=pin, timeout_s=cfg.dist.timeout_s)
+                         ctx.rank, ctx.world_size, state.data_positions, pin_memory=pin, timeout_s=cfg.dist.timeout_s)
     val_loader = (EvalLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, ctx.rank, ctx.world_size, pin,
                              cfg.dist.timeout_s) if cfg.data.val_shards else None)
     # TensorBoard drops what a killed run logged after the checkpoint resumed from (after step 0 for a
     # run killed before its first checkpoint, and started again): no step twice.
-    logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=step + 1)
+    logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=state.step + 1)
     compute = compute_precision(cfg, ctx.device)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else matmul_peak_flops(ctx.device, dtype)
     flops_per_image = train_flops_per_image(model)
     if ctx.is_main:
-        print(f"{cfg.model.arch}: {params / 1e6:.2f}M params ({distributed.local_numel(model) / 1e6:.2f}M on rank 0{trained}) | "
-              f"{'no DDP' if ctx.world_size == 1 and cfg.dist.strategy == 'ddp' else cfg.dist.strategy} over "
-              f"{ctx.world_size} rank(s) on {ctx.device.type} | global batch "
-              f"{cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x {accum_steps} "
-              f"accumulation step(s) | steps {step} -> {cfg.train.steps} | mfu against {peak / 1e12:.3g} TFLOP/s per "
-              f"device ({'log.peak_tflops' if cfg.log.peak_tflops else 'measured'})", flush=True)
-        if step == cfg.train.steps and resume_from is not None:
+        print(_banner(cfg, ctx, model, accum_steps, state.step, peak), flush=True)
+        if state.step == cfg.train.steps and resume_from is not None:
             log.warning("%s is at train.steps=%d already: nothing to train (give a larger train.steps to train on)",
-                        resume_from, step)
+                        resume_from, state.step)
 
-    if eval_owed and val_loader is not None:  # else that step would be missing from val/ and never be the best
-        if owed_validation_logged(run_dir / "tb", resume_from, step, ctx):
-            log.info("step %d: validated and logged by a run resumed from here before: not again", step)
+    if state.eval_owed and val_loader is not None:  # else that step would be missing from val/ and never be the best
+        if owed_validation_logged(run_dir / "tb", resume_from, state.step, ctx):
+            log.info("step %d: validated and logged by a run resumed from here before: not again", state.step)
         else:
-            log.info("step %d: validating first, as the preempted run that checkpointed there did not", step)
-            scalars, best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step, best, best_file, meta)
-            logger.log(step, scalars)
-            record_owed_validation(run_dir / "tb", resume_from, step, ctx)
+            log.info("step %d: validating first, as the preempted run that checkpointed there did not", state.step)
+            scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, state.step, state.best,
+                                                         best_file, meta)
+            logger.log(state.step, scalars)
+            record_owed_validation(run_dir / "tb", resume_from, state.step, ctx)
 
     bad_steps = BadSteps(ctx.device)
     normalize = Normalize(cfg.data, ctx.device)
     with DeviceBatches(iter(loader), ctx.device) as batches:
         window = Window(start=time.perf_counter())
-        while step < cfg.train.steps:
+        while state.step < cfg.train.steps:
             wait_start = time.perf_counter()
             batch = next(batches)
             window.data_wait_s += time.perf_counter() - wait_start
             window.skipped.update(batch["skipped"])
 
-            seed_step(cfg.train.seed, ctx.rank, step)
-            lr = lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
+            seed_step(cfg.train.seed, ctx.rank, state.step)
+            lr = lr_at(state.step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
                        total_steps=cfg.train.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            positions = batch["positions"]
-            images = normalize(batch["image"])
-            loss, grad_norm, bad = train_step(dp_model, model, optimizer, objective, images, batch["label"], cfg,
-                                              compute)
-            step += 1
-            trained_total += cfg.train.global_batch_size
+            loss, grad_norm, bad = train_step(dp_model, model, optimizer, objective, normalize(batch["image"]),
+                                              batch["label"], cfg, compute)
+            state.step += 1
+            state.trained_samples += cfg.train.global_batch_size
             bad_steps.record(bad)
             window.add_step(loss, grad_norm, bad, cfg.train.global_batch_size)
+            step = state.step
 
             preempted = preemption.requested(ctx) and step < cfg.train.steps  # the last step ends the run anyway
             at_ckpt_step = preempted or step == cfg.train.steps or (
@@ -234,24 +215,20 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             eval_due = val_loader is not None and (step == cfg.train.steps or (
                 cfg.train.eval_every_steps > 0 and step % cfg.train.eval_every_steps == 0))
             at_eval_step = eval_due and not preempted  # a preempted run leaves it to the resumed one (eval_owed)
-            # A checkpoint holds the counts so far; after an evaluation a new window starts, so that
-            # its time stays out of perf/.
+            # A checkpoint holds the counts so far; a new window starts after an evaluation or a checkpoint,
+            # so that their time stays out of perf/.
             at_log_step = step % cfg.log.every_steps == 0 or at_ckpt_step or at_eval_step
-            scalars = {}
-            if at_log_step:
-                scalars, skipped_total = _window_scalars(window, lr, skipped_total, bad_total, flops_per_image / peak,
-                                                         ctx)
-                bad_total = scalars["train/skipped_steps"]
+            scalars = _close_window(window, lr, state, flops_per_image / peak, ctx) if at_log_step else {}
             if at_eval_step:
-                val_scalars, best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step, best,
-                                                           best_file, meta)
+                val_scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step,
+                                                                 state.best, best_file, meta)
                 scalars.update(val_scalars)
             if scalars:
                 logger.log(step, scalars)
             if at_log_step:
                 checkpointer.finish_if_written(ctx.control)
                 try:
-                    check_skipped(skipped_total, step, trained_total, cfg.data)
+                    check_skipped(state.skipped, step, state.trained_samples, cfg.data)
                     bad_steps.check(cfg.train.max_bad_steps, step)
                 except (TooManyBadSamples, NonFiniteTraining) as error:
                     checkpointer.wait()  # every rank stops here together, so they can finish the save in flight
@@ -266,21 +243,19 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                         log.warning("step %d, the last: its checkpoint holds the weights as they were after step %d, "
                                     "the last %d step(s) having had a NaN/Inf loss or gradient norm (skipped, no "
                                     "update)", step, step - ongoing, ongoing)
-                    train_state = {"step": step, "data_positions": distributed.merge_across_ranks(positions, ctx),
-                                   "skipped": skipped_total, "trained_samples": trained_total, "bad_steps": bad_total,
-                                   "best": best, "eval_owed": eval_due and preempted, "data_order": data_order,
-                                   "decoded_on": resume.decoded_on(cfg), "config": to_dict(cfg)}
-                    checkpointer.save(step, model, optimizer, train_state, final=preempted or last)
+                    state.data_positions = distributed.merge_across_ranks(batch["positions"], ctx)
+                    state.eval_owed = eval_due and preempted
+                    checkpointer.save(step, model, optimizer, state.saved(data_order=data_order,
+                                      decoded_on=resume.decoded_on(cfg), config=to_dict(cfg)), final=preempted or last)
             if preempted:
-                checkpointer.wait(final=True)
+                checkpointer.wait(final=True)  # this step's save, or an earlier one if bad steps skipped it
                 logger.close()
                 log.warning("preempted at step %d: exiting with %d; the newest complete checkpoint is %s", step,
                             PREEMPTED_EXIT_CODE, checkpointer.newest() or "none yet")
                 sys.exit(PREEMPTED_EXIT_CODE)
             if at_log_step:
-                window = Window(start=time.perf_counter())  # validation and checkpoint time stay out of perf/
+                window = Window(start=time.perf_counter())
 
-    checkpointer.wait(final=True)  # the final save was skipped after NaN/Inf steps: finish an earlier one
     logger.close()
     last_ckpt = checkpointer.newest()
     if ctx.is_main:
@@ -303,6 +278,20 @@ def prepare_model(model: torch.nn.Module, cfg: Config, ctx: distributed.DistCont
             block.compile()
     dp_model = distributed.parallelize(model, cfg.dist, cfg.train.precision, ctx)
     return torch.compile(dp_model) if cfg.train.compile and cfg.dist.strategy == "ddp" else dp_model
+
+
+def _banner(cfg: Config, ctx: distributed.DistContext, model: torch.nn.Module, accum_steps: int, step: int,
+            peak: float) -> str:
+    """The run's first line: the model, how it is distributed, the batch layout, the steps to go."""
+    params = sum(p.numel() for p in model.parameters())
+    trained = "" if cfg.finetune.freeze == "none" else \
+        f", {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3g}M trained"
+    strategy = "no DDP" if ctx.world_size == 1 and cfg.dist.strategy == "ddp" else cfg.dist.strategy
+    return (f"{cfg.model.arch}: {params / 1e6:.2f}M params ({distributed.local_numel(model) / 1e6:.2f}M on rank 0{trained}) | "
+            f"{strategy} over {ctx.world_size} rank(s) on {ctx.device.type} | global batch "
+            f"{cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x {accum_steps} "
+            f"accumulation step(s) | steps {step} -> {cfg.train.steps} | mfu against {peak / 1e12:.3g} TFLOP/s per "
+            f"device ({'log.peak_tflops' if cfg.log.peak_tflops else 'measured'})")
 
 
 def compute_precision(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
@@ -343,11 +332,11 @@ def model_meta(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict:
             "val_crop_frac": data_cfg.val_crop_frac}
 
 
-def _window_scalars(window: Window, lr: float, skipped_before: dict[str, int], bad_before: int,
-                    peak_seconds_per_image: float, ctx: distributed.DistContext) -> tuple[dict, dict[str, int]]:
-    """The scalars to log, and the samples skipped so far by kind, summed over ranks (one
-    all-reduce). `bad_before`: steps skipped before this window. `peak_seconds_per_image`: one
-    image's training FLOPs over one device's peak FLOP/s."""
+def _close_window(window: Window, lr: float, state: TrainState, peak_seconds_per_image: float,
+                  ctx: distributed.DistContext) -> dict:
+    """The window's scalars to log, summed over ranks (one all-reduce); its skipped samples and
+    steps are added to `state`'s counts. `peak_seconds_per_image`: one image's training FLOPs over
+    one device's peak FLOP/s."""
     # The host queues steps ahead of the GPU, so the window ends once the GPU has run them, as it
     # began (after the last log step's reads, which waited for the GPU): else perf/ reads high.
     if ctx.device.type == "cuda":
@@ -358,19 +347,20 @@ def _window_scalars(window: Window, lr: float, skipped_before: dict[str, int], b
         torch.as_tensor(window.bad_steps, dtype=torch.float32, device=ctx.device).view(1),
         torch.tensor([window.data_wait_s / elapsed, *(float(window.skipped[kind]) for kind in SKIP_KINDS)],
                      device=ctx.device)]))
-    skipped = Counter(skipped_before)
+    skipped = Counter(state.skipped)
     skipped.update({kind: round(n) for kind, n in zip(SKIP_KINDS, sums[3:].tolist()) if n})
+    state.skipped = dict(skipped)
     bad_steps = round(sums[1].item() / ctx.world_size)  # every rank skips the same steps
+    state.bad_steps += bad_steps
     good_steps = window.steps - bad_steps
-    scalars = {
+    return {
         "train/loss": sums[0].item() / (good_steps * ctx.world_size) if good_steps else float("nan"),
         "train/lr": lr,
         "train/grad_norm": float(window.grad_norm) / good_steps if good_steps else float("nan"),
-        "train/skipped_steps": bad_before + bad_steps,
+        "train/skipped_steps": state.bad_steps,
         "perf/images_per_sec": window.images / elapsed,
         "perf/mfu": window.images / elapsed * peak_seconds_per_image / ctx.world_size,
         "perf/data_wait_frac": sums[2].item() / ctx.world_size,
         "data/skipped": sum(skipped.values()),
         **{f"data/skipped_{kind}": count for kind, count in sorted(skipped.items())},
     }
-    return scalars, dict(skipped)
