@@ -1,5 +1,9 @@
 """Validation during training: the best weights are kept by val/top1, and of equal ones by val/loss."""
 
+import json
+import math
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -9,6 +13,7 @@ from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader
 from vitdist.distributed import DistContext
 from vitdist.model import build_model
+from vitdist.shard_list import expand_urls
 from vitdist.train import compute_precision, model_meta
 from vitdist.validation import best_to_beat, evaluate_and_keep_best
 
@@ -38,3 +43,24 @@ def test_of_weights_with_equal_top1_those_with_the_lower_loss_are_kept(process_g
     assert best_to_beat(best_file, None, tmp_path / "checkpoints" / "step_3", ctx) == pytest.approx(best)
     scale = {1: 1.0, 2: 0.5, 3: 2.0}[lowest]
     assert torch.equal(load_file(best_file)["head.weight"], head["weight"] * scale)
+
+
+def test_an_evaluation_of_no_usable_sample_logs_no_figures_and_keeps_the_best(process_group, demo_shards, tmp_path):
+    """Validation shards gone since the start (a purged scratch directory, an expired credential of a
+    `pipe:` command) give every rank read errors only: the figures were 0, a val/loss of 0 in
+    TensorBoard, and weights that had scored nothing better (val/top1 0, as a new model on many
+    classes) were replaced by these, 'val_loss 0' recorded. Now there are no figures, and no best."""
+    val = tmp_path / "val"
+    val.mkdir()
+    copies = [shutil.copy(url, val) for url in expand_urls(demo_shards["val"])]
+    cfg = load_config(TINY, [f"data.train_shards={demo_shards['train']}", f"data.val_shards={json.dumps(copies)}",
+                             "data.num_workers=0"])
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    loader = EvalLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, 0, 1)
+    shutil.rmtree(val)
+    before, best_file = {"val_top1": 0.0, "val_loss": 9.0}, tmp_path / "best.safetensors"
+    scalars, best = evaluate_and_keep_best(build_model(cfg.model), loader, cfg, ctx, compute_precision(cfg, ctx.device),
+                                           1, before, best_file, model_meta(cfg.model, cfg.data))
+    assert all(math.isnan(scalars[tag]) for tag in ("val/loss", "val/top1", "val/top5")), scalars
+    assert scalars["val/skipped"] == len(copies)  # a read error for each shard
+    assert best == before and not best_file.exists()

@@ -72,7 +72,11 @@ def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx:
     the scores that later weights must beat."""
     scalars = evaluate(model, val_loader, cfg, ctx, compute)
     scores = {"val_top1": scalars["val/top1"], "val_loss": scalars["val/loss"]}
-    if better(scores, best):
+    if math.isnan(scores["val_top1"]):  # no sample to judge these weights by: they compete with none
+        log.warning("step %d: none of the validation samples could be used (%d skipped; see the warnings that name "
+                    "them): val/loss, val/top1 and val/top5 are NaN, and these weights are not kept as the best",
+                    step, scalars["val/skipped"])
+    elif better(scores, best):
         best = scores
         save_weights(model, {**meta, "step": step, **best}, best_file, ctx)
     return scalars, best
@@ -113,7 +117,8 @@ def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistContext, compute) -> dict:
-    """Loss, top-1 and top-5 over the whole validation set, every sample counted once over all ranks.
+    """Loss, top-1 and top-5 over the whole validation set, every sample counted once over all ranks
+    (NaN where no sample could be used).
     Ranks run the same number of forward passes (under FSDP each one gathers parameters from
     all ranks): a rank whose share has run out runs an empty batch. A rank whose read fails (a dead
     or stalled loader worker) raises; the others, waiting for it in a collective, time out after
@@ -141,6 +146,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
             totals[4] += batch["skipped"]
     model.train()
     totals = distributed.all_reduce_sum(totals)
-    count = max(totals[3].item(), 1.0)
+    # No usable sample (the shards gone since the start, all bad): no figure, rather than a loss of 0.
+    count = totals[3].item() or math.nan
     return {"val/loss": totals[0].item() / count, "val/top1": totals[1].item() / count,
             "val/top5": totals[2].item() / count, "val/skipped": totals[4].item()}
