@@ -73,9 +73,10 @@ def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx:
     scalars = evaluate(model, val_loader, cfg, ctx, compute)
     scores = {"val_top1": scalars["val/top1"], "val_loss": scalars["val/loss"]}
     if math.isnan(scores["val_top1"]):  # no sample to judge these weights by: they compete with none
-        log.warning("step %d: none of the validation samples could be used (%d skipped; see the warnings that name "
-                    "them): val/loss, val/top1 and val/top5 are NaN, and these weights are not kept as the best",
-                    step, scalars["val/skipped"])
+        if ctx.is_main:
+            log.warning("step %d: none of the validation samples could be used (%d skipped; see the warnings that name "
+                        "them): val/loss, val/top1 and val/top5 are NaN, and these weights are not kept as the best",
+                        step, scalars["val/skipped"])
     elif better(scores, best):
         best = scores
         save_weights(model, {**meta, "step": step, **best}, best_file, ctx)
