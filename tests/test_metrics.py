@@ -46,7 +46,7 @@ def test_the_cpu_peak_is_measured_alike_while_other_processes_load_the_cores():
 def test_a_log_window_ends_when_the_gpu_has_run_its_steps(process_group):
     """The host queues steps ahead of the GPU (nothing in a step waits for it): a window timed
     until the host has queued its last step would count images the GPU has not yet trained on."""
-    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    ctx = DistContext(rank=0, world_size=1, device=torch.device("cuda"))
     zero = torch.zeros((), device=ctx.device)
     torch.cuda.synchronize()
     window = Window(start=time.perf_counter())

@@ -55,7 +55,7 @@ def test_accumulation_micro_steps_do_not_all_reduce(process_group, compile):
 
 def test_one_process_trains_the_model_itself_without_ddp(process_group):
     model, cfg = tiny("dist.strategy=ddp", "train.compile=false")
-    assert prepare_model(model, cfg, distributed.DistContext(0, 1, 0, torch.device("cpu"))) is model
+    assert prepare_model(model, cfg, distributed.DistContext(0, 1, torch.device("cpu"))) is model
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -64,7 +64,7 @@ def test_bf16_autocast_keeps_fp32_weights_grads_and_optimizer_state(process_grou
     in bf16 (autocast under DDP, bf16 parameter gathers under FSDP), the weights, their gradients
     and Adam's moments stay fp32."""
     model, cfg = tiny("train.precision=bf16", f"dist.strategy={strategy}")
-    model = prepare_model(model, cfg, distributed.DistContext(0, 1, 0, torch.device("cpu")))
+    model = prepare_model(model, cfg, distributed.DistContext(0, 1, torch.device("cpu")))
     optimizer = build_optimizer(model, cfg.optim)
     objective = Classification(cfg.train, cfg.model.num_classes)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 8, (4,))
@@ -117,7 +117,7 @@ def test_a_nan_step_changes_nothing_and_the_next_one_trains(process_group, strat
     """A batch that makes the loss NaN: no parameter, moment or step count moves; then a good
     batch updates as usual. Under FSDP too, where parameters and moments are DTensor shards."""
     model, cfg = tiny("data.micro_batch_size=4", "optim.clip_grad_norm=1.0", f"dist.strategy={strategy}")
-    model = prepare_model(model, cfg, distributed.DistContext(0, 1, 0, torch.device("cpu")))
+    model = prepare_model(model, cfg, distributed.DistContext(0, 1, torch.device("cpu")))
     optimizer = build_optimizer(model, cfg.optim)
     objective = Classification(cfg.train, cfg.model.num_classes)
     compute = compute_precision(cfg, torch.device("cpu"))
@@ -142,7 +142,7 @@ def test_an_activation_memory_budget_recomputes_instead_of_saving(process_group,
     """Compiled (the whole DDP model, or each FSDP2 block): with a budget of 0 compile's partitioner
     saves a fraction of the activations it saves by default, and the step's loss and gradients stay
     the same."""
-    ctx = distributed.DistContext(0, 1, 0, torch.device("cpu"))
+    ctx = distributed.DistContext(0, 1, torch.device("cpu"))
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 8, (16,))
     runs = {}
     for budget in (0.0, 1.0):  # 1.0 last: the setting is process-wide
@@ -230,7 +230,7 @@ def _two_ranks(rank, out_dir):
     # A file store: no port to pick beforehand, which another process could take meanwhile.
     dist.init_process_group("gloo", init_method=f"file://{out_dir / 'store'}", rank=rank, world_size=2)
     try:
-        ctx = distributed.DistContext(rank, 2, rank, torch.device("cpu"), control=dist.new_group(backend="gloo"))
+        ctx = distributed.DistContext(rank, 2, torch.device("cpu"), control=dist.new_group(backend="gloo"))
         found = {"any_rank": [distributed.any_rank(rank == 1, ctx), distributed.any_rank(False, ctx)],
                  "on_device": [distributed.any_rank_on_device(torch.tensor(rank == 1)).item(),
                                distributed.any_rank_on_device(torch.tensor(False)).item()]}

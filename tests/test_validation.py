@@ -24,7 +24,7 @@ def test_of_weights_with_equal_top1_those_with_the_lower_loss_are_kept(process_g
     with temperatures 1, 1/2, 2, the weights kept are those of the lowest loss, whichever step
     that is; the file records their scores, and a resume reads them back as the ones to beat."""
     cfg = load_config(TINY, [*shard_overrides(demo_shards), "data.num_workers=0"])
-    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    ctx = DistContext(0, 1, torch.device("cpu"))
     model = build_model(cfg.model)
     head = {name: p.detach().clone() for name, p in model.head.named_parameters()}
     loader = EvalLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, 0, 1)
@@ -55,7 +55,7 @@ def test_an_evaluation_of_no_usable_sample_logs_no_figures_and_keeps_the_best(pr
     copies = [shutil.copy(url, val) for url in expand_urls(demo_shards["val"])]
     cfg = load_config(TINY, [f"data.train_shards={demo_shards['train']}", f"data.val_shards={json.dumps(copies)}",
                              "data.num_workers=0"])
-    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    ctx = DistContext(0, 1, torch.device("cpu"))
     loader = EvalLoader(cfg.data, cfg.model.img_size, cfg.model.num_classes, 0, 1)
     shutil.rmtree(val)
     before, best_file = {"val_top1": 0.0, "val_loss": 9.0}, tmp_path / "best.safetensors"

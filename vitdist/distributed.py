@@ -32,7 +32,6 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 class DistContext:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
     control: dist.ProcessGroup | None = None  # gloo, for small host-side agreements off the training stream
     store: dist.Store | None = None  # the group's key-value store (torchrun's), reachable when a peer is not
@@ -122,7 +121,7 @@ def init(cfg: DistConfig) -> DistContext:
     control = dist.new_group(backend="gloo", timeout=timeout)
     log.info("rank %d of %d (local rank %d) on %s%s", dist.get_rank(), dist.get_world_size(), local_rank,
              os.environ.get("SLURMD_NODENAME", socket.gethostname()), f", torchrun restart {restarts}" if restarts else "")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, control, store)
+    return DistContext(dist.get_rank(), dist.get_world_size(), device, control, store)
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -135,8 +134,6 @@ def lost_contact(ctx: DistContext, error: BaseException, wait_s: float = 5.0) ->
     reports it in the store, and those that have not within `wait_s` are the ones dead or hung."""
     where = f"rank {ctx.rank} lost contact with the process group"
     cause = str(error).splitlines()[0][:300]
-    if ctx.store is None:
-        return f"{where}: {cause}"
     try:
         ctx.store.set_timeout(timedelta(seconds=wait_s))
         ctx.store.set(f"vitdist/lost_contact/{ctx.rank}", "")
