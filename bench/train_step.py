@@ -5,7 +5,7 @@ r"""Training-step throughput: timm's ViT step against vitdist's, side by side on
 
 A variant is `timm` (timm's model, fp32 weights, bf16 autocast, fused AdamW, torch.compile of the
 whole model: the step the issue's anchors time), `timm-eager`, or `vitdist:<key=value;...>`:
-vitdist's own step (`vitdist.train.prepare_model` + `train_step`) on the config with those
+vitdist's own step (`vitdist.distributed.prepare_model` + `vitdist.train.train_step`) on the config with those
 overrides. Settings `inductor.<option>=<value>` (or `dynamo.`) patch torch._inductor.config (or
 torch._dynamo.config) for one variant, of either kind, e.g. `timm:inductor.max_autotune=true` or
 `vitdist:dist.strategy=ddp;inductor.max_autotune_gemm_backends=TRITON`. Every variant starts from
@@ -45,7 +45,8 @@ from vitdist.metrics import matmul_peak_flops
 from vitdist.model import build_model, timm_kwargs, train_flops_per_image
 from vitdist.objective import Classification
 from vitdist.optim import build_optimizer
-from vitdist.train import compute_precision, prepare_model, train_step
+from vitdist.distributed import compute_precision, prepare_model
+from vitdist.train import train_step
 
 REFERENCE = "vitdist:train.compile=false;dist.strategy=ddp"
 COMPILER_CONFIGS = {"inductor.": torch._inductor.config, "dynamo.": torch._dynamo.config}

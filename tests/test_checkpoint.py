@@ -92,7 +92,7 @@ def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused_before_traini
     """Else its first save would replace the earlier step_N, `ckpt.keep` would prune its own saves
     as older than the earlier run's, and a requeue would resume the earlier run."""
     from vitdist.config import ConfigError
-    from vitdist.train import preflight
+    from vitdist.preflight import preflight
 
     (tmp_path / "checkpoints" / "step_12").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_16.tmp").mkdir()
@@ -176,7 +176,7 @@ def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(tmp_path, pro
 
 
 def meta_of(model):
-    from vitdist.train import model_meta
+    from vitdist.model import model_meta
 
     cfg = load_config(TINY)
     return model_meta(cfg.model, cfg.data)

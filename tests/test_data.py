@@ -28,7 +28,7 @@ from vitdist.shard_list import expand_urls, train_shard_urls
 from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
 from vitdist.samples import READ_ERROR, BadSample, NoUsableSamples, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
-from vitdist.train import preflight
+from vitdist.preflight import preflight
 from vitdist.shards import make_shards, scan_image_folder
 from vitdist.workers import WORKER_NICENESS
 

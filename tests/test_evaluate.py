@@ -207,7 +207,7 @@ def test_a_stalled_read_stops_the_evaluation_at_its_timeout_naming_the_worker(tm
     evaluate` after that many seconds with one line naming the loader worker (it waited 600 s, the
     loader's default, with no option to shorten it), and the stalled command ends with it."""
     from vitdist.export import write_safetensors
-    from vitdist.train import model_meta
+    from vitdist.model import model_meta
 
     cfg = load_config(TINY)
     write_safetensors(build_model(cfg.model).state_dict(), model_meta(cfg.model, cfg.data), tmp_path / "w.safetensors")

@@ -62,7 +62,7 @@ def test_a_linear_probe_is_not_resumed_as_a_full_fine_tune(tmp_path, process_gro
     refused before any process group, naming the way to do it."""
     from vitdist import checkpoint, resume
     from vitdist.config import CkptConfig, ConfigError, to_dict
-    from vitdist.train import model_meta
+    from vitdist.model import model_meta
 
     probe = load_config(TINY, ["finetune.freeze=backbone"])
     model = build_model(probe.model)
@@ -174,7 +174,7 @@ def test_digits_are_real_scans_split_and_sharded(tmp_path):
 
 def test_image_folder_is_checked_before_any_process_group(tmp_path):
     from vitdist.config import ConfigError
-    from vitdist.train import preflight
+    from vitdist.preflight import preflight
 
     write_png_folder(tmp_path / "ok", per_class=6)  # 18 images for 16 streams
     write_png_folder(tmp_path / "val", classes=("cat", "ant"))
@@ -208,7 +208,7 @@ def test_shards_with_more_classes_than_the_model_are_refused_before_any_process_
     A model with fewer outputs (a config's num_classes left as it was) would skip the rest as
     bad_label: the run would stop after 10 steps, or, under data.max_skip_frac, train on without them."""
     from vitdist.config import ConfigError
-    from vitdist.train import preflight
+    from vitdist.preflight import preflight
 
     def check(*overrides):
         preflight(load_config(TINY, [*shard_overrides(demo_shards), f"run.dir={tmp_path}", *overrides]), world_size=2)
@@ -241,7 +241,7 @@ def test_check_refuses_a_finetune_init_that_does_not_fit_before_any_process_grou
     from vitdist import checkpoint
     from vitdist.config import CkptConfig
     from vitdist.export import write_safetensors
-    from vitdist.train import model_meta
+    from vitdist.model import model_meta
 
     cfg = load_config(TINY)
     torch.manual_seed(0)
@@ -285,7 +285,7 @@ def test_a_finetune_resumes_from_its_own_checkpoint_once_its_init_is_gone(tmp_pa
     a scratch copy cleaned up). It was refused before any process group (`finetune.init ... does not
     exist`, exit 2): a requeued SLURM job failed at its config check, and was not requeued."""
     from vitdist.export import write_safetensors
-    from vitdist.train import model_meta
+    from vitdist.model import model_meta
 
     cfg = load_config(TINY)
     init = write_safetensors(build_model(cfg.model).state_dict(), model_meta(cfg.model, cfg.data),
@@ -447,7 +447,7 @@ def test_evaluate_crops_as_the_run_validated(demo_shards, tmp_path):
     """A run that validated on whole images (data.val_crop_frac=1.0) records it with its weights:
     `vitdist evaluate` crops the same way, so it reproduces the run's figures."""
     from vitdist.export import write_safetensors
-    from vitdist.train import model_meta
+    from vitdist.model import model_meta
 
     cfg = load_config(TINY, [f"data.val_shards={demo_shards['val']}", "data.val_crop_frac=1.0", "data.num_workers=0"])
     torch.manual_seed(0)
@@ -467,7 +467,7 @@ def test_evaluate_labels_an_image_folder_by_the_runs_class_names(tmp_path):
     2, as the run did, by the class names recorded with the weights, not 0 by its own sorted
     folders. Weights that record no names refuse such a folder."""
     from vitdist.export import write_safetensors
-    from vitdist.train import model_meta
+    from vitdist.model import model_meta
 
     write_png_folder(tmp_path / "val", classes=("cat",), per_class=3)
     cfg = load_config(TINY, ["model.num_classes=3"])

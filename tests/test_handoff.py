@@ -16,7 +16,7 @@ from vitdist.export import export, write_safetensors
 from vitdist.handoff import HandoffError, load_pretrained
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer
-from vitdist.train import model_meta
+from vitdist.model import model_meta
 
 
 def tiny(*overrides, seed=0):

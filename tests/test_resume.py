@@ -22,7 +22,7 @@ from vitdist.config_yaml import load_config
 from vitdist.shard_list import expand_urls
 from vitdist.export import export, recorded_best
 from vitdist.resume import changes, shard_ids
-from vitdist.train import preflight
+from vitdist.preflight import preflight
 
 pytestmark = pytest.mark.slow
 
@@ -372,7 +372,7 @@ def test_a_fresh_run_sets_an_earlier_runs_best_weights_aside_and_keeps_its_own(d
     beside any set aside before, with a warning."""
     from vitdist.export import header, write_safetensors
     from vitdist.model import build_model
-    from vitdist.train import model_meta
+    from vitdist.model import model_meta
 
     common = [*EXACT, *shard_overrides(demo_shards), "train.steps=2", f"run.dir={tmp_path}"]
     cfg = load_config(TINY, common)

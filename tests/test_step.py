@@ -19,7 +19,8 @@ from vitdist.config_yaml import load_config
 from vitdist.model import build_model
 from vitdist.objective import Classification
 from vitdist.optim import BadSteps, NonFiniteTraining, build_optimizer
-from vitdist.train import compute_precision, prepare_model, seed_step, train_step
+from vitdist.distributed import compute_precision, prepare_model
+from vitdist.train import seed_step, train_step
 
 
 def tiny(*overrides):

@@ -221,7 +221,7 @@ def test_nccl_without_a_gpu_is_refused_before_the_process_group(demo_shards, tmp
     """dist.backend=nccl on a machine where torch sees no GPU (a GPU config run on a CPU node) was
     let through by preflight and --check, then failed in init_process_group with a traceback and
     exit 1, which torchrun's restarts and SLURM's requeue retry."""
-    from vitdist.train import preflight
+    from vitdist.preflight import preflight
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = load_config(TINY, [*shard_overrides(demo_shards), f"run.dir={tmp_path}", "data.val_shards=null"])
     preflight(replace(cfg, dist=replace(cfg.dist, backend="gloo")), world_size=1)

@@ -14,7 +14,8 @@ from vitdist.data import EvalLoader
 from vitdist.distributed import DistContext
 from vitdist.model import build_model
 from vitdist.shard_list import expand_urls
-from vitdist.train import compute_precision, model_meta
+from vitdist.distributed import compute_precision
+from vitdist.model import model_meta
 from vitdist.validation import best_to_beat, evaluate_and_keep_best
 
 

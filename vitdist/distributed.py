@@ -1,4 +1,4 @@
-"""Process groups and data parallelism (DDP or FSDP2), applied to the model from outside."""
+"""Process groups, and the model made ready for them from outside: moved, DDP or FSDP2, compiled."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+import torch._functorch.config
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -22,7 +23,7 @@ from torch.distributed.rendezvous import rendezvous
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import DistConfig
+from .config import Config, DistConfig
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -241,3 +242,28 @@ def merge_across_ranks(local: dict, ctx: DistContext) -> dict:
     parts = [None] * ctx.world_size
     dist.all_gather_object(parts, local, group=ctx.control)
     return {k: v for part in parts for k, v in part.items()}
+
+
+def prepare_model(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> torch.nn.Module:
+    """Move, distribute and compile the model; returns what the training step calls (`model`
+    itself keeps its parameter names for checkpoints). DDP: the wrapped model compiled whole,
+    so that fusion crosses block boundaries and dynamo splits the graph at DDP's gradient buckets
+    (measured on an H100: 9% faster than per-block compile for checkpointed ViT-B/16, 1% for
+    ViT-L/16; bench/RESULTS.md). FSDP2: each block compiled on its own, in place, between the
+    hooks that gather and free its parameters. compile reads the activation memory budget when the
+    model first runs, from a process-wide setting: it is set here for every run, the default too."""
+    model = model.to(ctx.device)
+    torch._functorch.config.activation_memory_budget = cfg.train.activation_memory_budget
+    if cfg.train.compile and cfg.dist.strategy == "fsdp":
+        for block in model.blocks:
+            block.compile()
+    dp_model = parallelize(model, cfg.dist, cfg.train.precision, ctx)
+    return torch.compile(dp_model) if cfg.train.compile and cfg.dist.strategy == "ddp" else dp_model
+
+
+def compute_precision(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context forward passes run in. bf16 under DDP: autocast over the fp32 weights. Under
+    FSDP the parameters are gathered in bf16 already, so the whole forward, residual stream
+    included, runs in bf16 without a cast per op; the fp32 shards stay the optimizer's."""
+    bf16 = cfg.train.precision == "bf16" and cfg.dist.strategy == "ddp"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -13,7 +13,8 @@ from .distributed import refuse_together
 from .handoff import HandoffError
 from .optim import NonFiniteTraining
 from .samples import NoUsableSamples, TooManyBadSamples
-from .train import preflight, train
+from .preflight import preflight
+from .train import train
 
 # Errors met by every rank alike, which a retry from the newest checkpoint meets again.
 RECURRING = (ConfigError, HandoffError, UnsafeCheckpoint, TooManyBadSamples, NoUsableSamples, NonFiniteTraining)

@@ -14,9 +14,9 @@ from .config_yaml import load_config
 from .data import EvalLoader
 from .handoff import HUB_WEIGHTS, HandoffError, load_located, locate
 from .imagefolder import convert, is_image_folder, same_classes, scan
+from .model import model_meta
 from .recorded import HUB_CONFIG, recorded_meta
 from .shard_list import expand_urls, probe
-from .train import model_meta
 from .validation import evaluate
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, DataConfig, ModelConfig
 
 
 def timm_kwargs(cfg: ModelConfig) -> dict:
@@ -100,3 +100,10 @@ def _attention_pool_macs(model: VisionTransformer, tokens: int, patches: int) ->
     kv_macs = pool.kv.in_features * pool.kv.out_features
     per_latent = _linear_macs(pool) - kv_macs + 2 * seen * model.embed_dim  # + QK^T and AV
     return kv_macs * seen + pool.latent_len * per_latent
+
+
+def model_meta(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict:
+    """What rebuilds the model in timm and feeds it (normalisation and the validation crop):
+    written into every checkpoint."""
+    return {"arch": model_cfg.arch, "timm_kwargs": timm_kwargs(model_cfg), "mean": data_cfg.mean, "std": data_cfg.std,
+            "val_crop_frac": data_cfg.val_crop_frac}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -14,24 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch._functorch.config
 
 from . import checkpoint, distributed, imagefolder, resume
 from .checkpoint import Checkpointer
-from .config import Config, ConfigError, DataConfig, ModelConfig, batch_layout, to_dict
+from .config import Config, batch_layout, to_dict
 from .config_yaml import save_config
 from .data import EvalLoader, Normalize, TrainLoader
-from .handoff import HandoffError, check_fit, load_pretrained
+from .handoff import load_pretrained
 from .metrics import MetricLogger, matmul_peak_flops
-from .model import build_model, check_model, is_classifier, timm_kwargs, train_flops_per_image
+from .model import build_model, is_classifier, model_meta, train_flops_per_image
 from .objective import Classification
 from .optim import BadSteps, NonFiniteTraining, build_optimizer, step_unless_bad
 from .prefetch import DeviceBatches
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
-from .recorded import normalisation_doubt
 from .samples import SKIP_KINDS, TooManyBadSamples, check_skipped
 from .schedule import lr_at
-from .shard_list import expand_urls, probe, train_shard_urls
+from .shard_list import expand_urls
 from .train_state import TrainState
 from .validation import best_to_beat, evaluate_and_keep_best, owed_validation_logged, record_owed_validation
 
@@ -63,40 +60,6 @@ def seed_step(seed: int, rank: int, step: int) -> None:
     run draws what the uninterrupted one would have."""
     torch.manual_seed(hash((seed, rank, step)) % 2**63)
     np.random.seed([seed, rank, step])
-
-
-def preflight(cfg: Config, world_size: int) -> list[str]:
-    """Everything that can be refused before a process group starts (ConfigError): the batch
-    layout for this world size, the shard lists (or ImageFolder directories), the architecture,
-    the checkpoint to resume from or else `finetune.init` (whether it fits the model, from its
-    metadata alone), and (rank 0) the first samples of the shards. Returns the doubts these raise
-    that are not refusals."""
-    batch_layout(cfg, world_size)
-    if cfg.dist.backend == "nccl" and not torch.cuda.is_available():  # else a traceback in init, exit 1, retried
-        raise ConfigError("dist.backend=nccl needs CUDA GPUs, and torch sees none here (torch.cuda.is_available() is "
-                          "False): use dist.backend=auto (gloo on a CPU) or gloo")
-    folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
-    train_data = folders["train"] if "train" in folders else train_shard_urls(cfg.data, world_size)
-    val_urls = expand_urls(cfg.data.val_shards, "data.val_shards") if cfg.data.val_shards and "val" not in folders else []
-    model, found = check_model(cfg.model), []
-    try:
-        resume_from = checkpoint.resume_path(cfg.train.resume, Path(cfg.run.dir) / "checkpoints")
-    except (FileNotFoundError, FileExistsError) as e:
-        raise ConfigError(str(e)) from None
-    if resume_from is not None:
-        resume.check(cfg, resume_from, train_data)
-    elif cfg.finetune.init:  # what _train loads when it does not resume: a resume never reads it
-        try:
-            check_fit(model, cfg.finetune.init)
-        except HandoffError as e:
-            raise ConfigError(f"finetune.init='{cfg.finetune.init}': {e}") from None
-        if doubt := normalisation_doubt(cfg.finetune.init, cfg.data):
-            found.append(doubt)
-    if os.environ.get("RANK", "0") == "0":  # last, as the slowest: one reader of the shards' heads, not thousands
-        for key, urls in (("data.train_shards", [] if "train" in folders else train_data), ("data.val_shards", val_urls)):
-            if urls:
-                probe(urls, cfg.data, cfg.model.num_classes, key, cfg.dist.timeout_s)
-    return found
 
 
 def train(cfg: Config) -> Path:
@@ -136,7 +99,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     if cfg.finetune.freeze == "backbone":
         for name, param in model.named_parameters():
             param.requires_grad_(is_classifier(model, name))
-    dp_model = prepare_model(model, cfg, ctx)
+    dp_model = distributed.prepare_model(model, cfg, ctx)
     optimizer = build_optimizer(model, cfg.optim, cfg.finetune.layer_decay)
     objective = Classification(cfg.train, cfg.model.num_classes)
     meta = model_meta(cfg.model, cfg.data)
@@ -166,7 +129,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     # TensorBoard drops what a killed run logged after the checkpoint resumed from (after step 0 for a
     # run killed before its first checkpoint, and started again): no step twice.
     logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=state.step + 1)
-    compute = compute_precision(cfg, ctx.device)
+    compute = distributed.compute_precision(cfg, ctx.device)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else matmul_peak_flops(ctx.device, dtype)
     flops_per_image = train_flops_per_image(model)
@@ -263,23 +226,6 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     return last_ckpt
 
 
-def prepare_model(model: torch.nn.Module, cfg: Config, ctx: distributed.DistContext) -> torch.nn.Module:
-    """Move, distribute and compile the model; returns what the training step calls (`model`
-    itself keeps its parameter names for checkpoints). DDP: the wrapped model compiled whole,
-    so that fusion crosses block boundaries and dynamo splits the graph at DDP's gradient buckets
-    (measured on an H100: 9% faster than per-block compile for checkpointed ViT-B/16, 1% for
-    ViT-L/16; bench/RESULTS.md). FSDP2: each block compiled on its own, in place, between the
-    hooks that gather and free its parameters. compile reads the activation memory budget when the
-    model first runs, from a process-wide setting: it is set here for every run, the default too."""
-    model = model.to(ctx.device)
-    torch._functorch.config.activation_memory_budget = cfg.train.activation_memory_budget
-    if cfg.train.compile and cfg.dist.strategy == "fsdp":
-        for block in model.blocks:
-            block.compile()
-    dp_model = distributed.parallelize(model, cfg.dist, cfg.train.precision, ctx)
-    return torch.compile(dp_model) if cfg.train.compile and cfg.dist.strategy == "ddp" else dp_model
-
-
 def _banner(cfg: Config, ctx: distributed.DistContext, model: torch.nn.Module, accum_steps: int, step: int,
             peak: float) -> str:
     """The run's first line: the model, how it is distributed, the batch layout, the steps to go."""
@@ -292,14 +238,6 @@ def _banner(cfg: Config, ctx: distributed.DistContext, model: torch.nn.Module, a
             f"{cfg.train.global_batch_size} = {ctx.world_size} x {cfg.data.micro_batch_size} x {accum_steps} "
             f"accumulation step(s) | steps {step} -> {cfg.train.steps} | mfu against {peak / 1e12:.3g} TFLOP/s per "
             f"device ({'log.peak_tflops' if cfg.log.peak_tflops else 'measured'})")
-
-
-def compute_precision(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """The context forward passes run in. bf16 under DDP: autocast over the fp32 weights. Under
-    FSDP the parameters are gathered in bf16 already, so the whole forward, residual stream
-    included, runs in bf16 without a cast per op; the fp32 shards stay the optimizer's."""
-    bf16 = cfg.train.precision == "bf16" and cfg.dist.strategy == "ddp"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def train_step(dp_model: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective,
@@ -323,13 +261,6 @@ def train_step(dp_model: torch.nn.Module, model: torch.nn.Module, optimizer: tor
     step_unless_bad(optimizer, bad)
     optimizer.zero_grad(set_to_none=True)
     return total, grad_norm, bad
-
-
-def model_meta(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict:
-    """What rebuilds the model in timm and feeds it (normalisation and the validation crop):
-    written into every checkpoint."""
-    return {"arch": model_cfg.arch, "timm_kwargs": timm_kwargs(model_cfg), "mean": data_cfg.mean, "std": data_cfg.std,
-            "val_crop_frac": data_cfg.val_crop_frac}
 
 
 def _close_window(window: Window, lr: float, state: TrainState, peak_seconds_per_image: float,

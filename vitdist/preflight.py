@@ -1,0 +1,51 @@
+"""The config check before any process group starts: everything that can be refused
+(ConfigError) from the config, the shards and the checkpoints' metadata alone, so that a bad key or
+a missing shard costs seconds, not a queued job's start-up on every node."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, imagefolder, resume
+from .config import Config, ConfigError, batch_layout
+from .handoff import HandoffError, check_fit
+from .model import check_model
+from .recorded import normalisation_doubt
+from .shard_list import expand_urls, probe, train_shard_urls
+
+
+def preflight(cfg: Config, world_size: int) -> list[str]:
+    """Everything that can be refused before a process group starts (ConfigError): the batch
+    layout for this world size, the shard lists (or ImageFolder directories), the architecture,
+    the checkpoint to resume from or else `finetune.init` (whether it fits the model, from its
+    metadata alone), and (rank 0) the first samples of the shards. Returns the doubts these raise
+    that are not refusals."""
+    batch_layout(cfg, world_size)
+    if cfg.dist.backend == "nccl" and not torch.cuda.is_available():  # else a traceback in init, exit 1, retried
+        raise ConfigError("dist.backend=nccl needs CUDA GPUs, and torch sees none here (torch.cuda.is_available() is "
+                          "False): use dist.backend=auto (gloo on a CPU) or gloo")
+    folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
+    train_data = folders["train"] if "train" in folders else train_shard_urls(cfg.data, world_size)
+    val_urls = expand_urls(cfg.data.val_shards, "data.val_shards") if cfg.data.val_shards and "val" not in folders else []
+    model, found = check_model(cfg.model), []
+    try:
+        resume_from = checkpoint.resume_path(cfg.train.resume, Path(cfg.run.dir) / "checkpoints")
+    except (FileNotFoundError, FileExistsError) as e:
+        raise ConfigError(str(e)) from None
+    if resume_from is not None:
+        resume.check(cfg, resume_from, train_data)
+    elif cfg.finetune.init:  # what _train loads when it does not resume: a resume never reads it
+        try:
+            check_fit(model, cfg.finetune.init)
+        except HandoffError as e:
+            raise ConfigError(f"finetune.init='{cfg.finetune.init}': {e}") from None
+        if doubt := normalisation_doubt(cfg.finetune.init, cfg.data):
+            found.append(doubt)
+    if os.environ.get("RANK", "0") == "0":  # last, as the slowest: one reader of the shards' heads, not thousands
+        for key, urls in (("data.train_shards", [] if "train" in folders else train_data), ("data.val_shards", val_urls)):
+            if urls:
+                probe(urls, cfg.data, cfg.model.num_classes, key, cfg.dist.timeout_s)
+    return found
