@@ -456,6 +456,9 @@ def test_shard_specs(demo_shards, tmp_path, monkeypatch):
     listing = tmp_path / "shards.txt"
     listing.write_text("# my shards\n" + "\n".join(urls[:3]) + "\n\n")
     assert expand_urls(str(listing)) == urls[:3]
+    # A Windows editor's byte-order mark began the first path: a shard that exists 'did not exist'.
+    listing.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(urls[:2]).encode() + b"\r\n")
+    assert expand_urls(str(listing)) == urls[:2]
     assert expand_urls(urls[:2]) == urls[:2]
     assert expand_urls(f"pipe:cat {urls[0]}") == [f"pipe:cat {urls[0]}"]
     # What webdataset opens itself is not looked for on the local disk.

@@ -39,7 +39,9 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"{where}shard list file '{spec}' does not exist")
-        spec = [line for line in map(str.strip, path.read_text().splitlines()) if line and not line.startswith("#")]
+        # utf-8-sig: the byte-order mark a Windows editor writes would begin the first shard's path, unseen
+        text = path.read_text(encoding="utf-8-sig")
+        spec = [line for line in map(str.strip, text.splitlines()) if line and not line.startswith("#")]
     elif listed := next((p for p in ([] if isinstance(spec, str) else spec) if _is_list_file(p)), None):
         raise ConfigError(f"{where}the shard list file '{listed}' is an item of a list, where it would be read as a tar "
                           "shard: give the .txt file alone, or its lines in the list")
