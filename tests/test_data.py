@@ -494,7 +494,7 @@ def test_shard_specs(demo_shards, tmp_path, monkeypatch):
     assert expand_urls(r"a\{b.tar") == ["a{b.tar"]
 
 
-def test_a_shard_named_twice_or_a_shard_list_inside_a_list_is_refused(demo_shards, tmp_path):
+def test_a_shard_named_twice_or_a_shard_list_inside_a_list_is_refused(demo_shards, tmp_path, monkeypatch):
     """Either would go unnoticed: a shard named twice is read twice per epoch (its validation samples
     count twice in top-1), and a .txt list inside a list was read as a tar shard, all of whose
     "samples" are skipped as read errors."""
@@ -504,6 +504,12 @@ def test_a_shard_named_twice_or_a_shard_list_inside_a_list_is_refused(demo_shard
     for spec in (str(listing), [demo_shards["val"], urls[1]]):
         with pytest.raises(ConfigError, match=f"^data.val_shards: '{re.escape(urls[1])}' is named 2 times"):
             expand_urls(spec, "data.val_shards")
+    # Spelt otherwise, it is the same file all the same: through '.', or relative beside absolute.
+    monkeypatch.chdir(Path(urls[1]).parent)
+    for other in (urls[1].replace("/val-", "/./val-"), Path(urls[1]).name):
+        with pytest.raises(ConfigError, match=f"^data.val_shards: '{re.escape(urls[1])}' is named 2 times \\(as "
+                                              f"'{re.escape(urls[1])}', '{re.escape(other)}'\\)"):
+            expand_urls([demo_shards["val"], other], "data.val_shards")
     listing.write_text("\n".join(urls[:2]) + "\n  # an indented comment\n")
     assert expand_urls(str(listing)) == urls[:2]
     with pytest.raises(ConfigError, match=f"^data.train_shards: the shard list file '{re.escape(str(listing))}' is an "

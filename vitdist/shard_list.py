@@ -50,9 +50,14 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
         urls = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
     except braceexpand.UnbalancedBracesError as e:
         raise ConfigError(f"{where}{e}: a brace that is part of a name is written \\{{ or \\}}") from None
-    if twice := next((url for url, count in Counter(urls).items() if count > 1), None):
-        raise ConfigError(f"{where}'{twice}' is named {urls.count(twice)} times: its samples would be read as many "
-                          "times per epoch (and counted as many times in validation); name each shard once")
+    # A local shard spelt otherwise ('d/./a.tar', relative beside absolute) is the same file; compared
+    # as text, without a stat per shard (see _missing_files).
+    files = [url if is_remote(url) else os.path.normpath(os.path.abspath(url)) for url in urls]
+    if twice := next((file for file, count in Counter(files).items() if count > 1), None):
+        named = [url for url, file in zip(urls, files) if file == twice]
+        spellings = "" if len(set(named)) == 1 else f" (as {', '.join(map(repr, dict.fromkeys(named)))})"
+        raise ConfigError(f"{where}'{named[0]}' is named {len(named)} times{spellings}: its samples would be read as "
+                          "many times per epoch (and counted as many times in validation); name each shard once")
     missing = _missing_files([u for u in urls if not is_remote(u)])
     if missing:
         # A job started in another directory than the config's relative paths assume (the shipped configs' demo/...)
