@@ -1,7 +1,8 @@
 """WebDataset shards in, uint8 image batches out.
 
-The order of training samples is a contract: it depends on `data.seed`, the shard list and the
-global batch size only, never on world size, loader workers or micro-batch size. It is built
+The order of training samples is a contract: it depends on `data.seed`, `data.streams`,
+`data.shuffle_block`, the shard list and the global batch size only, never on world size, loader
+workers or micro-batch size. It is built
 from `data.streams` virtual streams. Stream s walks its own share of the shards (a fresh shard
 permutation every epoch) through a block-wise shuffle; each optimizer step takes
 `global_batch_size / streams` samples from every stream. Ranks and loader workers own whole
