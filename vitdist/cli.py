@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         except (WorkerDied, WorkerStalled) as e:  # may not recur: a retry may be read in full
             print(f"vitdist evaluate: {e}", file=sys.stderr)
             return 1
+        if math.isnan(result["val/top1"]):  # no sample scored
+            print(f"vitdist evaluate: no sample of --data could be scored: {result['val/skipped']:.0f} bad samples "
+                  "skipped (the log names the first of each kind, with why)", file=sys.stderr)
+            return 2
         print(f"top-1 {result['val/top1']:.2%} | top-5 {result['val/top5']:.2%} | loss {result['val/loss']:.4f} | "
               f"skipped {result['val/skipped']:.0f} bad samples")
     else:
