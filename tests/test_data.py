@@ -387,6 +387,24 @@ def test_a_key_with_a_dot_is_skipped_naming_its_files_and_the_cause(tmp_path):
         read_sample(sample, 8)
 
 
+def test_a_tar_of_a_folder_whose_files_lie_apart_is_refused_saying_so(tmp_path):
+    """`tar cf shard.tar -C folder .` writes the folder's order (ext4's is a hash's), and `tar cf
+    shard.tar *.png *.cls` all images first: webdataset groups only files that follow one another,
+    so every image and every label is a sample of its own. The refusal said only that the samples
+    lacked a .cls label, and that labels are read from .cls, which they were."""
+    cfg = DataConfig(train_shards="unused")
+    image, label = png_bytes((9, 9, 9)), b"1"
+    images_first = [("img0.png", image), ("img1.png", image), ("img0.cls", label), ("img1.cls", label)]
+    hashed = [("img0.cls", label), ("img1.png", image), ("img0.png", image), ("img1.cls", label)]
+    for files in (images_first, hashed):
+        write_tar(tmp_path / "apart.tar", files)
+        with pytest.raises(ConfigError, match=r"If the tar holds them, a sample's files must follow one another in it: "
+                                              r"`tar cf` of a folder"):
+            vitdist.shard_list.probe([str(tmp_path / "apart.tar")], cfg, 8, "data.train_shards", 30)
+    write_tar(tmp_path / "together.tar", [("img0.png", png_bytes((0, 0, 0))), ("img0.cls", b"1")])
+    vitdist.shard_list.probe([str(tmp_path / "together.tar")], cfg, 8, "data.train_shards", 30)
+
+
 def test_a_tar_cut_before_a_member_header_is_a_read_error(tmp_path):
     """tarfile ends such a tar without complaint, as if complete; plain, piped and gzipped shards.
     Also one followed by another tar."""

@@ -118,8 +118,13 @@ def probe(urls: list[str], cfg: DataConfig, num_classes: int, key: str, timeout_
         shards = f"'{urls[0]}'" if len(probed) == 1 else f"{len(probed)} shards, from '{urls[0]}' on"
         kinds = "; ".join(f"{count} {kind}, first '{first['__key__']}' in '{first['__url__']}': {reason}"
                           for kind, (count, (first, reason)) in skipped.items())
-        raise ConfigError(f"{key}: none of the first {read} samples of {shards} is usable ({kinds}). Images are read "
-                          f"from .jpg, .jpeg, .png or .webp, labels from .cls (a class index below model.num_classes)")
+        # webdataset makes a sample of files that follow one another: a tar written in a folder's order
+        # (ext4's is a hash's) or as `*.jpg *.cls` splits each into an image alone and a label alone.
+        apart = (" If the tar holds them, a sample's files must follow one another in it: `tar cf` of a folder, or "
+                 "of *.jpg *.cls, writes them apart (give tar --sort=name, or write shards with vitdist make-shards)"
+                 if skipped.keys() & {"no_label", "no_image"} else "")
+        raise ConfigError(f"{key}: none of the first {read} samples of {shards} is usable ({kinds}).{apart} Images are "
+                          f"read from .jpg, .jpeg, .png or .webp, labels from .cls (a class index below model.num_classes)")
 
 
 class _Heads(IterableDataset):
