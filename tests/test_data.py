@@ -405,6 +405,21 @@ def test_a_tar_of_a_folder_whose_files_lie_apart_is_refused_saying_so(tmp_path):
     vitdist.shard_list.probe([str(tmp_path / "together.tar")], cfg, 8, "data.train_shards", 30)
 
 
+def test_a_local_shard_that_is_not_a_tar_is_refused_before_training(tmp_path):
+    """Every read of it failed as a truncated tar would, and the run exited 1 for a storage
+    outage, to be restarted and requeued onto the same files. A pipe: command's output is not judged:
+    an outage may give such bytes (curl's error page)."""
+    cfg = DataConfig(train_shards="unused")
+    write_shard(tmp_path / "real.tar", [{"__key__": "0", "png": png_bytes((1, 2, 3)), "cls": b"1"}])
+    (tmp_path / "real.tar.zst").write_bytes(b"\x28\xb5\x2f\xfd" + random.Random(0).randbytes(2000))  # zstd's magic
+    (tmp_path / "page.tar").write_bytes(b"<html><body>503 Service Unavailable</body></html>")
+    for junk in ("real.tar.zst", "page.tar"):
+        with pytest.raises(ConfigError, match=re.escape(f"data.train_shards: '{tmp_path / junk}' is not a tar (ReadError: ")):
+            vitdist.shard_list.probe([str(tmp_path / junk), str(tmp_path / "real.tar")], cfg, 8, "data.train_shards", 30)
+    vitdist.shard_list.probe([f"pipe:cat {tmp_path / 'page.tar'}", str(tmp_path / "real.tar")], cfg, 8,
+                             "data.train_shards", 30)
+
+
 def test_a_tar_cut_before_a_member_header_is_a_read_error(tmp_path):
     """tarfile ends such a tar without complaint, as if complete; plain, piped and gzipped shards.
     Also one followed by another tar."""

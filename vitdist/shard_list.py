@@ -101,6 +101,7 @@ def probe(urls: list[str], cfg: DataConfig, num_classes: int, key: str, timeout_
     try:
         for sample in itertools.islice(watched(data_loader(_Heads(urls), 0, timeout_s), timeout_s, "probe"), PROBED_SAMPLES):
             if READ_ERROR in sample:
+                _refuse_if_not_a_tar(sample, probed, key)
                 return
             read += 1
             probed.add(sample["__url__"])
@@ -125,6 +126,20 @@ def probe(urls: list[str], cfg: DataConfig, num_classes: int, key: str, timeout_
                  if skipped.keys() & {"no_label", "no_image"} else "")
         raise ConfigError(f"{key}: none of the first {read} samples of {shards} is usable ({kinds}).{apart} Images are "
                           f"read from .jpg, .jpeg, .png or .webp, labels from .cls (a class index below model.num_classes)")
+
+
+# What tarfile says of a file whose first block is not a tar header (nor gzip, bzip2 or xz).
+_NOT_A_TAR = ("ReadError: invalid header", "ReadError: truncated header")
+
+
+def _refuse_if_not_a_tar(sample: dict, probed: set[str], key: str) -> None:
+    """ConfigError when a local shard's first bytes are not a tar's: zstd-compressed, or a page saved
+    in its place. Each read of it would be taken for a storage outage, and retried. A remote shard's
+    command or server may give such bytes in an outage (curl's error page), so it is not judged."""
+    url = sample["__url__"]
+    if url not in probed and not is_remote(url) and sample[READ_ERROR] in _NOT_A_TAR:
+        raise ConfigError(f"{key}: '{url}' is not a tar ({sample[READ_ERROR]}): shards are tars, plain or compressed "
+                          "with gzip, bzip2 or xz (not zstd)")
 
 
 class _Heads(IterableDataset):
