@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .config import ConfigError, DataConfig
 from .samples import BadSample, NoUsableSamples, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
 from .shard_list import expand_urls, train_shard_urls
-from .transforms import draw_augmentation, eval_transform, resized_crop, to_uint8_tensor
+from .transforms import draw_augmentation, eval_transform, resized_crop, stack_images, to_uint8_tensor
 from .workers import Reads, data_loader, watched
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,12 @@ def shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
     shards = list(urls)
     random.Random(f"{seed}/shards/{epoch}").shuffle(shards)
     return shards
+
+
+def _worker_slot() -> tuple[int, int]:
+    """This loader worker's index and the number of workers (0 of 1 in the main process)."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
 
 
 class Stream:
@@ -157,8 +163,7 @@ class TrainChunks(IterableDataset):
         self.positions, self.on_device = dict(positions or {}), on_device  # where each stream starts
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, num_workers = _worker_slot()
         per_rank = self.cfg.streams // self.world_size
         ids = [self.rank * per_rank + i for i in range(worker, per_rank, num_workers)]
         streams = [Stream(self.urls, s, self.cfg.streams, self.cfg, self.positions.get(s, (0, 0, 0))) for s in ids]
@@ -195,10 +200,9 @@ class TrainChunks(IterableDataset):
             keys.append(sample["__key__"])
             urls.append(sample["__url__"])
             encoded.append(leave_encoded)
-        size = self.img_size
         # "skipped" as a plain dict: the loader's default_convert copies a Counter, then update()s the
         # copy with its own items, which adds every count twice.
-        chunk = {"image": torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8),
+        chunk = {"image": stack_images(images, self.img_size),
                  "label": torch.tensor(labels), "key": keys, "url": urls,
                  "stream": stream.stream_id, "position": stream.position, "skipped": dict(skips.counts - skipped_before)}
         if self.on_device:
@@ -275,8 +279,7 @@ class EvalSamples(IterableDataset):
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, num_workers = _worker_slot()
         slots, slot = self.world_size * num_workers, self.rank * num_workers + worker
         by_shard = len(self.urls) >= slots
         urls = self.urls[slot::slots] if by_shard else self.urls
@@ -301,9 +304,7 @@ class EvalSamples(IterableDataset):
             yield self._collate(batch, skipped)
 
     def _collate(self, batch: list[tuple], skipped: int) -> dict:
-        size = self.img_size
-        images = [image for image, _, _ in batch]
-        return {"image": torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8),
+        return {"image": stack_images([image for image, _, _ in batch], self.img_size),
                 "label": torch.tensor([label for _, label, _ in batch], dtype=torch.long),
                 "key": [key for _, _, key in batch], "skipped": skipped}
 

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import Config, DistConfig
 
 log = logging.getLogger(__name__)
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def parallelize(model: torch.nn.Module, cfg: DistConfig, precision: str, ctx: Di
         return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                        gradient_as_bucket_view=True)
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=_DTYPES[precision], reduce_dtype=_DTYPES[cfg.fsdp_reduce_dtype])
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=DTYPES[cfg.fsdp_reduce_dtype])
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)

@@ -130,8 +130,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     # run killed before its first checkpoint, and started again): no step twice.
     logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=state.step + 1)
     compute = distributed.compute_precision(cfg, ctx.device)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else matmul_peak_flops(ctx.device, dtype)
+    peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else matmul_peak_flops(ctx.device, distributed.DTYPES[cfg.train.precision])
     flops_per_image = train_flops_per_image(model)
     if ctx.is_main:
         print(_banner(cfg, ctx, model, accum_steps, state.step, peak), flush=True)

@@ -35,6 +35,11 @@ def sample_crop(rng: random.Random, width: int, height: int, scale, ratio) -> tu
     return left, top, left + w, top + h
 
 
+def stack_images(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """uint8 (n, 3, size, size); n may be 0 (all of a chunk's samples skipped, a rank's share run out)."""
+    return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB image as uint8 CHW, channels last in memory as PIL keeps them (what `resize` wants)."""
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)

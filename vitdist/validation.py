@@ -18,6 +18,7 @@ from . import distributed
 from .config import Config
 from .data import Normalize
 from .export import header, recorded_best, write_safetensors
+from .transforms import stack_images
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
     normalize = Normalize(cfg.data, ctx.device)
     totals = torch.zeros(5, device=ctx.device)  # loss sum, top-1 correct, top-5 correct, count, skipped
     k = min(5, cfg.model.num_classes)
-    empty = {"image": torch.zeros(0, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.uint8),
+    empty = {"image": stack_images([], cfg.model.img_size),
              "label": torch.zeros(0, dtype=torch.long), "skipped": 0}
     with contextlib.closing(iter(loader)) as batches:
         while True:
