@@ -213,6 +213,23 @@ def test_a_save_that_cannot_be_written_stops_the_run_and_keeps_the_last_checkpoi
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_4"]
 
 
+def test_a_checkpoint_directory_that_cannot_be_made_fails_the_save_as_any_other(tmp_path, process_group, caplog):
+    """`checkpoints` a link to scratch space that is gone (or a disk too full, or a quota too small,
+    for its directory): the save fails with the message that names the path, and
+    ckpt.on_error=continue trains on, rather than a traceback from asking that missing directory
+    how much space it has."""
+    model, optimizer = trained_pair(0)
+    root = tmp_path / "run" / "checkpoints"
+    root.parent.mkdir()
+    root.symlink_to(tmp_path / "purged_scratch" / "checkpoints")
+    saver = checkpoint.Checkpointer(root, CkptConfig(on_error="continue"), {})
+    saver.save(4, model, optimizer, {"step": 4})
+    assert f"checkpoint at step 4 could not be written to '{root / 'step_4.tmp'}' (" in caplog.text
+    assert "there is no complete checkpoint; training goes on (ckpt.on_error=continue)" in caplog.text
+    with pytest.raises(checkpoint.SaveFailed, match=f"checkpoint at step 8 could not be written to '{root}/step_8.tmp'"):
+        saver.save(8, model, optimizer, {"step": 8}, final=True)
+
+
 SAVE_ONE = """
 import sys, torch, torch.distributed as dist
 from vitdist import checkpoint

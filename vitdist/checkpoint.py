@@ -134,6 +134,13 @@ def _sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _free_gib(path: Path) -> float:
+    """Free space where `path` is, or would be: a directory that could not be made (a full disk, a
+    link to a scratch space that is gone) has no free space of its own to ask for."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free / 2**30
+
+
 class SaveFailed(OSError):
     """A checkpoint that could not be written; the newest complete one is untouched."""
 
@@ -232,8 +239,7 @@ class Checkpointer:
             error = f"{failure[0] if isinstance(failure, tuple) else failure} (rank {rank})"
         newest = self.newest()
         kept = f"the newest complete checkpoint, intact, is '{newest}'" if newest else "there is no complete checkpoint"
-        free_gib = shutil.disk_usage(self.root).free / 2**30
-        message = (f"checkpoint at step {step} could not be written to '{partial}' ({free_gib:.1f} GiB free there): "
+        message = (f"checkpoint at step {step} could not be written to '{partial}' ({_free_gib(self.root):.1f} GiB free there): "
                    f"{error}; {kept}")
         if final or self.cfg.on_error == "stop":
             raise SaveFailed(message)
