@@ -76,6 +76,7 @@ def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group)
     (tmp_path / "step_30.tmp").mkdir()  # a save killed half-way
     (tmp_path / "step_30.tmp" / "__0_0.distcp").write_bytes(b"partial")
     assert checkpoint.resume_path("auto", tmp_path) == tmp_path / "step_20"
+    assert checkpoint.unfinished_saves(tmp_path) == [tmp_path / "step_30.tmp"]  # what that resume passes over
     assert checkpoint.resume_path("none", tmp_path / "empty") is None
     assert checkpoint.resume_path("auto", tmp_path / "empty") is None
     assert checkpoint.resume_path(str(tmp_path / "step_10"), tmp_path / "empty") == tmp_path / "step_10"

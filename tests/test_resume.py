@@ -414,9 +414,12 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_each_step_on
     common = [*shard_overrides(demo_shards), *EXACT, "train.steps=2", f"run.dir={tmp_path}"]
     first = run_pretrain(0, common)
     assert first.returncode == 0, first.stderr[-3000:]
-    shutil.rmtree(tmp_path / "checkpoints")  # as if killed before it wrote one
+    # As if killed while writing its first checkpoint: that save is passed over, and said to be.
+    (tmp_path / "checkpoints" / "step_2").rename(tmp_path / "checkpoints" / "step_2.tmp")
     again = run_pretrain(0, common)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert (f"not resuming from {tmp_path / 'checkpoints' / 'step_2.tmp'}: a save that did not finish"
+            in again.stderr), again.stderr[-3000:]
     assert [s for s, _ in loss_curve(tmp_path)] == [1, 2]
 
 

@@ -57,6 +57,13 @@ def newest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def unfinished_saves(root: str | Path) -> list[Path]:
+    """The partial saves newer than the newest complete checkpoint under `root`: what a resume
+    passes over (an older one is what prune deletes)."""
+    newest = (complete_checkpoints(root) or [(-1, None)])[-1][0]
+    return [path for step, path in _steps(Path(root), _PARTIAL) if step > newest]
+
+
 def newest_if_run(path: Path) -> Path:
     """A run's checkpoints directory stands for its newest complete checkpoint (what SLURM chains
     pass on); any other path for itself."""

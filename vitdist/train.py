@@ -93,6 +93,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     if cfg.train.resume not in ("auto", "none") and resume_from != Path(cfg.train.resume):
         log.warning("train.resume='%s', but this run has checkpointed since: resuming from %s (move its newer "
                     "checkpoints away to go back)", cfg.train.resume, resume_from)
+    for partial in checkpoint.unfinished_saves(run_dir / "checkpoints") if ctx.is_main else []:
+        log.warning("not resuming from %s: a save that did not finish (the run was killed or the save failed), "
+                    "deleted once a newer checkpoint is complete", partial)
     if resume_from is None and cfg.finetune.init:
         kind, fresh = load_pretrained(model, cfg.finetune.init)
         log.info("initialised from %s (%s); freshly initialised: %s", cfg.finetune.init, kind, fresh or "nothing")
