@@ -92,7 +92,8 @@ def resume_path(spec: str, root: str | Path) -> Path | None:
     a fresh start (FileExistsError where root holds checkpoints), anything else a checkpoint
     directory that must exist, unless the run has checkpointed under root since it resumed from
     there: then its newest. A requeued job's command still names that directory (which `ckpt.keep`
-    may have pruned since), and going back to it would lose the progress."""
+    may have pruned since), and going back to it would lose the progress. A directory that is there
+    but not complete (a save that did not finish) is refused: nothing was pruned."""
     newest = newest_checkpoint(root)
     if spec == "none":
         if newest is not None:  # a fresh run's saves would replace its checkpoints, and `ckpt.keep` prune its own
@@ -104,10 +105,11 @@ def resume_path(spec: str, root: str | Path) -> Path | None:
         return newest
     path = Path(spec)
     named = (path / ".metadata").is_file()
+    if not named and (newest is None or path.exists()):
+        newest_is = f"; the newest complete checkpoint in '{root}' is '{newest}'" if newest else ""
+        raise FileNotFoundError(f"train.resume='{spec}' is not a complete checkpoint directory (no .metadata){newest_is}")
     if newest is not None and (not named or _step(newest) > _step(path)):
         return newest
-    if not named:
-        raise FileNotFoundError(f"train.resume='{spec}' is not a complete checkpoint directory (no .metadata)")
     return path
 
 
