@@ -208,7 +208,8 @@ def test_a_save_that_cannot_be_written_stops_the_run_and_keeps_the_last_checkpoi
     assert stopped.returncode == 1, stopped.stderr[-3000:]
     failure = f"error: checkpoint at step 8 could not be written to '{tmp_path / 'checkpoints' / 'step_8.tmp'}' ("
     assert stopped.stderr.count(failure) == 2, stopped.stderr[-3000:]
-    assert f"the newest complete checkpoint, intact, is '{step_4}'" in stopped.stderr
+    size = sum(f.stat().st_size for f in step_4.iterdir()) / 2**30  # beside the free space: is the disk full?
+    assert f"the newest complete checkpoint, intact, is '{step_4}' ({size:.3g} GiB)" in stopped.stderr
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_4"]
     checkpoint.load_model_weights(step_4)
     assert max(step for step, _ in read_scalars(tmp_path / "tb")["train/loss"]) == 8  # stopped at the failed save
