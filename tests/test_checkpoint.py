@@ -4,6 +4,7 @@ import pickle
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -275,3 +276,39 @@ def test_a_checkpoint_is_on_disk_before_the_rename_that_makes_it_complete(tmp_pa
     assert {partial / "train_state.json", partial / "model.json", partial} <= before, sorted(before)
     assert (True, root) in synced, synced
     assert checkpoint.read_json(root / "step_1", "train_state.json") == {"step": 1}
+
+
+SAVE_TWO_KEEP_ONE = """
+import sys, torch, torch.distributed as dist
+from vitdist import checkpoint
+from vitdist.config import CkptConfig
+dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True), rank=0, world_size=1)
+model = torch.nn.Linear(4, 2)
+optimizer = torch.optim.AdamW(model.parameters())
+saver = checkpoint.Checkpointer(sys.argv[1], CkptConfig(keep=1), {"arch": "x"})
+for step in (1, 2):
+    saver.save(step, model, optimizer, {"step": step})
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to slow the deletion down")
+def test_a_kill_while_an_old_checkpoint_is_pruned_leaves_no_step_n_short_of_files(tmp_path):
+    """Deleting a checkpoint's files takes long on a parallel filesystem (here each deletion is made
+    to take 1 s): killed meanwhile, the run must not leave a `step_N` that lacks some of them."""
+    root = tmp_path / "ckpt"
+    process = subprocess.Popen(["strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", "trace=unlinkat",
+                                "-e", "inject=unlinkat:delay_enter=1000000", sys.executable, "-c", SAVE_TWO_KEEP_ONE,
+                                str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # a tracee outlives a killed strace: kill the group
+    try:
+        deadline = time.time() + 120
+        while not (root / "step_2").is_dir():
+            assert process.poll() is None and time.time() < deadline, process.stderr.read() if process.poll() else ""
+            time.sleep(0.02)
+        time.sleep(1.5)  # step_1 being pruned, a file or two gone
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    for _, path in checkpoint.complete_checkpoints(root):
+        checkpoint.check_files(path)
+    assert checkpoint.newest_checkpoint(root) == root / "step_2"

@@ -120,7 +120,12 @@ def prune(root: Path, keep: int, keep_every: int) -> None:
     if keep > 0:
         for step, path in complete[:-keep]:
             if not (keep_every and step % keep_every == 0):
-                shutil.rmtree(path)
+                # Renamed a partial first: deleting a checkpoint's files takes long on a parallel
+                # filesystem, and a kill meanwhile must not leave a step_N short of some.
+                partial = path.with_name(f"{path.name}.tmp")
+                shutil.rmtree(partial, ignore_errors=True)
+                path.rename(partial)
+                shutil.rmtree(partial)
     newest = complete[-1][0] if complete else -1
     for step, path in _steps(root, _PARTIAL):
         if step < newest:
