@@ -57,6 +57,11 @@ def newest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def _partial_dir(root: Path, step: int) -> Path:
+    """Where step `step`'s save is written, and an old checkpoint is moved to be deleted."""
+    return root / f"step_{step}.tmp"
+
+
 def unfinished_saves(root: str | Path) -> list[Path]:
     """The partial saves newer than the newest complete checkpoint under `root`: what a resume
     passes over (an older one is what prune deletes)."""
@@ -122,7 +127,7 @@ def prune(root: Path, keep: int, keep_every: int) -> None:
             if not (keep_every and step % keep_every == 0):
                 # Renamed a partial first: deleting a checkpoint's files takes long on a parallel
                 # filesystem, and a kill meanwhile must not leave a step_N short of some.
-                partial = path.with_name(f"{path.name}.tmp")
+                partial = _partial_dir(root, step)
                 shutil.rmtree(partial, ignore_errors=True)
                 path.rename(partial)
                 shutil.rmtree(partial)
@@ -180,7 +185,7 @@ class Checkpointer:
         """Returns the directory the checkpoint gets once complete. `final`: the run ends after this
         save, so a failure stops it whatever `ckpt.on_error` says (an async final save is waited for)."""
         self.wait()
-        partial = self.root / f"step_{step}.tmp"
+        partial = _partial_dir(self.root, step)
         try:
             if dist.get_rank() == 0:
                 shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
@@ -227,7 +232,7 @@ class Checkpointer:
         dist.barrier(group=self.group)  # every rank has written its part
         error = [None]
         if dist.get_rank() == 0:
-            partial, final = self.root / f"step_{step}.tmp", self.root / f"step_{step}"
+            partial, final = _partial_dir(self.root, step), self.root / f"step_{step}"
             try:
                 # On disk before the name that makes the checkpoint complete: after a power loss a
                 # renamed directory could otherwise hold empty files, and resume would pick it.
@@ -249,7 +254,7 @@ class Checkpointer:
                 log.warning("step %d saved, but older checkpoints could not be pruned: %s", step, e)
 
     def _failed(self, step: int, error: Exception, final: bool) -> None:
-        partial = self.root / f"step_{step}.tmp"
+        partial = _partial_dir(self.root, step)
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         if isinstance(error, CheckpointException):  # the first failing rank's own exception
