@@ -29,7 +29,7 @@ from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
 from vitdist.samples import READ_ERROR, BadSample, NoUsableSamples, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.preflight import preflight
-from vitdist.shards import make_shards, scan_image_folder
+from vitdist.make_shards import make_shards, scan_image_folder
 from vitdist.workers import WORKER_NICENESS
 
 
@@ -723,7 +723,7 @@ def test_files_of_other_types_are_left_out_with_a_warning_counting_them(tmp_path
     for name in ("a.BMP", "b.tif", "c.bmp"):
         Image.new("RGB", (20, 30)).save(tmp_path / "src" / "dog" / name)
     (tmp_path / "src" / "dog" / ".DS_Store").write_bytes(b"\0")  # hidden: left out without a word
-    with caplog.at_level(logging.WARNING, logger="vitdist.shards"):
+    with caplog.at_level(logging.WARNING, logger="vitdist.make_shards"):
         classes, items = scan_image_folder(tmp_path / "src")
     assert len(items) == 3
     assert [r.getMessage() for r in caplog.records] == [
@@ -736,7 +736,7 @@ def test_an_empty_class_folder_of_a_training_split_is_warned_of(tmp_path, caplog
     by another split's classes, which may lack some."""
     make_image_folder(tmp_path / "src", per_class=1)
     (tmp_path / "src" / "bat").mkdir()
-    with caplog.at_level(logging.WARNING, logger="vitdist.shards"):
+    with caplog.at_level(logging.WARNING, logger="vitdist.make_shards"):
         classes, items = scan_image_folder(tmp_path / "src")
         assert classes[0] == "bat" and sorted({label for _, label in items}) == [1, 2, 3]
         assert [r.getMessage() for r in caplog.records if "hold no image" in r.getMessage()] == [
@@ -838,7 +838,7 @@ def test_make_shards_by_size(tmp_path):
 
 
 def test_one_image_over_the_byte_limit_does_not_split_every_shard():
-    from vitdist.shards import shard_bounds
+    from vitdist.make_shards import shard_bounds
 
     bounds = shard_bounds([100] * 400 + [250_000], samples_per_shard=1000, max_shard_bytes=10_000, streams=3)
     assert len(bounds) - 1 == 6  # 40,000 bytes of the others in 4 shards, rounded up to the streams' multiple

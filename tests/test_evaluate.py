@@ -20,7 +20,7 @@ from vitdist.evaluate import evaluate_checkpoint
 from vitdist.handoff import HandoffError
 from vitdist.model import build_model
 from vitdist.recorded import hub_meta
-from vitdist.shards import make_shards
+from vitdist.make_shards import make_shards
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 RING = {"red": "green", "green": "blue", "blue": "red"}

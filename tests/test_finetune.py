@@ -339,7 +339,7 @@ def test_a_validation_folder_beside_training_shards_takes_their_class_indices(tm
     import webdataset as wds
     from vitdist.config import ConfigError, DataConfig
     from vitdist.imagefolder import to_shards
-    from vitdist.shards import make_shards
+    from vitdist.make_shards import make_shards
 
     write_png_folder(tmp_path / "train", per_class=2)
     write_png_folder(tmp_path / "val", classes=("cat",), per_class=2)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "make-shards":
-        from .shards import make_shards, read_classes
+        from .make_shards import make_shards, read_classes
         try:
             pattern = make_shards(args.src, args.out, args.prefix, args.samples_per_shard, args.max_shard_bytes,
                                   args.seed, classes=read_classes(args.classes) if args.classes else None, streams=args.streams)

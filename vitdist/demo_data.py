@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shards import make_shards
+from .make_shards import make_shards
 
 CLASSES = ("circle", "ring", "square", "frame", "triangle", "diamond", "plus", "cross")
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .config import ConfigError, DataConfig
 from .shard_list import expand_urls, is_remote
-from .shards import literal, make_shards, read_classes, scan_image_folder
+from .make_shards import literal, make_shards, read_classes, scan_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def other_images(recorded: dict, now: dict) -> str | None:
 
 def convert(folder: ImageFolder, out: Path, streams: int, seed: int) -> list[str]:
     """The shards of `folder` converted into `out` (with classes.json and the manifest), one per
-    stream (one per image if there are fewer), as specs (shards.literal): written now, or reused
+    stream (one per image if there are fewer), as specs (make_shards.literal): written now, or reused
     from an earlier run when the manifest matches."""
     made_of = recipe(folder, streams, seed)
     if out.is_dir():
