@@ -232,18 +232,18 @@ def test_a_stalled_read_stops_the_evaluation_at_its_timeout_naming_the_worker(tm
 
 
 def test_shards_of_which_no_sample_can_be_scored_are_an_error(tmp_path):
-    """Files that are not tars (a .tar.zst, which tarfile does not read, an error page saved as a
-    shard) give only read errors, which the look at the first samples leaves to the loader: every
-    sample is skipped. `vitdist evaluate` printed 'top-1 0.00% | top-5 0.00% | loss 0.0000' (since,
-    'top-1 nan% | top-5 nan% | loss nan') and exited 0: a script took that for a result."""
+    """Shards whose every read fails (here `pipe:` commands that give no tar: a local file that is
+    no tar is refused by the look at the first samples, which leaves a command's read errors to the
+    loader) have every sample skipped. `vitdist evaluate` printed 'top-1 0.00% | top-5 0.00% | loss
+    0.0000' (since, 'top-1 nan% | top-5 nan% | loss nan') and exited 0: a script took that for a result."""
     from vitdist.export import write_safetensors
-    from vitdist.train import model_meta
+    from vitdist.model import model_meta
 
     cfg = load_config(TINY)
     write_safetensors(build_model(cfg.model).state_dict(), model_meta(cfg.model, cfg.data), tmp_path / "w.safetensors")
     for i in range(2):
         (tmp_path / f"val-{i}.tar").write_bytes(os.urandom(4096))
-    evaluation = cli_evaluate(tmp_path / "w.safetensors", str(tmp_path / "val-{0..1}.tar"))
+    evaluation = cli_evaluate(tmp_path / "w.safetensors", f"pipe:cat {tmp_path}/val-{{0..1}}.tar")
     assert evaluation.returncode == 2, (evaluation.stdout, evaluation.stderr)
     assert "vitdist evaluate: no sample of --data could be scored: 2 bad samples skipped" in evaluation.stderr
     assert "loss" not in evaluation.stdout
