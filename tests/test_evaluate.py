@@ -247,3 +247,25 @@ def test_shards_of_which_no_sample_can_be_scored_are_an_error(tmp_path):
     assert evaluation.returncode == 2, (evaluation.stdout, evaluation.stderr)
     assert "vitdist evaluate: no sample of --data could be scored: 2 bad samples skipped" in evaluation.stderr
     assert "loss" not in evaluation.stdout
+
+
+def test_a_json_beside_a_state_dict_that_is_no_export_is_not_taken_for_one(tmp_path, demo_shards):
+    """A timm state dict with a JSON of the same name beside it (its training log, notes) says
+    nothing of the weights: `vitdist evaluate --config` evaluates it as the config says, and a
+    fine-tune from it passes its check. Both stopped with a KeyError traceback ('arch', 'mean')."""
+    import sys
+
+    from conftest import ENV, REPO
+
+    torch.manual_seed(0)
+    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "vit.pth")
+    (tmp_path / "vit.json").write_text(json.dumps({"epoch": 3, "top1": 81.2}))
+    evaluation = cli_evaluate(tmp_path / "vit.pth", demo_shards["val"], "--config", str(TINY))
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert "top-1 " in evaluation.stdout
+    check = subprocess.run([sys.executable, "launch/finetune.py", "--config", str(TINY), "--check",
+                            f"finetune.init={tmp_path / 'vit.pth'}", f"data.train_shards={demo_shards['train']}",
+                            "data.val_shards=null", f"run.dir={tmp_path / 'run'}"],
+                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "Traceback" not in check.stderr, check.stderr[-3000:]
+    assert "finetune.init's weights were trained on images normalised" not in check.stderr

@@ -24,12 +24,25 @@ HUB_CONFIG = "config.json"
 def recorded_meta(checkpoint: Path) -> tuple[dict, str] | None:
     """What `checkpoint` (as `handoff.locate` gives it) records, and the file that says it; None for a
     bare state dict."""
-    for meta in (checkpoint / MODEL_META, checkpoint.with_suffix(".json")):
-        if meta.is_file():
-            return json.loads(meta.read_text()), str(meta)
+    if (meta := checkpoint / MODEL_META).is_file():
+        return json.loads(meta.read_text()), str(meta)
+    if (export := _export_meta(checkpoint.with_suffix(".json"))) is not None:
+        return export, str(checkpoint.with_suffix(".json"))
     hub = checkpoint.parent / HUB_CONFIG
     if checkpoint.name in HUB_WEIGHTS and hub.is_file():
         return hub_meta(hub), str(hub)
+    return None
+
+
+def _export_meta(path: Path) -> dict | None:
+    """The JSON that `vitdist export` writes beside its weights; None where `path` is another file of
+    that name (a state dict's training log, notes), which says nothing of the weights."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(meta, dict) and {"arch", "timm_kwargs", "mean", "std"} <= meta.keys():
+        return meta
     return None
 
 
