@@ -38,6 +38,17 @@ def test_torchvision_vit_b16_gives_torchvisions_logits(tmp_path):
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
+def test_a_torchvision_vit_with_a_representation_layer_is_refused_naming_the_file(tmp_path):
+    """torchvision's representation_size adds heads.pre_logits, which timm's ViT has no place for:
+    refused naming the file (`vitdist evaluate` said only which key, not of which checkpoint)."""
+    source = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=4,
+                                                  hidden_dim=128, mlp_dim=512, num_classes=8, representation_size=64)
+    torch.save(source.state_dict(), tmp_path / "tv.pth")
+    with pytest.raises(HandoffError, match=re.escape(f"'{tmp_path / 'tv.pth'}' is a torchvision ViT state dict, and its "
+                                                     "key 'heads.pre_logits.weight' has no timm equivalent")):
+        load_pretrained(tiny(), tmp_path / "tv.pth")
+
+
 @pytest.mark.parametrize("pretrain, finetune", [("pretrain/tiny", "finetune/tiny_digits"),
                                                  ("pretrain/vit_b16", "finetune/vit_b16")])
 def test_each_finetune_config_takes_its_pretraining_configs_checkpoint(tmp_path, pretrain, finetune):

@@ -59,7 +59,8 @@ def _list(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_torchvision(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The torchvision ViT state dict read from `path` (named where a key does not convert), with timm's key names."""
     converted = {}
     for key, value in state.items():
         for pattern, replacement in _TORCHVISION:
@@ -67,7 +68,7 @@ def from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 converted[re.sub(pattern, replacement, key)] = value
                 break
         else:
-            raise HandoffError(f"torchvision ViT key '{key}' has no timm equivalent")
+            raise HandoffError(f"'{path}' is a torchvision ViT state dict, and its key '{key}' has no timm equivalent")
     return converted
 
 
@@ -119,7 +120,7 @@ def read_state_dict(path: Path, meta: bool = False) -> tuple[dict[str, torch.Ten
         raise HandoffError(f"'{path}' is not a state dict of tensors")
     state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
     if "conv_proj.weight" in state:
-        return from_torchvision(state), "torchvision ViT"
+        return from_torchvision(state, path), "torchvision ViT"
     return state, kind
 
 
