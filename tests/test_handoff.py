@@ -133,6 +133,11 @@ def test_a_hugging_face_hub_folder_as_timm_saves_it(tmp_path, safe):
     kind, fresh = load_pretrained(target, tmp_path / "hub")
     assert kind == ("safetensors" if safe else "torch state dict") and fresh == ["head.bias", "head.weight"]
     torch.testing.assert_close(target.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+    # Another architecture is refused naming the one its config.json records (it said "architecture not recorded").
+    weights = tmp_path / "hub" / ("model.safetensors" if safe else "pytorch_model.bin")
+    with pytest.raises(HandoffError, match=re.escape(f"the checkpoint '{weights}' (vit_tiny_patch16_224, 4 blocks of "
+                                                     "width 128) does not fit the model")):
+        load_pretrained(tiny("model.depth=6"), tmp_path / "hub")
 
 
 def test_export_and_checkpoint_directory(tmp_path, process_group):

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # fine-tuning uses the encoder alone, as MAE's own fine-tuning does.
 MAE_PRETRAINING = ("decoder_", "mask_token")
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HUB_CONFIG = "config.json"  # beside them: the architecture, its arguments, the data config
 _TORCHVISION = [  # torchvision ViT key -> timm ViT key
     (r"^class_token$", "cls_token"),
     (r"^conv_proj\.", "patch_embed.proj."),
@@ -140,11 +141,13 @@ def describe(arch: str | None, state: dict[str, torch.Tensor]) -> str:
 
 
 def recorded_arch(path: Path) -> str | None:
-    """The timm architecture that a vitdist checkpoint (its model.json) or a safetensors file written
-    by vitdist (its metadata) names; None for other state dicts."""
+    """The timm architecture that a vitdist checkpoint (its model.json), a Hugging Face hub folder (its
+    config.json) or a safetensors file written by vitdist (its metadata) names; None for other state dicts."""
     try:
         if path.is_dir():
             return json.loads((path / MODEL_META).read_text()).get("arch")
+        if path.name in HUB_WEIGHTS and (path.parent / HUB_CONFIG).is_file():
+            return json.loads((path.parent / HUB_CONFIG).read_text()).get("architecture")
         if path.suffix == ".safetensors":
             return header(path).get("arch")
     except (OSError, ValueError, AttributeError):  # unreadable: read_state_dict says why

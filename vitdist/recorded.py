@@ -14,11 +14,9 @@ import timm
 
 from .checkpoint import MODEL_META
 from .config import ConfigError, DataConfig
-from .handoff import HUB_WEIGHTS, locate
+from .handoff import HUB_CONFIG, HUB_WEIGHTS, locate
 
 log = logging.getLogger(__name__)
-
-HUB_CONFIG = "config.json"
 
 
 def recorded_meta(checkpoint: Path) -> tuple[dict, str] | None:
