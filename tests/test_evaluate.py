@@ -269,3 +269,23 @@ def test_a_json_beside_a_state_dict_that_is_no_export_is_not_taken_for_one(tmp_p
                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and "Traceback" not in check.stderr, check.stderr[-3000:]
     assert "finetune.init's weights were trained on images normalised" not in check.stderr
+
+
+def test_a_state_dict_whose_head_is_not_the_configs_is_refused_naming_both_shapes(tmp_path, demo_shards):
+    """`--config` of a model with other classes than the weights' head: the handoff, made for
+    fine-tuning, left the head to be trained anew, and evaluation said the file had 'no weights for
+    ['head.bias', 'head.weight']', though it has them, of another shape. Both shapes are named."""
+    from conftest import DIGITS
+
+    torch.manual_seed(0)
+    state = build_model(load_config(TINY).model).state_dict()  # 8 classes; DIGITS' model has 10
+    torch.save(state, tmp_path / "vit.pth")
+    refused = cli_evaluate(tmp_path / "vit.pth", demo_shards["val"], "--config", str(DIGITS))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert (f"vitdist evaluate: '{tmp_path / 'vit.pth'}' (torch state dict) does not hold the classifier of the model "
+            f"that '{DIGITS}' describes (10 classes): head.bias is (8,) there, (10,) in the model; head.weight is "
+            "(8, 128) there, (10, 128) in the model; nothing to evaluate with") in refused.stderr, refused.stderr
+    torch.save({k: v for k, v in state.items() if not k.startswith("head.")}, tmp_path / "encoder.pth")
+    refused = cli_evaluate(tmp_path / "encoder.pth", demo_shards["val"], "--config", str(TINY))
+    assert refused.returncode == 2 and "it has no head.bias; it has no head.weight; nothing" in refused.stderr, \
+        refused.stderr

@@ -12,7 +12,7 @@ from . import distributed
 from .config import Config, ConfigError, DataConfig, DistConfig, ModelConfig
 from .config_yaml import load_config
 from .data import EvalLoader
-from .handoff import HUB_WEIGHTS, HandoffError, load_located, locate
+from .handoff import HUB_WEIGHTS, HandoffError, load_located, locate, read_state_dict
 from .imagefolder import convert, is_image_folder, same_classes, scan
 from .model import model_meta
 from .recorded import HUB_CONFIG, recorded_meta
@@ -58,10 +58,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = 
             urls = expand_urls(data, "--data")  # checked before the model loads
             same_classes("--data", urls, meta.get("classes"), f"'{source}'")
             probe(urls, DataConfig(), kwargs["num_classes"], "--data", timeout_s)
-        return _evaluate(checkpoint, meta, data, batch_size, workers, timeout_s)
+        return _evaluate(checkpoint, meta, source, data, batch_size, workers, timeout_s)
 
 
-def _evaluate(checkpoint: Path, meta: dict, data: str | list[str], batch_size: int, workers: int,
+def _evaluate(checkpoint: Path, meta: dict, source: str, data: str | list[str], batch_size: int, workers: int,
               timeout_s: int) -> dict[str, float]:
     kwargs = meta["timm_kwargs"]
     cfg = Config(model=ModelConfig(arch=meta["arch"], img_size=kwargs["img_size"], num_classes=kwargs["num_classes"]),
@@ -76,7 +76,12 @@ def _evaluate(checkpoint: Path, meta: dict, data: str | list[str], batch_size: i
     model = timm.create_model(meta["arch"], pretrained=False, **kwargs)
     kind, fresh = load_located(model, checkpoint)
     if fresh:
-        raise HandoffError(f"'{checkpoint}' ({kind}) has no weights for {fresh}: nothing to evaluate with")
+        # The handoff leaves a head of another shape to be trained anew: here it is a mismatch to name.
+        weights, target = read_state_dict(checkpoint, meta=True)[0], model.state_dict()
+        found = "; ".join(f"{key} is {tuple(weights[key].shape)} there, {tuple(target[key].shape)} in the model"
+                          if key in weights else f"it has no {key}" for key in fresh)
+        raise HandoffError(f"'{checkpoint}' ({kind}) does not hold the classifier of the model that '{source}' "
+                           f"describes ({kwargs['num_classes']} classes): {found}; nothing to evaluate with")
     ctx = distributed.init(cfg.dist)
     try:
         autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
