@@ -251,6 +251,9 @@ def test_the_fit_is_judged_from_metadata_alone_as_the_load_judges_it(tmp_path, p
 
 
 def test_unreadable_and_unsafe_checkpoints(tmp_path):
+    from vitdist.handoff import check_fit
+    from vitdist.model import check_model
+
     torch.save(tiny().state_dict(), tmp_path / "full.pth")
     data = (tmp_path / "full.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
@@ -265,6 +268,13 @@ def test_unreadable_and_unsafe_checkpoints(tmp_path):
     with pytest.raises(HandoffError, match="refusing to unpickle"):
         load_pretrained(tiny(), tmp_path / "evil.pth")
     assert not (tmp_path / "pwned").exists()
+    # safetensors saved under a torch name: torch's refusal said to load it with weights_only=False, unsafe and vain.
+    save_file(tiny().state_dict(), str(tmp_path / "weights.pth"))
+    for judge in (lambda: load_pretrained(tiny(), tmp_path / "weights.pth"),
+                  lambda: check_fit(check_model(load_config(TINY).model), tmp_path / "weights.pth")):
+        with pytest.raises(HandoffError, match=re.escape(f"'{tmp_path / 'weights.pth'}' is a safetensors file under "
+                                                         "another name: rename it to end in .safetensors")):
+            judge()
     with pytest.raises(HandoffError, match="does not exist"):
         load_pretrained(tiny(), tmp_path / "missing.pth")
     # A run's checkpoints/ before its first save completed: no checkpoint is in it, and it says so.

@@ -111,6 +111,9 @@ def read_state_dict(path: Path, meta: bool = False) -> tuple[dict[str, torch.Ten
                 where = {"map_location": "meta", "mmap": zipfile.is_zipfile(path)} if meta else {"map_location": "cpu"}
                 state, kind = torch.load(path, weights_only=True, **where), "torch state dict"
     except pickle.UnpicklingError as e:
+        if _is_safetensors(path):  # torch's message would say to unpickle it unsafely
+            raise HandoffError(f"'{path}' is a safetensors file under another name: rename it to end in .safetensors, "
+                               "by which timm and vitdist tell one (else they read it as a pickled state dict)") from None
         raise HandoffError(f"'{path}' holds objects other than tensors; refusing to unpickle them ({e})") from None
     except Exception as e:
         raise HandoffError(f"cannot read '{path}' as a checkpoint (truncated or not a state dict?): {e}") from None
@@ -123,6 +126,12 @@ def read_state_dict(path: Path, meta: bool = False) -> tuple[dict[str, torch.Ten
     if "conv_proj.weight" in state:
         return from_torchvision(state, path), "torchvision ViT"
     return state, kind
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file starts as safetensors does: the header's length (8 bytes), then its JSON."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:] == b"{"
 
 
 def _safetensors_shapes(path: Path) -> dict[str, torch.Tensor]:
