@@ -312,3 +312,29 @@ def test_a_kill_while_an_old_checkpoint_is_pruned_leaves_no_step_n_short_of_file
     for _, path in checkpoint.complete_checkpoints(root):
         checkpoint.check_files(path)
     assert checkpoint.newest_checkpoint(root) == root / "step_2"
+
+
+def test_a_checkpoint_whose_data_does_not_load_is_named_and_not_retried(demo_shards, tmp_path):
+    """A tensor file of full length whose bytes are not what was saved (zeroed by a crash, garbled
+    by a disk or a copy) passes the length checks; its load failed in torch.distributed.checkpoint
+    with a traceback naming no file and saying to load it again with weights_only=False. The resume
+    (exit 1: retried by torchrun and SLURM, to meet it again), `vitdist export` and the fine-tune
+    handoff each name the checkpoint and the file; the resume stops as unretriable (exit 2, FATAL)."""
+    from conftest import vitdist_cli
+
+    run = [*shard_overrides(demo_shards), f"run.dir={tmp_path / 'run'}", "train.global_batch_size=64",
+           "data.micro_batch_size=32", "train.eval_every_steps=0", "data.val_shards=null"]
+    first = run_pretrain(0, [*run, "train.steps=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    step = tmp_path / "run" / "checkpoints" / "step_2"
+    data = next(step.glob("*.distcp"))
+    data.write_bytes(bytes(data.stat().st_size))
+    message = (f"checkpoint '{step}' is corrupt: its file '{data.name}' holds data that does not load "
+               "(UnpicklingError); restore it, or move the checkpoint out of")
+    resumed = run_pretrain(0, [*run, "train.steps=4"])
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    assert message in resumed.stderr and (tmp_path / "run" / "FATAL").read_text().startswith(message)
+    export = vitdist_cli("export", "--checkpoint", step, "--out", tmp_path / "vit.safetensors")
+    assert export.returncode == 2 and f"vitdist export: {message}" in export.stderr, export.stderr[-3000:]
+    with pytest.raises(HandoffError, match=re.escape(message)):
+        load_pretrained(build_model(load_config(TINY).model), step)

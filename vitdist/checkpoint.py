@@ -9,6 +9,7 @@ a checkpoint loads on any number of processes, under DDP or FSDP.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -288,6 +289,11 @@ _METADATA_CLASSES = {
 }
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose files are all there and long enough, yet hold data that does not load
+    (zeroed by a crash, garbled by a bad disk or copy): every retry would meet it again."""
+
+
 _REFUSAL = "refusing to unpickle"
 
 
@@ -309,6 +315,23 @@ class _SafeReader(dcp.FileSystemReader):
         metadata.storage_meta = metadata.storage_meta or StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_data(self, plan, planner) -> torch.futures.Future:
+        """torch's, one file at a time, so that a file whose data does not load is named (torch's own
+        error names none, and says to load it again unsafely, with weights_only=False)."""
+        files: dict[str, list] = {}
+        for item in plan.items:
+            files.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for name, items in files.items():
+            try:
+                super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+            except UnsafeCheckpoint:
+                raise
+            except Exception as e:
+                raise CorruptCheckpoint(f"its file '{name}' holds data that does not load ({type(e).__name__})") from None
+        done = torch.futures.Future()
+        done.set_result(None)
+        return done
 
 
 class _SafePlanner(DefaultLoadPlanner):
@@ -338,6 +361,9 @@ def _safe_load(state: dict, path: Path, **kwargs) -> None:
         refusals = [line for exc, _ in e.failures.values() for line in str(exc).split("; ") if _REFUSAL in line]
         if refusals:
             raise UnsafeCheckpoint(f"'{path}': {refusals[0][refusals[0].index(_REFUSAL):]}") from None
+        if corrupt := [exc for exc, _ in e.failures.values() if isinstance(exc, CorruptCheckpoint)]:
+            raise CorruptCheckpoint(f"checkpoint '{path}' is corrupt: {corrupt[0]}; restore it, or move the checkpoint "
+                                    f"out of '{path.parent}' to resume from the one before") from None
         raise
 
 

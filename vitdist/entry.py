@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .checkpoint import SaveFailed, UnsafeCheckpoint
+from .checkpoint import CorruptCheckpoint, SaveFailed, UnsafeCheckpoint
 from .config import ConfigError, doubts
 from .config_yaml import load_config
 from .distributed import refuse_together
@@ -17,7 +17,8 @@ from .preflight import preflight
 from .train import train
 
 # Errors met by every rank alike, which a retry from the newest checkpoint meets again.
-RECURRING = (ConfigError, HandoffError, UnsafeCheckpoint, TooManyBadSamples, NoUsableSamples, NonFiniteTraining)
+RECURRING = (ConfigError, HandoffError, UnsafeCheckpoint, CorruptCheckpoint, TooManyBadSamples, NoUsableSamples,
+             NonFiniteTraining)
 
 
 def say(line: str) -> None:

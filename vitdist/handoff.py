@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from .checkpoint import MODEL_META, UnsafeCheckpoint, load_model_weights, model_weight_shapes, newest_if_run
+from .checkpoint import MODEL_META, CorruptCheckpoint, UnsafeCheckpoint, load_model_weights, model_weight_shapes, newest_if_run
 from .export import header
 from .model import is_classifier
 
@@ -97,7 +97,7 @@ def read_state_dict(path: Path, meta: bool = False) -> tuple[dict[str, torch.Ten
     if path.is_dir():
         try:
             return (model_weight_shapes(path) if meta else load_model_weights(path)[0]), "vitdist checkpoint"
-        except (FileNotFoundError, UnsafeCheckpoint) as e:
+        except (FileNotFoundError, UnsafeCheckpoint, CorruptCheckpoint) as e:
             raise HandoffError(str(e)) from None
     try:
         if path.suffix == ".safetensors":
