@@ -490,3 +490,28 @@ def test_evaluate_labels_an_image_folder_by_the_runs_class_names(tmp_path):
     assert (f"--data: '{tmp_path / 'val'}' has 1 class folders for the checkpoint's 3 classes, and "
             f"'{tmp_path / 'unnamed.json'}' does not name them (a vitdist run trained on shards without a "
             "classes.json") in unnamed.stderr
+
+
+def test_check_warns_of_a_finetune_init_that_records_another_architecture_of_the_same_shapes(tmp_path):
+    """OpenAI CLIP's ViT (QuickGELU) and timm's CLIP ViT (GELU) have the same weight names and
+    shapes: a hub folder of the first fine-tuned as the second loaded without a word and computed
+    otherwise. The config check names both; the architecture the folder records passes quietly."""
+    from timm.models import save_for_hf
+
+    sizes = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=128", "model.depth=4", "model.num_heads=4"]
+    quickgelu = "vit_base_patch16_clip_quickgelu_224"
+    source = timm.create_model(quickgelu, img_size=32, patch_size=8, embed_dim=128, depth=4, num_heads=4)
+    save_for_hf(source, tmp_path / "hub", safe_serialization=True)
+    write_png_folder(tmp_path / "images", per_class=6)
+    mean = [f"data.mean={list(source.pretrained_cfg['mean'])}", f"data.std={list(source.pretrained_cfg['std'])}"]
+    command = [sys.executable, "launch/finetune.py", "--config", str(DIGITS), "--check", *sizes, *mean,
+               f"finetune.init={tmp_path / 'hub'}", f"data.train_shards={tmp_path / 'images'}", "data.val_shards=null",
+               f"run.dir={tmp_path / 'run'}"]
+    warning = (f"config warning: finetune.init's weights record the architecture '{quickgelu}', this fine-tune builds "
+               "model.arch='vit_base_patch16_clip_224': their weights have the same names and shapes")
+    for arch, warned in (("vit_base_patch16_clip_224", True), (quickgelu, False)):
+        check = subprocess.run([*command, f"model.arch={arch}"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                               timeout=120)
+        assert check.returncode == 0, check.stderr[-3000:]
+        assert (warning in check.stderr) == warned, check.stderr[-3000:]
+        assert "config warning: finetune.init's weights were trained on images normalised" not in check.stderr

@@ -13,7 +13,7 @@ from . import checkpoint, imagefolder, resume
 from .config import Config, ConfigError, batch_layout
 from .handoff import HandoffError, check_fit
 from .model import check_model
-from .recorded import normalisation_doubt
+from .recorded import architecture_doubt, normalisation_doubt
 from .shard_list import expand_urls, probe, train_shard_urls
 
 
@@ -42,8 +42,8 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
             check_fit(model, cfg.finetune.init)
         except HandoffError as e:
             raise ConfigError(f"finetune.init='{cfg.finetune.init}': {e}") from None
-        if doubt := normalisation_doubt(cfg.finetune.init, cfg.data):
-            found.append(doubt)
+        found += [doubt for doubt in (architecture_doubt(cfg.finetune.init, cfg.model.arch),
+                                      normalisation_doubt(cfg.finetune.init, cfg.data)) if doubt]
     if os.environ.get("RANK", "0") == "0":  # last, as the slowest: one reader of the shards' heads, not thousands
         for key, urls in (("data.train_shards", [] if "train" in folders else train_data), ("data.val_shards", val_urls)):
             if urls:

@@ -14,7 +14,7 @@ import timm
 
 from .checkpoint import MODEL_META
 from .config import ConfigError, DataConfig
-from .handoff import HUB_CONFIG, HUB_WEIGHTS, locate
+from .handoff import HUB_CONFIG, HUB_WEIGHTS, locate, recorded_arch
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,18 @@ def hub_meta(path: Path) -> dict:
     if names:
         meta["classes"] = names
     return meta
+
+
+def architecture_doubt(init: str | Path, arch: str) -> str | None:
+    """A fine-tune from `init` building another timm architecture than the one its weights record,
+    whose weights have the same names and shapes (so that the handoff loads them): the two may yet
+    compute otherwise (CLIP's QuickGELU against GELU, say). timm's pretrained tags ('.openai') aside."""
+    recorded = recorded_arch(locate(init))
+    if recorded is None or recorded.split(".")[0] == arch.split(".")[0]:
+        return None
+    return (f"finetune.init's weights record the architecture '{recorded}', this fine-tune builds model.arch='{arch}': "
+            "their weights have the same names and shapes, so they load, but the two may compute otherwise "
+            f"(activation, normalisation layers): give it model.arch={recorded} unless the change is meant")
 
 
 def normalisation_doubt(init: str | Path, data: DataConfig) -> str | None:
