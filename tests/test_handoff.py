@@ -265,9 +265,16 @@ def test_unreadable_and_unsafe_checkpoints(tmp_path):
             return os.system, (f"touch {tmp_path / 'pwned'}",)
 
     torch.save({"model": Exploit()}, tmp_path / "evil.pth", _use_new_zipfile_serialization=True)
-    with pytest.raises(HandoffError, match="refusing to unpickle"):
+    with pytest.raises(HandoffError, match="refusing to unpickle them .*GLOBAL posix.system") as refused:
         load_pretrained(tiny(), tmp_path / "evil.pth")
     assert not (tmp_path / "pwned").exists()
+    assert "weights_only" not in str(refused.value)  # torch's advice to load it unsafely is left out
+    # The JSON beside an export, given for its weights: no pickle at all, which was refused as an unsafe one.
+    cfg = load_config(TINY)
+    write_safetensors(tiny().state_dict(), model_meta(cfg.model, cfg.data), tmp_path / "vit.safetensors")
+    with pytest.raises(HandoffError, match=re.escape(f"cannot read '{tmp_path / 'vit.json'}' as a checkpoint: it is no "
+                                                     "torch file of tensors (Unsupported operand 123)")):
+        load_pretrained(tiny(), tmp_path / "vit.json")
     # safetensors saved under a torch name: torch's refusal said to load it with weights_only=False, unsafe and vain.
     save_file(tiny().state_dict(), str(tmp_path / "weights.pth"))
     for judge in (lambda: load_pretrained(tiny(), tmp_path / "weights.pth"),

@@ -111,10 +111,16 @@ def read_state_dict(path: Path, meta: bool = False) -> tuple[dict[str, torch.Ten
                 where = {"map_location": "meta", "mmap": zipfile.is_zipfile(path)} if meta else {"map_location": "cpu"}
                 state, kind = torch.load(path, weights_only=True, **where), "torch state dict"
     except pickle.UnpicklingError as e:
-        if _is_safetensors(path):  # torch's message would say to unpickle it unsafely
+        # torch's message says to load the file again with weights_only=False: unsafe, and for a file
+        # that is no pickle (a JSON, an image, safetensors under another name), vain. Only its reason is kept.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if _is_safetensors(path):
             raise HandoffError(f"'{path}' is a safetensors file under another name: rename it to end in .safetensors, "
                                "by which timm and vitdist tell one (else they read it as a pickled state dict)") from None
-        raise HandoffError(f"'{path}' holds objects other than tensors; refusing to unpickle them ({e})") from None
+        if crafted := [line for line in lines if "GLOBAL" in line]:  # a pickle that names a function or class to call
+            raise HandoffError(f"'{path}' holds objects other than tensors; refusing to unpickle them ({crafted[0]})") from None
+        why = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
+        raise HandoffError(f"cannot read '{path}' as a checkpoint: it is no torch file of tensors ({why})") from None
     except Exception as e:
         raise HandoffError(f"cannot read '{path}' as a checkpoint (truncated or not a state dict?): {e}") from None
     for wrapper in ("model", "state_dict", "model_state_dict"):
