@@ -81,6 +81,7 @@ def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group)
     assert checkpoint.resume_path("none", tmp_path / "empty") is None
     assert checkpoint.resume_path("auto", tmp_path / "empty") is None
     assert checkpoint.resume_path(str(tmp_path / "step_10"), tmp_path / "empty") == tmp_path / "step_10"
+    assert checkpoint.resume_path(str(tmp_path), tmp_path / "empty") == tmp_path / "step_20"  # a run's: its newest
     # A requeued job still names the checkpoint it first resumed from, maybe pruned since; the
     # run's own newer ones win.
     assert checkpoint.resume_path(str(tmp_path / "step_10"), tmp_path) == tmp_path / "step_20"

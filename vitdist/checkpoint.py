@@ -96,7 +96,7 @@ def _step(checkpoint: Path) -> int:
 def resume_path(spec: str, root: str | Path) -> Path | None:
     """`train.resume`: 'auto' is the newest complete checkpoint under root (or none), 'none' is
     a fresh start (FileExistsError where root holds checkpoints), anything else a checkpoint
-    directory that must exist, unless the run has checkpointed under root since it resumed from
+    directory that must exist (a run's checkpoints directory: its newest), unless the run has checkpointed under root since it resumed from
     there: then its newest. A requeued job's command still names that directory (which `ckpt.keep`
     may have pruned since), and going back to it would lose the progress. A directory that is there
     but not complete (a save that did not finish) is refused: nothing was pruned."""
@@ -109,7 +109,7 @@ def resume_path(spec: str, root: str | Path) -> Path | None:
         return None
     if spec == "auto":
         return newest
-    path = Path(spec)
+    path = newest_if_run(Path(spec))
     named = (path / ".metadata").is_file()
     if not named and (newest is None or path.exists()):
         newest_is = f"; the newest complete checkpoint in '{root}' is '{newest}'" if newest else ""

@@ -90,12 +90,12 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
     resume_from = checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints")
-    if cfg.train.resume not in ("auto", "none") and resume_from != Path(cfg.train.resume):
+    if cfg.train.resume not in ("auto", "none") and resume_from != checkpoint.newest_if_run(Path(cfg.train.resume)):
         log.warning("train.resume='%s', but this run has checkpointed since: resuming from %s (move its newer "
                     "checkpoints away to go back)", cfg.train.resume, resume_from)
     for partial in checkpoint.unfinished_saves(run_dir / "checkpoints") if ctx.is_main else []:
         log.warning("not resuming from %s: a save that did not finish (the run was killed or the save failed), "
-                    "deleted once a newer checkpoint is complete", partial)
+                    "deleted once a checkpoint of a later step is complete", partial)
     if resume_from is None and cfg.finetune.init:
         kind, fresh = load_pretrained(model, cfg.finetune.init)
         log.info("initialised from %s (%s); freshly initialised: %s", cfg.finetune.init, kind, fresh or "nothing")
