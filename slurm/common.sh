@@ -101,6 +101,26 @@ vitdist_requeue() {
   exit 0
 }
 
+# vitdist_claim_run_dir RUN_DIR: one job at a time in a run directory. A second job there (resubmitted
+# while the first still runs, or queued) would resume from the first one's checkpoint and train beside
+# it: both writing the same checkpoints (failing on each other's partial ones) and every step logged
+# twice in TensorBoard. The job that holds it is in <run dir>/slurm_job, and holds it while squeue
+# lists it (pending, requeued or running); a requeue of the same job holds it still.
+vitdist_claim_run_dir() {
+  local holder_file=$1/slurm_job holder state
+  holder=$(cat "$holder_file" 2>/dev/null)
+  if [ -n "$holder" ] && [ "$holder" != "$VITDIST_JOB" ]; then
+    state=$(squeue --noheader --jobs="$holder" --format=%T 2>/dev/null | head -n 1)
+    if [ -n "$state" ]; then
+      echo "config error: run.dir=$1 is in use by job $holder ($state, named in $holder_file): two jobs" \
+           "there would train the same steps and overwrite each other's checkpoints; wait for it to end," \
+           "or give this job another run.dir" >&2
+      exit 2
+    fi
+  fi
+  mkdir -p "$1" && echo "$VITDIST_JOB" > "$holder_file"
+}
+
 # vitdist_slurm_main pretrain|finetune CONFIG.yaml [key=value ...]
 vitdist_slurm_main() {
   local launcher=$1
@@ -166,6 +186,7 @@ vitdist_slurm_main() {
   if [ -n "$VITDIST_SIGNALLED" ]; then  # warned before training started: nothing to save
     vitdist_requeue "SIG$VITDIST_SIGNALLED before training started"
   fi
+  vitdist_claim_run_dir "$run_dir"
   rm -f "$run_dir/FINISHED"  # written by the ranks once they have trained to the end
   if [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ]; then  # a new job, not a requeue: its own VITDIST_MAX_FAILURES
     rm -f "$run_dir/slurm_failures"

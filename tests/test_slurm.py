@@ -180,6 +180,22 @@ def test_an_error_that_recurs_is_neither_restarted_nor_requeued(cluster, demo_sh
     assert not (run_dir / "slurm_failures").exists()
 
 
+def test_a_second_job_in_a_run_dir_in_use_is_refused(cluster, demo_shards, tmp_path):
+    """Resubmitted while the first job still trains there, a job would resume from the first one's
+    checkpoint and train beside it: both writing the same checkpoints, every step logged twice."""
+    run_dir = tmp_path / "run"
+    first = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
+                   "train.steps=5000", "ckpt.every_steps=2", f"run.dir={run_dir}")
+    wait_for_line(cluster, first, tmp_path / f"vitdist-pretrain-{first}.log", "step 3/5000")
+    second = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
+                    "train.steps=5000", f"run.dir={run_dir}")
+    assert wait_done(cluster, second, timeout_s=120) == "FAILED"
+    log = job_log(tmp_path, "vitdist-pretrain", second)
+    assert f"config error: run.dir={run_dir} is in use by job {first} (RUNNING" in log
+    assert "resumed from" not in log and "step 1/" not in log
+    assert job_state(cluster, first) == "RUNNING" and (run_dir / "slurm_job").read_text().strip() == str(first)
+
+
 def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     # Steps of 256 images: steps of 64 took the run from step 3 to its last step before the signal
