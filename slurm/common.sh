@@ -86,12 +86,28 @@ vitdist_deliver_undelivered() {
   done
 }
 
+# Whether the job was cancelled (scancel): SLURM then sends SIGTERM as for a preemption, and requeueing
+# would bring back the job the user just cancelled. A cancelled job shows CANCELLED (COMPLETING while
+# its processes end) at once, with no reason, as does one that `scontrol requeue` ends (SLURM requeues
+# that one itself); one at its time limit has Reason=TimeLimit, a preempted one a PreemptTime; one
+# warned by --signal is still RUNNING.
+vitdist_cancelled() {
+  local info
+  info=$(scontrol show job "$VITDIST_JOB" -o 2>/dev/null) || return 1
+  [[ $info =~ JobState=(CANCELLED|COMPLETING)\  && $info == *" Reason=None "* && ! $info =~ PreemptTime=[0-9] ]]
+}
+
 # Exits 0 once SLURM has the job back in its queue. A requeue it refuses (a job submitted with
 # --no-requeue, the controller unreachable) fails the job: exit 0 would mark it COMPLETED, and a
 # job waiting on it (--dependency=afterok, as the fine-tune of slurm/submit_pipeline.sh) would start.
 # Called from vitdist_slurm_main, whose run_dir it names.
 vitdist_requeue() {
   trap - USR1 TERM
+  if vitdist_cancelled; then
+    vitdist_log "ended by SLURM (scancel, or scontrol requeue, which requeues it itself): not requeueing" \
+                "($1); a cancelled job resumes from its newest checkpoint when resubmitted with run.dir=$run_dir"
+    exit 75
+  fi
   vitdist_log "requeueing job $VITDIST_JOB ($1)"
   if ! scontrol requeue "$VITDIST_JOB"; then
     vitdist_log "SLURM refused the requeue: the job fails unfinished; resubmit it with run.dir=$run_dir" \

@@ -196,6 +196,26 @@ def test_a_second_job_in_a_run_dir_in_use_is_refused(cluster, demo_shards, tmp_p
     assert job_state(cluster, first) == "RUNNING" and (run_dir / "slurm_job").read_text().strip() == str(first)
 
 
+def test_a_cancelled_job_checkpoints_and_stays_cancelled(cluster, demo_shards, tmp_path):
+    """scancel sends SIGTERM, as a preemption does: the ranks checkpoint, but the job the user
+    cancelled must not requeue itself and train again."""
+    run_dir = tmp_path / "run"
+    job = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), *EXACT,
+                 "train.steps=5000", f"run.dir={run_dir}")
+    log_path = tmp_path / f"vitdist-pretrain-{job}.log"
+    wait_for_line(cluster, job, log_path, "step 3/5000")
+    subprocess.run(["scancel", str(job)], env=cluster.env, check=True)
+    deadline = time.time() + 60
+    while "requeueing" not in log_path.read_text():  # the batch shell's last word, either way
+        assert time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.5)
+    time.sleep(2)
+    assert job_state(cluster, job) == "CANCELLED" and job_field(cluster, job, "Restarts") == "0"
+    log = log_path.read_text()
+    assert "ended by SLURM (scancel, or scontrol requeue, which requeues it itself): not requeueing (preempted: SIGTERM" in log
+    assert f"resubmitted with run.dir={run_dir}" in log and "preempted at step" in log
+
+
 def test_usr1_checkpoints_requeues_and_the_same_job_resumes(cluster, demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     # Steps of 256 images: steps of 64 took the run from step 3 to its last step before the signal
