@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import sys
 import time
 from collections import Counter
@@ -224,7 +225,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     logger.close()
     last_ckpt = checkpointer.newest()
     if ctx.is_main:
-        print(f"checkpoint: {last_ckpt}\ntensorboard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
+        print(f"checkpoint: {last_ckpt}\ntensorboard: tensorboard --logdir {shlex.quote(str(run_dir / 'tb'))}", flush=True)
     return last_ckpt
 
 
