@@ -135,6 +135,9 @@ class Cluster:
             return self
         self.started = True
         self.stop()
+        # A fresh controller: jobs of an earlier one (a requeued job whose processes died with it)
+        # would be recovered as running, and hold CPUs that nothing uses.
+        shutil.rmtree(self.dir / "state", ignore_errors=True)
         for sub in ("state", "spool/node1", "spool/node2", "munge"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)
