@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vitdist import checkpoint, distributed
+from vitdist import checkpoint, checkpoint_read, distributed
 from vitdist.config_yaml import load_config
 from vitdist.model import build_model
 from vitdist.optim import build_optimizer
@@ -53,7 +53,7 @@ def main() -> None:
     loads = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        checkpoint.load(path, model, optimizer)
+        checkpoint_read.load(path, model, optimizer)
         loads.append(time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"

@@ -17,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from conftest import TINY, read_scalars, run_pretrain, shard_overrides
-from vitdist import checkpoint, resume
+from vitdist import checkpoint, checkpoint_read, resume
 from vitdist.config import CkptConfig, ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.handoff import HandoffError, load_pretrained
@@ -45,7 +45,7 @@ def test_save_then_load_restores_model_optimizer_and_state(tmp_path, process_gro
 
     other, other_optimizer = trained_pair(1)
     assert not torch.equal(other.pos_embed, model.pos_embed)
-    state = checkpoint.load(path, other, other_optimizer)
+    state = checkpoint_read.load(path, other, other_optimizer)
     assert state["step"] == 7
     for (name, p), q in zip(model.state_dict().items(), other.state_dict().values()):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
@@ -62,7 +62,7 @@ def test_a_resume_keeps_its_configs_optimizer_settings_and_the_checkpoints_momen
     changed = load_config(TINY, ["optim.weight_decay=0.3", "optim.betas=[0.8, 0.99]", "optim.eps=1e-6"])
     other = build_model(changed.model)
     other_optimizer = build_optimizer(other, changed.optim)
-    checkpoint.load(path, other, other_optimizer)
+    checkpoint_read.load(path, other, other_optimizer)
     assert {g["weight_decay"] for g in other_optimizer.param_groups} == {0.0, 0.3}
     assert all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in other_optimizer.param_groups)
     for p, q in zip(model.parameters(), other.parameters()):
@@ -140,7 +140,7 @@ def test_keep_every_and_async_save(tmp_path, process_group):
         time.sleep(0.05)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_20", "step_40", "step_50"]
     other, other_optimizer = trained_pair(1)
-    assert checkpoint.load(tmp_path / "step_50", other, other_optimizer) == {"step": 50}
+    assert checkpoint_read.load(tmp_path / "step_50", other, other_optimizer) == {"step": 50}
     torch.testing.assert_close(other.state_dict(), model.state_dict(), rtol=0, atol=0)
 
 
@@ -166,22 +166,22 @@ def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(tmp_path, pro
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     state["optim"]["state"]["pos_embed"]["step"] = Exploit(marker)
     dcp.save(state, checkpoint_id=tmp_path / "evil_value")
-    with pytest.raises(checkpoint.UnsafeCheckpoint, match="evil_value'.*refusing to unpickle 'optim.state.pos_embed"):
-        checkpoint.load(tmp_path / "evil_value", *trained_pair(1))
+    with pytest.raises(checkpoint_read.UnsafeCheckpoint, match="evil_value'.*refusing to unpickle 'optim.state.pos_embed"):
+        checkpoint_read.load(tmp_path / "evil_value", *trained_pair(1))
     assert not marker.exists()
 
     # The metadata file itself replaced by the exploit.
     for name in ("model.json", "train_state.json"):
         shutil.copy(path / name, tmp_path / "evil_value" / name)
     (tmp_path / "evil_value" / ".metadata").write_bytes(pickle.dumps(Exploit(marker)))
-    with pytest.raises(checkpoint.UnsafeCheckpoint, match="refusing to unpickle posix.system"):
-        checkpoint.load(tmp_path / "evil_value", *trained_pair(1))
+    with pytest.raises(checkpoint_read.UnsafeCheckpoint, match="refusing to unpickle posix.system"):
+        checkpoint_read.load(tmp_path / "evil_value", *trained_pair(1))
     with pytest.raises(HandoffError, match="refusing to unpickle posix.system"):
         load_pretrained(trained_pair(1)[0], tmp_path / "evil_value")
     with pytest.raises(ConfigError, match="evil_value': .*refusing to unpickle posix.system"):  # train.resume=<it>
         resume.check(load_config(TINY), tmp_path / "evil_value", [])
     assert not marker.exists()
-    checkpoint.load(path, *trained_pair(1))  # the genuine one still loads
+    checkpoint_read.load(path, *trained_pair(1))  # the genuine one still loads
 
 
 def meta_of(model):
@@ -213,7 +213,7 @@ def test_a_save_that_cannot_be_written_stops_the_run_and_keeps_the_last_checkpoi
     size = sum(f.stat().st_size for f in step_4.iterdir()) / 2**30  # beside the free space: is the disk full?
     assert f"the newest complete checkpoint, intact, is '{step_4}' ({size:.3g} GiB)" in stopped.stderr
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_4"]
-    checkpoint.load_model_weights(step_4)
+    checkpoint_read.load_model_weights(step_4)
     assert max(step for step, _ in read_scalars(tmp_path / "tb")["train/loss"]) == 8  # stopped at the failed save
 
     went_on = run_pretrain(0, [*common, "train.steps=12", "ckpt.on_error=continue"], preexec_fn=full_disk)
@@ -242,7 +242,7 @@ def test_a_checkpoint_directory_that_cannot_be_made_fails_the_save_as_any_other(
 
 SAVE_ONE = """
 import sys, torch, torch.distributed as dist
-from vitdist import checkpoint
+from vitdist import checkpoint, checkpoint_read
 from vitdist.config import CkptConfig
 dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True), rank=0, world_size=1)
 model = torch.nn.Linear(4, 2)
@@ -281,7 +281,7 @@ def test_a_checkpoint_is_on_disk_before_the_rename_that_makes_it_complete(tmp_pa
 
 SAVE_TWO_KEEP_ONE = """
 import sys, torch, torch.distributed as dist
-from vitdist import checkpoint
+from vitdist import checkpoint, checkpoint_read
 from vitdist.config import CkptConfig
 dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True), rank=0, world_size=1)
 model = torch.nn.Linear(4, 2)
@@ -311,7 +311,7 @@ def test_a_kill_while_an_old_checkpoint_is_pruned_leaves_no_step_n_short_of_file
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     for _, path in checkpoint.complete_checkpoints(root):
-        checkpoint.check_files(path)
+        checkpoint_read.check_files(path)
     assert checkpoint.newest_checkpoint(root) == root / "step_2"
 
 

@@ -38,7 +38,7 @@ def test_a_resume_may_turn_layer_decay_on(tmp_path, process_group):
     checkpoint's moments load into the new groups, where the load failed with a traceback of
     torch.distributed.checkpoint's ('Missing key in checkpoint state_dict:
     optim.param_groups.0.lr_scale')."""
-    from vitdist import checkpoint
+    from vitdist import checkpoint, checkpoint_read
     from vitdist.config import CkptConfig
 
     cfg = load_config(TINY)
@@ -50,7 +50,7 @@ def test_a_resume_may_turn_layer_decay_on(tmp_path, process_group):
     path = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=0), {}).save(1, model, optimizer, {"step": 1})
     resumed = build_model(cfg.model)
     decayed = build_optimizer(resumed, cfg.optim, layer_decay=0.75)
-    checkpoint.load(path, resumed, decayed)
+    checkpoint_read.load(path, resumed, decayed)
     assert len({g["lr_scale"] for g in decayed.param_groups}) == len(resumed.blocks) + 2
     for p, q in zip(model.parameters(), resumed.parameters()):
         torch.testing.assert_close(decayed.state[q]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"], rtol=0, atol=0)

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from timm.models import save_for_hf
 
 from conftest import REPO, TINY, vitdist_cli
-from vitdist import checkpoint
+from vitdist import checkpoint, checkpoint_read
 from vitdist.config import CkptConfig
 from vitdist.config_yaml import load_config
 from vitdist.export import export, write_safetensors
@@ -184,7 +184,7 @@ def test_a_run_is_resolved_once_so_a_save_during_the_read_is_not_named(tmp_path,
     read = saver.save(1, source, build_optimizer(source, cfg.optim), {"step": 1})
 
     def read_while_a_save_completes(path):
-        weights = checkpoint.load_model_weights(path)
+        weights = checkpoint_read.load_model_weights(path)
         shutil.copytree(path, tmp_path / "ckpts" / "step_2")
         return weights
 

@@ -6,7 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from .checkpoint import CorruptCheckpoint, SaveFailed, UnsafeCheckpoint
+from .checkpoint import SaveFailed
+from .checkpoint_read import CorruptCheckpoint, UnsafeCheckpoint
 from .config import ConfigError, doubts
 from .config_yaml import load_config
 from .distributed import refuse_together

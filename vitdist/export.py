@@ -9,7 +9,8 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import load_model_weights, newest_if_run
+from .checkpoint import newest_if_run
+from .checkpoint_read import load_model_weights
 from .config import DataConfig
 from .files import write_json, written_whole
 

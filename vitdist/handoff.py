@@ -26,7 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from .checkpoint import MODEL_META, CorruptCheckpoint, UnsafeCheckpoint, load_model_weights, model_weight_shapes, newest_if_run
+from .checkpoint import MODEL_META, newest_if_run
+from .checkpoint_read import CorruptCheckpoint, UnsafeCheckpoint, load_model_weights, model_weight_shapes
 from .export import header
 from .model import is_classifier
 

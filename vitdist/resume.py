@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 
 from . import imagefolder
-from .checkpoint import MODEL_META, TRAIN_STATE, UnsafeCheckpoint, check_files, read_json
+from .checkpoint import MODEL_META, TRAIN_STATE, read_json
+from .checkpoint_read import UnsafeCheckpoint, check_files
 from .config import Config, ConfigError, to_dict
 from .data import decodes_on_device
 from .imagefolder import ImageFolder

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, imagefolder, resume
+from . import checkpoint, checkpoint_read, distributed, imagefolder, resume
 from .checkpoint import Checkpointer
 from .config import Config, batch_layout, to_dict
 from .config_yaml import save_config
@@ -116,7 +116,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
 
     state = TrainState()
     if resume_from is not None:
-        saved = checkpoint.load(resume_from, model, optimizer)
+        saved = checkpoint_read.load(resume_from, model, optimizer)
         state = TrainState.restored(saved, cfg.train.global_batch_size)
         log.info("resumed from %s at step %d", resume_from, state.step)
         if ctx.is_main and (changes := resume.changes(cfg, saved)):
