@@ -74,10 +74,11 @@ def ensure_shards(cache: Path, samples: int, per_shard: int) -> tuple[str, dict]
 
 
 def measure_loader(pattern: str, decode: str, workers: int, streams: int, batch: int, batches: int, img_size: int,
-                   device: torch.device) -> float:
+                   device: torch.device, rand_augment: str | None = None) -> float:
     """Samples/s of TrainLoader + to_device, after the workers' start."""
     cfg = load_config(None, [f"data.train_shards={pattern}", f"data.decode={decode}", f"data.num_workers={workers}",
-                             f"data.streams={streams}", f"train.global_batch_size={batch}"]).data
+                             f"data.streams={streams}", f"train.global_batch_size={batch}",
+                             f"data.rand_augment={rand_augment}" if rand_augment else "data.rand_augment=null"]).data
     loader = TrainLoader(cfg, img_size, NUM_CLASSES, batch, 0, 1, pin_memory=device.type == "cuda")
     batches_in = iter(loader)
     for _ in range(WARMUP_BATCHES):
@@ -173,6 +174,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024, help="global batch, of the loader and of training")
     parser.add_argument("--loader-batches", type=int, default=20, help="batches timed per loader measurement")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "pretrain" / "vit_b16.yaml")
+    parser.add_argument("--rand-augment", default=None,
+                        help="also time the loader (cpu decode) with this data.rand_augment, e.g. rand-m9-mstd0.5-inc1")
     parser.add_argument("--train-workers", type=int, default=8, help="data.num_workers of the training runs")
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--log-every", type=int, default=10)
@@ -199,14 +202,16 @@ def main() -> None:
 
     # The figures go to args.out after every measurement: a run stopped at its time limit keeps what it measured.
     rows = []
-    for decode in ("cpu", "gpu"):
+    for decode, rand_augment in [("cpu", None), ("gpu", None), *([("cpu", args.rand_augment)] if args.rand_augment else [])]:
         for w in workers:
             rate = measure_loader(pattern, decode, w, streams, args.batch, args.loader_batches,
-                                  model_cfg.model.img_size, device)
-            results["loader"].append({"decode": decode, "workers": w, "samples_per_sec": rate})
+                                  model_cfg.model.img_size, device, rand_augment)
+            results["loader"].append({"decode": decode, "rand_augment": rand_augment, "workers": w,
+                                      "samples_per_sec": rate})
             write_json(args.out, results)
-            rows.append(("loader alone", decode, w, f"{rate:,.0f}", ""))
-            print(f"loader decode={decode} workers={w}: {rate:,.0f} samples/s", flush=True)
+            label = f"{decode} + RandAugment {rand_augment}" if rand_augment else decode
+            rows.append(("loader alone", label, w, f"{rate:,.0f}", ""))
+            print(f"loader decode={label} workers={w}: {rate:,.0f} samples/s", flush=True)
     device_work = measure_device_work(pattern, streams, args.batch, 2, model_cfg.model.img_size, device)
     results["device_work"] = device_work
     write_json(args.out, results)

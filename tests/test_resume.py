@@ -36,9 +36,11 @@ def logged_steps(log_path):
 
 
 def test_sigkill_then_resume_is_bitwise_identical(demo_shards, tmp_path):
-    """With drop path and mixup/cutmix: their draws, reseeded per (seed, rank, step), resume too."""
+    """With drop path, mixup/cutmix and random erasing: their draws, reseeded per (seed, rank, step),
+    resume too; and RandAugment's, seeded per sample."""
     common = [*shard_overrides(demo_shards), *EXACT, "train.steps=28", "data.micro_batch_size=32",
-              "model.drop_path_rate=0.1", "train.mixup_alpha=0.8", "train.cutmix_alpha=1.0"]
+              "model.drop_path_rate=0.1", "train.mixup_alpha=0.8", "train.cutmix_alpha=1.0",
+              "data.rand_augment=rand-m9-mstd0.5-inc1", "data.random_erase=0.25"]
     reference = run_pretrain(2, [*common, f"run.dir={tmp_path / 'ref'}", "ckpt.async_save=true"])
     assert reference.returncode == 0, reference.stderr[-3000:]
 

@@ -70,6 +70,12 @@ class DataConfig:
     crop_scale: list[float] = _opt([0.08, 1.0], "RandomResizedCrop area range", above=0, at_most=1)
     crop_ratio: list[float] = _opt([0.75, 1.3333333], "RandomResizedCrop aspect ratio range", above=0)
     hflip: float = _opt(0.5, "probability of a horizontal flip", at_least=0, at_most=1)
+    rand_augment: str | None = _opt(
+        None, "timm's RandAugment on each training crop, its config string: rand-m9-mstd0.5-inc1 is DeiT's; null: off. "
+        "Runs in the loader workers on the CPU path, so data.decode=auto decodes there (gpu is refused)")
+    random_erase: float = _opt(0.0, "probability of erasing a rectangle of each training image with normal noise "
+                                    "(timm's RandomErasing, mode pixel; DeiT's: 0.25), on the training device; 0: off",
+                               at_least=0, at_most=1)
     val_crop_frac: float = _opt(0.875, "validation: resize the shorter side to floor(img_size / val_crop_frac), then "
                                        "center crop img_size (timm's crop_pct)", above=0, at_most=1)
     # Bounded to the 0..1 scale: 0-255 values (mmcv's, OpenCV recipes') were taken, and a run learned nothing
@@ -80,7 +86,7 @@ class DataConfig:
         "auto", "training images: cpu: loader workers decode (PIL) and crop them (torch's uint8 resize); gpu: workers hand "
         "over the JPEG bytes and crop boxes, the training device decodes (nvJPEG on CUDA) and resizes them in batches, "
         "to the same pixels; "
-        "other images still decode in the workers; auto: gpu when training on CUDA, else cpu. Validation always decodes in the "
+        "other images still decode in the workers; auto: gpu when training on CUDA (unless data.rand_augment), else cpu. Validation always decodes in the "
         "workers. A resume that switches cpu and gpu warns: JPEGs broken past their headers put other samples in the "
         "steps from there")
     min_image_side: int = _opt(
@@ -327,6 +333,9 @@ def validate(cfg: Config) -> None:
     if (cfg.train.mixup_alpha or cfg.train.cutmix_alpha) and cfg.data.micro_batch_size % 2:
         raise ConfigError(f"train.mixup_alpha / train.cutmix_alpha need an even data.micro_batch_size (timm's Mixup "
                           f"pairs each sample with the batch's reverse), got {cfg.data.micro_batch_size}")
+    if cfg.data.rand_augment and cfg.data.decode == "gpu":
+        raise ConfigError("data.rand_augment runs timm's RandAugment on PIL images in the loader workers, which "
+                          "data.decode=gpu leaves encoded: use data.decode=cpu or auto")
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: give a brace pattern, a list or a .txt file of shards")
     if cfg.data.val_shards == "":  # the path of the working directory, which a run validated on as an ImageFolder

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .augment import RandAugment
 from .config import ConfigError, DataConfig
 from .samples import BadSample, NoUsableSamples, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
 from .shard_list import expand_urls, train_shard_urls
@@ -139,8 +140,9 @@ class Stream:
 
 
 def decodes_on_device(cfg: DataConfig) -> bool:
-    """`data.decode` resolved; auto follows distributed.init, which trains on CUDA whenever it is there."""
-    return cfg.decode == "gpu" or (cfg.decode == "auto" and torch.cuda.is_available())
+    """`data.decode` resolved; auto follows distributed.init, which trains on CUDA whenever it is there,
+    unless data.rand_augment needs the images decoded in the workers."""
+    return cfg.decode == "gpu" or (cfg.decode == "auto" and torch.cuda.is_available() and not cfg.rand_augment)
 
 
 class TrainChunks(IterableDataset):
@@ -161,6 +163,7 @@ class TrainChunks(IterableDataset):
         self.urls, self.cfg, self.img_size, self.num_classes = urls, cfg, img_size, num_classes
         self.rank, self.world_size, self.chunk_size, self.reads = rank, world_size, chunk_size, reads
         self.positions, self.on_device = dict(positions or {}), on_device  # where each stream starts
+        self.rand_augment = RandAugment(cfg, img_size) if cfg.rand_augment else None
 
     def __iter__(self):
         worker, num_workers = _worker_slot()
@@ -188,7 +191,8 @@ class TrainChunks(IterableDataset):
                     flips.append(flip)
                     pixels.append(image.width * image.height)
                 else:
-                    images.append(resized_crop(load_rgb(image), box, flip, self.img_size))
+                    crop = resized_crop(load_rgb(image), box, flip, self.img_size)
+                    images.append(self.rand_augment(crop, rng.getrandbits(64)) if self.rand_augment else crop)
             except BadSample as reason:
                 skips.report(sample, reason)
                 stream.judged(reason.kind)

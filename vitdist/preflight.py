@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, imagefolder, resume
+from .augment import RandAugment
 from .config import Config, ConfigError, batch_layout
 from .handoff import HandoffError, check_fit
 from .model import check_model
@@ -30,6 +31,8 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
     folders = imagefolder.image_folders(cfg.data, cfg.model.num_classes)  # converted to shards in _train
     train_data = folders["train"] if "train" in folders else train_shard_urls(cfg.data, world_size)
     val_urls = expand_urls(cfg.data.val_shards, "data.val_shards") if cfg.data.val_shards and "val" not in folders else []
+    if cfg.data.rand_augment:
+        RandAugment(cfg.data, cfg.model.img_size)  # refuses a config string timm cannot read
     model, found = check_model(cfg.model), []
     try:
         resume_from = checkpoint.resume_path(cfg.train.resume, Path(cfg.run.dir) / "checkpoints")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, checkpoint_read, distributed, imagefolder, resume
+from .augment import random_erase
 from .checkpoint import Checkpointer
 from .config import Config, batch_layout, to_dict
 from .config_yaml import save_config
@@ -57,7 +58,7 @@ class Window:
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
-    """Random draws on the device (drop path, mixup) depend on (seed, rank, step) only, so a resumed
+    """Random draws on the device (drop path, mixup, random erasing) depend on (seed, rank, step) only, so a resumed
     run draws what the uninterrupted one would have."""
     torch.manual_seed(hash((seed, rank, step)) % 2**63)
     np.random.seed([seed, rank, step])
@@ -167,8 +168,11 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                        total_steps=cfg.train.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            loss, grad_norm, bad = train_step(dp_model, model, optimizer, objective, normalize(batch["image"]),
-                                              batch["label"], cfg, compute)
+            images = normalize(batch["image"])
+            if cfg.data.random_erase:
+                images = random_erase(images, cfg.data.random_erase)
+            loss, grad_norm, bad = train_step(dp_model, model, optimizer, objective, images, batch["label"], cfg,
+                                              compute)
             state.step += 1
             state.trained_samples += cfg.train.global_batch_size
             bad_steps.record(bad)
