@@ -386,3 +386,19 @@ def test_an_export_names_its_outputs_for_timm_and_the_hub_as_the_run_named_its_c
     save_for_hf(model, tmp_path / "hub")
     hub = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert hub["pretrained_cfg"].get("label_names") == names
+
+
+def test_a_head_that_fits_is_kept_unless_a_new_one_is_asked_for(tmp_path):
+    """Same number of classes: kept (the same classes, trained on); finetune.new_head: fresh (other
+    classes, as many), and the rest loaded all the same."""
+    source = tiny()
+    torch.save(source.state_dict(), tmp_path / "vit.pth")
+    kept = tiny(seed=1)
+    assert load_pretrained(kept, tmp_path / "vit.pth") == ("torch state dict", [])
+    torch.testing.assert_close(kept.head.weight, source.head.weight)
+    fresh_head = tiny(seed=1)
+    initial = fresh_head.head.weight.detach().clone()
+    assert load_pretrained(fresh_head, tmp_path / "vit.pth", new_head=True) == ("torch state dict",
+                                                                                 ["head.bias", "head.weight"])
+    torch.testing.assert_close(fresh_head.head.weight, initial)
+    torch.testing.assert_close(fresh_head.blocks[3].mlp.fc2.weight, source.blocks[3].mlp.fc2.weight)

@@ -171,9 +171,10 @@ def recorded_arch(path: Path) -> str | None:
     return None
 
 
-def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
-          source: str = "the checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Fit `state` to `model`: new head, resampled position and patch embeddings; else refuse,
+def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str = "the checkpoint",
+          new_head: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Fit `state` to `model`: new head (where its shape differs, or always with `new_head`),
+    resampled position and patch embeddings; else refuse,
     naming `source` (the checkpoint and its architecture) and the model's architecture. Returns the
     fitted state and what was done to it, for the log once it is loaded. On meta tensors (and a
     model on the meta device) the same verdict, from shapes alone."""
@@ -181,7 +182,7 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
     state = dict(state)
     heads = [key for key in target if is_classifier(model, key)]
     done = []
-    if any(k in state and state[k].shape != target[k].shape for k in heads):
+    if new_head or any(k in state and state[k].shape != target[k].shape for k in heads):
         for key in heads:
             state.pop(key, None)
     if mae := [key for key in state if key.startswith(MAE_PRETRAINING) and key not in target]:
@@ -220,17 +221,18 @@ def adapt(state: dict[str, torch.Tensor], model: torch.nn.Module,
     return state, done
 
 
-def load_pretrained(model: torch.nn.Module, path: str | Path) -> tuple[str, list[str]]:
-    """Initialise `model` from the checkpoint at `path`. Returns the checkpoint's kind and the keys
-    left at their fresh initialisation (the head's, when it was replaced)."""
-    return load_located(model, locate(path))
+def load_pretrained(model: torch.nn.Module, path: str | Path, new_head: bool = False) -> tuple[str, list[str]]:
+    """Initialise `model` from the checkpoint at `path` (but for the head, with `new_head`). Returns
+    the checkpoint's kind and the keys left at their fresh initialisation (the head's, when it was
+    replaced)."""
+    return load_located(model, locate(path), new_head)
 
 
-def load_located(model: torch.nn.Module, path: Path) -> tuple[str, list[str]]:
+def load_located(model: torch.nn.Module, path: Path, new_head: bool = False) -> tuple[str, list[str]]:
     """load_pretrained for a checkpoint that `locate` gave: for a caller that has read its metadata
     already, so that a run's newer checkpoint is not looked up in between."""
     state, kind = read_state_dict(path)
-    state, done = adapt(state, model, _source(path, state))
+    state, done = adapt(state, model, _source(path, state), new_head)
     result = model.load_state_dict(state, strict=False)
     for line in done:
         log.info(line)

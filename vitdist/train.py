@@ -99,7 +99,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         log.warning("not resuming from %s: a save that did not finish (the run was killed or the save failed), "
                     "deleted once a checkpoint of a later step is complete", partial)
     if resume_from is None and cfg.finetune.init:
-        kind, fresh = load_pretrained(model, cfg.finetune.init)
+        kind, fresh = load_pretrained(model, cfg.finetune.init, cfg.finetune.new_head)
         log.info("initialised from %s (%s); freshly initialised: %s", cfg.finetune.init, kind, fresh or "nothing")
     if cfg.finetune.freeze == "backbone":
         for name, param in model.named_parameters():
