@@ -3,6 +3,7 @@ share of it spent waiting for data."""
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import read_scalars, run_pretrain
+from conftest import read_scalars, run_pretrain, shard_overrides
 from vitdist.distributed import DistContext
 from vitdist.metrics import matmul_peak_flops
 from vitdist.shard_list import expand_urls
@@ -72,3 +73,23 @@ def test_the_data_wait_is_the_share_of_the_window_spent_waiting_for_batches(demo
     [(_, wait_frac)], [(_, per_sec)] = scalars["perf/data_wait_frac"], scalars["perf/images_per_sec"]
     window_s = 4 * 16 / per_sec
     assert 1.5 <= wait_frac * window_s <= window_s, (wait_frac, window_s)
+
+
+@pytest.mark.slow
+def test_a_tensorboard_file_that_cannot_be_written_stops_the_logging_not_the_run(demo_shards, tmp_path):
+    """A full disk under tb/ (a file-size limit: the write fails with EFBIG where it would with
+    ENOSPC) once stopped rank 0 with TensorBoard's traceback, before the checkpoint save, which needs
+    the space more, could say so. Now the console keeps the lines to the end, where the checkpoint
+    fails in its own words."""
+    def small_files():
+        # config.yaml and multiprocessing's first shared-memory arena (4 KiB) fit; the event file not for long.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+
+    run = run_pretrain(0, [*shard_overrides(demo_shards), "data.val_shards=null", f"run.dir={tmp_path}",
+                           "data.num_workers=0", "train.steps=30", "log.every_steps=1", "ckpt.every_steps=0",
+                           "train.global_batch_size=32", "data.micro_batch_size=16"], preexec_fn=small_files)
+    assert "TensorBoard logging stops, its event file in" in run.stderr, run.stderr[-3000:]
+    logged = max(step for step, _ in read_scalars(tmp_path / "tb")["train/loss"])
+    assert 1 <= logged < 30
+    assert "step 30/30 | loss" in run.stdout  # trained on, to the end
+    assert run.returncode == 1 and "error: checkpoint at step 30 could not be written" in run.stderr

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _CONSOLE = {  # tag -> (short name, format)
     "train/loss": ("loss", "{:.4f}"), "train/lr": ("lr", "{:.2e}"), "train/grad_norm": ("grad_norm", "{:.3f}"),
@@ -21,23 +25,40 @@ _CONSOLE = {  # tag -> (short name, format)
 class MetricLogger:
     def __init__(self, tb_dir: str | Path, total_steps: int, enabled: bool, purge_step: int | None = None):
         """`purge_step`: on resume, hide whatever an earlier, killed run logged from this step on."""
-        self.total_steps, self.writer = total_steps, None
+        self.tb_dir, self.total_steps, self.enabled, self.writer = tb_dir, total_steps, enabled, None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(tb_dir), purge_step=purge_step)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        if self.writer is None:
+        if not self.enabled:
             return
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
+        if self.writer is not None:
+            try:
+                for tag, value in scalars.items():
+                    self.writer.add_scalar(tag, value, step)
+                self.writer.flush()
+            except OSError as error:
+                self._stop_writing(step, error)
         fields = [f"{_CONSOLE[t][0]} {_CONSOLE[t][1].format(v)}" for t, v in scalars.items() if t in _CONSOLE]
         print(f"step {step}/{self.total_steps} | " + " | ".join(fields), file=sys.stdout, flush=True)
 
+    def _stop_writing(self, step: int, error: OSError) -> None:
+        """A full disk or a lost file system under tb/ costs the run its TensorBoard lines, not the
+        run itself: a checkpoint save, which needs the space more, fails then in its own words
+        (ckpt.on_error), and the console keeps the scalars."""
+        log.warning("step %d: TensorBoard logging stops, its event file in %s could not be written (%s); training goes "
+                    "on, its lines on the console only (a resume writes to TensorBoard again)", step, self.tb_dir, error)
+        with contextlib.suppress(OSError):  # the writer's thread may fail the close again
+            self.writer.close()
+        self.writer = None
+
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as error:
+                self._stop_writing(self.total_steps, error)
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
