@@ -36,6 +36,15 @@ vitdist_job_patterns() {
   echo "${text//"%x"/"$3"}"
 }
 
+# vitdist_quoted TEXT: TEXT as a shell word, in single quotes only where it needs them (as Python's
+# shlex.quote, which vitdist's own printed commands use): a path with a space pastes as printed.
+vitdist_quoted() {
+  case $1 in
+    "" | *[!A-Za-z0-9_@%+=:,./-]*) echo "'${1//\'/\'\\\'\'}'" ;;
+    *) echo "$1" ;;
+  esac
+}
+
 # Make the repository's code importable: the venv if any, and the repository on PYTHONPATH.
 vitdist_python_env() {
   local venv=${VITDIST_VENV:-$VITDIST_REPO/.venv}

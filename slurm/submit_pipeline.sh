@@ -49,4 +49,4 @@ finetune_dir=$(run_dir_of "$finetune_job" ${finetune_args[@]+"${finetune_args[@]
 
 echo "pretrain job: $pretrain_job (run dir $pretrain_dir)"
 echo "finetune job: $finetune_job (run dir $finetune_dir, after $pretrain_job succeeds, from $pretrain_dir/checkpoints)"
-echo "tensorboard: tensorboard --logdir_spec pretrain:$pretrain_dir/tb,finetune:$finetune_dir/tb"
+echo "tensorboard: tensorboard --logdir_spec $(vitdist_quoted "pretrain:$pretrain_dir/tb,finetune:$finetune_dir/tb")"

@@ -1,4 +1,5 @@
 import re
+import shlex
 import subprocess
 import sys
 
@@ -94,6 +95,15 @@ def test_the_slurm_scripts_fill_run_dir_with_the_job_name_as_given():
     out = subprocess.run(["bash", "-c", 'source slurm/common.sh; vitdist_job_patterns "runs/%x-%j" 7 "r&d (é)"'],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out == "runs/r&d (é)-7\n"
+
+
+@pytest.mark.parametrize("text", ["runs/pre-7/tb", "runs/my run/tb", "it's", "", "a\\b $HOME `x` \"y\""])
+def test_the_slurm_scripts_quote_a_printed_command_where_python_would(text):
+    """slurm/submit_pipeline.sh's tensorboard command: a run dir with a space pastes as printed."""
+    out = subprocess.run(["bash", "-c", 'source slurm/common.sh; vitdist_quoted "$1"', "-", text],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert (out == f"{text}\n") == (shlex.quote(text) == text)  # quoted where Python would quote it
+    assert subprocess.run(["bash", "-c", f"printf %s {out}"], capture_output=True, text=True).stdout == text
 
 
 def test_a_brace_pattern_the_shell_expanded_is_refused_not_cut_to_its_last_shard():
