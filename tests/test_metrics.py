@@ -3,6 +3,7 @@ share of it spent waiting for data."""
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 from conftest import read_scalars, run_pretrain, shard_overrides
 from vitdist.distributed import DistContext
-from vitdist.metrics import matmul_peak_flops
+from vitdist.metrics import MetricLogger, matmul_peak_flops
 from vitdist.shard_list import expand_urls
 from vitdist.train import Window, _close_window
 from vitdist.train_state import TrainState
@@ -93,3 +94,17 @@ def test_a_tensorboard_file_that_cannot_be_written_stops_the_logging_not_the_run
     assert 1 <= logged < 30
     assert "step 30/30 | loss" in run.stdout  # trained on, to the end
     assert run.returncode == 1 and "error: checkpoint at step 30 could not be written" in run.stderr
+
+
+def test_the_console_line_gives_the_time_left_at_the_pace_since_the_first_line(tmp_path, capsys):
+    logger = MetricLogger(tmp_path / "tb", total_steps=1000, enabled=True)
+    logger.log(10, {"train/loss": 2.0})
+    time.sleep(0.5)
+    logger.log(20, {"train/loss": 1.9})  # 0.05 s a step: 980 steps left, 49 s
+    logger.log(1000, {"train/loss": 1.0})
+    logger.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "step 10/1000 | loss 2.0000"  # no pace yet
+    eta = int(re.fullmatch(r"step 20/1000 \| loss 1\.9000 \| eta (\d+)s", lines[1]).group(1))
+    assert 49 <= eta <= 100  # a loaded machine only lengthens the sleep
+    assert lines[2] == "step 1000/1000 | loss 1.0000"

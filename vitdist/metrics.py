@@ -26,6 +26,7 @@ class MetricLogger:
     def __init__(self, tb_dir: str | Path, total_steps: int, enabled: bool, purge_step: int | None = None):
         """`purge_step`: on resume, hide whatever an earlier, killed run logged from this step on."""
         self.tb_dir, self.total_steps, self.enabled, self.writer = tb_dir, total_steps, enabled, None
+        self.first: tuple[float, int] | None = None  # (time, step) of the first line, which the ETA counts from
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(tb_dir), purge_step=purge_step)
@@ -41,6 +42,12 @@ class MetricLogger:
             except OSError as error:
                 self._stop_writing(step, error)
         fields = [f"{_CONSOLE[t][0]} {_CONSOLE[t][1].format(v)}" for t, v in scalars.items() if t in _CONSOLE]
+        # From the first line on, not the start: start-up (compilation, the loader's first batches)
+        # would inflate it. Validation and checkpoints are in it, as they will be in the time left.
+        now = time.monotonic()
+        start_time, start_step = self.first = self.first or (now, step)
+        if start_step < step < self.total_steps:
+            fields.append(f"eta {_duration((now - start_time) / (step - start_step) * (self.total_steps - step))}")
         print(f"step {step}/{self.total_steps} | " + " | ".join(fields), file=sys.stdout, flush=True)
 
     def _stop_writing(self, step: int, error: OSError) -> None:
@@ -59,6 +66,13 @@ class MetricLogger:
                 self.writer.close()
             except OSError as error:
                 self._stop_writing(self.total_steps, error)
+
+
+def _duration(seconds: float) -> str:
+    """3h07m, 12m05s, 41s."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
