@@ -66,7 +66,7 @@ class DataConfig:
                            "hardware", above=0)
     shuffle_block: int = _opt(1000, "samples shuffled together within a stream (memory holds the encoded bytes)",
                               above=0)
-    seed: int = _opt(0, "seed of shard order, sample shuffling and the crops and flips drawn for each sample", at_least=0)
+    seed: int = _opt(0, "seed of shard order, sample shuffling and the crops, flips and RandAugment ops drawn for each sample", at_least=0)
     crop_scale: list[float] = _opt([0.08, 1.0], "RandomResizedCrop area range", above=0, at_most=1)
     crop_ratio: list[float] = _opt([0.75, 1.3333333], "RandomResizedCrop aspect ratio range", above=0)
     hflip: float = _opt(0.5, "probability of a horizontal flip", at_least=0, at_most=1)
@@ -120,7 +120,7 @@ class TrainConfig:
     global_batch_size: int = _opt(1024, "samples per optimizer step, over all ranks", above=0)
     precision: Literal["bf16", "fp32"] = _opt("bf16", "compute dtype of forward/backward (DDP: autocast; FSDP: parameters gathered in it); weights and optimizer stay fp32")
     # NumPy's generator (mixup's draws) takes 32 bits: a larger seed failed at the first step
-    seed: int = _opt(0, "seed of model initialisation and of the random draws on the device (drop path, mixup/cutmix)", at_least=0, below=2**32)
+    seed: int = _opt(0, "seed of model initialisation and of the random draws on the device (drop path, mixup/cutmix, random erasing)", at_least=0, below=2**32)
     compile: bool = _opt(False, "torch.compile the model")
     activation_memory_budget: float = _opt(
         1.0, "compiled runs: the share of the activations for backward that compile's partitioner may keep (0.5 keeps "
