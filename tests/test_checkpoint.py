@@ -86,7 +86,10 @@ def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group)
     # run's own newer ones win.
     assert checkpoint.resume_path(str(tmp_path / "step_10"), tmp_path) == tmp_path / "step_20"
     assert checkpoint.resume_path(str(tmp_path / "step_5"), tmp_path) == tmp_path / "step_20"
-    with pytest.raises(FileNotFoundError, match="step_30.tmp' is not a complete checkpoint"):
+    # Named for a new run.dir, it is refused naming the complete one beside it, which was meant.
+    with pytest.raises(FileNotFoundError, match=re.escape(f"step_30.tmp' is not a complete checkpoint directory (no "
+                                                          f".metadata); the newest complete checkpoint in '{tmp_path}' "
+                                                          f"is '{tmp_path / 'step_20'}'")):
         checkpoint.resume_path(str(tmp_path / "step_30.tmp"), tmp_path / "empty")
     # Named beside older complete ones, it is refused too: it was not pruned, and the run has not
     # checkpointed since.

@@ -103,7 +103,9 @@ def resume_path(spec: str, root: str | Path) -> Path | None:
     path = newest_if_run(Path(spec))
     named = (path / ".metadata").is_file()
     if not named and (newest is None or path.exists()):
-        newest_is = f"; the newest complete checkpoint in '{root}' is '{newest}'" if newest else ""
+        # A checkpoint of another run, resumed into a new run.dir: the complete one meant is beside it.
+        complete = newest_checkpoint(path.parent) or newest
+        newest_is = f"; the newest complete checkpoint in '{complete.parent}' is '{complete}'" if complete else ""
         raise FileNotFoundError(f"train.resume='{spec}' is not a complete checkpoint directory (no .metadata){newest_is}")
     if newest is not None and (not named or _step(newest) > _step(path)):
         return newest
