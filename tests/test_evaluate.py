@@ -289,3 +289,17 @@ def test_a_state_dict_whose_head_is_not_the_configs_is_refused_naming_both_shape
     refused = cli_evaluate(tmp_path / "encoder.pth", demo_shards["val"], "--config", str(TINY))
     assert refused.returncode == 2 and "it has no head.bias; it has no head.weight; nothing" in refused.stderr, \
         refused.stderr
+
+
+def test_every_option_of_the_commands_says_what_it_is_and_its_default():
+    """`vitdist evaluate --help` listed --batch-size and --workers bare, without the meaning or the
+    default that README gives them."""
+    for command, documented in (("evaluate", ["--batch-size", "--workers", "--timeout-s"]),
+                                ("make-shards", ["--prefix", "--samples-per-shard", "--max-shard-bytes", "--streams",
+                                                 "--seed"])):
+        run = vitdist_cli(command, "--help")
+        assert run.returncode == 0, run.stderr
+        options = " ".join(run.stdout.split("options:")[1].split())  # argparse wraps at the terminal's width
+        for option in documented:
+            described = re.search(rf"{option} [A-Z_]+ (.*?)(?= --|$)", options)
+            assert described and "default: " in described.group(1), f"{command} {option}: {options}"

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     shards.add_argument("--streams", type=_positive, default=1,
                         help="write a multiple of this many shards: give data.streams, so that every stream holds as "
                              "many samples (default: 1)")
-    shards.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle before writing")
+    shards.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle before writing (default: 0)")
     shards.add_argument("--classes", help="a classes.json whose class indices label the images (the training shards', "
                                           "for a split written to another folder): default, the classes.json in the "
                                           "output folder if any, else the sorted sub-folders")
@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                                "or torchvision state dict")
     evaluate.add_argument("--data", required=True, help="labelled shards (a brace pattern or a .txt list), or an ImageFolder directory")
     evaluate.add_argument("--config", help="for a state dict that does not say its architecture: a config with its model section")
-    evaluate.add_argument("--batch-size", type=_positive, default=64)
-    evaluate.add_argument("--workers", type=_non_negative, default=2)
+    evaluate.add_argument("--batch-size", type=_positive, default=64, help="images per forward pass (default: 64)")
+    evaluate.add_argument("--workers", type=_non_negative, default=2,
+                          help="loader worker processes; 0 reads in this process (default: 2)")
     evaluate.add_argument("--timeout-s", type=_positive, default=600,
                           help="stop, naming the loader worker, when a read delivers nothing for this many seconds (a "
                                "stalled pipe: command or filesystem; default: 600)")
