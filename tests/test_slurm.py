@@ -358,6 +358,6 @@ def test_pipeline_finetunes_from_the_final_pretraining_checkpoint(cluster, demo_
     assert wait_done(cluster, pre_job) == "COMPLETED"
     assert wait_done(cluster, ft_job) == "COMPLETED"
     log = job_log(tmp_path, "vitdist-finetune", ft_job)
-    assert f"initialised from {pre_dir / 'checkpoints'} (vitdist checkpoint)" in log
+    assert f"initialised from {pre_dir / 'checkpoints' / 'step_4'} (vitdist checkpoint)" in log  # the final one
     assert "steps 0 -> 3" in log and (ft_dir / "checkpoints" / "step_3").is_dir()
     assert not (REPO / "~").exists()

@@ -21,7 +21,7 @@ from .checkpoint import Checkpointer
 from .config import Config, batch_layout, to_dict
 from .config_yaml import save_config
 from .data import EvalLoader, Normalize, TrainLoader
-from .handoff import load_pretrained
+from .handoff import load_located, locate
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, is_classifier, model_meta, train_flops_per_image
 from .objective import Classification
@@ -99,8 +99,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         log.warning("not resuming from %s: a save that did not finish (the run was killed or the save failed), "
                     "deleted once a checkpoint of a later step is complete", partial)
     if resume_from is None and cfg.finetune.init:
-        kind, fresh = load_pretrained(model, cfg.finetune.init, cfg.finetune.new_head)
-        log.info("initialised from %s (%s); freshly initialised: %s", cfg.finetune.init, kind, fresh or "nothing")
+        init = locate(cfg.finetune.init)  # for a run's checkpoints/, the log names the step it took
+        kind, fresh = load_located(model, init, cfg.finetune.new_head)
+        log.info("initialised from %s (%s); freshly initialised: %s", init, kind, fresh or "nothing")
     if cfg.finetune.freeze == "backbone":
         for name, param in model.named_parameters():
             param.requires_grad_(is_classifier(model, name))
