@@ -723,11 +723,13 @@ def test_files_of_other_types_are_left_out_with_a_warning_counting_them(tmp_path
     for name in ("a.BMP", "b.tif", "c.bmp"):
         Image.new("RGB", (20, 30)).save(tmp_path / "src" / "dog" / name)
     (tmp_path / "src" / "dog" / ".DS_Store").write_bytes(b"\0")  # hidden: left out without a word
+    (tmp_path / "src" / "dog" / "moved.jpg").symlink_to(tmp_path / "elsewhere.jpg")  # its image moved away
     with caplog.at_level(logging.WARNING, logger="vitdist.make_shards"):
         classes, items = scan_image_folder(tmp_path / "src")
     assert len(items) == 3
     assert [r.getMessage() for r in caplog.records] == [
-        f"left out 4 file(s) under '{tmp_path / 'src'}' that are not .jpg/.jpeg/.png/.webp images: .bmp 2, .txt 1, .tif 1"]
+        f"left out 5 file(s) under '{tmp_path / 'src'}' that are not .jpg/.jpeg/.png/.webp images: .bmp 2, "
+        ".txt 1, .tif 1, (broken link) 1"]
 
 
 def test_an_empty_class_folder_of_a_training_split_is_warned_of(tmp_path, caplog):

@@ -60,7 +60,8 @@ def _images_under(folder: Path, others: Counter) -> list[Path]:
     sub-folders are followed, as torchvision's ImageFolder follows them (pathlib's rglob does not:
     a class assembled from links to other folders would lose their images), but not into a folder
     of their own chain of parents, where a link to a parent would loop for ever. Files of other
-    types are counted in `others` by suffix (lowercased): .bmp, .tif, .gif are not read."""
+    types are counted in `others` by suffix (lowercased): .bmp, .tif, .gif are not read; so are
+    links to nothing."""
     found, parents = [], {str(folder): {os.path.realpath(folder)}}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         chain = parents.pop(dirpath)
@@ -71,9 +72,11 @@ def _images_under(folder: Path, others: Counter) -> list[Path]:
                 kept.append(name)
                 parents[os.path.join(dirpath, name)] = chain | {real}
         dirnames[:] = kept
-        for name in filenames:
+        for name in sorted(filenames):  # the warning counts ties in a fixed order
             path = Path(dirpath, name)
             if name.startswith(".") or not path.is_file():
+                if not name.startswith(".") and path.is_symlink():  # a link whose image was moved or deleted
+                    others["(broken link)"] += 1
                 continue
             if path.suffix.lower() in EXTENSIONS:
                 found.append(path)
