@@ -19,6 +19,7 @@ from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, r
                       shard_overrides, wait_for, worker_pid, write_png_folder, write_shard)
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
+from vitdist.demo_data import write_demo_dataset
 from vitdist.shard_list import expand_urls
 from vitdist.export import export, recorded_best
 from vitdist.resume import changes, shard_ids
@@ -89,7 +90,7 @@ def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
             total, local = map(float, re.search(r"([\d.]+)M params \(([\d.]+)M on rank 0\)", run.stdout).groups())
             assert local == pytest.approx(total / 2, rel=0.05)
         assert positions(run_dir, steps) == positions(tmp_path / "ref", steps)
-    assert all(p == [2, 0, 32] for p in positions(run_dir, 24).values())  # 3 epochs, each sample once per epoch
+    assert all(p[:3] == [2, 0, 32] for p in positions(run_dir, 24).values())  # 3 epochs, each sample once per epoch
     expected, got = loss_curve(tmp_path / "ref"), loss_curve(run_dir)
     assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 25))
     # A checkpoint written by FSDP exports to one file that timm loads strictly.
@@ -213,6 +214,43 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
     assert (f"resuming with a config changed since {step_4}, so this run differs from the one it continues: "
             "model.drop_path_rate: 0.0 -> 0.1; train.steps: 4 -> 8; the learning rate of step 5 is 0.00123, where the checkpoint's schedule has 1e-05 "
             "(the cosine decay now ends at train.steps=8)\n") in longer.stderr
+
+
+def test_a_resume_onto_shards_written_again_under_their_names_stops_naming_the_shard(demo_shards, tmp_path):
+    """Shards written again (make-shards run anew over other images, a dataset's next version) keep
+    their names, all that the resume's check of the shard list compares: the resume went on without
+    a word, its stream positions indexing other samples. A checkpoint's positions hold the digest of
+    each stream's sample before them: the resumed stream finds another there and stops the run (exit
+    2, marked in FATAL: a retry would meet it again), through a loader worker on 2 ranks, naming the
+    shard. With the shards restored, it resumes exactly."""
+    data = tmp_path / "data"
+    shutil.copytree(Path(expand_urls(demo_shards["train"])[0]).parent, data)
+    run_dir = tmp_path / "run"
+    common = [f"data.train_shards={data}/train-{{000000..000015}}.tar", *EXACT, "data.micro_batch_size=32",
+              "data.shuffle_block=8", "data.num_workers=1", "train.steps=8"]
+    reference = run_pretrain(0, [*common, f"run.dir={tmp_path / 'ref'}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    first = run_pretrain(0, [*common, f"run.dir={run_dir}", "train.steps=4"])
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    shutil.copytree(data, tmp_path / "kept")
+    other = write_demo_dataset(tmp_path / "other", train_per_class=64, val_per_class=8, samples_per_shard=32, seed=1)
+    for url in expand_urls(other["train"]):  # as many shards of as many samples, under the same names
+        shutil.copy(url, data)
+    resumed = run_pretrain(2, [*common, f"run.dir={run_dir}"])
+    assert resumed.returncode != 0 and "exitcode  : 2" in resumed.stderr, resumed.stderr[-3000:]
+    message = re.search(r"data stream \d+ resumes in shard '(.*?)' at \(0, 0, 16\) \(epoch, shard, offset\), but the "
+                        r"sample there is not the one the checkpointed run read \(the shard holds other samples\)",
+                        resumed.stderr)
+    assert message and Path(message[1]).parent == data, resumed.stderr[-3000:]
+    assert "written again under its name since" in (run_dir / "FATAL").read_text()
+
+    shutil.rmtree(data)
+    (tmp_path / "kept").rename(data)
+    restored = run_pretrain(2, [*common, f"run.dir={run_dir}"])
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert loss_curve(run_dir) == loss_curve(tmp_path / "ref")
+    assert positions(run_dir, 8) == positions(tmp_path / "ref", 8)
 
 
 def test_a_resume_reports_the_learning_rate_its_changes_make_and_why():

@@ -81,7 +81,7 @@ def test_pretrain_on_2_ranks_then_resume(demo_shards, tmp_path):
     positions = json.loads((ckpt / "train_state.json").read_text())["data_positions"]
     assert sorted(map(int, positions)) == list(range(16))  # every stream, from both ranks
     # Each stream gave 30 steps x 4 samples: 3 epochs of its one 32-sample shard, and 24 more.
-    assert all(p == [3, 0, 24] for p in positions.values()), positions
+    assert all(p[:3] == [3, 0, 24] for p in positions.values()), positions
     dcp_to_torch_save(ckpt, tmp_path / "flat.pt")
     weights = torch.load(tmp_path / "flat.pt", weights_only=True)["model"]
     cfg = load_config(run_dir / "config.yaml")

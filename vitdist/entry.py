@@ -10,6 +10,7 @@ from .checkpoint import SaveFailed
 from .checkpoint_read import CorruptCheckpoint, UnsafeCheckpoint
 from .config import ConfigError, doubts
 from .config_yaml import load_config
+from .data import ShardChanged
 from .distributed import refuse_together
 from .handoff import HandoffError
 from .optim import NonFiniteTraining
@@ -19,7 +20,7 @@ from .train import train
 
 # Errors met by every rank alike, which a retry from the newest checkpoint meets again.
 RECURRING = (ConfigError, HandoffError, UnsafeCheckpoint, CorruptCheckpoint, TooManyBadSamples, NoUsableSamples,
-             NonFiniteTraining)
+             ShardChanged, NonFiniteTraining)
 
 
 def say(line: str) -> None:
