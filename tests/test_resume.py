@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,8 @@ from braceexpand import braceexpand
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, read_scalars, run_pretrain,
-                      shard_overrides, wait_for, worker_pid, write_png_folder, write_shard)
+from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, png_bytes, read_scalars,
+                      run_pretrain, shard_overrides, wait_for, worker_pid, write_png_folder, write_shard)
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.demo_data import write_demo_dataset
@@ -138,6 +140,61 @@ def test_sigterm_checkpoints_within_a_step_and_exits_75(demo_shards, tmp_path):
     assert validated not in resumed.stderr
     assert f"step {step}: validated and logged by a run resumed from here before: not again" in resumed.stderr
     assert recorded_best(tmp_path / "best.safetensors")["val_top1"] == pytest.approx(max(v for _, v in top1))
+
+
+# A shard through a slow network: the second time it is read (the first is the config check's),
+# it stops after its first two samples until the file `go` appears.
+PAUSING_SHARD = """
+import os, sys, tarfile, time
+shard, paused, go = sys.argv[1:]
+data = open(shard, "rb").read()
+with open(shard + ".reads", "a") as reads:
+    reads.write("read\\n")
+with open(shard + ".reads") as reads:
+    pause = tarfile.open(shard).getmembers()[4].offset if len(reads.readlines()) == 2 else len(data)
+sys.stdout.buffer.write(data[:pause])
+sys.stdout.buffer.flush()
+if pause < len(data):
+    open(paused, "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.05)
+sys.stdout.buffer.write(data[pause:])
+"""
+
+
+def test_a_preemption_signal_to_the_jobs_processes_leaves_pipe_commands_reading(tmp_path):
+    """SIGTERM to the training process's group (a shell's or SLURM's signal to the job) reached the
+    `pipe:` commands it reads its shards through without loader workers (with workers, their
+    commands are in the workers' groups, and a signal to every process of the job reaches them
+    alike). Ended mid-shard, the rest of the shard was skipped as a read error in the steps before
+    the preemption's checkpoint, which then recorded positions past it: samples never seen that
+    epoch. The commands ignore it, and the checkpoint is the uninterrupted run's."""
+    shards = [tmp_path / f"s{s}.tar" for s in range(2)]
+    for s, shard in enumerate(shards):
+        write_shard(shard, [{"__key__": f"s{s}_{i:02d}", "png": png_bytes((s * 100, i * 10, 0)), "cls": i % 8}
+                            for i in range(16)])
+    (tmp_path / "pause.py").write_text(PAUSING_SHARD)
+    piped = [f"pipe:{sys.executable} {tmp_path / 'pause.py'} {shard} {tmp_path / 'paused'} {tmp_path / 'go'}"
+             for shard in shards]
+    common = [*EXACT, "data.val_shards=null", "data.streams=1", "data.num_workers=0", "data.shuffle_block=2",
+              "train.global_batch_size=4", "data.micro_batch_size=4", "ckpt.every_steps=1", "ckpt.keep=0"]
+    reference = run_pretrain(0, [*common, f"data.train_shards={json.dumps(list(map(str, shards)))}",
+                                 "train.steps=12", f"run.dir={tmp_path / 'ref'}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir, log_path = tmp_path / "run", tmp_path / "run.log"
+    with background_pretrain(0, [*common, f"data.train_shards={json.dumps(piped)}", "train.steps=100",
+                                 "ckpt.every_steps=0", f"run.dir={run_dir}"], log_path) as process:
+        wait_for(lambda: (tmp_path / "paused").exists(), process)  # a step's samples are on their way
+        os.killpg(process.pid, signal.SIGTERM)
+        time.sleep(1)
+        (tmp_path / "go").touch()
+        assert process.wait(timeout=120) == 75, log_path.read_text()[-3000:]
+    step = int(re.search(r"preempted at step (\d+)", log_path.read_text())[1])
+    assert step < 12 and "read_error" not in log_path.read_text()
+    state = json.loads((run_dir / "checkpoints" / f"step_{step}" / "train_state.json").read_text())
+    assert state["skipped"] == {} and state["data_positions"] == positions(tmp_path / "ref", step)
+    assert loss_curve(run_dir) == loss_curve(tmp_path / "ref")[:step]
 
 
 def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused(demo_shards, tmp_path):

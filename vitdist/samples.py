@@ -44,7 +44,7 @@ def read_samples(url: str) -> Iterator[dict]:
         errors.append(exn)
         return False
 
-    opened = list(url_opener([{"url": url}], handler=stop))
+    opened = [dict(source, url=url) for source in url_opener([{"url": _opened_as(url)}], handler=stop)]
     sources = [dict(source, stream=_Tail(source["stream"])) for source in opened]
     with recorded([source["stream"].proc for source in opened if isinstance(source["stream"], Pipe)]):
         for sample in _group_by_keys(tar_file_expander(sources, handler=stop, eof_value=None)):  # one shard: no end marker
@@ -59,6 +59,22 @@ def read_samples(url: str) -> Iterator[dict]:
     if errors:
         reason = getattr(errors[0], "strerror", None) or errors[0].args[0]
         yield {"__key__": "", "__url__": url, READ_ERROR: f"{type(errors[0]).__name__}: {reason}"}
+
+
+# A `pipe:` command leaves the preemption signals to the training process, as the loader workers do.
+# One that reaches every process of the job (SLURM's scancel --signal=TERM under proctrack/linuxproc,
+# systemd's stop), or the training process's group, which holds its commands when it reads the
+# shards itself (data.num_workers=0), ended the command mid-shard: the rest of the shard, read for
+# the steps before the preemption's checkpoint when the reads do not run ahead, was skipped as a
+# read error, and the checkpoint's positions passed over it, unseen that epoch. Ignored signals stay
+# ignored in the commands the shell starts; the command still ends with its reader (SIGPIPE) or at
+# SIGKILL (vitdist.commands, vitdist.workers).
+_IGNORING_PREEMPTION = "trap '' TERM USR1; "
+
+
+def _opened_as(url: str) -> str:
+    """The URL `read_samples` opens for `url`: a `pipe:` command ignoring the preemption signals."""
+    return f"pipe:{_IGNORING_PREEMPTION}{url.removeprefix('pipe:')}" if url.startswith("pipe:") else url
 
 
 def _group_by_keys(files: Iterator[dict]) -> Iterator[dict]:

@@ -214,10 +214,11 @@ def _stop(chunks, workers: list[Process]) -> None:
         chunks._pin_memory_thread.join()
     # Each worker's process group: the worker and its commands. A group outlives its leader
     # while a member is left, and its id is not reused meanwhile, so a dead worker's commands
-    # end too. A worker ends at once at a SIGTERM from its parent (start_worker), even in a stalled read.
+    # end too. SIGKILL, as a worker at a SIGTERM from its parent kills its group itself (start_worker):
+    # its commands ignore SIGTERM (vitdist.samples), and a dead worker's would be left reading.
     for worker in workers:
         with contextlib.suppress(ProcessLookupError):  # the worker died and left nothing
-            os.killpg(worker.pid, signal.SIGTERM)
+            os.killpg(worker.pid, signal.SIGKILL)
     for worker in workers:
         worker.join(timeout=POLL_S)
         if worker.is_alive():  # in a read the kernel does not interrupt
