@@ -250,17 +250,19 @@ def test_workers_and_their_commands_end_when_the_training_process_is_sigkilled(d
             training.wait()
 
 
-def test_a_sigterm_from_another_process_leaves_the_workers_reading(demo_shards):
+def test_a_sigterm_or_sigusr1_from_another_process_leaves_the_workers_reading(demo_shards):
     """At a preemption SLURM's proctrack/linuxproc signals every process of the job step, the
-    workers in their own sessions too (slurm/common.sh's `scancel --signal=TERM`), as systemd's
-    KillMode=control-group does at a stop: the workers read on past what they had read ahead, so
-    that the training process can finish its steps and checkpoint. The training process's own
-    SIGTERM (multiprocessing sends it, at exit, to workers left running) still ends them."""
+    workers in their own sessions too (slurm/common.sh's `scancel --signal=TERM`, sbatch's
+    `--signal=USR1@T` without `B:`), as systemd's KillMode=control-group does at a stop: the
+    workers read on past what they had read ahead, so that the training process can finish its
+    steps and checkpoint. The training process's own SIGTERM (multiprocessing sends it, at exit,
+    to workers left running) still ends them."""
     before = set(children(os.getpid()))
     batches = iter(train_loader(demo_shards["train"], "data.num_workers=2", "data.prefetch_steps=1"))
     next(batches)
     workers = [pid for pid in children(os.getpid()) if pid not in before]
     subprocess.run(["kill", "-TERM", *map(str, workers)], check=True)  # another process than their parent
+    subprocess.run(["kill", "-USR1", *map(str, workers)], check=True)
     for _ in range(8):  # two epochs of the demo shards, far past a step read ahead
         next(batches)
     assert not any(map(gone, workers))

@@ -120,6 +120,9 @@ def start_worker(worker_id: int) -> None:
         _end_process_group()  # the parent died before the request was in place
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # in the threads started from here on too
     threading.Thread(target=_end_at_sigterm_from_parent, daemon=True, name="sigterm").start()
+    # SIGUSR1 asks for a checkpoint, which only the training process takes: the handler inherited
+    # from it logged one here ("received SIGUSR1: checkpointing ...") that never came from this process.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _end_at_sigterm_from_parent() -> None:
