@@ -13,6 +13,7 @@ from vitdist.augment import RandAugment, random_erase
 from vitdist.config import ConfigError, DataConfig
 from vitdist.config_yaml import load_config
 from vitdist.data import TrainLoader, decodes_on_device
+from vitdist.prefetch import DeviceBatches
 from vitdist.preflight import preflight
 
 DEIT = "rand-m9-mstd0.5-inc1"
@@ -102,3 +103,20 @@ def test_the_strongest_increasing_posterize_gives_black_not_an_error():
     ra = RandAugment(DataConfig(rand_augment="rand-m10-n1-p1.0-inc1"), 64)
     posterize = next(op for op in ra.transform.ops if op.name == "PosterizeIncreasing")
     assert torch.from_numpy(np.array(posterize(Image.fromarray(photo().permute(1, 2, 0).numpy())))).eq(0).all()
+
+
+def test_rand_augment_keeps_its_draws_while_the_training_thread_compiles(demo_shards):
+    """With data.num_workers=0 the batches are made in DeviceBatches' thread beside the training;
+    torch.compile restores Python's global random state after each compilation, which overwrote
+    the draws of the sample that thread was augmenting then."""
+    cfg = load_config(TINY, [f"data.train_shards={demo_shards['train']}", "data.val_shards=null",
+                             "data.num_workers=0", f"data.rand_augment={DEIT}"])
+    loader = iter(TrainLoader(cfg.data, 32, 8, 128, 0, 1))
+    expected = [next(loader)["image"] for _ in range(24)]
+    with DeviceBatches(iter(TrainLoader(cfg.data, 32, 8, 128, 0, 1)), torch.device("cpu"),
+                       ahead=len(expected)) as batches:
+        for _ in range(3 * len(expected)):  # compilations while the thread augments them all
+            torch._dynamo.reset()  # else dynamo would reuse the first one's
+            torch.compile(lambda x: x.sin() * 2, backend="eager")(torch.ones(4))
+        found = [next(batches)["image"] for _ in expected]
+    assert [i for i, (e, f) in enumerate(zip(expected, found)) if not torch.equal(e, f)] == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import threading
 
 import numpy as np
 import torch
@@ -17,12 +18,28 @@ from .config import ConfigError, DataConfig
 from .transforms import to_uint8_tensor
 
 
+class _SampleRandom(threading.local):
+    """Python's `random` as timm's auto_augment module sees it: in a thread applying RandAugment to a
+    sample, a generator of that sample's seed; elsewhere Python's global one, as timm has it. Not the
+    global one seeded: with data.num_workers=0 the ops run in DeviceBatches' thread beside the
+    training, and torch.compile restores the global generator's state after each compilation, in
+    the middle of a sample's draws."""
+
+    generator = random
+
+    def __getattr__(self, name):
+        return getattr(self.generator, name)
+
+
+_sample_random = auto_augment.random = _SampleRandom()
+
+
 class RandAugment:
     """timm's RandAugment, from its config string (`data.rand_augment`), with timm's hyperparameters
     for the image size and mean (as timm's create_transform sets them). timm draws the ops from
     numpy's global generator and their magnitudes from Python's: here the ops come from a generator
-    of the sample's seed, and Python's is seeded with it, so that a sample gets the same ops
-    whichever worker reads it, and after a resume."""
+    of the sample's seed, and the magnitudes from another of the same seed, so that a sample gets
+    the same ops whichever worker reads it, and after a resume."""
 
     def __init__(self, cfg: DataConfig, img_size: int):
         hparams = {"translate_const": int(img_size * 0.45), "interpolation": Image.BICUBIC,
@@ -49,12 +66,13 @@ class RandAugment:
         ra = self.transform
         ops = np.random.default_rng(seed).choice(ra.ops, ra.num_layers, replace=ra.choice_weights is None,
                                                  p=ra.choice_weights)
-        # Python's global generator: no other thread draws from it while a worker-less loader's
-        # thread does this (the training step draws from torch's and numpy's).
-        random.seed(seed)
         image = Image.fromarray(crop.permute(1, 2, 0).numpy())
-        for op in ops:
-            image = op(image)
+        _sample_random.generator = random.Random(seed)
+        try:
+            for op in ops:
+                image = op(image)
+        finally:
+            _sample_random.generator = random
         return to_uint8_tensor(image)
 
 
