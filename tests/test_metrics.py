@@ -108,3 +108,19 @@ def test_the_console_line_gives_the_time_left_at_the_pace_since_the_first_line(t
     eta = int(re.fullmatch(r"step 20/1000 \| loss 1\.9000 \| eta (\d+)s", lines[1]).group(1))
     assert 49 <= eta <= 100  # a loaded machine only lengthens the sleep
     assert lines[2] == "step 1000/1000 | loss 1.0000"
+
+
+def test_the_time_left_after_a_resume_counts_from_its_first_training_line_not_its_owed_validation(tmp_path, capsys):
+    """A run resumed at a step that owes a validation logs it before the loader and the first step
+    start: counted from there, the start-up made the pace of the first lines several times slower."""
+    logger = MetricLogger(tmp_path / "tb", total_steps=1000, enabled=True, purge_step=101)
+    logger.log(100, {"val/loss": 1.0})
+    time.sleep(2)  # start-up
+    logger.log(110, {"train/loss": 2.0})
+    time.sleep(0.2)
+    logger.log(120, {"train/loss": 1.9})  # 0.02 s a step: 880 steps left, 18 s
+    logger.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["step 100/1000 | val_loss 1.0000", "step 110/1000 | loss 2.0000"]
+    eta = int(re.fullmatch(r"step 120/1000 \| loss 1\.9000 \| eta (\d+)s", lines[2]).group(1))
+    assert 17 <= eta <= 60  # a loaded machine only lengthens the sleep

@@ -42,12 +42,14 @@ class MetricLogger:
             except OSError as error:
                 self._stop_writing(step, error)
         fields = [f"{_CONSOLE[t][0]} {_CONSOLE[t][1].format(v)}" for t, v in scalars.items() if t in _CONSOLE]
-        # From the first line on, not the start: start-up (compilation, the loader's first batches)
-        # would inflate it. Validation and checkpoints are in it, as they will be in the time left.
+        # From the first line of training figures on, not the start: start-up (compilation, the
+        # loader's first batches) would inflate it, and a resume's owed validation is logged before
+        # it. Validation and checkpoints are in it, as they will be in the time left.
         now = time.monotonic()
-        start_time, start_step = self.first = self.first or (now, step)
-        if start_step < step < self.total_steps:
-            fields.append(f"eta {_duration((now - start_time) / (step - start_step) * (self.total_steps - step))}")
+        if "train/loss" in scalars:
+            start_time, start_step = self.first = self.first or (now, step)
+            if start_step < step < self.total_steps:
+                fields.append(f"eta {_duration((now - start_time) / (step - start_step) * (self.total_steps - step))}")
         print(f"step {step}/{self.total_steps} | " + " | ".join(fields), file=sys.stdout, flush=True)
 
     def _stop_writing(self, step: int, error: OSError) -> None:
