@@ -40,6 +40,7 @@ def test_rand_augment_draws_its_ops_from_the_seed_only():
 @pytest.mark.parametrize("config, message", [
     ("rand-mfoo", "sections timm would pass over: 'mfoo'"),
     ("rand-m9-tPosterize", "sections timm would pass over: 'tPosterize'"),
+    ("rand-m9-t3a-tweights", "sections timm would pass over: 'tweights'"),  # timm takes the first op set only
     ("rand-m9-x3", "Unknown RandAugment config section"),
     ("augmix-m5", "the first 'rand'"),
 ])

@@ -44,10 +44,13 @@ class RandAugment:
     def __init__(self, cfg: DataConfig, img_size: int):
         hparams = {"translate_const": int(img_size * 0.45), "interpolation": Image.BICUBIC,
                    "img_mean": tuple(min(255, round(255 * x)) for x in cfg.mean)}
-        # timm passes over a section without a number ("rand-mfoo" is rand-m10) and a "t" section
-        # other than its op sets' names: a typo would go unseen.
-        unread = [part for part in cfg.rand_augment.split("-")[1:] if (
-            part[1:] not in ("weights", "3aw", "3a") if part.startswith("t") else not re.search(r"\d", part))]
+        # timm passes over a section without a number ("rand-mfoo" is rand-m10), a "t" section
+        # other than its op sets' names, and every "t" section after the first: a typo would go unseen.
+        parts = cfg.rand_augment.split("-")[1:]
+        op_sets = [i for i, part in enumerate(parts) if part.startswith("t")]
+        unread = [part for i, part in enumerate(parts) if (
+            i != op_sets[0] or part[1:] not in ("weights", "3aw", "3a") if part.startswith("t")
+            else not re.search(r"\d", part))]
         try:
             if unread:
                 raise ValueError(f"sections timm would pass over: {', '.join(map(repr, unread))}")
