@@ -66,8 +66,9 @@ class MetricLogger:
         if self.writer is not None:
             try:
                 self.writer.close()
-            except OSError as error:
-                self._stop_writing(self.total_steps, error)
+            except OSError as error:  # at the run's end or its preemption: nothing goes on
+                log.warning("TensorBoard's event file in %s could not be completed (%s): its last lines may be missing",
+                            self.tb_dir, error)
 
 
 def _duration(seconds: float) -> str:
