@@ -237,13 +237,15 @@ def test_a_file_that_would_lose_or_ignore_keys_is_refused(tmp_path, text, messag
 
 
 @pytest.mark.parametrize("world, micro, workers, message", [
-    (3, 64, 1, "train.global_batch_size=128 is not divisible by world size 3 x data.micro_batch_size=64 (global = "
-               "world x micro x accumulation steps): give train.global_batch_size a multiple of 3"),
+    # Before the batch: no global batch divides on 3 ranks while 16 streams do not (a resume keeps them).
+    (3, 64, 1, "data.streams=16 cannot be dealt out to 3 ranks, each owning whole streams: run on a number of ranks "
+               "that divides it (1, 2, 4, 8, 16), or, for a new run, give data.streams a multiple of 3"),
     (2, 48, 1, "not divisible by world size 2 x data.micro_batch_size=48 (global = world x micro x accumulation "
                "steps): each rank takes 64 samples a step: give data.micro_batch_size=32, the largest below 48 that "
                "divides it"),
     (4, 64, 1, "each rank takes 32 samples a step: give data.micro_batch_size=32, the largest below 64 that divides it"),
-    (4, 32, 3, "data.streams=16 is not a multiple of ranks x workers = 4 x 3 = 12"),
+    (4, 32, 3, "data.streams=16 is not a multiple of ranks x workers = 4 x 3 = 12; each loader worker must own "
+               "whole streams: give data.num_workers a divisor of 4, the streams per rank"),
 ])
 def test_batch_layout_refusals(world, micro, workers, message):
     cfg = load_config(TINY, [f"data.micro_batch_size={micro}", f"data.num_workers={workers}"])

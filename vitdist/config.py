@@ -369,20 +369,29 @@ def doubts(cfg: Config) -> list[str]:
 def batch_layout(cfg: Config, world_size: int) -> int:
     """Gradient accumulation steps for this world size; a layout that cannot divide is a ConfigError."""
     global_batch, micro, streams = cfg.train.global_batch_size, cfg.data.micro_batch_size, cfg.data.streams
-    slots = world_size * max(1, cfg.data.num_workers)
+    workers = max(1, cfg.data.num_workers)
+    # The streams first: a resume cannot change them, so the other refusals' fixes would not help.
+    if streams % world_size:
+        ranks = ", ".join(str(n) for n in range(1, streams + 1) if streams % n == 0)
+        raise ConfigError(
+            f"data.streams={streams} cannot be dealt out to {world_size} ranks, each owning whole streams: run on a "
+            f"number of ranks that divides it ({ranks}), or, for a new run, give data.streams a multiple of "
+            f"{world_size} (a run keeps its streams: they fix its data order)")
     if global_batch % (world_size * micro):
-        per_rank, left = divmod(global_batch, world_size)
-        fix = (f"give train.global_batch_size a multiple of {world_size}" if left else
-               f"each rank takes {per_rank} samples a step: give data.micro_batch_size="
-               f"{max(d for d in range(1, min(micro, per_rank) + 1) if per_rank % d == 0)}, the largest below "
-               f"{micro} that divides it")
+        # The rank's share is whole: global_batch is a multiple of the streams (validate), they of the ranks.
+        per_rank = global_batch // world_size
         raise ConfigError(
             f"train.global_batch_size={global_batch} is not divisible by world size {world_size} x "
-            f"data.micro_batch_size={micro} (global = world x micro x accumulation steps): {fix}")
-    if streams % slots:
+            f"data.micro_batch_size={micro} (global = world x micro x accumulation steps): each rank takes {per_rank} "
+            f"samples a step: give data.micro_batch_size="
+            f"{max(d for d in range(1, min(micro, per_rank) + 1) if per_rank % d == 0)}, the largest below {micro} "
+            "that divides it")
+    if streams % (world_size * workers):
+        per_rank = streams // world_size
         raise ConfigError(
-            f"data.streams={streams} is not a multiple of ranks x workers = {world_size} x "
-            f"{max(1, cfg.data.num_workers)} = {slots}; each loader worker must own whole streams")
+            f"data.streams={streams} is not a multiple of ranks x workers = {world_size} x {workers} = "
+            f"{world_size * workers}; each loader worker must own whole streams: give data.num_workers a divisor of "
+            f"{per_rank}, the streams per rank")
     return global_batch // (world_size * micro)
 
 
