@@ -365,6 +365,7 @@ def test_an_export_loads_through_timms_pretrained_path_with_its_head_and_normali
 @pytest.mark.parametrize("classes, names", [
     ([f"class{i}" for i in range(1000)], [f"class{i}" for i in range(1000)]),
     ([f"class{i}" for i in range(1200)], [f"class{i}" for i in range(1000)]),  # labels past the head were skipped
+    ([f"class{i}" for i in range(600)], {str(i): f"class{i}" for i in range(600)}),  # outputs never trained on
     (None, None),  # no names recorded: timm's own guess (ImageNet-1k's for 1000 outputs) stands
 ])
 def test_an_export_names_its_outputs_for_timm_and_the_hub_as_the_run_named_its_classes(tmp_path, classes, names):

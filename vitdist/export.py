@@ -44,8 +44,11 @@ def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
     if "classes" in meta:
         # What timm's tools and the Hugging Face hub name the outputs by (save_for_hf passes them on);
         # without them, a 1000-class head is taken for ImageNet-1k's and named by its classes. Names
-        # past the head's outputs are those of labels the run skipped as out of range.
-        pretrained_cfg["label_names"] = meta["classes"][:num_classes]
+        # past the head's outputs are those of labels the run skipped as out of range; outputs past the
+        # names (model.num_classes above the classes) go unnamed in timm's form for that, {index: name}:
+        # a list shorter than the outputs fails the tools that look an output up in it.
+        names = meta["classes"][:num_classes]
+        pretrained_cfg["label_names"] = names if len(names) == num_classes else {str(i): n for i, n in enumerate(names)}
     info = {**meta, "img_size": size, "num_classes": num_classes, "pretrained_cfg": pretrained_cfg}
     header = {"arch": meta["arch"], **{key: str(meta[key]) for key in ("step", "val_top1", "val_loss") if key in meta}}
     with written_whole(out) as partial:
