@@ -51,6 +51,11 @@ def test_a_rand_augment_string_timm_cannot_read_is_refused_naming_it(demo_shards
         preflight(cfg, world_size=1)
 
 
+def test_an_empty_rand_augment_string_is_refused_not_taken_for_none():
+    with pytest.raises(ConfigError, match="'data.rand_augment' is empty"):
+        load_config(TINY, ["data.train_shards=x.tar", "data.rand_augment=''"])
+
+
 def test_rand_augment_decodes_in_the_workers():
     with pytest.raises(ConfigError, match="data.decode=gpu"):
         load_config(TINY, ["data.train_shards=x.tar", f"data.rand_augment={DEIT}", "data.decode=gpu"])

@@ -335,6 +335,9 @@ def validate(cfg: Config) -> None:
     if (cfg.train.mixup_alpha or cfg.train.cutmix_alpha) and cfg.data.micro_batch_size % 2:
         raise ConfigError(f"train.mixup_alpha / train.cutmix_alpha need an even data.micro_batch_size (timm's Mixup "
                           f"pairs each sample with the batch's reverse), got {cfg.data.micro_batch_size}")
+    if cfg.data.rand_augment == "":  # off, as null is: most likely a variable that was not set
+        raise ConfigError("config key 'data.rand_augment' is empty: give a RandAugment string "
+                          "(rand-m9-mstd0.5-inc1), or null for none")
     if cfg.data.rand_augment and cfg.data.decode == "gpu":
         raise ConfigError("data.rand_augment runs timm's RandAugment on PIL images in the loader workers, which "
                           "data.decode=gpu leaves encoded: use data.decode=cpu or auto")
