@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, png_bytes, read_scalars,
-                      run_pretrain, shard_overrides, wait_for, worker_pid, write_png_folder, write_shard)
+                      run_pretrain, running, shard_overrides, wait_for, worker_pid, write_png_folder, write_shard)
 from vitdist.config import ConfigError
+from vitdist.data import shard_order
 from vitdist.config_yaml import load_config
 from vitdist.demo_data import write_demo_dataset
 from vitdist.shard_list import expand_urls
@@ -195,6 +196,45 @@ def test_a_preemption_signal_to_the_jobs_processes_leaves_pipe_commands_reading(
     state = json.loads((run_dir / "checkpoints" / f"step_{step}" / "train_state.json").read_text())
     assert state["skipped"] == {} and state["data_positions"] == positions(tmp_path / "ref", step)
     assert loss_curve(run_dir) == loss_curve(tmp_path / "ref")[:step]
+
+
+STALLING_SHARD = """
+import os, sys
+shard, stalled = sys.argv[1:]
+with open(shard + ".reads", "a") as reads:
+    reads.write("read\\n")
+with open(shard + ".reads") as reads:
+    if len(reads.readlines()) >= 2:  # its read for training (the first is the config check's)
+        open(stalled, "w").close()
+        os.pause()  # a network read that hangs; SIGTERM ignored, as vitdist.samples has it
+sys.stdout.buffer.write(open(shard, "rb").read())
+"""
+
+
+def test_a_preemption_exits_while_a_read_ahead_stalls(tmp_path):
+    """The loader reads ahead into a shard whose `pipe:` command hangs while the steps still train
+    on the shard before it. The preemption's checkpoint needs nothing of it, but the run waited at
+    its exit for the stalled read until the loader's timeout (600 s), past a scheduler's grace: now
+    its reads are ended after a grace, and it exits 75, its command ended."""
+    for s in range(2):
+        write_shard(tmp_path / f"s{s}.tar", [{"__key__": f"s{s}_{i:03d}", "png": png_bytes((s * 100, i, 0)),
+                                               "cls": i % 8} for i in range(256)])
+    (tmp_path / "stall.py").write_text(STALLING_SHARD)
+    good = f"pipe:cat {tmp_path / 's0.tar'}"
+    stalling = f"pipe:{sys.executable} {tmp_path / 'stall.py'} {tmp_path / 's1.tar'} {tmp_path / 'stalled'}"
+    urls = [good, stalling] if shard_order([good, stalling], 0, 0)[0] == good else [stalling, good]
+    run_dir, log_path = tmp_path / "run", tmp_path / "run.log"
+    with background_pretrain(0, [*EXACT, "data.val_shards=null", "data.streams=1", "data.num_workers=0",
+                                 "data.shuffle_block=8", "data.prefetch_steps=8", "train.global_batch_size=32",
+                                 "data.micro_batch_size=32", "ckpt.every_steps=0", "train.steps=100",
+                                 f"data.train_shards={json.dumps(urls)}", f"run.dir={run_dir}"], log_path) as process:
+        wait_for(lambda: (tmp_path / "stalled").exists(), process)
+        os.killpg(process.pid, signal.SIGTERM)
+        started = time.monotonic()
+        assert process.wait(timeout=120) == 75, log_path.read_text()[-3000:]
+    assert time.monotonic() - started < 60
+    assert re.search(r"preempted at step \d+", log_path.read_text())
+    assert running(str(tmp_path / "stall.py")) == []
 
 
 def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused(demo_shards, tmp_path):

@@ -12,10 +12,12 @@ import contextlib
 import os
 import signal
 import threading
+import weakref
 from pathlib import Path
 from subprocess import Popen
 
 _recording = threading.local()
+_every: weakref.WeakSet[Commands] = weakref.WeakSet()
 
 
 class ReadsEnded(RuntimeError):
@@ -31,6 +33,7 @@ class Commands:
         self._lock = threading.Lock()
         self._open: set[Popen] = set()
         self._ended = False
+        _every.add(self)
 
     def record_here(self) -> None:
         """Record the commands that reads in the calling thread start."""
@@ -54,6 +57,12 @@ class Commands:
     def _discard(self, command: Popen) -> None:
         with self._lock:
             self._open.discard(command)
+
+
+def end_all() -> None:
+    """End the reads of every loader read in this process (Commands.end), where it gives up on them."""
+    for commands in list(_every):
+        commands.end()
 
 
 @contextlib.contextmanager

@@ -6,12 +6,19 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Generator
 
 import torch
 
+from .commands import end_all
 from .gpu_decode import to_device
 from .samples import Skips
+
+# Seconds a stopping loader thread may take to finish the batch it is preparing, before its reads
+# are taken for stalled (see DeviceBatches.__exit__): a batch decoded in the training process
+# itself (data.num_workers=0) takes a few.
+STOP_GRACE_S = 10
 
 
 class DeviceBatches:
@@ -36,13 +43,29 @@ class DeviceBatches:
 
     def __exit__(self, *exc) -> None:
         """Stop the thread, then close the loader's generator, which shuts its workers down now
-        rather than whenever the last reference to it goes (after an error, at interpreter exit)."""
+        rather than whenever the last reference to it goes (after an error, at interpreter exit).
+        A thread still reading after STOP_GRACE_S is in a stalled read, which a `pipe:` command no
+        longer leaves at a preemption's SIGTERM (vitdist.samples): the reads of this process
+        (data.num_workers=0) are ended, and a thread still waiting on a worker's is left behind (the
+        workers end with this process), so that the run exits rather than wait for data it no
+        longer needs until the loader's timeout."""
         self.stopped.set()
-        while self.thread.is_alive():  # unblock a waiting put, the end's too; the thread then sees `stopped`
-            with contextlib.suppress(queue.Empty):
+        if not self._joined(STOP_GRACE_S):
+            end_all()
+            if not self._joined(STOP_GRACE_S):
+                return
+        self.batches.close()
+
+    def _joined(self, seconds: float) -> bool:
+        """Whether the thread ended within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while self.thread.is_alive():
+            if time.monotonic() > deadline:
+                return False
+            with contextlib.suppress(queue.Empty):  # unblock a waiting put, the end's too; the thread then sees `stopped`
                 self.ready.get_nowait()
             self.thread.join(timeout=0.1)
-        self.batches.close()
+        return True
 
     def _fill(self, batches: Generator[dict]) -> None:
         skips = Skips()  # one for the thread: its warnings are capped as a worker's are
