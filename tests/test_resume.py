@@ -350,6 +350,42 @@ def test_a_resume_onto_shards_written_again_under_their_names_stops_naming_the_s
     assert positions(run_dir, 8) == positions(tmp_path / "ref", 8)
 
 
+# A shard through a storage that fails for a while: while the file `outage` exists, it is cut
+# after its first 14 samples (two tar members each), a read error.
+FAILING_SHARD = """
+import os, sys, tarfile
+shard, outage = sys.argv[1:]
+data = open(shard, "rb").read()
+sys.stdout.buffer.write(data[:tarfile.open(shard).getmembers()[28].offset] if os.path.exists(outage) else data)
+"""
+
+
+def test_a_resume_in_the_block_a_passing_read_error_cut_goes_on(tmp_path):
+    """A storage outage cut the shard in the checkpointed run, in the block of samples its stream's
+    position lies in; the resume reads the shard whole, whose block is then another (more samples,
+    shuffled otherwise), not the one the run read. The run is not told that the shard was written
+    again under its name (ShardChanged: exit 2, FATAL, never retried): it goes on, as before the
+    positions held digests, for the uninterrupted run's read cannot be had again."""
+    shard = tmp_path / "s0.tar"
+    write_shard(shard, [{"__key__": f"s0_{i:02d}", "png": png_bytes((0, i * 10, 0)), "cls": i % 8} for i in range(16)])
+    (tmp_path / "fail.py").write_text(FAILING_SHARD)
+    outage = tmp_path / "outage"
+    piped = f"pipe:{sys.executable} {tmp_path / 'fail.py'} {shard} {outage}"
+    common = [*EXACT, "data.streams=1", "data.num_workers=0", "data.shuffle_block=8", "train.global_batch_size=4",
+              "data.micro_batch_size=4", f"data.train_shards={json.dumps([piped])}", f"run.dir={tmp_path / 'run'}"]
+    outage.touch()
+    first = run_pretrain(0, [*common, "train.steps=3"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "the rest of the shard is unreadable" in first.stderr, first.stderr[-3000:]
+    epoch, shard_index, offset = positions(tmp_path / "run", 3)["0"][:3]
+    assert (epoch, shard_index) == (0, 0) and 8 < offset <= 15  # in the block the outage cut
+
+    outage.unlink()
+    resumed = run_pretrain(0, [*common, "train.steps=5"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [s for s, _ in loss_curve(tmp_path / "run")] == list(range(1, 6))
+
+
 def test_a_resume_reports_the_learning_rate_its_changes_make_and_why():
     """Half-way down the cosine (step 30 of 40 after 20 warmup steps) the lr is halfway between
     optim.lr and optim.min_lr; the decay's new end is named only where train.steps moved it."""

@@ -105,7 +105,7 @@ class Stream:
         """`position`: (epoch, shard index, offset), and the digest of the sample before it where
         a checkpoint records one (those written before vitdist recorded it do not)."""
         self.urls, self.stream_id, self.num_streams, self.cfg = urls, stream_id, num_streams, cfg
-        self.position, self._last = tuple(position[:3]), None
+        self.position, self._last, self._block_cut = tuple(position[:3]), None, False
         self._samples = self._walk(*self.position, *position[3:])
         self._shard_usable, self._shard_skips = False, Counter()
 
@@ -137,6 +137,7 @@ class Stream:
                     if last is not None:
                         self._check_resumed(block, offset - start - 1, last, url, (epoch, index, offset), cut)
                         last = None
+                    self._block_cut = any(READ_ERROR in sample for sample in block)
                     for k in range(offset - start, len(block)):
                         yield block[k], (epoch, index, start + k + 1)
                     start = offset = start + len(block)
@@ -186,8 +187,12 @@ class Stream:
         return self._last, rng
 
     def resume_point(self) -> tuple:
-        """The position and the digest of the sample before it, for a checkpoint (see `_walk`)."""
-        return (*self.position, sample_digest(self._last)) if self._last is not None else self.position
+        """The position and the digest of the sample before it, for a checkpoint (see `_walk`). None
+        in a block a read error cut: read whole on resume (the error passed), it is another block, and
+        the read this run made cannot be had again; the stream goes on there, unchecked."""
+        if self._last is None or self._block_cut:
+            return self.position
+        return (*self.position, sample_digest(self._last))
 
 
 def decodes_on_device(cfg: DataConfig) -> bool:
