@@ -448,6 +448,14 @@ def test_a_tar_cut_before_a_member_header_is_a_read_error(tmp_path):
                                                "(tars joined with cat? write each shard as one tar)"], url
 
 
+def test_a_pipe_commands_failure_names_the_users_command():
+    """A `pipe:` command runs behind a trap of the preemption signals (vitdist.samples): its
+    failure (`curl -f` at a 404: no output, exit 22) names the command as the user wrote it."""
+    command = "echo 'no such object' >&2; exit 22"
+    error, = (sample[READ_ERROR] for sample in read_samples(f"pipe:{command}"))
+    assert error.startswith(f"OSError: (({command!r},), ") and error.endswith(": exit 22 (read) {}"), error
+
+
 def test_16bit_png_and_cmyk_jpeg_convert_to_rgb():
     """A 16-bit gradient is the picture of its 8-bit version (not clipped to white); a CMYK JPEG
     keeps its colours."""

@@ -58,6 +58,8 @@ def read_samples(url: str) -> Iterator[dict]:
                 errors.append(exn)
     if errors:
         reason = getattr(errors[0], "strerror", None) or errors[0].args[0]
+        if isinstance(reason, str) and url.startswith("pipe:"):  # a failed command's: as the user wrote it
+            reason = reason.replace(repr(_opened_as(url)[5:]), repr(url[5:]))
         yield {"__key__": "", "__url__": url, READ_ERROR: f"{type(errors[0]).__name__}: {reason}"}
 
 
