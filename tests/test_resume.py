@@ -199,14 +199,14 @@ def test_a_preemption_signal_to_the_jobs_processes_leaves_pipe_commands_reading(
 
 
 STALLING_SHARD = """
-import os, sys
+import signal, sys
 shard, stalled = sys.argv[1:]
 with open(shard + ".reads", "a") as reads:
     reads.write("read\\n")
 with open(shard + ".reads") as reads:
     if len(reads.readlines()) >= 2:  # its read for training (the first is the config check's)
         open(stalled, "w").close()
-        os.pause()  # a network read that hangs; SIGTERM ignored, as vitdist.samples has it
+        signal.pause()  # a network read that hangs; SIGTERM ignored, as vitdist.samples has it
 sys.stdout.buffer.write(open(shard, "rb").read())
 """
 
