@@ -18,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, png_bytes, read_scalars,
-                      run_pretrain, running, shard_overrides, wait_for, worker_pid, write_png_folder, write_shard)
+                      pretrain_command, run_captured, run_pretrain, running, shard_overrides, wait_for, worker_pid,
+                      write_png_folder, write_shard)
 from vitdist.config import ConfigError
 from vitdist.data import shard_order
 from vitdist.config_yaml import load_config
@@ -199,13 +200,15 @@ def test_a_preemption_signal_to_the_jobs_processes_leaves_pipe_commands_reading(
 
 
 STALLING_SHARD = """
-import signal, sys
-shard, stalled = sys.argv[1:]
+import os, signal, sys
+shard = sys.argv[1]
 with open(shard + ".reads", "a") as reads:
     reads.write("read\\n")
 with open(shard + ".reads") as reads:
     if len(reads.readlines()) >= 2:  # its read for training (the first is the config check's)
-        open(stalled, "w").close()
+        # The preemption's SIGTERM to the training process's group, this command's too, as the
+        # read ahead starts: the steps it comes before still have their batches.
+        os.killpg(0, signal.SIGTERM)
         signal.pause()  # a network read that hangs; SIGTERM ignored, as vitdist.samples has it
 sys.stdout.buffer.write(open(shard, "rb").read())
 """
@@ -221,19 +224,16 @@ def test_a_preemption_exits_while_a_read_ahead_stalls(tmp_path):
                                                "cls": i % 8} for i in range(256)])
     (tmp_path / "stall.py").write_text(STALLING_SHARD)
     good = f"pipe:cat {tmp_path / 's0.tar'}"
-    stalling = f"pipe:{sys.executable} {tmp_path / 'stall.py'} {tmp_path / 's1.tar'} {tmp_path / 'stalled'}"
+    stalling = f"pipe:{sys.executable} {tmp_path / 'stall.py'} {tmp_path / 's1.tar'}"
     urls = [good, stalling] if shard_order([good, stalling], 0, 0)[0] == good else [stalling, good]
-    run_dir, log_path = tmp_path / "run", tmp_path / "run.log"
-    with background_pretrain(0, [*EXACT, "data.val_shards=null", "data.streams=1", "data.num_workers=0",
-                                 "data.shuffle_block=8", "data.prefetch_steps=8", "train.global_batch_size=32",
-                                 "data.micro_batch_size=32", "ckpt.every_steps=0", "train.steps=100",
-                                 f"data.train_shards={json.dumps(urls)}", f"run.dir={run_dir}"], log_path) as process:
-        wait_for(lambda: (tmp_path / "stalled").exists(), process)
-        os.killpg(process.pid, signal.SIGTERM)
-        started = time.monotonic()
-        assert process.wait(timeout=120) == 75, log_path.read_text()[-3000:]
-    assert time.monotonic() - started < 60
-    assert re.search(r"preempted at step \d+", log_path.read_text())
+    overrides = [*EXACT, "data.val_shards=null", "data.streams=1", "data.num_workers=0", "data.shuffle_block=8",
+                 "train.global_batch_size=32", "data.micro_batch_size=32", "ckpt.every_steps=0", "train.steps=100",
+                 f"data.train_shards={json.dumps(urls)}", f"run.dir={tmp_path / 'run'}"]
+    # A session of its own: the command signals its process group, which must not be the tests'.
+    run = run_captured(pretrain_command(0, overrides), 120, start_new_session=True)
+    assert run.returncode == 75, run.stderr[-3000:]
+    step = int(re.search(r"preempted at step (\d+)", run.stderr)[1])
+    assert step <= 8 and (tmp_path / "run" / "checkpoints" / f"step_{step}").is_dir()  # the first shard's 8 steps
     assert running(str(tmp_path / "stall.py")) == []
 
 
