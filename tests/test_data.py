@@ -450,8 +450,10 @@ def test_a_tar_cut_before_a_member_header_is_a_read_error(tmp_path):
 
 def test_a_pipe_commands_failure_names_the_users_command():
     """A `pipe:` command runs behind a trap of the preemption signals (vitdist.samples): its
-    failure (`curl -f` at a 404: no output, exit 22) names the command as the user wrote it."""
-    command = "echo 'no such object' >&2; exit 22"
+    failure (`curl -f` at a 404: no output, exit 22) names the command as the user wrote it. A child
+    holds the output open past the exit: at the end of the output the exit is then known (else the
+    end may come first, and the read error is the tar's "empty file", naming no command)."""
+    command = "echo 'no such object' >&2; sleep 0.5 & exit 22"
     error, = (sample[READ_ERROR] for sample in read_samples(f"pipe:{command}"))
     assert error.startswith(f"OSError: (({command!r},), ") and error.endswith(": exit 22 (read) {}"), error
 
