@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY, write_png_folder
-from vitdist.config import ConfigError, Config, batch_layout, doubts, reference_markdown
+from vitdist.config import ConfigError, Config, reference_markdown
+from vitdist.config_check import batch_layout, doubts
 from vitdist.config_yaml import load_config, save_config
 
 SHARDS = "data.train_shards=/x/train-{0..3}.tar"

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, sections, set_key, takes_text, to_dict, validate
+from .config import Config, ConfigError, sections, set_key, takes_text, to_dict
+from .config_check import validate
 
 
 class _Loader(yaml.SafeLoader):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .checkpoint import SaveFailed
 from .checkpoint_read import CorruptCheckpoint, UnsafeCheckpoint
-from .config import ConfigError, doubts
+from .config import ConfigError
+from .config_check import doubts
 from .config_yaml import load_config
 from .data import ShardChanged
 from .distributed import refuse_together

@@ -11,7 +11,8 @@ import torch
 
 from . import checkpoint, imagefolder, resume
 from .augment import RandAugment
-from .config import Config, ConfigError, batch_layout
+from .config import Config, ConfigError
+from .config_check import batch_layout
 from .handoff import HandoffError, check_fit
 from .model import check_model
 from .recorded import architecture_doubt, normalisation_doubt

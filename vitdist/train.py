@@ -18,7 +18,8 @@ import torch
 from . import checkpoint, checkpoint_read, distributed, imagefolder, resume
 from .augment import random_erase
 from .checkpoint import Checkpointer
-from .config import Config, batch_layout, to_dict
+from .config import Config, to_dict
+from .config_check import batch_layout
 from .config_yaml import save_config
 from .data import EvalLoader, Normalize, TrainLoader
 from .handoff import load_located, locate
