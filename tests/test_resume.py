@@ -25,6 +25,7 @@ from vitdist.data import shard_order
 from vitdist.config_yaml import load_config
 from vitdist.demo_data import write_demo_dataset
 from vitdist.shard_list import expand_urls
+from vitdist.checkpoint_read import load_model_weights
 from vitdist.export import export, recorded_best
 from vitdist.resume import changes, shard_ids
 from vitdist.preflight import preflight
@@ -42,10 +43,11 @@ def logged_steps(log_path):
 
 def test_sigkill_then_resume_is_bitwise_identical(demo_shards, tmp_path):
     """With drop path, mixup/cutmix and random erasing: their draws, reseeded per (seed, rank, step),
-    resume too; and RandAugment's, seeded per sample."""
+    resume too; and RandAugment's, seeded per sample; and the average of the weights."""
     common = [*shard_overrides(demo_shards), *EXACT, "train.steps=28", "data.micro_batch_size=32",
               "model.drop_path_rate=0.1", "train.mixup_alpha=0.8", "train.cutmix_alpha=1.0",
-              "data.rand_augment=rand-m9-mstd0.5-inc1", "data.random_erase=0.25"]
+              "data.rand_augment=rand-m9-mstd0.5-inc1", "data.random_erase=0.25", "train.ema_decay=0.9",
+              "train.ema_warmup=true"]
     reference = run_pretrain(2, [*common, f"run.dir={tmp_path / 'ref'}", "ckpt.async_save=true"])
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -70,6 +72,8 @@ def test_sigkill_then_resume_is_bitwise_identical(demo_shards, tmp_path):
     assert got == loss_curve(tmp_path / "ref")  # bitwise
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_24", "step_28"]
     assert positions(run_dir, 28) == positions(tmp_path / "ref", 28)
+    averages = [load_model_weights(run / "checkpoints" / "step_28", average=True)[0] for run in (run_dir, tmp_path / "ref")]
+    assert all(torch.equal(averages[0][name], averages[1][name]) for name in averages[1])
 
 
 def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
@@ -79,7 +83,7 @@ def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
     than EXACT's: DDP and FSDP sum gradients in different orders, and at 2e-3 training on the demo
     shapes amplifies that 1e-7 noise past 1e-4 by step 22."""
     common = [*shard_overrides(demo_shards), *EXACT, "ckpt.every_steps=6", "ckpt.keep=0", "data.num_workers=1",
-              "data.micro_batch_size=16", "optim.lr=5e-4", "optim.min_lr=5e-4"]
+              "data.micro_batch_size=16", "optim.lr=5e-4", "optim.min_lr=5e-4", "train.ema_decay=0.8"]
     reference = run_pretrain(2, [*common, "train.steps=24", f"run.dir={tmp_path / 'ref'}"])
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -102,6 +106,11 @@ def test_resume_across_world_sizes_and_strategies(demo_shards, tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())
     timm.create_model(meta["arch"], **meta["timm_kwargs"]).load_state_dict(load_file(out), strict=True)
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-4)
+    # The average of the weights, kept sharded under FSDP and whole under DDP, carries on too: as
+    # close as the weights are (3e-5 apart), where the average is 2e-3 from the weights.
+    averages = [load_model_weights(run / "checkpoints" / "step_24", average=True)[0] for run in (run_dir, tmp_path / "ref")]
+    for name, value in averages[1].items():
+        torch.testing.assert_close(averages[0][name], value, rtol=0, atol=1e-4)
     # Clipping is on (optim.clip_grad_norm=1, norms of 1 to 3): under FSDP the norm clipped to, and
     # logged, is the global one over all ranks' shards, DDP's.
     norms = {run: [v for _, v in read_scalars(run / "tb")["train/grad_norm"]] for run in (tmp_path / "ref", run_dir)}

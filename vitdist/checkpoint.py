@@ -3,7 +3,8 @@
 A save goes to `step_<N>.tmp/` and is renamed by rank 0 only after every rank has finished,
 so a directory named `step_<N>` is always complete and a killed save is never resumed from.
 Beside the tensors: `train_state.json` (loop and data-stream positions) and `model.json` (what
-timm needs to rebuild the model). The state dicts are keyed by parameter name, not by rank, so
+timm needs to rebuild the model). The state dicts (the model's, the optimizer's, and the average of
+the weights where the run keeps one) are keyed by parameter name, not by rank, so
 a checkpoint loads on any number of processes, under DDP or FSDP.
 """
 
@@ -25,10 +26,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from .config import CkptConfig
+from .ema import WeightAverage
 
 _COMPLETE = re.compile(r"^step_(\d+)$")
 _PARTIAL = re.compile(r"^step_(\d+)\.tmp$")
 TRAIN_STATE, MODEL_META = "train_state.json", "model.json"
+AVERAGE = "ema"  # the state dict's key of the average of the weights, where the run keeps one
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +178,10 @@ class Checkpointer:
         self._pending: tuple[Future, int, dict] | None = None
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict,
-             final: bool = False) -> Path:
+             final: bool = False, average: WeightAverage | None = None) -> Path:
         """Returns the directory the checkpoint gets once complete. `final`: the run ends after this
-        save, so a failure stops it whatever `ckpt.on_error` says (an async final save is waited for)."""
+        save, so a failure stops it whatever `ckpt.on_error` says (an async final save is waited for).
+        `average`: the average of the weights the run keeps, saved beside them."""
         self.wait()
         partial = _partial_dir(self.root, step)
         try:
@@ -185,6 +189,8 @@ class Checkpointer:
                 shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
             dist.barrier(group=self.group)
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+            if average is not None:
+                state[AVERAGE] = average.average
             if self.cfg.async_save:
                 response = dcp.async_save(state, checkpoint_id=partial, process_group=self.group)
                 self._pending = (getattr(response, "upload_completion", response), step, train_state)

@@ -21,7 +21,8 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from .checkpoint import MODEL_META, TRAIN_STATE, incomplete, read_json
+from .checkpoint import AVERAGE, MODEL_META, TRAIN_STATE, incomplete, read_json
+from .ema import WeightAverage
 
 
 class UnsafeCheckpoint(ValueError):
@@ -158,17 +159,35 @@ def _model_json(path: Path) -> dict:
     return read_json(path, MODEL_META)
 
 
-def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+class NoAverage(ValueError):
+    """`--ema` asked of a checkpoint whose run kept no average of the weights."""
+
+
+def _has_average(metadata: Metadata) -> bool:
+    return any(fqn.startswith(f"{AVERAGE}.") for fqn in metadata.state_dict_metadata)
+
+
+def load_model_weights(path: str | Path, average: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """The whole model's weights (timm's keys) and its `model.json`, read in this process alone,
-    with no process group: for exports, fine-tuning and evaluation."""
+    with no process group: for exports, fine-tuning and evaluation. `average`: the parameters are
+    those of the average the run kept (train.ema_decay; NoAverage where it kept none)."""
     path = Path(path)
     meta = _model_json(path)
-    _complete_metadata(path)  # a lost or short file named (FileNotFoundError), not DCP's traceback mid-load
-    state = {"model": timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"]).state_dict()}
+    metadata = _complete_metadata(path)  # a lost or short file named (FileNotFoundError), not DCP's traceback mid-load
+    model = timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"])
+    weights = model.state_dict()
+    state = {"model": weights}
+    if average:
+        if not _has_average(metadata):
+            raise NoAverage(f"checkpoint '{path}' holds no average of the weights: the run that wrote it had "
+                            "train.ema_decay=0; leave out --ema for its weights")
+        params = {name for name, _ in model.named_parameters()}
+        state = {AVERAGE: {k: v for k, v in weights.items() if k in params},
+                 "model": {k: v for k, v in weights.items() if k not in params}}  # buffers, if the arch has any
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         _safe_load(state, path, no_dist=True)
-    return state["model"], meta
+    return weights, meta
 
 
 def model_weight_shapes(path: str | Path) -> dict[str, torch.Tensor]:
@@ -194,3 +213,13 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, {"state": state["optim"]["state"], "param_groups": optim["param_groups"]})
     return read_json(path, TRAIN_STATE)
+
+
+def load_average(path: str | Path, average: WeightAverage) -> bool:
+    """The checkpoint's average of the weights into `average`, in place (any world size, DDP or
+    FSDP); False, `average` untouched, where the checkpoint holds none."""
+    path = Path(path)
+    if not _has_average(_complete_metadata(path)):
+        return False
+    _safe_load({AVERAGE: average.average}, path)
+    return True

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--checkpoint", required=True,
                         help="a checkpoint directory, e.g. runs/b16/checkpoints/step_1000, or a run's checkpoints/ (its newest)")
     export.add_argument("--out", required=True, help="output file, e.g. b16.safetensors")
+    export.add_argument("--ema", action="store_true",
+                        help="write the average of the weights that the run kept (train.ema_decay), not the weights")
 
     evaluate = commands.add_parser("evaluate", help="top-1, top-5 and loss of a checkpoint on labelled shards")
     evaluate.add_argument("--checkpoint", required=True,
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "export":
         from .export import export
         try:
-            out = export(args.checkpoint, args.out)
+            out = export(args.checkpoint, args.out, args.ema)
         except (FileNotFoundError, ValueError) as e:
             print(f"vitdist export: {e}", file=sys.stderr)
             return 2

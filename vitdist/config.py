@@ -135,6 +135,12 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the classification loss", at_least=0, at_most=1)
     mixup_alpha: float = _opt(0.0, "mixup alpha (timm Mixup); 0 disables", at_least=0)
     cutmix_alpha: float = _opt(0.0, "cutmix alpha (timm Mixup); 0 disables", at_least=0)
+    ema_decay: float = _opt(
+        0.0, "keep an exponential moving average of the weights, updated after each optimizer step with this decay "
+        "(timm's model EMA; DeiT's: 0.99996): validated beside the weights (val_ema/), kept in checkpoints, written "
+        "by `vitdist export --ema`; one more fp32 copy of each rank's parameters; 0: none", at_least=0, below=1)
+    ema_warmup: bool = _opt(False, "the average's decay rises as 1 - step^(-2/3) up to train.ema_decay (timm's EMA "
+                                   "warmup): it forgets the random initial weights early, which short runs need")
     max_bad_steps: int = _opt(10, "stop after N steps in a row with a NaN/Inf loss or gradient norm on some rank "
                                   "(each one is skipped, no update; none is checkpointed); 0: never stop", at_least=0)
 

@@ -51,6 +51,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.rand_augment and cfg.data.decode == "gpu":
         raise ConfigError("data.rand_augment runs timm's RandAugment on PIL images in the loader workers, which "
                           "data.decode=gpu leaves encoded: use data.decode=cpu or auto")
+    if cfg.train.ema_warmup and not cfg.train.ema_decay:
+        raise ConfigError("train.ema_warmup=true warms up an average of the weights that train.ema_decay=0 does not "
+                          "keep: give train.ema_decay (0.9999, say), or train.ema_warmup=false")
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: give a brace pattern, a list or a .txt file of shards")
     if cfg.data.val_shards == "":  # the path of the working directory, which a run validated on as an ImageFolder

@@ -15,16 +15,17 @@ from .config import DataConfig
 from .files import write_json, written_whole
 
 
-def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
+def export(checkpoint_dir: str | Path, out: str | Path, average: bool = False) -> Path:
     """A checkpoint directory, or a run's checkpoints/ (its newest complete one, as for fine-tuning
     and evaluation), into `out`, whose name must end in .safetensors: timm and vitdist read a file
-    as safetensors by its name, and as a pickle otherwise (ValueError)."""
+    as safetensors by its name, and as a pickle otherwise (ValueError). `average`: the average of
+    the weights the run kept (train.ema_decay), not the weights."""
     if Path(out).suffix != ".safetensors":
         raise ValueError(f"--out '{out}' must end in .safetensors: timm and vitdist tell a safetensors file by its "
                          "name, and would read it as a pickled state dict")
     checkpoint_dir = newest_if_run(Path(checkpoint_dir))
-    weights, meta = load_model_weights(checkpoint_dir)
-    return write_safetensors(weights, {**meta, "source": str(checkpoint_dir)}, out)
+    weights, meta = load_model_weights(checkpoint_dir, average)
+    return write_safetensors(weights, {**meta, "source": str(checkpoint_dir), "ema": average}, out)
 
 
 def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:

@@ -22,6 +22,7 @@ from .config import Config, to_dict
 from .config_check import batch_layout
 from .config_yaml import save_config
 from .data import EvalLoader, Normalize, TrainLoader
+from .ema import WeightAverage
 from .handoff import load_located, locate
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, is_classifier, model_meta, train_flops_per_image
@@ -126,6 +127,11 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             log.warning("resuming with a config changed since %s, so this run differs from the one it continues: %s",
                         resume_from, "; ".join(changes))
 
+    average = WeightAverage(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
+    if average is not None and resume_from is not None and not checkpoint_read.load_average(resume_from, average):
+        log.warning("%s holds no average of the weights (its run had train.ema_decay=0): the average starts from the "
+                    "weights resumed", resume_from)
+
     best_file = run_dir / "best.safetensors"
     state.best = best_to_beat(best_file, state.best, resume_from, ctx)
     pin = ctx.device.type == "cuda"
@@ -151,7 +157,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         else:
             log.info("step %d: validating first, as the preempted run that checkpointed there did not", state.step)
             scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, state.step, state.best,
-                                                         best_file, meta)
+                                                         best_file, meta, average)
             logger.log(state.step, scalars)
             record_owed_validation(run_dir / "tb", resume_from, state.step, ctx)
 
@@ -176,6 +182,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             loss, grad_norm, bad = train_step(dp_model, model, optimizer, objective, images, batch["label"], cfg,
                                               compute)
             state.step += 1
+            if average is not None:
+                average.update(state.step)
             state.trained_samples += cfg.train.global_batch_size
             bad_steps.record(bad)
             window.add_step(loss, grad_norm, bad, cfg.train.global_batch_size)
@@ -193,7 +201,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             scalars = _close_window(window, lr, state, flops_per_image / peak, ctx) if at_log_step else {}
             if at_eval_step:
                 val_scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step,
-                                                                 state.best, best_file, meta)
+                                                                 state.best, best_file, meta, average)
                 scalars.update(val_scalars)
             if scalars:
                 logger.log(step, scalars)
@@ -218,7 +226,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                     state.data_positions = distributed.merge_across_ranks(batch["positions"], ctx)
                     state.eval_owed = eval_due and preempted
                     checkpointer.save(step, model, optimizer, state.saved(data_order=data_order,
-                                      decoded_on=resume.decoded_on(cfg), config=to_dict(cfg)), final=preempted or last)
+                                      decoded_on=resume.decoded_on(cfg), config=to_dict(cfg)), final=preempted or last,
+                                      average=average)
             if preempted:
                 checkpointer.wait(final=True)  # this step's save, or an earlier one if bad steps skipped it
                 logger.close()

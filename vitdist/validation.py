@@ -1,5 +1,6 @@
 """Validation during training: loss, top-1 and top-5 over the validation set, and the best
-weights by val/top1 (of equal ones, by the lower val/loss) kept beside the checkpoints."""
+weights by val/top1 (of equal ones, by the lower val/loss) kept beside the checkpoints: the
+run's weights or, where it keeps one, their average, whichever scores better."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from . import distributed
 from .config import Config
 from .data import Normalize
+from .ema import WeightAverage
 from .export import header, recorded_best, write_safetensors
 from .transforms import stack_images
 
@@ -68,11 +70,19 @@ def _set_aside(best_file: Path) -> None:
 
 
 def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx: distributed.DistContext, compute,
-                           step: int, best: dict | None, best_file: Path, meta: dict) -> tuple[dict, dict]:
-    """Validate; weights that score `better` than `best` go to `best_file`. Returns the scalars and
-    the scores that later weights must beat."""
+                           step: int, best: dict | None, best_file: Path, meta: dict,
+                           average: WeightAverage | None = None) -> tuple[dict, dict]:
+    """Validate the weights, and the average of them where the run keeps one (val_ema/); the
+    better of the two, if `better` than `best`, goes to `best_file` (its JSON says which: "ema").
+    Returns the scalars and the scores that later weights must beat."""
     scalars = evaluate(model, val_loader, cfg, ctx, compute)
-    scores = {"val_top1": scalars["val/top1"], "val_loss": scalars["val/loss"]}
+    scores, from_average = _scores(scalars), False
+    if average is not None:
+        with average.swapped_in():
+            averaged = evaluate(model, val_loader, cfg, ctx, compute)
+        scalars.update({key.replace("val/", "val_ema/"): value for key, value in averaged.items() if key != "val/skipped"})
+        if not math.isnan(averaged["val/top1"]) and (math.isnan(scores["val_top1"]) or better(_scores(averaged), scores)):
+            scores, from_average = _scores(averaged), True
     if math.isnan(scores["val_top1"]):  # no sample to judge these weights by: they compete with none
         if ctx.is_main:
             log.warning("step %d: none of the validation samples could be used (%d skipped; see the warnings that name "
@@ -80,8 +90,13 @@ def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx:
                         step, scalars["val/skipped"])
     elif better(scores, best):
         best = scores
-        save_weights(model, {**meta, "step": step, **best}, best_file, ctx)
+        with average.swapped_in() if from_average else contextlib.nullcontext():
+            save_weights(model, {**meta, "step": step, **best, "ema": from_average}, best_file, ctx)
     return scalars, best
+
+
+def _scores(scalars: dict) -> dict:
+    return {"val_top1": scalars["val/top1"], "val_loss": scalars["val/loss"]}
 
 
 # In the TensorBoard directory, whose val/ events it vouches for: the checkpoint and step whose

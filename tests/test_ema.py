@@ -1,0 +1,101 @@
+"""The average of the weights (train.ema_decay): timm's law, swapped in and out whole, validated
+beside the weights, kept by checkpoints, exported, and refused where there is none."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from timm.utils import ModelEmaV3
+
+from conftest import read_scalars, run_pretrain, shard_overrides, vitdist_cli
+from vitdist.config import ConfigError
+from vitdist.config_yaml import load_config
+from vitdist.ema import WeightAverage
+
+
+def _small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_average_is_timms_model_ema(warmup):
+    model = _small_model()
+    ours, timms = WeightAverage(model, 0.9, warmup), ModelEmaV3(model, decay=0.9, use_warmup=warmup)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(1, 31):
+        model(torch.randn(32, 8)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ours.update(step)
+        timms.update(model, step=step if warmup else None)  # without a step, timm's decay is constant
+    for name, value in timms.module.state_dict().items():
+        torch.testing.assert_close(ours.average[name], value, rtol=0, atol=1e-6)
+        assert not torch.allclose(ours.average[name], model.state_dict()[name])  # an average, not the weights
+
+
+def test_the_average_is_swapped_in_and_the_weights_come_back_whole():
+    model = _small_model()
+    average = WeightAverage(model, 0.9, warmup=False)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(2)
+    own = {name: value.clone() for name, value in model.state_dict().items()}
+    x = torch.randn(4, 8)
+    with pytest.raises(KeyboardInterrupt):
+        with average.swapped_in():
+            assert all(torch.equal(average.average[name], value) for name, value in model.state_dict().items())
+            assert not torch.equal(model(x), torch.func.functional_call(model, own, (x,)))
+            raise KeyboardInterrupt  # the weights come back also when validation is interrupted
+    assert all(torch.equal(own[name], value) for name, value in model.state_dict().items())
+    assert all(param.requires_grad for param in model.parameters())
+
+
+def test_a_warmup_without_an_average_and_a_decay_of_1_are_refused():
+    with pytest.raises(ConfigError, match="train.ema_warmup=true warms up an average of the weights that "
+                                          "train.ema_decay=0 does not keep"):
+        load_config(None, ["data.train_shards=a.tar", "train.ema_warmup=true"])
+    with pytest.raises(ConfigError, match="'train.ema_decay' must be >= 0 and < 1, got 1"):
+        load_config(None, ["data.train_shards=a.tar", "train.ema_decay=1"])
+
+
+@pytest.mark.slow
+def test_a_run_validates_its_average_keeps_the_better_as_best_and_exports_it(demo_shards, tmp_path):
+    """A run without an average, resumed with one (it starts from the resumed weights, with a
+    warning); val_ema/ logged beside val/; best.safetensors holds whichever scored better, and says
+    which; `export --ema` writes the average that was validated (evaluate reproduces its top-1)."""
+    run_dir = tmp_path / "run"
+    common = [*shard_overrides(demo_shards), f"run.dir={run_dir}", "ckpt.every_steps=4", "train.eval_every_steps=2",
+              "data.micro_batch_size=32", "train.global_batch_size=64", "optim.warmup_steps=2"]
+    first = run_pretrain(1, [*common, "train.steps=4"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    refused = vitdist_cli("export", "--checkpoint", str(run_dir / "checkpoints"), "--out", str(tmp_path / "e.safetensors"),
+                          "--ema")
+    assert refused.returncode == 2 and "holds no average of the weights" in refused.stderr, refused.stderr
+    assert not (tmp_path / "e.safetensors").exists()
+
+    resumed = run_pretrain(1, [*common, "train.steps=12", "train.ema_decay=0.6"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "holds no average of the weights (its run had train.ema_decay=0): the average starts from" in resumed.stderr
+    scalars = read_scalars(run_dir / "tb")
+    assert [step for step, _ in scalars["val_ema/top1"]] == [6, 8, 10, 12]
+    assert "val_ema_top1" in resumed.stdout
+    best = json.loads((run_dir / "best.json").read_text())
+    at_best = {tag: dict(scalars[tag])[best["step"]] for tag in ("val/top1", "val_ema/top1")}
+    assert best["val_top1"] == pytest.approx(max(at_best.values()))
+    assert best["ema"] == (at_best["val_ema/top1"] > at_best["val/top1"])
+
+    exported = vitdist_cli("export", "--checkpoint", str(run_dir / "checkpoints"), "--out",
+                           str(tmp_path / "e.safetensors"), "--ema")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["ema"] is True
+    assert vitdist_cli("export", "--checkpoint", str(run_dir / "checkpoints"), "--out",
+                       str(tmp_path / "w.safetensors")).returncode == 0
+    averaged, weights = load_file(tmp_path / "e.safetensors"), load_file(tmp_path / "w.safetensors")
+    assert averaged.keys() == weights.keys() and not any(torch.equal(averaged[k], weights[k]) for k in averaged)
+    evaluation = vitdist_cli("evaluate", "--checkpoint", str(tmp_path / "e.safetensors"), "--data", demo_shards["val"])
+    assert evaluation.returncode == 0, evaluation.stderr
+    top1 = float(re.search(r"top-1 ([\d.]+)%", evaluation.stdout).group(1)) / 100
+    assert top1 == pytest.approx(dict(scalars["val_ema/top1"])[12], abs=1e-4)

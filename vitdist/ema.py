@@ -1,0 +1,47 @@
+"""An exponential moving average of the weights, as timm's ModelEmaV3 keeps it and DeiT trains with:
+updated after every optimizer step, validated beside the weights, kept in checkpoints (so a resume
+carries it on exactly), exported on request (`vitdist export --ema`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+class WeightAverage:
+    """The average of `model`'s parameters, one tensor of the parameter's own kind each: under FSDP
+    a DTensor shard (each rank averages the part it holds), under DDP a full copy; fp32, as the
+    weights are (a bf16 average would round away updates of decay 0.9999). Keyed by the model's
+    parameter names, which the checkpoint's model state dict uses too."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool):
+        self.decay, self.warmup = decay, warmup
+        self.params = dict(model.named_parameters())
+        self.average = {name: param.detach().clone() for name, param in self.params.items()}
+
+    def decay_at(self, step: int) -> float:
+        """For the update after optimizer step `step` (1, 2, ...). With warmup, timm's law: the decay
+        grows as 1 - step^(-2/3) (0 at the first step: the average starts from the trained weights,
+        not the initial ones, which a short run would otherwise carry to its end)."""
+        return min(self.decay, 1 - step ** (-2 / 3)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        torch._foreach_lerp_(list(self.average.values()), [p.detach() for p in self.params.values()],
+                             1 - self.decay_at(step))
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped_in(self) -> Iterator[None]:
+        """The model computes with the average inside, with its own weights again after (they are
+        copied aside meanwhile: one more copy of this rank's parameters)."""
+        own = {name: param.detach().clone() for name, param in self.params.items()}
+        for name, param in self.params.items():
+            param.copy_(self.average[name])
+        try:
+            yield
+        finally:
+            for name, param in self.params.items():
+                param.copy_(own[name])
