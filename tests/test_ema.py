@@ -13,6 +13,7 @@ from conftest import read_scalars, run_pretrain, shard_overrides, vitdist_cli
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.ema import WeightAverage
+from vitdist.export import export
 
 
 def _small_model() -> torch.nn.Module:
@@ -65,9 +66,10 @@ def test_a_warmup_without_an_average_and_a_decay_of_1_are_refused():
 def test_a_run_validates_its_average_keeps_the_better_as_best_and_exports_it(demo_shards, tmp_path):
     """A run without an average, resumed with one (it starts from the resumed weights, with a
     warning); val_ema/ logged beside val/; best.safetensors holds whichever scored better, and says
-    which; `export --ema` writes the average that was validated (evaluate reproduces its top-1)."""
+    which; `export --ema` and `evaluate --ema` read the average that was validated, and
+    `finetune.init_ema` starts from it."""
     run_dir = tmp_path / "run"
-    common = [*shard_overrides(demo_shards), f"run.dir={run_dir}", "ckpt.every_steps=4", "train.eval_every_steps=2",
+    common = [*shard_overrides(demo_shards), f"run.dir={run_dir}", "ckpt.every_steps=4", "ckpt.keep=0", "train.eval_every_steps=2",
               "data.micro_batch_size=32", "train.global_batch_size=64", "optim.warmup_steps=2"]
     first = run_pretrain(1, [*common, "train.steps=4"])
     assert first.returncode == 0, first.stderr[-3000:]
@@ -95,7 +97,25 @@ def test_a_run_validates_its_average_keeps_the_better_as_best_and_exports_it(dem
                        str(tmp_path / "w.safetensors")).returncode == 0
     averaged, weights = load_file(tmp_path / "e.safetensors"), load_file(tmp_path / "w.safetensors")
     assert averaged.keys() == weights.keys() and not any(torch.equal(averaged[k], weights[k]) for k in averaged)
-    evaluation = vitdist_cli("evaluate", "--checkpoint", str(tmp_path / "e.safetensors"), "--data", demo_shards["val"])
-    assert evaluation.returncode == 0, evaluation.stderr
-    top1 = float(re.search(r"top-1 ([\d.]+)%", evaluation.stdout).group(1)) / 100
-    assert top1 == pytest.approx(dict(scalars["val_ema/top1"])[12], abs=1e-4)
+    # The export, and the checkpoint's average evaluated in place, are the average validated at the end.
+    for checkpoint, flags in ((tmp_path / "e.safetensors", ()), (run_dir / "checkpoints", ("--ema",))):
+        evaluation = vitdist_cli("evaluate", "--checkpoint", str(checkpoint), "--data", demo_shards["val"], *flags)
+        assert evaluation.returncode == 0, evaluation.stderr
+        top1 = float(re.search(r"top-1 ([\d.]+)%", evaluation.stdout).group(1)) / 100
+        assert top1 == pytest.approx(dict(scalars["val_ema/top1"])[12], abs=1e-4)
+    refused = vitdist_cli("evaluate", "--checkpoint", str(tmp_path / "e.safetensors"), "--data", demo_shards["val"], "--ema")
+    assert refused.returncode == 2 and "is no vitdist checkpoint directory" in refused.stderr, refused.stderr
+
+    # Fine-tuning from the average: refused before any process starts where the checkpoint has none.
+    finetune = [*shard_overrides(demo_shards), "train.steps=1", "finetune.init_ema=true", "train.eval_every_steps=0"]
+    refused = run_pretrain(0, [*finetune, f"finetune.init={run_dir / 'checkpoints' / 'step_4'}",
+                               f"run.dir={tmp_path / 'refused'}"], launcher="finetune")
+    assert refused.returncode == 2 and "holds no average of the weights" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "refused" / "tb").exists()
+    tuned = run_pretrain(0, [*finetune, f"finetune.init={run_dir / 'checkpoints'}", f"run.dir={tmp_path / 'tuned'}",
+                             "optim.lr=0", "optim.min_lr=0"], launcher="finetune")
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "(vitdist checkpoint, the average of its weights)" in tuned.stderr
+    # At lr 0 (and no weight decay step), the fine-tune's weights are the average it started from.
+    tuned_weights = load_file(export(tmp_path / "tuned" / "checkpoints", tmp_path / "t.safetensors"))
+    assert all(torch.equal(tuned_weights[k], averaged[k]) for k in averaged)

@@ -183,8 +183,8 @@ def test_a_run_is_resolved_once_so_a_save_during_the_read_is_not_named(tmp_path,
     saver = checkpoint.Checkpointer(tmp_path / "ckpts", CkptConfig(keep=0), model_meta(cfg.model, cfg.data))
     read = saver.save(1, source, build_optimizer(source, cfg.optim), {"step": 1})
 
-    def read_while_a_save_completes(path):
-        weights = checkpoint_read.load_model_weights(path)
+    def read_while_a_save_completes(path, average):
+        weights = checkpoint_read.load_model_weights(path, average)
         shutil.copytree(path, tmp_path / "ckpts" / "step_2")
         return weights
 

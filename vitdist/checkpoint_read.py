@@ -163,6 +163,10 @@ class NoAverage(ValueError):
     """`--ema` asked of a checkpoint whose run kept no average of the weights."""
 
 
+def _no_average(path: Path) -> str:
+    return f"checkpoint '{path}' holds no average of the weights: the run that wrote it had train.ema_decay=0"
+
+
 def _has_average(metadata: Metadata) -> bool:
     return any(fqn.startswith(f"{AVERAGE}.") for fqn in metadata.state_dict_metadata)
 
@@ -179,8 +183,7 @@ def load_model_weights(path: str | Path, average: bool = False) -> tuple[dict[st
     state = {"model": weights}
     if average:
         if not _has_average(metadata):
-            raise NoAverage(f"checkpoint '{path}' holds no average of the weights: the run that wrote it had "
-                            "train.ema_decay=0; leave out --ema for its weights")
+            raise NoAverage(_no_average(path))
         params = {name for name, _ in model.named_parameters()}
         state = {AVERAGE: {k: v for k, v in weights.items() if k in params},
                  "model": {k: v for k, v in weights.items() if k not in params}}  # buffers, if the arch has any
@@ -190,15 +193,21 @@ def load_model_weights(path: str | Path, average: bool = False) -> tuple[dict[st
     return weights, meta
 
 
-def model_weight_shapes(path: str | Path) -> dict[str, torch.Tensor]:
+def model_weight_shapes(path: str | Path, average: bool = False) -> dict[str, torch.Tensor]:
     """What load_model_weights gives, as tensors on the meta device: names, shapes and dtypes from
     `.metadata`, no tensor data read (a check before the load, which reads GBs for ViT-g); the
     files that hold the data are only looked at, as check_files does."""
     path = Path(path)
     _model_json(path)  # refused as load_model_weights refuses it
-    return {fqn.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype, device="meta")
-            for fqn, item in _complete_metadata(path).state_dict_metadata.items()
-            if fqn.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+    metadata = _complete_metadata(path)
+    if average and not _has_average(metadata):
+        raise NoAverage(_no_average(path))
+
+    def shapes(prefix: str) -> dict[str, torch.Tensor]:
+        return {fqn.removeprefix(prefix): torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+                for fqn, item in metadata.state_dict_metadata.items()
+                if fqn.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
+    return {**shapes("model."), **(shapes(f"{AVERAGE}.") if average else {})}
 
 
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                           help="a checkpoint directory, an export, a timm hub folder (config.json and weights), a timm "
                                "or torchvision state dict")
     evaluate.add_argument("--data", required=True, help="labelled shards (a brace pattern or a .txt list), or an ImageFolder directory")
+    evaluate.add_argument("--ema", action="store_true",
+                          help="evaluate the average of the weights that a vitdist checkpoint's run kept (train.ema_decay)")
     evaluate.add_argument("--config", help="for a state dict that does not say its architecture: a config with its model section")
     evaluate.add_argument("--batch-size", type=_positive, default=64, help="images per forward pass (default: 64)")
     evaluate.add_argument("--workers", type=_non_negative, default=2,
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         from .workers import WorkerDied, WorkerStalled
         try:
             result = evaluate_checkpoint(args.checkpoint, args.data, args.config, args.batch_size, args.workers,
-                                         args.timeout_s)
+                                         args.timeout_s, args.ema)
         except (ConfigError, HandoffError) as e:
             print(f"vitdist evaluate: {e}", file=sys.stderr)
             return 2

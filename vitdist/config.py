@@ -178,6 +178,8 @@ class FinetuneConfig:
     layer_decay: float = _opt(1.0, "layer-wise lr decay: block i gets lr x decay^(depth - i), the head lr; 1: off",
                               above=0, at_most=1)
     freeze: Literal["none", "backbone"] = _opt("none", "backbone: train the head only (linear probe)")
+    init_ema: bool = _opt(False, "start from the average of the weights that finetune.init's run kept "
+                                 "(train.ema_decay), not from its weights: a vitdist checkpoint, or a run's checkpoints/")
     new_head: bool = _opt(False, "true: a freshly initialised classifier head even where the checkpoint's has "
                                  "model.num_classes outputs (other classes, as many); false: kept where it fits")
 

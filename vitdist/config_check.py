@@ -54,6 +54,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.ema_warmup and not cfg.train.ema_decay:
         raise ConfigError("train.ema_warmup=true warms up an average of the weights that train.ema_decay=0 does not "
                           "keep: give train.ema_decay (0.9999, say), or train.ema_warmup=false")
+    if cfg.finetune.init_ema and not cfg.finetune.init:
+        raise ConfigError("finetune.init_ema=true takes the average of the weights kept in finetune.init's checkpoint, "
+                          "and finetune.init is not set")
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: give a brace pattern, a list or a .txt file of shards")
     if cfg.data.val_shards == "":  # the path of the working directory, which a run validated on as an ImageFolder

@@ -35,8 +35,9 @@ def checkpoint_meta(checkpoint: Path, config: str | None) -> tuple[dict, str]:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = None, batch_size: int = 64,
-                        workers: int = 2, timeout_s: int = 600) -> dict[str, float]:
-    """`timeout_s`: how long a loader worker may deliver nothing before the evaluation stops."""
+                        workers: int = 2, timeout_s: int = 600, average: bool = False) -> dict[str, float]:
+    """`timeout_s`: how long a loader worker may deliver nothing before the evaluation stops.
+    `average`: the average of the weights a vitdist checkpoint's run kept (train.ema_decay)."""
     checkpoint = locate(checkpoint)  # once: its metadata and weights are read from the same one
     meta, source = checkpoint_meta(checkpoint, config)
     if not timm.is_model(meta["arch"]):
@@ -58,11 +59,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, config: str | None = 
             urls = expand_urls(data, "--data")  # checked before the model loads
             same_classes("--data", urls, meta.get("classes"), f"'{source}'")
             probe(urls, DataConfig(), kwargs["num_classes"], "--data", timeout_s)
-        return _evaluate(checkpoint, meta, source, data, batch_size, workers, timeout_s)
+        return _evaluate(checkpoint, meta, source, data, batch_size, workers, timeout_s, average)
 
 
 def _evaluate(checkpoint: Path, meta: dict, source: str, data: str | list[str], batch_size: int, workers: int,
-              timeout_s: int) -> dict[str, float]:
+              timeout_s: int, average: bool) -> dict[str, float]:
     kwargs = meta["timm_kwargs"]
     cfg = Config(model=ModelConfig(arch=meta["arch"], img_size=kwargs["img_size"], num_classes=kwargs["num_classes"]),
                  dist=DistConfig(timeout_s=timeout_s))
@@ -74,10 +75,10 @@ def _evaluate(checkpoint: Path, meta: dict, source: str, data: str | list[str], 
     # As the export's JSON and a hub folder's config.json say to rebuild the model: with all the
     # weights' arguments (a hub model's may be other than those of vitdist's config, e.g. global_pool).
     model = timm.create_model(meta["arch"], pretrained=False, **kwargs)
-    kind, fresh = load_located(model, checkpoint)
+    kind, fresh = load_located(model, checkpoint, average=average)
     if fresh:
         # The handoff leaves a head of another shape to be trained anew: here it is a mismatch to name.
-        weights, target = read_state_dict(checkpoint, meta=True)[0], model.state_dict()
+        weights, target = read_state_dict(checkpoint, meta=True, average=average)[0], model.state_dict()
         found = "; ".join(f"{key} is {tuple(weights[key].shape)} there, {tuple(target[key].shape)} in the model"
                           if key in weights else f"it has no {key}" for key in fresh)
         raise HandoffError(f"'{checkpoint}' ({kind}) does not hold the classifier of the model that '{source}' "

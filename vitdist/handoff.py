@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from .checkpoint import MODEL_META, newest_if_run
-from .checkpoint_read import CorruptCheckpoint, UnsafeCheckpoint, load_model_weights, model_weight_shapes
+from .checkpoint_read import CorruptCheckpoint, NoAverage, UnsafeCheckpoint, load_model_weights, model_weight_shapes
 from .export import header
 from .model import is_classifier
 
@@ -91,15 +91,20 @@ def locate(path: str | Path) -> Path:
     return hub[0]  # a Hugging Face hub folder, as timm's save_for_hf writes it
 
 
-def read_state_dict(path: Path, meta: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+def read_state_dict(path: Path, meta: bool = False, average: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     """The weights of the checkpoint `path` (as `locate` gives it) with timm's key names, and which
     kind of checkpoint it was. `meta`: as tensors on the meta device, from the checkpoint's metadata
-    (names, shapes), its tensor data left unread."""
+    (names, shapes), its tensor data left unread. `average`: the average of the weights that a
+    vitdist checkpoint's run kept (train.ema_decay), in their place."""
     if path.is_dir():
         try:
-            return (model_weight_shapes(path) if meta else load_model_weights(path)[0]), "vitdist checkpoint"
-        except (FileNotFoundError, UnsafeCheckpoint, CorruptCheckpoint) as e:
+            weights = model_weight_shapes(path, average) if meta else load_model_weights(path, average)[0]
+        except (FileNotFoundError, UnsafeCheckpoint, CorruptCheckpoint, NoAverage) as e:
             raise HandoffError(str(e)) from None
+        return weights, "vitdist checkpoint, the average of its weights" if average else "vitdist checkpoint"
+    if average:
+        raise HandoffError(f"'{path}' is no vitdist checkpoint directory, the only kind that keeps an average of the "
+                           "weights beside them (a `vitdist export --ema` file holds the average as its weights)")
     try:
         if path.suffix == ".safetensors":
             state, kind = (_safetensors_shapes(path) if meta else load_file(str(path))), "safetensors"
@@ -228,10 +233,11 @@ def load_pretrained(model: torch.nn.Module, path: str | Path, new_head: bool = F
     return load_located(model, locate(path), new_head)
 
 
-def load_located(model: torch.nn.Module, path: Path, new_head: bool = False) -> tuple[str, list[str]]:
+def load_located(model: torch.nn.Module, path: Path, new_head: bool = False,
+                 average: bool = False) -> tuple[str, list[str]]:
     """load_pretrained for a checkpoint that `locate` gave: for a caller that has read its metadata
-    already, so that a run's newer checkpoint is not looked up in between."""
-    state, kind = read_state_dict(path)
+    already, so that a run's newer checkpoint is not looked up in between. `average`: see read_state_dict."""
+    state, kind = read_state_dict(path, average=average)
     state, done = adapt(state, model, _source(path, state), new_head)
     result = model.load_state_dict(state, strict=False)
     for line in done:
@@ -239,12 +245,12 @@ def load_located(model: torch.nn.Module, path: Path, new_head: bool = False) -> 
     return kind, sorted(result.missing_keys)
 
 
-def check_fit(model: torch.nn.Module, path: str | Path) -> None:
-    """Refuse (HandoffError) what load_pretrained(model, path) would refuse, reading the checkpoint's
-    metadata only: safetensors' header, DCP's `.metadata`, a torch file's pickle without its storages.
-    `model` may be on the meta device."""
+def check_fit(model: torch.nn.Module, path: str | Path, average: bool = False) -> None:
+    """Refuse (HandoffError) what load_located(model, locate(path), average=average) would refuse,
+    reading the checkpoint's metadata only: safetensors' header, DCP's `.metadata`, a torch file's
+    pickle without its storages. `model` may be on the meta device."""
     path = locate(path)
-    state, _ = read_state_dict(path, meta=True)
+    state, _ = read_state_dict(path, meta=True, average=average)
     adapt(state, model, _source(path, state))
 
 

@@ -43,7 +43,7 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
         resume.check(cfg, resume_from, train_data)
     elif cfg.finetune.init:  # what _train loads when it does not resume: a resume never reads it
         try:
-            check_fit(model, cfg.finetune.init)
+            check_fit(model, cfg.finetune.init, cfg.finetune.init_ema)
         except HandoffError as e:
             raise ConfigError(f"finetune.init='{cfg.finetune.init}': {e}") from None
         found += [doubt for doubt in (architecture_doubt(cfg.finetune.init, cfg.model.arch),

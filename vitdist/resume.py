@@ -32,7 +32,8 @@ from .schedule import lr_at
 _UNREPORTED_SECTIONS = {"dist", "ckpt", "log", "run"}
 _UNREPORTED = {"model.grad_checkpointing", "data.train_shards", "data.micro_batch_size", "data.num_workers",
                "data.prefetch_steps", "data.decode", "data.max_skip_frac", "train.resume", "train.compile",
-               "train.activation_memory_budget", "train.eval_every_steps", "train.max_bad_steps", "finetune.init"}
+               "train.activation_memory_budget", "train.eval_every_steps", "train.max_bad_steps", "finetune.init",
+               "finetune.init_ema"}
 
 
 def data_order(cfg: Config, urls: list[str], converted: dict | None = None) -> dict:

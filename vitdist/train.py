@@ -102,7 +102,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                     "deleted once a checkpoint of a later step is complete", partial)
     if resume_from is None and cfg.finetune.init:
         init = locate(cfg.finetune.init)  # for a run's checkpoints/, the log names the step it took
-        kind, fresh = load_located(model, init, cfg.finetune.new_head)
+        kind, fresh = load_located(model, init, cfg.finetune.new_head, cfg.finetune.init_ema)
         log.info("initialised from %s (%s); freshly initialised: %s", init, kind, fresh or "nothing")
     if cfg.finetune.freeze == "backbone":
         for name, param in model.named_parameters():
