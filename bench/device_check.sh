@@ -61,6 +61,9 @@ budget() {
   cmd=($py bench/train_step.py "${b16[@]}" --out "$OUT/budget.json"
        --variants "$vitdist;train.activation_memory_budget=0.5,$vitdist;train.activation_memory_budget=0.2")
 }
+# The average of the weights' update after each step (train.ema_decay): its cost, predicted at about
+# 0.5% of the ViT-B/16 step (a pass over 3 fp32 copies of 86M parameters), and its memory.
+ema() { cmd=($py bench/train_step.py "${b16[@]}" --variants "$vitdist,$vitdist;train.ema_decay=0.9999" --out "$OUT/ema.json"); }
 # The compiler's levers outside the GEMMs, on both: CUDA graphs, reduction kernels' tuning, Triton
 # GEMM templates that take in the bias/GELU/residual passes. In order of compile time: the GEMM
 # autotuning takes minutes, and a part stopped at its limit keeps the rows before.
@@ -71,9 +74,9 @@ $vitdist;inductor.coordinate_descent_tuning=true,$timm:$autotune,$vitdist;$autot
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(gpu_tests step_b16 data_e2e step_b16_ckpt step_l16 budget)
+[ ${#parts[@]} -eq 0 ] && parts=(gpu_tests step_b16 data_e2e step_b16_ckpt step_l16 budget ema)
 declare -A limit=([gpu_tests]=120 [step_b16]=170 [data_e2e]=240 [step_b16_ckpt]=150 [step_l16]=180 [budget]=150
-                  [tuning]=500)
+                  [ema]=120 [tuning]=500)
 for name in "${parts[@]}"; do
   [ -n "${limit[$name]:-}" ] || { echo "unknown part '$name'; parts: ${!limit[*]}" >&2; exit 2; }
 done

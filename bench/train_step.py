@@ -6,7 +6,8 @@ r"""Training-step throughput: timm's ViT step against vitdist's, side by side on
 A variant is `timm` (timm's model, fp32 weights, bf16 autocast, fused AdamW, torch.compile of the
 whole model: the step the issue's anchors time), `timm-eager`, or `vitdist:<key=value;...>`:
 vitdist's own step (`vitdist.distributed.prepare_model` + `vitdist.train.train_step`) on the config with those
-overrides. Settings `inductor.<option>=<value>` (or `dynamo.`) patch torch._inductor.config (or
+overrides (with `train.ema_decay`, the loop's update of the average of the weights after each
+step, too). Settings `inductor.<option>=<value>` (or `dynamo.`) patch torch._inductor.config (or
 torch._dynamo.config) for one variant, of either kind, e.g. `timm:inductor.max_autotune=true` or
 `vitdist:dist.strategy=ddp;inductor.max_autotune_gemm_backends=TRITON`. Every variant starts from
 the same initial weights and is timed with CUDA events on fresh random batches (median of
@@ -46,6 +47,7 @@ from vitdist.model import build_model, timm_kwargs, train_flops_per_image
 from vitdist.objective import Classification
 from vitdist.optim import build_optimizer
 from vitdist.distributed import compute_precision, prepare_model
+from vitdist.ema import WeightAverage
 from vitdist.train import train_step
 
 REFERENCE = "vitdist:train.compile=false;dist.strategy=ddp"
@@ -85,9 +87,17 @@ def vitdist_step(args, init: dict, overrides: list[str], ctx):
     optimizer = build_optimizer(model, cfg.optim)
     objective = Classification(cfg.train, cfg.model.num_classes)
     compute = compute_precision(cfg, ctx.device)
+    # The loop's update of the average of the weights, where the variant keeps one (train.ema_decay).
+    average = WeightAverage(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
+    steps = 0
 
     def step(x, y):
-        return train_step(dp_model, model, optimizer, objective, x, y, cfg, compute)[0]
+        nonlocal steps
+        loss = train_step(dp_model, model, optimizer, objective, x, y, cfg, compute)[0]
+        steps += 1
+        if average is not None:
+            average.update(steps)
+        return loss
     return model, step
 
 
