@@ -299,3 +299,6 @@ def test_training_steps_never_make_the_host_wait_for_the_gpu(demo_shards, tmp_pa
 
     few, more = waits(4), waits(12)
     assert len(more) == len(few), sorted(set(more) - set(few)) or more
+    # The peak memory, logged on GPUs: of the tiny model at batch 64, more than its weights, far below a GPU.
+    (_, peak), = read_scalars(tmp_path / "12" / "tb")["perf/mem_peak_gib"]
+    assert 0.01 < peak < 10

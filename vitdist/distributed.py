@@ -237,6 +237,15 @@ def any_rank_on_device(flag: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def peak_memory_gib(ctx: DistContext) -> float:
+    """The most GPU memory that tensors held on any rank since the last call, in GiB: what an OOM
+    is near (read on the host, compared over the gloo control group: no device sync)."""
+    peak = torch.tensor([torch.cuda.max_memory_allocated(ctx.device) / 2**30])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=ctx.control)
+    torch.cuda.reset_peak_memory_stats(ctx.device)
+    return peak.item()
+
+
 def merge_across_ranks(local: dict, ctx: DistContext) -> dict:
     """The union of every rank's small dict (e.g. the positions of the data streams each rank owns)."""
     parts = [None] * ctx.world_size

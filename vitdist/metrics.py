@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 _CONSOLE = {  # tag -> (short name, format)
     "train/loss": ("loss", "{:.4f}"), "train/lr": ("lr", "{:.2e}"), "train/grad_norm": ("grad_norm", "{:.3f}"),
     "perf/images_per_sec": ("img/s", "{:.1f}"), "perf/data_wait_frac": ("data_wait", "{:.1%}"),
-    "perf/mfu": ("mfu", "{:.1%}"), "train/skipped_steps": ("skipped_steps", "{:.0f}"),
+    "perf/mfu": ("mfu", "{:.1%}"), "perf/mem_peak_gib": ("mem_gib", "{:.1f}"), "train/skipped_steps": ("skipped_steps", "{:.0f}"),
     "data/skipped": ("skipped", "{:.0f}"), "val/loss": ("val_loss", "{:.4f}"), "val/top1": ("val_top1", "{:.2%}"),
     "val/top5": ("val_top5", "{:.2%}"), "val/skipped": ("val_skipped", "{:.0f}"),
     "val_ema/loss": ("val_ema_loss", "{:.4f}"), "val_ema/top1": ("val_ema_top1", "{:.2%}"),

@@ -302,6 +302,7 @@ def _close_window(window: Window, lr: float, state: TrainState, peak_seconds_per
     bad_steps = round(sums[1].item() / ctx.world_size)  # every rank skips the same steps
     state.bad_steps += bad_steps
     good_steps = window.steps - bad_steps
+    memory = {"perf/mem_peak_gib": distributed.peak_memory_gib(ctx)} if ctx.device.type == "cuda" else {}
     return {
         "train/loss": sums[0].item() / (good_steps * ctx.world_size) if good_steps else float("nan"),
         "train/lr": lr,
@@ -310,6 +311,7 @@ def _close_window(window: Window, lr: float, state: TrainState, peak_seconds_per
         "perf/images_per_sec": window.images / elapsed,
         "perf/mfu": window.images / elapsed * peak_seconds_per_image / ctx.world_size,
         "perf/data_wait_frac": sums[2].item() / ctx.world_size,
+        **memory,
         "data/skipped": sum(skipped.values()),
         **{f"data/skipped_{kind}": count for kind, count in sorted(skipped.items())},
     }
