@@ -124,3 +124,19 @@ def test_the_time_left_after_a_resume_counts_from_its_first_training_line_not_it
     assert lines[:2] == ["step 100/1000 | val_loss 1.0000", "step 110/1000 | loss 2.0000"]
     eta = int(re.fullmatch(r"step 120/1000 \| loss 1\.9000 \| eta (\d+)s", lines[2]).group(1))
     assert 17 <= eta <= 60  # a loaded machine only lengthens the sleep
+
+
+def test_the_steps_named_are_profiled_in_a_trace_per_rank(demo_shards, tmp_path):
+    """log.profile_steps=[2, 3] on 2 ranks: each writes one trace of steps 2 and 3 only, with the
+    model's own ops in it; a range that is not [first, last] is refused."""
+    run = run_pretrain(2, [*shard_overrides(demo_shards), "data.val_shards=null", "train.steps=4", "ckpt.every_steps=0",
+                           "log.profile_steps=[2,3]", f"run.dir={tmp_path}"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["rank0-steps2-3.json", "rank1-steps2-3.json"]
+    names = {event.get("name") for event in json.loads((tmp_path / "profile" / "rank0-steps2-3.json").read_text())["traceEvents"]}
+    assert {"step 2", "step 3"} <= names and not {"step 1", "step 4"} & names
+    assert {"aten::addmm", "aten::scaled_dot_product_attention"} & names  # the ViT's own work
+    assert "steps 2-3 profiled" in run.stderr
+
+    refused = run_pretrain(0, [*shard_overrides(demo_shards), "log.profile_steps=[3,2]", f"run.dir={tmp_path / 'no'}"])
+    assert refused.returncode == 2 and "config key 'log.profile_steps' is [first, last]" in refused.stderr

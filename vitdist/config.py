@@ -170,6 +170,9 @@ class LogConfig:
     every_steps: int = _opt(10, "console and TensorBoard line every N steps, and at checkpoint and validation steps", above=0)
     peak_tflops: float | None = _opt(None, "per-device matmul peak that perf/mfu divides by; null: measured at start "
                                            "(bf16 or fp32, per train.precision)", above=0)
+    profile_steps: list[int] = _opt([], "[first, last]: profile these optimizer steps (host and GPU, the data waits "
+                                        "included) with torch.profiler, a trace per rank in <run.dir>/profile/ for "
+                                        "ui.perfetto.dev; []: none", above=0)
 
 
 @dataclass

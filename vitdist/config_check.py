@@ -25,6 +25,9 @@ def validate(cfg: Config) -> None:
     for key, (low, high) in {"data.crop_scale": cfg.data.crop_scale, "data.crop_ratio": cfg.data.crop_ratio}.items():
         if low > high:
             raise ConfigError(f"config key '{key}' is a range, low to high: got {[low, high]}")
+    profiled = cfg.log.profile_steps
+    if profiled and (len(profiled) != 2 or profiled[0] > profiled[1]):
+        raise ConfigError(f"config key 'log.profile_steps' is [first, last] (steps from 1), or [] for none: got {profiled}")
     for key, value in {"data.mean": cfg.data.mean, "data.std": cfg.data.std}.items():
         if len(value) != 3:
             raise ConfigError(f"config key '{key}' must have 3 numbers (RGB), got {value}")
@@ -80,6 +83,9 @@ def doubts(cfg: Config) -> list[str]:
         found.append(f"finetune.freeze=backbone with model.drop_path_rate={cfg.model.drop_path_rate:g}: the frozen blocks "
                      "are still dropped at random in training, so the head learns from noisier features than it is "
                      "evaluated on (a linear probe usually has 0)")
+    if cfg.log.profile_steps and cfg.log.profile_steps[0] > train.steps:
+        found.append(f"log.profile_steps={cfg.log.profile_steps}, but the run ends at train.steps={train.steps}: "
+                     "nothing is profiled")
     if train.eval_every_steps and not cfg.data.val_shards:
         found.append(f"train.eval_every_steps={train.eval_every_steps}, but data.val_shards is null: nothing is validated")
     return found

@@ -34,6 +34,7 @@ from .samples import SKIP_KINDS, TooManyBadSamples, check_skipped
 from .schedule import lr_at
 from .shard_list import expand_urls
 from .train_state import TrainState
+from .tracing import StepProfiler
 from .validation import best_to_beat, evaluate_and_keep_best, owed_validation_logged, record_owed_validation
 
 log = logging.getLogger(__name__)
@@ -162,10 +163,12 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             record_owed_validation(run_dir / "tb", resume_from, state.step, ctx)
 
     bad_steps = BadSteps(ctx.device)
+    profiler = StepProfiler(cfg.log.profile_steps, run_dir / "profile", ctx.rank)
     normalize = Normalize(cfg.data, ctx.device)
     with DeviceBatches(iter(loader), ctx.device) as batches:
         window = Window(start=time.perf_counter())
         while state.step < cfg.train.steps:
+            profiler.step_starts(state.step + 1)
             wait_start = time.perf_counter()
             batch = next(batches)
             window.data_wait_s += time.perf_counter() - wait_start
@@ -234,6 +237,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                 log.warning("preempted at step %d: exiting with %d; the newest complete checkpoint is %s", step,
                             PREEMPTED_EXIT_CODE, checkpointer.newest() or "none yet")
                 sys.exit(PREEMPTED_EXIT_CODE)
+            profiler.step_ends(step)
             if at_log_step:
                 window = Window(start=time.perf_counter())
 

@@ -1,0 +1,48 @@
+"""A profile of some training steps in the run itself (`log.profile_steps`): torch.profiler's
+trace of the host and the GPU, the data loader's waits included, one file per rank that
+Perfetto (ui.perfetto.dev) or chrome://tracing opens."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+log = logging.getLogger(__name__)
+
+
+class StepProfiler:
+    """Profiles steps `first` to `last` (1-based, inclusive) of `steps` = [first, last] ([]: none);
+    a run resumed inside them profiles the rest."""
+
+    def __init__(self, steps: list[int], out_dir: Path, rank: int):
+        self.steps, self.out_dir, self.rank = steps, out_dir, rank
+        self.profiler: profile | None = None
+        self.first = 0  # the first step profiled
+        self.step_range: record_function | None = None
+
+    def step_starts(self, step: int) -> None:
+        if not self.steps or not self.steps[0] <= step <= self.steps[1]:
+            return
+        if self.profiler is None:
+            self.first = step
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+        self.step_range = record_function(f"step {step}")  # the steps told apart in the trace
+        self.step_range.__enter__()
+
+    def step_ends(self, step: int) -> None:
+        if self.step_range is None:
+            return
+        self.step_range.__exit__(None, None, None)
+        self.step_range = None
+        if step == self.steps[1]:
+            self.profiler.__exit__(None, None, None)  # waits for the GPU's events
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            trace = self.out_dir / f"rank{self.rank}-steps{self.first}-{step}.json"
+            self.profiler.export_chrome_trace(str(trace))
+            self.profiler = None
+            log.info("steps %d-%d profiled: %s (open it in ui.perfetto.dev)", self.first, step, trace)
