@@ -7,10 +7,14 @@ by kind (data/skipped_<kind> curves), because a sudden rise of one kind points a
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import logging
+import lzma
 import re
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -54,7 +58,7 @@ def read_samples(url: str) -> Iterator[dict]:
         if not errors and sources:
             try:
                 sources[0]["stream"].check_end()
-            except (EOFError, OSError) as exn:  # OSError: the stream can fail at its end, e.g. a pipe's command
+            except (EOFError, OSError, zlib.error, lzma.LZMAError) as exn:  # OSError: e.g. a pipe's command failed
                 errors.append(exn)
     if errors:
         reason = getattr(errors[0], "strerror", None) or errors[0].args[0]
@@ -99,15 +103,45 @@ def _group_by_keys(files: Iterator[dict]) -> Iterator[dict]:
         yield sample
 
 
-class _Tail:
-    """A shard's byte stream that keeps its first and last blocks. tarfile reads a tar cut exactly
-    before a member's header as a complete archive: only the missing end-of-archive block (zeros)
-    tells, and only in a plain tar (a compressed one's decompressor finds its own truncation)."""
+# The compressions read, by their magic bytes. Decompressed here, not by tarfile: its stream mode
+# reads only the first of several gzip members or bzip2 streams, which bgzip and pbzip2 write for
+# one tar (the rest of the shard was a read error), and its end-of-archive checks see only the
+# compressed bytes, so that compressed tars joined with cat lost the samples of all but the first,
+# unseen (see check_end).
+# A plain tar begins with its first file's name: bzip2's magic is matched whole, block size and first
+# block's magic included, so that a key beginning with 'BZh' is no bzip2 file.
+_DECOMPRESSORS = ((re.compile(b"\x1f\x8b\x08"), lambda raw: gzip.GzipFile(fileobj=raw)),
+                  (re.compile(rb"BZh[1-9]1AY&SY"), bz2.BZ2File), (re.compile(b"\xfd7zXZ\x00"), lzma.LZMAFile))
 
-    def __init__(self, stream):
-        self.stream, self.head, self.tail = stream, b"", b""
+
+class _Prefixed:
+    """A stream whose first bytes were read already: `head`, then the rest of `stream`."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
 
     def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:n], self.head[n:]
+        return data + self.stream.read(n - len(data)) if len(data) < n else data
+
+
+class _Tail:
+    """A shard's byte stream, decompressed, that keeps its first and last blocks. tarfile reads a
+    tar cut exactly before a member's header as a complete archive: only the missing end-of-archive
+    block (zeros) tells (a compressed one's decompressor finds its own truncation)."""
+
+    def __init__(self, stream):
+        self.raw, self.stream, self.head, self.tail = stream, None, b"", b""
+
+    def read(self, n: int = -1) -> bytes:
+        if self.stream is None:  # on the first read, where tarfile's handler takes its errors
+            magic = self.raw.read(10)
+            stream = _Prefixed(magic, self.raw)
+            decompress = next((opener for prefix, opener in _DECOMPRESSORS if prefix.match(magic)), None)
+            self.stream = decompress(stream) if decompress else stream
         data = self.stream.read(n)
         if len(self.head) < 512:
             self.head += data[: 512 - len(self.head)]
@@ -115,16 +149,16 @@ class _Tail:
         return data
 
     def __repr__(self) -> str:  # webdataset names the stream in its errors
-        return repr(self.stream)
+        return repr(self.raw)
 
     def check_end(self) -> None:
-        """After tarfile has stopped, at the first zero block: in a plain tar, what follows is
+        """After tarfile has stopped, at the first zero block: in the tar, what follows is
         padding (zeros). Any other byte is data tarfile would never read, most often a second tar
         (shards joined with `cat`): its samples are counted as lost rather than silently left out."""
         beyond = False
         while data := self.read(1 << 16):
             beyond = beyond or bool(data.strip(b"\0"))
-        if self.head[257:262] != b"ustar":  # compressed: the rest is the compressor's, which checks itself
+        if self.head[257:262] != b"ustar":  # a V7 tar, without the magic: not told from other data
             return
         if len(self.tail) < 512 or any(self.tail):
             raise EOFError("the tar ends without its end-of-archive block, cut short before a member")
