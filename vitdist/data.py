@@ -329,9 +329,10 @@ class TrainLoader:
 
 class EvalSamples(IterableDataset):
     """Every validation sample exactly once over all ranks and workers (whole shards per slot when
-    there are enough of them, else every slot reads all shards and keeps every n-th sample), in
-    batches of up to `batch_size`. Each batch counts the bad samples skipped since the one before,
-    the last batch those after it (a batch of no images if need be): evaluation reports them."""
+    there are enough of them, else each shard is read by the slots that share it, each keeping every
+    n-th sample), in batches of up to `batch_size`. Each batch counts the bad samples skipped since
+    the one before, the last batch those after it (a batch of no images if need be): evaluation
+    reports them."""
 
     def __init__(self, urls, cfg: DataConfig, img_size: int, num_classes: int, rank: int, world_size: int,
                  batch_size: int):
@@ -341,14 +342,16 @@ class EvalSamples(IterableDataset):
     def __iter__(self):
         worker, num_workers = _worker_slot()
         slots, slot = self.world_size * num_workers, self.rank * num_workers + worker
-        by_shard = len(self.urls) >= slots
-        urls = self.urls[slot::slots] if by_shard else self.urls
+        # With fewer shards than slots, slot s reads shard s % shards only, not every shard: each
+        # shard is read ceil(slots / shards) times, where 512 slots read 64 shards 512 times over.
+        shards = len(self.urls)
+        urls = self.urls[slot::slots] if shards >= slots else [self.urls[slot % shards]]
+        sharing, nth = len(range(slot % shards, slots, shards)), slot // shards
         skips = Skips()
-        batch, skipped, index = [], 0, 0
+        batch, skipped = [], 0
         for url in urls:
-            for sample in read_samples(url):
-                index += 1
-                if not by_shard and (index - 1) % slots != slot:
+            for index, sample in enumerate(read_samples(url)):
+                if index % sharing != nth:
                     continue
                 try:
                     image, label = decode(sample, self.cfg, self.num_classes)
