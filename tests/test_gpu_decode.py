@@ -270,3 +270,22 @@ def test_training_runs_with_gpu_decode(photo_shards, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [value for _, value in read_scalars(tmp_path / "tb")["train/loss"]]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_a_multi_picture_jpeg_is_decoded_on_the_device(tmp_path):
+    """A JPEG with an MPF segment (an Ultra HDR photo, whose gain map follows it, a camera's stereo
+    pair or a phone's depth map) is opened by PIL as format MPO, not JPEG: each took the CPU path.
+    The device decodes its first picture, which is what PIL decodes, from the bytes up to its end."""
+    rng = np.random.default_rng(3)
+    primary, gain_map = draw_photo(120, 90, rng), draw_photo(60, 45, rng)
+    mpo = encode(primary, "MPO", quality=90, save_all=True, append_images=[gain_map])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    with wds.TarWriter(str(tmp_path / "mpo.tar")) as sink:
+        sink.write({"__key__": "mpo", "jpg": mpo, "cls": 1})
+    pattern, options = str(tmp_path / "mpo.tar"), ("data.streams=1", "data.shuffle_block=1")
+    want = next(iter(loader(pattern, "cpu", *options, batch_size=1)))
+    got = next(iter(loader(pattern, "gpu", *options, batch_size=1)))
+    assert got["encoded"].all()
+    first = bytes(encoded_jpegs(got)[0])
+    assert mpo.startswith(first) and len(first) < len(mpo)  # the gain map left behind
+    assert torch.equal(to_device(got, CPU), want["image"])

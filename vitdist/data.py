@@ -47,8 +47,10 @@ def device_jpeg(image: Image.Image, data: bytes) -> bytes | None:
     BadSample just as with decode: cpu. Bytes after the marker (a camera's padding, a phone's
     trailer, which can hold a video, an Ultra HDR photo's gain map, a JPEG that ends with the marker
     too) are cut off here: libjpeg ignores them, nvJPEG's handling of them is not documented, and
-    they need not travel. Every JPEG is scanned for its marker (about 60 us for 80 KB, on one core)."""
-    if image.format != "JPEG" or image.mode != "RGB":
+    they need not travel. Every JPEG is scanned for its marker (about 60 us for 80 KB, on one core).
+    PIL names a JPEG with a multi-picture segment (an Ultra HDR photo, a camera's stereo pair) MPO:
+    its first picture, the one PIL decodes, is a JPEG like any other."""
+    if image.format not in ("JPEG", "MPO") or image.mode != "RGB":
         return None
     return data[:end] if (end := jpeg_end(data)) else None
 
