@@ -4,6 +4,8 @@ import bz2
 import gzip
 import json
 import lzma
+import re
+import tarfile
 from collections import Counter
 
 from conftest import TINY, png_bytes, write_shard
@@ -59,3 +61,27 @@ def test_validation_on_more_slots_than_shards_reads_each_shard_only_as_often_as_
             seen.update(batch["key"])
     assert sorted(seen.elements()) == sorted(f"s{s}k{i}" for s in range(3) for i in range(5 + s))
     assert sorted(Counter(log.read_text().split()).values()) == [1, 1, 2]
+
+
+def test_zeros_in_place_of_a_shards_samples_are_a_read_error(tmp_path):
+    """aria2c (and other downloaders that write segments in parallel) preallocates a file at its final
+    name and fills it in: a download cut short leaves zeros where segments are missing, and a crash
+    can leave a written file's end zeroed. tarfile takes the first zero block for the end of the
+    archive, so the samples from the first hole on were left out without a word (all of them when
+    the hole starts the file). A tar pads its end to a record of 10 KiB (1 MiB at most here)."""
+    tar = tmp_path / "whole.tar"
+    write_shard(tar, [{"__key__": f"k{i}", "png": png_bytes((i, 0, 0)), "cls": i, "npy": bytes(range(256)) * 2000}
+                      for i in range(8)])
+    data = tar.read_bytes()
+    assert _read(str(tar)) == [f"k{i}" for i in range(8)]
+    hole_at = min(m.offset for m in tarfile.open(tar).getmembers() if m.name.startswith("k4."))
+    (tmp_path / "end.tar").write_bytes(data[:hole_at] + bytes(len(data) - hole_at))
+    (tmp_path / "start.tar").write_bytes(bytes(hole_at) + data[hole_at:])
+    (tmp_path / "padded.tar").write_bytes(data + bytes((1 << 20) - 20 * 512))  # tar -b 2048: 1 MiB records
+    *kept, error = _read(str(tmp_path / "end.tar"))
+    assert kept == ["k0", "k1", "k2", "k3"]
+    assert re.fullmatch(r"EOFError: \d+ MiB of zeros after the tar's end-of-archive block, where a tar pads to a record: "
+                        r"zeros in place of its samples \(a download cut short\? a crash\?\), which are not read", error)
+    assert _read(str(tmp_path / "start.tar")) == ["EOFError: the shard starts with zeros in place of its samples (a "
+                                                  "download cut short? a crash?), which are not read"]
+    assert _read(str(tmp_path / "padded.tar")) == [f"k{i}" for i in range(8)]

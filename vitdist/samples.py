@@ -128,6 +128,11 @@ class _Prefixed:
         return data + self.stream.read(n - len(data)) if len(data) < n else data
 
 
+# The most zeros a tar ends with after its end-of-archive block: padding to a record, 10 KiB by default
+# (GNU tar, Python's tarfile, bsdtar), 1 MiB with `tar -b 2048`.
+_MAX_PADDING = 1 << 20
+
+
 class _Tail:
     """A shard's byte stream, decompressed, that keeps its first and last blocks. tarfile reads a
     tar cut exactly before a member's header as a complete archive: only the missing end-of-archive
@@ -155,16 +160,27 @@ class _Tail:
         """After tarfile has stopped, at the first zero block: in the tar, what follows is
         padding (zeros). Any other byte is data tarfile would never read, most often a second tar
         (shards joined with `cat`): its samples are counted as lost rather than silently left out."""
-        beyond = False
+        beyond, after = False, 0
         while data := self.read(1 << 16):
             beyond = beyond or bool(data.strip(b"\0"))
-        if self.head[257:262] != b"ustar":  # a V7 tar, without the magic: not told from other data
+            after += len(data)
+        # An archive that starts with its end is checked too: a file whose first bytes are zeros.
+        if self.head[257:262] != b"ustar" and any(self.head):  # a V7 tar, without the magic: not told from other data
             return
+        # Zeros where samples should be: tarfile takes the first zero block for the archive's end. A
+        # downloader that writes segments in parallel (aria2c) preallocates the file under its final
+        # name, and a download cut short leaves the missing segments zero; a crash can zero a file's end.
+        zeros = "zeros in place of its samples (a download cut short? a crash?), which are not read"
+        if beyond and not any(self.head):
+            raise EOFError(f"the shard starts with {zeros}")
         if len(self.tail) < 512 or any(self.tail):
             raise EOFError("the tar ends without its end-of-archive block, cut short before a member")
         if beyond:
             raise EOFError("data after the tar's end-of-archive block, which is not read (tars joined with cat? write "
                            "each shard as one tar)")
+        if after > _MAX_PADDING:
+            raise EOFError(f"{after >> 20} MiB of zeros after the tar's end-of-archive block, where a tar pads to a "
+                           f"record: {zeros}")
 
 
 class BadSample(ValueError):
