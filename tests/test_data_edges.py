@@ -85,3 +85,18 @@ def test_zeros_in_place_of_a_shards_samples_are_a_read_error(tmp_path):
     assert _read(str(tmp_path / "start.tar")) == ["EOFError: the shard starts with zeros in place of its samples (a "
                                                   "download cut short? a crash?), which are not read"]
     assert _read(str(tmp_path / "padded.tar")) == [f"k{i}" for i in range(8)]
+
+
+def test_a_corrupt_member_header_is_named_as_such_not_as_tars_joined_with_cat(tmp_path):
+    """tarfile ends a tar at a member header whose checksum is wrong (a bit flipped on a disk, a
+    damaged copy) as at its end-of-archive block: the rest of the shard was counted as a read error
+    that blamed tars joined with cat, which the shard was not."""
+    tar = tmp_path / "shard.tar"
+    write_shard(tar, [{"__key__": f"k{i}", "png": png_bytes((i, 0, 0)), "cls": i} for i in range(6)])
+    data = bytearray(tar.read_bytes())
+    header = min(m.offset for m in tarfile.open(tar).getmembers() if m.name.startswith("k3."))
+    data[header] ^= 0x20  # the first letter of its name
+    (tmp_path / "flipped.tar").write_bytes(data)
+    assert _read(str(tmp_path / "flipped.tar")) == [
+        "k0", "k1", "k2", "EOFError: a member header of the tar is corrupt (a damaged file?): tarfile stops there, "
+                          "and the samples after it are not read"]

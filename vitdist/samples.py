@@ -139,7 +139,7 @@ class _Tail:
     block (zeros) tells (a compressed one's decompressor finds its own truncation)."""
 
     def __init__(self, stream):
-        self.raw, self.stream, self.head, self.tail = stream, None, b"", b""
+        self.raw, self.stream, self.head, self.tail, self.last = stream, None, b"", b"", b""
 
     def read(self, n: int = -1) -> bytes:
         if self.stream is None:  # on the first read, where tarfile's handler takes its errors
@@ -151,6 +151,7 @@ class _Tail:
         if len(self.head) < 512:
             self.head += data[: 512 - len(self.head)]
         self.tail = (self.tail + data[-512:])[-512:]  # copies a block at most, not the whole read
+        self.last = data
         return data
 
     def __repr__(self) -> str:  # webdataset names the stream in its errors
@@ -160,6 +161,10 @@ class _Tail:
         """After tarfile has stopped, at the first zero block: in the tar, what follows is
         padding (zeros). Any other byte is data tarfile would never read, most often a second tar
         (shards joined with `cat`): its samples are counted as lost rather than silently left out."""
+        # tarfile stops at a member header that is not one as at the end-of-archive block, and reads
+        # 512-byte blocks from reads of whole blocks: the block it stopped at is one of its last read.
+        stopped = self.last
+        at_zeros = any(stopped[i : i + 512] == bytes(512) for i in range(0, len(stopped), 512))
         beyond, after = False, 0
         while data := self.read(1 << 16):
             beyond = beyond or bool(data.strip(b"\0"))
@@ -175,6 +180,9 @@ class _Tail:
             raise EOFError(f"the shard starts with {zeros}")
         if len(self.tail) < 512 or any(self.tail):
             raise EOFError("the tar ends without its end-of-archive block, cut short before a member")
+        if beyond and not at_zeros:
+            raise EOFError("a member header of the tar is corrupt (a damaged file?): tarfile stops there, and the "
+                           "samples after it are not read")
         if beyond:
             raise EOFError("data after the tar's end-of-archive block, which is not read (tars joined with cat? write "
                            "each shard as one tar)")
