@@ -8,10 +8,14 @@ import re
 import tarfile
 from collections import Counter
 
+import pytest
+
 from conftest import TINY, png_bytes, write_shard
+from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader
 from vitdist.samples import READ_ERROR, read_samples
+from vitdist.shard_list import expand_urls
 
 
 def _read(url):
@@ -100,3 +104,14 @@ def test_a_corrupt_member_header_is_named_as_such_not_as_tars_joined_with_cat(tm
     assert _read(str(tmp_path / "flipped.tar")) == [
         "k0", "k1", "k2", "EOFError: a member header of the tar is corrupt (a damaged file?): tarfile stops there, "
                           "and the samples after it are not read"]
+
+
+def test_a_glob_of_existing_shards_is_refused_saying_globs_are_not_expanded(tmp_path):
+    """`data.train_shards=/data/train-*.tar` was refused as '1 shard file(s) do not exist', of files
+    that the user could list with that very glob."""
+    for s in range(2):
+        write_shard(tmp_path / f"train-{s}.tar", [{"__key__": "k", "png": png_bytes((s, 0, 0)), "cls": 0}])
+    with pytest.raises(ConfigError, match=re.escape(f"data.train_shards: 1 shard file(s) do not exist, first: "
+                                                    f"'{tmp_path}/train-*.tar' (a glob, which names 2 file(s): shard specs "
+                                                    "are brace patterns, train-{000000..000099}.tar, or a .txt file")):
+        expand_urls(str(tmp_path / "train-*.tar"), "data.train_shards")

@@ -4,6 +4,7 @@ the first samples, for a mistake that every sample shares."""
 
 from __future__ import annotations
 
+import glob
 import itertools
 import logging
 import os
@@ -62,6 +63,10 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
     if missing:
         # A job started in another directory than the config's relative paths assume (the shipped configs' demo/...)
         relative = "" if Path(missing[0]).is_absolute() else f" (a relative path, from the working directory '{Path.cwd()}')"
+        # A glob names shards that exist, which the message would deny without a word on why
+        if set("*?[") & set(missing[0]) and (globbed := glob.glob(missing[0])):
+            relative += (f" (a glob, which names {len(globbed)} file(s): shard specs are brace patterns, "
+                         "train-{000000..000099}.tar, or a .txt file of one path per line)")
         raise ConfigError(f"{where}{len(missing)} shard file(s) do not exist, first: '{missing[0]}'{relative}")
     if not urls:
         raise ConfigError(f"{where}no shards in {spec!r}")
