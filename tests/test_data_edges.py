@@ -14,6 +14,7 @@ from conftest import TINY, png_bytes, write_shard
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader
+from vitdist.imagefolder import image_folders
 from vitdist.samples import READ_ERROR, read_samples
 from vitdist.shard_list import expand_urls
 
@@ -115,3 +116,17 @@ def test_a_glob_of_existing_shards_is_refused_saying_globs_are_not_expanded(tmp_
                                                     f"'{tmp_path}/train-*.tar' (a glob, which names 2 file(s): shard specs "
                                                     "are brace patterns, train-{000000..000099}.tar, or a .txt file")):
         expand_urls(str(tmp_path / "train-*.tar"), "data.train_shards")
+
+
+def test_a_folder_of_shards_given_as_shards_is_refused_saying_how_to_name_them(tmp_path):
+    """A directory is read as an ImageFolder; a folder of shards given so (data.train_shards=/data/in21k)
+    was refused as having 'no class sub-folders (expected <root>/<class>/<image>)', which says nothing
+    of the shards in it nor how to name them."""
+    for s in range(3):
+        write_shard(tmp_path / f"train-{s:06d}.tar", [{"__key__": "k", "png": png_bytes((s, 0, 0)), "cls": 0}])
+    cfg = load_config(TINY, [f"data.train_shards={tmp_path}", "data.val_shards=null"])
+    with pytest.raises(ConfigError, match=re.escape(
+            f"data.train_shards: '{tmp_path}' has no class sub-folders (expected <root>/<class>/<image>): a directory "
+            f"is read as an ImageFolder, and this one holds 3 shard(s) ('train-000000.tar', ...): name them with a "
+            f"brace pattern, '{tmp_path}/train-{{000000..000099}}.tar', or a .txt file of one path per line")):
+        image_folders(cfg.data, 8)

@@ -33,7 +33,12 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
         raise FileNotFoundError(f"image folder '{root}' does not exist")
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
-        raise ValueError(f"'{root}' has no class sub-folders (expected <root>/<class>/<image>)")
+        # A folder of shards, given where shards are (data.train_shards=/data/in21k): say how to name them
+        shards = sorted(p.name for p in root.iterdir() if ".tar" in p.suffixes)
+        held = (f": a directory is read as an ImageFolder, and this one holds {len(shards)} shard(s) ('{shards[0]}', "
+                f"...): name them with a brace pattern, '{root}/train-{{000000..000099}}.tar', or a .txt file of one "
+                "path per line" if shards else "")
+        raise ValueError(f"'{root}' has no class sub-folders (expected <root>/<class>/<image>){held}")
     given, classes = classes, names if classes is None else list(classes)
     if unknown := sorted(set(names) - set(classes)):
         raise ValueError(f"class folder(s) {unknown[:5]} of '{root}' are not among the {len(classes)} classes {classes[:5]}...")
