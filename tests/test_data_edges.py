@@ -130,3 +130,17 @@ def test_a_folder_of_shards_given_as_shards_is_refused_saying_how_to_name_them(t
             f"is read as an ImageFolder, and this one holds 3 shard(s) ('train-000000.tar', ...): name them with a "
             f"brace pattern, '{tmp_path}/train-{{000000..000099}}.tar', or a .txt file of one path per line")):
         image_folders(cfg.data, 8)
+
+
+def test_file_urls_and_relative_paths_with_a_colon_are_read_as_the_local_shards_they_name(tmp_path, monkeypatch):
+    """webdataset opens file: URLs, which were refused as missing files; a relative path whose first
+    part holds a colon passed the check, and then every read failed (webdataset took 'exp' for a URL
+    scheme), retried as an outage."""
+    (tmp_path / "exp:1").mkdir()
+    for name in ("exp:1/a.tar", "b.tar"):
+        write_shard(tmp_path / name, [{"__key__": f"{name[0]}{i}", "png": png_bytes((i, 0, 0)), "cls": i} for i in range(2)])
+    monkeypatch.chdir(tmp_path)
+    urls = expand_urls(["exp:1/a.tar", f"file://{tmp_path / 'b.tar'}"], "data.train_shards")
+    assert [_read(url) for url in urls] == [["e0", "e1"], ["b0", "b1"]]
+    with pytest.raises(ConfigError, match="exp:1/a.tar' is named 2 times"):
+        expand_urls(["exp:1/a.tar", f"file://{tmp_path / 'exp:1' / 'a.tar'}"], "data.train_shards")

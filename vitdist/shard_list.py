@@ -10,6 +10,8 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import braceexpand
 from torch.utils.data import IterableDataset
@@ -31,6 +33,18 @@ def is_remote(url: str) -> bool:
     return bool(colon) and scheme in gopen_schemes
 
 
+def _local_spelling(url: str) -> str:
+    """A local file's URL as the path every check and reader takes for one: a file: URL's path, and a
+    relative path whose first part holds a colon (exp:1/train.tar) behind ./, where webdataset would
+    take 'exp' for a URL scheme it has no handler for (every read failed, retried as an outage)."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return url2pathname(parsed.path)
+    if parsed.scheme and parsed.scheme not in gopen_schemes and os.path.exists(url):
+        return f"./{url}"
+    return url
+
+
 def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
     """Shard URLs from a brace pattern, a list of patterns, or a .txt file with one per line.
     `key` (the config key that gave them) is named in the errors. A shard named twice is refused:
@@ -48,7 +62,7 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
                           "shard: give the .txt file alone, or its lines in the list")
     patterns = [spec] if isinstance(spec, str) else spec
     try:
-        urls = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
+        urls = [_local_spelling(url) for pattern in patterns for url in braceexpand.braceexpand(pattern)]
     except braceexpand.UnbalancedBracesError as e:
         raise ConfigError(f"{where}{e}: a brace that is part of a name is written \\{{ or \\}}") from None
     # A local shard spelt otherwise ('d/./a.tar', relative beside absolute) is the same file; compared
