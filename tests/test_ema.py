@@ -1,19 +1,25 @@
 """The average of the weights (train.ema_decay): timm's law, swapped in and out whole, validated
 beside the weights, kept by checkpoints, exported, and refused where there is none."""
 
+import copy
 import json
 import re
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
-from conftest import read_scalars, run_pretrain, shard_overrides, vitdist_cli
+from conftest import TINY, read_scalars, run_pretrain, shard_overrides, vitdist_cli
+from vitdist import distributed
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
+from vitdist.distributed import prepare_model
 from vitdist.ema import WeightAverage
 from vitdist.export import export
+from vitdist.model import build_model
 
 
 def _small_model() -> torch.nn.Module:
@@ -119,3 +125,45 @@ def test_a_run_validates_its_average_keeps_the_better_as_best_and_exports_it(dem
     # At lr 0 (and no weight decay step), the fine-tune's weights are the average it started from.
     tuned_weights = load_file(export(tmp_path / "tuned" / "checkpoints", tmp_path / "t.safetensors"))
     assert all(torch.equal(tuned_weights[k], averaged[k]) for k in averaged)
+
+
+def _fsdp_swap(rank, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'store'}", rank=rank, world_size=2)
+    try:
+        ctx = distributed.DistContext(rank, 2, torch.device("cpu"), control=dist.new_group(backend="gloo"))
+        cfg = load_config(TINY, ["dist.strategy=fsdp", "dist.fsdp_reshard_after_forward=false", "model.depth=2"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        averaged = copy.deepcopy(model)
+        with torch.no_grad():
+            for param in averaged.parameters():
+                param.mul_(0.5)
+        weights = copy.deepcopy(model)
+        sharded = prepare_model(model, cfg, ctx)
+        average = WeightAverage(model, 0.9, warmup=False)
+        with torch.no_grad():
+            for param in average.average.values():
+                param.mul_(0.5)
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            sharded.eval()
+            sharded(x)  # validating the weights: FSDP keeps what it gathered for them
+            with average.swapped_in():
+                during = sharded(x)
+            after = sharded(x)
+        diff = {"during": (during - averaged.eval()(x)).abs().max().item(),
+                "after": (after - weights.eval()(x)).abs().max().item()}
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(diff))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_computes_with_the_average_swapped_in_also_when_it_keeps_gathered_parameters(tmp_path):
+    """dist.fsdp_reshard_after_forward=false: FSDP keeps the parameters gathered for a forward, and
+    computed with the weights under swapped_in (val_ema/ was val/, exactly); resharded before the
+    swap only, it would compute with the average after it (the next training step's forward, where
+    no state dict was taken between). Two real gloo processes."""
+    mp.spawn(_fsdp_swap, args=(tmp_path,), nprocs=2)
+    for rank in range(2):
+        diff = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert diff["during"] < 1e-5 and diff["after"] < 1e-5, (rank, diff)

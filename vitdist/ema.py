@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 
 class WeightAverage:
@@ -18,6 +19,7 @@ class WeightAverage:
 
     def __init__(self, model: torch.nn.Module, decay: float, warmup: bool):
         self.decay, self.warmup = decay, warmup
+        self.model = model
         self.params = dict(model.named_parameters())
         self.average = {name: param.detach().clone() for name, param in self.params.items()}
 
@@ -38,10 +40,21 @@ class WeightAverage:
         """The model computes with the average inside, with its own weights again after (they are
         copied aside meanwhile: one more copy of this rank's parameters)."""
         own = {name: param.detach().clone() for name, param in self.params.items()}
+        self._reshard()
         for name, param in self.params.items():
             param.copy_(self.average[name])
         try:
             yield
         finally:
+            self._reshard()
             for name, param in self.params.items():
                 param.copy_(own[name])
+
+    def _reshard(self) -> None:
+        # FSDP2 with dist.fsdp_reshard_after_forward=false keeps the parameters gathered for the last
+        # forward (no backward frees them under no_grad), and the next forward computes with those,
+        # not with what was copied into the shards since: the weights validated as the average, or
+        # the average trained on.
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
