@@ -43,6 +43,12 @@ def test_the_average_is_timms_model_ema(warmup):
         assert not torch.allclose(ours.average[name], model.state_dict()[name])  # an average, not the weights
 
 
+def test_frozen_parameters_are_their_own_average_and_not_copied():
+    model = _small_model()
+    model[0].requires_grad_(False)
+    assert set(WeightAverage(model, 0.9, warmup=False).average) == {"1.weight", "1.bias", "2.weight", "2.bias"}
+
+
 def test_the_average_is_swapped_in_and_the_weights_come_back_whole():
     model = _small_model()
     average = WeightAverage(model, 0.9, warmup=False)
@@ -125,6 +131,15 @@ def test_a_run_validates_its_average_keeps_the_better_as_best_and_exports_it(dem
     # At lr 0 (and no weight decay step), the fine-tune's weights are the average it started from.
     tuned_weights = load_file(export(tmp_path / "tuned" / "checkpoints", tmp_path / "t.safetensors"))
     assert all(torch.equal(tuned_weights[k], averaged[k]) for k in averaged)
+
+    # A linear probe averages its head alone: the frozen backbone is its own average.
+    probe = run_pretrain(0, [*finetune, f"finetune.init={run_dir / 'checkpoints'}", f"run.dir={tmp_path / 'probe'}",
+                             "finetune.init_ema=false", "finetune.freeze=backbone", "train.steps=3",
+                             "train.ema_decay=0.5"], launcher="finetune")
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    probe_average = load_file(export(tmp_path / "probe" / "checkpoints", tmp_path / "p.safetensors", average=True))
+    assert all(torch.equal(probe_average[k], weights[k]) for k in weights if not k.startswith("head."))
+    assert not torch.equal(probe_average["head.weight"], weights["head.weight"])
 
 
 def _fsdp_swap(rank, out_dir):

@@ -178,15 +178,15 @@ def load_model_weights(path: str | Path, average: bool = False) -> tuple[dict[st
     path = Path(path)
     meta = _model_json(path)
     metadata = _complete_metadata(path)  # a lost or short file named (FileNotFoundError), not DCP's traceback mid-load
-    model = timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"])
-    weights = model.state_dict()
+    weights = timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"]).state_dict()
     state = {"model": weights}
     if average:
         if not _has_average(metadata):
             raise NoAverage(_no_average(path))
-        params = {name for name, _ in model.named_parameters()}
-        state = {AVERAGE: {k: v for k, v in weights.items() if k in params},
-                 "model": {k: v for k, v in weights.items() if k not in params}}  # buffers, if the arch has any
+        # Buffers, and the parameters a run kept frozen (their own average), are the weights'.
+        averaged = {fqn.removeprefix(f"{AVERAGE}.") for fqn in metadata.state_dict_metadata if fqn.startswith(f"{AVERAGE}.")}
+        state = {AVERAGE: {k: v for k, v in weights.items() if k in averaged},
+                 "model": {k: v for k, v in weights.items() if k not in averaged}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         _safe_load(state, path, no_dist=True)

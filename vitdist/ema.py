@@ -12,15 +12,16 @@ from torch.distributed.fsdp import FSDPModule
 
 
 class WeightAverage:
-    """The average of `model`'s parameters, one tensor of the parameter's own kind each: under FSDP
-    a DTensor shard (each rank averages the part it holds), under DDP a full copy; fp32, as the
-    weights are (a bf16 average would round away updates of decay 0.9999). Keyed by the model's
-    parameter names, which the checkpoint's model state dict uses too."""
+    """The average of `model`'s trained parameters, one tensor of the parameter's own kind each:
+    under FSDP a DTensor shard (each rank averages the part it holds), under DDP a full copy; fp32,
+    as the weights are (a bf16 average would round away updates of decay 0.9999). Keyed by the
+    model's parameter names, which the checkpoint's model state dict uses too. Frozen parameters (a
+    linear probe's backbone) are their own average: not copied (a ViT-g's would take 4 GB)."""
 
     def __init__(self, model: torch.nn.Module, decay: float, warmup: bool):
         self.decay, self.warmup = decay, warmup
         self.model = model
-        self.params = dict(model.named_parameters())
+        self.params = {name: param for name, param in model.named_parameters() if param.requires_grad}
         self.average = {name: param.detach().clone() for name, param in self.params.items()}
 
     def decay_at(self, step: int) -> float:
