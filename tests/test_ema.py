@@ -56,13 +56,15 @@ def test_the_average_is_swapped_in_and_the_weights_come_back_whole():
         for param in model.parameters():
             param.mul_(2)
     own = {name: value.clone() for name, value in model.state_dict().items()}
+    averaged = {name: value.clone() for name, value in average.average.items()}
     x = torch.randn(4, 8)
     with pytest.raises(KeyboardInterrupt):
         with average.swapped_in():
-            assert all(torch.equal(average.average[name], value) for name, value in model.state_dict().items())
+            assert all(torch.equal(averaged[name], value) for name, value in model.state_dict().items())
             assert not torch.equal(model(x), torch.func.functional_call(model, own, (x,)))
             raise KeyboardInterrupt  # the weights come back also when validation is interrupted
     assert all(torch.equal(own[name], value) for name, value in model.state_dict().items())
+    assert all(torch.equal(averaged[name], value) for name, value in average.average.items())
     assert all(param.requires_grad for param in model.parameters())
 
 

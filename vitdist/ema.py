@@ -36,22 +36,19 @@ class WeightAverage:
                              1 - self.decay_at(step))
 
     @contextlib.contextmanager
-    @torch.no_grad()
     def swapped_in(self) -> Iterator[None]:
-        """The model computes with the average inside, with its own weights again after (they are
-        copied aside meanwhile: one more copy of this rank's parameters)."""
-        own = {name: param.detach().clone() for name, param in self.params.items()}
-        self._reshard()
-        for name, param in self.params.items():
-            param.copy_(self.average[name])
+        """The model computes with the average inside (which holds the weights meanwhile), with its
+        own weights again after."""
+        self._swap()
         try:
             yield
         finally:
-            self._reshard()
-            for name, param in self.params.items():
-                param.copy_(own[name])
+            self._swap()
 
-    def _reshard(self) -> None:
+    @torch.no_grad()
+    def _swap(self) -> None:
+        """The parameters' values and the average's exchanged, one tensor at a time: no second copy
+        of all the weights."""
         # FSDP2 with dist.fsdp_reshard_after_forward=false keeps the parameters gathered for the last
         # forward (no backward frees them under no_grad), and the next forward computes with those,
         # not with what was copied into the shards since: the weights validated as the average, or
@@ -59,3 +56,7 @@ class WeightAverage:
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+        for name, param in self.params.items():
+            kept = param.detach().clone()
+            param.copy_(self.average[name])
+            self.average[name].copy_(kept)
