@@ -216,8 +216,12 @@ with open(shard + ".reads", "a") as reads:
 with open(shard + ".reads") as reads:
     if len(reads.readlines()) >= 2:  # its read for training (the first is the config check's)
         # The preemption's SIGTERM to the training process's group, this command's too, as the
-        # read ahead starts: the steps it comes before still have their batches.
+        # read starts; then half the shard (4 steps' samples), for the steps until the preemption's
+        # checkpoint, even where the loader reads no further ahead than the steps (a loaded machine).
         os.killpg(0, signal.SIGTERM)
+        data = open(shard, "rb").read()
+        sys.stdout.buffer.write(data[: len(data) // 2])
+        sys.stdout.buffer.flush()
         signal.pause()  # a network read that hangs; SIGTERM ignored, as vitdist.samples has it
 sys.stdout.buffer.write(open(shard, "rb").read())
 """
@@ -225,9 +229,9 @@ sys.stdout.buffer.write(open(shard, "rb").read())
 
 def test_a_preemption_exits_while_a_read_ahead_stalls(tmp_path):
     """The loader reads ahead into a shard whose `pipe:` command hangs while the steps still train
-    on the shard before it. The preemption's checkpoint needs nothing of it, but the run waited at
-    its exit for the stalled read until the loader's timeout (600 s), past a scheduler's grace: now
-    its reads are ended after a grace, and it exits 75, its command ended."""
+    on what was read before. The preemption's checkpoint needs nothing of what hangs, but the run
+    waited at its exit for the stalled read until the loader's timeout (600 s), past a scheduler's
+    grace: now its reads are ended after a grace, and it exits 75, its command ended."""
     for s in range(2):
         write_shard(tmp_path / f"s{s}.tar", [{"__key__": f"s{s}_{i:03d}", "png": png_bytes((s * 100, i, 0)),
                                                "cls": i % 8} for i in range(256)])
@@ -242,7 +246,8 @@ def test_a_preemption_exits_while_a_read_ahead_stalls(tmp_path):
     run = run_captured(pretrain_command(0, overrides), 120, start_new_session=True)
     assert run.returncode == 75, run.stderr[-3000:]
     step = int(re.search(r"preempted at step (\d+)", run.stderr)[1])
-    assert step <= 8 and (tmp_path / "run" / "checkpoints" / f"step_{step}").is_dir()  # the first shard's 8 steps
+    # Before the stall: the first shard's 8 steps, and the 4 of the second's first half.
+    assert step <= 12 and (tmp_path / "run" / "checkpoints" / f"step_{step}").is_dir()
     assert running(str(tmp_path / "stall.py")) == []
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from webdataset.gopen import Pipe
 from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
-from .commands import recorded
+from .commands import end_command, recorded
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -50,16 +50,27 @@ def read_samples(url: str) -> Iterator[dict]:
 
     opened = [dict(source, url=url) for source in url_opener([{"url": _opened_as(url)}], handler=stop)]
     sources = [dict(source, stream=_Tail(source["stream"])) for source in opened]
-    with recorded([source["stream"].proc for source in opened if isinstance(source["stream"], Pipe)]):
-        for sample in _group_by_keys(tar_file_expander(sources, handler=stop, eof_value=None)):  # one shard: no end marker
-            if errors:
-                break
-            yield sample
-        if not errors and sources:
-            try:
-                sources[0]["stream"].check_end()
-            except (EOFError, OSError, zlib.error, lzma.LZMAError) as exn:  # OSError: e.g. a pipe's command failed
-                errors.append(exn)
+    commands = [source["stream"].proc for source in opened if isinstance(source["stream"], Pipe)]
+    try:
+        with recorded(commands):
+            for sample in _group_by_keys(tar_file_expander(sources, handler=stop, eof_value=None)):  # one shard: no end marker
+                if errors:
+                    break
+                yield sample
+            if not errors and sources:
+                try:
+                    sources[0]["stream"].check_end()
+                except (EOFError, OSError, zlib.error, lzma.LZMAError) as exn:  # OSError: e.g. a pipe's command failed
+                    errors.append(exn)
+    except GeneratorExit:
+        # Left mid-shard (the loader stopped: the run's end, a preemption; a probe read enough): the
+        # rest is not wanted, and webdataset's close would wait up to 2 hours for the command to exit,
+        # which one stalled on the network never does while it writes nothing. A preemption's run
+        # waited at its exit, past the scheduler's grace.
+        for command in commands:
+            if command.poll() is None:
+                end_command(command.pid)
+        raise
     if errors:
         reason = getattr(errors[0], "strerror", None) or errors[0].args[0]
         if isinstance(reason, str) and url.startswith("pipe:"):  # a failed command's: as the user wrote it
