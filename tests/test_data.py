@@ -23,7 +23,8 @@ import vitdist.shard_list
 from conftest import TINY, children, png_bytes, run_pretrain, vitdist_cli, write_png_folder, write_shard
 from vitdist.config import ConfigError, DataConfig
 from vitdist.config_yaml import load_config
-from vitdist.data import EvalLoader, Stream, TrainLoader, shard_order
+from vitdist.data import EvalLoader, TrainLoader
+from vitdist.streams import Stream, shard_order
 from vitdist.shard_list import expand_urls, train_shard_urls
 from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
 from vitdist.samples import READ_ERROR, BadSample, NoUsableSamples, load_rgb, open_image, read_sample, read_samples

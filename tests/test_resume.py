@@ -21,7 +21,7 @@ from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, p
                       pretrain_command, run_captured, run_pretrain, running, shard_overrides, wait_for, worker_pid,
                       write_png_folder, write_shard)
 from vitdist.config import ConfigError
-from vitdist.data import shard_order
+from vitdist.streams import shard_order
 from vitdist.config_yaml import load_config
 from vitdist.demo_data import write_demo_dataset
 from vitdist.shard_list import expand_urls

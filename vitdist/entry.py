@@ -11,7 +11,7 @@ from .checkpoint_read import CorruptCheckpoint, UnsafeCheckpoint
 from .config import ConfigError
 from .config_check import doubts
 from .config_yaml import load_config
-from .data import ShardChanged
+from .streams import ShardChanged
 from .distributed import refuse_together
 from .handoff import HandoffError
 from .optim import NonFiniteTraining
