@@ -163,12 +163,15 @@ class NoAverage(ValueError):
     """`--ema` asked of a checkpoint whose run kept no average of the weights."""
 
 
-def _no_average(path: Path) -> str:
-    return f"checkpoint '{path}' holds no average of the weights: the run that wrote it had train.ema_decay=0"
+def _no_average(path: Path) -> NoAverage:
+    return NoAverage(f"checkpoint '{path}' holds no average of the weights: the run that wrote it had train.ema_decay=0")
 
 
-def _has_average(metadata: Metadata) -> bool:
-    return any(fqn.startswith(f"{AVERAGE}.") for fqn in metadata.state_dict_metadata)
+def _averaged(metadata: Metadata) -> set[str]:
+    """The parameters whose average the checkpoint holds: none where its run kept no average; its
+    trained ones otherwise (a frozen parameter is its own average)."""
+    prefix = f"{AVERAGE}."
+    return {fqn.removeprefix(prefix) for fqn in metadata.state_dict_metadata if fqn.startswith(prefix)}
 
 
 def load_model_weights(path: str | Path, average: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
@@ -181,10 +184,9 @@ def load_model_weights(path: str | Path, average: bool = False) -> tuple[dict[st
     weights = timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"]).state_dict()
     state = {"model": weights}
     if average:
-        if not _has_average(metadata):
-            raise NoAverage(_no_average(path))
-        # Buffers, and the parameters a run kept frozen (their own average), are the weights'.
-        averaged = {fqn.removeprefix(f"{AVERAGE}.") for fqn in metadata.state_dict_metadata if fqn.startswith(f"{AVERAGE}.")}
+        if not (averaged := _averaged(metadata)):
+            raise _no_average(path)
+        # Buffers, and the parameters a run kept frozen, are the weights'.
         state = {AVERAGE: {k: v for k, v in weights.items() if k in averaged},
                  "model": {k: v for k, v in weights.items() if k not in averaged}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -200,8 +202,8 @@ def model_weight_shapes(path: str | Path, average: bool = False) -> dict[str, to
     path = Path(path)
     _model_json(path)  # refused as load_model_weights refuses it
     metadata = _complete_metadata(path)
-    if average and not _has_average(metadata):
-        raise NoAverage(_no_average(path))
+    if average and not _averaged(metadata):
+        raise _no_average(path)
 
     def shapes(prefix: str) -> dict[str, torch.Tensor]:
         return {fqn.removeprefix(prefix): torch.empty(item.size, dtype=item.properties.dtype, device="meta")
@@ -228,7 +230,7 @@ def load_average(path: str | Path, average: WeightAverage) -> bool:
     """The checkpoint's average of the weights into `average`, in place (any world size, DDP or
     FSDP); False, `average` untouched, where the checkpoint holds none."""
     path = Path(path)
-    if not _has_average(_complete_metadata(path)):
+    if not _averaged(_complete_metadata(path)):
         return False
     _safe_load({AVERAGE: average.average}, path)
     return True
