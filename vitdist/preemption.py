@@ -42,3 +42,10 @@ class Preemption:
             return False
         agreeing[0].wait()
         return bool(agreeing[1].item())
+
+    def settle(self) -> None:
+        """Wait for the agreement in flight; the next step reads it without waiting. A collective
+        started under torch.profiler ends its record in gloo's thread when it completes: ending
+        there after the profiler has stopped writes into freed memory (the process aborts later)."""
+        if self._agreeing is not None:
+            self._agreeing[0].wait()

@@ -5,6 +5,7 @@ Perfetto (ui.perfetto.dev) or chrome://tracing opens."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,8 +18,9 @@ class StepProfiler:
     """Profiles steps `first` to `last` (1-based, inclusive) of `steps` = [first, last] ([]: none);
     a run resumed inside them profiles the rest."""
 
-    def __init__(self, steps: list[int], out_dir: Path, rank: int):
-        self.steps, self.out_dir, self.rank = steps, out_dir, rank
+    def __init__(self, steps: list[int], out_dir: Path, rank: int, settle: Callable[[], None]):
+        """`settle`: waits for the collectives still running that started during the steps."""
+        self.steps, self.out_dir, self.rank, self.settle = steps, out_dir, rank, settle
         self.profiler: profile | None = None
         self.first = 0  # the first step profiled
         self.step_range: record_function | None = None
@@ -40,6 +42,7 @@ class StepProfiler:
         self.step_range.__exit__(None, None, None)
         self.step_range = None
         if step == self.steps[1]:
+            self.settle()
             self.profiler.__exit__(None, None, None)  # waits for the GPU's events
             self.out_dir.mkdir(parents=True, exist_ok=True)
             trace = self.out_dir / f"rank{self.rank}-steps{self.first}-{step}.json"

@@ -163,7 +163,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             record_owed_validation(run_dir / "tb", resume_from, state.step, ctx)
 
     bad_steps = BadSteps(ctx.device)
-    profiler = StepProfiler(cfg.log.profile_steps, run_dir / "profile", ctx.rank)
+    profiler = StepProfiler(cfg.log.profile_steps, run_dir / "profile", ctx.rank, settle=preemption.settle)
     normalize = Normalize(cfg.data, ctx.device)
     with DeviceBatches(iter(loader), ctx.device) as batches:
         window = Window(start=time.perf_counter())
