@@ -86,6 +86,17 @@ def test_data_pipeline_bench_measures_both_decodes_alone_and_in_training(tmp_pat
         assert run["images_per_sec"]["mean"] > 0 and 0 <= run["data_wait_frac"]["mean"] <= 1
 
 
+def test_jpeg_reduce_bench_times_both_ways_on_the_same_crops(tmp_path):
+    """At 224 px, a 500x375 photo's crops are hardly ever 448 px a side (reduced), a 1024x768 one's
+    mostly are, and come within a few levels of the full decode's."""
+    out = tmp_path / "reduce.json"
+    run_bench("jpeg_reduce.py", "--sizes", "500x375,1024x768", "--crops", "20", "--out", str(out))
+    small, large = json.loads(out.read_text())["rows"]
+    assert small["reduced_share"] < 0.2 and large["reduced_share"] >= 0.5
+    assert all(r["full_per_s"] > 0 and r["reduced_per_s"] > 0 for r in (small, large))
+    assert 0 < large["mean_abs_diff"] < 10
+
+
 def test_data_pipeline_bench_writes_its_shards_once(tmp_path):
     """The shards are cached in --cache: a run with the same spec reads them instead of writing them
     again (12,000 JPEGs are 20-30 s of a device call); another spec writes them anew."""

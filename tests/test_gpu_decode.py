@@ -17,11 +17,11 @@ from vitdist import gpu_decode
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.data import TrainLoader, decodes_on_device
-from vitdist.transforms import resized_crop, sample_crop, to_uint8_tensor
+from vitdist.transforms import reduce_jpeg, resized_crop, sample_crop, to_uint8_tensor
 from vitdist.demo_data import draw_photo
 from vitdist.gpu_decode import encoded_jpegs, to_device
 from vitdist.prefetch import DeviceBatches
-from vitdist.samples import _MAX_WARNINGS
+from vitdist.samples import _MAX_WARNINGS, load_rgb
 
 CPU = torch.device("cpu")
 # Where a GPU is, the device-side tests run on it too (CI has none: they skip there).
@@ -60,10 +60,11 @@ def photo_shards(tmp_path_factory):
 
 
 def loader(pattern, decode, *overrides, batch_size=32, positions=None):
+    """data.jpeg_reduce off unless overridden: the device decodes each JPEG whole."""
     cfg = load_config(TINY, [f"data.train_shards={pattern}", "data.val_shards=null", "data.streams=4",
                              "data.shuffle_block=8", f"train.global_batch_size={batch_size}",
                              f"data.micro_batch_size={batch_size}", "data.num_workers=0", f"data.decode={decode}",
-                             *overrides])
+                             "data.jpeg_reduce=false", *overrides])
     return TrainLoader(cfg.data, 32, 8, batch_size, 0, 1, positions)
 
 
@@ -96,6 +97,37 @@ def test_gpu_path_gives_the_cpu_paths_samples_crops_and_flips(photo_shards):
         inner = torch.stack([l + (r - l) // 5, t + (b - t) // 5, r - (r - l) // 5, b - (b - t) // 5], dim=1)
         zoomed = mean_abs_diff(to_device(dict(got, jpeg_box=inner), CPU)[encoded], want["image"][encoded])
         assert mirrored > 10 and zoomed > 10, (mirrored, zoomed)  # about 45 and 28
+
+
+def test_a_reduced_jpeg_decode_gives_the_same_region_close_to_a_full_decodes_pixels():
+    """data.jpeg_reduce: libjpeg decodes a 1024x768 JPEG at 1/4 for a 600x450 crop resized to 64 px,
+    and the box follows; the crop is within a few levels of the full decode's, where a crop shifted by
+    a tenth of its width is not. A crop under twice the size, and a PNG, are decoded whole."""
+    data = encode(draw_photo(1024, 768, np.random.default_rng(0)), quality=90)
+    box = (100, 80, 700, 530)
+    image = Image.open(io.BytesIO(data))
+    reduced = reduce_jpeg(image, box, 64)
+    assert image.size == (256, 192) and reduced == (25, 20, 175, 132)
+    crop = resized_crop(load_rgb(image), reduced, False, 64)
+    whole = Image.open(io.BytesIO(data))
+    assert mean_abs_diff(crop, resized_crop(whole, box, False, 64)) < 3
+    assert mean_abs_diff(crop, resized_crop(whole, (160, 80, 760, 530), False, 64)) > 10
+
+    for small, encoded in [((0, 0, 127, 500), data), (box, encode(whole.crop((0, 0, 800, 600)), "PNG"))]:
+        image = Image.open(io.BytesIO(encoded))
+        size = image.size
+        assert reduce_jpeg(image, small, 64) == small and load_rgb(image).size == size
+
+
+def test_the_cpu_path_with_jpeg_reduce_gives_the_same_samples_and_regions(photo_shards):
+    """On the loader's small photos (90-120 px, 32 px crops) many JPEG crops decode at 1/2: the same
+    samples and regions, about 5 levels from the full decode's at this size (a flipped or zoomed
+    crop: 28-45, above)."""
+    full, reduced = next(iter(loader(photo_shards, "cpu"))), next(iter(loader(photo_shards, "cpu", "data.jpeg_reduce=true")))
+    assert reduced["key"] == full["key"] and torch.equal(reduced["label"], full["label"])
+    differ = [i for i in range(len(full["key"])) if not torch.equal(reduced["image"][i], full["image"][i])]
+    assert len(differ) >= 8
+    assert mean_abs_diff(reduced["image"][differ], full["image"][differ]) < 10
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a GPU")

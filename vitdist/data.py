@@ -28,7 +28,7 @@ from .config import ConfigError, DataConfig
 from .samples import BadSample, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
 from .shard_list import expand_urls, train_shard_urls
 from .streams import Stream
-from .transforms import draw_augmentation, eval_transform, resized_crop, stack_images, to_uint8_tensor
+from .transforms import draw_augmentation, eval_transform, reduce_jpeg, resized_crop, stack_images, to_uint8_tensor
 from .workers import Reads, data_loader, watched
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ class TrainChunks(IterableDataset):
                     flips.append(flip)
                     pixels.append(image.width * image.height)
                 else:
+                    if self.cfg.jpeg_reduce:
+                        box = reduce_jpeg(image, box, self.img_size)
                     crop = resized_crop(load_rgb(image), box, flip, self.img_size)
                     images.append(self.rand_augment(crop, rng.getrandbits(64)) if self.rand_augment else crop)
             except BadSample as reason:
