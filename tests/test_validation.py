@@ -2,13 +2,17 @@
 
 import json
 import math
+import os
 import shutil
+import signal
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, shard_overrides
+from conftest import (EXACT, TINY, background_pretrain, read_scalars, run_pretrain, shard_overrides, wait_for,
+                      worker_pid)
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader
 from vitdist.distributed import DistContext
@@ -65,3 +69,45 @@ def test_an_evaluation_of_no_usable_sample_logs_no_figures_and_keeps_the_best(pr
     assert all(math.isnan(scalars[tag]) for tag in ("val/loss", "val/top1", "val/top5")), scalars
     assert scalars["val/skipped"] == len(copies)  # a read error for each shard
     assert best == before and not best_file.exists()
+
+
+# A validation shard read through a command that notes each read in `marks`.
+MARKING_SHARD = """
+import sys
+shard, marks = sys.argv[1:]
+with open(marks, "a") as f:
+    f.write("read\\n")
+sys.stdout.buffer.write(open(shard, "rb").read())
+"""
+
+
+def test_a_preemption_signal_interrupts_validation_and_the_resumed_run_owes_it(demo_shards, tmp_path):
+    """A signal to one rank while validating step 2 stops the validation on both at the same batch: the
+    run checkpoints step 2 as owing it and exits 75, with no val/ at step 2. A signal while the
+    resumed run does that owed validation exits 75 again, with the checkpoint still owing it; the
+    run after that validates step 2 first. (Each run's config check reads the first shard once.)"""
+    (tmp_path / "marking.py").write_text(MARKING_SHARD)
+    marks = tmp_path / "marks"
+    reads = lambda: len(marks.read_text().splitlines()) if marks.exists() else 0
+    marking = f"pipe:{sys.executable} {tmp_path / 'marking.py'} {demo_shards['train'].replace('{000000..000015}', '000000')} {marks}"
+    train = shard_overrides(demo_shards)[0]
+    val = [marking] + [demo_shards["train"].replace("{000000..000015}", f"{i:06d}") for i in range(1, 16)]
+    common = [train, *EXACT, f"data.val_shards={json.dumps(val)}", "data.micro_batch_size=16", "train.global_batch_size=32",
+              "train.eval_every_steps=2", "ckpt.every_steps=0", f"run.dir={tmp_path / 'run'}"]
+    for run, read in (("first", 2), ("resumed", 4)):
+        with background_pretrain(2, [*common, "train.steps=1000"], tmp_path / f"{run}.log") as process:
+            wait_for(lambda: reads() >= read, process)
+            os.kill(worker_pid(process.pid, 1), signal.SIGTERM)  # rank 0 learns of it from rank 1
+            process.wait(timeout=120)
+    first, resumed = (tmp_path / "first.log").read_text(), (tmp_path / "resumed.log").read_text()
+    for rank in (0, 1):
+        assert f"[rank {rank}] WARNING step 2: validation interrupted by the preemption signal" in first
+        assert f"[rank {rank}] WARNING preempted at step 2: exiting with 75; the newest complete checkpoint" in first
+        assert f"[rank {rank}] WARNING preempted while validating step 2: exiting with 75" in resumed
+    assert "step 2: validating first" in resumed
+    assert "val/top1" not in read_scalars(tmp_path / "run" / "tb")
+
+    last = run_pretrain(2, [*common, "train.steps=4"])
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert "step 2: validating first" in last.stderr
+    assert [s for s, _ in read_scalars(tmp_path / "run" / "tb")["val/top1"]] == [2, 4]

@@ -223,11 +223,11 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def any_rank(flag: bool, ctx: DistContext) -> bool:
-    """True on every rank if it is true on any (over the gloo control group: no device sync)."""
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ctx.control)
-    return bool(value.item())
+def any_rank(flags: list[bool], ctx: DistContext) -> list[bool]:
+    """Each flag true on every rank if it is true on any (over the gloo control group: no device sync)."""
+    values = torch.tensor([int(flag) for flag in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=ctx.control)
+    return [bool(value) for value in values.tolist()]
 
 
 def any_rank_on_device(flag: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,10 @@ class Preemption:
                         signal.Signals(signum).name, PREEMPTED_EXIT_CODE)
         self.received = signum
 
+    def signalled(self) -> bool:
+        """Whether this rank has had a signal (the ranks agree on it at their next collective)."""
+        return self.received is not None
+
     def requested(self, ctx: distributed.DistContext) -> bool:
         """True on every rank, at the same step, once any rank has a signal. Each step starts the
         ranks' agreement and reads the one the step before started, which has had a step to

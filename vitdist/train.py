@@ -158,7 +158,12 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         else:
             log.info("step %d: validating first, as the preempted run that checkpointed there did not", state.step)
             scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, state.step, state.best,
-                                                         best_file, meta, average)
+                                                         best_file, meta, average, stop=preemption.signalled)
+            if scalars is None:  # the checkpoint resumed from still owes it
+                logger.close()
+                log.warning("preempted while validating step %d: exiting with %d; %s still owes it", state.step,
+                            PREEMPTED_EXIT_CODE, resume_from)
+                sys.exit(PREEMPTED_EXIT_CODE)
             logger.log(state.step, scalars)
             record_owed_validation(run_dir / "tb", resume_from, state.step, ctx)
 
@@ -204,8 +209,13 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             scalars = _close_window(window, lr, state, flops_per_image / peak, ctx) if at_log_step else {}
             if at_eval_step:
                 val_scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step,
-                                                                 state.best, best_file, meta, average)
-                scalars.update(val_scalars)
+                                                                 state.best, best_file, meta, average,
+                                                                 stop=preemption.signalled)
+                if val_scalars is None:  # a preemption signal came during it: this step's checkpoint owes it
+                    preempted = at_ckpt_step = True
+                    log.warning("step %d: validation interrupted by the preemption signal", step)
+                else:
+                    scalars.update(val_scalars)
             if scalars:
                 logger.log(step, scalars)
             if at_log_step:

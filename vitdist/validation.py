@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,15 +72,21 @@ def _set_aside(best_file: Path) -> None:
 
 def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx: distributed.DistContext, compute,
                            step: int, best: dict | None, best_file: Path, meta: dict,
-                           average: WeightAverage | None = None) -> tuple[dict, dict]:
+                           average: WeightAverage | None = None,
+                           stop: Callable[[], bool] = lambda: False) -> tuple[dict | None, dict | None]:
     """Validate the weights, and the average of them where the run keeps one (val_ema/); the
     better of the two, if `better` than `best`, goes to `best_file` (its JSON says which: "ema").
-    Returns the scalars and the scores that later weights must beat."""
-    scalars = evaluate(model, val_loader, cfg, ctx, compute)
+    Returns the scalars and the scores that later weights must beat; the scalars are None where
+    `stop` interrupted it (see `evaluate`), and nothing was kept."""
+    scalars = evaluate(model, val_loader, cfg, ctx, compute, stop)
+    if scalars is None:
+        return None, best
     scores, from_average = _scores(scalars), False
     if average is not None:
         with average.swapped_in():
-            averaged = evaluate(model, val_loader, cfg, ctx, compute)
+            averaged = evaluate(model, val_loader, cfg, ctx, compute, stop)
+        if averaged is None:
+            return None, best
         scalars.update({key.replace("val/", "val_ema/"): value for key, value in averaged.items() if key != "val/skipped"})
         if not math.isnan(averaged["val/top1"]) and (math.isnan(scores["val_top1"]) or better(_scores(averaged), scores)):
             scores, from_average = _scores(averaged), True
@@ -133,9 +140,12 @@ def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistContext, compute) -> dict:
+def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistContext, compute,
+             stop: Callable[[], bool] = lambda: False) -> dict | None:
     """Loss, top-1 and top-5 over the whole validation set, every sample counted once over all ranks
-    (NaN where no sample could be used).
+    (NaN where no sample could be used); None once `stop()` (a preemption signal) is true on any
+    rank, every rank leaving at the same batch: a long validation would outlast the grace period
+    before the job is killed.
     Ranks run the same number of forward passes (under FSDP each one gathers parameters from
     all ranks): a rank whose share has run out runs an empty batch. A rank whose read fails (a dead
     or stalled loader worker) raises; the others, waiting for it in a collective, time out after
@@ -149,7 +159,11 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
     with contextlib.closing(iter(loader)) as batches:
         while True:
             batch = next(batches, None)
-            if not distributed.any_rank(batch is not None, ctx):
+            more, stopped = distributed.any_rank([batch is not None, stop()], ctx)
+            if stopped:
+                model.train()
+                return None
+            if not more:
                 break
             batch = batch or empty
             images = normalize(batch["image"].to(ctx.device, non_blocking=True))
