@@ -5,6 +5,7 @@ import json
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import read_scalars, run_pretrain, shard_overrides
+from conftest import background_pretrain, read_scalars, run_pretrain, shard_overrides, wait_for
 from vitdist.distributed import DistContext
 from vitdist.metrics import MetricLogger, matmul_peak_flops
 from vitdist.shard_list import expand_urls
@@ -140,3 +141,25 @@ def test_the_steps_named_are_profiled_in_a_trace_per_rank(demo_shards, tmp_path)
 
     refused = run_pretrain(0, [*shard_overrides(demo_shards), "log.profile_steps=[3,2]", f"run.dir={tmp_path / 'no'}"])
     assert refused.returncode == 2 and "config key 'log.profile_steps' is [first, last]" in refused.stderr
+
+
+def test_a_run_that_ends_or_is_preempted_inside_the_profiled_steps_writes_their_trace(demo_shards, tmp_path):
+    """log.profile_steps=[3, 1000]: a run that ends at train.steps=4 writes the trace of steps 3-4; one
+    preempted inside them writes the trace of those it ran and exits 75 (a profiler left running made
+    the process crash at its exit: SIGSEGV)."""
+    common = [*shard_overrides(demo_shards), "data.val_shards=null", "ckpt.every_steps=0", "log.every_steps=1",
+              "log.profile_steps=[3,1000]"]
+    ended = run_pretrain(0, [*common, "train.steps=4", f"run.dir={tmp_path / 'ended'}"])
+    assert ended.returncode == 0, ended.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "ended" / "profile").iterdir()] == ["rank0-steps3-4.json"]
+
+    run_dir = tmp_path / "preempted"
+    with background_pretrain(0, [*common, "train.steps=1000", f"run.dir={run_dir}"], tmp_path / "run.log") as process:
+        wait_for(lambda: (run_dir / "tb").is_dir() and len(read_scalars(run_dir / "tb").get("train/loss", [])) >= 4,
+                 process)
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=120) == 75, (tmp_path / "run.log").read_text()[-3000:]
+    step = int(re.search(r"preempted at step (\d+)", (tmp_path / "run.log").read_text()).group(1))
+    assert [p.name for p in (run_dir / "profile").iterdir()] == [f"rank0-steps3-{step}.json"]
+    names = {event.get("name") for event in json.loads((run_dir / "profile" / f"rank0-steps3-{step}.json").read_text())["traceEvents"]}
+    assert {f"step {s}" for s in range(3, step + 1)} <= names

@@ -16,14 +16,25 @@ log = logging.getLogger(__name__)
 
 class StepProfiler:
     """Profiles steps `first` to `last` (1-based, inclusive) of `steps` = [first, last] ([]: none);
-    a run resumed inside them profiles the rest."""
+    a run resumed inside them profiles the rest, and one that ends inside them (train.steps, a
+    preemption) writes the trace of those it ran. A context manager: the run's end stops it."""
 
     def __init__(self, steps: list[int], out_dir: Path, rank: int, settle: Callable[[], None]):
         """`settle`: waits for the collectives still running that started during the steps."""
         self.steps, self.out_dir, self.rank, self.settle = steps, out_dir, rank, settle
         self.profiler: profile | None = None
-        self.first = 0  # the first step profiled
+        self.first = self.last = 0  # the first and the latest step profiled
         self.step_range: record_function | None = None
+
+    def __enter__(self) -> StepProfiler:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """A profiler still running at the process's exit crashes it (SIGSEGV: a preempted run
+        exited -11, not 75). After an error the other ranks may never complete what `settle`
+        waits for: the profiler is left as it is."""
+        if self.profiler is not None and kind in (None, SystemExit):
+            self._stop()
 
     def step_starts(self, step: int) -> None:
         if not self.steps or not self.steps[0] <= step <= self.steps[1]:
@@ -33,6 +44,7 @@ class StepProfiler:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.profiler = profile(activities=activities)
             self.profiler.__enter__()
+        self.last = step
         self.step_range = record_function(f"step {step}")  # the steps told apart in the trace
         self.step_range.__enter__()
 
@@ -42,10 +54,16 @@ class StepProfiler:
         self.step_range.__exit__(None, None, None)
         self.step_range = None
         if step == self.steps[1]:
-            self.settle()
-            self.profiler.__exit__(None, None, None)  # waits for the GPU's events
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            trace = self.out_dir / f"rank{self.rank}-steps{self.first}-{step}.json"
-            self.profiler.export_chrome_trace(str(trace))
-            self.profiler = None
-            log.info("steps %d-%d profiled: %s (open it in ui.perfetto.dev)", self.first, step, trace)
+            self._stop()
+
+    def _stop(self) -> None:
+        if self.step_range is not None:  # a preemption exits within its step
+            self.step_range.__exit__(None, None, None)
+            self.step_range = None
+        self.settle()
+        self.profiler.__exit__(None, None, None)  # waits for the GPU's events
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        trace = self.out_dir / f"rank{self.rank}-steps{self.first}-{self.last}.json"
+        self.profiler.export_chrome_trace(str(trace))
+        self.profiler = None
+        log.info("steps %d-%d profiled: %s (open it in ui.perfetto.dev)", self.first, self.last, trace)

@@ -168,9 +168,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             record_owed_validation(run_dir / "tb", resume_from, state.step, ctx)
 
     bad_steps = BadSteps(ctx.device)
-    profiler = StepProfiler(cfg.log.profile_steps, run_dir / "profile", ctx.rank, settle=preemption.settle)
     normalize = Normalize(cfg.data, ctx.device)
-    with DeviceBatches(iter(loader), ctx.device) as batches:
+    with (DeviceBatches(iter(loader), ctx.device) as batches,
+          StepProfiler(cfg.log.profile_steps, run_dir / "profile", ctx.rank, settle=preemption.settle) as profiler):
         window = Window(start=time.perf_counter())
         while state.step < cfg.train.steps:
             profiler.step_starts(state.step + 1)
