@@ -64,6 +64,8 @@ class StepProfiler:
         self.profiler.__exit__(None, None, None)  # waits for the GPU's events
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"rank{self.rank}-steps{self.first}-{self.last}.json"
-        self.profiler.export_chrome_trace(str(trace))
+        # Renamed once whole: at a preemption torchrun may SIGTERM this rank mid-write, once another exits 75
+        self.profiler.export_chrome_trace(str(trace.with_suffix(".partial")))
+        trace.with_suffix(".partial").replace(trace)
         self.profiler = None
         log.info("steps %d-%d profiled: %s (open it in ui.perfetto.dev)", self.first, self.last, trace)
