@@ -27,7 +27,7 @@ def crops(data: bytes, count: int, size: int, reduce: bool) -> list[torch.Tensor
         image = open_image(data)
         box, flip = draw_augmentation(random.Random(seed), image.width, image.height, cfg)
         if reduce:
-            box = reduce_jpeg(image, box, size)
+            [box] = reduce_jpeg(image, [box], size)
         out.append(resized_crop(load_rgb(image), box, flip, size))
     return out
 

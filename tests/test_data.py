@@ -149,6 +149,35 @@ def test_stream_positions_resume_exactly(demo_shards, block, steps):
         torch.testing.assert_close(got["image"], want["image"], rtol=0, atol=0)  # same crops and flips
 
 
+def test_repeated_augmentation_gives_each_sample_its_copies_in_one_step_and_resumes_exactly(demo_shards):
+    """data.aug_repeats=3, 4 streams of 12 samples a step, 2 workers: each step holds the 16 samples
+    that aug_repeats=1 gives a step of 16, in the same order, each 3 times in a row; the first copy is
+    that run's crop, the other two are cropped on their own. Resumed from positions, the same batches.
+    A stream's share of a step that the copies do not divide is refused, naming the key."""
+    common = ["data.streams=4", "data.num_workers=2"]
+    repeated_cfg = data_cfg(demo_shards, *common, "data.aug_repeats=3", "train.global_batch_size=48").data
+    repeated = TrainLoader(repeated_cfg, 32, 8, 48, 0, 1)
+    single = iter(TrainLoader(data_cfg(demo_shards, *common, "train.global_batch_size=16").data, 32, 8, 16, 0, 1))
+    batches = iter(repeated)
+    for _ in range(2):
+        got, want = next(batches), next(single)
+        assert got["key"] == [key for key in want["key"] for _ in range(3)]
+        assert torch.equal(got["label"], want["label"].repeat_interleave(3))
+        copies = got["image"].view(16, 3, *got["image"].shape[1:])
+        assert torch.equal(copies[:, 0], want["image"])
+        assert sum(not torch.equal(c[0], c[1]) and not torch.equal(c[1], c[2]) for c in copies) >= 12
+    positions = dict(repeated.positions)
+    expected = [next(batches) for _ in range(2)]
+    resumed = iter(TrainLoader(repeated_cfg, 32, 8, 48, 0, 1, positions))
+    for want in expected:
+        got = next(resumed)
+        assert got["key"] == want["key"] and torch.equal(got["image"], want["image"])
+
+    with pytest.raises(ConfigError, match=re.escape("data.aug_repeats=5 does not divide the 12 samples a step takes "
+                                                    "from each stream")):
+        data_cfg(demo_shards, "data.streams=4", "train.global_batch_size=48", "data.aug_repeats=5")
+
+
 def test_train_batches_are_uint8_crops_with_labels(demo_shards):
     cfg = data_cfg(demo_shards, "data.num_workers=0")
     batch = next(iter(TrainLoader(cfg.data, 32, 8, 128, 0, 1)))

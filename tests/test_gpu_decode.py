@@ -99,6 +99,15 @@ def test_gpu_path_gives_the_cpu_paths_samples_crops_and_flips(photo_shards):
         assert mirrored > 10 and zoomed > 10, (mirrored, zoomed)  # about 45 and 28
 
 
+def test_gpu_path_gives_the_cpu_paths_repeated_augmentations(photo_shards):
+    """data.aug_repeats=2: each JPEG travels once per copy, each with its own box and flip."""
+    repeats = ["data.aug_repeats=2", "train.global_batch_size=32"]
+    want, got = next(iter(loader(photo_shards, "cpu", *repeats))), next(iter(loader(photo_shards, "gpu", *repeats)))
+    assert got["key"] == want["key"] and got["key"][::2] == got["key"][1::2]
+    assert torch.equal(to_device(got, CPU), want["image"])
+    assert not torch.equal(got["jpeg_box"][::2], got["jpeg_box"][1::2])
+
+
 def test_a_reduced_jpeg_decode_gives_the_same_region_close_to_a_full_decodes_pixels():
     """data.jpeg_reduce: libjpeg decodes a 1024x768 JPEG at 1/4 for a 600x450 crop resized to 64 px,
     and the box follows; the crop is within a few levels of the full decode's, where a crop shifted by
@@ -106,17 +115,21 @@ def test_a_reduced_jpeg_decode_gives_the_same_region_close_to_a_full_decodes_pix
     data = encode(draw_photo(1024, 768, np.random.default_rng(0)), quality=90)
     box = (100, 80, 700, 530)
     image = Image.open(io.BytesIO(data))
-    reduced = reduce_jpeg(image, box, 64)
+    [reduced] = reduce_jpeg(image, [box], 64)
     assert image.size == (256, 192) and reduced == (25, 20, 175, 132)
     crop = resized_crop(load_rgb(image), reduced, False, 64)
     whole = Image.open(io.BytesIO(data))
     assert mean_abs_diff(crop, resized_crop(whole, box, False, 64)) < 3
     assert mean_abs_diff(crop, resized_crop(whole, (160, 80, 760, 530), False, 64)) > 10
 
+    image = Image.open(io.BytesIO(data))  # several crops of one image (data.aug_repeats): the smallest decides
+    assert reduce_jpeg(image, [box, (0, 0, 200, 150)], 64) == [(50, 40, 350, 265), (0, 0, 100, 75)]
+    assert image.size == (512, 384)
+
     for small, encoded in [((0, 0, 127, 500), data), (box, encode(whole.crop((0, 0, 800, 600)), "PNG"))]:
         image = Image.open(io.BytesIO(encoded))
         size = image.size
-        assert reduce_jpeg(image, small, 64) == small and load_rgb(image).size == size
+        assert reduce_jpeg(image, [small], 64) == [small] and load_rgb(image).size == size
 
 
 def test_the_cpu_path_with_jpeg_reduce_gives_the_same_samples_and_regions(photo_shards):

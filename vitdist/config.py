@@ -73,6 +73,11 @@ class DataConfig:
     rand_augment: str | None = _opt(
         None, "timm's RandAugment on each training crop, its config string: rand-m9-mstd0.5-inc1 is DeiT's; null: off. "
         "Runs in the loader workers on the CPU path, so data.decode=auto decodes there (gpu is refused)")
+    aug_repeats: int = _opt(
+        1, "each training sample read is augmented this many times, each copy with its own crop, flip and RandAugment "
+        "draws, all in the same step (repeated augmentation: timm's --aug-repeats; DeiT's recipe uses 3): a step then "
+        "holds train.global_batch_size / data.aug_repeats images. train.global_batch_size / data.streams must be a "
+        "multiple of it", above=0)
     random_erase: float = _opt(0.0, "probability of erasing a rectangle of each training image with normal noise "
                                     "(timm's RandomErasing, mode pixel; DeiT's: 0.25), on the training device; 0: off",
                                at_least=0, at_most=1)

@@ -68,6 +68,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by data.streams={cfg.data.streams}: "
             "every global batch takes the same number of samples from each stream")
+    if (cfg.train.global_batch_size // cfg.data.streams) % cfg.data.aug_repeats:
+        raise ConfigError(
+            f"data.aug_repeats={cfg.data.aug_repeats} does not divide the {cfg.train.global_batch_size // cfg.data.streams} "
+            f"samples a step takes from each stream (train.global_batch_size={cfg.train.global_batch_size} / "
+            f"data.streams={cfg.data.streams}): a stream's part of a step holds whole groups of copies")
 
 
 def doubts(cfg: Config) -> list[str]:

@@ -95,22 +95,24 @@ class TrainChunks(IterableDataset):
         images, labels, keys, urls, encoded, skipped_before = [], [], [], [], [], skips.counts.copy()
         jpegs, boxes, flips, pixels = [], [], [], []
         while len(labels) < self.chunk_size:
-            sample, rng = stream.next_raw()
+            sample, rngs = stream.next_raw(self.cfg.aug_repeats)
             try:
                 data, image, label = read_image(sample, self.cfg, self.num_classes)
-                box, flip = draw_augmentation(rng, image.width, image.height, self.cfg)
+                drawn = [draw_augmentation(rng, image.width, image.height, self.cfg) for rng in rngs]
                 jpeg = device_jpeg(image, data) if self.on_device else None
-                leave_encoded = jpeg is not None
-                if leave_encoded:
-                    jpegs.append(jpeg)
-                    boxes.append(box)
-                    flips.append(flip)
-                    pixels.append(image.width * image.height)
+                if jpeg is not None:
+                    jpegs += [jpeg] * len(drawn)
+                    boxes += [box for box, _ in drawn]
+                    flips += [flip for _, flip in drawn]
+                    pixels += [image.width * image.height] * len(drawn)
                 else:
+                    crop_boxes = [box for box, _ in drawn]
                     if self.cfg.jpeg_reduce:
-                        box = reduce_jpeg(image, box, self.img_size)
-                    crop = resized_crop(load_rgb(image), box, flip, self.img_size)
-                    images.append(self.rand_augment(crop, rng.getrandbits(64)) if self.rand_augment else crop)
+                        crop_boxes = reduce_jpeg(image, crop_boxes, self.img_size)
+                    rgb = load_rgb(image)
+                    for box, (_, flip), rng in zip(crop_boxes, drawn, rngs):
+                        crop = resized_crop(rgb, box, flip, self.img_size)
+                        images.append(self.rand_augment(crop, rng.getrandbits(64)) if self.rand_augment else crop)
             except BadSample as reason:
                 skips.report(sample, reason)
                 stream.judged(reason.kind)
@@ -118,10 +120,10 @@ class TrainChunks(IterableDataset):
                 continue
             stream.judged(None)
             self.reads.count(None)
-            labels.append(label)
-            keys.append(sample["__key__"])
-            urls.append(sample["__url__"])
-            encoded.append(leave_encoded)
+            labels += [label] * len(rngs)
+            keys += [sample["__key__"]] * len(rngs)
+            urls += [sample["__url__"]] * len(rngs)
+            encoded += [jpeg is not None] * len(rngs)
         # "skipped" as a plain dict: the loader's default_convert copies a Counter, then update()s the
         # copy with its own items, which adds every count twice.
         chunk = {"image": stack_images(images, self.img_size),

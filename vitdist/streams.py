@@ -138,11 +138,13 @@ class Stream:
             "and the stream positions would index other samples, seen twice or never. Resume with the shards the "
             "checkpoint was trained on, or start a new run.dir with finetune.init=<the checkpoint>")
 
-    def next_raw(self) -> tuple[dict, random.Random]:
-        """The next raw sample and an augmentation rng seeded by its position (exact on resume)."""
-        rng = random.Random(f"{self.cfg.seed}/aug/{self.stream_id}/{self.position}")
+    def next_raw(self, copies: int = 1) -> tuple[dict, list[random.Random]]:
+        """The next raw sample and an augmentation rng for each of its `copies` (data.aug_repeats),
+        seeded by its position (exact on resume)."""
+        seed = f"{self.cfg.seed}/aug/{self.stream_id}/{self.position}"
+        rngs = [random.Random(seed if copy == 0 else f"{seed}/{copy}") for copy in range(copies)]
         self._last, self.position = next(self._samples)
-        return self._last, rng
+        return self._last, rngs
 
     def resume_point(self) -> tuple:
         """The position and the digest of the sample before it, for a checkpoint (see `_walk`). None

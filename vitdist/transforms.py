@@ -59,22 +59,24 @@ def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(batch, size=(height, width), mode="bicubic", antialias=True)[0]
 
 
-def reduce_jpeg(image: Image.Image, box: tuple[int, int, int, int], size: int) -> tuple[int, int, int, int]:
+def reduce_jpeg(image: Image.Image, boxes: list[tuple[int, int, int, int]], size: int) -> list[tuple[int, int, int, int]]:
     """Has libjpeg decode an opened (not yet loaded) JPEG at 1/2, 1/4 or 1/8 of its size (DCT
     scaling: the high frequencies the resize would average away are never computed), the smallest
-    scale at which the crop `box` still has `size` pixels a side; returns the box in those pixels.
-    Any other image, and a crop too small to reduce, is left as it is."""
-    left, top, right, bottom = box
-    scale = min(right - left, bottom - top, 8 * size) // size  # libjpeg scales by 1/8 at most
+    scale at which each crop in `boxes` still has `size` pixels a side; returns the boxes in those
+    pixels. Any other image, and crops too small to reduce, are left as they are."""
+    scale = min(min(right - left, bottom - top, 8 * size) // size for left, top, right, bottom in boxes)  # 1/8 at most
     if image.format != "JPEG" or scale < 2:
-        return box
+        return boxes
     scale = 1 << (scale.bit_length() - 1)  # a power of two
     width, height = image.size
     # PIL takes the largest power of two at most min(width // w, height // h): this one, as width > 2 * scale
     if image.draft("RGB", (width // scale, height // scale)) is None:  # PIL cannot (a JPEG of several tiles)
-        return box
-    left, top = round(left * image.width / width), round(top * image.height / height)
-    return left, top, min(left + (right - box[0]) // scale, image.width), min(top + (bottom - box[1]) // scale, image.height)
+        return boxes
+    reduced = []
+    for left, top, right, bottom in boxes:
+        x, y = round(left * image.width / width), round(top * image.height / height)
+        reduced.append((x, y, min(x + (right - left) // scale, image.width), min(y + (bottom - top) // scale, image.height)))
+    return reduced
 
 
 def resized_crop(image: Image.Image, box: tuple[int, int, int, int], flip: bool, size: int) -> torch.Tensor:
