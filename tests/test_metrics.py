@@ -143,15 +143,20 @@ def test_the_steps_named_are_profiled_in_a_trace_per_rank(demo_shards, tmp_path)
     assert refused.returncode == 2 and "config key 'log.profile_steps' is [first, last]" in refused.stderr
 
 
-def test_a_run_that_ends_or_is_preempted_inside_the_profiled_steps_writes_their_trace(demo_shards, tmp_path):
+def test_a_run_that_ends_fails_or_is_preempted_inside_the_profiled_steps_writes_their_trace(demo_shards, tmp_path):
     """log.profile_steps=[3, 1000]: a run that ends at train.steps=4 writes the trace of steps 3-4; one
-    preempted inside them writes the trace of those it ran and exits 75 (a profiler left running made
-    the process crash at its exit: SIGSEGV)."""
+    that diverges (train.max_bad_steps) exits 2 and one preempted exits 75, each with the trace of the
+    steps it ran (a profiler left running made the process crash at its exit: SIGSEGV)."""
     common = [*shard_overrides(demo_shards), "data.val_shards=null", "ckpt.every_steps=0", "log.every_steps=1",
               "log.profile_steps=[3,1000]"]
     ended = run_pretrain(0, [*common, "train.steps=4", f"run.dir={tmp_path / 'ended'}"])
     assert ended.returncode == 0, ended.stderr[-3000:]
     assert [p.name for p in (tmp_path / "ended" / "profile").iterdir()] == ["rank0-steps3-4.json"]
+    failed = run_pretrain(0, [*common, "train.steps=30", "optim.lr=1e30", "optim.min_lr=1e30", "optim.warmup_steps=1",
+                              "train.max_bad_steps=2", f"run.dir={tmp_path / 'failed'}"])
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    last = int(re.search(r"2 steps in a row up to step (\d+) had a NaN/Inf loss", failed.stderr).group(1))
+    assert [p.name for p in (tmp_path / "failed" / "profile").iterdir()] == [f"rank0-steps3-{last}.json"]
 
     run_dir = tmp_path / "preempted"
     with background_pretrain(0, [*common, "train.steps=1000", f"run.dir={run_dir}"], tmp_path / "run.log") as process:

@@ -232,7 +232,7 @@ def _two_ranks(rank, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{out_dir / 'store'}", rank=rank, world_size=2)
     try:
         ctx = distributed.DistContext(rank, 2, torch.device("cpu"), control=dist.new_group(backend="gloo"))
-        found = {"any_rank": [distributed.any_rank(rank == 1, ctx), distributed.any_rank(False, ctx)],
+        found = {"any_rank": distributed.any_rank([rank == 1, False, rank == 0], ctx),
                  "on_device": [distributed.any_rank_on_device(torch.tensor(rank == 1)).item(),
                                distributed.any_rank_on_device(torch.tensor(False)).item()]}
         model, cfg = tiny("dist.strategy=fsdp", "model.depth=2")
@@ -255,6 +255,6 @@ def test_two_ranks_agree_on_flags_and_the_global_gradient_norm(tmp_path):
     mp.spawn(_two_ranks, args=(tmp_path,), nprocs=2)
     for rank in range(2):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert found["any_rank"] == [True, False] and found["on_device"] == [1.0, 0.0], rank
+        assert found["any_rank"] == [True, False, True] and found["on_device"] == [1.0, 0.0], rank
         sharded, whole = found["norm"]
         assert sharded == pytest.approx(whole, rel=1e-5), rank

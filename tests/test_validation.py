@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,12 +72,16 @@ def test_an_evaluation_of_no_usable_sample_logs_no_figures_and_keeps_the_best(pr
     assert best == before and not best_file.exists()
 
 
-# A validation shard read through a command that notes each read in `marks`.
+# A validation shard read through a command that notes each read in `marks`; an even-numbered read
+# (a validation's: a run's config check reads it first) waits for the file `marks`.go<n>.
 MARKING_SHARD = """
-import sys
+import os, sys, time
 shard, marks = sys.argv[1:]
 with open(marks, "a") as f:
     f.write("read\\n")
+reads = len(open(marks).read().splitlines())
+while reads % 2 == 0 and not os.path.exists(f"{marks}.go{reads}"):
+    time.sleep(0.05)
 sys.stdout.buffer.write(open(shard, "rb").read())
 """
 
@@ -85,7 +90,8 @@ def test_a_preemption_signal_interrupts_validation_and_the_resumed_run_owes_it(d
     """A signal to one rank while validating step 2 stops the validation on both at the same batch: the
     run checkpoints step 2 as owing it and exits 75, with no val/ at step 2. A signal while the
     resumed run does that owed validation exits 75 again, with the checkpoint still owing it; the
-    run after that validates step 2 first. (Each run's config check reads the first shard once.)"""
+    run after that validates step 2 first. Rank 0's validation waits at its first shard until the
+    signal is sent, so it cannot end before."""
     (tmp_path / "marking.py").write_text(MARKING_SHARD)
     marks = tmp_path / "marks"
     reads = lambda: len(marks.read_text().splitlines()) if marks.exists() else 0
@@ -98,6 +104,7 @@ def test_a_preemption_signal_interrupts_validation_and_the_resumed_run_owes_it(d
         with background_pretrain(2, [*common, "train.steps=1000"], tmp_path / f"{run}.log") as process:
             wait_for(lambda: reads() >= read, process)
             os.kill(worker_pid(process.pid, 1), signal.SIGTERM)  # rank 0 learns of it from rank 1
+            Path(f"{marks}.go{read}").touch()
             process.wait(timeout=120)
     first, resumed = (tmp_path / "first.log").read_text(), (tmp_path / "resumed.log").read_text()
     for rank in (0, 1):
@@ -107,6 +114,7 @@ def test_a_preemption_signal_interrupts_validation_and_the_resumed_run_owes_it(d
     assert "step 2: validating first" in resumed
     assert "val/top1" not in read_scalars(tmp_path / "run" / "tb")
 
+    Path(f"{marks}.go6").touch()  # the last run's owed validation (its step 4's is the 7th read)
     last = run_pretrain(2, [*common, "train.steps=4"])
     assert last.returncode == 0, last.stderr[-3000:]
     assert "step 2: validating first" in last.stderr

@@ -95,11 +95,12 @@ class DataConfig:
         "workers. A resume that switches cpu and gpu warns: JPEGs broken past their headers put other samples in the "
         "steps from there")
     jpeg_reduce: bool = _opt(
-        True, "data.decode=cpu: a JPEG whose training crop is at least 2, 4 or 8 times model.img_size a side is decoded "
-        "at 1/2, 1/4 or 1/8 scale by libjpeg (DCT scaling), then cropped and resized: one core's crops/s at 224 px gain "
-        "1.15x on 1024x768 photos, 1.4x on 1600x1200, 1.6x on 2048x1536, nothing on 500x375 (rarely a crop that "
-        "large); the crops are within 2 levels of 255 of a full decode's on average. false: torchvision's "
-        "RandomResizedCrop's pixels, and data.decode=gpu's")
+        True, "training crops decoded in the workers (data.decode=cpu; with gpu, the greyscale and CMYK JPEGs): a JPEG "
+        "whose crop is at least 2, 4 or 8 times model.img_size a side is decoded at 1/2, 1/4 or 1/8 scale by libjpeg "
+        "(DCT scaling), then cropped and resized: one core's crops/s at 224 px gain 1.26x on 1024x768 photos, 1.5x on "
+        "1600x1200, 1.6x on 2048x1536, nothing on 500x375 (no crop is 448 px a side); the crops reduced are 1.8-2.6 "
+        "levels of 255 from a full decode's on average. false: torchvision's RandomResizedCrop's pixels, and "
+        "data.decode=gpu's")
     min_image_side: int = _opt(
         8, "skip (as too_small) images whose shorter side has fewer pixels: 1x1 tracking pixels and broken thumbnails "
         "hold nothing to crop, while 32 px images (CIFAR, icons) pass", at_least=0)

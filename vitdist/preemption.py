@@ -1,6 +1,7 @@
 """Preemption: SLURM sends SIGTERM or SIGUSR1 before a time limit or a preemption. The loop
-finishes its step and the next, every rank together, saves a checkpoint and exits with
-PREEMPTED_EXIT_CODE, which tells a batch script to requeue rather than give up."""
+finishes its step and the next (a validation, its batch in progress), every rank together, saves
+a checkpoint and exits with PREEMPTED_EXIT_CODE, which tells a batch script to requeue rather
+than give up."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class Preemption:
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
-            log.warning("received %s: checkpointing after the next step (the ranks agree on it a step later), then exiting with %d",
+            log.warning("received %s: checkpointing after the next step (the ranks agree on it a step later; a validation "
+                        "stops at its next batch), then exiting with %d",
                         signal.Signals(signum).name, PREEMPTED_EXIT_CODE)
         self.received = signum
 

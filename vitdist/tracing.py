@@ -31,10 +31,11 @@ class StepProfiler:
 
     def __exit__(self, kind, error, traceback) -> None:
         """A profiler still running at the process's exit crashes it (SIGSEGV: a preempted run
-        exited -11, not 75). After an error the other ranks may never complete what `settle`
-        waits for: the profiler is left as it is."""
-        if self.profiler is not None and kind in (None, SystemExit):
-            self._stop()
+        exited -11, not 75; a failed one, not 2). After an error the other ranks may never complete
+        the agreement `settle` waits for: stopped without waiting, which only risks that crash
+        (gloo's thread would end the agreement's record after the stop), where running on makes it certain."""
+        if self.profiler is not None:
+            self._stop(settle=kind in (None, SystemExit))
 
     def step_starts(self, step: int) -> None:
         if not self.steps or not self.steps[0] <= step <= self.steps[1]:
@@ -56,11 +57,12 @@ class StepProfiler:
         if step == self.steps[1]:
             self._stop()
 
-    def _stop(self) -> None:
-        if self.step_range is not None:  # a preemption exits within its step
+    def _stop(self, settle: bool = True) -> None:
+        if self.step_range is not None:  # a preemption or an error exits within its step
             self.step_range.__exit__(None, None, None)
             self.step_range = None
-        self.settle()
+        if settle:
+            self.settle()
         self.profiler.__exit__(None, None, None)  # waits for the GPU's events
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"rank{self.rank}-steps{self.first}-{self.last}.json"

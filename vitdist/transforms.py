@@ -65,18 +65,17 @@ def reduce_jpeg(image: Image.Image, boxes: list[tuple[int, int, int, int]], size
     scale at which each crop in `boxes` still has `size` pixels a side; returns the boxes in those
     pixels. Any other image, and crops too small to reduce, are left as they are."""
     scale = min(min(right - left, bottom - top, 8 * size) // size for left, top, right, bottom in boxes)  # 1/8 at most
-    if image.format != "JPEG" or scale < 2:
+    if image.format not in ("JPEG", "MPO") or scale < 2:  # MPO: a JPEG with more pictures after the first
         return boxes
     scale = 1 << (scale.bit_length() - 1)  # a power of two
     width, height = image.size
     # PIL takes the largest power of two at most min(width // w, height // h): this one, as width > 2 * scale
     if image.draft("RGB", (width // scale, height // scale)) is None:  # PIL cannot (a JPEG of several tiles)
         return boxes
-    reduced = []
-    for left, top, right, bottom in boxes:
-        x, y = round(left * image.width / width), round(top * image.height / height)
-        reduced.append((x, y, min(x + (right - left) // scale, image.width), min(y + (bottom - top) // scale, image.height)))
-    return reduced
+    # Reduced pixel j covers full pixels [j * scale, (j + 1) * scale): the box's first at the nearest,
+    # its size rounded down, which keeps it inside the ceil(width / scale) pixels decoded.
+    return [(round(left / scale), round(top / scale), round(left / scale) + (right - left) // scale,
+             round(top / scale) + (bottom - top) // scale) for left, top, right, bottom in boxes]
 
 
 def resized_crop(image: Image.Image, box: tuple[int, int, int, int], flip: bool, size: int) -> torch.Tensor:
