@@ -51,7 +51,13 @@ def _decode_and_crop(batch: dict, size: int, device: torch.device, skips: Skips)
     boxes, flips = batch["jpeg_box"].tolist(), batch["jpeg_flip"].tolist()
     crops = torch.empty(len(jpegs), 3, size, size, dtype=torch.uint8, device=device)
     for group in decode_groups(batch["jpeg_pixels"].tolist()):
-        images = _decode(jpegs[group], samples[group], device, skips)
+        # data.aug_repeats puts a sample's copies side by side, its JPEG with each: decoded once
+        firsts = [i for i in range(group.start, group.stop)
+                  if i == group.start or samples[i] != samples[i - 1] or not torch.equal(jpegs[i], jpegs[i - 1])]
+        decoded = dict(zip(firsts, _decode([jpegs[i] for i in firsts], [samples[i] for i in firsts], device, skips)))
+        images = []
+        for i in range(group.start, group.stop):
+            images.append(decoded[i] if i in decoded else images[-1])  # a copy: its first's image
         crops[group] = resize_crops(images, boxes[group], flips[group], size, device)
     return crops
 
