@@ -27,8 +27,7 @@ from vitdist.data import EvalLoader, TrainLoader
 from vitdist.streams import Stream, shard_order
 from vitdist.shard_list import expand_urls, train_shard_urls
 from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
-from vitdist.samples import (READ_ERROR, BadSample, NoUsableSamples, TooManyBadSamples, check_skipped, load_rgb,
-                             open_image, read_sample, read_samples)
+from vitdist.samples import READ_ERROR, BadSample, NoUsableSamples, load_rgb, open_image, read_sample, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.preflight import preflight
 from vitdist.make_shards import make_shards, scan_image_folder
@@ -177,15 +176,6 @@ def test_repeated_augmentation_gives_each_sample_its_copies_in_one_step_and_resu
     with pytest.raises(ConfigError, match=re.escape("data.aug_repeats=5 does not divide the 12 samples a step takes "
                                                     "from each stream")):
         data_cfg(demo_shards, "data.streams=4", "train.global_batch_size=48", "data.aug_repeats=5")
-
-
-def test_the_share_of_bad_samples_counts_each_sample_read_once_whatever_its_copies():
-    """150 skipped beside 300 images trained on: a third of the samples read with no repeats; with 3
-    copies of each, 150 of 250 samples read (60%), over data.max_skip_frac=0.5."""
-    cfg = DataConfig(max_skip_frac=0.5)
-    check_skipped({"undecodable": 150}, 10, 300, cfg)
-    with pytest.raises(TooManyBadSamples, match=re.escape("60.0% of the samples read were bad (150 skipped, 100 trained on)")):
-        check_skipped({"undecodable": 150}, 10, 300, replace(cfg, aug_repeats=3))
 
 
 def test_train_batches_are_uint8_crops_with_labels(demo_shards):

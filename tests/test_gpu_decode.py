@@ -101,15 +101,18 @@ def test_gpu_path_gives_the_cpu_paths_samples_crops_and_flips(photo_shards):
 
 def test_gpu_path_gives_the_cpu_paths_repeated_augmentations(photo_shards, monkeypatch):
     """data.aug_repeats=2: each JPEG travels once per copy, each with its own box and flip, and is
-    decoded once for both."""
+    decoded once for both, also where the copies fall into two decode groups (of 3 images here)."""
     repeats = ["data.aug_repeats=2", "train.global_batch_size=32"]
     want, got = next(iter(loader(photo_shards, "cpu", *repeats))), next(iter(loader(photo_shards, "gpu", *repeats)))
     assert got["key"] == want["key"] and got["key"][::2] == got["key"][1::2]
     assert not torch.equal(got["jpeg_box"][::2], got["jpeg_box"][1::2])
     decoded, decode_jpeg = [], gpu_decode.decode_jpeg
     monkeypatch.setattr(gpu_decode, "decode_jpeg", lambda data, **kwargs: decoded.extend(data) or decode_jpeg(data, **kwargs))
-    assert torch.equal(to_device(got, CPU), want["image"])
-    assert len(decoded) == got["encoded"].sum() // 2
+    for group_images in (gpu_decode._DECODE_IMAGES, 3):
+        monkeypatch.setattr(gpu_decode, "_DECODE_IMAGES", group_images)
+        decoded.clear()
+        assert torch.equal(to_device(got, CPU), want["image"])
+        assert len(decoded) == got["encoded"].sum() // 2
 
 
 def test_a_reduced_jpeg_decode_gives_the_same_region_close_to_a_full_decodes_pixels():

@@ -147,8 +147,11 @@ def test_bad_samples_are_counted_by_kind_over_ranks_and_resumed(demo_shards, tmp
     assert {kind: after[f"data/skipped_{kind}"][-1][1] for kind in kinds} == uninterrupted
 
 
-def test_mostly_bad_shards_stop_every_rank(tmp_path):
-    """7 of 8 samples bad: every rank stops at the first judged log step, naming the limit's key."""
+@pytest.mark.parametrize("repeats", [1, 4])
+def test_mostly_bad_shards_stop_every_rank(tmp_path, repeats):
+    """7 of 8 samples bad: every rank stops at the first judged log step, naming the limit's key.
+    With data.aug_repeats=4 a step trains on a quarter as many samples read, 4 images each: the share
+    is of samples (counted by images, 7 of 8 had read as 64%)."""
     shards = []
     for s in range(16):
         samples = [{"__key__": f"s{s}good{i}", "png": png_bytes((i * 60, s * 15, 0)), "cls": i} for i in range(4)]
@@ -158,11 +161,11 @@ def test_mostly_bad_shards_stop_every_rank(tmp_path):
         shards.append(str(tmp_path / f"s{s}.tar"))
     run = run_pretrain(2, [f"data.train_shards={json.dumps(shards)}", "data.val_shards=null", f"run.dir={tmp_path}",
                            "train.steps=30", "log.every_steps=5", "ckpt.every_steps=0", "train.global_batch_size=64",
-                           "data.micro_batch_size=32"], timeout_s=120)
+                           "data.micro_batch_size=32", f"data.aug_repeats={repeats}"], timeout_s=120)
     assert run.returncode != 0
-    stops = re.findall(r"error: (\d+\.\d)% of the samples read were bad \(\d+ skipped, 640 trained on\), more than "
-                       r"data.max_skip_frac=0.1; most were undecodable \d+, no_label \d+\.", run.stderr)
-    assert len(stops) == 2 and stops[0] == stops[1] and float(stops[0]) > 50, run.stderr[-3000:]
+    stops = re.findall(rf"error: (\d+\.\d)% of the samples read were bad \(\d+ skipped, {640 // repeats} trained on\), more "
+                       r"than data.max_skip_frac=0.1; most were undecodable \d+, no_label \d+\.", run.stderr)
+    assert len(stops) == 2 and stops[0] == stops[1] and float(stops[0]) > 80, run.stderr[-3000:]
     assert "step 10/30 | " in run.stdout and "step 15/30" not in run.stdout
     assert run.stderr.count("The newest complete checkpoint: none yet") == 2, run.stderr[-3000:]
     assert not (tmp_path / "checkpoints").exists()

@@ -76,7 +76,7 @@ class DataConfig:
     aug_repeats: int = _opt(
         1, "each training sample read is augmented this many times, each copy with its own crop, flip and RandAugment "
         "draws, all in the same step (repeated augmentation: timm's --aug-repeats; DeiT's recipe uses 3): a step then "
-        "holds train.global_batch_size / data.aug_repeats images. train.global_batch_size / data.streams must be a "
+        "holds train.global_batch_size / data.aug_repeats samples. train.global_batch_size / data.streams must be a "
         "multiple of it", above=0)
     random_erase: float = _opt(0.0, "probability of erasing a rectangle of each training image with normal noise "
                                     "(timm's RandomErasing, mode pixel; DeiT's: 0.25), on the training device; 0: off",

@@ -50,14 +50,16 @@ def _decode_and_crop(batch: dict, size: int, device: torch.device, skips: Skips)
                for key, url, encoded in zip(batch["key"], batch["url"], batch["encoded"].tolist()) if encoded]
     boxes, flips = batch["jpeg_box"].tolist(), batch["jpeg_flip"].tolist()
     crops = torch.empty(len(jpegs), 3, size, size, dtype=torch.uint8, device=device)
+    image = None  # the crop before's: a group may begin with a copy
     for group in decode_groups(batch["jpeg_pixels"].tolist()):
         # data.aug_repeats puts a sample's copies side by side, its JPEG with each: decoded once
         firsts = [i for i in range(group.start, group.stop)
-                  if i == group.start or samples[i] != samples[i - 1] or not torch.equal(jpegs[i], jpegs[i - 1])]
+                  if i == 0 or samples[i] != samples[i - 1] or not torch.equal(jpegs[i], jpegs[i - 1])]
         decoded = dict(zip(firsts, _decode([jpegs[i] for i in firsts], [samples[i] for i in firsts], device, skips)))
         images = []
         for i in range(group.start, group.stop):
-            images.append(decoded[i] if i in decoded else images[-1])  # a copy: its first's image
+            image = decoded[i] if i in decoded else image  # a copy: its first's image
+            images.append(image)
         crops[group] = resize_crops(images, boxes[group], flips[group], size, device)
     return crops
 

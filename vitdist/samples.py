@@ -352,9 +352,8 @@ def bad_samples(what: str, skipped: Counter, max_skip_frac: float) -> TooManyBad
 
 def check_skipped(skipped: dict[str, int], step: int, trained: int, cfg: DataConfig) -> None:
     """TooManyBadSamples when more than `data.max_skip_frac` of the samples read in `step` steps
-    were skipped, `trained` being the images trained on (data.aug_repeats of each sample read).
-    `skipped` (kind -> count) is summed over ranks: every rank decides alike."""
-    trained //= cfg.aug_repeats
+    were skipped, `trained` being the samples trained on. `skipped` (kind -> count) is summed over
+    ranks: every rank decides alike."""
     skipped, read = Counter(skipped), sum(skipped.values()) + trained
     if step >= _JUDGE_SKIPS_FROM_STEP and too_many_skipped(skipped, read, cfg.max_skip_frac):
         raise bad_samples(f"{skipped.total() / read:.1%} of the samples read were bad ({skipped.total()} skipped, "

@@ -12,7 +12,7 @@ class TrainState:
     step: int = 0
     data_positions: dict = field(default_factory=dict)  # per data stream, gathered from every rank at a save
     skipped: dict[str, int] = field(default_factory=dict)  # samples skipped, by kind, over ranks
-    trained_samples: int = 0  # over ranks: not step x the global batch, which a resume may change
+    trained_samples: int = 0  # samples over ranks: not step x the global batch, which a resume may change (data.aug_repeats too)
     bad_steps: int = 0  # skipped for a NaN/Inf loss or gradient norm
     best: dict | None = None  # the validation scores best.safetensors was kept for (None: none yet)
     eval_owed: bool = False  # preempted at an evaluation step before evaluating: the resumed run does
