@@ -41,7 +41,7 @@ class Preemption:
         """True on every rank, at the same step, once any rank has a signal. Each step starts the
         ranks' agreement and reads the one the step before started, which has had a step to
         finish: no rank waits a round trip over the network for the others at every step."""
-        flag = torch.tensor([int(self.received is not None)])
+        flag = torch.tensor([int(self.signalled())])
         started = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.control, async_op=True)
         agreeing, self._agreeing = self._agreeing, (started, flag)
         if agreeing is None:

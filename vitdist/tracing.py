@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from .files import written_whole
+
 log = logging.getLogger(__name__)
 
 
@@ -52,22 +54,24 @@ class StepProfiler:
     def step_ends(self, step: int) -> None:
         if self.step_range is None:
             return
-        self.step_range.__exit__(None, None, None)
-        self.step_range = None
+        self._end_range()
         if step == self.steps[1]:
             self._stop()
 
-    def _stop(self, settle: bool = True) -> None:
-        if self.step_range is not None:  # a preemption or an error exits within its step
+    def _end_range(self) -> None:
+        if self.step_range is not None:
             self.step_range.__exit__(None, None, None)
             self.step_range = None
+
+    def _stop(self, settle: bool = True) -> None:
+        self._end_range()  # a preemption or an error exits within its step
         if settle:
             self.settle()
         self.profiler.__exit__(None, None, None)  # waits for the GPU's events
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"rank{self.rank}-steps{self.first}-{self.last}.json"
-        # Renamed once whole: at a preemption torchrun may SIGTERM this rank mid-write, once another exits 75
-        self.profiler.export_chrome_trace(str(trace.with_suffix(".partial")))
-        trace.with_suffix(".partial").replace(trace)
+        # Whole or not at all: at a preemption torchrun may SIGTERM this rank mid-write, once another exits 75
+        with written_whole(trace) as partial:
+            self.profiler.export_chrome_trace(str(partial))
         self.profiler = None
         log.info("steps %d-%d profiled: %s (open it in ui.perfetto.dev)", self.first, self.last, trace)

@@ -74,8 +74,11 @@ def reduce_jpeg(image: Image.Image, boxes: list[tuple[int, int, int, int]], size
         return boxes
     # Reduced pixel j covers full pixels [j * scale, (j + 1) * scale): the box's first at the nearest,
     # its size rounded down, which keeps it inside the ceil(width / scale) pixels decoded.
-    return [(round(left / scale), round(top / scale), round(left / scale) + (right - left) // scale,
-             round(top / scale) + (bottom - top) // scale) for left, top, right, bottom in boxes]
+    reduced = []
+    for left, top, right, bottom in boxes:
+        x, y = round(left / scale), round(top / scale)
+        reduced.append((x, y, x + (right - left) // scale, y + (bottom - top) // scale))
+    return reduced
 
 
 def resized_crop(image: Image.Image, box: tuple[int, int, int, int], flip: bool, size: int) -> torch.Tensor:

@@ -160,10 +160,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
         while True:
             batch = next(batches, None)
             more, stopped = distributed.any_rank([batch is not None, stop()], ctx)
-            if stopped:
-                model.train()
-                return None
-            if not more:
+            if stopped or not more:
                 break
             batch = batch or empty
             images = normalize(batch["image"].to(ctx.device, non_blocking=True))
@@ -176,6 +173,8 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config, ctx: distributed.DistC
             totals[3] += len(labels)  # numbers added on the device: no copy from the host, no wait
             totals[4] += batch["skipped"]
     model.train()
+    if stopped:
+        return None
     totals = distributed.all_reduce_sum(totals)
     # No usable sample (the shards gone since the start, all bad): no figure, rather than a loss of 0.
     count = totals[3].item() or math.nan
