@@ -32,8 +32,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire: a requeued job may start again after this many seconds (default 120)
-AuthInfo=socket={dir}/munge.socket,cred_expire=30
+# cred_expire: a requeued job may start again after this many seconds (default 120); long enough
+# still for a step's launch on a loaded machine
+AuthInfo=socket={dir}/munge.socket,cred_expire=10
 StateSaveLocation={dir}/state
 SlurmdSpoolDir={dir}/spool/%n
 SlurmctldPidFile={dir}/slurmctld.pid

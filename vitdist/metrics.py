@@ -81,22 +81,31 @@ def _duration(seconds: float) -> str:
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
     """FLOP/s of a square matrix product on this device, the ceiling MFU is measured against: the
-    fastest of the products run in `seconds`, each timed on its own. Other work on the device (other
-    jobs on a shared machine's CPU cores) only ever slows a product down, so the fastest is the
-    closest to the device's own speed; on a CPU the products are small (a few ms) so that some run
-    between the scheduler's switches to other processes. Timing a few large products together
-    measured a loaded core of the 2-core test machine at a quarter of its speed, and perf/mfu read
-    up to 4x high (150% was logged)."""
-    n = 8192 if device.type == "cuda" else 512
+    fastest of the products run in `seconds`, each timed on its own. On a CPU, one core's speed
+    times the threads this process computes on: each product runs on one thread and is timed by
+    that thread's CPU time, which other processes on the cores (other jobs on a shared machine)
+    do not stretch as they stretch the clock. Timed by the clock, a core of the 2-core test
+    machine loaded by other processes measured at half its speed, and perf/mfu read above 100%."""
+    if device.type == "cuda":
+        return _fastest_product_flops(8192, device, dtype, seconds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return threads * _fastest_product_flops(512, device, dtype, seconds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fastest_product_flops(n: int, device: torch.device, dtype: torch.dtype, seconds: float) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
 
     def product_s() -> float:
         """One product's seconds; on a GPU between its stream's events, as the anchors time theirs:
         host time would add the launch and the wait for the GPU, and the peak would read low."""
         if device.type != "cuda":
-            start = time.perf_counter()
+            start = time.thread_time()
             a @ b
-            return time.perf_counter() - start
+            return time.thread_time() - start
         stream = torch.cuda.current_stream(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
