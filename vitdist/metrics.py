@@ -100,8 +100,9 @@ def _fastest_product_flops(n: int, device: torch.device, dtype: torch.dtype, sec
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
 
     def product_s() -> float:
-        """One product's seconds; on a GPU between its stream's events, as the anchors time theirs:
-        host time would add the launch and the wait for the GPU, and the peak would read low."""
+        """One product's seconds: on a CPU its thread's CPU time; on a GPU between its stream's
+        events, as the anchors time theirs: host time would add the launch and the wait for the
+        GPU, and the peak would read low."""
         if device.type != "cuda":
             start = time.thread_time()
             a @ b
