@@ -26,23 +26,18 @@ def test_the_cpu_peak_is_measured_alike_while_other_processes_load_the_cores():
     must still be the cores' own, or perf/mfu reads high (a run once logged 150%). Here two busy
     processes on every core, as another job's ranks and loader workers would be (timed by the
     clock, the peak read 0.43x of the one alone in 2 of 3 tries)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a rank's share under torchrun, which sets OMP_NUM_THREADS=1
+    alone = matmul_peak_flops(torch.device("cpu"), torch.float32)
+    hogs = [subprocess.Popen([sys.executable, "-c", "print('looping', flush=True)\nwhile True: pass"],
+                             stdout=subprocess.PIPE, text=True) for _ in 2 * [*os.sched_getaffinity(0)]]
     try:
-        alone = matmul_peak_flops(torch.device("cpu"), torch.float32)
-        hogs = [subprocess.Popen([sys.executable, "-c", "print('looping', flush=True)\nwhile True: pass"],
-                                 stdout=subprocess.PIPE, text=True) for _ in 2 * [*os.sched_getaffinity(0)]]
-        try:
-            for hog in hogs:
-                assert hog.stdout.readline() == "looping\n"  # past its interpreter's start, in its loop
-            loaded = matmul_peak_flops(torch.device("cpu"), torch.float32)
-        finally:
-            for hog in hogs:
-                hog.kill()
-                hog.wait()
-                hog.stdout.close()
+        for hog in hogs:
+            assert hog.stdout.readline() == "looping\n"  # past its interpreter's start, in its loop
+        loaded = matmul_peak_flops(torch.device("cpu"), torch.float32)
     finally:
-        torch.set_num_threads(threads)
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+            hog.stdout.close()
     assert loaded > 0.7 * alone, (loaded / 1e9, alone / 1e9)
 
 
