@@ -207,41 +207,56 @@ def test_positions_and_resume_are_those_of_the_cpu_path(photo_shards):
 
 
 def corrupt_shard(tmp_path, good, broken=1):
-    """A shard of good JPEGs and bad ones, bad first, read without shuffling; `broken` of them
-    broken past their header."""
+    """A shard read without shuffling: a truncated JPEG and a file that is no image, then JPEGs
+    broken past their header ('brokenNN', class 2), the first of them before the `good` ones
+    ('goodN', class N % 8) and the others amid them."""
     rng = np.random.default_rng(1)
     jpeg = encode(draw_photo(120, 90, rng), quality=90)
     broken_huffman = bytearray(jpeg)
     broken_huffman[jpeg.index(b"\xff\xc4") + 4] = 0x3F  # a Huffman table index past the last
     bad = [{"__key__": "truncated", "jpg": jpeg[: len(jpeg) // 2], "cls": 1},  # its header parses
-           {"__key__": "garbage", "jpg": b"not an image at all", "cls": 1},
-           *({"__key__": f"broken{i:02d}", "jpg": bytes(broken_huffman), "cls": 2} for i in range(broken))]
-    samples = bad + [{"__key__": f"good{i}", "jpg": encode(draw_photo(120, 90, rng), quality=90), "cls": i % 8}
-                     for i in range(good)]
+           {"__key__": "garbage", "jpg": b"not an image at all", "cls": 1}]
+    broken = [{"__key__": f"broken{i:02d}", "jpg": bytes(broken_huffman), "cls": 2} for i in range(broken)]
+    goods = [{"__key__": f"good{i}", "jpg": encode(draw_photo(120, 90, rng), quality=90), "cls": i % 8}
+             for i in range(good)]
     with wds.TarWriter(str(tmp_path / "bad.tar")) as sink:
-        for sample in samples:
+        for sample in bad + broken[:1] + goods[: good // 2] + broken[1:] + goods[good // 2 :]:
             sink.write(sample)
     return str(tmp_path / "bad.tar")
 
 
 def test_corrupt_jpegs_are_skipped_counted_or_replaced(tmp_path, caplog):
     """What the worker can tell from the bytes (truncated, not an image) is skipped and counted as
-    with decode: cpu; a JPEG broken past its header, which no decoder reads, becomes a grey image,
-    so the batch keeps its size, and is counted as undecodable in the batch the training loop
-    reads, with a warning naming shard and key (the first _MAX_WARNINGS of them)."""
+    with decode: cpu; a JPEG broken past its header, which no decoder reads, is counted as
+    undecodable in the batch the training loop reads, with a warning naming shard and key (the
+    first _MAX_WARNINGS of them), and trained on as a copy of the good sample before it (after it,
+    for the batch's first), image and label, so that the batch keeps its size. A batch with no good
+    sample keeps its broken ones as grey images."""
     broken = _MAX_WARNINGS + 4
     pattern = corrupt_shard(tmp_path, good=8, broken=broken)
+    options = ("data.streams=1", "data.shuffle_block=1")
     with caplog.at_level(logging.WARNING), DeviceBatches(
-            iter(loader(pattern, "gpu", "data.streams=1", "data.shuffle_block=1", batch_size=broken + 8)), CPU) as batches:
+            iter(loader(pattern, "gpu", *options, batch_size=broken + 8)), CPU) as batches:
         batch = next(batches)
-    assert batch["key"] == [f"broken{i:02d}" for i in range(broken)] + [f"good{i}" for i in range(8)]
+    keys = ["broken00", "good0", "good1", "good2", "good3", *(f"broken{i:02d}" for i in range(1, broken)),
+            "good4", "good5", "good6", "good7"]
+    assert batch["key"] == keys
     assert batch["skipped"] == {"undecodable": 2 + broken}
-    images = batch["image"]
+    images, labels = batch["image"], batch["label"]
     assert images.shape == (broken + 8, 3, 32, 32)
-    assert (images[:broken] == 128).all() and images[broken:].float().std() > 10
-    greys = [r.message for r in caplog.records if "replaced by a grey image" in r.message]
-    assert len(greys) == _MAX_WARNINGS
-    assert greys[0].startswith(f"skipped sample 'broken00' in {pattern}: undecodable image")
+    goods = [i for i, key in enumerate(keys) if key.startswith("good")]
+    assert labels[goods].tolist() == list(range(8))
+    assert images[goods].float().std(0).mean() > 10  # 8 distinct photos
+    stand_ins = [1 if key == "broken00" else 4 if key.startswith("broken") else i for i, key in enumerate(keys)]
+    assert torch.equal(images, images[stand_ins]) and torch.equal(labels, labels[stand_ins])
+    warnings = [r.message for r in caplog.records if "trained on as a copy of another sample" in r.message]
+    assert len(warnings) == _MAX_WARNINGS
+    assert warnings[0].startswith(f"skipped sample 'broken00' in {pattern}: undecodable image")
+
+    with DeviceBatches(iter(loader(pattern, "gpu", *options, batch_size=1)), CPU) as batches:
+        alone = next(batches)
+    assert alone["key"] == ["broken00"] and alone["skipped"] == {"undecodable": 3}
+    assert (alone["image"] == 128).all() and alone["label"].tolist() == [2]
 
 
 def test_a_jpeg_with_bytes_after_its_end_is_decoded_on_the_device(tmp_path):

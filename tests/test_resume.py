@@ -581,7 +581,7 @@ def test_a_fresh_run_sets_an_earlier_runs_best_weights_aside_and_keeps_its_own(d
 
 def test_a_resume_that_switches_where_jpegs_are_decoded_warns(demo_shards, tmp_path):
     """A JPEG broken past its header is skipped by data.decode: cpu, which takes its stream's next
-    sample instead, and trained on as a grey image by gpu: from the first one on, the two put other
+    sample instead, and replaced by a copy of another sample of its batch by gpu: from the first one on, the two put other
     samples in each step (tests/test_gpu_decode.py runs gpu on the CPU). A resume that switches
     them, explicitly or by `auto` on a machine with or without CUDA, went on without a word; it
     warns, with the data.decode each resolved to. `auto` resolving as before does not."""

@@ -4,6 +4,8 @@ order with the crops the workers decoded themselves."""
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -22,7 +24,10 @@ _CHUNK_PIXELS = 1 << 24
 
 def to_device(batch: dict, device: torch.device, skips: Skips | None = None) -> torch.Tensor:
     """A loader batch's images as uint8 NCHW on `device`, in sample order, for either data.decode.
-    JPEGs that turn out corrupt only when decoded are reported to `skips` (a fresh one if None)."""
+    A JPEG broken past its header, which only this full decode finds, is reported to `skips` (a
+    fresh one if None) and trained on as a copy of another sample of the batch, crop and label
+    (batch["label"] is replaced): dropping it would leave ranks with unequal micro-batches, which
+    hangs the step's collectives."""
     decoded = batch["image"].to(device, non_blocking=True)
     if "jpeg" not in batch:
         return decoded
@@ -30,9 +35,25 @@ def to_device(batch: dict, device: torch.device, skips: Skips | None = None) -> 
     encoded = batch["encoded"]
     images = torch.empty(len(encoded), 3, size, size, dtype=torch.uint8, device=device)
     images.index_copy_(0, _host_to_device((~encoded).nonzero().squeeze(1), device), decoded)
-    crops = _decode_and_crop(batch, size, device, skips or Skips())
-    images.index_copy_(0, _host_to_device(encoded.nonzero().squeeze(1), device), crops)
+    crops, broken = _decode_and_crop(batch, size, device, skips or Skips())
+    positions = encoded.nonzero().squeeze(1)
+    images.index_copy_(0, _host_to_device(positions, device), crops)
+    if stand_ins := _stand_ins(positions[broken].tolist(), len(encoded)):
+        broken, sources = map(list, zip(*stand_ins.items()))
+        images[_host_to_device(broken, device)] = images[_host_to_device(sources, device)]
+        batch["label"] = batch["label"].clone()
+        batch["label"][broken] = batch["label"][sources]
     return images
+
+
+def _stand_ins(broken: list[int], n: int) -> dict[int, int]:
+    """Of a batch of `n` samples, each broken one's stand-in: the good sample nearest before it, or
+    after it where none is before (the same for a sample's data.aug_repeats copies, side by side).
+    Empty if all are broken: they stay grey, as no image is left to copy."""
+    good = sorted(set(range(n)) - set(broken))
+    if not good:
+        return {}
+    return {i: good[max(bisect.bisect_left(good, i) - 1, 0)] for i in broken}
 
 
 def _host_to_device(values: torch.Tensor | list, device: torch.device,
@@ -44,13 +65,15 @@ def _host_to_device(values: torch.Tensor | list, device: torch.device,
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
-def _decode_and_crop(batch: dict, size: int, device: torch.device, skips: Skips) -> torch.Tensor:
+def _decode_and_crop(batch: dict, size: int, device: torch.device,
+                     skips: Skips) -> tuple[torch.Tensor, list[int]]:
+    """The encoded JPEGs' crops, and which of them (by index among the JPEGs) no decoder read: grey."""
     jpegs = encoded_jpegs(batch)
     samples = [{"__key__": key, "__url__": url}
                for key, url, encoded in zip(batch["key"], batch["url"], batch["encoded"].tolist()) if encoded]
     boxes, flips = batch["jpeg_box"].tolist(), batch["jpeg_flip"].tolist()
     crops = torch.empty(len(jpegs), 3, size, size, dtype=torch.uint8, device=device)
-    image = None  # the crop before's: a group may begin with a copy
+    broken, image = [], None  # the crop before's: a group may begin with a copy
     for group in decode_groups(batch["jpeg_pixels"].tolist()):
         # data.aug_repeats puts a sample's copies side by side, its JPEG with each: decoded once
         firsts = [i for i in range(group.start, group.stop)
@@ -60,8 +83,10 @@ def _decode_and_crop(batch: dict, size: int, device: torch.device, skips: Skips)
         for i in range(group.start, group.stop):
             image = decoded[i] if i in decoded else image  # a copy: its first's image
             images.append(image)
+            if image is None:
+                broken.append(i)
         crops[group] = resize_crops(images, boxes[group], flips[group], size, device)
-    return crops
+    return crops, broken
 
 
 def decode_groups(pixels: list[int]) -> list[slice]:
@@ -202,9 +227,7 @@ def _decode_one(jpeg: torch.Tensor, sample: dict, device: torch.device, skips: S
     try:  # what nvJPEG refuses PIL may read, and then the CPU path would have trained on it
         return to_uint8_tensor(load_rgb(open_image(jpeg.numpy().tobytes()))).to(device)
     except BadSample as reason:
-        # Broken past its header, which is all the worker read. Dropping it here would shrink the
-        # batch, and a rank with fewer micro-batches than the others would hang the step's
-        # collectives; a grey image under its label is one sample of noise. Its image is lost all
-        # the same: counted as skipped, so data.max_skip_frac sees corrupt shards on either path.
-        skips.report(sample, BadSample(reason.kind, f"{reason}; replaced by a grey image"))
+        # Broken past its header, which is all the worker read. Counted as skipped, so that
+        # data.max_skip_frac sees corrupt shards on either path.
+        skips.report(sample, BadSample(reason.kind, f"{reason}; trained on as a copy of another sample of its batch"))
         return None
