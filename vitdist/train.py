@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -159,11 +160,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             log.info("step %d: validating first, as the preempted run that checkpointed there did not", state.step)
             scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, state.step, state.best,
                                                          best_file, meta, average, stop=preemption.signalled)
-            if scalars is None:  # the checkpoint resumed from still owes it
-                logger.close()
-                log.warning("preempted while validating step %d: exiting with %d; %s still owes it", state.step,
-                            PREEMPTED_EXIT_CODE, resume_from)
-                sys.exit(PREEMPTED_EXIT_CODE)
+            if scalars is None:
+                _exit_preempted(logger, f"while validating step {state.step}", f"{resume_from}, which still owes it")
             logger.log(state.step, scalars)
             record_owed_validation(run_dir / "tb", resume_from, state.step, ctx)
 
@@ -243,10 +241,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                                       average=average)
             if preempted:
                 checkpointer.wait(final=True)  # this step's save, or an earlier one if bad steps skipped it
-                logger.close()
-                log.warning("preempted at step %d: exiting with %d; the newest complete checkpoint is %s", step,
-                            PREEMPTED_EXIT_CODE, checkpointer.newest() or "none yet")
-                sys.exit(PREEMPTED_EXIT_CODE)
+                _exit_preempted(logger, f"at step {step}", checkpointer.newest() or "none yet")
             profiler.step_ends(step)
             if at_log_step:
                 window = Window(start=time.perf_counter())
@@ -256,6 +251,14 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     if ctx.is_main:
         print(f"checkpoint: {last_ckpt}\ntensorboard: tensorboard --logdir {shlex.quote(str(run_dir / 'tb'))}", flush=True)
     return last_ckpt
+
+
+def _exit_preempted(logger: MetricLogger, when: str, newest: str | Path) -> NoReturn:
+    """Exit with PREEMPTED_EXIT_CODE (the SLURM scripts requeue on it), the curves written."""
+    logger.close()
+    log.warning("preempted %s: exiting with %d; the newest complete checkpoint is %s", when, PREEMPTED_EXIT_CODE,
+                newest)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def _banner(cfg: Config, ctx: distributed.DistContext, model: torch.nn.Module, accum_steps: int, step: int,
