@@ -4,9 +4,17 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -144,3 +152,66 @@ def test_file_urls_and_relative_paths_with_a_colon_are_read_as_the_local_shards_
     assert [_read(url) for url in urls] == [["e0", "e1"], ["b0", "b1"]]
     with pytest.raises(ConfigError, match="exp:1/a.tar' is named 2 times"):
         expand_urls(["exp:1/a.tar", f"file://{tmp_path / 'exp:1' / 'a.tar'}"], "data.train_shards")
+
+
+# A shard read in a thread of a process with preemption handlers, as the training process reads
+# without loader workers: what it read, and the signals its handlers had.
+READ_IN_A_THREAD = """
+import json, signal, sys, threading
+from vitdist.samples import READ_ERROR, read_samples
+received, read = [], []
+for signum in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(signum, lambda signum, frame: received.append(signum))
+thread = threading.Thread(target=lambda: read.extend(s.get(READ_ERROR, s["__key__"]) for s in read_samples(sys.argv[1])))
+thread.start()
+while thread.is_alive():
+    thread.join(0.1)  # the handlers run in this thread, between its waits
+print(json.dumps({"read": read, "received": received}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http: shards with curl")
+def test_a_preemption_signal_to_the_readers_group_leaves_http_reads_reading(tmp_path):
+    """webdataset reads an http: shard through curl, a child of the process that reads. A preemption
+    signal to that process's group (a shell's or SLURM's to the job; the training process's own
+    reads without loader workers) killed curl mid-shard, and the rest of the shard was a read
+    error, passed over by the preemption's checkpoint: unseen that epoch. Only `pipe:` commands
+    had been kept out of it. Every command a read starts now leaves the signals to the reader."""
+    shard = tmp_path / "s.tar"
+    keys = [f"k{i:02d}" for i in range(16)]
+    write_shard(shard, [{"__key__": key, "png": png_bytes((i, 0, 0)), "cls": i % 8} for i, key in enumerate(keys)])
+    data = shard.read_bytes()
+    pause = tarfile.open(shard).getmembers()[16].offset  # after 8 samples of 2 members
+    paused, go = threading.Event(), threading.Event()
+
+    class SlowNetwork(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:pause])
+            self.wfile.flush()
+            paused.set()
+            go.wait(60)
+            self.wfile.write(data[pause:])
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowNetwork)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/s.tar"
+        reader = subprocess.Popen([sys.executable, "-c", READ_IN_A_THREAD, url], stdout=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+        assert paused.wait(60)
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            os.killpg(reader.pid, signum)
+        time.sleep(0.5)  # for curl to die of them, as it did
+        go.set()
+        out, _ = reader.communicate(timeout=60)
+    finally:
+        server.shutdown()
+    result = json.loads(out)
+    assert result["read"] == keys
+    assert sorted(result["received"]) == sorted([signal.SIGTERM, signal.SIGUSR1])

@@ -8,11 +8,13 @@ by kind (data/skipped_<kind> curves), because a sudden rise of one kind points a
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import io
 import logging
 import lzma
 import re
+import signal
 import warnings
 import zlib
 from collections import Counter
@@ -26,6 +28,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
 from .commands import end_command, recorded
 from .config import DataConfig
+from .preemption import SIGNALS as PREEMPTION_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ def read_samples(url: str) -> Iterator[dict]:
         errors.append(exn)
         return False
 
-    opened = [dict(source, url=url) for source in url_opener([{"url": _opened_as(url)}], handler=stop)]
+    with _preemption_signals_blocked():  # in the command the URL starts, if any
+        opened = [dict(source, url=url) for source in url_opener([{"url": _opened_as(url)}], handler=stop)]
     sources = [dict(source, stream=_Tail(source["stream"])) for source in opened]
     commands = [source["stream"].proc for source in opened if isinstance(source["stream"], Pipe)]
     try:
@@ -78,14 +82,28 @@ def read_samples(url: str) -> Iterator[dict]:
         yield {"__key__": "", "__url__": url, READ_ERROR: f"{type(errors[0]).__name__}: {reason}"}
 
 
-# A `pipe:` command leaves the preemption signals to the training process, as the loader workers do.
-# One that reaches every process of the job (SLURM's scancel --signal=TERM under proctrack/linuxproc,
-# systemd's stop), or the training process's group, which holds its commands when it reads the
-# shards itself (data.num_workers=0), ended the command mid-shard: the rest of the shard, read for
-# the steps before the preemption's checkpoint when the reads do not run ahead, was skipped as a
-# read error, and the checkpoint's positions passed over it, unseen that epoch. Ignored signals stay
-# ignored in the commands the shell starts; the command still ends with its reader (SIGPIPE) or at
-# SIGKILL (vitdist.commands, vitdist.workers).
+@contextlib.contextmanager
+def _preemption_signals_blocked() -> Iterator[None]:
+    """The preemption signals blocked in the calling thread, and so in the commands it starts
+    (webdataset's curl for http:, gsutil for gs:, a `pipe:` shard's shell): blocked signals are
+    inherited across fork and exec, where handlers are reset. The commands leave these signals to
+    the training process, as the loader workers do. One that reaches every process of the job
+    (SLURM's scancel --signal=TERM under proctrack/linuxproc, systemd's stop), or the training
+    process's group, which holds its commands when it reads the shards itself
+    (data.num_workers=0), ended the command mid-shard: the rest of the shard, read for the steps
+    before the preemption's checkpoint, was skipped as a read error, and the checkpoint's positions
+    passed over it, unseen that epoch. A command still ends with its reader (SIGPIPE) or at SIGKILL
+    (vitdist.commands, vitdist.workers). A signal that comes to this thread meanwhile is taken
+    after, not lost."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+# dash, the /bin/sh of Debian and Ubuntu that runs `pipe:` commands, unblocks every signal as it
+# starts: the shell ignores them itself, and the commands it starts inherit that.
 _IGNORING_PREEMPTION = "trap '' TERM USR1; "
 
 
