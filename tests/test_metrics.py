@@ -41,6 +41,26 @@ def test_the_cpu_peak_is_measured_alike_while_other_processes_load_the_cores():
     assert loaded > 0.7 * alone, (loaded / 1e9, alone / 1e9)
 
 
+def test_the_cpu_peak_is_not_below_what_a_bf16_linear_layer_reaches():
+    """perf/mfu divides by the peak, so the model's own layers must not run faster than it. On a CPU
+    without bf16 instructions a bf16 linear layer (under autocast, as training runs) takes oneDNN's
+    kernels, about 5x faster than the plain bf16 matrix product the peak was timed on: runs with
+    train.precision=bf16 on a CPU logged perf/mfu of 170-260%."""
+    per_thread = matmul_peak_flops(torch.device("cpu"), torch.bfloat16) / torch.get_num_threads()
+    x, weight = torch.randn(8 * 197, 768), torch.randn(3072, 768)  # a ViT-B MLP's first layer, 8 images
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            torch.nn.functional.linear(x, weight)
+            start = time.thread_time()
+            torch.nn.functional.linear(x, weight)
+            layer = 2 * x.shape[0] * 768 * 3072 / (time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    assert layer < 1.25 * per_thread, (layer / 1e9, per_thread / 1e9)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="only a GPU runs behind the host")
 def test_a_log_window_ends_when_the_gpu_has_run_its_steps(process_group):
     """The host queues steps ahead of the GPU (nothing in a step waits for it): a window timed
