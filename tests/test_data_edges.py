@@ -17,6 +17,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import webdataset as wds
 
 from conftest import TINY, png_bytes, write_shard
 from vitdist.config import ConfigError
@@ -98,6 +99,13 @@ def test_zeros_in_place_of_a_shards_samples_are_a_read_error(tmp_path):
     assert _read(str(tmp_path / "start.tar")) == ["EOFError: the shard starts with zeros in place of its samples (a "
                                                   "download cut short? a crash?), which are not read"]
     assert _read(str(tmp_path / "padded.tar")) == [f"k{i}" for i in range(8)]
+    # A small shard zeroed whole (a 64 KiB one, under the 1 MiB of padding allowed after a tar's
+    # end) was read as a tar of no member, its samples left out without a word; an empty tar is
+    # one record of zeros.
+    (tmp_path / "zeroed.tar").write_bytes(bytes(64 << 10))
+    assert _read(str(tmp_path / "zeroed.tar")) == _read(str(tmp_path / "start.tar"))
+    wds.TarWriter(str(tmp_path / "empty.tar")).close()
+    assert (tmp_path / "empty.tar").read_bytes() == bytes(10240) and _read(str(tmp_path / "empty.tar")) == []
 
 
 def test_a_corrupt_member_header_is_named_as_such_not_as_tars_joined_with_cat(tmp_path):

@@ -160,6 +160,7 @@ class _Prefixed:
 # The most zeros a tar ends with after its end-of-archive block: padding to a record, 10 KiB by default
 # (GNU tar, Python's tarfile, bsdtar), 1 MiB with `tar -b 2048`.
 _MAX_PADDING = 1 << 20
+_EMPTY_TAR = 10240  # a tar of no member, as tar, tarfile and webdataset write one: a record of zeros
 
 
 class _Tail:
@@ -168,7 +169,7 @@ class _Tail:
     block (zeros) tells (a compressed one's decompressor finds its own truncation)."""
 
     def __init__(self, stream):
-        self.raw, self.stream, self.head, self.tail, self.last = stream, None, b"", b"", b""
+        self.raw, self.stream, self.head, self.tail, self.last, self.size = stream, None, b"", b"", b"", 0
 
     def read(self, n: int = -1) -> bytes:
         if self.stream is None:  # on the first read, where tarfile's handler takes its errors
@@ -181,6 +182,7 @@ class _Tail:
             self.head += data[: 512 - len(self.head)]
         self.tail = (self.tail + data[-512:])[-512:]  # copies a block at most, not the whole read
         self.last = data
+        self.size += len(data)
         return data
 
     def __repr__(self) -> str:  # webdataset names the stream in its errors
@@ -205,7 +207,7 @@ class _Tail:
         # downloader that writes segments in parallel (aria2c) preallocates the file under its final
         # name, and a download cut short leaves the missing segments zero; a crash can zero a file's end.
         zeros = "zeros in place of its samples (a download cut short? a crash?), which are not read"
-        if beyond and not any(self.head):
+        if not any(self.head) and (beyond or self.size > _EMPTY_TAR):  # no member, and more than an empty tar
             raise EOFError(f"the shard starts with {zeros}")
         if len(self.tail) < 512 or any(self.tail):
             raise EOFError("the tar ends without its end-of-archive block, cut short before a member")
