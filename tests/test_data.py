@@ -577,9 +577,11 @@ def test_a_shard_named_twice_or_a_shard_list_inside_a_list_is_refused(demo_shard
     for spec in (str(listing), [demo_shards["val"], urls[1]]):
         with pytest.raises(ConfigError, match=f"^data.val_shards: '{re.escape(urls[1])}' is named 2 times"):
             expand_urls(spec, "data.val_shards")
-    # Spelt otherwise, it is the same file all the same: through '.', or relative beside absolute.
+    # Spelt otherwise, it is the same file all the same: through '.', relative beside absolute, or
+    # through a symbolic link to its directory.
+    (tmp_path / "linked").symlink_to(Path(urls[1]).parent)
     monkeypatch.chdir(Path(urls[1]).parent)
-    for other in (urls[1].replace("/val-", "/./val-"), Path(urls[1]).name):
+    for other in (urls[1].replace("/val-", "/./val-"), Path(urls[1]).name, str(tmp_path / "linked" / Path(urls[1]).name)):
         with pytest.raises(ConfigError, match=f"^data.val_shards: '{re.escape(urls[1])}' is named 2 times \\(as "
                                               f"'{re.escape(urls[1])}', '{re.escape(other)}'\\)"):
             expand_urls([demo_shards["val"], other], "data.val_shards")

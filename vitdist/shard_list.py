@@ -65,9 +65,7 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
         urls = [_local_spelling(url) for pattern in patterns for url in braceexpand.braceexpand(pattern)]
     except braceexpand.UnbalancedBracesError as e:
         raise ConfigError(f"{where}{e}: a brace that is part of a name is written \\{{ or \\}}") from None
-    # A local shard spelt otherwise ('d/./a.tar', relative beside absolute) is the same file; compared
-    # as text, without a stat per shard (see _missing_files).
-    files = [url if is_remote(url) else os.path.normpath(os.path.abspath(url)) for url in urls]
+    files = _same_file_spellings(urls)
     if twice := next((file for file, count in Counter(files).items() if count > 1), None):
         named = [url for url, file in zip(urls, files) if file == twice]
         spellings = "" if len(set(named)) == 1 else f" (as {', '.join(map(repr, dict.fromkeys(named)))})"
@@ -85,6 +83,24 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
     if not urls:
         raise ConfigError(f"{where}no shards in {spec!r}")
     return urls
+
+
+def _same_file_spellings(urls: list[str]) -> list[str]:
+    """Each URL as one text for each file: a local shard spelt otherwise ('d/./a.tar', relative
+    beside absolute, through a symbolic link to its directory: a cluster's /data linked to
+    /mnt/lustre/data) gives the same. Directories are resolved, once each; files are not, as that
+    takes a stat per shard (see _missing_files)."""
+    resolved: dict[str, str] = {}
+    files = []
+    for url in urls:
+        if is_remote(url):
+            files.append(url)
+            continue
+        directory, name = os.path.split(os.path.abspath(url))
+        if directory not in resolved:
+            resolved[directory] = os.path.realpath(directory)
+        files.append(os.path.join(resolved[directory], name))
+    return files
 
 
 def _missing_files(paths: list[str]) -> list[str]:
