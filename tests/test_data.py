@@ -805,6 +805,18 @@ def test_make_shards_refuses_a_folder_that_holds_shards_of_its_prefix(tmp_path):
     make_shards(tmp_path / "src", tmp_path / "out", prefix="val", samples_per_shard=8, progress=False)  # another prefix
 
 
+def test_make_shards_refuses_to_write_inside_the_image_folder(tmp_path):
+    """Shards written into src/shards made 'shards' a class folder of src from then on: the next
+    split's make-shards blamed missing classes, and an ImageFolder run took it for an empty class."""
+    make_image_folder(tmp_path / "src")
+    for out in (tmp_path / "src" / "shards", tmp_path / "src" / "cat" / "shards"):
+        with pytest.raises(ValueError, match=f"^'{re.escape(str(out))}' is inside the image folder"):
+            make_shards(tmp_path / "src", out, progress=False)
+        assert not out.exists()
+    make_shards(tmp_path / "src", tmp_path / "src", progress=False)  # beside the class folders: not a class
+    assert scan_image_folder(tmp_path / "src")[0] == ["cat", "dog", "eel"]
+
+
 def test_an_interrupted_make_shards_leaves_no_shard_behind(tmp_path, monkeypatch):
     """Ctrl-C half-way: the shard being written, closed on the way out with its end-of-archive
     block, would read as a complete shard of fewer samples, under a final name, beside complete
@@ -887,6 +899,19 @@ def test_one_image_over_the_byte_limit_does_not_split_every_shard():
     bounds = shard_bounds([100] * 400 + [250_000], samples_per_shard=1000, max_shard_bytes=10_000, streams=3)
     assert len(bounds) - 1 == 6  # 40,000 bytes of the others in 4 shards, rounded up to the streams' multiple
     assert bounds[0] == 0 and bounds[-1] == 401 and max(b - a for a, b in zip(bounds, bounds[1:])) == 67
+
+
+def test_shards_stay_a_multiple_of_the_streams_when_the_samples_are_too_few_to_fill_each():
+    """100 samples of at most 1 per shard for 64 streams made 100 shards, not a multiple of 64: 36
+    streams held two shards and the others one, and every epoch repeated some samples before
+    others were seen. The largest multiple within the samples now (no shard empty), and one shard
+    per sample where the samples are fewer than the streams (a small validation split)."""
+    from vitdist.make_shards import shard_bounds
+
+    for count, streams, shards in ((100, 64, 64), (128, 64, 128), (48, 64, 48), (7, 3, 6)):
+        bounds = shard_bounds([100] * count, samples_per_shard=1, max_shard_bytes=1e9, streams=streams)
+        assert len(bounds) - 1 == shards and bounds[-1] == count, (count, streams)
+        assert min(b - a for a, b in zip(bounds, bounds[1:])) >= 1
 
 
 def test_folders_named_with_braces_are_named_by_the_shard_specs_written_for_them(tmp_path):

@@ -109,17 +109,20 @@ def shard_bounds(image_bytes: list[int], samples_per_shard: int, max_shard_bytes
     """Where the samples (of these sizes, in writing order) split into shards: the fewest shards, a
     multiple of `streams`, of sizes that differ by at most one sample, none over `samples_per_shard`
     samples or `max_shard_bytes` bytes of images (an image over that counts as nothing: its shard is
-    larger by its size); but never more shards than samples. A run with data.streams=`streams` then deals every stream as many
-    shards, and so as many samples up to one per shard: the streams turn to their next epoch
-    together, give or take that many samples."""
+    larger by its size); but no shard empty: at most the largest multiple of `streams` within the
+    samples, or one per sample where they are fewer than the streams (a validation split's may be).
+    A run with data.streams=`streams` then deals every stream as many shards, and so as many
+    samples up to one per shard: the streams turn to their next epoch together, give or take that
+    many samples."""
     count = len(image_bytes)
+    most = count - count % streams or count
     # One image over the limit would otherwise split every shard down to one image.
     ends = list(itertools.accumulate((size if size <= max_shard_bytes else 0 for size in image_bytes), initial=0))
     num_shards = streams * math.ceil(max(count / samples_per_shard, ends[-1] / max_shard_bytes) / streams)
     while True:
-        num_shards = min(num_shards, count)
+        num_shards = min(num_shards, most)
         bounds = [i * (count // num_shards) + min(i, count % num_shards) for i in range(num_shards + 1)]
-        if num_shards == count or max(ends[b] - ends[a] for a, b in itertools.pairwise(bounds)) <= max_shard_bytes:
+        if num_shards == most or max(ends[b] - ends[a] for a, b in itertools.pairwise(bounds)) <= max_shard_bytes:
             return bounds
         num_shards += streams
 
@@ -144,6 +147,9 @@ def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", sam
     shards too, and is never replaced: numbered by their own sorted folders, a validation split
     that lacks some of the training classes would take other classes' indices."""
     out_dir = Path(out_dir)
+    if Path(src).resolve() in out_dir.resolve().parents:
+        raise ValueError(f"'{out_dir}' is inside the image folder '{src}', which would take it (or the class folder "
+                         "holding it) for a class of its images from then on: write the shards to another folder")
     if held := sorted(out_dir.glob(f"{glob.escape(prefix)}-*.tar")):
         raise FileExistsError(f"'{out_dir}' holds {len(held)} shard(s) {prefix}-*.tar already: written again, they "
                               "would be replaced under the same names (a run trained on them would resume onto other "
