@@ -184,8 +184,8 @@ def changes(cfg: Config, state: dict) -> list[str]:
     if (before := state.get("decoded_on")) and before != decoded_on(cfg):  # earlier checkpoints do not record it
         lines.append(f"data.decode: {before!r} -> {decoded_on(cfg)!r} (as resolved on each machine): a "
                      "JPEG broken past its header is skipped with cpu, its stream's next sample taken in its place, "
-                     "and replaced by a copy of another sample of its batch with gpu, so from the first such JPEG on, steps hold other "
-                     "samples than the uninterrupted run's")
+                     "and replaced by a copy of another sample of its batch with gpu, so from the first such JPEG "
+                     "on, steps hold other samples than the uninterrupted run's")
     step = state["step"]
     then, now = (lr_at(step, lr=c["optim.lr"], min_lr=c["optim.min_lr"], warmup_steps=c["optim.warmup_steps"],
                        total_steps=c["train.steps"]) for c in (old, new))
