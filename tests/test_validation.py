@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -119,3 +120,30 @@ def test_a_preemption_signal_interrupts_validation_and_the_resumed_run_owes_it(d
     assert last.returncode == 0, last.stderr[-3000:]
     assert "step 2: validating first" in last.stderr
     assert [s for s, _ in read_scalars(tmp_path / "run" / "tb")["val/top1"]] == [2, 4]
+
+
+@pytest.mark.slow
+def test_best_weights_that_cannot_be_written_stop_every_rank_or_are_logged(demo_shards, tmp_path):
+    """A full disk (made by a file-size limit, as in test_checkpoint.py) at a validation step: the
+    write of best.safetensors raised on rank 0 alone, a traceback, and rank 1 failed on the lost
+    process group, under ckpt.on_error=continue too. Every rank stops now with the path and the
+    reason (exit 1, as for a checkpoint), or under continue logs it and trains on, and the next
+    validation tries again."""
+    common = [*shard_overrides(demo_shards), f"run.dir={tmp_path}", "train.steps=2", "train.eval_every_steps=1",
+              "ckpt.every_steps=0", "log.every_steps=1", "train.global_batch_size=32", "data.micro_batch_size=16"]
+
+    def full_disk():  # 1 MiB: the tiny ViT's weights take 3.3 MB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    best = tmp_path / "best.safetensors"
+    stopped = run_pretrain(2, common, preexec_fn=full_disk)
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    assert stopped.stderr.count(f"error: the best weights so far (step 1) could not be written to '{best}' (") == 2
+    assert "lost contact" not in stopped.stderr and not best.exists()
+
+    went_on = run_pretrain(2, [*common, "ckpt.on_error=continue"], preexec_fn=full_disk)
+    for step in (1, 2):
+        assert went_on.stderr.count(f"the best weights so far (step {step}) could not be written") == 2, step
+    assert f"'{best}' keeps what it held; training goes on (ckpt.on_error=continue)" in went_on.stderr
+    assert went_on.returncode == 1 and "error: checkpoint at step 2 could not be written" in went_on.stderr  # the last
+    assert [step for step, _ in read_scalars(tmp_path / "tb")["val/top1"]] == [1, 2]

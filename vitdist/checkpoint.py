@@ -150,14 +150,14 @@ def _sync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _free_bytes(path: Path) -> int:
+def free_bytes(path: Path) -> int:
     """Free space where `path` is, or would be: a directory that could not be made (a full disk, a
     link to a scratch space that is gone) has no free space of its own to ask for."""
     existing = next(p for p in (path, *path.parents) if p.exists())
     return shutil.disk_usage(existing).free
 
 
-def _gib(size: int) -> str:
+def gib(size: int) -> str:
     return f"{size / 2**30:.3g} GiB"
 
 
@@ -262,9 +262,9 @@ class Checkpointer:
             error = f"{failure[0] if isinstance(failure, tuple) else failure} (rank {rank})"
         newest = self.newest()
         # Its size beside the free space tells a full disk, which torch may report only as "unexpected pos".
-        kept = (f"the newest complete checkpoint, intact, is '{newest}' ({_gib(sum(f.stat().st_size for f in newest.iterdir()))})"
+        kept = (f"the newest complete checkpoint, intact, is '{newest}' ({gib(sum(f.stat().st_size for f in newest.iterdir()))})"
                 if newest else "there is no complete checkpoint")
-        message = (f"checkpoint at step {step} could not be written to '{partial}' ({_gib(_free_bytes(self.root))} free "
+        message = (f"checkpoint at step {step} could not be written to '{partial}' ({gib(free_bytes(self.root))} free "
                    f"there): {error}; {kept}")
         if final or self.cfg.on_error == "stop":
             raise SaveFailed(message)

@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from . import distributed
+from .checkpoint import SaveFailed, free_bytes, gib
 from .config import Config
 from .data import Normalize
 from .ema import WeightAverage
@@ -96,9 +98,10 @@ def evaluate_and_keep_best(model: torch.nn.Module, val_loader, cfg: Config, ctx:
                         "them): val/loss, val/top1 and val/top5 are NaN, and these weights are not kept as the best",
                         step, scalars["val/skipped"])
     elif better(scores, best):
-        best = scores
         with average.swapped_in() if from_average else contextlib.nullcontext():
-            save_weights(model, {**meta, "step": step, **best, "ema": from_average}, best_file, ctx)
+            kept = save_weights(model, {**meta, "step": step, **scores, "ema": from_average}, best_file, ctx,
+                                cfg.ckpt.on_error)
+        best = scores if kept else best
     return scalars, best
 
 
@@ -132,11 +135,28 @@ def _owed(checkpoint: Path, step: int) -> dict:
     return {"checkpoint": str(checkpoint.resolve()), "step": step}
 
 
-def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed.DistContext) -> None:
-    """The whole model (gathered from the shards under FSDP) as one timm-loadable file, by rank 0."""
+def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed.DistContext,
+                 on_error: str = "stop") -> bool:
+    """The whole model (gathered from the shards under FSDP) as one timm-loadable file, by rank 0.
+    A write that fails (a full disk) stops every rank together (SaveFailed), as a checkpoint's
+    does, or under ckpt.on_error=continue is logged and returns False: `out` keeps what it held.
+    It had raised on rank 0 alone, and the other ranks failed on the lost process group."""
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    error = [None]
     if ctx.is_main:
-        write_safetensors(weights, meta, out)
+        try:
+            write_safetensors(weights, meta, out)
+        except (OSError, SafetensorError) as e:  # safetensors' own for a failed write: not an OSError
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0, group=ctx.control)
+    if error[0] is None:
+        return True
+    message = (f"the best weights so far (step {meta['step']}) could not be written to '{out}' "
+               f"({gib(free_bytes(out))} free there): {error[0]}; '{out}' keeps what it held")
+    if on_error == "stop":
+        raise SaveFailed(message)
+    log.error("%s; training goes on (ckpt.on_error=continue)", message)
+    return False
 
 
 @torch.no_grad()
