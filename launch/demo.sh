@@ -10,6 +10,9 @@ ensure_venv demo
 
 data_dir=${VITDIST_DEMO_DATA:-demo}
 run_dir=runs/demo-$(date +%Y%m%d-%H%M%S)
+for arg in "$@"; do  # the user's run.dir, if given, is the one fine-tuning starts from
+  case $arg in run.dir=*) run_dir=${arg#run.dir=} ;; esac
+done
 if [ ! -f "$data_dir/digits/shards/classes.json" ]; then
   echo "writing the demo datasets to $data_dir/"
   vitdist demo-data "$data_dir"
