@@ -43,12 +43,23 @@ def test_rand_augment_draws_its_ops_from_the_seed_only():
     ("rand-m9-t3a-tweights", "sections timm would pass over: 'tweights'"),  # timm takes the first op set only
     ("rand-m9-x3", "Unknown RandAugment config section"),
     ("augmix-m5", "the first 'rand'"),
+    # timm reads these, but clamps the magnitude to 10, and fails the 16th draw of 15 weighted ops mid-run
+    ("rand-m100", "magnitude m100 above 10, which timm clamps it to: add mmax100"),
+    ("rand-m12-mmax11", "magnitude m12 above 11"),
+    ("rand-m9-n16-tweights", "n16 ops per image, drawn without repeats from the 15 of the weighted op set"),
 ])
 def test_a_rand_augment_string_timm_cannot_read_is_refused_naming_it(demo_shards, config, message):
     cfg = load_config(TINY, [f"data.train_shards={demo_shards['train']}", "data.val_shards=null",
                              f"data.rand_augment={config}"])
     with pytest.raises(ConfigError, match=f"data.rand_augment='{config}'.*{message}"):
         preflight(cfg, world_size=1)
+
+
+def test_rand_augment_strings_at_the_limits_are_read_as_written():
+    """At the top magnitude, above 10 with mmax, and as many weighted ops as the set holds."""
+    for config, magnitude, layers in (("rand-m10", 10, 2), ("rand-m30-mmax30", 30, 2), ("rand-n15-tweights", 10, 15)):
+        ra = RandAugment(DataConfig(rand_augment=config), 64).transform
+        assert (ra.ops[0].magnitude, ra.num_layers) == (magnitude, layers), config
 
 
 def test_an_empty_rand_augment_string_is_refused_not_taken_for_none():

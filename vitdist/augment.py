@@ -55,6 +55,7 @@ class RandAugment:
             if unread:
                 raise ValueError(f"sections timm would pass over: {', '.join(map(repr, unread))}")
             self.transform = auto_augment.rand_augment_transform(cfg.rand_augment, hparams)
+            _check_as_written(self.transform)
         except (AssertionError, ValueError, KeyError, IndexError) as e:  # timm asserts on what it cannot read
             detail = f" ({e})" if str(e) else ""
             raise ConfigError(f"data.rand_augment='{cfg.rand_augment}' is not a RandAugment config string timm reads"
@@ -77,6 +78,20 @@ class RandAugment:
         finally:
             _sample_random.generator = random
         return to_uint8_tensor(image)
+
+
+def _check_as_written(ra: auto_augment.RandAugment) -> None:
+    """ValueError for what timm reads but would not do as written: a magnitude above its top (10
+    without mmax), which it clamps to the top; more ops per image than the weighted op set holds,
+    drawn without replacement, which fails in the loader workers mid-run."""
+    op = ra.ops[0]
+    top = op.magnitude_max or 10  # timm's _LEVEL_DENOM
+    if op.magnitude > top:
+        raise ValueError(f"magnitude m{op.magnitude:g} above {top:g}, which timm clamps it to: add mmax{op.magnitude:g} "
+                         "to allow it")
+    if ra.choice_weights is not None and ra.num_layers > len(ra.ops):
+        raise ValueError(f"n{ra.num_layers} ops per image, drawn without repeats from the {len(ra.ops)} of the "
+                         "weighted op set (tweights)")
 
 
 def _posterize(image: Image.Image, bits: int, **kwargs) -> Image.Image:
