@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class MetricLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(tb_dir), purge_step=purge_step)
+            threading.excepthook = _quiet_tensorboard_threads
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -71,6 +73,14 @@ class MetricLogger:
             except OSError as error:  # at the run's end or its preemption: nothing goes on
                 log.warning("TensorBoard's event file in %s could not be completed (%s): its last lines may be missing",
                             self.tb_dir, error)
+
+
+def _quiet_tensorboard_threads(args: threading.ExceptHookArgs) -> None:
+    """threading's report of an exception that ends a thread, but for TensorBoard's writer thread:
+    a write that fails there is raised again by the next write in the training thread, and reported
+    there once (MetricLogger._stop_writing), not as the thread's traceback too."""
+    if not type(args.thread).__module__.startswith("tensorboard."):
+        threading.__excepthook__(args)
 
 
 def _duration(seconds: float) -> str:
