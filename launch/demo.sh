@@ -13,6 +13,7 @@ run_dir=runs/demo-$(date +%Y%m%d-%H%M%S)
 for arg in "$@"; do  # the user's run.dir, if given, is the one fine-tuning starts from
   case $arg in run.dir=*) run_dir=${arg#run.dir=} ;; esac
 done
+run_dir=${run_dir%/}  # runs/mine/ would fine-tune into runs/mine/-digits
 if [ ! -f "$data_dir/digits/shards/classes.json" ]; then
   echo "writing the demo datasets to $data_dir/"
   vitdist demo-data "$data_dir"

@@ -208,10 +208,10 @@ def test_a_preemption_signal_to_the_readers_group_leaves_http_reads_reading(tmp_
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), SlowNetwork)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/s.tar"
+    reader = subprocess.Popen([sys.executable, "-c", READ_IN_A_THREAD, url], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/s.tar"
-        reader = subprocess.Popen([sys.executable, "-c", READ_IN_A_THREAD, url], stdout=subprocess.PIPE, text=True,
-                                  start_new_session=True)
         assert paused.wait(60)
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             os.killpg(reader.pid, signum)
@@ -219,7 +219,10 @@ def test_a_preemption_signal_to_the_readers_group_leaves_http_reads_reading(tmp_
         go.set()
         out, _ = reader.communicate(timeout=60)
     finally:
+        go.set()
         server.shutdown()
+        if reader.poll() is None:
+            reader.kill()
     result = json.loads(out)
     assert result["read"] == keys
     assert sorted(result["received"]) == sorted([signal.SIGTERM, signal.SIGUSR1])

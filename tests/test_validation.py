@@ -22,6 +22,7 @@ from vitdist.model import build_model
 from vitdist.shard_list import expand_urls
 from vitdist.distributed import compute_precision
 from vitdist.model import model_meta
+from vitdist.export import write_safetensors
 from vitdist.validation import best_to_beat, evaluate_and_keep_best
 
 
@@ -147,3 +148,19 @@ def test_best_weights_that_cannot_be_written_stop_every_rank_or_are_logged(demo_
     assert f"'{best}' keeps what it held; training goes on (ckpt.on_error=continue)" in went_on.stderr
     assert went_on.returncode == 1 and "error: checkpoint at step 2 could not be written" in went_on.stderr  # the last
     assert [step for step, _ in read_scalars(tmp_path / "tb")["val/top1"]] == [1, 2]
+
+
+def test_best_weights_and_their_json_are_replaced_together_or_not_at_all(tmp_path):
+    """The JSON was written after the weights had replaced the old ones: a disk that failed it left
+    new weights, whose scores the run did not keep, beside the old JSON, and a later validation
+    that beat the kept scores but not those weights replaced better weights with worse."""
+    cfg = load_config(TINY)
+    weights, meta = build_model(cfg.model).state_dict(), model_meta(cfg.model, cfg.data)
+    out = tmp_path / "best.safetensors"
+    write_safetensors(weights, {**meta, "step": 1, "val_top1": 0.5, "val_loss": 1.0}, out)
+    before = out.read_bytes(), out.with_suffix(".json").read_bytes()
+    (tmp_path / "best.json.partial").mkdir()  # where the JSON is written first: its write fails
+    with pytest.raises(OSError):
+        write_safetensors(weights, {**meta, "step": 2, "val_top1": 0.9, "val_loss": 0.5}, out)
+    assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == before
+    assert not (tmp_path / "best.safetensors.partial").exists()

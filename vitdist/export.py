@@ -4,6 +4,7 @@ normalisation. Needs no process group and reads only the model's tensors."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from safetensors import safe_open
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from .checkpoint import newest_if_run
 from .checkpoint_read import load_model_weights
 from .config import DataConfig
-from .files import write_json, written_whole
+from .files import written_whole
 
 
 def export(checkpoint_dir: str | Path, out: str | Path, average: bool = False) -> Path:
@@ -31,8 +32,8 @@ def export(checkpoint_dir: str | Path, out: str | Path, average: bool = False) -
 def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
     """`out` (safetensors) and `out` with .json: the arch, timm kwargs, image size, classes, normalisation,
     and the pretrained_cfg that timm's own loading, data config and output names need. A `step`, `val_top1` and
-    `val_loss` in `meta` (best.safetensors) go into the safetensors metadata too. Each file is written beside,
-    then renamed: a kill mid-write leaves the previous one whole."""
+    `val_loss` in `meta` (best.safetensors) go into the safetensors metadata too. Both files are written beside,
+    then renamed: a kill or a failed write leaves the previous pair whole."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     size, num_classes = meta["timm_kwargs"]["img_size"], meta["timm_kwargs"]["num_classes"]
@@ -52,9 +53,11 @@ def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
         pretrained_cfg["label_names"] = names if len(names) == num_classes else {str(i): n for i, n in enumerate(names)}
     info = {**meta, "img_size": size, "num_classes": num_classes, "pretrained_cfg": pretrained_cfg}
     header = {"arch": meta["arch"], **{key: str(meta[key]) for key in ("step", "val_top1", "val_loss") if key in meta}}
-    with written_whole(out) as partial:
+    # Both written before either is renamed: a full disk that fails the small JSON after the weights
+    # would leave new weights beside the old JSON, and a best.safetensors whose scores were not kept.
+    with written_whole(out) as partial, written_whole(out.with_suffix(".json")) as partial_json:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(partial), metadata=header)
-    write_json(out.with_suffix(".json"), info)
+        partial_json.write_text(json.dumps(info, indent=1))
     return out
 
 

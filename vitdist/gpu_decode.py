@@ -39,10 +39,10 @@ def to_device(batch: dict, device: torch.device, skips: Skips | None = None) -> 
     positions = encoded.nonzero().squeeze(1)
     images.index_copy_(0, _host_to_device(positions, device), crops)
     if stand_ins := _stand_ins(positions[broken].tolist(), len(encoded)):
-        broken, sources = map(list, zip(*stand_ins.items()))
-        images[_host_to_device(broken, device)] = images[_host_to_device(sources, device)]
+        replaced, sources = map(list, zip(*stand_ins.items()))
+        images[_host_to_device(replaced, device)] = images[_host_to_device(sources, device)]
         batch["label"] = batch["label"].clone()
-        batch["label"][broken] = batch["label"][sources]
+        batch["label"][replaced] = batch["label"][sources]
     return images
 
 
@@ -73,7 +73,8 @@ def _decode_and_crop(batch: dict, size: int, device: torch.device,
                for key, url, encoded in zip(batch["key"], batch["url"], batch["encoded"].tolist()) if encoded]
     boxes, flips = batch["jpeg_box"].tolist(), batch["jpeg_flip"].tolist()
     crops = torch.empty(len(jpegs), 3, size, size, dtype=torch.uint8, device=device)
-    broken, image = [], None  # the crop before's: a group may begin with a copy
+    broken = []
+    image = None  # the crop before's: a group may begin with a copy
     for group in decode_groups(batch["jpeg_pixels"].tolist()):
         # data.aug_repeats puts a sample's copies side by side, its JPEG with each: decoded once
         firsts = [i for i in range(group.start, group.stop)
@@ -229,5 +230,5 @@ def _decode_one(jpeg: torch.Tensor, sample: dict, device: torch.device, skips: S
     except BadSample as reason:
         # Broken past its header, which is all the worker read. Counted as skipped, so that
         # data.max_skip_frac sees corrupt shards on either path.
-        skips.report(sample, BadSample(reason.kind, f"{reason}; trained on as a copy of another sample of its batch"))
+        skips.report(sample, BadSample(reason.kind, f"{reason}; trained on as a copy of another sample of its batch (grey if none is left)"))
         return None

@@ -148,8 +148,8 @@ def make_shards(src: str | Path, out_dir: str | Path, prefix: str = "train", sam
     that lacks some of the training classes would take other classes' indices."""
     out_dir = Path(out_dir)
     if Path(src).resolve() in out_dir.resolve().parents:
-        raise ValueError(f"'{out_dir}' is inside the image folder '{src}', which would take it (or the class folder "
-                         "holding it) for a class of its images from then on: write the shards to another folder")
+        raise ValueError(f"'{out_dir}' is inside the image folder '{src}', whose scans would take it for a class "
+                         "folder, or its shards for files of a class, from then on: write the shards to another folder")
     if held := sorted(out_dir.glob(f"{glob.escape(prefix)}-*.tar")):
         raise FileExistsError(f"'{out_dir}' holds {len(held)} shard(s) {prefix}-*.tar already: written again, they "
                               "would be replaced under the same names (a run trained on them would resume onto other "

@@ -33,7 +33,8 @@ class MetricLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(tb_dir), purge_step=purge_step)
-            threading.excepthook = _quiet_tensorboard_threads
+            if not isinstance(threading.excepthook, _QuietTensorBoardThreads):
+                threading.excepthook = _QuietTensorBoardThreads(threading.excepthook)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -75,12 +76,17 @@ class MetricLogger:
                             self.tb_dir, error)
 
 
-def _quiet_tensorboard_threads(args: threading.ExceptHookArgs) -> None:
-    """threading's report of an exception that ends a thread, but for TensorBoard's writer thread:
-    a write that fails there is raised again by the next write in the training thread, and reported
-    there once (MetricLogger._stop_writing), not as the thread's traceback too."""
-    if not type(args.thread).__module__.startswith("tensorboard."):
-        threading.__excepthook__(args)
+class _QuietTensorBoardThreads:
+    """The report of an exception that ends a thread (`previous`), but for TensorBoard's writer
+    thread: a write that fails there is raised again by the next write in the training thread, and
+    reported there once (MetricLogger._stop_writing), not as the thread's traceback too."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, args: threading.ExceptHookArgs) -> None:
+        if not type(args.thread).__module__.startswith("tensorboard."):
+            self.previous(args)
 
 
 def _duration(seconds: float) -> str:

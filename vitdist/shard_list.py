@@ -85,21 +85,25 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
     return urls
 
 
-def _same_file_spellings(urls: list[str]) -> list[str]:
-    """Each URL as one text for each file: a local shard spelt otherwise ('d/./a.tar', relative
+def _same_file_spellings(urls: list[str]) -> list[tuple[str, str]]:
+    """Each URL as one key for each file: a local shard spelt otherwise ('d/./a.tar', relative
     beside absolute, through a symbolic link to its directory: a cluster's /data linked to
-    /mnt/lustre/data) gives the same. Directories are resolved, once each; files are not, as that
-    takes a stat per shard (see _missing_files)."""
-    resolved: dict[str, str] = {}
+    /mnt/lustre/data) gives the same, its directory known by its device and inode. One stat per
+    directory, not per shard (see _missing_files); a directory that is missing by its text."""
+    directories: dict[str, str] = {}
     files = []
     for url in urls:
         if is_remote(url):
-            files.append(url)
+            files.append((url, ""))
             continue
         directory, name = os.path.split(os.path.abspath(url))
-        if directory not in resolved:
-            resolved[directory] = os.path.realpath(directory)
-        files.append(os.path.join(resolved[directory], name))
+        if directory not in directories:
+            try:
+                stat = os.stat(directory)
+                directories[directory] = f"{stat.st_dev}:{stat.st_ino}"
+            except OSError:
+                directories[directory] = directory
+        files.append((directories[directory], name))
     return files
 
 

@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint, checkpoint_read, distributed, imagefolder, resume
 from .augment import random_erase
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, SaveFailed
 from .config import Config, to_dict
 from .config_check import batch_layout
 from .config_yaml import save_config
@@ -161,7 +161,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, state.step, state.best,
                                                          best_file, meta, average, stop=preemption.signalled)
             if scalars is None:
-                _exit_preempted(logger, f"while validating step {state.step}", f"{resume_from}, which still owes it")
+                _exit_preempted(logger, f"while validating step {state.step}", f"{resume_from} still owes it")
             logger.log(state.step, scalars)
             record_owed_validation(run_dir / "tb", resume_from, state.step, ctx)
 
@@ -206,9 +206,13 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             at_log_step = step % cfg.log.every_steps == 0 or at_ckpt_step or at_eval_step
             scalars = _close_window(window, lr, state, flops_per_image / peak, ctx) if at_log_step else {}
             if at_eval_step:
-                val_scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step,
-                                                                 state.best, best_file, meta, average,
-                                                                 stop=preemption.signalled)
+                try:
+                    val_scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step,
+                                                                     state.best, best_file, meta, average,
+                                                                     stop=preemption.signalled)
+                except SaveFailed:  # best.safetensors could not be written: every rank stops here together
+                    checkpointer.wait()
+                    raise
                 if val_scalars is None:  # a preemption signal came during it: this step's checkpoint owes it
                     preempted = at_ckpt_step = True
                     log.warning("step %d: validation interrupted by the preemption signal", step)
@@ -241,7 +245,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                                       average=average)
             if preempted:
                 checkpointer.wait(final=True)  # this step's save, or an earlier one if bad steps skipped it
-                _exit_preempted(logger, f"at step {step}", checkpointer.newest() or "none yet")
+                _exit_preempted(logger, f"at step {step}",
+                                f"the newest complete checkpoint is {checkpointer.newest() or 'none yet'}")
             profiler.step_ends(step)
             if at_log_step:
                 window = Window(start=time.perf_counter())
@@ -253,11 +258,10 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     return last_ckpt
 
 
-def _exit_preempted(logger: MetricLogger, when: str, newest: str | Path) -> NoReturn:
+def _exit_preempted(logger: MetricLogger, when: str, resume_at: str) -> NoReturn:
     """Exit with PREEMPTED_EXIT_CODE (the SLURM scripts requeue on it), the curves written."""
     logger.close()
-    log.warning("preempted %s: exiting with %d; the newest complete checkpoint is %s", when, PREEMPTED_EXIT_CODE,
-                newest)
+    log.warning("preempted %s: exiting with %d; %s", when, PREEMPTED_EXIT_CODE, resume_at)
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
