@@ -24,11 +24,15 @@ VITDIST_JOB=${VITDIST_JOB:-${SLURM_JOB_ID:-}}
 
 # vitdist_job_patterns TEXT JOB_ID JOB_NAME [ARRAY_JOB_ID ARRAY_TASK_ID]: TEXT with sbatch's
 # --output patterns replaced as sbatch does: %j the job id, %x the job name, %A the array's job id
-# (the job id outside an array), %a the task id (4294967294 outside an array); and a leading ~ is
-# the home directory, as the ranks read run.dir (the shell leaves it as it is after `run.dir=`).
+# (the job id outside an array), %a the task id (4294967294 outside an array); and a leading ~ or
+# ~user is the home directory, as the ranks read run.dir (the shell leaves it as it is after `run.dir=`).
 vitdist_job_patterns() {
-  local text=$1
-  [[ $text == "~" || $text == "~/"* ]] && text=$HOME${text#"~"}
+  local text=$1 user home
+  if [[ $text == "~"* ]]; then
+    user=${text%%/*} user=${user#"~"}
+    home=$(if [ -n "$user" ]; then getent passwd "$user" | cut -d: -f6; else echo "$HOME"; fi)
+    [ -n "$home" ] && text=$home${text#"~$user"}  # an unknown user's ~name stays as it is, as Python leaves it
+  fi
   text=${text//"%j"/$2}
   text=${text//"%A"/${4:-$2}}
   text=${text//"%a"/${5:-4294967294}}
@@ -114,12 +118,12 @@ vitdist_requeue() {
   trap - USR1 TERM
   if vitdist_cancelled; then
     vitdist_log "ended by SLURM (scancel, or scontrol requeue, which requeues it itself): not requeueing" \
-                "($1); a cancelled job resumes from its newest checkpoint when resubmitted with run.dir=$run_dir"
+                "($1); a cancelled job resumes from its newest checkpoint when resubmitted with $(vitdist_quoted "run.dir=$run_dir")"
     exit 75
   fi
   vitdist_log "requeueing job $VITDIST_JOB ($1)"
   if ! scontrol requeue "$VITDIST_JOB"; then
-    vitdist_log "SLURM refused the requeue: the job fails unfinished; resubmit it with run.dir=$run_dir" \
+    vitdist_log "SLURM refused the requeue: the job fails unfinished; resubmit it with $(vitdist_quoted "run.dir=$run_dir")" \
                 "to resume from its newest checkpoint"
     exit 75
   fi
@@ -159,9 +163,10 @@ vitdist_slurm_main() {
   for arg in "$@"; do
     case $arg in
       run.dir=*)  # each task of an array its own: run.dir=runs/sweep-%A_%a
-        if [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [[ $arg != *%a* ]]; then
+        if [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [[ $arg != *%a* && $arg != *%j* ]]; then
           echo "config error: run.dir=${arg#run.dir=} is shared by every task of array job $SLURM_ARRAY_JOB_ID: they would" \
-               "resume from and overwrite each other's checkpoints; give each its own with %a (run.dir=runs/sweep-%A_%a)" >&2
+               "resume from and overwrite each other's checkpoints; give each its own with %a or %j" \
+               "(run.dir=runs/sweep-%A_%a)" >&2
           exit 2
         fi
         run_dir=$(vitdist_job_patterns "${arg#run.dir=}" "$SLURM_JOB_ID" "$SLURM_JOB_NAME" \
@@ -200,10 +205,11 @@ vitdist_slurm_main() {
   trap 'vitdist_on_signal USR1' USR1
   trap 'vitdist_on_signal TERM' TERM
 
-  # A bad config fails here, once, with exit 2 and its reason, and is never requeued.
+  # A bad config fails here, once, with exit 2 and its reason, and is never requeued. The check
+  # failing otherwise (killed by the OOM killer, a storage error) is a failure as training's are.
   WORLD_SIZE=$(( SLURM_NNODES * nproc )) python "launch/$launcher.py" --config "$config" --check "${overrides[@]}"
   local rc=$?
-  if [ $rc -ne 0 ]; then
+  if [ $rc -eq 2 ]; then
     vitdist_log "the config was refused (exit $rc): not requeueing"
     exit $rc
   fi
@@ -212,30 +218,36 @@ vitdist_slurm_main() {
     vitdist_requeue "SIG$VITDIST_SIGNALLED before training started"
   fi
   vitdist_claim_run_dir "$run_dir"
-  rm -f "$run_dir/FINISHED"  # written by the ranks once they have trained to the end
+  # Written by the ranks once they have trained to the end, and on an error that recurs: an
+  # earlier job's would end this one as finished, or fail it without a requeue on its old error.
+  rm -f "$run_dir/FINISHED" "$run_dir/FATAL"
   if [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ]; then  # a new job, not a requeue: its own VITDIST_MAX_FAILURES
     rm -f "$run_dir/slurm_failures"
   fi
-  # Since Slurm 22.05 a step does not inherit the job's --cpus-per-task: without it, torchrun and
-  # all its ranks' loader workers would share one core. --export=ALL: the step gets the environment
-  # set up here even when the job was submitted with --export=NONE, which steps inherit otherwise.
-  srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --label --export=ALL \
-    ${SLURM_CPUS_PER_TASK:+"--cpus-per-task=$SLURM_CPUS_PER_TASK"} \
-    python -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node="$nproc" \
-      --rdzv_backend=c10d --rdzv_endpoint="$addr:$port" --rdzv_id="$SLURM_JOB_ID" \
-      --max-restarts="${VITDIST_MAX_RESTARTS:-3}" \
-      "launch/$launcher.py" --config "$config" "${overrides[@]}" &
-  local srun_pid=$!
-  while true; do
-    vitdist_deliver_undelivered "$srun_pid"
-    local traps_before=$VITDIST_TRAPS
-    wait "$srun_pid"
-    rc=$?
-    if [ $rc -gt 128 ] && [ "$VITDIST_TRAPS" -ne "$traps_before" ]; then
-      continue  # wait was interrupted by the trap: the ranks are still checkpointing
-    fi
-    break
-  done
+  if [ $rc -ne 0 ]; then
+    vitdist_log "the config check failed with exit $rc, not on the config: no training, counted as a failure"
+  else
+    # Since Slurm 22.05 a step does not inherit the job's --cpus-per-task: without it, torchrun and
+    # all its ranks' loader workers would share one core. --export=ALL: the step gets the environment
+    # set up here even when the job was submitted with --export=NONE, which steps inherit otherwise.
+    srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --label --export=ALL \
+      ${SLURM_CPUS_PER_TASK:+"--cpus-per-task=$SLURM_CPUS_PER_TASK"} \
+      python -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node="$nproc" \
+        --rdzv_backend=c10d --rdzv_endpoint="$addr:$port" --rdzv_id="$SLURM_JOB_ID" \
+        --max-restarts="${VITDIST_MAX_RESTARTS:-3}" \
+        "launch/$launcher.py" --config "$config" "${overrides[@]}" &
+    local srun_pid=$!
+    while true; do
+      vitdist_deliver_undelivered "$srun_pid"
+      local traps_before=$VITDIST_TRAPS
+      wait "$srun_pid"
+      rc=$?
+      if [ $rc -gt 128 ] && [ "$VITDIST_TRAPS" -ne "$traps_before" ]; then
+        continue  # wait was interrupted by the trap: the ranks are still checkpointing
+      fi
+      break
+    done
+  fi
 
   # First: a warning during the last steps comes too late to stop the run, which then finishes.
   # torchrun, given SIGTERM itself, exits 1 even so: the ranks' FINISHED tells.

@@ -1,3 +1,4 @@
+import os
 import re
 import shlex
 import subprocess
@@ -96,6 +97,11 @@ def test_the_slurm_scripts_fill_run_dir_with_the_job_name_as_given():
     out = subprocess.run(["bash", "-c", 'source slurm/common.sh; vitdist_job_patterns "runs/%x-%j" 7 "r&d (é)"'],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out == "runs/r&d (é)-7\n"
+    # A leading ~user as the ranks read it (os.path.expanduser): the scripts looked for FATAL and
+    # FINISHED in a folder named ~root.
+    out = subprocess.run(["bash", "-c", 'source slurm/common.sh; vitdist_job_patterns "$1" 7 x', "-", "~root/r-%j"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out == os.path.expanduser("~root/r-7") + "\n" and not out.startswith("~")
 
 
 @pytest.mark.parametrize("text", ["runs/pre-7/tb", "runs/my run/tb", "it's", "", "a\\b $HOME `x` \"y\""])

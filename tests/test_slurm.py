@@ -154,6 +154,11 @@ def test_an_array_whose_tasks_would_share_a_run_dir_is_refused(cluster, demo_sha
     refusal = f"config error: run.dir={tmp_path / 'sweep-%A'} is shared by every task of array job {array}"
     assert len(logs) == 2 and all(refusal in log for log in logs), logs
     assert not list(tmp_path.glob("sweep-*"))
+    # %j is each task's own job id, which a requeue keeps, as the default run.dir's: not refused.
+    array = sbatch(cluster, tmp_path, "pretrain.sbatch", str(TINY), *shard_overrides(demo_shards), "train.steps=1",
+                   "data.val_shards=null", f"run.dir={tmp_path / 'own-%j'}", options=["--array=0-1", "--nodes=1"])
+    assert [wait_done(cluster, f"{array}_{task}") for task in (0, 1)] == ["COMPLETED"] * 2
+    assert len([run for run in tmp_path.glob("own-*") if (run / "FINISHED").is_file()]) == 2
 
 
 def test_an_error_that_recurs_is_neither_restarted_nor_requeued(cluster, demo_shards, tmp_path):
