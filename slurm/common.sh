@@ -29,8 +29,10 @@ VITDIST_JOB=${VITDIST_JOB:-${SLURM_JOB_ID:-}}
 vitdist_job_patterns() {
   local text=$1 user home
   if [[ $text == "~"* ]]; then
-    user=${text%%/*} user=${user#"~"}
-    home=$(if [ -n "$user" ]; then getent passwd "$user" | cut -d: -f6; else echo "$HOME"; fi)
+    user=${text%%/*} user=${user#"~"} home=$HOME
+    if [ -n "$user" ]; then
+      home=$(getent passwd "$user" | cut -d: -f6) || home=""  # under set -e, an unknown user is no exit
+    fi
     [ -n "$home" ] && text=$home${text#"~$user"}  # an unknown user's ~name stays as it is, as Python leaves it
   fi
   text=${text//"%j"/$2}

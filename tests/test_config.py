@@ -102,6 +102,10 @@ def test_the_slurm_scripts_fill_run_dir_with_the_job_name_as_given():
     out = subprocess.run(["bash", "-c", 'source slurm/common.sh; vitdist_job_patterns "$1" 7 x', "-", "~root/r-%j"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out == os.path.expanduser("~root/r-7") + "\n" and not out.startswith("~")
+    # An unknown user's stays as it is, as Python leaves it, also under submit_pipeline.sh's set -e.
+    out = subprocess.run(["bash", "-c", 'set -euo pipefail; source slurm/common.sh; vitdist_job_patterns "$1" 7 x', "-",
+                          "~nosuchuser/r-%j"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out == "~nosuchuser/r-7\n" == os.path.expanduser("~nosuchuser/r-7") + "\n"
 
 
 @pytest.mark.parametrize("text", ["runs/pre-7/tb", "runs/my run/tb", "it's", "", "a\\b $HOME `x` \"y\""])
