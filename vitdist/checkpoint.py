@@ -165,6 +165,13 @@ class SaveFailed(OSError):
     """A checkpoint that could not be written; the newest complete one is untouched."""
 
 
+def save_failed(message: str, on_error: str, final: bool = False) -> None:
+    """A failed save, as ckpt.on_error says (a final one always stops): SaveFailed, or logged."""
+    if final or on_error == "stop":
+        raise SaveFailed(message)
+    log.error("%s; training goes on (ckpt.on_error=continue)", message)
+
+
 class Checkpointer:
     """Saves (sync or async) and finalises checkpoints under `root`. Its collectives run on a gloo
     group of its own, so that an async save's background thread never meets another collective.
@@ -266,6 +273,4 @@ class Checkpointer:
                 if newest else "there is no complete checkpoint")
         message = (f"checkpoint at step {step} could not be written to '{partial}' ({gib(free_bytes(self.root))} free "
                    f"there): {error}; {kept}")
-        if final or self.cfg.on_error == "stop":
-            raise SaveFailed(message)
-        log.error("%s; training goes on (ckpt.on_error=continue)", message)
+        save_failed(message, self.cfg.on_error, final)

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from . import distributed
-from .checkpoint import SaveFailed, free_bytes, gib
+from .checkpoint import free_bytes, gib, save_failed
 from .config import Config
 from .data import Normalize
 from .ema import WeightAverage
@@ -153,9 +153,7 @@ def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed
         return True
     message = (f"the best weights so far (step {meta['step']}) could not be written to '{out}' "
                f"({gib(free_bytes(out))} free there): {error[0]}; '{out}' keeps what it held")
-    if on_error == "stop":
-        raise SaveFailed(message)
-    log.error("%s; training goes on (ckpt.on_error=continue)", message)
+    save_failed(message, on_error)
     return False
 
 
