@@ -2,6 +2,8 @@
 
 import copy
 import json
+import time
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -258,3 +260,34 @@ def test_two_ranks_agree_on_flags_and_the_global_gradient_norm(tmp_path):
         assert found["any_rank"] == [True, False, True] and found["on_device"] == [1.0, 0.0], rank
         sharded, whole = found["norm"]
         assert sharded == pytest.approx(whole, rel=1e-5), rank
+
+
+def _rank_zero_writes(rank, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'store'}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        group, found = dist.new_group(backend="gloo"), {}
+        found["written"] = repr(distributed.on_rank_zero(lambda: (out_dir / "best").write_text("x"), group, (OSError,)))
+        found["full disk"] = repr(distributed.on_rank_zero(lambda: (out_dir / "no" / "best").write_text("x"), group,
+                                                           (OSError,)))
+        try:
+            distributed.on_rank_zero(lambda: 1 / 0, group, (OSError,))  # a bug, not a failed write
+        except Exception as e:
+            found["bug"] = repr(e)
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(found))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_write_on_rank_zero_fails_or_raises_on_every_rank_together(tmp_path):
+    """What rank 0 writes alone (a checkpoint's completion, the best weights): every rank learns of
+    its failed write, and an error of another kind is raised on every rank at once, where the other
+    ranks had waited in their next collective until dist.timeout_s. Two real gloo processes."""
+    start = time.monotonic()
+    mp.spawn(_rank_zero_writes, args=(tmp_path,), nprocs=2)
+    assert time.monotonic() - start < 50  # not the process group's timeout
+    found = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [f["written"] for f in found] == ["None", "None"] and (tmp_path / "best").read_text() == "x"
+    assert all(f["full disk"].startswith("FileNotFoundError(2, 'No such file or directory')") for f in found)
+    assert found[0]["bug"] == "ZeroDivisionError('division by zero')"
+    assert found[1]["bug"] == "RuntimeError(\"rank 0 failed: ZeroDivisionError('division by zero')\")"

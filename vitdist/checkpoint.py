@@ -25,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+from . import distributed
 from .config import CkptConfig
 from .ema import WeightAverage
 
@@ -237,23 +238,21 @@ class Checkpointer:
 
     def _finalize(self, step: int, train_state: dict) -> None:
         dist.barrier(group=self.group)  # every rank has written its part
-        error = [None]
-        if dist.get_rank() == 0:
-            partial, final = _partial_dir(self.root, step), self.root / f"step_{step}"
-            try:
-                # On disk before the name that makes the checkpoint complete: after a power loss a
-                # renamed directory could otherwise hold empty files, and resume would pick it.
-                _write_synced(partial / TRAIN_STATE, json.dumps(train_state, indent=1))
-                _write_synced(partial / MODEL_META, json.dumps(self.model_meta, indent=1))
-                _sync_dir(partial)
-                shutil.rmtree(final, ignore_errors=True)
-                partial.rename(final)
-                _sync_dir(self.root)
-            except OSError as e:
-                error = [e]
-        dist.broadcast_object_list(error, src=0, group=self.group)
-        if error[0] is not None:
-            raise error[0]
+        partial, final = _partial_dir(self.root, step), self.root / f"step_{step}"
+
+        def complete() -> None:
+            # On disk before the name that makes the checkpoint complete: after a power loss a
+            # renamed directory could otherwise hold empty files, and resume would pick it.
+            _write_synced(partial / TRAIN_STATE, json.dumps(train_state, indent=1))
+            _write_synced(partial / MODEL_META, json.dumps(self.model_meta, indent=1))
+            _sync_dir(partial)
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            _sync_dir(self.root)
+
+        error = distributed.on_rank_zero(complete, self.group, expected=(OSError,))
+        if error is not None:
+            raise error
         if dist.get_rank() == 0:
             try:  # the checkpoint is complete: failing to drop older ones is no failed save
                 prune(self.root, self.cfg.keep, self.cfg.keep_every)

@@ -223,6 +223,27 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def on_rank_zero(write: Callable[[], None], group: dist.ProcessGroup,
+                 expected: tuple[type[Exception], ...]) -> Exception | None:
+    """`write()` on rank 0 alone; every rank gets the exception of the `expected` kinds it raised
+    (None if it succeeded) and raises any other one: a failure on rank 0 alone would leave the
+    others waiting in their next collective until dist.timeout_s."""
+    error, unexpected = [None], None
+    if dist.get_rank() == 0:
+        try:
+            write()
+        except expected as e:
+            error = [e]
+        except Exception as e:  # sent as text: it may not pickle
+            error, unexpected = [RuntimeError(f"rank 0 failed: {e!r}")], e
+    dist.broadcast_object_list(error, src=0, group=group)
+    if unexpected is not None:
+        raise unexpected
+    if error[0] is not None and not isinstance(error[0], expected):
+        raise error[0]
+    return error[0]
+
+
 def any_rank(flags: list[bool], ctx: DistContext) -> list[bool]:
     """Each flag true on every rank if it is true on any (over the gloo control group: no device sync)."""
     values = torch.tensor([int(flag) for flag in flags])

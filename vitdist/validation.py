@@ -142,17 +142,13 @@ def save_weights(model: torch.nn.Module, meta: dict, out: Path, ctx: distributed
     does, or under ckpt.on_error=continue is logged and returns False: `out` keeps what it held.
     It had raised on rank 0 alone, and the other ranks failed on the lost process group."""
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    error = [None]
-    if ctx.is_main:
-        try:
-            write_safetensors(weights, meta, out)
-        except (OSError, SafetensorError) as e:  # safetensors' own for a failed write: not an OSError
-            error = [str(e)]
-    dist.broadcast_object_list(error, src=0, group=ctx.control)
-    if error[0] is None:
+    # safetensors' own error for a failed write is not an OSError
+    error = distributed.on_rank_zero(lambda: write_safetensors(weights, meta, out), ctx.control,
+                                     expected=(OSError, SafetensorError))
+    if error is None:
         return True
     message = (f"the best weights so far (step {meta['step']}) could not be written to '{out}' "
-               f"({gib(free_bytes(out))} free there): {error[0]}; '{out}' keeps what it held")
+               f"({gib(free_bytes(out))} free there): {error}; '{out}' keeps what it held")
     save_failed(message, on_error)
     return False
 
