@@ -24,7 +24,7 @@ from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader
 from vitdist.imagefolder import image_folders
-from vitdist.samples import READ_ERROR, read_samples
+from vitdist.samples import READ_ERROR, BadSample, read_sample, read_samples
 from vitdist.shard_list import expand_urls
 
 
@@ -166,7 +166,7 @@ def test_file_urls_and_relative_paths_with_a_colon_are_read_as_the_local_shards_
 # without loader workers: what it read, and the signals its handlers had.
 READ_IN_A_THREAD = """
 import json, signal, sys, threading
-from vitdist.samples import READ_ERROR, read_samples
+from vitdist.samples import READ_ERROR, BadSample, read_sample, read_samples
 received, read = [], []
 for signum in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(signum, lambda signum, frame: received.append(signum))
@@ -226,3 +226,39 @@ def test_a_preemption_signal_to_the_readers_group_leaves_http_reads_reading(tmp_
     result = json.loads(out)
     assert result["read"] == keys
     assert sorted(result["received"]) == sorted([signal.SIGTERM, signal.SIGUSR1])
+
+
+def test_images_held_as_links_in_the_tar_are_named_and_labels_are_plain_integers(tmp_path):
+    """GNU tar stores a second hard link to a file (images deduplicated by hard links) as a link
+    to the first, which webdataset's reader dropped without a word: the sample was counted as having
+    no image, and the probe's hint sent the user to `tar --sort=name`, which the shard was written
+    with. A link is its own kind now, named with the tar option that writes the file instead.
+    Labels are plain integers: int() had read `1_0` as 10 and other scripts' digits as 3."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes((9, 9, 9)))
+    os.link(src / "a.png", src / "b.png")
+    (src / "c.png").symlink_to("a.png")
+    for key, label in zip("abc", ["\ufeff1\r\n", " 2 ", "+3"]):
+        (src / f"{key}.cls").write_text(label, encoding="utf-8")
+
+    def kinds(*tar_options):
+        shard = tmp_path / f"shard{len(tar_options)}.tar"
+        subprocess.run(["tar", "--sort=name", *tar_options, "-cf", str(shard), "-C", str(src), "."], check=True)
+        found = {}
+        for sample in read_samples(str(shard)):
+            try:
+                found[sample["__key__"]] = read_sample(sample, 8)[1]
+            except BadSample as bad:
+                found[sample["__key__"]] = f"{bad.kind}: {bad}"
+        return found
+
+    assert kinds() == {"./a": 1, "./b": "link: its .png is held in the tar as a hard link to './a.png', not as a "
+                                        "file: write shards with tar --hard-dereference, or with vitdist make-shards",
+                       "./c": "link: its .png is held in the tar as a symbolic link to 'a.png', not as a file: write "
+                              "shards with tar -h, or with vitdist make-shards"}
+    assert kinds("--hard-dereference", "-h") == {"./a": 1, "./b": 2, "./c": 3}
+    for label in b"1_0", "\u0663".encode(), b"1 0", b"0x1", b"":
+        with pytest.raises(BadSample, match="is not an integer") as bad:
+            read_sample({"__key__": "k", "cls": label, "png": png_bytes((9, 9, 9))}, 20)
+        assert bad.value.kind == "bad_label"

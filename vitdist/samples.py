@@ -15,16 +15,17 @@ import logging
 import lzma
 import re
 import signal
+import tarfile
 import warnings
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 from webdataset.gopen import Pipe
-from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext, url_opener
 
 from .commands import end_command, recorded
 from .config import DataConfig
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # Why a sample was skipped; the training loop sums them over ranks in this order.
-SKIP_KINDS = ("read_error", "no_label", "bad_label", "no_image", "undecodable", "too_small", "too_large")
+SKIP_KINDS = ("read_error", "no_label", "bad_label", "no_image", "link", "undecodable", "too_small", "too_large")
 READ_ERROR = "__read_error__"  # the key of the sample that stands for the unreadable rest of a shard
 _MAX_WARNINGS = 20  # logged per kind and worker: the first ones name the broken shards, more would flood the log
 
@@ -57,7 +58,7 @@ def read_samples(url: str) -> Iterator[dict]:
     commands = [source["stream"].proc for source in opened if isinstance(source["stream"], Pipe)]
     try:
         with recorded(commands):
-            for sample in _group_by_keys(tar_file_expander(sources, handler=stop, eof_value=None)):  # one shard: no end marker
+            for sample in _group_by_keys(_tar_files(sources, stop)):
                 if errors:
                     break
                 yield sample
@@ -110,6 +111,37 @@ _IGNORING_PREEMPTION = "trap '' TERM USR1; "
 def _opened_as(url: str) -> str:
     """The URL `read_samples` opens for `url`: a `pipe:` command ignoring the preemption signals."""
     return f"pipe:{_IGNORING_PREEMPTION}{url.removeprefix('pipe:')}" if url.startswith("pipe:") else url
+
+
+class Link(str):
+    """In place of a file's bytes: the tar holds the file as a link to this name."""
+
+    def __new__(cls, target: str, hard: bool):
+        link = super().__new__(cls, target)
+        link.hard = hard
+        return link
+
+
+def _tar_files(sources: list[dict], stop: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The files of each source's tar, {'fname', 'data', '__url__'}, as webdataset's
+    tar_file_expander gives them, and its links too, a Link as their data: GNU tar stores each hard
+    link to a file after the first as a link to it (images deduplicated by hard links), and
+    webdataset drops links without a word, which left samples that seemed to have no image."""
+    for source in sources:
+        try:
+            tar = tarfile.open(fileobj=source["stream"], mode="r|*")
+            for member in tar:
+                if member.isreg():
+                    data = tar.extractfile(member).read()
+                elif member.islnk() or member.issym():
+                    data = Link(member.linkname, hard=member.islnk())
+                else:
+                    continue
+                yield {"fname": member.name, "data": data, "__url__": source["url"]}
+                tar.members = []  # else the stream keeps every header it has read
+        except Exception as e:  # tarfile's, or the stream's (decompression, a command that failed)
+            if not stop(e):
+                return
 
 
 def _group_by_keys(files: Iterator[dict]) -> Iterator[dict]:
@@ -236,16 +268,28 @@ def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
         raise BadSample("read_error", f"the rest of the shard is unreadable: {sample[READ_ERROR]}")
     if "cls" not in sample:
         raise BadSample("no_label", _lacking(".cls label", sample))
-    try:
-        label = int(sample["cls"].decode("utf-8-sig"))  # a Windows editor's byte-order mark; int() strips whitespace
-    except ValueError:
-        raise BadSample("bad_label", f"label {sample['cls'][:20]!r} is not an integer") from None
+    # A Windows editor's byte-order mark, and whitespace, are allowed; not what int() also reads as
+    # a number (1_0 as 10, other scripts' digits).
+    label = re.fullmatch(rb"(?:\xef\xbb\xbf)?\s*([+-]?[0-9]+)\s*", _contents(sample, "cls"))
+    if label is None:
+        raise BadSample("bad_label", f"label {sample['cls'][:20]!r} is not an integer")
+    label = int(label[1])
     if not 0 <= label < num_classes:
         raise BadSample("bad_label", f"label {label} outside [0, {num_classes})")
-    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if data is None:
+    suffix = next((k for k in IMAGE_KEYS if k in sample), None)
+    if suffix is None:
         raise BadSample("no_image", _lacking("image (.jpg/.jpeg/.png/.webp)", sample))
-    return data, label
+    return _contents(sample, suffix), label
+
+
+def _contents(sample: dict, suffix: str) -> bytes:
+    """The bytes of the sample's file of this suffix, or BadSample where the tar holds a link."""
+    data = sample[suffix]
+    if isinstance(data, Link):
+        raise BadSample("link", f"its .{suffix} is held in the tar as a {'hard' if data.hard else 'symbolic'} link to "
+                                f"'{data}', not as a file: write shards with tar {'--hard-dereference' if data.hard else '-h'}, "
+                                "or with vitdist make-shards")
+    return data
 
 
 def _lacking(what: str, sample: dict) -> str:
