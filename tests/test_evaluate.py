@@ -271,10 +271,12 @@ def test_a_json_beside_a_state_dict_that_is_no_export_is_not_taken_for_one(tmp_p
     assert "finetune.init's weights were trained on images normalised" not in check.stderr
 
 
-def test_a_state_dict_whose_head_is_not_the_configs_is_refused_naming_both_shapes(tmp_path, demo_shards):
+def test_a_state_dict_that_is_not_the_configs_model_is_refused_naming_both_shapes(tmp_path, demo_shards):
     """`--config` of a model with other classes than the weights' head: the handoff, made for
     fine-tuning, left the head to be trained anew, and evaluation said the file had 'no weights for
-    ['head.bias', 'head.weight']', though it has them, of another shape. Both shapes are named."""
+    ['head.bias', 'head.weight']', though it has them, of another shape. Both shapes are named.
+    Of another resolution or patch size: the handoff resampled the position and patch embeddings,
+    and another model was scored without a word (13% for 20%)."""
     from conftest import DIGITS
 
     torch.manual_seed(0)
@@ -282,12 +284,19 @@ def test_a_state_dict_whose_head_is_not_the_configs_is_refused_naming_both_shape
     torch.save(state, tmp_path / "vit.pth")
     refused = cli_evaluate(tmp_path / "vit.pth", demo_shards["val"], "--config", str(DIGITS))
     assert refused.returncode == 2, refused.stderr[-3000:]
-    assert (f"vitdist evaluate: '{tmp_path / 'vit.pth'}' (torch state dict) does not hold the classifier of the model "
-            f"that '{DIGITS}' describes (10 classes): head.bias is (8,) there, (10,) in the model; head.weight is "
-            "(8, 128) there, (10, 128) in the model; nothing to evaluate with") in refused.stderr, refused.stderr
+    assert (f"vitdist evaluate: '{tmp_path / 'vit.pth'}' (torch state dict) does not fit the model that '{DIGITS}' "
+            "describes (vit_tiny_patch16_224, 32 px, 10 classes): head.weight is (8, 128) there, (10, 128) in the "
+            "model; head.bias is (8,) there, (10,) in the model; nothing to evaluate with") in refused.stderr, refused.stderr
+    other_size = tmp_path / "tiny_48px.yaml"
+    other_size.write_text(TINY.read_text().replace("img_size: 32", "img_size: 48").replace("patch_size: 8", "patch_size: 16"))
+    refused = cli_evaluate(tmp_path / "vit.pth", demo_shards["val"], "--config", str(other_size))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert ("(vit_tiny_patch16_224, 48 px, 8 classes): pos_embed is (1, 17, 128) there, (1, 10, 128) in the model; "
+            "patch_embed.proj.weight is (128, 3, 8, 8) there, (128, 3, 16, 16) in the model; nothing") in refused.stderr, \
+        refused.stderr
     torch.save({k: v for k, v in state.items() if not k.startswith("head.")}, tmp_path / "encoder.pth")
     refused = cli_evaluate(tmp_path / "encoder.pth", demo_shards["val"], "--config", str(TINY))
-    assert refused.returncode == 2 and "it has no head.bias; it has no head.weight; nothing" in refused.stderr, \
+    assert refused.returncode == 2 and "it has no head.weight; it has no head.bias; nothing" in refused.stderr, \
         refused.stderr
 
 

@@ -75,14 +75,17 @@ def _evaluate(checkpoint: Path, meta: dict, source: str, data: str | list[str], 
     # As the export's JSON and a hub folder's config.json say to rebuild the model: with all the
     # weights' arguments (a hub model's may be other than those of vitdist's config, e.g. global_pool).
     model = timm.create_model(meta["arch"], pretrained=False, **kwargs)
-    kind, fresh = load_located(model, checkpoint, average=average)
-    if fresh:
-        # The handoff leaves a head of another shape to be trained anew: here it is a mismatch to name.
-        weights, target = read_state_dict(checkpoint, meta=True, average=average)[0], model.state_dict()
-        found = "; ".join(f"{key} is {tuple(weights[key].shape)} there, {tuple(target[key].shape)} in the model"
-                          if key in weights else f"it has no {key}" for key in fresh)
-        raise HandoffError(f"'{checkpoint}' ({kind}) does not hold the classifier of the model that '{source}' "
-                           f"describes ({kwargs['num_classes']} classes): {found}; nothing to evaluate with")
+    # Weights of any other shape are refused, not fitted as for fine-tuning (a head left to train
+    # anew, position or patch embeddings resampled), which would score another model.
+    weights, kind = read_state_dict(checkpoint, meta=True, average=average)
+    found = [f"{key} is {tuple(weights[key].shape)} there, {tuple(value.shape)} in the model" if key in weights
+             else f"it has no {key}" for key, value in model.state_dict().items()
+             if key not in weights or weights[key].shape != value.shape]
+    if found:
+        raise HandoffError(f"'{checkpoint}' ({kind}) does not fit the model that '{source}' describes ({meta['arch']}, "
+                           f"{kwargs['img_size']} px, {kwargs['num_classes']} classes): {'; '.join(found)}; nothing to "
+                           "evaluate with")
+    load_located(model, checkpoint, average=average)
     ctx = distributed.init(cfg.dist)
     try:
         autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
