@@ -200,6 +200,11 @@ def test_a_hub_folder_without_what_evaluation_needs_is_refused_naming_its_file(t
     # timm's form of label_names for outputs some of which have no name.
     edit(config, lambda hub: hub.update(label_names={"0": "red", "2": "green"}), config.read_text())
     assert hub_meta(config)["classes"] == ["red", None, "green"]
+    # vitdist's export of a model with more outputs than classes, through timm: the named classes, as
+    # the export records them. Padded with None, they differed from the shards' classes.json in no
+    # class that the refusal could name, and evaluation ended in a StopIteration traceback.
+    edit(config, lambda hub: hub.update(label_names={"0": "red", "1": "green"}), config.read_text())
+    assert hub_meta(config)["classes"] == ["red", "green"]
 
 
 def test_a_stalled_read_stops_the_evaluation_at_its_timeout_naming_the_worker(tmp_path):

@@ -88,6 +88,8 @@ def hub_meta(path: Path) -> dict:
         names = hub.get("labels")  # the flat form's name for them
     if isinstance(names, dict):  # timm's form for outputs some of which have no name: {index: name}
         names = [names.get(str(i)) for i in range(num_classes)]
+        while names and names[-1] is None:  # as vitdist's export records them: the named classes
+            names.pop()
     if names:
         meta["classes"] = names
     return meta
