@@ -187,6 +187,11 @@ def test_vit_b16_is_the_paper_size():
     ("data.train_shards=[]", "config key 'data.train_shards' is empty"),
     # '' is the working directory: the run validated on it as an ImageFolder, after warning that val_shards was null
     ("data.val_shards=''", "config key 'data.val_shards' is empty: give shards, or null for no validation"),
+    # as null, without a word; a validation asked for warned of val_shards=null
+    ("data.val_shards=[]", "config key 'data.val_shards' is empty: give shards, or null for no validation"),
+    # passed, then failed in a log line's ETA (float()) or at the process group's start (timedelta, torch's store)
+    ("train.steps=1e400", "config key 'train.steps' is a number of 401 digits (100000...), more than a 64-bit integer"),
+    ("dist.timeout_s=1e10", "config key 'dist.timeout_s' must be > 0 and <= 31536000, got 10000000000"),
 ])
 def test_refusals_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

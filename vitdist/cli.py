@@ -6,11 +6,20 @@ import argparse
 import math
 import sys
 
+from .config import MAX_TIMEOUT_S
+
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _timeout(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT_S} (a year), got {value}")
     return value
 
 
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--batch-size", type=_positive, default=64, help="images per forward pass (default: 64)")
     evaluate.add_argument("--workers", type=_non_negative, default=2,
                           help="loader worker processes; 0 reads in this process (default: 2)")
-    evaluate.add_argument("--timeout-s", type=_positive, default=600,
+    evaluate.add_argument("--timeout-s", type=_timeout, default=600,
                           help="stop, naming the loader worker, when a read delivers nothing for this many seconds (a "
                                "stalled pipe: command or filesystem; default: 600)")
 

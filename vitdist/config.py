@@ -29,6 +29,10 @@ BOUNDS = {"above": (operator.gt, ">"), "at_least": (operator.ge, ">="), "below":
            "at_most": (operator.le, "<=")}
 
 
+# A year: torch's store takes no longer timeout (its nanoseconds overflow from 9.2e9 s on).
+MAX_TIMEOUT_S = 365 * 86400
+
+
 def _opt(default: Any, help: str, **bounds: float) -> Any:
     metadata = {"help": help, "bounds": bounds}
     if isinstance(default, list):
@@ -163,7 +167,7 @@ class DistConfig:
     fsdp_reduce_dtype: Literal["fp32", "bf16"] = _opt("fp32", "fsdp: dtype of the gradient reduce-scatter")
     fsdp_reshard_after_forward: bool = _opt(True, "fsdp: free gathered parameters after forward (less memory, one more all-gather)")
     backend: Literal["auto", "nccl", "gloo"] = _opt("auto", "auto: nccl with GPUs, gloo on CPU")
-    timeout_s: int = _opt(600, "collective timeout in seconds", above=0)
+    timeout_s: int = _opt(600, "collective timeout in seconds", above=0, at_most=MAX_TIMEOUT_S)
 
 
 @dataclass

@@ -18,6 +18,10 @@ def validate(cfg: Config) -> None:
                                                   for kind, limit in f.metadata["bounds"].items()):
                     raise ConfigError(f"config key '{section}.{f.name}' must be {bounds_text(f.metadata['bounds'])}, "
                                       f"got {value}")
+                if isinstance(number, int) and abs(number) >= 2**63:  # torch's and numpy's integers, float()'s range
+                    digits = str(abs(number))
+                    raise ConfigError(f"config key '{section}.{f.name}' is a number of {len(digits)} digits "
+                                      f"({digits[:6]}...), more than a 64-bit integer holds")
     for key, value in {"data.crop_scale": cfg.data.crop_scale, "data.crop_ratio": cfg.data.crop_ratio,
                        "optim.betas": cfg.optim.betas}.items():
         if len(value) != 2:
@@ -62,7 +66,7 @@ def validate(cfg: Config) -> None:
                           "and finetune.init is not set")
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: give a brace pattern, a list or a .txt file of shards")
-    if cfg.data.val_shards == "":  # the path of the working directory, which a run validated on as an ImageFolder
+    if cfg.data.val_shards in ("", []):  # "": the working directory, which a run validated on as an ImageFolder
         raise ConfigError("config key 'data.val_shards' is empty: give shards, or null for no validation")
     if cfg.train.global_batch_size % cfg.data.streams:
         raise ConfigError(
