@@ -87,16 +87,23 @@ def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group)
     assert checkpoint.resume_path(str(tmp_path / "step_10"), tmp_path) == tmp_path / "step_20"
     assert checkpoint.resume_path(str(tmp_path / "step_5"), tmp_path) == tmp_path / "step_20"
     # Named for a new run.dir, it is refused naming the complete one beside it, which was meant.
-    with pytest.raises(FileNotFoundError, match=re.escape(f"step_30.tmp' is not a complete checkpoint directory (no "
-                                                          f".metadata); the newest complete checkpoint in '{tmp_path}' "
-                                                          f"is '{tmp_path / 'step_20'}'")):
+    refused = re.escape(f"step_30.tmp' is not a complete checkpoint directory (a save that did not finish: it is "
+                        f"renamed without .tmp once complete); the newest complete checkpoint in '{tmp_path}' is "
+                        f"'{tmp_path / 'step_20'}'")
+    with pytest.raises(FileNotFoundError, match=refused):
         checkpoint.resume_path(str(tmp_path / "step_30.tmp"), tmp_path / "empty")
     # Named beside older complete ones, it is refused too: it was not pruned, and the run has not
     # checkpointed since.
-    with pytest.raises(FileNotFoundError, match=re.escape(f"step_30.tmp' is not a complete checkpoint directory (no "
-                                                          f".metadata); the newest complete checkpoint in '{tmp_path}' "
-                                                          f"is '{tmp_path / 'step_20'}'")):
+    with pytest.raises(FileNotFoundError, match=refused):
         checkpoint.resume_path(str(tmp_path / "step_30.tmp"), tmp_path)
+    # Also with every file written (a save killed before its rename): it was resumed from.
+    shutil.rmtree(tmp_path / "step_30.tmp")
+    shutil.copytree(tmp_path / "step_20", tmp_path / "step_30.tmp")
+    for root in tmp_path / "empty", tmp_path:
+        with pytest.raises(FileNotFoundError, match=refused):
+            checkpoint.resume_path(str(tmp_path / "step_30.tmp"), root)
+    with pytest.raises(FileNotFoundError, match=re.escape("(no .metadata)")):
+        checkpoint.resume_path(str(tmp_path / "step_40"), tmp_path / "empty")
 
 
 @pytest.mark.parametrize("fresh", ["none", "None"])  # None, as Python spells it, resumed the earlier run

@@ -105,12 +105,15 @@ def resume_path(spec: str, root: str | Path) -> Path | None:
     if spec == "auto":
         return newest
     path = newest_if_run(Path(spec))
-    named = (path / ".metadata").is_file()
+    # A save killed after its files were written, before the rename that completes it, has them all.
+    unfinished = path.suffix == ".tmp"
+    named = (path / ".metadata").is_file() and not unfinished
     if not named and (newest is None or path.exists()):
         # A checkpoint of another run, resumed into a new run.dir: the complete one meant is beside it.
         complete = newest_checkpoint(path.parent) or newest
         newest_is = f"; the newest complete checkpoint in '{complete.parent}' is '{complete}'" if complete else ""
-        raise FileNotFoundError(f"train.resume='{spec}' is not a complete checkpoint directory (no .metadata){newest_is}")
+        why = "a save that did not finish: it is renamed without .tmp once complete" if unfinished else "no .metadata"
+        raise FileNotFoundError(f"train.resume='{spec}' is not a complete checkpoint directory ({why}){newest_is}")
     if newest is not None and (not named or _step(newest) > _step(path)):
         return newest
     return path
