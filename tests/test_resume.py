@@ -279,6 +279,10 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
     ahead = "its data stream positions would index another sample order"
     refusals = {
         "model.depth=3": "model.depth=3, but checkpoint '{c}' holds a model with model.depth=4: its weights do not fit",
+        "model.mlp_ratio=2": "model.mlp_ratio=2.0, but checkpoint '{c}' holds a model with model.mlp_ratio=null (4.0, the "
+                             "arch's own): its weights do not fit",
+        "model.arch=vit_small_patch16_224": "model.arch=vit_small_patch16_224, but checkpoint '{c}' holds a model with "
+                                            "model.arch=vit_tiny_patch16_224",
         "data.seed=1": "data.seed=1, but checkpoint '{c}' was trained with data.seed=0: " + ahead,
         "data.shuffle_block=64": "data.shuffle_block=64, but checkpoint '{c}' was trained with data.shuffle_block=128",
         "data.streams=8": "data.streams=8, but checkpoint '{c}' holds the positions of 16 data streams",
@@ -293,6 +297,7 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
         with pytest.raises(ConfigError, match=re.escape(message.format(c=step_4))):
             check(override.format(t=tmp_path))
     check(f"data.train_shards={tmp_path}/moved.txt", "data.num_workers=0", "data.micro_batch_size=16")
+    check("model.mlp_ratio=4.0")  # the arch's own, as the checkpoint's null is: it had been refused as another model
     # A checkpoint that recorded its shards by file name (before shard ids) is compared by file name.
     as_written_before_shard_ids(step_4)
     check(f"data.train_shards={tmp_path}/moved.txt")

@@ -50,6 +50,23 @@ def check_model(cfg: ModelConfig) -> VisionTransformer:
     return model
 
 
+def architecture(model: VisionTransformer) -> dict:
+    """The values that timm_kwargs' keys take in `model` (the arch's own where a key was null):
+    two models of one arch with the same values have the same weights and compute alike."""
+    block = model.blocks[0] if len(model.blocks) else None
+    attention, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    return {"img_size": model.patch_embed.img_size[0], "num_classes": model.num_classes,
+            "patch_size": model.patch_embed.patch_size[0], "embed_dim": model.embed_dim, "depth": len(model.blocks),
+            "num_heads": getattr(attention, "num_heads", None),
+            "mlp_ratio": mlp.fc2.in_features / model.embed_dim if hasattr(mlp, "fc2") else None}
+
+
+def recorded_architecture(arch: str, kwargs: dict) -> dict:
+    """architecture() of the model that a checkpoint's arch and timm kwargs build (on the meta device)."""
+    with torch.device("meta"):
+        return architecture(timm.create_model(arch, pretrained=False, **kwargs))
+
+
 def _reason(error: Exception) -> str:
     """Why timm failed: its message, or for a bare assert, which says nothing, the failing line."""
     if str(error):

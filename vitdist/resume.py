@@ -22,7 +22,7 @@ from .checkpoint_read import UnsafeCheckpoint, check_files
 from .config import Config, ConfigError, to_dict
 from .data import decodes_on_device
 from .imagefolder import ImageFolder
-from .model import timm_kwargs
+from .model import architecture, check_model, recorded_architecture, timm_kwargs
 from .schedule import lr_at
 
 # How the run is carried out, not what it computes (beyond the order of float sums, as with
@@ -94,11 +94,21 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder) -> None:
     state, meta = read_json(path, TRAIN_STATE), read_json(path, MODEL_META)
     where, start_new = _where(path), f"resume with the value it was trained with, or {_start_new(path)}"
 
-    want, had = {"arch": cfg.model.arch, **timm_kwargs(cfg.model)}, {"arch": meta["arch"], **meta["timm_kwargs"]}
-    for key in sorted(want.keys() | had.keys()):
-        if want.get(key) != had.get(key):
-            raise ConfigError(f"model.{key}={want.get(key)}, but {where} holds a model with model.{key}="
-                              f"{had.get(key)}: its weights do not fit this one; {start_new}")
+    if cfg.model.arch != meta["arch"]:
+        raise ConfigError(f"model.arch={cfg.model.arch}, but {where} holds a model with model.arch={meta['arch']}: its "
+                          f"weights do not fit this one; {start_new}")
+    # Compared as built, not as written: a key given its arch's own value is the same model as null.
+    given = {"ours": timm_kwargs(cfg.model), "its": meta["timm_kwargs"]}
+    built = {"ours": architecture(check_model(cfg.model)),
+             "its": recorded_architecture(meta["arch"], meta["timm_kwargs"])}
+
+    def value(whose: str, key: str) -> str:
+        return str(given[whose][key]) if key in given[whose] else f"null ({built[whose][key]}, the arch's own)"
+
+    for key in built["ours"]:
+        if built["ours"][key] != built["its"][key]:
+            raise ConfigError(f"model.{key}={value('ours', key)}, but {where} holds a model with model.{key}="
+                              f"{value('its', key)}: its weights do not fit this one; {start_new}")
     if cfg.finetune.freeze == "none" and state.get("config", {}).get("finetune", {}).get("freeze") == "backbone":
         raise ConfigError(f"finetune.freeze=none, but {where} trained the head alone (finetune.freeze=backbone): its "
                           f"optimizer holds no state for the backbone; to fine-tune all of a linear probe, "
