@@ -22,6 +22,7 @@ _CONSOLE = {  # tag -> (short name, format)
     "data/skipped": ("skipped", "{:.0f}"), "val/loss": ("val_loss", "{:.4f}"), "val/top1": ("val_top1", "{:.2%}"),
     "val/top5": ("val_top5", "{:.2%}"), "val/skipped": ("val_skipped", "{:.0f}"),
     "val_ema/loss": ("val_ema_loss", "{:.4f}"), "val_ema/top1": ("val_ema_top1", "{:.2%}"),
+    "val_ema/top5": ("val_ema_top5", "{:.2%}"),
 }
 
 
