@@ -150,6 +150,16 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def read_texts(tb_dir: Path) -> dict[str, list[tuple[int, str]]]:
+    """Every text of TensorBoard's text tab in a directory, by tag: (step, text) in order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {tag.removesuffix("/text_summary"): [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"] if tag.endswith("/text_summary")}
+
+
 # Bitwise-reproducible runs: fp32, no dropout or drop path, constant lr after a 1-step warmup
 # (so that runs of different lengths share a schedule), a checkpoint every 4 steps, a loss
 # logged every step.

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
-from conftest import TINY, read_scalars, run_pretrain, shard_overrides, vitdist_cli
+from conftest import TINY, read_scalars, read_texts, run_pretrain, shard_overrides, vitdist_cli
 from vitdist import distributed
 from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
@@ -102,6 +102,10 @@ def test_a_run_validates_its_average_keeps_the_better_as_best_and_exports_it(dem
     shown = {tag for tag in scalars if not tag.startswith("data/skipped_")}
     assert shown <= _CONSOLE.keys(), shown - _CONSOLE.keys()
     assert all(f"| {_CONSOLE[tag][0]} " in resumed.stdout for tag in shown)
+    # Each start's config in the text tab, at its first step: the resume's changed keys there.
+    configs = read_texts(run_dir / "tb")["config"]
+    assert [step for step, _ in configs] == [0, 4] and all(text.startswith("```yaml\nmodel:\n") for _, text in configs)
+    assert ["ema_decay: 0.6" in text and "steps: 12" in text for _, text in configs] == [False, True]
     best = json.loads((run_dir / "best.json").read_text())
     at_best = {tag: dict(scalars[tag])[best["step"]] for tag in ("val/top1", "val_ema/top1")}
     assert best["val_top1"] == pytest.approx(max(at_best.values()))

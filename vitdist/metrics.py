@@ -37,6 +37,11 @@ class MetricLogger:
             if not isinstance(threading.excepthook, _QuietTensorBoardThreads):
                 threading.excepthook = _QuietTensorBoardThreads(threading.excepthook)
 
+    def text(self, step: int, tag: str, markdown: str) -> None:
+        """Text in TensorBoard's text tab (written with the next scalars, whose write reports a failure)."""
+        if self.writer is not None:
+            self.writer.add_text(tag, markdown, step)
+
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return

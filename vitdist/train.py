@@ -21,7 +21,7 @@ from .augment import random_erase
 from .checkpoint import Checkpointer, SaveFailed
 from .config import Config, to_dict
 from .config_check import batch_layout
-from .config_yaml import save_config
+from .config_yaml import config_text, save_config
 from .data import EvalLoader, Normalize, TrainLoader
 from .ema import WeightAverage
 from .handoff import load_located, locate
@@ -144,6 +144,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     # TensorBoard drops what a killed run logged after the checkpoint resumed from (after step 0 for a
     # run killed before its first checkpoint, and started again): no step twice.
     logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=state.step + 1)
+    # Beside the curves, to tell runs (and a resume's changed keys) apart there: at the start's step.
+    logger.text(state.step, "config", f"```yaml\n{config_text(cfg)}```")
     compute = distributed.compute_precision(cfg, ctx.device)
     peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else matmul_peak_flops(ctx.device, distributed.DTYPES[cfg.train.precision])
     flops_per_image = train_flops_per_image(model)
