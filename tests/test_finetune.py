@@ -328,8 +328,38 @@ def test_image_folder_converted_once_and_reused(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
 
     write_png_folder(tmp_path / "train", classes=("dog",), per_class=1)  # the folder changed under the run
-    with pytest.raises(ConfigError, match="is not what this run converted into"):
+    with pytest.raises(ConfigError, match=re.escape("is not what this run converted into "
+                                                    f"'{out / 'train'}' (class folders ['dog'] added; 19 images where there were 18)")):
         to_shards(data, 4, out, is_main=True)
+
+
+def test_a_changed_image_folder_is_refused_before_any_process_starts_naming_the_change(tmp_path):
+    """A run's ImageFolder changed since its conversion (a run killed before its first checkpoint,
+    or a validation folder edited before a resume): `--check` passed it, and every rank failed on it
+    once the process group had started, without saying what had changed. The validation folder's
+    refusal said a resume would then be refused, which validation images do not affect."""
+    from vitdist.config import ConfigError
+    from vitdist.imagefolder import conversion_dir, to_shards
+    from vitdist.preflight import preflight
+
+    write_png_folder(tmp_path / "train", per_class=6)
+    write_png_folder(tmp_path / "val", per_class=2)
+    run = tmp_path / "run"
+    overrides = [f"data.train_shards={tmp_path / 'train'}", f"data.val_shards={tmp_path / 'val'}", f"run.dir={run}",
+                 "model.num_classes=3", "data.streams=4", "train.global_batch_size=8", "data.micro_batch_size=8"]
+    cfg = load_config(TINY, overrides)
+    to_shards(cfg.data, 3, conversion_dir(run), is_main=True)
+    preflight(cfg, world_size=1)  # what it converted: passes
+    (tmp_path / "val" / "ant" / "ant.0.png").unlink()
+    with pytest.raises(ConfigError, match=re.escape(
+            f"data.val_shards: '{tmp_path / 'val'}' is not what this run converted into '{run / 'shards' / 'val'}' (5 "
+            f"images where there were 6): use another run.dir, or delete '{run / 'shards' / 'val'}' to convert again "
+            "(validation images are no part of what a resume continues)")):
+        preflight(cfg, world_size=1)
+    shutil.rmtree(run / "shards" / "val")
+    with pytest.raises(ConfigError, match=re.escape(f"data.train_shards: '{tmp_path / 'train'}' is not what this run "
+                                                    "converted into") + ".*" + re.escape("(data.streams=2 where it was 4)")):
+        preflight(load_config(TINY, [*overrides, "data.streams=2"]), world_size=1)
 
 
 def test_a_validation_folder_beside_training_shards_takes_their_class_indices(tmp_path):

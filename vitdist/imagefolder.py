@@ -156,18 +156,36 @@ def other_images(recorded: dict, now: dict) -> str | None:
                               "another size)"
 
 
+def conversion_in(folder: ImageFolder, out: Path, streams: int, seed: int) -> dict | None:
+    """The manifest of the conversion of `folder` in `out`, None if there is none; ConfigError
+    where the conversion there is of other images, or by another data.streams or data.seed. Also
+    before any process group starts (preflight): found at the conversion, it failed every rank."""
+    if not out.is_dir():
+        return None
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{folder.key}: the conversion in '{out}' cannot be read ({e}): delete '{out}' to convert "
+                          "again") from None
+    recorded, now = manifest["recipe"], recipe(folder, streams, seed)
+    if recorded == now:
+        return manifest
+    if recorded.keys() != now.keys():
+        what = "converted by an earlier vitdist"
+    else:
+        what = other_images(recorded, now) or "; ".join(
+            f"data.{key}={now[key]} where it was {recorded[key]}" for key in ("streams", "seed") if recorded[key] != now[key])
+    again = ("a resume from a checkpoint trained on other images is then refused" if folder.key == "data.train_shards"
+             else "validation images are no part of what a resume continues")
+    raise ConfigError(f"{folder.key}: '{folder.root}' is not what this run converted into '{out}' ({what}): use another "
+                      f"run.dir, or delete '{out}' to convert again ({again})")
+
+
 def convert(folder: ImageFolder, out: Path, streams: int, seed: int) -> list[str]:
     """The shards of `folder` converted into `out` (with classes.json and the manifest), one per
     stream (one per image if there are fewer), as specs (make_shards.literal): written now, or reused
     from an earlier run when the manifest matches."""
-    made_of = recipe(folder, streams, seed)
-    if out.is_dir():
-        manifest = json.loads((out / MANIFEST).read_text())
-        if manifest["recipe"] != made_of:
-            raise ConfigError(
-                f"{folder.key}: '{folder.root}' is not what this run converted into '{out}' (images, classes, "
-                f"data.seed or data.streams changed, or an older vitdist converted it): use another run.dir, or delete "
-                f"'{out}' to convert again (a resume from a checkpoint trained on other images is then refused)")
+    if manifest := conversion_in(folder, out, streams, seed):
         return [literal(out / name) for name in manifest["shards"]]
     tmp = out.with_name(out.name + ".tmp")  # a conversion killed half-way is left here, never used
     shutil.rmtree(tmp, ignore_errors=True)
@@ -176,6 +194,7 @@ def convert(folder: ImageFolder, out: Path, streams: int, seed: int) -> list[str
     make_shards(folder.root, tmp, prefix=out.name, samples_per_shard=math.ceil(len(folder.items) / streams),
                 max_shard_bytes=math.inf, seed=seed, progress=False, classes=folder.classes, streams=streams)
     shards = sorted(p.name for p in tmp.glob(f"{out.name}-*.tar"))
+    made_of = recipe(folder, streams, seed)
     (tmp / MANIFEST).write_text(json.dumps({"source": str(folder.root.resolve()), "recipe": made_of, "shards": shards},
                                            indent=1))
     tmp.rename(out)
