@@ -47,6 +47,7 @@ def test_rand_augment_draws_its_ops_from_the_seed_only():
     ("rand-m100", "magnitude m100 above 10, which timm clamps it to: add mmax100"),
     ("rand-m12-mmax11", "magnitude m12 above 11"),
     ("rand-m9-n16-tweights", "n16 ops per image, drawn without repeats from the 15 of the weighted op set"),
+    ("rand-m9-p2", "p2: the probability of applying each op, from 0 to 1"),  # applied always, as p1
 ])
 def test_a_rand_augment_string_timm_cannot_read_is_refused_naming_it(demo_shards, config, message):
     cfg = load_config(TINY, [f"data.train_shards={demo_shards['train']}", "data.val_shards=null",

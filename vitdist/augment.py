@@ -82,13 +82,15 @@ class RandAugment:
 
 def _check_as_written(ra: auto_augment.RandAugment) -> None:
     """ValueError for what timm reads but would not do as written: a magnitude above its top (10
-    without mmax), which it clamps to the top; more ops per image than the weighted op set holds,
-    drawn without replacement, which fails in the loader workers mid-run."""
+    without mmax), which it clamps to the top; a probability above 1; more ops per image than the
+    weighted op set holds, drawn without replacement, which fails in the loader workers mid-run."""
     op = ra.ops[0]
     top = op.magnitude_max or 10  # timm's _LEVEL_DENOM
     if op.magnitude > top:
         raise ValueError(f"magnitude m{op.magnitude:g} above {top:g}, which timm clamps it to: add mmax{op.magnitude:g} "
                          "to allow it")
+    if not 0 <= op.prob <= 1:  # timm applies every op at p2 as at p1
+        raise ValueError(f"p{op.prob:g}: the probability of applying each op, from 0 to 1")
     if ra.choice_weights is not None and ra.num_layers > len(ra.ops):
         raise ValueError(f"n{ra.num_layers} ops per image, drawn without repeats from the {len(ra.ops)} of the "
                          "weighted op set (tweights)")
