@@ -190,7 +190,8 @@ def test_vit_b16_is_the_paper_size():
     # as null, without a word; a validation asked for warned of val_shards=null
     ("data.val_shards=[]", "config key 'data.val_shards' is empty: give shards, or null for no validation"),
     # passed, then failed in a log line's ETA (float()) or at the process group's start (timedelta, torch's store)
-    ("train.steps=1e400", "config key 'train.steps' is a number of 401 digits (100000...), more than a 64-bit integer"),
+    ("train.steps=1e400", "config key 'train.steps' is a number of 1329 bits, more than a 64-bit integer holds"),
+    ("train.steps=1e5000", "config key 'train.steps' is a number of 16610 bits, more than a 64-bit integer holds"),
     ("dist.timeout_s=1e10", "config key 'dist.timeout_s' must be > 0 and <= 31536000, got 10000000000"),
 ])
 def test_refusals_name_the_key(override, message):

@@ -26,6 +26,7 @@ from vitdist.data import EvalLoader
 from vitdist.imagefolder import image_folders
 from vitdist.samples import READ_ERROR, BadSample, read_sample, read_samples
 from vitdist.shard_list import expand_urls
+from vitdist.streams import sample_digest
 
 
 def _read(url):
@@ -239,14 +240,18 @@ def test_images_held_as_links_in_the_tar_are_named_and_labels_are_plain_integers
     (src / "a.png").write_bytes(png_bytes((9, 9, 9)))
     os.link(src / "a.png", src / "b.png")
     (src / "c.png").symlink_to("a.png")
-    for key, label in zip("abc", ["\ufeff1\r\n", " 2 ", "+3"]):
+    for key, label in zip("abcd", ["\ufeff1\r\n", " 2 ", "+3", "4"]):
         (src / f"{key}.cls").write_text(label, encoding="utf-8")
+    (src / "d.png").write_bytes(png_bytes((4, 4, 4)))
+    (src / "d.json").symlink_to("d.cls")  # a key vitdist ignores: d trains
+    (src / "e.png").symlink_to("a.png")  # a link alone makes no sample, as when links were dropped
 
     def kinds(*tar_options):
         shard = tmp_path / f"shard{len(tar_options)}.tar"
         subprocess.run(["tar", "--sort=name", *tar_options, "-cf", str(shard), "-C", str(src), "."], check=True)
         found = {}
         for sample in read_samples(str(shard)):
+            sample_digest(sample)  # what a checkpoint records of the sample before its position
             try:
                 found[sample["__key__"]] = read_sample(sample, 8)[1]
             except BadSample as bad:
@@ -256,9 +261,10 @@ def test_images_held_as_links_in_the_tar_are_named_and_labels_are_plain_integers
     assert kinds() == {"./a": 1, "./b": "link: its .png is held in the tar as a hard link to './a.png', not as a "
                                         "file: write shards with tar --hard-dereference, or with vitdist make-shards",
                        "./c": "link: its .png is held in the tar as a symbolic link to 'a.png', not as a file: write "
-                              "shards with tar -h, or with vitdist make-shards"}
-    assert kinds("--hard-dereference", "-h") == {"./a": 1, "./b": 2, "./c": 3}
-    for label in b"1_0", "\u0663".encode(), b"1 0", b"0x1", b"":
+                              "shards with tar -h, or with vitdist make-shards", "./d": 4}
+    assert kinds("--hard-dereference", "-h") == {"./a": 1, "./b": 2, "./c": 3, "./d": 4, "./e": "no_label: no .cls "
+                                                 "label among ['png']"}
+    for label in b"1_0", "\u0663".encode(), b"1 0", b"0x1", b"", b"9" * 5000:  # int() raised past 4300 digits
         with pytest.raises(BadSample, match="is not an integer") as bad:
             read_sample({"__key__": "k", "cls": label, "png": png_bytes((9, 9, 9))}, 20)
         assert bad.value.kind == "bad_label"

@@ -104,7 +104,7 @@ def test_a_run_validates_its_average_keeps_the_better_as_best_and_exports_it(dem
     assert all(f"| {_CONSOLE[tag][0]} " in resumed.stdout for tag in shown)
     # Each start's config in the text tab, at its first step: the resume's changed keys there.
     configs = read_texts(run_dir / "tb")["config"]
-    assert [step for step, _ in configs] == [0, 4] and all(text.startswith("```yaml\nmodel:\n") for _, text in configs)
+    assert [step for step, _ in configs] == [1, 5] and all(text.startswith("```yaml\nmodel:\n") for _, text in configs)
     assert ["ema_decay: 0.6" in text and "steps: 12" in text for _, text in configs] == [False, True]
     best = json.loads((run_dir / "best.json").read_text())
     at_best = {tag: dict(scalars[tag])[best["step"]] for tag in ("val/top1", "val_ema/top1")}

@@ -298,6 +298,14 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
             check(override.format(t=tmp_path))
     check(f"data.train_shards={tmp_path}/moved.txt", "data.num_workers=0", "data.micro_batch_size=16")
     check("model.mlp_ratio=4.0")  # the arch's own, as the checkpoint's null is: it had been refused as another model
+    # Parallel blocks hold no attn or mlp to read the heads and MLP width from: compared as written.
+    recorded = (step_4 / "model.json").read_text()
+    (step_4 / "model.json").write_text(recorded.replace("vit_tiny_patch16_224", "vit_small_patch16_18x2_224"))
+    with pytest.raises(ConfigError, match=re.escape(f"model.mlp_ratio=2.0, but checkpoint '{step_4}' holds a model with "
+                                                    "model.mlp_ratio=null: its weights do not fit")):
+        check("model.arch=vit_small_patch16_18x2_224", "model.mlp_ratio=2")
+    check("model.arch=vit_small_patch16_18x2_224")
+    (step_4 / "model.json").write_text(recorded)
     # A checkpoint that recorded its shards by file name (before shard ids) is compared by file name.
     as_written_before_shard_ids(step_4)
     check(f"data.train_shards={tmp_path}/moved.txt")

@@ -106,7 +106,7 @@ def resume_path(spec: str, root: str | Path) -> Path | None:
         return newest
     path = newest_if_run(Path(spec))
     # A save killed after its files were written, before the rename that completes it, has them all.
-    unfinished = path.suffix == ".tmp"
+    unfinished = _PARTIAL.match(path.name) is not None
     named = (path / ".metadata").is_file() and not unfinished
     if not named and (newest is None or path.exists()):
         # A checkpoint of another run, resumed into a new run.dir: the complete one meant is beside it.

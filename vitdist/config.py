@@ -29,7 +29,7 @@ BOUNDS = {"above": (operator.gt, ">"), "at_least": (operator.ge, ">="), "below":
            "at_most": (operator.le, "<=")}
 
 
-# A year: torch's store takes no longer timeout (its nanoseconds overflow from 9.2e9 s on).
+# A year: a round bound well below where torch's store timeout overflows (its nanoseconds, at 9.2e9 s).
 MAX_TIMEOUT_S = 365 * 86400
 
 

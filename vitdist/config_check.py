@@ -19,9 +19,8 @@ def validate(cfg: Config) -> None:
                     raise ConfigError(f"config key '{section}.{f.name}' must be {bounds_text(f.metadata['bounds'])}, "
                                       f"got {value}")
                 if isinstance(number, int) and abs(number) >= 2**63:  # torch's and numpy's integers, float()'s range
-                    digits = str(abs(number))
-                    raise ConfigError(f"config key '{section}.{f.name}' is a number of {len(digits)} digits "
-                                      f"({digits[:6]}...), more than a 64-bit integer holds")
+                    raise ConfigError(f"config key '{section}.{f.name}' is a number of {number.bit_length()} bits, "
+                                      "more than a 64-bit integer holds")  # not in digits: str() refuses 4300 and more
     for key, value in {"data.crop_scale": cfg.data.crop_scale, "data.crop_ratio": cfg.data.crop_ratio,
                        "optim.betas": cfg.optim.betas}.items():
         if len(value) != 2:

@@ -225,9 +225,10 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 def on_rank_zero(write: Callable[[], None], group: dist.ProcessGroup,
                  expected: tuple[type[Exception], ...]) -> Exception | None:
-    """`write()` on rank 0 alone; every rank gets the exception of the `expected` kinds it raised
-    (None if it succeeded) and raises any other one: a failure on rank 0 alone would leave the
-    others waiting in their next collective until dist.timeout_s."""
+    """`write()` on rank 0 alone; every rank gets the exception of the `expected` kinds (which must
+    pickle, as OSError and SafetensorError do) it raised, None if it succeeded, and raises any other
+    one: a failure on rank 0 alone would leave the others waiting in their next collective until
+    dist.timeout_s."""
     error, unexpected = [None], None
     if dist.get_rank() == 0:
         try:

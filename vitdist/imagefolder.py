@@ -164,7 +164,7 @@ def conversion_in(folder: ImageFolder, out: Path, streams: int, seed: int) -> di
         return None
     try:
         manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
+    except ValueError as e:  # not an OSError, which may pass (a retry)
         raise ConfigError(f"{folder.key}: the conversion in '{out}' cannot be read ({e}): delete '{out}' to convert "
                           "again") from None
     recorded, now = manifest["recipe"], recipe(folder, streams, seed)

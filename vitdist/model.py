@@ -52,9 +52,10 @@ def check_model(cfg: ModelConfig) -> VisionTransformer:
 
 def architecture(model: VisionTransformer) -> dict:
     """The values that timm_kwargs' keys take in `model` (the arch's own where a key was null):
-    two models of one arch with the same values have the same weights and compute alike."""
+    two models of one arch with the same values have the same weights and compute alike. None
+    where the blocks do not say (parallel blocks hold their attentions and MLPs otherwise)."""
     block = model.blocks[0] if len(model.blocks) else None
-    attention, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    attention, mlp = getattr(block, "attn", block), getattr(block, "mlp", None)
     return {"img_size": model.patch_embed.img_size[0], "num_classes": model.num_classes,
             "patch_size": model.patch_embed.patch_size[0], "embed_dim": model.embed_dim, "depth": len(model.blocks),
             "num_heads": getattr(attention, "num_heads", None),
@@ -62,9 +63,14 @@ def architecture(model: VisionTransformer) -> dict:
 
 
 def recorded_architecture(arch: str, kwargs: dict) -> dict:
-    """architecture() of the model that a checkpoint's arch and timm kwargs build (on the meta device)."""
+    """architecture() of the model that a checkpoint's arch and timm kwargs build (on the meta
+    device); ConfigError where this timm cannot build it."""
     with torch.device("meta"):
-        return architecture(timm.create_model(arch, pretrained=False, **kwargs))
+        try:
+            return architecture(timm.create_model(arch, pretrained=False, **kwargs))
+        except Exception as e:
+            raise ConfigError(f"timm {timm.__version__} cannot build the checkpoint's model '{arch}' with {kwargs}: "
+                              f"{_reason(e)}") from None
 
 
 def _reason(error: Exception) -> str:

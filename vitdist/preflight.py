@@ -48,9 +48,10 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
             raise ConfigError(f"finetune.init='{cfg.finetune.init}': {e}") from None
         found += [doubt for doubt in (architecture_doubt(cfg.finetune.init, cfg.model.arch),
                                       normalisation_doubt(cfg.finetune.init, cfg.data)) if doubt]
-    for split, folder in folders.items():  # after resume.check, whose refusal names the checkpoint
-        imagefolder.conversion_in(folder, imagefolder.conversion_dir(cfg.run.dir) / split, cfg.data.streams, cfg.data.seed)
     if os.environ.get("RANK", "0") == "0":  # last, as the slowest: one reader of the shards' heads, not thousands
+        for split, folder in folders.items():  # a stat per image; after resume.check, whose refusal names the checkpoint
+            imagefolder.conversion_in(folder, imagefolder.conversion_dir(cfg.run.dir) / split, cfg.data.streams,
+                                      cfg.data.seed)
         for key, urls in (("data.train_shards", [] if "train" in folders else train_data), ("data.val_shards", val_urls)):
             if urls:
                 probe(urls, cfg.data, cfg.model.num_classes, key, cfg.dist.timeout_s)

@@ -98,17 +98,21 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder) -> None:
         raise ConfigError(f"model.arch={cfg.model.arch}, but {where} holds a model with model.arch={meta['arch']}: its "
                           f"weights do not fit this one; {start_new}")
     # Compared as built, not as written: a key given its arch's own value is the same model as null.
-    given = {"ours": timm_kwargs(cfg.model), "its": meta["timm_kwargs"]}
-    built = {"ours": architecture(check_model(cfg.model)),
-             "its": recorded_architecture(meta["arch"], meta["timm_kwargs"])}
+    # Where the blocks do not say (None: parallel blocks), as written.
+    written = {"ours": timm_kwargs(cfg.model), "its": meta["timm_kwargs"]}
+    built = {"ours": architecture(check_model(cfg.model)), "its": recorded_architecture(meta["arch"], meta["timm_kwargs"])}
+    model = {whose: {key: written[whose].get(key) if value is None else value for key, value in values.items()}
+             for whose, values in built.items()}
 
-    def value(whose: str, key: str) -> str:
-        return str(given[whose][key]) if key in given[whose] else f"null ({built[whose][key]}, the arch's own)"
+    def shown(whose: str, key: str) -> str:
+        if key in written[whose]:
+            return str(written[whose][key])
+        return "null" if model[whose][key] is None else f"null ({model[whose][key]}, the arch's own)"
 
-    for key in built["ours"]:
-        if built["ours"][key] != built["its"][key]:
-            raise ConfigError(f"model.{key}={value('ours', key)}, but {where} holds a model with model.{key}="
-                              f"{value('its', key)}: its weights do not fit this one; {start_new}")
+    for key in model["ours"]:
+        if model["ours"][key] != model["its"][key]:
+            raise ConfigError(f"model.{key}={shown('ours', key)}, but {where} holds a model with model.{key}="
+                              f"{shown('its', key)}: its weights do not fit this one; {start_new}")
     if cfg.finetune.freeze == "none" and state.get("config", {}).get("finetune", {}).get("freeze") == "backbone":
         raise ConfigError(f"finetune.freeze=none, but {where} trained the head alone (finetune.freeze=backbone): its "
                           f"optimizer holds no state for the backbone; to fine-tune all of a linear probe, "

@@ -113,31 +113,26 @@ def _opened_as(url: str) -> str:
     return f"pipe:{_IGNORING_PREEMPTION}{url.removeprefix('pipe:')}" if url.startswith("pipe:") else url
 
 
-class Link(str):
-    """In place of a file's bytes: the tar holds the file as a link to this name."""
-
-    def __new__(cls, target: str, hard: bool):
-        link = super().__new__(cls, target)
-        link.hard = hard
-        return link
+LINKS = "__links__"  # a sample's files that the tar holds as links: {suffix: (target, hard)}
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata members, which it passes over
 
 
 def _tar_files(sources: list[dict], stop: Callable[[Exception], bool]) -> Iterator[dict]:
     """The files of each source's tar, {'fname', 'data', '__url__'}, as webdataset's
-    tar_file_expander gives them, and its links too, a Link as their data: GNU tar stores each hard
-    link to a file after the first as a link to it (images deduplicated by hard links), and
-    webdataset drops links without a word, which left samples that seemed to have no image."""
+    tar_file_expander gives them, and its links too, with 'link': (target, hard) in place of
+    'data': GNU tar stores each hard link to a file after the first as a link to it (images
+    deduplicated by hard links), and webdataset drops links without a word, which left samples
+    that seemed to have no image."""
     for source in sources:
         try:
             tar = tarfile.open(fileobj=source["stream"], mode="r|*")
             for member in tar:
-                if member.isreg():
-                    data = tar.extractfile(member).read()
-                elif member.islnk() or member.issym():
-                    data = Link(member.linkname, hard=member.islnk())
-                else:
+                if _META.match(member.name):
                     continue
-                yield {"fname": member.name, "data": data, "__url__": source["url"]}
+                if member.isreg():
+                    yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": source["url"]}
+                elif member.islnk() or member.issym():
+                    yield {"fname": member.name, "link": (member.linkname, member.islnk()), "__url__": source["url"]}
                 tar.members = []  # else the stream keeps every header it has read
         except Exception as e:  # tarfile's, or the stream's (decompression, a command that failed)
             if not stop(e):
@@ -148,20 +143,31 @@ def _group_by_keys(files: Iterator[dict]) -> Iterator[dict]:
     """Consecutive files of one key (a file name up to the first dot of its last part) as one
     sample, suffixes lowercased, as webdataset groups them; but a suffix the sample already holds
     (a sample written twice in a row, a.jpg beside a.JPG) starts a new sample, where webdataset's
-    grouping raises and so gives up the rest of a readable shard."""
-    sample = None
+    grouping raises and so gives up the rest of a readable shard. Links make no sample and no
+    boundary, as when webdataset dropped them (a shard's samples, and so the stream positions and
+    the resume digests, are as they were): a sample carries those of its key under LINKS."""
+    sample, links = None, {}
     for file in files:
         key, suffix = base_plus_ext(file["fname"])
         if key is None:  # no dot: no suffix to file it under
             continue
         suffix = suffix.lower()
+        if "link" in file:
+            links.setdefault(key, {})[suffix] = file["link"]
+            continue
         if sample is None or key != sample["__key__"] or suffix in sample:
             if sample is not None:
-                yield sample
+                yield _with_links(sample, links)
             sample = {"__key__": key, "__url__": file["__url__"]}
         sample[suffix] = file["data"]
     if sample is not None:
-        yield sample
+        yield _with_links(sample, links)
+
+
+def _with_links(sample: dict, links: dict) -> dict:
+    if found := links.pop(sample["__key__"], None):
+        sample[LINKS] = found
+    return sample
 
 
 # The compressions read, by their magic bytes. Decompressed here, not by tarfile: its stream mode
@@ -217,9 +223,6 @@ class _Tail:
         self.size += len(data)
         return data
 
-    def __repr__(self) -> str:  # webdataset names the stream in its errors
-        return repr(self.raw)
-
     def check_end(self) -> None:
         """After tarfile has stopped, at the first zero block: in the tar, what follows is
         padding (zeros). Any other byte is data tarfile would never read, most often a second tar
@@ -267,29 +270,31 @@ def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
     if READ_ERROR in sample:
         raise BadSample("read_error", f"the rest of the shard is unreadable: {sample[READ_ERROR]}")
     if "cls" not in sample:
-        raise BadSample("no_label", _lacking(".cls label", sample))
+        raise _linked(sample, ("cls",)) or BadSample("no_label", _lacking(".cls label", sample))
     # A Windows editor's byte-order mark, and whitespace, are allowed; not what int() also reads as
-    # a number (1_0 as 10, other scripts' digits).
-    label = re.fullmatch(rb"(?:\xef\xbb\xbf)?\s*([+-]?[0-9]+)\s*", _contents(sample, "cls"))
+    # a number (1_0 as 10, other scripts' digits), nor more digits than any class index has.
+    label = re.fullmatch(rb"(?:\xef\xbb\xbf)?\s*([+-]?[0-9]{1,18})\s*", sample["cls"])
     if label is None:
         raise BadSample("bad_label", f"label {sample['cls'][:20]!r} is not an integer")
     label = int(label[1])
     if not 0 <= label < num_classes:
         raise BadSample("bad_label", f"label {label} outside [0, {num_classes})")
-    suffix = next((k for k in IMAGE_KEYS if k in sample), None)
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if data is None:
+        raise _linked(sample, IMAGE_KEYS) or BadSample("no_image", _lacking("image (.jpg/.jpeg/.png/.webp)", sample))
+    return data, label
+
+
+def _linked(sample: dict, suffixes: tuple[str, ...]) -> BadSample | None:
+    """The BadSample for a file of these suffixes that the tar holds as a link, if it does."""
+    links = sample.get(LINKS, {})
+    suffix = next((k for k in suffixes if k in links), None)
     if suffix is None:
-        raise BadSample("no_image", _lacking("image (.jpg/.jpeg/.png/.webp)", sample))
-    return _contents(sample, suffix), label
-
-
-def _contents(sample: dict, suffix: str) -> bytes:
-    """The bytes of the sample's file of this suffix, or BadSample where the tar holds a link."""
-    data = sample[suffix]
-    if isinstance(data, Link):
-        raise BadSample("link", f"its .{suffix} is held in the tar as a {'hard' if data.hard else 'symbolic'} link to "
-                                f"'{data}', not as a file: write shards with tar {'--hard-dereference' if data.hard else '-h'}, "
-                                "or with vitdist make-shards")
-    return data
+        return None
+    target, hard = links[suffix]
+    return BadSample("link", f"its .{suffix} is held in the tar as a {'hard' if hard else 'symbolic'} link to "
+                             f"'{target}', not as a file: write shards with tar {'--hard-dereference' if hard else '-h'}, "
+                             "or with vitdist make-shards")
 
 
 def _lacking(what: str, sample: dict) -> str:

@@ -144,8 +144,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     # TensorBoard drops what a killed run logged after the checkpoint resumed from (after step 0 for a
     # run killed before its first checkpoint, and started again): no step twice.
     logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=state.step + 1)
-    # Beside the curves, to tell runs (and a resume's changed keys) apart there: at the start's step.
-    logger.text(state.step, "config", f"```yaml\n{config_text(cfg)}```")
+    # Beside the curves, to tell runs (and a resume's changed keys) apart there. At the first step
+    # trained, which a start again from the same checkpoint purges, so that it is there once.
+    logger.text(state.step + 1, "config", f"```yaml\n{config_text(cfg)}```")
     compute = distributed.compute_precision(cfg, ctx.device)
     peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else matmul_peak_flops(ctx.device, distributed.DTYPES[cfg.train.precision])
     flops_per_image = train_flops_per_image(model)
