@@ -27,7 +27,8 @@ from vitdist.data import EvalLoader, TrainLoader
 from vitdist.streams import Stream, shard_order
 from vitdist.shard_list import expand_urls, train_shard_urls
 from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
-from vitdist.samples import READ_ERROR, BadSample, NoUsableSamples, load_rgb, open_image, read_sample, read_samples
+from vitdist.samples import BadSample, NoUsableSamples, load_rgb, open_image, read_sample
+from vitdist.tars import READ_ERROR, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.preflight import preflight
 from vitdist.make_shards import make_shards, scan_image_folder
@@ -479,7 +480,7 @@ def test_a_tar_cut_before_a_member_header_is_a_read_error(tmp_path):
 
 
 def test_a_pipe_commands_failure_names_the_users_command():
-    """A `pipe:` command runs behind a trap of the preemption signals (vitdist.samples): its
+    """A `pipe:` command runs behind a trap of the preemption signals (vitdist.tars): its
     failure (`curl -f` at a 404: no output, exit 22) names the command as the user wrote it. A child
     holds the output open past the exit: at the end of the output the exit is then known (else the
     end may come first, and the read error is the tar's "empty file", naming no command)."""

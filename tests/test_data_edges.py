@@ -24,9 +24,10 @@ from vitdist.config import ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader
 from vitdist.imagefolder import image_folders
-from vitdist.samples import READ_ERROR, BadSample, read_sample, read_samples
+from vitdist.samples import BadSample, read_sample
 from vitdist.shard_list import expand_urls
 from vitdist.streams import sample_digest
+from vitdist.tars import READ_ERROR, read_samples
 
 
 def _read(url):
@@ -167,7 +168,7 @@ def test_file_urls_and_relative_paths_with_a_colon_are_read_as_the_local_shards_
 # without loader workers: what it read, and the signals its handlers had.
 READ_IN_A_THREAD = """
 import json, signal, sys, threading
-from vitdist.samples import READ_ERROR, BadSample, read_sample, read_samples
+from vitdist.tars import READ_ERROR, read_samples
 received, read = [], []
 for signum in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(signum, lambda signum, frame: received.append(signum))

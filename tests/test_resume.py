@@ -222,7 +222,7 @@ with open(shard + ".reads") as reads:
         data = open(shard, "rb").read()
         sys.stdout.buffer.write(data[: len(data) // 2])
         sys.stdout.buffer.flush()
-        signal.pause()  # a network read that hangs; SIGTERM ignored, as vitdist.samples has it
+        signal.pause()  # a network read that hangs; SIGTERM ignored, as vitdist.tars has it
 sys.stdout.buffer.write(open(shard, "rb").read())
 """
 

@@ -25,7 +25,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .augment import RandAugment
 from .config import ConfigError, DataConfig
-from .samples import BadSample, Skips, decode, jpeg_end, load_rgb, read_image, read_samples
+from .samples import BadSample, Skips, decode, jpeg_end, load_rgb, read_image
+from .tars import read_samples
 from .shard_list import expand_urls, train_shard_urls
 from .streams import Stream
 from .transforms import draw_augmentation, eval_transform, reduce_jpeg, resized_crop, stack_images, to_uint8_tensor

@@ -45,7 +45,7 @@ class DeviceBatches:
         """Stop the thread, then close the loader's generator, which shuts its workers down now
         rather than whenever the last reference to it goes (after an error, at interpreter exit).
         A thread still reading after STOP_GRACE_S is in a stalled read, which a `pipe:` command no
-        longer leaves at a preemption's SIGTERM (vitdist.samples): the reads of this process
+        longer leaves at a preemption's SIGTERM (vitdist.tars): the reads of this process
         (data.num_workers=0) are ended, and a thread still waiting on a worker's is left behind (the
         workers end with this process), so that the run exits rather than wait for data it no
         longer needs until the loader's timeout."""

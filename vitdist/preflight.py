@@ -40,7 +40,7 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
     except (FileNotFoundError, FileExistsError) as e:
         raise ConfigError(str(e)) from None
     if resume_from is not None:
-        resume.check(cfg, resume_from, train_data)
+        resume.check(cfg, resume_from, train_data, model)
     elif cfg.finetune.init:  # what _train loads when it does not resume: a resume never reads it
         try:
             check_fit(model, cfg.finetune.init, cfg.finetune.init_ema)

@@ -16,13 +16,15 @@ import os
 import re
 from pathlib import Path
 
+from timm.models.vision_transformer import VisionTransformer
+
 from . import imagefolder
 from .checkpoint import MODEL_META, TRAIN_STATE, read_json
 from .checkpoint_read import UnsafeCheckpoint, check_files
 from .config import Config, ConfigError, to_dict
 from .data import decodes_on_device
 from .imagefolder import ImageFolder
-from .model import architecture, check_model, recorded_architecture, timm_kwargs
+from .model import architecture, recorded_architecture, timm_kwargs
 from .schedule import lr_at
 
 # How the run is carried out, not what it computes (beyond the order of float sums, as with
@@ -84,9 +86,10 @@ def _start_new(path: Path) -> str:
     return f"start a new run.dir with finetune.init={path}"
 
 
-def check(cfg: Config, path: Path, train: list[str] | ImageFolder) -> None:
+def check(cfg: Config, path: Path, train: list[str] | ImageFolder, model: VisionTransformer) -> None:
     """Refuse (ConfigError) a resume from `path` that cannot continue the run it comes from.
-    `train`: the training shards' URLs, or the ImageFolder that the run converts into shards."""
+    `train`: the training shards' URLs, or the ImageFolder that the run converts into shards.
+    `model`: the config's, as check_model built it."""
     try:
         check_files(path)
     except (FileNotFoundError, UnsafeCheckpoint) as e:
@@ -100,7 +103,7 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder) -> None:
     # Compared as built, not as written: a key given its arch's own value is the same model as null.
     # Where the blocks do not say (None: parallel blocks), as written.
     written = {"ours": timm_kwargs(cfg.model), "its": meta["timm_kwargs"]}
-    built = {"ours": architecture(check_model(cfg.model)), "its": recorded_architecture(meta["arch"], meta["timm_kwargs"])}
+    built = {"ours": architecture(model), "its": recorded_architecture(meta["arch"], meta["timm_kwargs"])}
     model = {whose: {key: written[whose].get(key) if value is None else value for key, value in values.items()}
              for whose, values in built.items()}
 

@@ -18,7 +18,8 @@ from torch.utils.data import IterableDataset
 from webdataset.gopen import gopen_schemes
 
 from .config import ConfigError, DataConfig
-from .samples import READ_ERROR, BadSample, read_image, read_samples
+from .samples import BadSample, read_image
+from .tars import READ_ERROR, read_samples
 from .workers import ReadStalled, data_loader, watched
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from collections import Counter
 from typing import Iterator
 
 from .config import DataConfig
-from .samples import READ_ERROR, NoUsableSamples, read_samples
+from .samples import NoUsableSamples
+from .tars import READ_ERROR, read_samples
 
 
 def shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:

@@ -218,7 +218,7 @@ def _stop(chunks, workers: list[Process]) -> None:
     # Each worker's process group: the worker and its commands. A group outlives its leader
     # while a member is left, and its id is not reused meanwhile, so a dead worker's commands
     # end too. SIGKILL, as a worker at a SIGTERM from its parent kills its group itself (start_worker):
-    # its commands ignore SIGTERM (vitdist.samples), and a dead worker's would be left reading.
+    # its commands ignore SIGTERM (vitdist.tars), and a dead worker's would be left reading.
     for worker in workers:
         with contextlib.suppress(ProcessLookupError):  # the worker died and left nothing
             os.killpg(worker.pid, signal.SIGKILL)
