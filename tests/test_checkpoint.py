@@ -21,7 +21,7 @@ from vitdist import checkpoint, checkpoint_read, resume
 from vitdist.config import CkptConfig, ConfigError
 from vitdist.config_yaml import load_config
 from vitdist.handoff import HandoffError, load_pretrained
-from vitdist.model import build_model
+from vitdist.model import build_model, check_model
 from vitdist.optim import build_optimizer
 
 
@@ -189,7 +189,7 @@ def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(tmp_path, pro
     with pytest.raises(HandoffError, match="refusing to unpickle posix.system"):
         load_pretrained(trained_pair(1)[0], tmp_path / "evil_value")
     with pytest.raises(ConfigError, match="evil_value': .*refusing to unpickle posix.system"):  # train.resume=<it>
-        resume.check(load_config(TINY), tmp_path / "evil_value", [])
+        resume.check(cfg := load_config(TINY), tmp_path / "evil_value", [], check_model(cfg.model))
     assert not marker.exists()
     checkpoint_read.load(path, *trained_pair(1))  # the genuine one still loads
 

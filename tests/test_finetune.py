@@ -16,7 +16,7 @@ from conftest import DIGITS, ENV, REPO, TINY, read_scalars, run_pretrain, shard_
 from vitdist.config_yaml import load_config
 from vitdist.shard_list import expand_urls
 from vitdist.handoff import load_pretrained
-from vitdist.model import build_model
+from vitdist.model import build_model, check_model
 from vitdist.optim import build_optimizer
 
 
@@ -73,7 +73,7 @@ def test_a_linear_probe_is_not_resumed_as_a_full_fine_tune(tmp_path, process_gro
         {"step": 1, "config": to_dict(probe), "data_positions": [[0, 0, 0]] * probe.data.streams})
     with pytest.raises(ConfigError, match=re.escape(
             f"finetune.freeze=none, but checkpoint '{path}' trained the head alone (finetune.freeze=backbone)")):
-        resume.check(load_config(TINY), path, [])
+        resume.check(cfg := load_config(TINY), path, [], check_model(cfg.model))
 
 
 @pytest.mark.slow
