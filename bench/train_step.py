@@ -93,10 +93,10 @@ def vitdist_step(args, init: dict, overrides: list[str], ctx):
 
     def step(x, y):
         nonlocal steps
-        loss = train_step(dp_model, model, optimizer, objective, x, y, cfg, compute)[0]
+        loss, _, bad = train_step(dp_model, model, optimizer, objective, x, y, cfg, compute)
         steps += 1
         if average is not None:
-            average.update(steps)
+            average.update(steps, bad)
         return loss
     return model, step
 
