@@ -11,7 +11,6 @@ import pickle
 import warnings
 from pathlib import Path
 
-import timm
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
@@ -180,13 +179,14 @@ def load_model_weights(path: str | Path, average: bool = False) -> tuple[dict[st
     those of the average the run kept (train.ema_decay; NoAverage where it kept none)."""
     path = Path(path)
     meta = _model_json(path)
-    metadata = _complete_metadata(path)  # a lost or short file named (FileNotFoundError), not DCP's traceback mid-load
-    weights = timm.create_model(meta["arch"], pretrained=False, **meta["timm_kwargs"]).state_dict()
+    metadata = _checked_metadata(path, average)
+    # Read into tensors shaped as `.metadata` records them, not into a model built for them: building
+    # ViT-L on the CPU, its random init included, took 27 s beside the model its caller builds anyway.
+    weights = _weights(metadata, average, "cpu")
     state = {"model": weights}
     if average:
-        if not (averaged := _averaged(metadata)):
-            raise _no_average(path)
         # Buffers, and the parameters a run kept frozen, are the weights'.
+        averaged = _averaged(metadata)
         state = {AVERAGE: {k: v for k, v in weights.items() if k in averaged},
                  "model": {k: v for k, v in weights.items() if k not in averaged}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -201,15 +201,26 @@ def model_weight_shapes(path: str | Path, average: bool = False) -> dict[str, to
     files that hold the data are only looked at, as check_files does."""
     path = Path(path)
     _model_json(path)  # refused as load_model_weights refuses it
+    return _weights(_checked_metadata(path, average), average, "meta")
+
+
+def _checked_metadata(path: Path, average: bool) -> Metadata:
+    """`.metadata`, every file it names there and long enough (a lost or short file named, not met
+    as DCP's traceback mid-load), and an average there if `average` (else NoAverage)."""
     metadata = _complete_metadata(path)
     if average and not _averaged(metadata):
         raise _no_average(path)
+    return metadata
 
-    def shapes(prefix: str) -> dict[str, torch.Tensor]:
-        return {fqn.removeprefix(prefix): torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+
+def _weights(metadata: Metadata, average: bool, device: str) -> dict[str, torch.Tensor]:
+    """Empty tensors for the model's weights as `.metadata` records them; the average's parameters in
+    place of the weights' where `average` (buffers and frozen parameters are the weights')."""
+    def tensors(prefix: str) -> dict[str, torch.Tensor]:
+        return {fqn.removeprefix(prefix): torch.empty(item.size, dtype=item.properties.dtype, device=device)
                 for fqn, item in metadata.state_dict_metadata.items()
                 if fqn.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
-    return {**shapes("model."), **(shapes(f"{AVERAGE}.") if average else {})}
+    return {**tensors("model."), **(tensors(f"{AVERAGE}.") if average else {})}
 
 
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
