@@ -6,10 +6,11 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import (EXACT, background_pretrain, children, gone, killing, loss_curve, outliving, run_pretrain,
+from conftest import (EXACT, background_pretrain, children, descendants, gone, killing, loss_curve, outliving, run_pretrain,
                       running, shard_overrides, still_running, wait_for, worker_pid)
 from vitdist.shard_list import expand_urls
 from vitdist.distributed import _free_port
@@ -86,6 +87,33 @@ def test_a_rank_waiting_on_a_lost_node_exits_within_the_timeout_naming_it(demo_s
         # Only the torchruns are SIGKILLed on the way out of the block: their ranks, in sessions of
         # their own, must die with them, the stopped one too.
         assert outliving(ranks, wait_s=10) == [], "a rank outlived its torchrun"
+    finally:
+        for pid in outliving(ranks, wait_s=0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_ranks_die_with_their_torchrun_also_before_the_process_group_starts(demo_shards, tmp_path):
+    """torchrun SIGKILLed while its ranks check the config: rank 0 reads the first shard (a `pipe:`
+    command that stalls), rank 1 waits for its verdict in torchrun's store. Both end with it; they
+    had waited for the dead store 300 s, then for torch's retries, 0.7 GB each."""
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    stalled = [f"pipe:cat {fifo} {url}" for url in expand_urls(demo_shards["train"])]
+    ranks = []
+    try:
+        with background_pretrain(2, [f"data.train_shards={stalled}".replace("'", '"'), "data.val_shards=null",
+                                     f"run.dir={tmp_path / 'run'}"], tmp_path / "run.log") as process, \
+                killing(f"cat {fifo} "):
+            def reading() -> bool:  # rank 0's check has started the shard's command
+                with contextlib.suppress(OSError):
+                    return any(Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"cat\0")
+                               for pid in descendants(process.pid))
+                return False
+            wait_for(reading, process)
+            ranks = [worker_pid(process.pid, rank) for rank in (0, 1)]
+            process.kill()  # torchrun alone: its ranks are in sessions of their own
+            assert outliving(ranks, wait_s=10) == [], "a rank outlived its torchrun"
     finally:
         for pid in outliving(ranks, wait_s=0):
             with contextlib.suppress(ProcessLookupError):

@@ -57,9 +57,13 @@ def signal_at_parent_death(signum: int) -> bool:
     return True
 
 
-def _die_with_launcher() -> None:
+def die_with_launcher() -> None:
     """torchrun starts workers in sessions of their own: if torchrun is SIGKILLed, they would go on
-    training, unseen, beside the next run. Ask Linux to kill this worker when its parent dies."""
+    training, unseen, beside the next run, or wait for its store (300 s, then torch's retries: 10
+    minutes and more) in the checks before the process group, 0.7 GB each. Under torchrun, ask Linux
+    to kill this worker when its parent dies; the first thing a worker does."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
     if signal_at_parent_death(signal.SIGKILL) and os.getppid() == 1:  # died before the request was in place
         os._exit(1)
 
@@ -101,8 +105,6 @@ def refuse_together(error: str | None, report: Callable[[str], None], timeout_s:
 def init(cfg: DistConfig) -> DistContext:
     """Join torchrun's process group; without torchrun, a one-process group, so every code path
     (collectives, distributed checkpoints) is the same with 1 process as with 1,000."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        _die_with_launcher()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))

@@ -12,7 +12,7 @@ from .config import ConfigError
 from .config_check import doubts
 from .config_yaml import load_config
 from .streams import ShardChanged
-from .distributed import refuse_together
+from .distributed import die_with_launcher, refuse_together
 from .handoff import HandoffError
 from .optim import NonFiniteTraining
 from .samples import NoUsableSamples, TooManyBadSamples
@@ -35,6 +35,7 @@ def say(line: str) -> None:
 def main(description: str, finetune: bool) -> int:
     """Parse `--config C.yaml [key.sub=value ...]`, refuse a bad config on every rank before any
     process group starts (exit 2), then train."""
+    die_with_launcher()
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config under configs/")
     parser.add_argument("--check", action="store_true",
