@@ -82,7 +82,9 @@ class Stream:
               last: str | None = None) -> Iterator[tuple[dict, tuple[int, int, int]]]:
         """(sample, position after it), forever. `last`: the digest of the sample before the position."""
         block_size, seed = self.cfg.shuffle_block, self.cfg.seed
-        barren, skips = [], Counter()  # the shards in a row without a usable sample, their samples' skips
+        # The shards read in a row without a usable sample (each once, in order), how many reads that
+        # took, and their samples' skips (counted at a shard's first read).
+        barren, reads, skips, shards_listed = {}, 0, Counter(), len(set(self.urls))
         while True:
             shards = shard_order(self.urls, seed, epoch)
             for index, url in enumerate(shards[self.stream_id :: self.num_streams][shard_index:], start=shard_index):
@@ -103,17 +105,25 @@ class Stream:
                 if last is not None:  # the shard ends before the position
                     self._check_resumed([], 0, last, url, (epoch, index, offset), cut)
                 offset = 0
-                barren, skips = ([], Counter()) if self._shard_usable else ([*barren, url], skips + self._shard_skips)
-                if len(set(barren)) == len(self.urls):  # a stream is dealt a share per epoch, not every shard
-                    raise self._barren(barren, skips)
+                if self._shard_usable:
+                    barren, reads, skips = {}, 0, Counter()
+                    continue
+                reads += 1
+                if url not in barren:
+                    barren[url] = None
+                    skips.update(self._shard_skips)
+                if len(barren) == shards_listed:  # a stream is dealt a share per epoch, not every shard
+                    raise self._barren(list(barren), reads, skips)
             epoch, shard_index = epoch + 1, 0
 
-    def _barren(self, barren: list[str], skips: Counter) -> Exception:
-        """The error that ends the stream after `barren` shards (their samples' skips by kind)."""
-        shards = list(dict.fromkeys(barren))
+    def _barren(self, shards: list[str], reads: int, skips: Counter) -> Exception:
+        """The error that ends the stream once it has read every shard without a usable sample, in
+        `reads` reads in a row (their samples' skips by kind, at each shard's first read)."""
         named = ", ".join(f"'{url}'" for url in shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
         kinds = ", ".join(f"{kind} {count}" for kind, count in skips.most_common())
-        where = f"data stream {self.stream_id} read {len(barren)} shards in a row without a usable sample ({named})"
+        over = f" over {reads} reads, each epoch dealing it a share of them" if reads > len(shards) else ""
+        where = (f"data stream {self.stream_id} read {len(shards)} shards in a row without a usable sample ({named}"
+                 f"{over})")
         if skips["read_error"]:
             return RuntimeError(f"{where}: {skips['read_error']} of them could not be read to their end, which may "
                                 f"pass (a storage outage); skipped: {kinds} (the log names the first skipped ones, with why)")

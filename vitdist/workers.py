@@ -293,13 +293,24 @@ def _next(chunks: Iterator, workers: list[Process], name: str, poll_s: float, ti
             # the read of a chunk it sent (a connection reset), a moment before it can be reaped.
             _check(chunks, workers, name, error, grace_s=0 if polled else POLL_S)
             if not polled:
-                raise
+                raise _as_raised(error)
         if time.monotonic() - started >= timeout_s:
             # Torch returns the items in the order it asked for them: it waits for the one asked of this
             # worker (their count no longer tells which once a finite loader's worker is done).
             worker, = chunks._task_info[chunks._rcvd_idx]
             raise _late(f"{name} loader worker {worker} (pid {workers[worker].pid})", worker, timeout_s, reads, before,
                         WorkerStalled, " or a hung worker")
+
+
+def _as_raised(error: Exception) -> Exception:
+    """A vitdist error that a worker raised, as it raised it: torch raises it again with the
+    worker's traceback in its message, which the run's one-line error and FATAL then carried.
+    Other errors (a bug's, a library's) keep their traceback."""
+    kind, text = type(error), str(error)
+    raised = f"\n{kind.__module__}.{kind.__qualname__}: "
+    if not kind.__module__.startswith("vitdist.") or not text.startswith("Caught ") or raised not in text:
+        return error
+    return kind(text[text.rindex(raised) + len(raised):].strip())
 
 
 def _late(who: str, worker: int, timeout_s: float, reads: Reads | None, before: list[int] | None,
