@@ -55,6 +55,40 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_resumes_bitwise(demo
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"step_8", "step_12"}  # no step_N.tmp left
 
 
+def test_two_nodes_under_c10d_rendezvous_restart_together_after_a_rank_is_killed(demo_shards, tmp_path):
+    """Two torchruns as two nodes meeting by c10d rendezvous (as the SLURM scripts launch them), with
+    restarts. Node 1's rank is SIGKILLed: its torchrun restarts it (its restart count 1), and node
+    0's restarts its own for the change of membership (its count stays 0). The ranks meet in one
+    key space of torchrun's store all the same, and the run resumes from its checkpoint; they had
+    met in two (a 300 s hang, or a restart lost to gloo connecting to the dead rank's port)."""
+    port = _free_port()
+    run_dir = tmp_path / "run"
+    common = [*shard_overrides(demo_shards), *EXACT, "train.steps=12", "data.micro_batch_size=32",
+              f"dist.timeout_s={TIMEOUT_S}", f"run.dir={run_dir}"]
+    rendezvous = ("--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+                  "--max-restarts=1")
+    with contextlib.ExitStack() as stack:
+        nodes = [stack.enter_context(background_pretrain(1, common, tmp_path / f"node{i}.log", torchrun=rendezvous))
+                 for i in (0, 1)]
+        wait_for(lambda: (run_dir / "checkpoints" / "step_4").is_dir(), nodes[0])
+        host = next(node for node in nodes if _has_rank(node.pid, 1))  # c10d gives the ranks out in any order
+        os.kill(worker_pid(host.pid, 1), signal.SIGKILL)
+        for i, node in enumerate(nodes):
+            assert node.wait(timeout=180) == 0, (tmp_path / f"node{i}.log").read_text()[-3000:]
+    logs = "".join((tmp_path / f"node{i}.log").read_text() for i in (0, 1))
+    assert re.search(rf"resumed from {run_dir / 'checkpoints'}/step_(\d+) at step \1", logs), logs[-3000:]
+    assert [s for s, _ in loss_curve(run_dir)] == list(range(1, 13))  # no step twice, none missing
+    assert "connectFullMesh" not in logs, logs[-3000:]  # no start lost to the last round's keys
+
+
+def _has_rank(torchrun_pid: int, rank: int) -> bool:
+    try:
+        worker_pid(torchrun_pid, rank)
+    except LookupError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["dead", "hung"])
 def test_a_rank_waiting_on_a_lost_node_exits_within_the_timeout_naming_it(demo_shards, tmp_path, signum):
     """Two torchruns as two nodes, without restarts. The second node is SIGKILLed (torchrun and,

@@ -68,13 +68,52 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
+_round_store: dist.Store | None = None  # this process's, once made (rank 0 may host it: made once)
+
+
 def _attempt_store(timeout: timedelta) -> dist.Store:
     """The launcher's key-value store (torchrun's; without torchrun, one rank 0 hosts), in a key
-    space of this attempt: torchrun restarts the ranks (--max-restarts) with the same store, which
-    still holds the last attempt's keys, and gloo would connect to dead ranks' ports."""
-    store, _, _ = next(rendezvous("env://", timeout=timeout))
-    store.set_timeout(timeout)
-    return dist.PrefixStore(f"vitdist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    space of this round of workers: torchrun restarts the ranks (--max-restarts, or a node joining)
+    with the same store, which still holds the last round's keys, and gloo would connect to dead
+    ranks' ports, refuse_together read dead ranks' verdicts."""
+    global _round_store
+    if _round_store is None:
+        store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+        _round_store = dist.PrefixStore(f"vitdist/round_{_agree_round(store, rank, world_size, timeout)}", store)
+    _round_store.set_timeout(timeout)
+    return _round_store
+
+
+def _agree_round(store: dist.Store, rank: int, world_size: int, timeout: timedelta) -> int:
+    """A number the ranks of this round share and no earlier round in `store` had. Not torchrun's
+    restart count: under c10d rendezvous a node restarted for another node's failure keeps its own,
+    and the two nodes' ranks met in different key spaces (a hang, or a restart lost to gloo).
+    Rank 0 draws the number; every other rank draws one of its own, which only this round's rank 0
+    can have seen (an earlier round's is dead by now), and waits for rank 0's answer under it."""
+    if rank != 0:
+        mine = store.add(f"vitdist/rank_{rank}/starts", 1)
+        store.set(f"vitdist/rank_{rank}/hello", str(mine))
+        answer = f"vitdist/rank_{rank}/round_for_{mine}"
+        store.wait([answer])
+        drawn = int(store.get(answer))
+        store.set(f"vitdist/round_{drawn}/joined_{rank}", "")
+        return drawn
+    drawn = store.add("vitdist/rounds", 1)
+    answered: dict[int, bytes] = {}  # rank -> the hello answered last: one read may be the last round's
+    waiting, deadline = set(range(1, world_size)), time.monotonic() + timeout.total_seconds()
+    while waiting:
+        for other in sorted(waiting):
+            if store.check([f"vitdist/round_{drawn}/joined_{other}"]):
+                waiting.discard(other)
+            elif store.check([hello := f"vitdist/rank_{other}/hello"]) and (said := store.get(hello)) != answered.get(other):
+                store.set(f"vitdist/rank_{other}/round_for_{said.decode()}", str(drawn))
+                answered[other] = said
+        if waiting and time.monotonic() > deadline:
+            raise dist.DistStoreError(f"rank(s) {', '.join(map(str, sorted(waiting)))} did not join the process "
+                                      f"group's store within {timeout.total_seconds():.0f} s")
+        time.sleep(0.05 if waiting else 0)
+    return drawn
 
 
 def refuse_together(error: str | None, report: Callable[[str], None], timeout_s: float = 300.0) -> bool:
@@ -155,8 +194,10 @@ def lost_contact(ctx: DistContext, error: BaseException, wait_s: float = 5.0) ->
 
 
 def close() -> None:
+    global _round_store
     if dist.is_initialized():
         dist.destroy_process_group()
+    _round_store = None  # a process group made after this one meets in a key space of its own
 
 
 def parallelize(model: torch.nn.Module, cfg: DistConfig, precision: str, ctx: DistContext) -> torch.nn.Module:
