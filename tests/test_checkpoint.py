@@ -194,6 +194,29 @@ def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(tmp_path, pro
     checkpoint_read.load(path, *trained_pair(1))  # the genuine one still loads
 
 
+def test_a_checkpoint_its_run_deletes_while_it_is_read_is_named_as_deleted(tmp_path, process_group, monkeypatch):
+    """`vitdist export` of a run's checkpoints/ while the run trains on: the newest, complete when the
+    read began, is deleted before DCP reads it (the run keeps ckpt.keep checkpoints, a newer one
+    being complete). Named as deleted, where DCP's AssertionError said its metadata read failed."""
+    from vitdist.export import export
+
+    model, optimizer = trained_pair(0)
+    path = checkpoint.Checkpointer(tmp_path / "checkpoints", CkptConfig(keep=0), meta_of(model)).save(
+        1, model, optimizer, {"step": 1})
+    checked = checkpoint_read._SafeReader.read_metadata
+
+    def pruned_after_the_check(reader, *args, **kwargs):
+        if calls.append(reader) or len(calls) == 2:  # the first read is the check, the second DCP's load
+            shutil.rmtree(path)
+        return checked(reader, *args, **kwargs)
+
+    calls = []
+    monkeypatch.setattr(checkpoint_read._SafeReader, "read_metadata", pruned_after_the_check)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"checkpoint '{path}' was deleted while it was read (by the "
+                                                          "run that wrote it, which keeps ckpt.keep checkpoints")):
+        export(tmp_path / "checkpoints", tmp_path / "out.safetensors")
+
+
 def meta_of(model):
     from vitdist.model import model_meta
 

@@ -107,9 +107,16 @@ def _safe_load(state: dict, path: Path, **kwargs) -> None:
     """dcp.load that never unpickles arbitrary objects; UnsafeCheckpoint names the path."""
     try:
         dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner(), **kwargs)
-    except UnsafeCheckpoint as e:
-        raise UnsafeCheckpoint(f"'{path}': {e}") from None
-    except CheckpointException as e:  # what the readers raised, per rank, some of it as text only
+    except (Exception, CheckpointException) as e:  # not an Exception: a BaseException
+        if _deleted_since_checked(path):  # DCP's own error says a read failed, not why
+            raise FileNotFoundError(f"checkpoint '{path}' was deleted while it was read (by the run that wrote it, "
+                                    "which keeps ckpt.keep checkpoints, once a newer one is complete?): read the "
+                                    "newest again") from None
+        if isinstance(e, UnsafeCheckpoint):
+            raise UnsafeCheckpoint(f"'{path}': {e}") from None
+        if not isinstance(e, CheckpointException):
+            raise
+        # What the readers raised, per rank, some of it as text only.
         refusals = [line for exc, _ in e.failures.values() for line in str(exc).split("; ") if _REFUSAL in line]
         if refusals:
             raise UnsafeCheckpoint(f"'{path}': {refusals[0][refusals[0].index(_REFUSAL):]}") from None
@@ -117,6 +124,16 @@ def _safe_load(state: dict, path: Path, **kwargs) -> None:
             raise CorruptCheckpoint(f"checkpoint '{path}' is corrupt: {corrupt[0]}; restore it, or move the checkpoint "
                                     f"out of '{path.parent}' to resume from the one before") from None
         raise
+
+
+def _deleted_since_checked(path: Path) -> bool:
+    """Whether a file of the checkpoint `path`, which was complete when the load began (every caller
+    checks it first: _complete_metadata), is gone: a run deletes its older checkpoints."""
+    try:
+        _complete_metadata(path)
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def _complete_metadata(path: Path) -> Metadata:
