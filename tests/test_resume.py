@@ -251,6 +251,28 @@ def test_a_preemption_exits_while_a_read_ahead_stalls(tmp_path):
     assert running(str(tmp_path / "stall.py")) == []
 
 
+def test_a_second_run_in_a_run_dir_in_use_is_refused_and_the_first_trains_on(demo_shards, tmp_path):
+    """A run started in the run.dir of one still training (outside SLURM, which refuses it by its
+    job): refused on every rank before anything is written there, naming the process that holds
+    it; the first trains on, its FATAL and FINISHED untouched. The lock goes with a SIGKILLed run."""
+    run_dir = tmp_path / "run"
+    common = [*shard_overrides(demo_shards), "data.val_shards=null", "ckpt.every_steps=2", f"run.dir={run_dir}"]
+    with background_pretrain(0, [*common, "train.steps=1000"], tmp_path / "first.log") as first:
+        wait_for(lambda: (run_dir / "checkpoints" / "step_2").is_dir(), first)
+        (run_dir / "FINISHED").write_text("a mark the second run's start would delete\n")
+        config = (run_dir / "config.yaml").read_text()
+        second = run_pretrain(2, [*common, "train.steps=1000"])
+        assert second.returncode == 1 and "exitcode: 2" in second.stderr, second.stderr[-3000:]  # torchrun's 1
+        refusal = f"config error: run.dir '{run_dir}' is in use by another run (pid {first.pid} on "
+        assert second.stderr.count(refusal) == 2, second.stderr[-3000:]  # each rank says it
+        assert first.poll() is None and (run_dir / "FINISHED").exists() and not (run_dir / "FATAL").exists()
+        assert (run_dir / "config.yaml").read_text() == config
+        first.kill()
+        first.wait()
+    check = run_pretrain(0, [*common, "train.steps=1000", "--check"])
+    assert check.returncode == 0, check.stderr[-3000:]
+
+
 def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused(demo_shards, tmp_path):
     """Checked against the checkpoint before any process group starts, each refusal naming the key
     and both values. What the user may change (the schedule, as to train longer, or the drop path

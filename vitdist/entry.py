@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import run_lock
 from .checkpoint import SaveFailed
 from .checkpoint_read import CorruptCheckpoint, UnsafeCheckpoint
 from .config import ConfigError
@@ -50,6 +51,8 @@ def main(description: str, finetune: bool) -> int:
         if finetune and not cfg.finetune.init:
             raise ConfigError("finetune.init is not set: give the checkpoint to start from, finetune.init=<path>")
         found = preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if os.environ.get("RANK", "0") == "0" and (unlocked := run_lock.hold(Path(cfg.run.dir))):
+            found.append(unlocked)  # before anything is written there: FATAL, FINISHED, config.yaml
     except ConfigError as e:
         refusal = str(e)
     if refuse_together(refusal, lambda message: say(f"config error: {message}")):
