@@ -2,8 +2,8 @@
 configs/finetune/C.yaml finetune.init=<checkpoint> [key.sub=value ...]`.
 
 The checkpoint is a vitdist checkpoint directory or export, or a timm or torchvision ViT state
-dict; the head is replaced for model.num_classes and position embeddings are resampled to
-model.img_size. The best weights by val/top1 are kept as <run.dir>/best.safetensors.
+dict; a head of another shape than model.num_classes (or any, with finetune.new_head) is made
+anew, and position and patch embeddings are resampled to model.img_size and patch size. The best weights by val/top1 are kept as <run.dir>/best.safetensors.
 """
 
 import sys

@@ -522,12 +522,6 @@ def test_fewer_shards_than_streams_is_a_clear_error(demo_shards):
         train_shard_urls(cfg.data, 8)
 
 
-def test_resume_with_other_streams_is_refused(demo_shards):
-    cfg = data_cfg(demo_shards, "data.num_workers=0")
-    with pytest.raises(ConfigError, match="positions of 4 data streams, the config has data.streams=16"):
-        TrainLoader(cfg.data, 32, 8, 128, 0, 1, positions={s: (0, 0, 10) for s in range(4)})
-
-
 def test_shard_specs(demo_shards, tmp_path, monkeypatch):
     urls = expand_urls(demo_shards["train"])
     assert len(urls) == 16 and urls[0].endswith("train-000000.tar")

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .augment import RandAugment
-from .config import ConfigError, DataConfig
+from .config import DataConfig
 from .samples import BadSample, Skips, decode, jpeg_end, load_rgb, read_image
 from .tars import read_samples
 from .shard_list import expand_urls, train_shard_urls
@@ -157,9 +157,6 @@ class TrainLoader:
                         "shards, so they see unequal amounts per epoch, and some samples repeat before others are seen "
                         "(vitdist make-shards --streams %d writes them for the streams)",
                         len(urls), cfg.streams, cfg.streams)
-        if positions and len(positions) != cfg.streams:
-            raise ConfigError(f"the checkpoint holds positions of {len(positions)} data streams, the config has "
-                              f"data.streams={cfg.streams}: resume with the streams the run started with")
         self.per_rank = cfg.streams // world_size
         mine = range(rank * self.per_rank, (rank + 1) * self.per_rank)
         self.positions = {int(k): tuple(v) for k, v in (positions or {}).items() if int(k) in mine}

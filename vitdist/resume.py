@@ -4,7 +4,9 @@ A checkpoint's stream positions index the shard list as `data.seed` and `data.sh
 and shuffle it, its tensors fit one architecture, and its step lies within `train.steps`: a resume
 that changes these is refused (ConfigError, before any process group starts), as it would read
 other samples than the uninterrupted run, or load the weights into another model. World size,
-strategy, loader workers and micro-batch size resume exactly, and are not reported. Any other
+strategy, loader workers and micro-batch size resume the data order exactly, and are not reported
+(the random draws on the device, seeded by rank and step, are drawn anew on another world size or
+micro-batch size: vitdist.train.seed_step). Any other
 change (the learning rate, `train.steps`, the global batch) is the user's to make: it is logged as
 a warning, key by key, since the run then differs from the one it resumes.
 """

@@ -62,8 +62,9 @@ class Window:
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
-    """Random draws on the device (drop path, mixup, random erasing) depend on (seed, rank, step) only, so a resumed
-    run draws what the uninterrupted one would have."""
+    """Random draws on the device (drop path, mixup, random erasing) depend on (seed, rank, step) only, so a run
+    resumed on the same ranks and micro-batch size draws what the uninterrupted one would have (on others, each
+    rank's draws fall on other samples)."""
     torch.manual_seed(hash((seed, rank, step)) % 2**63)
     np.random.seed([seed, rank, step])
 
