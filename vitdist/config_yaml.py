@@ -11,6 +11,7 @@ import yaml
 
 from .config import Config, ConfigError, sections, set_key, takes_text, to_dict
 from .config_check import validate
+from .files import written_whole
 
 
 class _Loader(yaml.SafeLoader):
@@ -121,5 +122,7 @@ def config_text(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
+    """Whole or not at all: a run killed while writing it leaves the last one, which `--config` reads back."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(config_text(cfg))
+    with written_whole(path) as partial:
+        partial.write_text(config_text(cfg))

@@ -18,13 +18,18 @@ LOCK = "run.lock"
 _held: list[int] = []  # the lock's file descriptor, open while this process lives
 
 
-def hold(run_dir: Path) -> str | None:
+def hold(run_dir: Path, keep: bool = True) -> str | None:
     """Take the run directory's lock for this process, or refuse (ConfigError) naming the process
     that holds it. A file system without locks (some Lustre and NFS mounts) is no refusal: the
-    warning it returns says so."""
+    warning it returns says so. Without `keep` (`--check`), only see whether another run holds it:
+    nothing is written, the directory not made."""
+    lock = run_dir / LOCK
+    if not keep and not lock.exists():
+        return None
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if keep:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if keep else 0), 0o644)
     except OSError as e:  # refused on every rank together, not one rank's traceback while the others wait
         raise ConfigError(f"run.dir '{run_dir}' cannot be written: {e}") from None
     try:
@@ -40,6 +45,9 @@ def hold(run_dir: Path) -> str | None:
                               "ended") from None
         return f"run.dir '{run_dir}': its file system does not lock files ({e.strerror}), so a second run started " \
                "there meanwhile would not be refused"
+    if not keep:
+        os.close(fd)  # which lets the lock go
+        return None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     _held.append(fd)

@@ -23,6 +23,7 @@ from .config import Config
 from .data import Normalize
 from .ema import WeightAverage
 from .export import header, recorded_best, write_safetensors
+from .files import write_json
 from .transforms import stack_images
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,8 @@ def owed_validation_logged(tb_dir: Path, checkpoint: Path, step: int, ctx: distr
 
 
 def record_owed_validation(tb_dir: Path, checkpoint: Path, step: int, ctx: distributed.DistContext) -> None:
-    if ctx.is_main:  # once its events are flushed (MetricLogger.log)
-        (tb_dir / OWED_DONE).write_text(json.dumps(_owed(checkpoint, step)))
+    if ctx.is_main:  # once its events are flushed (MetricLogger.log); whole, or a resume would log that step again
+        write_json(tb_dir / OWED_DONE, _owed(checkpoint, step))
 
 
 def _owed(checkpoint: Path, step: int) -> dict:
