@@ -267,8 +267,11 @@ class Checkpointer:
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         if isinstance(error, CheckpointException):  # the first failing rank's own exception
-            rank, failure = next(iter(error.failures.items()))
-            error = f"{failure[0] if isinstance(failure, tuple) else failure} (rank {rank})"
+            failures = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
+            # DCP catches BaseException: a Ctrl-C during the write is an interruption, not a failed write.
+            if interrupt := next((f for f in failures if isinstance(f, KeyboardInterrupt)), None):
+                raise interrupt
+            error = f"{failures[0]} (rank {next(iter(error.failures))})"
         newest = self.newest()
         # Its size beside the free space tells a full disk, which torch may report only as "unexpected pos".
         kept = (f"the newest complete checkpoint, intact, is '{newest}' ({gib(sum(f.stat().st_size for f in newest.iterdir()))})"

@@ -73,8 +73,11 @@ def train(cfg: Config) -> Path:
     """Run (or resume) pretraining, or fine-tuning from `finetune.init`, under torchrun or as one
     process. Returns the last checkpoint; exits with PREEMPTED_EXIT_CODE after checkpointing on
     SIGTERM/SIGUSR1."""
-    preemption = Preemption()  # before the process group and an ImageFolder conversion, which can take long
     ctx = distributed.init(cfg.dist)
+    # After the process group has started: a rank waits for its peers there in torch's C++, where
+    # a Python handler does not run, and torchrun's SIGTERM (a peer died first) went unheeded until
+    # its SIGKILL, 30 s later, or VITDIST_SHUTDOWN_S. Before an ImageFolder conversion, which can take long.
+    preemption = Preemption()
     try:
         return _train(cfg, ctx, preemption)
     except Exception as error:
