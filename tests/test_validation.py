@@ -164,3 +164,12 @@ def test_best_weights_and_their_json_are_replaced_together_or_not_at_all(tmp_pat
         write_safetensors(weights, {**meta, "step": 2, "val_top1": 0.9, "val_loss": 0.5}, out)
     assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == before
     assert not (tmp_path / "best.safetensors.partial").exists()
+
+    # A write killed inside safetensors' own leaves its temporary file in a directory of its own,
+    # which the next write empties; the weights get the mode the JSON does, not safetensors' 0600.
+    (tmp_path / "best.json.partial").rmdir()
+    (tmp_path / ".best.safetensors.writing").mkdir()
+    (tmp_path / ".best.safetensors.writing" / ".tmpAbC123").write_bytes(bytes(1000))
+    write_safetensors(weights, {**meta, "step": 2, "val_top1": 0.9, "val_loss": 0.5}, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.safetensors"]
+    assert out.stat().st_mode == out.with_suffix(".json").stat().st_mode

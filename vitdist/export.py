@@ -5,6 +5,8 @@ normalisation. Needs no process group and reads only the model's tensors."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from safetensors import safe_open
@@ -55,9 +57,19 @@ def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
     header = {"arch": meta["arch"], **{key: str(meta[key]) for key in ("step", "val_top1", "val_loss") if key in meta}}
     # Both written before either is renamed: a full disk that fails the small JSON after the weights
     # would leave new weights beside the old JSON, and a best.safetensors whose scores were not kept.
-    with written_whole(out) as partial, written_whole(out.with_suffix(".json")) as partial_json:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(partial), metadata=header)
-        partial_json.write_text(json.dumps(info, indent=1))
+    # safetensors writes a temporary file of its own beside the one named, then renames it: in a
+    # directory of its own, which the next write empties, a kill there leaves no model-sized file for good.
+    scratch = out.with_name(f".{out.name}.writing")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        with written_whole(out) as partial, written_whole(out.with_suffix(".json")) as partial_json:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(scratch / out.name), metadata=header)
+            partial_json.write_text(json.dumps(info, indent=1))
+            os.replace(scratch / out.name, partial)
+            shutil.copymode(partial_json, partial)  # the umask's mode, where safetensors' file is private (0600)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 
