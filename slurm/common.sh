@@ -138,6 +138,12 @@ vitdist_requeue() {
 # twice in TensorBoard. The job that holds it is in <run dir>/slurm_job, and holds it while squeue
 # lists it (pending, requeued or running); a requeue of the same job holds it still.
 vitdist_claim_run_dir() {
+  vitdist_refuse_if_held "$1"
+  mkdir -p "$1" && echo "$VITDIST_JOB" > "$1/slurm_job"
+}
+
+# vitdist_refuse_if_held RUN_DIR: exit 2, naming the job, if another job holds it (see above).
+vitdist_refuse_if_held() {
   local holder_file=$1/slurm_job holder state
   holder=$(cat "$holder_file" 2>/dev/null)
   if [ -n "$holder" ] && [ "$holder" != "$VITDIST_JOB" ]; then
@@ -149,7 +155,6 @@ vitdist_claim_run_dir() {
       exit 2
     fi
   fi
-  mkdir -p "$1" && echo "$VITDIST_JOB" > "$holder_file"
 }
 
 # vitdist_slurm_main pretrain|finetune CONFIG.yaml [key=value ...]
@@ -207,6 +212,8 @@ vitdist_slurm_main() {
   trap 'vitdist_on_signal USR1' USR1
   trap 'vitdist_on_signal TERM' TERM
 
+  # Before the check, which would refuse a run.dir a run holds without naming its job.
+  vitdist_refuse_if_held "$run_dir"
   # A bad config fails here, once, with exit 2 and its reason, and is never requeued. The check
   # failing otherwise (killed by the OOM killer, a storage error) is a failure as training's are.
   WORLD_SIZE=$(( SLURM_NNODES * nproc )) python "launch/$launcher.py" --config "$config" --check "${overrides[@]}"
