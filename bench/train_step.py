@@ -93,10 +93,10 @@ def vitdist_step(args, init: dict, overrides: list[str], ctx):
 
     def step(x, y):
         nonlocal steps
-        loss, _, bad = train_step(dp_model, model, optimizer, objective, x, y, cfg, compute)
+        loss = train_step(dp_model, model, optimizer, objective, x, y, cfg, compute)[0]
         steps += 1
         if average is not None:
-            average.update(steps, bad)
+            average.update(steps)
         return loss
     return model, step
 

@@ -31,12 +31,9 @@ class WeightAverage:
         return min(self.decay, 1 - step ** (-2 / 3)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, step: int, bad: torch.Tensor) -> None:
-        """After optimizer step `step`; none where the 0-d float flag `bad` is 1 (a step skipped for a
-        NaN/Inf loss or gradient norm), which stays on the device: the weights did not move, and
-        averaging them in again would weigh the skipped step's weights twice."""
-        weight = (1 - self.decay_at(step)) * (1 - bad)
-        torch._foreach_lerp_(list(self.average.values()), [p.detach() for p in self.params.values()], weight)
+    def update(self, step: int) -> None:
+        torch._foreach_lerp_(list(self.average.values()), [p.detach() for p in self.params.values()],
+                             1 - self.decay_at(step))
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:

@@ -196,7 +196,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                                               compute)
             state.step += 1
             if average is not None:
-                average.update(state.step, bad)
+                average.update(state.step)
             state.trained_samples += cfg.train.global_batch_size // cfg.data.aug_repeats  # samples read, not copies
             bad_steps.record(bad)
             window.add_step(loss, grad_norm, bad, cfg.train.global_batch_size)
