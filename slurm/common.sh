@@ -227,6 +227,8 @@ vitdist_slurm_main() {
     vitdist_requeue "SIG$VITDIST_SIGNALLED before training started"
   fi
   vitdist_claim_run_dir "$run_dir"
+  # The claim holds the run.dir for the ranks: they take no lock of their own there (vitdist/run_lock.py).
+  export VITDIST_SLURM_JOB=$VITDIST_JOB
   # Written by the ranks once they have trained to the end, and on an error that recurs: an
   # earlier job's would end this one as finished, or fail it without a requeue on its old error.
   rm -f "$run_dir/FINISHED" "$run_dir/FATAL"

@@ -269,8 +269,11 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused_and_the_first_trains_on(dem
         assert (run_dir / "config.yaml").read_text() == config
         first.kill()
         first.wait()
-    check = run_pretrain(0, [*common, "train.steps=1000", "--check"])
-    assert check.returncode == 0, check.stderr[-3000:]
+    from vitdist.checkpoint import newest_checkpoint
+
+    last = int(newest_checkpoint(run_dir / "checkpoints").name.removeprefix("step_"))
+    again = run_pretrain(0, [*common, f"train.steps={last}"])  # the lock is free: nothing left to train
+    assert again.returncode == 0 and "nothing to train" in again.stderr, again.stderr[-3000:]
 
 
 def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused(demo_shards, tmp_path):

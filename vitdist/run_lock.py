@@ -1,7 +1,9 @@
 """One run at a time in a run directory: two would train the same steps beside each other, overwrite
 and prune each other's checkpoints, and the second's start would delete the first's FATAL and
 FINISHED. Rank 0 holds a lock on `<run.dir>/run.lock` while it lives; the kernel lets it go when the
-process ends, a SIGKILL included, so a restart or a resume never finds a stale one."""
+process ends, a SIGKILL included (on NFS, a crashed host's lock lasts until its lease ends: NFSv4's
+90 s). Jobs of the SLURM scripts are held by their job instead (slurm/common.sh): a lock a crashed
+node left on NFS would fail their requeue, which comes sooner, as a config error."""
 
 from __future__ import annotations
 
@@ -18,18 +20,12 @@ LOCK = "run.lock"
 _held: list[int] = []  # the lock's file descriptor, open while this process lives
 
 
-def hold(run_dir: Path, keep: bool = True) -> str | None:
+def hold(run_dir: Path) -> str | None:
     """Take the run directory's lock for this process, or refuse (ConfigError) naming the process
-    that holds it. A file system without locks (some Lustre and NFS mounts) is no refusal: the
-    warning it returns says so. Without `keep` (`--check`), only see whether another run holds it:
-    nothing is written, the directory not made."""
-    lock = run_dir / LOCK
-    if not keep and not lock.exists():
-        return None
+    that holds it. A file system that refuses locks is no refusal: the warning it returns says so."""
     try:
-        if keep:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if keep else 0), 0o644)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:  # refused on every rank together, not one rank's traceback while the others wait
         raise ConfigError(f"run.dir '{run_dir}' cannot be written: {e}") from None
     try:
@@ -45,9 +41,6 @@ def hold(run_dir: Path, keep: bool = True) -> str | None:
                               "ended") from None
         return f"run.dir '{run_dir}': its file system does not lock files ({e.strerror}), so a second run started " \
                "there meanwhile would not be refused"
-    if not keep:
-        os.close(fd)  # which lets the lock go
-        return None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     _held.append(fd)
