@@ -137,17 +137,22 @@ def test_keep_counts_complete_checkpoints_and_partials_go_once_superseded(tmp_pa
 
 def test_a_ctrl_c_during_a_save_interrupts_the_run_and_is_no_failed_write(tmp_path, process_group, monkeypatch):
     """DCP catches BaseException, and handed a Ctrl-C during the write back as a failed write: the
-    run said the disk had failed, with no reason, and with ckpt.on_error=continue trained on."""
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    run said the disk had failed, with no reason, and with ckpt.on_error=continue trained on. A
+    Ctrl-C during a resume's read is no failed read either."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     model, optimizer = trained_pair(0)
-    monkeypatch.setattr(FileSystemWriter, "write_data", interrupted)
     saver = checkpoint.Checkpointer(tmp_path, CkptConfig(on_error="continue"), {})
+    saved = saver.save(10, model, optimizer, {"step": 10})
+    monkeypatch.setattr(FileSystemWriter, "write_data", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        saver.save(10, model, optimizer, {"step": 10})
+        saver.save(20, model, optimizer, {"step": 20})
+    monkeypatch.setattr(FileSystemReader, "read_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_read.load(saved, model, optimizer)
 
 
 def test_keep_every_and_async_save(tmp_path, process_group):

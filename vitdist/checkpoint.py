@@ -79,6 +79,14 @@ def read_json(checkpoint: Path, name: str) -> dict:
         raise FileNotFoundError(incomplete(checkpoint, name, f"cannot be read ({e})")) from None
 
 
+def raise_interrupt(error: CheckpointException) -> None:
+    """DCP catches BaseException: a Ctrl-C during a save or a load comes back as its failure, which
+    was then reported as a failed write or read (with an empty reason). Raise it as it came."""
+    for failure in error.failures.values():
+        if isinstance(interrupt := failure[0] if isinstance(failure, tuple) else failure, KeyboardInterrupt):
+            raise interrupt
+
+
 def incomplete(checkpoint: Path, name: str, why: str) -> str:
     return (f"checkpoint '{checkpoint}' is incomplete: its file '{name}' {why}; restore it, or move the checkpoint "
             f"out of '{checkpoint.parent}' to resume from the one before")
@@ -267,11 +275,9 @@ class Checkpointer:
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         if isinstance(error, CheckpointException):  # the first failing rank's own exception
-            failures = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
-            # DCP catches BaseException: a Ctrl-C during the write is an interruption, not a failed write.
-            if interrupt := next((f for f in failures if isinstance(f, KeyboardInterrupt)), None):
-                raise interrupt
-            error = f"{failures[0]} (rank {next(iter(error.failures))})"
+            raise_interrupt(error)
+            rank, failure = next(iter(error.failures.items()))
+            error = f"{failure[0] if isinstance(failure, tuple) else failure} (rank {rank})"
         newest = self.newest()
         # Its size beside the free space tells a full disk, which torch may report only as "unexpected pos".
         kept = (f"the newest complete checkpoint, intact, is '{newest}' ({gib(sum(f.stat().st_size for f in newest.iterdir()))})"

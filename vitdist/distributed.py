@@ -90,29 +90,29 @@ def _agree_round(store: dist.Store, rank: int, world_size: int, timeout: timedel
     restart count: under c10d rendezvous a node restarted for another node's failure keeps its own,
     and the two nodes' ranks met in different key spaces (a hang, or a restart lost to gloo).
     Rank 0 draws the number; every other rank draws one of its own, which only this round's rank 0
-    can have seen (an earlier round's is dead by now), and waits for rank 0's answer under it."""
+    can have seen (an earlier round's is dead by now), and waits for rank 0's answer under it. The
+    ranks' requests are appended to one key, so that rank 0 reads them all in one request."""
     if rank != 0:
         mine = store.add(f"vitdist/rank_{rank}/starts", 1)
-        store.set(f"vitdist/rank_{rank}/hello", str(mine))
+        store.append("vitdist/requests", f"{rank}:{mine} ")
         answer = f"vitdist/rank_{rank}/round_for_{mine}"
         store.wait([answer])
         drawn = int(store.get(answer))
-        store.set(f"vitdist/round_{drawn}/joined_{rank}", "")
+        store.add(f"vitdist/round_{drawn}/joined", 1)
         return drawn
     drawn = store.add("vitdist/rounds", 1)
-    answered: dict[int, bytes] = {}  # rank -> the hello answered last: one read may be the last round's
-    waiting, deadline = set(range(1, world_size)), time.monotonic() + timeout.total_seconds()
-    while waiting:
-        for other in sorted(waiting):
-            if store.check([f"vitdist/round_{drawn}/joined_{other}"]):
-                waiting.discard(other)
-            elif store.check([hello := f"vitdist/rank_{other}/hello"]) and (said := store.get(hello)) != answered.get(other):
-                store.set(f"vitdist/rank_{other}/round_for_{said.decode()}", str(drawn))
-                answered[other] = said
-        if waiting and time.monotonic() > deadline:
-            raise dist.DistStoreError(f"rank(s) {', '.join(map(str, sorted(waiting)))} did not join the process "
+    answered, deadline = 0, time.monotonic() + timeout.total_seconds()
+    while (joined := store.add(f"vitdist/round_{drawn}/joined", 0)) < world_size - 1:
+        # Earlier rounds' requests are answered too, unheard: their ranks are gone.
+        requests = store.get("vitdist/requests") if store.check(["vitdist/requests"]) else b""
+        for request in requests[answered:].split():
+            other, theirs = request.decode().split(":")
+            store.set(f"vitdist/rank_{other}/round_for_{theirs}", str(drawn))
+        answered = len(requests)
+        if time.monotonic() > deadline:
+            raise dist.DistStoreError(f"{world_size - 1 - joined} of {world_size - 1} rank(s) did not join the process "
                                       f"group's store within {timeout.total_seconds():.0f} s")
-        time.sleep(0.05 if waiting else 0)
+        time.sleep(0.05)
     return drawn
 
 
