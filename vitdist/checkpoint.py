@@ -79,12 +79,14 @@ def read_json(checkpoint: Path, name: str) -> dict:
         raise FileNotFoundError(incomplete(checkpoint, name, f"cannot be read ({e})")) from None
 
 
-def raise_interrupt(error: CheckpointException) -> None:
-    """DCP catches BaseException: a Ctrl-C during a save or a load comes back as its failure, which
-    was then reported as a failed write or read (with an empty reason). Raise it as it came."""
-    for failure in error.failures.values():
-        if isinstance(interrupt := failure[0] if isinstance(failure, tuple) else failure, KeyboardInterrupt):
-            raise interrupt
+def failures(error: CheckpointException) -> dict[int, BaseException]:
+    """What each failing rank raised in a DCP save or load (torch keeps it with its traceback). DCP
+    catches BaseException: a Ctrl-C during either comes back as a failure, which was reported as a
+    failed write or read with an empty reason; it is raised here as it came."""
+    raised = {rank: failure[0] if isinstance(failure, tuple) else failure for rank, failure in error.failures.items()}
+    if interrupt := next((e for e in raised.values() if isinstance(e, KeyboardInterrupt)), None):
+        raise interrupt
+    return raised
 
 
 def incomplete(checkpoint: Path, name: str, why: str) -> str:
@@ -275,9 +277,8 @@ class Checkpointer:
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         if isinstance(error, CheckpointException):  # the first failing rank's own exception
-            raise_interrupt(error)
-            rank, failure = next(iter(error.failures.items()))
-            error = f"{failure[0] if isinstance(failure, tuple) else failure} (rank {rank})"
+            rank, failure = next(iter(failures(error).items()))
+            error = f"{failure} (rank {rank})"
         newest = self.newest()
         # Its size beside the free space tells a full disk, which torch may report only as "unexpected pos".
         kept = (f"the newest complete checkpoint, intact, is '{newest}' ({gib(sum(f.stat().st_size for f in newest.iterdir()))})"

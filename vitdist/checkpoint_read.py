@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from .checkpoint import AVERAGE, MODEL_META, TRAIN_STATE, incomplete, raise_interrupt, read_json
+from .checkpoint import AVERAGE, MODEL_META, TRAIN_STATE, failures, incomplete, read_json
 from .ema import WeightAverage
 
 
@@ -116,12 +116,11 @@ def _safe_load(state: dict, path: Path, **kwargs) -> None:
             raise UnsafeCheckpoint(f"'{path}': {e}") from None
         if not isinstance(e, CheckpointException):
             raise
-        raise_interrupt(e)
-        # What the readers raised, per rank, some of it as text only.
-        refusals = [line for exc, _ in e.failures.values() for line in str(exc).split("; ") if _REFUSAL in line]
+        raised = failures(e).values()  # what the readers raised, per rank, some of it as text only
+        refusals = [line for exc in raised for line in str(exc).split("; ") if _REFUSAL in line]
         if refusals:
             raise UnsafeCheckpoint(f"'{path}': {refusals[0][refusals[0].index(_REFUSAL):]}") from None
-        if corrupt := [exc for exc, _ in e.failures.values() if isinstance(exc, CorruptCheckpoint)]:
+        if corrupt := [exc for exc in raised if isinstance(exc, CorruptCheckpoint)]:
             raise CorruptCheckpoint(f"checkpoint '{path}' is corrupt: {corrupt[0]}; restore it, or move the checkpoint "
                                     f"out of '{path.parent}' to resume from the one before") from None
         raise

@@ -63,11 +63,11 @@ def write_safetensors(weights: dict, meta: dict, out: str | Path) -> Path:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:
-        with written_whole(out) as partial, written_whole(out.with_suffix(".json")) as partial_json:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(scratch / out.name), metadata=header)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(scratch / out.name), metadata=header)
+        with written_whole(out.with_suffix(".json")) as partial_json:
             partial_json.write_text(json.dumps(info, indent=1))
-            os.replace(scratch / out.name, partial)
-            shutil.copymode(partial_json, partial)  # the umask's mode, where safetensors' file is private (0600)
+        shutil.copymode(out.with_suffix(".json"), scratch / out.name)  # the umask's, where safetensors' is 0600
+        os.replace(scratch / out.name, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return out

@@ -106,16 +106,16 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder, model: Vision
     # Where the blocks do not say (None: parallel blocks), as written.
     written = {"ours": timm_kwargs(cfg.model), "its": meta["timm_kwargs"]}
     built = {"ours": architecture(model), "its": recorded_architecture(meta["arch"], meta["timm_kwargs"])}
-    model = {whose: {key: written[whose].get(key) if value is None else value for key, value in values.items()}
-             for whose, values in built.items()}
+    compared = {whose: {key: written[whose].get(key) if value is None else value for key, value in values.items()}
+                for whose, values in built.items()}
 
     def shown(whose: str, key: str) -> str:
         if key in written[whose]:
             return str(written[whose][key])
-        return "null" if model[whose][key] is None else f"null ({model[whose][key]}, the arch's own)"
+        return "null" if compared[whose][key] is None else f"null ({compared[whose][key]}, the arch's own)"
 
-    for key in model["ours"]:
-        if model["ours"][key] != model["its"][key]:
+    for key in compared["ours"]:
+        if compared["ours"][key] != compared["its"][key]:
             raise ConfigError(f"model.{key}={shown('ours', key)}, but {where} holds a model with model.{key}="
                               f"{shown('its', key)}: its weights do not fit this one; {start_new}")
     if cfg.finetune.freeze == "none" and state.get("config", {}).get("finetune", {}).get("freeze") == "backbone":
