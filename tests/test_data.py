@@ -548,6 +548,8 @@ def test_shard_specs(demo_shards, tmp_path, monkeypatch):
         (here / "linked-1.tar").mkdir()
         (here / "linked-2.tar").symlink_to(here / "gone.tar")
         assert expand_urls(str(here / "linked-0.tar")) == [str(here / "linked-0.tar")]
+        monkeypatch.chdir(here)  # a bare name is in the working directory
+        assert expand_urls("linked-0.tar") == ["linked-0.tar"]
         with pytest.raises(ConfigError, match=r"2 shard file\(s\) do not exist, first: '.*/linked-1.tar'$"):
             expand_urls(str(here / "linked-{0..2}.tar"))
         with pytest.raises(ConfigError, match=r"1 shard file\(s\) do not exist, first: '.*/no-such-dir/s.tar'$"):

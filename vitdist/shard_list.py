@@ -38,6 +38,8 @@ def _local_spelling(url: str) -> str:
     """A local file's URL as the path every check and reader takes for one: a file: URL's path, and a
     relative path whose first part holds a colon (exp:1/train.tar) behind ./, where webdataset would
     take 'exp' for a URL scheme it has no handler for (every read failed, retried as an outage)."""
+    if ":" not in url:  # no scheme: the common case, 200,000 shards checked in a moment
+        return url
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return url2pathname(parsed.path)
@@ -97,10 +99,10 @@ def _same_file_spellings(urls: list[str]) -> list[tuple[str, str]]:
         if is_remote(url):
             files.append((url, ""))
             continue
-        directory, name = os.path.split(os.path.abspath(url))
+        directory, name = _split(url)
         if directory not in directories:
             try:
-                stat = os.stat(directory)
+                stat = os.stat(directory or ".")
                 directories[directory] = f"{stat.st_dev}:{stat.st_ino}"
             except OSError:
                 directories[directory] = directory
@@ -108,24 +110,32 @@ def _same_file_spellings(urls: list[str]) -> list[tuple[str, str]]:
     return files
 
 
+def _split(path: str) -> tuple[str, str]:
+    """A path's directory, as it is spelt ('' for the working directory), and its name: the checks
+    above take 200,000 shards, for which os.path's functions would cost seconds on every rank."""
+    directory = path[:path.rfind("/") + 1]
+    return directory, path[len(directory):]
+
+
 def _missing_files(paths: list[str]) -> list[str]:
     """The paths that are not files. Every rank checks the shard list (the config check, the run,
     the loader), and a stat per shard, tens of thousands from every rank at once, loads a cluster
     filesystem's metadata server: a directory named by many paths is listed once instead."""
-    by_directory: dict[Path, list[str]] = {}
+    by_directory: dict[str, list[tuple[str, str]]] = {}
     for path in paths:
-        by_directory.setdefault(Path(path).parent, []).append(path)
+        directory, name = _split(path)
+        by_directory.setdefault(directory, []).append((path, name))
     missing = set()
     for directory, named in by_directory.items():
         if len(named) < LISTED_FROM:
-            missing.update(path for path in named if not Path(path).is_file())
+            missing.update(path for path, _ in named if not os.path.isfile(path))
             continue
         try:
-            with os.scandir(directory) as entries:
+            with os.scandir(directory or ".") as entries:
                 files = {entry.name for entry in entries if entry.is_file()}
         except OSError:  # missing or unreadable: as a stat of each would find them
             files = set()
-        missing.update(path for path in named if Path(path).name not in files)
+        missing.update(path for path, name in named if name not in files)
     return [path for path in paths if path in missing]
 
 
