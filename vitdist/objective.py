@@ -1,5 +1,9 @@
-"""Objectives: batch in, loss out. The loop calls `objective(model, images, labels)` and nothing
-else, so a masked-image objective for unlabeled shards plugs in beside this one."""
+"""Objectives: batch in, loss out. The training step calls `objective(dp_model, images, labels)`
+and nothing else; it must call the wrapped model itself, whose forward is where DDP's gradient
+hooks run. What a masked-image objective for unlabeled shards needs beyond that (its decoder among
+the weights that are wrapped, optimised and checkpointed, shards read without labels, its own
+validation score, a FLOP count, export leaving the decoder out) is the loop's to give it; none is
+there yet."""
 
 import torch
 import torch.nn.functional as F
