@@ -41,5 +41,6 @@ torchrun --standalone --nproc_per_node="$nproc" launch/finetune.py --config conf
   "data.val_shards=$data_dir/digits/shards/val-{000000..000015}.tar" "${layout[@]}" \
   "finetune.init=$run_dir/checkpoints" "run.dir=$run_dir-digits"  # a run's checkpoints: its newest
 
-echo "demo done: pretraining in $run_dir, fine-tuning in $run_dir-digits (best weights: $run_dir-digits/best.safetensors)"
-echo "watch both: tensorboard --logdir_spec pretrain:$run_dir/tb,finetune:$run_dir-digits/tb"
+case $run_dir in /*) shown=$run_dir ;; *) shown=$PWD/$run_dir ;; esac  # this script ran from the checkout, the user may not
+echo "demo done: pretraining in $shown, fine-tuning in $shown-digits (best weights: $shown-digits/best.safetensors)"
+echo "watch both: tensorboard --logdir_spec 'pretrain:$shown/tb,finetune:$shown-digits/tb'"

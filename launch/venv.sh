@@ -1,5 +1,15 @@
-# Sourced by demo.sh and test.sh: make sure .venv exists and holds the project (and its extras).
+# Sourced by demo.sh and test.sh: make sure .venv exists and holds this checkout's project (and its
+# extras) at the versions pyproject.toml asks for.
 # Usage: ensure_venv [extras]   e.g. ensure_venv dev
+_venv_ready() {
+  # -I: not from the working directory, where ./vitdist imports even when .venv does not hold it.
+  .venv/bin/python -I -c "import $1, os, sys
+here = os.path.realpath('vitdist')
+if os.path.dirname(os.path.realpath(vitdist.__file__)) != here:
+    sys.exit(f'.venv holds vitdist from {os.path.dirname(vitdist.__file__)}, not {here}')" 2>&1 | tail -n 1
+  return "${PIPESTATUS[0]}"
+}
+
 ensure_venv() {
   local extras=${1:-}
   local spec="." imports="vitdist, torch, torchvision, timm, webdataset, tensorboard, yaml, tqdm"
@@ -10,13 +20,23 @@ ensure_venv() {
     echo "creating .venv"
     python3 -m venv .venv
   fi
-  if ! .venv/bin/python -c "import $imports" 2>/dev/null; then
+  # pyproject.toml as last installed: a pull that raises a bound reinstalls, where imports alone would pass.
+  local stamp=.venv/vitdist-pyproject wanted
+  wanted=$(cksum < pyproject.toml)
+  if ! _venv_ready "$imports" > /dev/null || [ "$(cat "$stamp" 2> /dev/null)" != "$wanted" ]; then
     echo "installing vitdist$([ -n "$extras" ] && echo "[$extras]") into .venv (torch is large: a few minutes the first time)"
+    local broken=""
     if ! .venv/bin/python -m pip install --disable-pip-version-check -e "$spec" > .venv/install.log 2>&1; then
       tail -n 30 .venv/install.log
-      echo "installing into .venv failed; the whole log is .venv/install.log" >&2
+      broken="installing into .venv failed (the whole log is .venv/install.log)"
+    elif ! broken=$(_venv_ready "$imports"); then  # pip found it all installed, but a part is damaged
+      broken="after installing, .venv still fails: $broken"
+    fi
+    if [ -n "$broken" ]; then
+      echo "$broken; if .venv is damaged (an install cut short, no pip in it), remove it: rm -rf .venv, and run this again" >&2
       return 1
     fi
+    echo "$wanted" > "$stamp"
   fi
   export PATH="$PWD/.venv/bin:$PATH"
 }
