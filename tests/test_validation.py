@@ -173,3 +173,23 @@ def test_best_weights_and_their_json_are_replaced_together_or_not_at_all(tmp_pat
     write_safetensors(weights, {**meta, "step": 2, "val_top1": 0.9, "val_loss": 0.5}, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.safetensors"]
     assert out.stat().st_mode == out.with_suffix(".json").stat().st_mode
+
+
+def test_a_run_resumed_to_end_at_its_checkpoint_validates_that_step_once_and_names_it_in_finished(demo_shards, tmp_path):
+    """Stopping a run at its newest checkpoint (train.steps lowered to its step) ends it there: the
+    end's validation, which the run that checkpointed did not do, is done, and the best weights kept;
+    once, however often that is run. From another run.dir, FINISHED names the checkpoint resumed,
+    the run's last, where it said 'no checkpoint'."""
+    train, val = shard_overrides(demo_shards)
+    first = tmp_path / "first"
+    done = run_pretrain(1, [train, *EXACT, "data.micro_batch_size=16", "train.global_batch_size=32", "train.steps=8",
+                            "ckpt.every_steps=4", "ckpt.keep=0", f"run.dir={first}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    for run_dir, resume in ((first, "auto"), (first, "auto"), (tmp_path / "other", first / "checkpoints" / "step_4")):
+        ended = run_pretrain(1, [train, *EXACT, val, "data.micro_batch_size=16", "train.global_batch_size=32",
+                                 f"train.steps={4 if resume != 'auto' else 8}", f"train.resume={resume}",
+                                 f"run.dir={run_dir}"])
+        assert ended.returncode == 0, ended.stderr[-3000:]
+        assert [s for s, _ in read_scalars(run_dir / "tb")["val/top1"]] == [4 if resume != "auto" else 8]
+        assert json.loads((run_dir / "best.json").read_text())["step"] == (4 if resume != "auto" else 8)
+    assert (tmp_path / "other" / "FINISHED").read_text().strip() == str(first / "checkpoints" / "step_4")

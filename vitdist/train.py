@@ -154,17 +154,21 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     compute = distributed.compute_precision(cfg, ctx.device)
     peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else matmul_peak_flops(ctx.device, distributed.DTYPES[cfg.train.precision])
     flops_per_image = train_flops_per_image(model)
+    nothing_to_train = resume_from is not None and state.step == cfg.train.steps
     if ctx.is_main:
         print(_banner(cfg, ctx, model, accum_steps, state.step, peak), flush=True)
-        if state.step == cfg.train.steps and resume_from is not None:
+        if nothing_to_train:
             log.warning("%s is at train.steps=%d already: nothing to train (give a larger train.steps to train on)",
                         resume_from, state.step)
 
-    if state.eval_owed and val_loader is not None:  # else that step would be missing from val/ and never be the best
+    # Else that step would be missing from val/ and never be the best: one the preempted run owes, or
+    # the end of this run, where the one that checkpointed there did not validate (a shorter train.steps).
+    owed = state.eval_owed or (nothing_to_train and not state.validated)
+    if owed and val_loader is not None:
         if owed_validation_logged(run_dir / "tb", resume_from, state.step, ctx):
             log.info("step %d: validated and logged by a run resumed from here before: not again", state.step)
         else:
-            log.info("step %d: validating first, as the preempted run that checkpointed there did not", state.step)
+            log.info("step %d: validating first, as the run that checkpointed there did not", state.step)
             scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, state.step, state.best,
                                                          best_file, meta, average, stop=preemption.signalled)
             if scalars is None:
@@ -212,6 +216,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             # so that their time stays out of perf/.
             at_log_step = step % cfg.log.every_steps == 0 or at_ckpt_step or at_eval_step
             scalars = _close_window(window, lr, state, flops_per_image / peak, ctx) if at_log_step else {}
+            validated = False
             if at_eval_step:
                 try:
                     val_scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, step,
@@ -225,6 +230,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                     log.warning("step %d: validation interrupted by the preemption signal", step)
                 else:
                     scalars.update(val_scalars)
+                    validated = True
             if scalars:
                 logger.log(step, scalars)
             if at_log_step:
@@ -246,7 +252,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                                     "the last %d step(s) having had a NaN/Inf loss or gradient norm (skipped, no "
                                     "update)", step, step - ongoing, ongoing)
                     state.data_positions = distributed.merge_across_ranks(batch["positions"], ctx)
-                    state.eval_owed = eval_due and preempted
+                    state.eval_owed, state.validated = eval_due and preempted, validated
                     checkpointer.save(step, model, optimizer, state.saved(data_order=data_order,
                                       decoded_on=resume.decoded_on(cfg), config=to_dict(cfg)), final=preempted or last,
                                       average=average)
@@ -259,7 +265,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                 window = Window(start=time.perf_counter())
 
     logger.close()
-    last_ckpt = checkpointer.newest()
+    # Resumed at its end from another run.dir, this run's last checkpoint is the one it resumed.
+    last_ckpt = checkpointer.newest() or (resume_from if nothing_to_train else None)
     if ctx.is_main:
         print(f"checkpoint: {last_ckpt}\ntensorboard: tensorboard --logdir {shlex.quote(str(run_dir / 'tb'))}", flush=True)
     return last_ckpt

@@ -16,6 +16,7 @@ class TrainState:
     bad_steps: int = 0  # skipped for a NaN/Inf loss or gradient norm
     best: dict | None = None  # the validation scores best.safetensors was kept for (None: none yet)
     eval_owed: bool = False  # preempted at an evaluation step before evaluating: the resumed run does
+    validated: bool = False  # this step's weights were validated: a run resumed here to end here need not
 
     @classmethod
     def restored(cls, saved: dict, global_batch_size: int) -> TrainState:
@@ -30,7 +31,8 @@ class TrainState:
                    bad_steps=saved.get("bad_steps", 0),
                    # Written before the val_loss was kept beside val/top1 (-1: no validation yet).
                    best=saved["best"] if "best" in saved else {"val_top1": saved.get("best_top1", -1.0)},
-                   eval_owed=saved.get("eval_owed", False))
+                   eval_owed=saved.get("eval_owed", False),
+                   validated=saved.get("validated", True))  # written before: as if, not to log its val/ twice
 
     def saved(self, **run: object) -> dict:
         """What train_state.json holds: this state and `run`, what identifies the run (its config,
