@@ -102,8 +102,19 @@ def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group)
     for root in tmp_path / "empty", tmp_path:
         with pytest.raises(FileNotFoundError, match=refused):
             checkpoint.resume_path(str(tmp_path / "step_30.tmp"), root)
-    with pytest.raises(FileNotFoundError, match=re.escape("(no .metadata)")):
+    # A path that is not there, a directory of no checkpoint, or a run's directory: each said as such.
+    with pytest.raises(FileNotFoundError, match=re.escape("step_40' is not a complete checkpoint directory (it does not exist)")):
         checkpoint.resume_path(str(tmp_path / "step_40"), tmp_path / "empty")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=re.escape("(no .metadata)")):
+        checkpoint.resume_path(str(tmp_path / "run" / "checkpoints"), tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"(no .metadata; a run's checkpoints are in "
+                                                          f"'{tmp_path / 'run' / 'checkpoints'}', which stands for its newest)")):
+        checkpoint.resume_path(str(tmp_path / "run"), tmp_path / "empty")
+    # What the refusals of a resume say, when the checkpoint checked is not the one named.
+    assert checkpoint.passed_over(str(tmp_path / "step_10"), checkpoint.resume_path(str(tmp_path / "step_10"), tmp_path))
+    assert not checkpoint.passed_over(str(tmp_path / "step_20"), checkpoint.resume_path(str(tmp_path / "step_20"), tmp_path))
+    assert not checkpoint.passed_over(str(tmp_path), checkpoint.resume_path(str(tmp_path), tmp_path))
 
 
 @pytest.mark.parametrize("fresh", ["none", "None"])  # None, as Python spells it, resumed the earlier run

@@ -349,7 +349,7 @@ def test_check_only_validates_for_the_world_size_given(demo_shards, tmp_path):
     missing = subprocess.run([*command, f"train.resume={tmp_path / 'gone'}"], cwd=REPO, env={**ENV, "WORLD_SIZE": "2"},
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2, missing.stderr
-    assert f"config error: train.resume='{tmp_path / 'gone'}' is not a complete checkpoint directory" in missing.stderr
+    assert f"config error: train.resume='{tmp_path / 'gone'}' is not a complete checkpoint directory (it does not exist)" in missing.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -363,6 +363,12 @@ def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused
     assert (f"resuming with a config changed since {step_4}, so this run differs from the one it continues: "
             "model.drop_path_rate: 0.0 -> 0.1; train.steps: 4 -> 8; the learning rate of step 5 is 0.00123, where the checkpoint's schedule has 1e-05 "
             "(the cosine decay now ends at train.steps=8)\n") in longer.stderr
+    # Named, step_4 is passed over for the run's newer step_8, whose refusal says why it is the one checked.
+    step_8 = run_dir / "checkpoints" / "step_8"
+    with pytest.raises(ConfigError, match=re.escape(f"train.steps=6, but checkpoint '{step_8}' is at step 8 already: give "
+                                                    f"train.steps >= 8 (train.resume='{step_4}' is older than this run's "
+                                                    "newest checkpoint, which a resume takes: move the newer ones away")):
+        check(f"train.resume={step_4}", "train.steps=6")
 
 
 def test_a_resume_onto_shards_written_again_under_their_names_stops_naming_the_shard(demo_shards, tmp_path):

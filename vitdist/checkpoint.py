@@ -122,11 +122,23 @@ def resume_path(spec: str, root: str | Path) -> Path | None:
         # A checkpoint of another run, resumed into a new run.dir: the complete one meant is beside it.
         complete = newest_checkpoint(path.parent) or newest
         newest_is = f"; the newest complete checkpoint in '{complete.parent}' is '{complete}'" if complete else ""
-        why = "a save that did not finish: it is renamed without .tmp once complete" if unfinished else "no .metadata"
+        if unfinished:
+            why = "a save that did not finish: it is renamed without .tmp once complete"
+        elif not path.exists():
+            why = "it does not exist"
+        elif (path / "checkpoints").is_dir():  # a run.dir, for its checkpoints
+            why = f"no .metadata; a run's checkpoints are in '{path / 'checkpoints'}', which stands for its newest"
+        else:
+            why = "no .metadata"
         raise FileNotFoundError(f"train.resume='{spec}' is not a complete checkpoint directory ({why}){newest_is}")
     if newest is not None and (not named or _step(newest) > _step(path)):
         return newest
     return path
+
+
+def passed_over(spec: str, resume_from: Path | None) -> bool:
+    """Whether `train.resume` named a checkpoint that resume_path passed over for the run's own newer one."""
+    return resume_from is not None and spec not in ("auto", "none") and resume_from != newest_if_run(Path(spec))
 
 
 def prune(root: Path, keep: int, keep_every: int) -> None:

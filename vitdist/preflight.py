@@ -40,7 +40,13 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
     except (FileNotFoundError, FileExistsError) as e:
         raise ConfigError(str(e)) from None
     if resume_from is not None:
-        resume.check(cfg, resume_from, train_data, model)
+        try:
+            resume.check(cfg, resume_from, train_data, model)
+        except ConfigError as e:
+            if checkpoint.passed_over(cfg.train.resume, resume_from):  # else the checkpoint refused is not the one named
+                raise ConfigError(f"{e} (train.resume='{cfg.train.resume}' is older than this run's newest checkpoint, "
+                                  "which a resume takes: move the newer ones away to resume the one named)") from None
+            raise
     elif cfg.finetune.init:  # what _train loads when it does not resume: a resume never reads it
         try:
             check_fit(model, cfg.finetune.init, cfg.finetune.init_ema)

@@ -100,7 +100,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
     resume_from = checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints")
-    if cfg.train.resume not in ("auto", "none") and resume_from != checkpoint.newest_if_run(Path(cfg.train.resume)):
+    if checkpoint.passed_over(cfg.train.resume, resume_from):
         log.warning("train.resume='%s', but this run has checkpointed since: resuming from %s (move its newer "
                     "checkpoints away to go back)", cfg.train.resume, resume_from)
     for partial in checkpoint.unfinished_saves(run_dir / "checkpoints") if ctx.is_main else []:
@@ -134,7 +134,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                         resume_from, "; ".join(changes))
 
     average = WeightAverage(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
-    if average is not None and resume_from is not None and not checkpoint_read.load_average(resume_from, average):
+    if (average is not None and resume_from is not None and not checkpoint_read.load_average(resume_from, average)
+            and ctx.is_main):
         log.warning("%s holds no average of the weights (its run had train.ema_decay=0): the average starts from the "
                     "weights resumed", resume_from)
 
