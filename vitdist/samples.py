@@ -83,7 +83,9 @@ def _lacking(what: str, sample: dict) -> str:
 # The formats read: all that PIL knows but EPS, whose pixels PIL has Ghostscript decode, a program
 # run on a shard's bytes (a sample's .jpg may hold anything).
 Image.init()
-_FORMATS = tuple(name for name in Image.OPEN if name != "EPS")
+# The shards' own formats first: PIL asks each format in turn whether the bytes are its own, and
+# JPEG came 24th (93 us a sample to open, 48 us so).
+_FORMATS = tuple(sorted((name for name in Image.OPEN if name != "EPS"), key=lambda name: name not in ("JPEG", "PNG", "WEBP")))
 
 
 def open_image(data: bytes) -> Image.Image:
