@@ -64,11 +64,13 @@ def test_a_key_that_takes_text_gets_it_as_written(override, value):
 def test_pythons_none_is_yamls_null_and_null_is_a_keys_none(tmp_path, null):
     """train.resume=None (Python's spelling) was a checkpoint path named 'None': where run.dir held
     checkpoints the run resumed from them, not fresh."""
-    cfg = load_config(TINY, [f"train.resume={null}", f"finetune.freeze={null}", f"data.val_shards={null}",
-                             f"finetune.init={null}"])
-    assert (cfg.train.resume, cfg.finetune.freeze, cfg.data.val_shards, cfg.finetune.init) == ("none", "none", None, None)
     (tmp_path / "c.yaml").write_text(f"data:\n  train_shards: x.tar\ntrain:\n  resume: {null}\n")
     assert load_config(tmp_path / "c.yaml").train.resume == "none"
+    assert load_config(TINY, [f"finetune.freeze={null}"]).finetune.freeze == "none"
+    if null == "~":  # an override's bare ~ for a path is the home directory (test_a_paths_leading_tilde_is_the_home_directory)
+        return
+    cfg = load_config(TINY, [f"train.resume={null}", f"data.val_shards={null}", f"finetune.init={null}"])
+    assert (cfg.train.resume, cfg.data.val_shards, cfg.finetune.init) == ("none", None, None)
     with pytest.raises(ConfigError, match="config key 'run.dir' must be str, got None"):
         load_config(TINY, [f"run.dir={null}"])
 
@@ -90,6 +92,17 @@ def test_a_paths_leading_tilde_is_the_home_directory(monkeypatch, tmp_path):
     assert cfg.data.train_shards == [f"{tmp_path}/a-{{0..3}}.tar", "pipe:cat ~/b.tar"]
     assert cfg.data.val_shards == f"{tmp_path}/val.tar" and cfg.run.dir == f"{tmp_path}/runs/b16"
     assert (cfg.finetune.init, cfg.train.resume) == (f"{tmp_path}/w.pth", f"{tmp_path}/runs/old/checkpoints")
+    assert load_config(TINY, ["run.dir=~"]).run.dir == str(tmp_path)  # YAML's null, refused as no text, was meant
+
+
+@pytest.mark.parametrize("override", ["data.rand_augment=", "data.val_shards= ", "train.resume="])
+def test_an_override_with_no_value_is_refused_not_read_as_null(override):
+    """`data.val_shards=$VAL` with VAL not set: YAML reads nothing as null, which turned validation
+    (or RandAugment, or a resume) off without a word."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(f"override '{override}' gives {key} no value (a shell variable "
+                                                    "that is not set?): give one, or null for none")):
+        load_config(TINY, [override])
 
 
 def test_the_slurm_scripts_fill_run_dir_with_the_job_name_as_given():
@@ -235,6 +248,13 @@ def test_bad_files_are_refused(tmp_path):
         load_config(bad)
     bad.write_text("data:\n  train_shards: x.tar\nmodel:\n  depth: 3\nfinetune:\n  # init: x\n")  # keys all commented out
     assert load_config(bad).model.depth == 3
+    for document in ("[]", "false", "0"):  # read as no keys at all, where 42 or a list were refused
+        bad.write_text(f"{document}\n")
+        with pytest.raises(ConfigError, match="bad.yaml: expected a mapping of sections"):
+            load_config(bad)
+    bad.write_bytes("model:\n  depth: 3 # d\xe9faut\n".encode("latin-1"))  # an editor's Latin-1: a traceback, exit 1
+    with pytest.raises(ConfigError, match="bad.yaml' cannot be read as UTF-8 text: 'utf-8' codec can't decode byte 0xe9"):
+        load_config(bad)
     bad.write_text("model:\n  depht: 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'model.depht'; valid keys in 'model': arch, img_size"):
         load_config(bad)
@@ -334,6 +354,21 @@ def test_overrides_on_both_sides_of_the_options(tmp_path):
     assert "config error: unknown config key 'optim.lrr'" in run.stderr, run.stderr
 
 
+def test_a_second_config_file_or_a_run_dir_that_cannot_be_made_is_refused_also_under_check(tmp_path):
+    """argparse read the last --config alone. A run.dir under a file passed --check (the SLURM jobs'
+    first step, whose runs take no lock, the check that found it), to fail at the run's first write."""
+    (tmp_path / "file").write_text("")
+    for options, message in (
+            (["--config", str(TINY), "--config", str(TINY)], f"error: --config is given 2 times ({TINY}, {TINY}): give "
+                                                             "one file"),
+            (["--config", str(TINY), f"run.dir={tmp_path / 'file' / 'run'}"],
+             f"config error: run.dir '{tmp_path / 'file' / 'run'}' cannot be made: '{tmp_path / 'file'}' is a file")):
+        for check in (["--check"], []):
+            run = subprocess.run([sys.executable, "launch/pretrain.py", *options, *check], cwd=REPO, capture_output=True,
+                                 text=True, timeout=120, env={**os.environ, "VITDIST_SLURM_JOB": "1"})
+            assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
 def test_check_only_validates_for_the_world_size_given(demo_shards, tmp_path):
     """`--check` (run first by the SLURM jobs): 0 for a config that fits WORLD_SIZE, 2 for one that
     does not; nothing is written either way."""
@@ -382,6 +417,8 @@ def test_likely_mistakes_are_warned_of_once_and_still_run(demo_shards, tmp_path)
                       "config warning: finetune.freeze=backbone with model.drop_path_rate=0.1: the frozen blocks are "
                       "still dropped at random in training, so the head learns from noisier features than it is "
                       "evaluated on (a linear probe usually has 0)",
+                      "config warning: finetune.freeze=backbone without finetune.init: the head is trained on a backbone "
+                      "of random weights, frozen",
                       "config warning: train.eval_every_steps=100, but data.val_shards is null: nothing is validated"]
     other_rank = subprocess.run(command, cwd=REPO, env={**ENV, "RANK": "1"}, capture_output=True, text=True, timeout=120)
     assert other_rank.returncode == 0 and "config warning" not in other_rank.stderr

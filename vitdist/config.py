@@ -307,7 +307,7 @@ def takes_text(key: str) -> bool:
 
 # Keys that name local paths. The shell expands no `~` after `run.dir=` (not a variable assignment
 # to it), and the run would have written into a directory named `~` in the working directory.
-_PATH_KEYS = ("data.train_shards", "data.val_shards", "train.resume", "finetune.init", "run.dir")
+PATH_KEYS = ("data.train_shards", "data.val_shards", "train.resume", "finetune.init", "run.dir")
 
 
 def _expand_home(value: Any) -> Any:
@@ -322,7 +322,7 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     tp = _key_type(key)
     section, name = key.split(".")
     value = _check_value(key, value, tp)
-    setattr(getattr(cfg, section), name, _expand_home(value) if key in _PATH_KEYS else value)
+    setattr(getattr(cfg, section), name, _expand_home(value) if key in PATH_KEYS else value)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

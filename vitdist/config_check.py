@@ -91,6 +91,9 @@ def doubts(cfg: Config) -> list[str]:
         found.append(f"finetune.freeze=backbone with model.drop_path_rate={cfg.model.drop_path_rate:g}: the frozen blocks "
                      "are still dropped at random in training, so the head learns from noisier features than it is "
                      "evaluated on (a linear probe usually has 0)")
+    if cfg.finetune.freeze == "backbone" and not cfg.finetune.init:
+        found.append("finetune.freeze=backbone without finetune.init: the head is trained on a backbone of random "
+                     "weights, frozen")
     if cfg.log.profile_steps and cfg.log.profile_steps[0] > train.steps:
         found.append(f"log.profile_steps={cfg.log.profile_steps}, but the run ends at train.steps={train.steps}: "
                      "nothing is profiled")

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, sections, set_key, takes_text, to_dict
+from .config import PATH_KEYS, Config, ConfigError, sections, set_key, takes_text, to_dict
 from .config_check import validate
 from .files import written_whole
 
@@ -73,7 +73,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
     key, raw = (part.strip() for part in text.split("=", 1))
+    if not raw:  # data.val_shards=$VAL with VAL unset: YAML's null, which would turn validation off unsaid
+        raise ConfigError(f"override '{text}' gives {key} no value (a shell variable that is not set?): give one, "
+                          "or null for none")
     as_text = takes_text(key)
+    if key in PATH_KEYS and raw == "~":  # YAML's null, but a path's ~ is the home directory (run.dir=~)
+        return key, raw
     try:
         value = yaml.load(raw, _Loader)
     except yaml.YAMLError as e:
@@ -96,9 +101,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file '{path}' {'is not a file' if path.exists() else 'does not exist'}")
         try:
-            tree = yaml.load(path.read_text(), _Loader) or {}
+            tree = yaml.load(path.read_text(encoding="utf-8"), _Loader)
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:  # unreadable; an editor's Latin-1
+            raise ConfigError(f"config file '{path}' cannot be read as UTF-8 text: {e}") from None
+        tree = {} if tree is None else tree  # an empty file; [] or false are no mapping of sections
         for key, value in _flatten(tree, str(path)).items():
             set_key(cfg, key, value)
     previous = None

@@ -38,16 +38,19 @@ def main(description: str, finetune: bool) -> int:
     process group starts (exit 2), then train."""
     die_with_launcher()
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config under configs/")
+    parser.add_argument("--config", required=True, action="append", help="YAML config under configs/")
     parser.add_argument("--check", action="store_true",
                         help="check the config against WORLD_SIZE and exit (0: fine, 2: refused), as SLURM jobs do first")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, values read as YAML")
     # Overrides may come on either side of the options: `train.steps=5 --config C.yaml run.dir=r`
     # was refused (argparse takes one run of positionals only) as "unrecognized arguments: run.dir=r".
     args = parser.parse_intermixed_args()
+    if len(args.config) > 1:  # else the last alone is read, the others dropped unsaid
+        parser.error(f"--config is given {len(args.config)} times ({', '.join(args.config)}): give one file, and the "
+                     "keys to change as key.sub=value")
     refusal, found = None, []
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config[0], args.overrides)
         if finetune and not cfg.finetune.init:
             raise ConfigError("finetune.init is not set: give the checkpoint to start from, finetune.init=<path>")
         found = preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))

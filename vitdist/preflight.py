@@ -26,6 +26,7 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
     metadata alone), and (rank 0) the first samples of the shards. Returns the doubts these raise
     that are not refusals."""
     batch_layout(cfg, world_size)
+    _refuse_unwritable(Path(cfg.run.dir))
     if cfg.dist.backend == "nccl" and not torch.cuda.is_available():  # else a traceback in init, exit 1, retried
         raise ConfigError("dist.backend=nccl needs CUDA GPUs, and torch sees none here (torch.cuda.is_available() is "
                           "False): use dist.backend=auto (gloo on a CPU) or gloo")
@@ -62,3 +63,16 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
             if urls:
                 probe(urls, cfg.data, cfg.model.num_classes, key, cfg.dist.timeout_s)
     return found
+
+
+def _refuse_unwritable(run_dir: Path) -> None:
+    """A run.dir that cannot be made or written to, refused with the config: also under --check and
+    in the SLURM scripts' jobs, which take no run lock (whose opening found it before), where it was
+    a traceback at the run's first write, exit 1, requeued."""
+    there = run_dir
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise ConfigError(f"run.dir '{run_dir}' cannot be made: '{there}' is a file, not a directory")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir '{run_dir}' cannot be written: '{there}' is not writable by this user")
