@@ -197,6 +197,19 @@ def test_workers_are_forked_whatever_the_default_start_method(demo_shards):
     assert reading.returncode == 0 and stdout.split() == ["128"], stderr[-3000:]
 
 
+def test_the_workers_leave_no_folder_in_tmp(demo_shards, tmp_path):
+    """Each worker made a /tmp/pymp-* folder for the sockets that pass tensors, which the SIGKILL that
+    ends it left behind: ranks x workers folders at every start, for good."""
+    reading = reading_in_a_process(demo_shards["train"], "data.num_workers=2", stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        stdout, stderr = reading.communicate(timeout=120)
+    finally:
+        reading.kill()
+    assert reading.returncode == 0 and stdout.split() == ["128"], stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_validation_worker_stops_the_evaluation_within_seconds(demo_shards, tmp_path):
     """Validation's loader is read in the main thread, while both its workers wait in stalled reads:
     one SIGKILLed is named within seconds, not at the timeout, and the commands end."""

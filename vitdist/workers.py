@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 from collections import Counter
+import multiprocessing.util
 from multiprocessing import Process, RawArray, connection, parent_process
 from typing import Iterator
 
@@ -175,6 +176,9 @@ def _from_workers(loader: DataLoader, timeout_s: float, name: str, reads: Reads 
 def _start(loader: DataLoader, timeout_s: float, name: str) -> tuple[Iterator, list[Process]]:
     """`iter(loader)` once every worker has started (see the module's docstring); its workers."""
     start_s = min(WORKER_START_S, timeout_s)
+    # Made here, the folder of the sockets that pass tensors is the workers' too, and goes at this
+    # process's exit: made by each worker, it stayed in /tmp after `_stop`'s SIGKILL, ranks x workers per start.
+    multiprocessing.util.get_temp_dir()
     for attempt in range(1, START_ATTEMPTS + 1):
         chunks = iter(loader)
         workers: list[Process] = chunks._workers
