@@ -6,9 +6,7 @@ dict; a head of another shape than model.num_classes (or any, with finetune.new_
 anew, and position and patch embeddings are resampled to model.img_size and patch size. The best weights by val/top1 are kept as <run.dir>/best.safetensors.
 """
 
-import sys
-
-from vitdist.entry import main
+from vitdist.entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__, finetune=True))
+    run(__doc__, finetune=True)

@@ -4,9 +4,7 @@ Also runs as one process without torchrun. The config and the shard list are che
 this world size before any process group starts, so a bad key fails every rank the same way.
 """
 
-import sys
-
-from vitdist.entry import main
+from vitdist.entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__, finetune=False))
+    run(__doc__, finetune=False)

@@ -317,6 +317,22 @@ def test_entry_point_refuses_before_any_process_group(tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_torchrun_reports_each_ranks_own_exit_code_when_one_ends_later(tmp_path):
+    """torchrun sends SIGTERM to the ranks left once one has exited; one that came while Python shut
+    down (rank 0's, slowed here by an object whose deletion waits) killed it: `exitcode: -15`, where
+    it had exited with 2 (or a preemption's 75) as the others."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import builtins, os, time\n"
+        "class Slow:\n    def __del__(self):\n        time.sleep(3)\n"
+        "if os.environ.get('RANK') == '0':\n    builtins.slow_to_go = Slow()\n")
+    from conftest import ENV, pretrain_command
+
+    run = subprocess.run(pretrain_command(2, ["optim.lrr=1", f"run.dir={tmp_path / 'run'}"]), cwd=REPO, text=True,
+                         capture_output=True, timeout=120, env={**ENV, "PYTHONPATH": str(tmp_path)})
+    assert run.returncode == 1 and run.stderr.count("config error: unknown config key 'optim.lrr'") == 2, run.stderr
+    assert run.stderr.count("exitcode  : 2") == 2 and "exitcode  : -15" not in run.stderr, run.stderr
+
+
 def test_messages_are_written_a_whole_line_at_a_time(monkeypatch, tmp_path):
     """Every rank writes its refusal to the same pipe (torchrun's output, a SLURM log). print's two
     writes, the text then the newline, each reach the pipe under PYTHONUNBUFFERED=1 (set in many

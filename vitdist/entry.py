@@ -3,6 +3,7 @@
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .distributed import die_with_launcher, refuse_together
 from .handoff import HandoffError
 from .optim import NonFiniteTraining
 from .samples import NoUsableSamples, TooManyBadSamples
+from .preemption import SIGNALS
 from .preflight import preflight
 from .train import train
 
@@ -90,3 +92,16 @@ def main(description: str, finetune: bool) -> int:
     # itself (the time-limit warning, during the last steps, which finish the run all the same).
     finished.write_text(f"{last_checkpoint or 'no checkpoint'}\n")
     return 0
+
+
+def run(description: str, finetune: bool) -> None:
+    """`main`, then exit with its code, the stop signals ignored from its end on: torchrun sends
+    SIGTERM to the ranks left once one has exited (a refusal's 2, a preemption's 75), and one that
+    came while Python shut down (its own handlers gone by then) killed the rank, which torchrun
+    reported as exitcode -15, not its own."""
+    try:
+        code = main(description, finetune)
+    finally:
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)
