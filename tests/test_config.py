@@ -134,6 +134,9 @@ def test_a_brace_pattern_the_shell_expanded_is_refused_not_cut_to_its_last_shard
     expanded = [f"data.train_shards=/d/train-{i}.tar" for i in range(4)]  # bash's words for an unquoted {0..3}
     with pytest.raises(ConfigError, match=r"'data.train_shards' is given twice in a row .* Quote it"):
         load_config(TINY, ["run.dir=r", *expanded])
+    # In a list too, whose shard the last override left alone: 1 of 4, and --check passed.
+    with pytest.raises(ConfigError, match=r"'data.train_shards' is given twice in a row .* Quote it"):
+        load_config(TINY, ["run.dir=r", *(f"data.train_shards=[/d/train-{i}.tar]" for i in range(4))])
     later = load_config(TINY, ["data.train_shards=/d/a.tar", "run.dir=r", "data.train_shards=/d/b.tar"])
     assert later.data.train_shards == "/d/b.tar"  # a later override of an earlier one still wins
     unset = load_config(TINY, ["data.val_shards=/d/val-{0..3}.tar", "data.val_shards=null"])

@@ -377,7 +377,7 @@ def test_shards_read_on_without_a_usable_sample_stop_the_run_unretried_at_the_ti
                            f"data.num_workers={workers}", "dist.timeout_s=5", f"run.dir={tmp_path / 'run'}"],
                        timeout_s=120)
     who = r"training loader worker 0 \(pid \d+\)" if workers else r"training loader, read in the training process \(data.num_workers=0\),"
-    message = rf"{who} delivered nothing for 5 s \(dist.timeout_s\), reading on: (\d+) of the \1 samples it read meanwhile were bad, more than data.max_skip_frac=0.5; most were no_label \1\."
+    message = rf"{who} delivered nothing for 5 s \(dist.timeout_s; vitdist evaluate's --timeout-s\), reading on: (\d+) of the \1 samples it read meanwhile were bad, more than data.max_skip_frac=0.5; most were no_label \1\."
     assert run.returncode == 2 and re.search(rf"^error: {message}", run.stderr, re.MULTILINE), run.stderr[-3000:]
     assert re.match(message, (tmp_path / "run" / "FATAL").read_text())
     assert re.search(r"^step 10/", run.stdout, re.MULTILINE), run.stdout  # the first samples were trained on

@@ -205,7 +205,8 @@ class FinetuneConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = _opt("runs/default", "run directory: config.yaml, checkpoints/, tb/")
+    dir: str = _opt("runs/default", "run directory: config.yaml, checkpoints/, tb/, best.safetensors and best.json, run.lock, "
+                                  "FINISHED or FATAL")
 
 
 @dataclass

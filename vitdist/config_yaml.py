@@ -112,7 +112,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     previous = None
     for text in overrides:
         key, value = parse_override(text)
-        expanded = key in ("data.train_shards", "data.val_shards") and isinstance(value, str) and "{" not in value
+        # A list too: data.train_shards=[/d/a-{0..3}.tar] unquoted is one list of one shard per override.
+        expanded = key in ("data.train_shards", "data.val_shards") and (
+            isinstance(value, list) or isinstance(value, str) and "{" not in value)
         if expanded and previous and previous[0] == key:
             # What the shell makes of an unquoted data.train_shards=/d/a-{0..3}.tar: one override per
             # shard, none with a brace left, of which the last would win: a run on one shard, silently.

@@ -321,7 +321,7 @@ def _late(who: str, worker: int, timeout_s: float, reads: Reads | None, before: 
           stalled: type[Exception], more: str) -> Exception:
     """The error for `who`, which delivered nothing for `timeout_s`: `stalled`, unless `reads` shows it
     read on, skipping more than data.max_skip_frac of what it read (TooManyBadSamples)."""
-    late = f"{who} delivered nothing for {timeout_s:g} s (dist.timeout_s)"
+    late = f"{who} delivered nothing for {timeout_s:g} s (dist.timeout_s; vitdist evaluate's --timeout-s)"
     read, skipped = reads.since(before, worker) if reads else (None, Counter())
     if read and too_many_skipped(skipped, read, reads.max_skip_frac):
         return bad_samples(f"{late}, reading on: {skipped.total()} of the {read} samples it read meanwhile were bad",
