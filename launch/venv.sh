@@ -20,20 +20,22 @@ ensure_venv() {
     echo "creating .venv"
     python3 -m venv .venv
   fi
-  # pyproject.toml as last installed: a pull that raises a bound reinstalls, where imports alone would pass.
-  local stamp=.venv/vitdist-pyproject wanted
+  # pyproject.toml as last installed with these extras: a pull that raises a bound reinstalls, where
+  # imports alone would pass.
+  local stamp=.venv/vitdist-pyproject${extras:+-$extras} wanted
   wanted=$(cksum < pyproject.toml)
   if ! _venv_ready "$imports" > /dev/null || [ "$(cat "$stamp" 2> /dev/null)" != "$wanted" ]; then
     echo "installing vitdist$([ -n "$extras" ] && echo "[$extras]") into .venv (torch is large: a few minutes the first time)"
-    local broken=""
+    local broken
     if ! .venv/bin/python -m pip install --disable-pip-version-check -e "$spec" > .venv/install.log 2>&1; then
       tail -n 30 .venv/install.log
-      broken="installing into .venv failed (the whole log is .venv/install.log)"
-    elif ! broken=$(_venv_ready "$imports"); then  # pip found it all installed, but a part is damaged
-      broken="after installing, .venv still fails: $broken"
+      echo "installing into .venv failed; the whole log is .venv/install.log (a .venv without pip: rm -rf .venv," \
+        "and run this again)" >&2
+      return 1
     fi
-    if [ -n "$broken" ]; then
-      echo "$broken; if .venv is damaged (an install cut short, no pip in it), remove it: rm -rf .venv, and run this again" >&2
+    if ! broken=$(_venv_ready "$imports"); then  # pip found it all installed, but a part is damaged
+      echo "after installing, .venv still fails: $broken; it is damaged (an install cut short?): rm -rf .venv, and" \
+        "run this again" >&2
       return 1
     fi
     echo "$wanted" > "$stamp"

@@ -108,6 +108,7 @@ def test_resume_picks_newest_complete_and_skips_partial(tmp_path, process_group)
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=re.escape("(no .metadata)")):
         checkpoint.resume_path(str(tmp_path / "run" / "checkpoints"), tmp_path / "empty")
+    shutil.copytree(tmp_path / "step_10", tmp_path / "run" / "checkpoints" / "step_10")
     with pytest.raises(FileNotFoundError, match=re.escape(f"(no .metadata; a run's checkpoints are in "
                                                           f"'{tmp_path / 'run' / 'checkpoints'}', which stands for its newest)")):
         checkpoint.resume_path(str(tmp_path / "run"), tmp_path / "empty")

@@ -256,7 +256,7 @@ def test_bad_files_are_refused(tmp_path):
         with pytest.raises(ConfigError, match="bad.yaml: expected a mapping of sections"):
             load_config(bad)
     bad.write_bytes("model:\n  depth: 3 # d\xe9faut\n".encode("latin-1"))  # an editor's Latin-1: a traceback, exit 1
-    with pytest.raises(ConfigError, match="bad.yaml' cannot be read as UTF-8 text: 'utf-8' codec can't decode byte 0xe9"):
+    with pytest.raises(ConfigError, match="bad.yaml' is not UTF-8 text: 'utf-8' codec can't decode byte 0xe9"):
         load_config(bad)
     bad.write_text("model:\n  depht: 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'model.depht'; valid keys in 'model': arch, img_size"):
@@ -381,7 +381,7 @@ def test_a_second_config_file_or_a_run_dir_that_cannot_be_made_is_refused_also_u
             (["--config", str(TINY), "--config", str(TINY)], f"error: --config is given 2 times ({TINY}, {TINY}): give "
                                                              "one file"),
             (["--config", str(TINY), f"run.dir={tmp_path / 'file' / 'run'}"],
-             f"config error: run.dir '{tmp_path / 'file' / 'run'}' cannot be made: '{tmp_path / 'file'}' is a file")):
+             f"config error: run.dir '{tmp_path / 'file' / 'run'}' cannot be made: '{tmp_path / 'file'}' is not a directory (a file")):
         for check in (["--check"], []):
             run = subprocess.run([sys.executable, "launch/pretrain.py", *options, *check], cwd=REPO, capture_output=True,
                                  text=True, timeout=120, env={**os.environ, "VITDIST_SLURM_JOB": "1"})

@@ -562,7 +562,7 @@ def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards
     kept = best.read_bytes()
     done = run_pretrain(0, [*common, "optim.lr=0", "optim.min_lr=0"])  # the same command once more
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "step_6 is at train.steps=6 already: nothing to train (give a larger train.steps to train on)" in done.stderr
+    assert "step_6 is at train.steps=6 already: nothing to train, the run ends there (give a larger train.steps to train on)" in done.stderr
     assert dict(read_scalars(tmp_path / "tb")["val/top1"]) == evaluated_again and best.read_bytes() == kept
 
 

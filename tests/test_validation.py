@@ -175,6 +175,7 @@ def test_best_weights_and_their_json_are_replaced_together_or_not_at_all(tmp_pat
     assert out.stat().st_mode == out.with_suffix(".json").stat().st_mode
 
 
+@pytest.mark.slow
 def test_a_run_resumed_to_end_at_its_checkpoint_validates_that_step_once_and_names_it_in_finished(demo_shards, tmp_path):
     """Stopping a run at its newest checkpoint (train.steps lowered to its step) ends it there: the
     end's validation, which the run that checkpointed did not do, is done, and the best weights kept;
@@ -193,3 +194,10 @@ def test_a_run_resumed_to_end_at_its_checkpoint_validates_that_step_once_and_nam
         assert [s for s, _ in read_scalars(run_dir / "tb")["val/top1"]] == [4 if resume != "auto" else 8]
         assert json.loads((run_dir / "best.json").read_text())["step"] == (4 if resume != "auto" else 8)
     assert (tmp_path / "other" / "FINISHED").read_text().strip() == str(first / "checkpoints" / "step_4")
+    # A run that validated its last step, run again to end there, does not validate it again.
+    for run in ("validated", "again"):
+        ended = run_pretrain(1, [train, *EXACT, val, "data.micro_batch_size=16", "train.global_batch_size=32",
+                                 "train.steps=4", f"run.dir={tmp_path / 'third'}"])
+        assert ended.returncode == 0, ended.stderr[-3000:]
+    assert "nothing to train" in ended.stderr and "validat" not in ended.stderr, ended.stderr[-3000:]
+    assert [s for s, _ in read_scalars(tmp_path / "third" / "tb")["val/top1"]] == [4]

@@ -126,7 +126,7 @@ def resume_path(spec: str, root: str | Path) -> Path | None:
             why = "a save that did not finish: it is renamed without .tmp once complete"
         elif not path.exists():
             why = "it does not exist"
-        elif (path / "checkpoints").is_dir():  # a run.dir, for its checkpoints
+        elif newest_checkpoint(path / "checkpoints"):  # a run.dir, for its checkpoints
             why = f"no .metadata; a run's checkpoints are in '{path / 'checkpoints'}', which stands for its newest"
         else:
             why = "no .metadata"

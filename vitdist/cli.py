@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo-data":
         from .demo_data import write_demo_dataset, write_digits_dataset
         if importlib.util.find_spec("sklearn") is None:  # the digits: found missing after a minute of shapes
-            print("vitdist demo-data: the digits come from scikit-learn, which is not installed: "
-                  "pip install 'vitdist[demo]' (or scikit-learn)", file=sys.stderr)
+            print("vitdist demo-data: the digits come from scikit-learn, which is not installed: pip install "
+                  "scikit-learn (or, in vitdist's checkout, pip install -e '.[demo]')", file=sys.stderr)
             return 2
         for name, write in (("shapes", write_demo_dataset), ("digits", write_digits_dataset)):
             for split, pattern in write(f"{args.out}/{name}").items():

@@ -69,7 +69,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     takes text gets the text as written unless YAML reads it as a list or null, or it is quoted: a
     brace pattern {a,b}.tar (a YAML syntax error), run.dir=2024-06-01 (a date), a pipe: command
     with ': ' in it (a mapping), a path with ' #' in it (YAML's comment: run.dir=/scratch/run #3
-    was /scratch/run)."""
+    was /scratch/run), and a path key's bare ~ (the home directory). A value left empty (key=, an
+    unset shell variable) is refused: YAML would read it as null."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
     key, raw = (part.strip() for part in text.split("=", 1))
@@ -104,8 +105,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             tree = yaml.load(path.read_text(encoding="utf-8"), _Loader)
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-        except (OSError, UnicodeDecodeError) as e:  # unreadable; an editor's Latin-1
-            raise ConfigError(f"config file '{path}' cannot be read as UTF-8 text: {e}") from None
+        except UnicodeDecodeError as e:  # an editor's Latin-1
+            raise ConfigError(f"config file '{path}' is not UTF-8 text: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"config file '{path}' cannot be read: {e}") from None
         tree = {} if tree is None else tree  # an empty file; [] or false are no mapping of sections
         for key, value in _flatten(tree, str(path)).items():
             set_key(cfg, key, value)
@@ -113,8 +116,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for text in overrides:
         key, value = parse_override(text)
         # A list too: data.train_shards=[/d/a-{0..3}.tar] unquoted is one list of one shard per override.
-        expanded = key in ("data.train_shards", "data.val_shards") and (
-            isinstance(value, list) or isinstance(value, str) and "{" not in value)
+        patterns = value if isinstance(value, list) else [value] if isinstance(value, str) else None
+        expanded = key in ("data.train_shards", "data.val_shards") and patterns and not any("{" in str(p) for p in patterns)
         if expanded and previous and previous[0] == key:
             # What the shell makes of an unquoted data.train_shards=/d/a-{0..3}.tar: one override per
             # shard, none with a brace left, of which the last would win: a run on one shard, silently.

@@ -95,13 +95,14 @@ def main(description: str, finetune: bool) -> int:
 
 
 def run(description: str, finetune: bool) -> None:
-    """`main`, then exit with its code, the stop signals ignored from its end on: torchrun sends
-    SIGTERM to the ranks left once one has exited (a refusal's 2, a preemption's 75), and one that
-    came while Python shut down (its own handlers gone by then) killed the rank, which torchrun
-    reported as exitcode -15, not its own."""
+    """`main`, then exit with its code; under torchrun, the stop signals ignored from its end on:
+    torchrun sends SIGTERM to the ranks left once one has exited (a refusal's 2, a preemption's 75),
+    and one that came while Python shut down (its own handlers gone by then) killed the rank, which
+    torchrun reported as exitcode -15, not its own. torchrun's SIGKILL still ends one hung there."""
     try:
         code = main(description, finetune)
     finally:
-        for signum in SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            for signum in SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
     sys.exit(code)

@@ -21,7 +21,7 @@ from .shard_list import expand_urls, probe, train_shard_urls
 
 def preflight(cfg: Config, world_size: int) -> list[str]:
     """Everything that can be refused before a process group starts (ConfigError): the batch
-    layout for this world size, the shard lists (or ImageFolder directories), the architecture,
+    layout for this world size, a run.dir that cannot be made or written, the shard lists (or ImageFolder directories), the architecture,
     the checkpoint to resume from or else `finetune.init` (whether it fits the model, from its
     metadata alone), and (rank 0) the first samples of the shards. Returns the doubts these raise
     that are not refusals."""
@@ -70,9 +70,14 @@ def _refuse_unwritable(run_dir: Path) -> None:
     in the SLURM scripts' jobs, which take no run lock (whose opening found it before), where it was
     a traceback at the run's first write, exit 1, requeued."""
     there = run_dir
-    while not there.exists() and there != there.parent:
-        there = there.parent
-    if not there.is_dir():
-        raise ConfigError(f"run.dir '{run_dir}' cannot be made: '{there}' is a file, not a directory")
+    try:  # lexists: a link to nothing is there, to be refused, and a folder that cannot be entered is not
+        while not os.path.lexists(there) and there != there.parent:
+            there = there.parent
+        is_dir = there.is_dir()
+    except OSError as e:
+        raise ConfigError(f"run.dir '{run_dir}' cannot be made: {e}") from None
+    if not is_dir:
+        raise ConfigError(f"run.dir '{run_dir}' cannot be made: '{there}' is not a directory (a file, or a link to "
+                          "nothing)")
     if not os.access(there, os.W_OK | os.X_OK):
         raise ConfigError(f"run.dir '{run_dir}' cannot be written: '{there}' is not writable by this user")

@@ -112,7 +112,7 @@ def _same_file_spellings(urls: list[str]) -> list[tuple[str, str]]:
 
 def _split(path: str) -> tuple[str, str]:
     """A path's directory, as it is spelt ('' for the working directory), and its name: the checks
-    above take 200,000 shards, for which os.path's functions would cost seconds on every rank."""
+    here take 200,000 shards, for which os.path's functions would cost seconds on every rank."""
     directory = path[:path.rfind("/") + 1]
     return directory, path[len(directory):]
 

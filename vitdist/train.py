@@ -134,8 +134,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
                         resume_from, "; ".join(changes))
 
     average = WeightAverage(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
-    if (average is not None and resume_from is not None and not checkpoint_read.load_average(resume_from, average)
-            and ctx.is_main):
+    averaged = average is None or resume_from is None or checkpoint_read.load_average(resume_from, average)
+    if not averaged and ctx.is_main:
         log.warning("%s holds no average of the weights (its run had train.ema_decay=0): the average starts from the "
                     "weights resumed", resume_from)
 
@@ -159,8 +159,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     if ctx.is_main:
         print(_banner(cfg, ctx, model, accum_steps, state.step, peak), flush=True)
         if nothing_to_train:
-            log.warning("%s is at train.steps=%d already: nothing to train (give a larger train.steps to train on)",
-                        resume_from, state.step)
+            log.warning("%s is at train.steps=%d already: nothing to train, the run ends there (give a larger "
+                        "train.steps to train on)", resume_from, state.step)
 
     # Else that step would be missing from val/ and never be the best: one the preempted run owes, or
     # the end of this run, where the one that checkpointed there did not validate (a shorter train.steps).
@@ -169,7 +169,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         if owed_validation_logged(run_dir / "tb", resume_from, state.step, ctx):
             log.info("step %d: validated and logged by a run resumed from here before: not again", state.step)
         else:
-            log.info("step %d: validating first, as the run that checkpointed there did not", state.step)
+            log.info("step %d: validating %s, as the %srun that checkpointed there did not", state.step,
+                     *(("first", "preempted ") if state.eval_owed else ("it, the end of this run", "")))
             scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, state.step, state.best,
                                                          best_file, meta, average, stop=preemption.signalled)
             if scalars is None:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing.util
 import os
 import queue
 import signal
 import threading
 import time
 from collections import Counter
-import multiprocessing.util
 from multiprocessing import Process, RawArray, connection, parent_process
 from typing import Iterator
 
