@@ -41,7 +41,7 @@ torchrun --standalone --nproc_per_node="$nproc" launch/finetune.py --config conf
   "data.val_shards=$data_dir/digits/shards/val-{000000..000015}.tar" "${layout[@]}" \
   "finetune.init=$run_dir/checkpoints" "run.dir=$run_dir-digits"  # a run's checkpoints: its newest
 
-# Whole: this script runs in the checkout, the user may not; a leading ~ is the home directory, as the config reads it.
-case $run_dir in /*) shown=$run_dir ;; "~"|"~/"*) shown=$HOME${run_dir#\~} ;; *) shown=$PWD/$run_dir ;; esac
+# Whole, as the config reads it (a leading ~ the home directory): this script runs in the checkout, the user may not.
+shown=$(python -c 'import os, sys; print(os.path.abspath(os.path.expanduser(sys.argv[1])))' "$run_dir")
 echo "demo done: pretraining in $shown, fine-tuning in $shown-digits (best weights: $shown-digits/best.safetensors)"
 echo "watch both: tensorboard --logdir_spec 'pretrain:$shown/tb,finetune:$shown-digits/tb'"

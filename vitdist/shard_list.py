@@ -68,13 +68,14 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
         urls = [_local_spelling(url) for pattern in patterns for url in braceexpand.braceexpand(pattern)]
     except braceexpand.UnbalancedBracesError as e:
         raise ConfigError(f"{where}{e}: a brace that is part of a name is written \\{{ or \\}}") from None
-    files = _same_file_spellings(urls)
+    located = [None if is_remote(url) else _split(url) for url in urls]  # once: 200,000 shards take seconds
+    files = _same_file_spellings(urls, located)
     if twice := next((file for file, count in Counter(files).items() if count > 1), None):
         named = [url for url, file in zip(urls, files) if file == twice]
         spellings = "" if len(set(named)) == 1 else f" (as {', '.join(map(repr, dict.fromkeys(named)))})"
         raise ConfigError(f"{where}'{named[0]}' is named {len(named)} times{spellings}: its samples would be read as "
                           "many times per epoch (and counted as many times in validation); name each shard once")
-    missing = _missing_files([u for u in urls if not is_remote(u)])
+    missing = _missing_files(urls, located)
     if missing:
         # A job started in another directory than the config's relative paths assume (the shipped configs' demo/...)
         relative = "" if Path(missing[0]).is_absolute() else f" (a relative path, from the working directory '{Path.cwd()}')"
@@ -88,18 +89,19 @@ def expand_urls(spec: str | list[str], key: str | None = None) -> list[str]:
     return urls
 
 
-def _same_file_spellings(urls: list[str]) -> list[tuple[str, str]]:
+def _same_file_spellings(urls: list[str], located: list[tuple[str, str] | None]) -> list[tuple[str, str]]:
     """Each URL as one key for each file: a local shard spelt otherwise ('d/./a.tar', relative
     beside absolute, through a symbolic link to its directory: a cluster's /data linked to
     /mnt/lustre/data) gives the same, its directory known by its device and inode. One stat per
-    directory, not per shard (see _missing_files); a directory that is missing by its text."""
+    directory, not per shard (see _missing_files); a directory that is missing by its text.
+    `located`: each URL's directory and name (_split), None for a remote one."""
     directories: dict[str, str] = {}
     files = []
-    for url in urls:
-        if is_remote(url):
+    for url, place in zip(urls, located):
+        if place is None:
             files.append((url, ""))
             continue
-        directory, name = _split(url)
+        directory, name = place
         if directory not in directories:
             try:
                 stat = os.stat(directory or ".")
@@ -117,14 +119,15 @@ def _split(path: str) -> tuple[str, str]:
     return directory, path[len(directory):]
 
 
-def _missing_files(paths: list[str]) -> list[str]:
-    """The paths that are not files. Every rank checks the shard list (the config check, the run,
+def _missing_files(urls: list[str], located: list[tuple[str, str] | None]) -> list[str]:
+    """The local shards (`located` as for _same_file_spellings) that are not files. Every rank checks the shard list (the config check, the run,
     the loader), and a stat per shard, tens of thousands from every rank at once, loads a cluster
     filesystem's metadata server: a directory named by many paths is listed once instead."""
     by_directory: dict[str, list[tuple[str, str]]] = {}
-    for path in paths:
-        directory, name = _split(path)
-        by_directory.setdefault(directory, []).append((path, name))
+    for path, place in zip(urls, located):
+        if place is not None:
+            directory, name = place
+            by_directory.setdefault(directory, []).append((path, name))
     missing = set()
     for directory, named in by_directory.items():
         if len(named) < LISTED_FROM:
@@ -136,7 +139,7 @@ def _missing_files(paths: list[str]) -> list[str]:
         except OSError:  # missing or unreadable: as a stat of each would find them
             files = set()
         missing.update(path for path, name in named if name not in files)
-    return [path for path in paths if path in missing]
+    return [path for path in urls if path in missing]
 
 
 def probe(urls: list[str], cfg: DataConfig, num_classes: int, key: str, timeout_s: float) -> None:

@@ -169,8 +169,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         if owed_validation_logged(run_dir / "tb", resume_from, state.step, ctx):
             log.info("step %d: validated and logged by a run resumed from here before: not again", state.step)
         else:
-            log.info("step %d: validating %s, as the %srun that checkpointed there did not", state.step,
-                     *(("first", "preempted ") if state.eval_owed else ("it, the end of this run", "")))
+            why = "first, as the preempted run" if state.eval_owed else "it, the end of this run, as the run"
+            log.info("step %d: validating %s that checkpointed there did not", state.step, why)
             scalars, state.best = evaluate_and_keep_best(model, val_loader, cfg, ctx, compute, state.step, state.best,
                                                          best_file, meta, average, stop=preemption.signalled)
             if scalars is None:
