@@ -67,7 +67,10 @@ def pretrain_command(nproc: int, overrides: list[str], launcher: str = "pretrain
 
 
 # PYTHONFAULTHANDLER: a process that gets SIGABRT prints every thread's stack (see run_captured).
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+# PYTHONPATH: the launch scripts import this tree's vitdist, not whichever the environment installed
+# (a second checkout's tests ran the first's code in every torchrun).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+       "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def run_pretrain(nproc: int, overrides: list[str], timeout_s: int = 300, launcher: str = "pretrain",

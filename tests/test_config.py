@@ -53,6 +53,8 @@ def test_whole_numbers_in_scientific_notation_are_integers():
     ("data.train_shards=out/é #1/train-{0..3}.tar", "out/é #1/train-{0..3}.tar"),  # text, then a comment
     ("data.train_shards=[a.tar, '{b,c}.tar']", ["a.tar", "{b,c}.tar"]),  # still YAML: a list, a quoted string
     ("data.val_shards=null", None),
+    ("data.train_shards=pipe:curl -s 'http://h/a.tar?X-Sig=ab=='", "pipe:curl -s 'http://h/a.tar?X-Sig=ab=='"),  # = in it
+    ("run.dir=/tmp/lr=1e-3", "/tmp/lr=1e-3"),
 ])
 def test_a_key_that_takes_text_gets_it_as_written(override, value):
     key = override.split("=")[0]
@@ -331,7 +333,7 @@ def test_torchrun_reports_each_ranks_own_exit_code_when_one_ends_later(tmp_path)
     from conftest import ENV, pretrain_command
 
     run = subprocess.run(pretrain_command(2, ["optim.lrr=1", f"run.dir={tmp_path / 'run'}"]), cwd=REPO, text=True,
-                         capture_output=True, timeout=120, env={**ENV, "PYTHONPATH": str(tmp_path)})
+                         capture_output=True, timeout=120, env={**ENV, "PYTHONPATH": f"{tmp_path}:{ENV['PYTHONPATH']}"})
     assert run.returncode == 1 and run.stderr.count("config error: unknown config key 'optim.lrr'") == 2, run.stderr
     assert run.stderr.count("exitcode  : 2") == 2 and "exitcode  : -15" not in run.stderr, run.stderr
 

@@ -27,7 +27,7 @@ from vitdist.data import EvalLoader, TrainLoader
 from vitdist.streams import Stream, shard_order
 from vitdist.shard_list import expand_urls, train_shard_urls
 from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
-from vitdist.samples import BadSample, NoUsableSamples, load_rgb, open_image, read_sample
+from vitdist.samples import BadSample, NoUsableSamples, load_rgb, open_image, read_sample, Skips
 from vitdist.tars import READ_ERROR, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.preflight import preflight
@@ -133,9 +133,10 @@ def test_loader_workers_run_in_their_own_session_below_the_training_process(demo
         assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, own_nice + WORKER_NICENESS)
 
 
-@pytest.mark.parametrize("block, steps", [(128, 3), (10, 5), (10, 8)])
+@pytest.mark.parametrize("block, steps", [(128, 3), (10, 5), (10, 8), (8, 2)])
 def test_stream_positions_resume_exactly(demo_shards, block, steps):
-    """Resume mid-block, mid-shard and at an epoch boundary (8 steps x 8 samples = 2 shards of 32)."""
+    """Resume mid-block, mid-shard, at an epoch boundary (8 steps x 8 samples = 2 shards of 32) and
+    at a block's edge inside a shard."""
     cfg = data_cfg(demo_shards, "data.num_workers=1", f"data.shuffle_block={block}")
     loader = TrainLoader(cfg.data, 32, 8, 128, 0, 1)
     batches = iter(loader)
@@ -423,6 +424,24 @@ def test_a_key_with_a_dot_is_skipped_naming_its_files_and_the_cause(tmp_path):
         read_sample(sample, 8)
 
 
+def test_a_shard_whose_names_share_a_dotted_prefix_counts_as_all_its_samples_skipped(tmp_path):
+    """'laion.000001.jpg', 'laion.000002.jpg', ...: every file is key 'laion', so the whole shard is
+    one sample. Counted as one skip, the shard passed under data.max_skip_frac unseen, with a
+    message that listed every file of it."""
+    write_tar(tmp_path / "laion.tar", [(f"laion.{i:06d}.{ext}", png_bytes((9, 9, 9)) if ext == "jpg" else b"1")
+                                       for i in range(20) for ext in ("jpg", "cls")])
+    [sample] = read_samples(str(tmp_path / "laion.tar"))
+    skips = Skips()
+    with pytest.raises(BadSample) as bad:
+        read_sample(sample, 8)
+    skips.report(sample, bad.value)
+    assert skips.counts == {"no_label": 20}
+    assert str(bad.value) == ("no .cls label among ['000000.cls', '000000.jpg', '000001.cls', '000001.jpg', '000002.cls', "
+                              "'000002.jpg', '000003.cls', '000003.jpg', '... 32 more'] (a key ends at the first dot of a "
+                              "file name: 'laion.000000.cls' is key 'laion', file '000000.cls', which makes 20 samples "
+                              "one, skipped as 20; write keys without dots, as vitdist make-shards does)")
+
+
 def test_a_tar_of_a_folder_whose_files_lie_apart_is_refused_saying_so(tmp_path):
     """`tar cf shard.tar -C folder .` writes the folder's order (ext4's is a hash's), and `tar cf
     shard.tar *.png *.cls` all images first: webdataset groups only files that follow one another,
@@ -644,6 +663,18 @@ def test_eval_counts_the_bad_samples_it_skips(tmp_path):
     batches = list(EvalLoader(cfg.data, 32, 8, 0, 1))
     assert [(b["key"], b["skipped"]) for b in batches] == [(["good0", "good1", "good2"], 1), ([], 2)]
     assert batches[-1]["image"].shape == (0, 3, 32, 32)
+
+
+def test_eval_skips_a_strip_that_resized_for_its_crop_would_be_too_large(tmp_path, caplog):
+    """The shorter side is resized to the crop's, the longer in proportion: a thin strip within
+    data.max_image_pixels as decoded would not be once resized (8x500000 pixels: 25 GB at 224 px)."""
+    write_shard(tmp_path / "val.tar", [{"__key__": "strip", "png": png_bytes((9, 9, 9), size=(8, 1000)), "cls": 0},
+                                       {"__key__": "photo", "png": png_bytes((9, 9, 9), size=(80, 60)), "cls": 1}])
+    cfg = load_config(TINY, [f"data.val_shards={tmp_path / 'val.tar'}", "data.num_workers=0",
+                             "data.max_image_pixels=10000"])  # the strip holds 8000 pixels; resized, 162000
+    assert [(b["key"], b["skipped"]) for b in EvalLoader(cfg.data, 32, 8, 0, 1)] == [(["photo"], 1)]
+    assert any(f"skipped sample 'strip' in {tmp_path / 'val.tar'}: 8x1000 image, resized to 36x4500 for the "
+               "validation crop: more than data.max_image_pixels=10000 [too_large]" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2), (3, 1)])

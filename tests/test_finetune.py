@@ -12,7 +12,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import DIGITS, ENV, REPO, TINY, read_scalars, run_pretrain, shard_overrides, vitdist_cli, write_png_folder
+from conftest import DIGITS, ENV, REPO, TINY, pretrain_command, read_scalars, run_pretrain, shard_overrides, vitdist_cli, write_png_folder
 from vitdist.config_yaml import load_config
 from vitdist.shard_list import expand_urls
 from vitdist.handoff import load_pretrained
@@ -156,6 +156,33 @@ def test_pretrain_then_finetune_at_another_resolution_then_timm(demo_shards, tmp
     assert not torch.equal(probe.head.weight, start.head.weight)
     head = sum(p.numel() for p in probe.head.parameters()) / 1e6
     assert f"on rank 0, {head:.3g}M trained) |" in frozen.stdout, frozen.stdout[:2000]
+
+
+def test_every_rank_loads_the_checkpoint_rank_0_took_of_a_run_still_saving(demo_shards, tmp_path):
+    """finetune.init naming a run's checkpoints/ takes its newest complete one. Of a run still
+    saving, each rank could find another (rank 1 here finds step_2, as if it had looked a moment
+    before step_4 was complete), and FSDP keeps each rank's shard of what it loaded: a model of two
+    checkpoints, without a word."""
+    pre = run_pretrain(0, [*shard_overrides(demo_shards), "data.val_shards=null", f"run.dir={tmp_path / 'pre'}",
+                           "train.steps=4", "ckpt.every_steps=2", "ckpt.keep=2", "train.global_batch_size=32",
+                           "data.micro_batch_size=32"])
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import vitdist.handoff as handoff\n"
+        "    found = handoff.locate\n"
+        "    handoff.locate = lambda path: found(path).with_name('step_2')\n")
+    command = pretrain_command(2, [*shard_overrides(demo_shards), "data.val_shards=null", "dist.strategy=fsdp",
+                                   f"finetune.init={tmp_path / 'pre' / 'checkpoints'}", "train.steps=1",
+                                   "train.global_batch_size=32", "data.micro_batch_size=16",
+                                   f"run.dir={tmp_path / 'ft'}"], launcher="finetune")
+    run = subprocess.run(command, cwd=REPO, text=True, capture_output=True, timeout=300,
+                         env={**ENV, "PYTHONPATH": f"{tmp_path / 'site'}:{ENV['PYTHONPATH']}"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}] INFO initialised from {tmp_path / 'pre' / 'checkpoints' / 'step_4'} " in run.stderr, rank
 
 
 def test_digits_are_real_scans_split_and_sharded(tmp_path):

@@ -586,6 +586,8 @@ def test_a_resume_with_another_global_batch_judges_bad_samples_by_the_samples_tr
 
     assert run(10, 64)["skipped"] == {"undecodable": 12}  # the bad shard read twice
     assert run(12, 16)["trained_samples"] == 10 * 64 + 2 * 16
+    assert run(14, 32)["trained_samples"] == 10 * 64 + 2 * 16 + 2 * 32  # carried on, not steps x a batch
+    shutil.rmtree(run_dir / "checkpoints" / "step_14")
 
     shutil.rmtree(run_dir / "checkpoints" / "step_12")
     step_10 = run_dir / "checkpoints" / "step_10" / "train_state.json"

@@ -89,14 +89,15 @@ def test_objective_label_smoothing_and_mixup():
     for smoothing in (0.0, 0.1):
         loss = Classification(load_config(TINY, [f"train.label_smoothing={smoothing}"]).train, 8)(model, x, y)
         torch.testing.assert_close(loss, F.cross_entropy(model(x), y, label_smoothing=smoothing))
-    mixed = Classification(load_config(TINY, ["train.label_smoothing=0.1", "train.mixup_alpha=0.8",
-                                              "train.cutmix_alpha=1.0"]).train, 8)
-    np.random.seed(0)
-    loss = mixed(model, x.clone(), y)  # timm's Mixup mixes the images in place
-    np.random.seed(0)
-    images, targets = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=8)(x.clone(), y)
-    assert not torch.equal(images, x) and (targets.max(-1).values < 0.9).any()  # mixed, labels too
-    torch.testing.assert_close(loss, -(targets * F.log_softmax(model(images), dim=-1)).sum(-1).mean())
+    for mixup, cutmix in ((0.8, 1.0), (0.8, 0.0), (0.0, 1.0)):  # either alone mixes too
+        mixed = Classification(load_config(TINY, ["train.label_smoothing=0.1", f"train.mixup_alpha={mixup}",
+                                                  f"train.cutmix_alpha={cutmix}"]).train, 8)
+        np.random.seed(0)
+        loss = mixed(model, x.clone(), y)  # timm's Mixup mixes the images in place
+        np.random.seed(0)
+        images, targets = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=0.1, num_classes=8)(x.clone(), y)
+        assert not torch.equal(images, x) and (targets.max(-1).values < 0.9).any()  # mixed, labels too
+        torch.testing.assert_close(loss, -(targets * F.log_softmax(model(images), dim=-1)).sum(-1).mean())
 
 
 @pytest.mark.parametrize("max_norm", [0.01, 0.0])

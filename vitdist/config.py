@@ -110,7 +110,7 @@ class DataConfig:
         "hold nothing to crop, while 32 px images (CIFAR, icons) pass", at_least=0)
     max_image_pixels: int = _opt(
         100_000_000, "skip (as too_large) images of more pixels, judged from the header before any pixel is decoded: "
-        "a decompression bomb never allocates; 100M pixels (300 MB as RGB) is beyond any common camera. PIL refuses images "
+        "a decompression bomb never allocates; in validation, also the image resized for its crop; 100M pixels (300 MB as RGB) is beyond any common camera. PIL refuses images "
         "over 2 x PIL.Image.MAX_IMAGE_PIXELS (179M) itself, also counted as too_large", above=0)
     max_skip_frac: float = _opt(
         0.1, "stop the run (error, exit 2) when more than this fraction of the training samples read were skipped; "
@@ -183,7 +183,8 @@ class CkptConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = _opt(10, "console and TensorBoard line every N steps, and at checkpoint and validation steps", above=0)
+    every_steps: int = _opt(10, "console and TensorBoard line every N steps, and at a run's first step and at checkpoint and validation "
+                                 "steps", above=0)
     peak_tflops: float | None = _opt(None, "per-device matmul peak that perf/mfu divides by; null: measured at start "
                                            "(bf16 or fp32, per train.precision)", above=0)
     profile_steps: list[int] = _opt([], "[first, last]: profile these optimizer steps (host and GPU, the data waits "

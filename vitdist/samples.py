@@ -31,9 +31,9 @@ _MAX_WARNINGS = 20  # logged per kind and worker: the first ones name the broken
 class BadSample(ValueError):
     """A sample that is skipped and counted under its `kind`, one of SKIP_KINDS."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, count: int = 1):
         super().__init__(message)
-        self.kind = kind
+        self.kind, self.count = kind, count  # count: the samples it stands for (see _lacking)
 
 
 def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
@@ -41,7 +41,7 @@ def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
     if READ_ERROR in sample:
         raise BadSample("read_error", f"the rest of the shard is unreadable: {sample[READ_ERROR]}")
     if "cls" not in sample:
-        raise _linked(sample, ("cls",)) or BadSample("no_label", _lacking(".cls label", sample))
+        raise _linked(sample, ("cls",)) or _lacking("no_label", ".cls label", sample)
     # A Windows editor's byte-order mark, and whitespace, are allowed; not what int() also reads as
     # a number (1_0 as 10, other scripts' digits), nor more digits than any class index has.
     label = re.fullmatch(rb"(?:\xef\xbb\xbf)?\s*([+-]?[0-9]{1,18})\s*", sample["cls"])
@@ -52,7 +52,7 @@ def read_sample(sample: dict, num_classes: int) -> tuple[bytes, int]:
         raise BadSample("bad_label", f"label {label} outside [0, {num_classes})")
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
-        raise _linked(sample, IMAGE_KEYS) or BadSample("no_image", _lacking("image (.jpg/.jpeg/.png/.webp)", sample))
+        raise _linked(sample, IMAGE_KEYS) or _lacking("no_image", "image (.jpg/.jpeg/.png/.webp)", sample)
     return data, label
 
 
@@ -68,16 +68,21 @@ def _linked(sample: dict, suffixes: tuple[str, ...]) -> BadSample | None:
                              "or with vitdist make-shards")
 
 
-def _lacking(what: str, sample: dict) -> str:
-    """Why a sample lacks `what`: the files it has, and, when their names hold a dot, how a key with
-    a dot splits. Shards tarred from files named like 'img.v2.jpg' meet it in every sample."""
+def _lacking(kind: str, what: str, sample: dict) -> BadSample:
+    """A sample that lacks `what`: the files it has, and, when their names hold a dot, how a key
+    with a dot splits. Shards tarred from files named like 'img.v2.jpg' meet it in every sample;
+    those named like 'laion.000001.jpg' are one key, 'laion', for the whole shard, which counts
+    as the samples its files name (one per name before the suffix), not one."""
     files = sorted(k for k in sample if not k.startswith("__"))
+    listed = files if len(files) <= 8 else [*files[:8], f"... {len(files) - 8} more"]
     dotted = next((f for f in files if "." in f), None)
     if dotted is None:
-        return f"no {what} among {files}"
-    key = sample["__key__"]
-    return (f"no {what} among {files} (a key ends at the first dot of a file name: '{key}.{dotted}' is key '{key}', "
-            f"file '{dotted}'; write keys without dots, as vitdist make-shards does)")
+        return BadSample(kind, f"no {what} among {listed}")
+    key, count = sample["__key__"], len({f.rsplit(".", 1)[0] for f in files if "." in f})
+    merged = f", which makes {count} samples one, skipped as {count}" if count > 1 else ""
+    return BadSample(kind, f"no {what} among {listed} (a key ends at the first dot of a file name: '{key}.{dotted}' is "
+                           f"key '{key}', file '{dotted}'{merged}; write keys without dots, as vitdist make-shards does)",
+                     count)
 
 
 # The formats read: all that PIL knows but EPS, whose pixels PIL has Ghostscript decode, a program
@@ -160,8 +165,8 @@ class Skips:
     counts: Counter = field(default_factory=Counter)
 
     def report(self, sample: dict, reason: BadSample) -> None:
-        self.counts[reason.kind] += 1
-        if self.counts[reason.kind] <= _MAX_WARNINGS:
+        self.counts[reason.kind] += reason.count
+        if self.counts[reason.kind] - reason.count < _MAX_WARNINGS:
             what = "the rest of the shard" if READ_ERROR in sample else f"sample '{sample['__key__']}'"
             log.warning("skipped %s in %s: %s [%s]", what, sample["__url__"], reason, reason.kind)
 

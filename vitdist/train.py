@@ -99,7 +99,10 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
-    resume_from = checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints")
+    # Rank 0's choice on every rank: the newest checkpoint of a run still saving (train.resume or
+    # finetune.init naming its checkpoints/) may be another step by the time each rank looks, and
+    # FSDP keeps each rank's shard of what it loaded.
+    resume_from = distributed.rank_zeros(checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints"), ctx)
     if checkpoint.passed_over(cfg.train.resume, resume_from):
         log.warning("train.resume='%s', but this run has checkpointed since: resuming from %s (move its newer "
                     "checkpoints away to go back)", cfg.train.resume, resume_from)
@@ -107,7 +110,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         log.warning("not resuming from %s: a save that did not finish (the run was killed or the save failed), "
                     "deleted once a checkpoint of a later step is complete", partial)
     if resume_from is None and cfg.finetune.init:
-        init = locate(cfg.finetune.init)  # for a run's checkpoints/, the log names the step it took
+        init = distributed.rank_zeros(locate(cfg.finetune.init), ctx)  # the log names the step it took
         kind, fresh = load_located(model, init, cfg.finetune.new_head, cfg.finetune.init_ema)
         log.info("initialised from %s (%s); freshly initialised: %s", init, kind, fresh or "nothing")
     if cfg.finetune.freeze == "backbone":
@@ -149,13 +152,14 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     # TensorBoard drops what a killed run logged after the checkpoint resumed from (after step 0 for a
     # run killed before its first checkpoint, and started again): no step twice.
     logger = MetricLogger(run_dir / "tb", cfg.train.steps, ctx.is_main, purge_step=state.step + 1)
-    # Beside the curves, to tell runs (and a resume's changed keys) apart there. At the first step
-    # trained, which a start again from the same checkpoint purges, so that it is there once.
-    logger.text(state.step + 1, "config", f"```yaml\n{config_text(cfg)}```")
+    nothing_to_train = resume_from is not None and state.step == cfg.train.steps
+    if not nothing_to_train:
+        # Beside the curves, to tell runs (and a resume's changed keys) apart there. At the first step
+        # trained, which a start again from the same checkpoint purges, so that it is there once.
+        logger.text(state.step + 1, "config", f"```yaml\n{config_text(cfg)}```")
     compute = distributed.compute_precision(cfg, ctx.device)
     peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else matmul_peak_flops(ctx.device, distributed.DTYPES[cfg.train.precision])
     flops_per_image = train_flops_per_image(model)
-    nothing_to_train = resume_from is not None and state.step == cfg.train.steps
     if ctx.is_main:
         print(_banner(cfg, ctx, model, accum_steps, state.step, peak), flush=True)
         if nothing_to_train:
@@ -216,7 +220,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             at_eval_step = eval_due and not preempted  # a preempted run leaves it to the resumed one (eval_owed)
             # A checkpoint holds the counts so far; a new window starts after an evaluation or a checkpoint,
             # so that their time stays out of perf/.
-            at_log_step = step % cfg.log.every_steps == 0 or at_ckpt_step or at_eval_step
+            # And at a run's first step: its loss at once, and the start-up (compilation, the loader's
+            # first batches) in a window of its own, out of the next line's perf/ figures.
+            at_log_step = step % cfg.log.every_steps == 0 or step == 1 or at_ckpt_step or at_eval_step
             scalars = _close_window(window, lr, state, flops_per_image / peak, ctx) if at_log_step else {}
             validated = False
             if at_eval_step:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import DataConfig
+from .samples import BadSample
 
 
 def sample_crop(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
@@ -92,9 +93,14 @@ def eval_transform(image: torch.Tensor, cfg: DataConfig, size: int) -> torch.Ten
     """The validation crop as timm's eval transform makes it: the shorter side resized to
     floor(size / crop_pct), the longer in proportion (truncated, as torchvision's Resize does),
     then the centre cut out (offsets rounded, as its CenterCrop does). An export names crop_pct
-    for timm, whose figures then match vitdist's up to the resampler (timm resizes with PIL)."""
+    for timm, whose figures then match vitdist's up to the resampler (timm resizes with PIL).
+    BadSample (too_large) where the resized image would hold more than data.max_image_pixels: a
+    thin strip (8x500000) passes that bound as decoded, but resized whole it would not (25 GB)."""
     _, height, width = image.shape
     short = math.floor(size / cfg.val_crop_frac)
     w, h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    if w * h > cfg.max_image_pixels:
+        raise BadSample("too_large", f"{width}x{height} image, resized to {w}x{h} for the validation crop: more than "
+                                     f"data.max_image_pixels={cfg.max_image_pixels}")
     left, top = int(round((w - size) / 2)), int(round((h - size) / 2))
     return resize(image, h, w)[:, top : top + size, left : left + size]
