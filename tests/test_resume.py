@@ -276,6 +276,33 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused_and_the_first_trains_on(dem
     assert again.returncode == 0 and "nothing to train" in again.stderr, again.stderr[-3000:]
 
 
+def test_a_run_dir_locked_from_another_host_says_how_to_get_past_a_crashed_one(tmp_path):
+    """On NFS a crashed host's lock outlives it (NFSv3's until the host is back): a refusal naming
+    another host says so, and which file to delete; one naming this host does not."""
+    import socket
+    import subprocess
+
+    from conftest import ENV
+    from vitdist import run_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from vitdist import "
+                               "run_lock; run_lock.hold(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for host, hint in (("node7", True), (socket.gethostname(), False)):
+            (tmp_path / run_lock.LOCK).write_text(f"pid 4242 on {host}, since 2026-12-05 14:24:56\n")
+            with pytest.raises(ConfigError) as refused:
+                run_lock.hold(tmp_path)
+            assert f"is in use by another run (pid 4242 on {host}, since 2026-12-05 14:24:56)" in str(refused.value)
+            assert (f"(if node7 is down: NFS keeps a crashed host's lock until its lease ends, NFSv4's in about 90 s, "
+                    f"NFSv3's once that host is back; sure that no run is active there, delete "
+                    f"'{tmp_path / run_lock.LOCK}')" in str(refused.value)) == hint, str(refused.value)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused(demo_shards, tmp_path):
     """Checked against the checkpoint before any process group starts, each refusal naming the key
     and both values. What the user may change (the schedule, as to train longer, or the drop path

@@ -2,7 +2,7 @@
 and prune each other's checkpoints, and the second's start would delete the first's FATAL and
 FINISHED. Rank 0 holds a lock on `<run.dir>/run.lock` while it lives; the kernel lets it go when the
 process ends, a SIGKILL included (on NFS, a crashed host's lock lasts until its lease ends: NFSv4's
-90 s). Jobs of the SLURM scripts are held by their job instead (slurm/common.sh): a lock a crashed
+90 s; NFSv3's until the host is back). Jobs of the SLURM scripts are held by their job instead (slurm/common.sh): a lock a crashed
 node left on NFS would fail their requeue, which comes sooner, as a config error."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -36,9 +37,14 @@ def hold(run_dir: Path) -> str | None:
         holder = os.read(fd, 1000).decode(errors="replace").strip() or "a process that has not said which"
         os.close(fd)
         if e.errno in (errno.EACCES, errno.EAGAIN):
+            host = re.search(r" on (\S+), since ", holder)
+            # Another host's lock outlives that host on NFS: the refusal must say how to get past it.
+            crashed = (f" (if {host[1]} is down: NFS keeps a crashed host's lock until its lease ends, NFSv4's in "
+                       f"about 90 s, NFSv3's once that host is back; sure that no run is active there, delete "
+                       f"'{run_dir / LOCK}')") if host and host[1] != socket.gethostname() else ""
             raise ConfigError(f"run.dir '{run_dir}' is in use by another run ({holder}): two runs there would "
                               "overwrite each other's checkpoints; give another run.dir, or resume once it has "
-                              "ended") from None
+                              f"ended{crashed}") from None
         return f"run.dir '{run_dir}': its file system does not lock files ({e.strerror}), so a second run started " \
                "there meanwhile would not be refused"
     os.ftruncate(fd, 0)
