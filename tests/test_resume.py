@@ -303,6 +303,36 @@ def test_a_run_dir_locked_from_another_host_says_how_to_get_past_a_crashed_one(t
         holder.wait()
 
 
+def test_a_slurm_job_holds_the_lock_but_passes_over_one_its_own_earlier_attempt_left(tmp_path, monkeypatch):
+    """A job of the SLURM scripts takes the lock, so that a run started by hand in its run.dir is
+    refused (they took none: the two trained side by side); a requeue of the same job, whose crashed
+    node's lock NFS keeps, runs on with a warning; another job is refused."""
+    import subprocess
+
+    from conftest import ENV
+    from vitdist import run_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from vitdist import "
+                               "run_lock; run_lock.hold(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True, env={**ENV, "VITDIST_SLURM_JOB": "77_3"})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert (tmp_path / run_lock.LOCK).read_text().endswith(", SLURM job 77_3\n")
+        monkeypatch.delenv("VITDIST_SLURM_JOB", raising=False)
+        with pytest.raises(ConfigError, match=r"is in use by another run \(pid \d+ on .*, SLURM job 77_3\)"):
+            run_lock.hold(tmp_path)  # by hand
+        monkeypatch.setenv("VITDIST_SLURM_JOB", "77_4")
+        with pytest.raises(ConfigError, match="is in use by another run"):
+            run_lock.hold(tmp_path)
+        monkeypatch.setenv("VITDIST_SLURM_JOB", "77_3")
+        warning = run_lock.hold(tmp_path)
+        assert warning.startswith(f"run.dir '{tmp_path}' is locked by an earlier attempt of this job (pid "), warning
+        assert warning.endswith("this attempt runs without the lock"), warning
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_resume_that_would_read_other_samples_or_load_another_model_is_refused(demo_shards, tmp_path):
     """Checked against the checkpoint before any process group starts, each refusal naming the key
     and both values. What the user may change (the schedule, as to train longer, or the drop path

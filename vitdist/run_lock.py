@@ -2,8 +2,10 @@
 and prune each other's checkpoints, and the second's start would delete the first's FATAL and
 FINISHED. Rank 0 holds a lock on `<run.dir>/run.lock` while it lives; the kernel lets it go when the
 process ends, a SIGKILL included (on NFS, a crashed host's lock lasts until its lease ends: NFSv4's
-90 s; NFSv3's until the host is back). Jobs of the SLURM scripts are held by their job instead (slurm/common.sh): a lock a crashed
-node left on NFS would fail their requeue, which comes sooner, as a config error."""
+90 s; NFSv3's until the host is back). A job of the SLURM scripts (VITDIST_SLURM_JOB) takes it too,
+so that a run started by hand in its run.dir is refused, but passes over one that an earlier attempt
+of the same job holds: a crashed node's lock on NFS would fail the requeue, which comes sooner.
+slurm/common.sh also refuses a second job while squeue lists the first, queued ones too."""
 
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ def hold(run_dir: Path) -> str | None:
     except OSError as e:
         holder = os.read(fd, 1000).decode(errors="replace").strip() or "a process that has not said which"
         os.close(fd)
+        job = os.environ.get("VITDIST_SLURM_JOB")
+        if e.errno in (errno.EACCES, errno.EAGAIN) and job and holder.endswith(f", SLURM job {job}"):
+            return (f"run.dir '{run_dir}' is locked by an earlier attempt of this job ({holder}), which its file system "
+                    "takes for alive (a crashed node's lock on NFS): this attempt runs without the lock")
         if e.errno in (errno.EACCES, errno.EAGAIN):
             host = re.search(r" on (\S+), since ", holder)
             # Another host's lock outlives that host on NFS: the refusal must say how to get past it.
@@ -48,6 +54,7 @@ def hold(run_dir: Path) -> str | None:
         return f"run.dir '{run_dir}': its file system does not lock files ({e.strerror}), so a second run started " \
                "there meanwhile would not be refused"
     os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    job = f", SLURM job {os.environ['VITDIST_SLURM_JOB']}" if os.environ.get("VITDIST_SLURM_JOB") else ""
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}{job}\n".encode())
     _held.append(fd)
     return None
