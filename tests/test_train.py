@@ -44,6 +44,10 @@ def test_pretrain_on_2_ranks_then_resume(demo_shards, tmp_path):
     assert TAGS <= set(curves)
     assert [s for s, _ in curves["train/loss"]] == [1, 5, 10, 15, 20, 25, 30]  # the first step's line too
     assert [s for s, _ in curves["val/top1"]] == [15, 30]
+    best_top1 = max(v for _, v in curves["val/top1"])
+    best = re.search(rf"^best: {re.escape(str(run_dir / 'best.safetensors'))} \(step (\d+), val/top1 (\S+)\)$", first.stdout,
+                     re.M)
+    assert best and best[2] == f"{best_top1:.2%}" and (int(best[1]), best_top1) in curves["val/top1"], first.stdout[-500:]
     losses = [v for _, v in curves["train/loss"]]
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(0 <= v <= 1 for _, v in curves["perf/data_wait_frac"])

@@ -24,6 +24,7 @@ from .config_check import batch_layout
 from .config_yaml import config_text, save_config
 from .data import EvalLoader, Normalize, TrainLoader
 from .ema import WeightAverage
+from .export import header
 from .handoff import load_located, locate
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, is_classifier, model_meta, train_flops_per_image
@@ -276,7 +277,10 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     # Resumed at its end from another run.dir, this run's last checkpoint is the one it resumed.
     last_ckpt = checkpointer.newest() or (resume_from if nothing_to_train else None)
     if ctx.is_main:
-        print(f"checkpoint: {last_ckpt}\ntensorboard: tensorboard --logdir {shlex.quote(str(run_dir / 'tb'))}", flush=True)
+        print(f"checkpoint: {last_ckpt}", flush=True)
+        if "val_top1" in (best := header(best_file) if best_file.is_file() else {}):  # or the resumed run's
+            print(f"best: {best_file} (step {best.get('step', '?')}, val/top1 {float(best['val_top1']):.2%})", flush=True)
+        print(f"tensorboard: tensorboard --logdir {shlex.quote(str(run_dir / 'tb'))}", flush=True)
     return last_ckpt
 
 
