@@ -333,7 +333,7 @@ def test_torchrun_reports_each_ranks_own_exit_code_when_one_ends_later(tmp_path)
     from conftest import ENV, pretrain_command
 
     run = subprocess.run(pretrain_command(2, ["optim.lrr=1", f"run.dir={tmp_path / 'run'}"]), cwd=REPO, text=True,
-                         capture_output=True, timeout=120, env={**ENV, "PYTHONPATH": f"{tmp_path}:{ENV['PYTHONPATH']}"})
+                         capture_output=True, timeout=120, env={**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV["PYTHONPATH"]])})
     assert run.returncode == 1 and run.stderr.count("config error: unknown config key 'optim.lrr'") == 2, run.stderr
     assert run.stderr.count("exitcode  : 2") == 2 and "exitcode  : -15" not in run.stderr, run.stderr
 

@@ -27,7 +27,7 @@ from vitdist.data import EvalLoader, TrainLoader
 from vitdist.streams import Stream, shard_order
 from vitdist.shard_list import expand_urls, train_shard_urls
 from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
-from vitdist.samples import BadSample, NoUsableSamples, load_rgb, open_image, read_sample, Skips
+from vitdist.samples import BadSample, NoUsableSamples, Skips, load_rgb, open_image, read_sample
 from vitdist.tars import READ_ERROR, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.preflight import preflight
@@ -424,7 +424,7 @@ def test_a_key_with_a_dot_is_skipped_naming_its_files_and_the_cause(tmp_path):
         read_sample(sample, 8)
 
 
-def test_a_shard_whose_names_share_a_dotted_prefix_counts_as_all_its_samples_skipped(tmp_path):
+def test_a_shard_whose_names_share_a_dotted_prefix_counts_as_all_its_samples_skipped(tmp_path, caplog):
     """'laion.000001.jpg', 'laion.000002.jpg', ...: every file is key 'laion', so the whole shard is
     one sample. Counted as one skip, the shard passed under data.max_skip_frac unseen, with a
     message that listed every file of it."""
@@ -436,6 +436,13 @@ def test_a_shard_whose_names_share_a_dotted_prefix_counts_as_all_its_samples_ski
         read_sample(sample, 8)
     skips.report(sample, bad.value)
     assert skips.counts == {"no_label": 20}
+    with caplog.at_level(logging.WARNING, logger="vitdist.samples"):  # the next one is named too: 1 warning of 20
+        skips.report({"__key__": "unlabelled", "__url__": "other.tar"}, BadSample("no_label", "no .cls label"))
+    assert "skipped sample 'unlabelled' in other.tar: no .cls label [no_label]" in caplog.messages
+    cfg = load_config(TINY, [f"data.train_shards={tmp_path / 'laion.tar'}", "data.val_shards=null", "data.streams=1",
+                             "train.global_batch_size=2", "data.micro_batch_size=2", "data.num_workers=0"])
+    with pytest.raises(NoUsableSamples, match="each read to its end: all their 20 samples were skipped: no_label 20 "):
+        next(iter(TrainLoader(cfg.data, 32, 8, 2, 0, 1)))
     assert str(bad.value) == ("no .cls label among ['000000.cls', '000000.jpg', '000001.cls', '000001.jpg', '000002.cls', "
                               "'000002.jpg', '000003.cls', '000003.jpg', '... 32 more'] (a key ends at the first dot of a "
                               "file name: 'laion.000000.cls' is key 'laion', file '000000.cls', which makes 20 samples "
@@ -667,7 +674,7 @@ def test_eval_counts_the_bad_samples_it_skips(tmp_path):
 
 def test_eval_skips_a_strip_that_resized_for_its_crop_would_be_too_large(tmp_path, caplog):
     """The shorter side is resized to the crop's, the longer in proportion: a thin strip within
-    data.max_image_pixels as decoded would not be once resized (8x500000 pixels: 25 GB at 224 px)."""
+    data.max_image_pixels as decoded would not be once resized (8x500000 pixels: 12 GB at 224 px)."""
     write_shard(tmp_path / "val.tar", [{"__key__": "strip", "png": png_bytes((9, 9, 9), size=(8, 1000)), "cls": 0},
                                        {"__key__": "photo", "png": png_bytes((9, 9, 9), size=(80, 60)), "cls": 1}])
     cfg = load_config(TINY, [f"data.val_shards={tmp_path / 'val.tar'}", "data.num_workers=0",

@@ -1,6 +1,7 @@
 """Fine-tuning: the handoff in a real run, layer-wise lr decay, freezing, best weights, export."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -179,7 +180,7 @@ def test_every_rank_loads_the_checkpoint_rank_0_took_of_a_run_still_saving(demo_
                                    "train.global_batch_size=32", "data.micro_batch_size=16",
                                    f"run.dir={tmp_path / 'ft'}"], launcher="finetune")
     run = subprocess.run(command, cwd=REPO, text=True, capture_output=True, timeout=300,
-                         env={**ENV, "PYTHONPATH": f"{tmp_path / 'site'}:{ENV['PYTHONPATH']}"})
+                         env={**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), ENV["PYTHONPATH"]])})
     assert run.returncode == 0, run.stderr[-3000:]
     for rank in (0, 1):
         assert f"[rank {rank}] INFO initialised from {tmp_path / 'pre' / 'checkpoints' / 'step_4'} " in run.stderr, rank

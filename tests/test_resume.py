@@ -17,7 +17,7 @@ from braceexpand import braceexpand
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, png_bytes, read_scalars,
+from conftest import (EXACT, TINY, background_pretrain, loss_curve, outliving, png_bytes, read_scalars, read_texts,
                       pretrain_command, run_captured, run_pretrain, running, shard_overrides, wait_for, worker_pid,
                       write_png_folder, write_shard)
 from vitdist.config import ConfigError
@@ -274,6 +274,7 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused_and_the_first_trains_on(dem
     last = int(newest_checkpoint(run_dir / "checkpoints").name.removeprefix("step_"))
     again = run_pretrain(0, [*common, f"train.steps={last}"])  # the lock is free: nothing left to train
     assert again.returncode == 0 and "nothing to train" in again.stderr, again.stderr[-3000:]
+    assert all(step <= last for step, _ in read_texts(run_dir / "tb").get("config", []))  # none at a step never trained
 
 
 def test_a_run_dir_locked_from_another_host_says_how_to_get_past_a_crashed_one(tmp_path):
@@ -296,7 +297,7 @@ def test_a_run_dir_locked_from_another_host_says_how_to_get_past_a_crashed_one(t
                 run_lock.hold(tmp_path)
             assert f"is in use by another run (pid 4242 on {host}, since 2026-12-05 14:24:56)" in str(refused.value)
             assert (f"(if node7 is down: NFS keeps a crashed host's lock until its lease ends, NFSv4's in about 90 s, "
-                    f"NFSv3's once that host is back; sure that no run is active there, delete "
+                    f"NFSv3's once that host is back; once sure that no run is active there, delete "
                     f"'{tmp_path / run_lock.LOCK}')" in str(refused.value)) == hint, str(refused.value)
     finally:
         holder.kill()

@@ -183,8 +183,7 @@ class CkptConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = _opt(10, "console and TensorBoard line every N steps, and at a run's first step and at checkpoint and validation "
-                                 "steps", above=0)
+    every_steps: int = _opt(10, "console and TensorBoard line every N steps, and at step 1 and at checkpoint and validation steps", above=0)
     peak_tflops: float | None = _opt(None, "per-device matmul peak that perf/mfu divides by; null: measured at start "
                                            "(bf16 or fp32, per train.precision)", above=0)
     profile_steps: list[int] = _opt([], "[first, last]: profile these optimizer steps (host and GPU, the data waits "

@@ -116,8 +116,8 @@ class TrainChunks(IterableDataset):
                         images.append(self.rand_augment(crop, rng.getrandbits(64)) if self.rand_augment else crop)
             except BadSample as reason:
                 skips.report(sample, reason)
-                stream.judged(reason.kind)
-                self.reads.count(reason.kind)
+                stream.judged(reason.kind, reason.count)
+                self.reads.count(reason.kind, reason.count)
                 continue
             stream.judged(None)
             self.reads.count(None)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch._functorch.config
@@ -27,6 +28,7 @@ from .config import Config, DistConfig
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -266,33 +268,36 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def on_rank_zero(write: Callable[[], None], group: dist.ProcessGroup,
-                 expected: tuple[type[Exception], ...]) -> Exception | None:
-    """`write()` on rank 0 alone; every rank gets the exception of the `expected` kinds (which must
-    pickle, as OSError and SafetensorError do) it raised, None if it succeeded, and raises any other
-    one: a failure on rank 0 alone would leave the others waiting in their next collective until
-    dist.timeout_s."""
-    error, unexpected = [None], None
+def from_rank_zero(compute: Callable[[], T], group: dist.ProcessGroup, expected: tuple[type[Exception], ...]) -> T:
+    """`compute()` on rank 0 alone, its value on every rank; or the exception of the `expected`
+    kinds (which must pickle, as OSError and ValueError do) it raised, raised on every rank. Any
+    other one is raised on rank 0 as it is, on the others as a RuntimeError that names it: a failure
+    on rank 0 alone would leave the others waiting in their next collective until dist.timeout_s."""
+    result, unexpected = [None, None], None
     if dist.get_rank() == 0:
         try:
-            write()
+            result = [compute(), None]
         except expected as e:
-            error = [e]
+            result = [None, e]
         except Exception as e:  # sent as text: it may not pickle
-            error, unexpected = [RuntimeError(f"rank 0 failed: {e!r}")], e
-    dist.broadcast_object_list(error, src=0, group=group)
+            result, unexpected = [None, RuntimeError(f"rank 0 failed: {e!r}")], e
+    dist.broadcast_object_list(result, src=0, group=group)
     if unexpected is not None:
         raise unexpected
-    if error[0] is not None and not isinstance(error[0], expected):
-        raise error[0]
-    return error[0]
+    if result[1] is not None:
+        raise result[1]
+    return result[0]
 
 
-def rank_zeros(value, ctx: DistContext):
-    """Rank 0's `value` (which must pickle) on every rank, over the gloo control group."""
-    values = [value]
-    dist.broadcast_object_list(values, src=0, group=ctx.control)
-    return values[0]
+def on_rank_zero(write: Callable[[], None], group: dist.ProcessGroup,
+                 expected: tuple[type[Exception], ...]) -> Exception | None:
+    """`write()` on rank 0 alone (from_rank_zero); every rank gets the exception of the `expected`
+    kinds it raised, None if it succeeded."""
+    try:
+        from_rank_zero(write, group, expected)
+    except expected as e:
+        return e
+    return None
 
 
 def any_rank(flags: list[bool], ctx: DistContext) -> list[bool]:

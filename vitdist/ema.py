@@ -24,9 +24,7 @@ class WeightAverage:
         self.model = model
         self.params = {name: param for name, param in model.named_parameters() if param.requires_grad}
         self.average = {name: param.detach().clone() for name, param in self.params.items()}
-        # What update() lerps, listed once, and of a DTensor its local shard (the same storage):
-        # DTensor's dispatch per tensor cost 8-20 ms of host time a step over a ViT-B's 152, 0.4 so.
-        self._lerped = (_local(self.average.values()), _local(p.detach() for p in self.params.values()))
+        self._lerped: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def decay_at(self, step: int) -> float:
         """For the update after optimizer step `step` (1, 2, ...). With warmup, timm's law: the decay
@@ -36,6 +34,12 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
+        if self._lerped is None:
+            # Listed once, and of a DTensor its local shard (the same storage): DTensor's dispatch per
+            # tensor cost 8-20 ms of host time a step over a ViT-B's 152 tensors, 0.4 ms so. At the first
+            # update, after the first forward: until pytorch#163130 (2025), FSDP's lazy init gave the
+            # shard of a parameter that the ranks do not divide evenly new storage.
+            self._lerped = (_local(self.average.values()), _local(p.detach() for p in self.params.values()))
         torch._foreach_lerp_(*self._lerped, 1 - self.decay_at(step))
 
     @contextlib.contextmanager

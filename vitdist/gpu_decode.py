@@ -230,5 +230,6 @@ def _decode_one(jpeg: torch.Tensor, sample: dict, device: torch.device, skips: S
     except BadSample as reason:
         # Broken past its header, which is all the worker read. Counted as skipped, so that
         # data.max_skip_frac sees corrupt shards on either path.
-        skips.report(sample, BadSample(reason.kind, f"{reason}; trained on as a copy of another sample of its batch (grey if none is left)"))
+        skips.report(sample, BadSample(reason.kind, f"{reason}; trained on as a copy of another sample of its batch (grey if none is left)",
+                                       reason.count))
         return None

@@ -46,7 +46,7 @@ def hold(run_dir: Path) -> str | None:
             host = re.search(r" on (\S+), since ", holder)
             # Another host's lock outlives that host on NFS: the refusal must say how to get past it.
             crashed = (f" (if {host[1]} is down: NFS keeps a crashed host's lock until its lease ends, NFSv4's in "
-                       f"about 90 s, NFSv3's once that host is back; sure that no run is active there, delete "
+                       f"about 90 s, NFSv3's once that host is back; once sure that no run is active there, delete "
                        f"'{run_dir / LOCK}')") if host and host[1] != socket.gethostname() else ""
             raise ConfigError(f"run.dir '{run_dir}' is in use by another run ({holder}): two runs there would "
                               "overwrite each other's checkpoints; give another run.dir, or resume once it has "

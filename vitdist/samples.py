@@ -161,12 +161,14 @@ def decode(sample: dict, cfg: DataConfig, num_classes: int) -> tuple[Image.Image
 
 @dataclass
 class Skips:
-    """Bad samples met by one worker, by kind."""
+    """Bad samples met by one worker, by kind, and the warnings logged of them."""
     counts: Counter = field(default_factory=Counter)
+    warned: Counter = field(default_factory=Counter)
 
     def report(self, sample: dict, reason: BadSample) -> None:
         self.counts[reason.kind] += reason.count
-        if self.counts[reason.kind] - reason.count < _MAX_WARNINGS:
+        self.warned[reason.kind] += 1
+        if self.warned[reason.kind] <= _MAX_WARNINGS:
             what = "the rest of the shard" if READ_ERROR in sample else f"sample '{sample['__key__']}'"
             log.warning("skipped %s in %s: %s [%s]", what, sample["__url__"], reason, reason.kind)
 

@@ -163,7 +163,7 @@ def probe(urls: list[str], cfg: DataConfig, num_classes: int, key: str, timeout_
                 return
             except BadSample as reason:
                 count, first = skipped.get(reason.kind, (0, (sample, reason)))
-                skipped[reason.kind] = (count + 1, first)
+                skipped[reason.kind] = (count + reason.count, first)
     except ReadStalled:
         log.warning("%s: the first shards gave no sample within %g s: their samples are not checked before the start",
                     key, timeout_s)

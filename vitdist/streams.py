@@ -68,15 +68,15 @@ class Stream:
         self._samples = self._walk(*self.position, *position[3:])
         self._shard_usable, self._shard_skips = False, Counter()
 
-    def judged(self, skipped: str | None) -> None:
+    def judged(self, skipped: str | None, count: int = 1) -> None:
         """The reader's word on the sample last given: None if usable, else the kind it was skipped
-        as. Only the reader can tell: the stream does not decode. It reads the next sample only
-        once the reader has judged this one, so at a shard's end it knows whether the shard gave
-        anything to train on, and if not, why."""
+        as, and the samples it stands for (BadSample.count). Only the reader can tell: the stream
+        does not decode. It reads the next sample only once the reader has judged this one, so at a
+        shard's end it knows whether the shard gave anything to train on, and if not, why."""
         if skipped is None:
             self._shard_usable = True
         else:
-            self._shard_skips[skipped] += 1
+            self._shard_skips[skipped] += count
 
     def _walk(self, epoch: int, shard_index: int, offset: int,
               last: str | None = None) -> Iterator[tuple[dict, tuple[int, int, int]]]:

@@ -103,7 +103,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     # Rank 0's choice on every rank: the newest checkpoint of a run still saving (train.resume or
     # finetune.init naming its checkpoints/) may be another step by the time each rank looks, and
     # FSDP keeps each rank's shard of what it loaded.
-    resume_from = distributed.rank_zeros(checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints"), ctx)
+    resume_from = distributed.from_rank_zero(lambda: checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints"),
+                                             ctx.control, expected=(OSError, ValueError))
     if checkpoint.passed_over(cfg.train.resume, resume_from):
         log.warning("train.resume='%s', but this run has checkpointed since: resuming from %s (move its newer "
                     "checkpoints away to go back)", cfg.train.resume, resume_from)
@@ -111,7 +112,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         log.warning("not resuming from %s: a save that did not finish (the run was killed or the save failed), "
                     "deleted once a checkpoint of a later step is complete", partial)
     if resume_from is None and cfg.finetune.init:
-        init = distributed.rank_zeros(locate(cfg.finetune.init), ctx)  # the log names the step it took
+        init = distributed.from_rank_zero(lambda: locate(cfg.finetune.init), ctx.control, expected=(OSError, ValueError))
         kind, fresh = load_located(model, init, cfg.finetune.new_head, cfg.finetune.init_ema)
         log.info("initialised from %s (%s); freshly initialised: %s", init, kind, fresh or "nothing")
     if cfg.finetune.freeze == "backbone":
@@ -221,8 +222,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             at_eval_step = eval_due and not preempted  # a preempted run leaves it to the resumed one (eval_owed)
             # A checkpoint holds the counts so far; a new window starts after an evaluation or a checkpoint,
             # so that their time stays out of perf/.
-            # And at a run's first step: its loss at once, and the start-up (compilation, the loader's
-            # first batches) in a window of its own, out of the next line's perf/ figures.
+            # And at step 1: a run's loss at once, and its start-up (compilation, the loader's first
+            # batches) in a window of its own, out of the next line's perf/ figures. Not at a resume's
+            # first step, whose curves then match an uninterrupted run's, windows and all.
             at_log_step = step % cfg.log.every_steps == 0 or step == 1 or at_ckpt_step or at_eval_step
             scalars = _close_window(window, lr, state, flops_per_image / peak, ctx) if at_log_step else {}
             validated = False

@@ -95,7 +95,7 @@ def eval_transform(image: torch.Tensor, cfg: DataConfig, size: int) -> torch.Ten
     then the centre cut out (offsets rounded, as its CenterCrop does). An export names crop_pct
     for timm, whose figures then match vitdist's up to the resampler (timm resizes with PIL).
     BadSample (too_large) where the resized image would hold more than data.max_image_pixels: a
-    thin strip (8x500000) passes that bound as decoded, but resized whole it would not (25 GB)."""
+    thin strip (8x500000) passes that bound as decoded, but resized whole it would not (12 GB)."""
     _, height, width = image.shape
     short = math.floor(size / cfg.val_crop_frac)
     w, h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)

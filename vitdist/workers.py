@@ -77,13 +77,14 @@ class Reads:
         self.width, self.max_skip_frac = 1 + len(SKIP_KINDS), max_skip_frac
         self.counts = RawArray("q", max(1, num_workers) * self.width)  # one writer per slot: no lock
 
-    def count(self, skipped: str | None) -> None:
-        """In the worker (or the training process's reading thread): one sample read, skipped as `skipped`."""
+    def count(self, skipped: str | None, samples: int = 1) -> None:
+        """In the worker (or the training process's reading thread): a sample read, skipped as
+        `skipped`, standing for `samples` (BadSample.count)."""
         info = get_worker_info()
         start = (info.id if info else 0) * self.width
-        self.counts[start] += 1
+        self.counts[start] += samples
         if skipped is not None:
-            self.counts[start + 1 + SKIP_KINDS.index(skipped)] += 1
+            self.counts[start + 1 + SKIP_KINDS.index(skipped)] += samples
 
     def since(self, before: list[int], worker: int) -> tuple[int, Counter]:
         """What `worker` has read since `before` (a copy of `counts`): the samples, and the skipped ones by kind."""
