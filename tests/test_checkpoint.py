@@ -23,6 +23,7 @@ from vitdist.config_yaml import load_config
 from vitdist.handoff import HandoffError, load_pretrained
 from vitdist.model import build_model, check_model
 from vitdist.optim import build_optimizer
+from vitdist.train_state import TrainState
 
 
 def trained_pair(seed):
@@ -135,12 +136,20 @@ def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused_before_traini
     preflight(cfg, world_size=1)
 
 
+def test_the_train_state_comes_back_whole_from_its_json():
+    """Every field, none left at its default (a resume restarted train/skipped_steps at 0 so)."""
+    state = TrainState(step=5, data_positions={"0": [0, 1, 32, "ab"]}, skipped={"no_label": 2}, trained_samples=300,
+                       bad_steps=3, best={"val_top1": 0.5, "val_loss": 1.25}, eval_owed=True, validated=False)
+    saved = json.loads(json.dumps(state.saved(config={"train": {"global_batch_size": 64}})))
+    assert TrainState.restored(saved, global_batch_size=32) == state
+
+
 def test_keep_counts_complete_checkpoints_and_partials_go_once_superseded(tmp_path, process_group):
     model, optimizer = trained_pair(0)
     (tmp_path / "step_15.tmp").mkdir(parents=True)
     (tmp_path / "step_45.tmp").mkdir()
     saver = checkpoint.Checkpointer(tmp_path, CkptConfig(keep=2), {})
-    for step in (10, 20, 30, 40):
+    for step in (9, 10, 30, 40):  # by step number: step_9 sorts after step_40 as a name
         saver.save(step, model, optimizer, {"step": step})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_30", "step_40", "step_45.tmp"]
     saver.save(45, model, optimizer, {"step": 45})  # the killed step saved again

@@ -27,7 +27,8 @@ from vitdist.data import EvalLoader, TrainLoader
 from vitdist.streams import Stream, shard_order
 from vitdist.shard_list import expand_urls, train_shard_urls
 from vitdist.transforms import draw_augmentation, eval_transform, sample_crop
-from vitdist.samples import BadSample, NoUsableSamples, Skips, load_rgb, open_image, read_sample
+from vitdist.samples import (BadSample, NoUsableSamples, Skips, TooManyBadSamples, check_skipped, load_rgb, open_image,
+                             read_image, read_sample, too_many_skipped)
 from vitdist.tars import READ_ERROR, read_samples
 from vitdist.imagefolder import to_shards
 from vitdist.preflight import preflight
@@ -255,6 +256,20 @@ def test_bad_samples_are_skipped_and_counted_by_kind(tmp_path, caplog):
     for url in truncated, deleted:
         assert any(f"skipped the rest of the shard in {url}: " in m and m.endswith("[read_error]") for m in messages), url
     assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own bomb check is left in place for everyone else
+
+
+def test_the_limits_on_an_image_and_on_bad_samples_allow_their_own_value():
+    """data.max_image_pixels: at most, not fewer than; data.max_skip_frac: more than it stops, so
+    1 never does, and 0 stops on the first bad sample only."""
+    cfg = load_config(TINY, ["data.max_image_pixels=10000"]).data
+    read_image({"__key__": "k", "png": png_bytes((9, 9, 9), size=(100, 100)), "cls": b"1"}, cfg, 8)
+    with pytest.raises(BadSample, match="101x100 image, more than data.max_image_pixels=10000"):
+        read_image({"__key__": "k", "png": png_bytes((9, 9, 9), size=(101, 100)), "cls": b"1"}, cfg, 8)
+    assert not too_many_skipped(Counter(no_label=10), 10, 1.0)
+    assert not too_many_skipped(Counter(no_label=1), 10, 0.1) and too_many_skipped(Counter(no_label=2), 10, 0.1)
+    check_skipped({}, 20, 100, replace(cfg, max_skip_frac=0.0))
+    with pytest.raises(TooManyBadSamples):
+        check_skipped({"no_label": 1}, 20, 100, replace(cfg, max_skip_frac=0.0))
 
 
 def test_shards_without_a_usable_sample_stop_the_stream_instead_of_hanging(tmp_path):

@@ -173,6 +173,32 @@ sys.stdout.buffer.write(data[pause:])
 """
 
 
+def _one_rank_signalled(rank, out_dir):
+    import torch.distributed as dist
+
+    from vitdist.distributed import DistContext
+    from vitdist.preemption import Preemption
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'store'}", rank=rank, world_size=2)
+    try:
+        preemption = Preemption()
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        ctx = DistContext(rank, 2, torch.device("cpu"), control=dist.group.WORLD)
+        (out_dir / f"rank{rank}.json").write_text(json.dumps([preemption.requested(ctx) for _ in range(3)]))
+        preemption.settle()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """A node's own SIGTERM, or a `kill` of one rank: the ranks agree at the next step's read."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_one_rank_signalled, args=(tmp_path,), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)] == [[False, True, True]] * 2
+
+
 def test_a_preemption_signal_to_the_jobs_processes_leaves_pipe_commands_reading(tmp_path):
     """SIGTERM to the training process's group (a shell's or SLURM's signal to the job) reached the
     `pipe:` commands it reads its shards through without loader workers (with workers, their
@@ -279,18 +305,21 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused_and_the_first_trains_on(dem
 
 def test_a_run_dir_locked_from_another_host_says_how_to_get_past_a_crashed_one(tmp_path):
     """On NFS a crashed host's lock outlives it (NFSv3's until the host is back): a refusal naming
-    another host says so, and which file to delete; one naming this host does not."""
+    another host says so, and which file to delete; one naming this host does not. The holder's
+    line replaces a longer one a run before left, whole."""
     import socket
     import subprocess
 
     from conftest import ENV
     from vitdist import run_lock
 
+    (tmp_path / run_lock.LOCK).write_text(f"pid 4242 on {'a-long-gone-host.' * 10}, since 2026-01-01 00:00:00\n")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from vitdist import "
                                "run_lock; run_lock.hold(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
                                str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         assert holder.stdout.readline() == "held\n"
+        assert re.fullmatch(rf"pid {holder.pid} on \S+, since [\d-]+ [\d:]+\n", (tmp_path / run_lock.LOCK).read_text())
         for host, hint in (("node7", True), (socket.gethostname(), False)):
             (tmp_path / run_lock.LOCK).write_text(f"pid 4242 on {host}, since 2026-12-05 14:24:56\n")
             with pytest.raises(ConfigError) as refused:

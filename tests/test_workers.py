@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ from vitdist.config_yaml import load_config
 from vitdist.data import EvalLoader, TrainLoader
 from vitdist.shard_list import expand_urls
 from vitdist.prefetch import DeviceBatches
-from vitdist.workers import WorkerDied, WorkerStalled
+from vitdist.samples import SKIP_KINDS
+from vitdist.workers import Reads, WorkerDied, WorkerStalled
 
 CPU = torch.device("cpu")
 TIMEOUT_S = 60  # dist.timeout_s: far above what a dead worker may take to be noticed
@@ -195,6 +197,17 @@ def test_workers_are_forked_whatever_the_default_start_method(demo_shards):
     finally:
         reading.kill()
     assert reading.returncode == 0 and stdout.split() == ["128"], stderr[-3000:]
+
+
+def test_the_reads_since_a_moment_are_each_workers_own():
+    """What tells a stall from shards read on without a usable sample: worker 1's reads, not worker
+    0's, which read 100 before."""
+    reads = Reads(2, 0.5)
+    reads.counts[0] = 100
+    before = reads.counts[:]
+    reads.counts[reads.width] += 3
+    reads.counts[reads.width + 1 + SKIP_KINDS.index("no_label")] += 3
+    assert reads.since(before, 1) == (3, Counter(no_label=3)) and reads.since(before, 0) == (0, Counter())
 
 
 def test_the_workers_leave_no_folder_in_tmp(demo_shards, tmp_path):
