@@ -27,7 +27,7 @@ from vitdist.demo_data import write_demo_dataset
 from vitdist.shard_list import expand_urls
 from vitdist.checkpoint_read import load_model_weights
 from vitdist.export import export, recorded_best
-from vitdist.resume import changes, shard_ids
+from vitdist.resume import added_keys, changes, shard_ids
 from vitdist.preflight import preflight
 
 pytestmark = pytest.mark.slow
@@ -542,6 +542,11 @@ def test_a_resume_reports_the_learning_rate_its_changes_make_and_why():
     assert changes(load_config(TINY, ["train.steps=80"]), state) == [  # 1e-5 + 1.99e-3 x (1 + cos(pi/6)) / 2
         "train.steps: 40 -> 80", "the learning rate of step 31 is 0.00187, where the checkpoint's schedule has 0.00101 "
         "(the cosine decay now ends at train.steps=80)"]
+    # Keys that the checkpoint's vitdist did not have are no change of the user's: said apart.
+    for key in ("jpeg_reduce", "aug_repeats"):
+        del state["config"]["data"][key]
+    assert changes(load_config(TINY, ["train.steps=40"]), state) == []
+    assert added_keys(load_config(TINY, ["train.steps=40"]), state) == ["data.aug_repeats=1", "data.jpeg_reduce=True"]
 
 
 def test_shard_ids_keep_what_differs_between_shards_and_drop_what_a_move_changes():
@@ -616,6 +621,14 @@ def test_a_resume_tells_pipe_commands_apart_by_the_file_they_read(demo_shards, t
             f"was trained with data.train_shards={[f'pipe:cat {url} | tee /dev/null' for url in urls]!r}; it records "
             "its shards by file name only, 'null' for more than one of them")):
         check(piped(moved))
+
+    state = json.loads((step_2 / "train_state.json").read_text())
+    del state["data_order"]  # as vitdist wrote it before it recorded the order (2026-11-23): checked it not, unsaid
+    (step_2 / "train_state.json").write_text(json.dumps(state))
+    assert preflight(load_config(TINY, [*common, piped(urls[1:] + urls[:1]), "data.seed=7"]), world_size=1) == [
+        f"checkpoint '{step_2}' does not record the data order it was trained in (written by an earlier vitdist): "
+        "whether data.train_shards, data.seed and data.shuffle_block are those it was trained with cannot be checked; "
+        f"if any is not, {ahead}: samples repeated or never seen"]
 
 
 def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards, tmp_path):

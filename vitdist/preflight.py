@@ -42,7 +42,7 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
         raise ConfigError(str(e)) from None
     if resume_from is not None:
         try:
-            resume.check(cfg, resume_from, train_data, model)
+            found += resume.check(cfg, resume_from, train_data, model)
         except ConfigError as e:
             if checkpoint.passed_over(cfg.train.resume, resume_from):  # else the checkpoint refused is not the one named
                 raise ConfigError(f"{e} (train.resume='{cfg.train.resume}' is older than this run's newest checkpoint, "

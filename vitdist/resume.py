@@ -88,10 +88,10 @@ def _start_new(path: Path) -> str:
     return f"start a new run.dir with finetune.init={path}"
 
 
-def check(cfg: Config, path: Path, train: list[str] | ImageFolder, model: VisionTransformer) -> None:
+def check(cfg: Config, path: Path, train: list[str] | ImageFolder, model: VisionTransformer) -> list[str]:
     """Refuse (ConfigError) a resume from `path` that cannot continue the run it comes from.
     `train`: the training shards' URLs, or the ImageFolder that the run converts into shards.
-    `model`: the config's, as check_model built it."""
+    `model`: the config's, as check_model built it. Returns what it could not check."""
     try:
         check_files(path)
     except (FileNotFoundError, UnsafeCheckpoint) as e:
@@ -128,9 +128,13 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder, model: Vision
     if len(state["data_positions"]) != cfg.data.streams:
         raise ConfigError(f"data.streams={cfg.data.streams}, but {where} holds the positions of "
                           f"{len(state['data_positions'])} data streams; {start_new}")
-    order = state.get("data_order")  # not in checkpoints written before it was recorded
-    if order is None:
-        return
+    order = state.get("data_order")
+    if order is None:  # written before it was recorded (vitdist of 2026-11-23 and before)
+        if isinstance(train, ImageFolder):
+            _check_images({}, train, cfg, path)
+        return [f"{where} does not record the data order it was trained in (written by an earlier vitdist): whether "
+                "data.train_shards, data.seed and data.shuffle_block are those it was trained with cannot be checked; "
+                f"if any is not, {_CHANGED}"]
     for key in ("seed", "shuffle_block"):
         if order[key] != getattr(cfg.data, key):
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)}, but {where} was trained with data.{key}="
@@ -139,6 +143,7 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder, model: Vision
         _check_images(order, train, cfg, path)
     else:
         _check_shards(order, train, cfg.data.train_shards, state["config"]["data"]["train_shards"], path)
+    return []
 
 
 def _check_images(order: dict, folder: ImageFolder, cfg: Config, path: Path) -> None:
@@ -190,6 +195,13 @@ def _check_shards(order: dict, urls: list[str], given, trained_with, path: Path)
                       f"the others', here '{ids[0]}' for '{urls[0]}'), or {start_new}")
 
 
+def added_keys(cfg: Config, state: dict) -> list[str]:
+    """The keys the checkpoint's vitdist did not have, 'key=value' as now: no change the user made,
+    but where the value is not what that vitdist did (data.jpeg_reduce), the run trains otherwise."""
+    old = _flat(state.get("config", {}))
+    return [f"{key}={value!r}" for key, value in _flat(to_dict(cfg)).items() if old and key not in old and _reported(key)]
+
+
 def changes(cfg: Config, state: dict) -> list[str]:
     """The keys changed since the checkpoint's run, 'key: old -> new' (data.decode as resolved on
     each machine), and what the learning rate at the resumed step became if the schedule changed
@@ -197,9 +209,8 @@ def changes(cfg: Config, state: dict) -> list[str]:
     if "config" not in state:  # a checkpoint written before the config was recorded
         return []
     old, new = _flat(state["config"]), _flat(to_dict(cfg))
-    changed = [key for key in new if old.get(key) != new[key] and key not in _UNREPORTED
-               and key.split(".")[0] not in _UNREPORTED_SECTIONS]
-    lines = [f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in changed]
+    changed = [key for key in new if key in old and old[key] != new[key] and _reported(key)]
+    lines = [f"{key}: {old[key]!r} -> {new[key]!r}" for key in changed]
     if (before := state.get("decoded_on")) and before != decoded_on(cfg):  # earlier checkpoints do not record it
         lines.append(f"data.decode: {before!r} -> {decoded_on(cfg)!r} (as resolved on each machine): a "
                      "JPEG broken past its header is skipped with cpu, its stream's next sample taken in its place, "
@@ -213,6 +224,10 @@ def changes(cfg: Config, state: dict) -> list[str]:
         lines.append(f"the learning rate of step {step + 1} is {now:.3g}, where the checkpoint's schedule has "
                      f"{then:.3g}{ends}")
     return lines
+
+
+def _reported(key: str) -> bool:
+    return key not in _UNREPORTED and key.split(".")[0] not in _UNREPORTED_SECTIONS
 
 
 def _flat(tree: dict) -> dict:

@@ -137,6 +137,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         if ctx.is_main and (changes := resume.changes(cfg, saved)):
             log.warning("resuming with a config changed since %s, so this run differs from the one it continues: %s",
                         resume_from, "; ".join(changes))
+        if ctx.is_main and (added := resume.added_keys(cfg, saved)):
+            log.info("config keys that the vitdist which wrote %s did not have, at their values now: %s", resume_from,
+                     ", ".join(added))
 
     average = WeightAverage(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
     averaged = average is None or resume_from is None or checkpoint_read.load_average(resume_from, average)
