@@ -214,6 +214,10 @@ vitdist_slurm_main() {
 
   # Before the check, which would refuse a run.dir a run holds without naming its job.
   vitdist_refuse_if_held "$run_dir"
+  # The check and the ranks' rank 0 take the run.dir lock as a run by hand does, passing over one an
+  # earlier attempt of this job left on a node that crashed (vitdist/run_lock.py): a run by hand
+  # there is refused by the check, before anything here is written or deleted.
+  export VITDIST_SLURM_JOB=$VITDIST_JOB
   # A bad config fails here, once, with exit 2 and its reason, and is never requeued. The check
   # failing otherwise (killed by the OOM killer, a storage error) is a failure as training's are.
   WORLD_SIZE=$(( SLURM_NNODES * nproc )) python "launch/$launcher.py" --config "$config" --check "${overrides[@]}"
@@ -227,8 +231,6 @@ vitdist_slurm_main() {
     vitdist_requeue "SIG$VITDIST_SIGNALLED before training started"
   fi
   vitdist_claim_run_dir "$run_dir"
-  # The claim holds the run.dir for the ranks: they take no lock of their own there (vitdist/run_lock.py).
-  export VITDIST_SLURM_JOB=$VITDIST_JOB
   # Written by the ranks once they have trained to the end, and on an error that recurs: an
   # earlier job's would end this one as finished, or fail it without a requeue on its old error.
   rm -f "$run_dir/FINISHED" "$run_dir/FATAL"

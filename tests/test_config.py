@@ -376,8 +376,8 @@ def test_overrides_on_both_sides_of_the_options(tmp_path):
 
 
 def test_a_second_config_file_or_a_run_dir_that_cannot_be_made_is_refused_also_under_check(tmp_path):
-    """argparse read the last --config alone. A run.dir under a file passed --check (the SLURM jobs'
-    first step, whose runs take no lock, the check that found it), to fail at the run's first write."""
+    """argparse read the last --config alone. A run.dir under a file passed --check by hand (which
+    takes no lock, whose opening finds it), to fail at the run's first write; and so in a SLURM job."""
     (tmp_path / "file").write_text("")
     for options, message in (
             (["--config", str(TINY), "--config", str(TINY)], f"error: --config is given 2 times ({TINY}, {TINY}): give "

@@ -44,6 +44,19 @@ def test_the_average_is_timms_model_ema(warmup):
         assert not torch.allclose(ours.average[name], model.state_dict()[name])  # an average, not the weights
 
 
+def test_the_average_follows_parameters_given_new_storage_before_the_first_update():
+    """FSDP's lazy init, at the first forward after the average is made, gave a parameter that the
+    ranks do not divide evenly new storage (torch before pytorch#163130): the average must follow
+    the parameter as it is at the updates, not as it was when made."""
+    model = _small_model()
+    average = WeightAverage(model, 0.5, warmup=False)
+    before = model[2].weight.detach().clone()
+    with torch.no_grad():
+        model[2].weight.data = model[2].weight.data.clone() + 1  # new storage, new values
+    average.update(1)
+    torch.testing.assert_close(average.average["2.weight"], before + 0.5)
+
+
 def test_frozen_parameters_are_their_own_average_and_not_copied():
     model = _small_model()
     model[0].requires_grad_(False)

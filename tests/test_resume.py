@@ -333,13 +333,14 @@ def test_a_run_dir_locked_from_another_host_says_how_to_get_past_a_crashed_one(t
         holder.wait()
 
 
-def test_a_slurm_job_holds_the_lock_but_passes_over_one_its_own_earlier_attempt_left(tmp_path, monkeypatch):
+def test_a_slurm_job_holds_the_lock_but_passes_over_one_its_own_earlier_attempt_left(demo_shards, tmp_path, monkeypatch):
     """A job of the SLURM scripts takes the lock, so that a run started by hand in its run.dir is
     refused (they took none: the two trained side by side); a requeue of the same job, whose crashed
-    node's lock NFS keeps, runs on with a warning; another job is refused."""
+    node's lock NFS keeps, runs on with a warning; another job is refused, and so is the same job's
+    lock held on this host, which no crash left (a host's own locks end with their processes)."""
     import subprocess
 
-    from conftest import ENV
+    from conftest import ENV, REPO
     from vitdist import run_lock
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from vitdist import "
@@ -355,9 +356,23 @@ def test_a_slurm_job_holds_the_lock_but_passes_over_one_its_own_earlier_attempt_
         with pytest.raises(ConfigError, match="is in use by another run"):
             run_lock.hold(tmp_path)
         monkeypatch.setenv("VITDIST_SLURM_JOB", "77_3")
-        warning = run_lock.hold(tmp_path)
-        assert warning.startswith(f"run.dir '{tmp_path}' is locked by an earlier attempt of this job (pid "), warning
-        assert warning.endswith("this attempt runs without the lock"), warning
+        with pytest.raises(ConfigError, match="is in use by another run"):
+            run_lock.hold(tmp_path)  # alive, on this host
+        (tmp_path / run_lock.LOCK).write_text("pid 4242 on node7, since 2026-12-05 14:24:56, SLURM job 77_3\n")
+        assert run_lock.hold(tmp_path) == (
+            f"run.dir '{tmp_path}' is locked by an earlier attempt of this job (pid 4242 on node7, since 2026-12-05 "
+            "14:24:56, SLURM job 77_3), which its file system takes for alive (a crashed node's lock on NFS): this "
+            "attempt runs without the lock")
+        # The job's config check refuses a run.dir a run holds (exit 2: not requeued), before its batch
+        # script writes there; a check by hand does not look.
+        (tmp_path / run_lock.LOCK).write_text("pid 4242 on node7, since 2026-12-05 14:24:56\n")
+        check = [sys.executable, "launch/pretrain.py", "--config", str(TINY), "--check", *shard_overrides(demo_shards),
+                 f"run.dir={tmp_path}"]
+        by_job = subprocess.run(check, cwd=REPO, capture_output=True, text=True, timeout=120,
+                                env={**ENV, "VITDIST_SLURM_JOB": "78"})
+        assert by_job.returncode == 2 and "is in use by another run (pid 4242 on node7" in by_job.stderr, by_job.stderr
+        by_hand = subprocess.run(check, cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+        assert by_hand.returncode == 0, by_hand.stderr
     finally:
         holder.kill()
         holder.wait()
@@ -627,8 +642,8 @@ def test_a_resume_tells_pipe_commands_apart_by_the_file_they_read(demo_shards, t
     (step_2 / "train_state.json").write_text(json.dumps(state))
     assert preflight(load_config(TINY, [*common, piped(urls[1:] + urls[:1]), "data.seed=7"]), world_size=1) == [
         f"checkpoint '{step_2}' does not record the data order it was trained in (written by an earlier vitdist): "
-        "whether data.train_shards, data.seed and data.shuffle_block are those it was trained with cannot be checked; "
-        f"if any is not, {ahead}: samples repeated or never seen"]
+        "data.train_shards, data.seed and data.shuffle_block cannot be checked against it; if any is not what it was "
+        f"trained with, {ahead}: samples repeated or never seen"]
 
 
 def test_a_resume_that_evaluates_worse_keeps_the_better_best_weights(demo_shards, tmp_path):
@@ -811,20 +826,27 @@ def test_a_resume_onto_an_image_folder_of_other_images_is_refused_even_converted
     assert f"resumed from {step_4} at step 4" in resumed.stderr and "converting ImageFolder" in resumed.stderr
     assert loss_curve(run_dir) == uninterrupted  # bitwise: the same samples at the same positions
 
-    # A checkpoint that does not record its images (an earlier vitdist's) is compared through the run's
-    # conversion, and refused when there is none to compare with.
+    # A checkpoint that does not record its images, or no data order at all (earlier vitdists'), is
+    # compared through the run's conversion, and refused when there is none to compare with.
     step_8 = run_dir / "checkpoints" / "step_8"
-    state = json.loads((step_8 / "train_state.json").read_text())
-    assert state["data_order"]["image_folder"]["images"] == 18
-    del state["data_order"]["image_folder"]
-    (step_8 / "train_state.json").write_text(json.dumps(state))
-    check()
-    added = images / "bee" / "bee.6.png"
-    Image.new("RGB", (16, 16), (80, 60, 0)).save(added)
-    with pytest.raises(ConfigError, match=re.escape(
-            f"'{images}' is not the ImageFolder checkpoint '{step_8}' was trained on (19 images where there were 18)")):
-        check()
-    added.unlink()
+    written = json.loads((step_8 / "train_state.json").read_text())
+    assert written["data_order"]["image_folder"]["images"] == 18
+    for older in ("data_order", "image_folder"):
+        state = json.loads(json.dumps(written))
+        if older == "data_order":
+            del state["data_order"]
+        else:
+            del state["data_order"]["image_folder"]
+        (step_8 / "train_state.json").write_text(json.dumps(state))
+        assert preflight(load_config(TINY, common), world_size=1) == ([
+            f"checkpoint '{step_8}' does not record the data order it was trained in (written by an earlier vitdist): "
+            "data.shuffle_block cannot be checked against it; if it is not what it was trained with, its data stream "
+            "positions would index another sample order: samples repeated or never seen"] if older == "data_order" else [])
+        Image.new("RGB", (16, 16), (80, 60, 0)).save(added)
+        with pytest.raises(ConfigError, match=re.escape(
+                f"'{images}' is not the ImageFolder checkpoint '{step_8}' was trained on (19 images where there were 18)")):
+            check()
+        added.unlink()
     shutil.rmtree(run_dir / "shards" / "train")
     with pytest.raises(ConfigError, match=re.escape(
             f"data.train_shards is the ImageFolder '{images}', but checkpoint '{step_8}' does not record the images it "

@@ -56,7 +56,10 @@ def main(description: str, finetune: bool) -> int:
         if finetune and not cfg.finetune.init:
             raise ConfigError("finetune.init is not set: give the checkpoint to start from, finetune.init=<path>")
         found = preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        if os.environ.get("RANK", "0") == "0" and not args.check and (unlocked := run_lock.hold(Path(cfg.run.dir))):
+        # A SLURM job's check takes it too: refused there, a job is not requeued (its ranks' refusal
+        # would be, and the batch script would have written in the run.dir first).
+        locks = not args.check or "VITDIST_SLURM_JOB" in os.environ
+        if os.environ.get("RANK", "0") == "0" and locks and (unlocked := run_lock.hold(Path(cfg.run.dir))):
             found.append(unlocked)  # before FATAL, FINISHED and config.yaml are written there
     except ConfigError as e:
         refusal = str(e)

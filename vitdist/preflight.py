@@ -66,9 +66,9 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
 
 
 def _refuse_unwritable(run_dir: Path) -> None:
-    """A run.dir that cannot be made or written to, refused with the config: also under --check and
-    in the SLURM scripts' jobs, which take no run lock (whose opening found it before), where it was
-    a traceback at the run's first write, exit 1, requeued."""
+    """A run.dir that cannot be made or written to, refused with the config: also under --check by
+    hand, which takes no run lock (whose opening finds it), where it passed, to fail at the run's
+    first write."""
     there = run_dir
     try:  # lexists: a link to nothing is there, to be refused, and a folder that cannot be entered is not
         while not os.path.lexists(there) and there != there.parent:

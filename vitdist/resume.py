@@ -129,12 +129,14 @@ def check(cfg: Config, path: Path, train: list[str] | ImageFolder, model: Vision
         raise ConfigError(f"data.streams={cfg.data.streams}, but {where} holds the positions of "
                           f"{len(state['data_positions'])} data streams; {start_new}")
     order = state.get("data_order")
-    if order is None:  # written before it was recorded (vitdist of 2026-11-23 and before)
+    if order is None:  # written before it was recorded (2026-11-23)
         if isinstance(train, ImageFolder):
-            _check_images({}, train, cfg, path)
-        return [f"{where} does not record the data order it was trained in (written by an earlier vitdist): whether "
-                "data.train_shards, data.seed and data.shuffle_block are those it was trained with cannot be checked; "
-                f"if any is not, {_CHANGED}"]
+            _check_images({}, train, cfg, path)  # through the run's conversion, which its seed made
+            unchecked = "data.shuffle_block cannot be checked against it; if it is"
+        else:
+            unchecked = "data.train_shards, data.seed and data.shuffle_block cannot be checked against it; if any is"
+        return [f"{where} does not record the data order it was trained in (written by an earlier vitdist): "
+                f"{unchecked} not what it was trained with, {_CHANGED}"]
     for key in ("seed", "shuffle_block"):
         if order[key] != getattr(cfg.data, key):
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)}, but {where} was trained with data.{key}="

@@ -19,13 +19,13 @@ import torch
 from . import checkpoint, checkpoint_read, distributed, imagefolder, resume
 from .augment import random_erase
 from .checkpoint import Checkpointer, SaveFailed
-from .config import Config, to_dict
+from .config import Config, ConfigError, to_dict
 from .config_check import batch_layout
 from .config_yaml import config_text, save_config
 from .data import EvalLoader, Normalize, TrainLoader
 from .ema import WeightAverage
-from .export import header
-from .handoff import load_located, locate
+from .export import header, recorded_best
+from .handoff import HandoffError, load_located, locate
 from .metrics import MetricLogger, matmul_peak_flops
 from .model import build_model, is_classifier, model_meta, train_flops_per_image
 from .objective import Classification
@@ -104,7 +104,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     # finetune.init naming its checkpoints/) may be another step by the time each rank looks, and
     # FSDP keeps each rank's shard of what it loaded.
     resume_from = distributed.from_rank_zero(lambda: checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints"),
-                                             ctx.control, expected=(OSError, ValueError))
+                                             ctx.control, expected=(OSError, ConfigError, HandoffError))
     if checkpoint.passed_over(cfg.train.resume, resume_from):
         log.warning("train.resume='%s', but this run has checkpointed since: resuming from %s (move its newer "
                     "checkpoints away to go back)", cfg.train.resume, resume_from)
@@ -112,7 +112,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         log.warning("not resuming from %s: a save that did not finish (the run was killed or the save failed), "
                     "deleted once a checkpoint of a later step is complete", partial)
     if resume_from is None and cfg.finetune.init:
-        init = distributed.from_rank_zero(lambda: locate(cfg.finetune.init), ctx.control, expected=(OSError, ValueError))
+        init = distributed.from_rank_zero(lambda: locate(cfg.finetune.init), ctx.control,
+                                          expected=(OSError, ConfigError, HandoffError))
         kind, fresh = load_located(model, init, cfg.finetune.new_head, cfg.finetune.init_ema)
         log.info("initialised from %s (%s); freshly initialised: %s", init, kind, fresh or "nothing")
     if cfg.finetune.freeze == "backbone":
@@ -138,8 +139,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
             log.warning("resuming with a config changed since %s, so this run differs from the one it continues: %s",
                         resume_from, "; ".join(changes))
         if ctx.is_main and (added := resume.added_keys(cfg, saved)):
-            log.info("config keys that the vitdist which wrote %s did not have, at their values now: %s", resume_from,
-                     ", ".join(added))
+            log.warning("config keys that the vitdist which wrote %s did not have, at their values now (where one is not "
+                        "what that vitdist did, the run trains otherwise from here): %s", resume_from, ", ".join(added))
 
     average = WeightAverage(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
     averaged = average is None or resume_from is None or checkpoint_read.load_average(resume_from, average)
@@ -283,8 +284,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     last_ckpt = checkpointer.newest() or (resume_from if nothing_to_train else None)
     if ctx.is_main:
         print(f"checkpoint: {last_ckpt}", flush=True)
-        if "val_top1" in (best := header(best_file) if best_file.is_file() else {}):  # or the resumed run's
-            print(f"best: {best_file} (step {best.get('step', '?')}, val/top1 {float(best['val_top1']):.2%})", flush=True)
+        if (best := recorded_best(best_file)) is not None:  # this run's, or an earlier launch's in this run.dir
+            print(f"best: {best_file} (step {header(best_file).get('step', '?')}, val/top1 {best['val_top1']:.2%})",
+                  flush=True)
         print(f"tensorboard: tensorboard --logdir {shlex.quote(str(run_dir / 'tb'))}", flush=True)
     return last_ckpt
 
