@@ -259,7 +259,12 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 
 def local_numel(model: torch.nn.Module) -> int:
     """Parameter elements held by this rank (a shard of each under FSDP)."""
-    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    return sum(local(p).numel() for p in model.parameters())
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard (the same storage), any other whole."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+
+from .distributed import local
 
 
 class WeightAverage:
@@ -39,7 +40,7 @@ class WeightAverage:
             # tensor cost 8-20 ms of host time a step over a ViT-B's 152 tensors, 0.4 ms so. At the first
             # update, after the first forward: until pytorch#163130 (2025), FSDP's lazy init gave the
             # shard of a parameter that the ranks do not divide evenly new storage.
-            self._lerped = (_local(self.average.values()), _local(p.detach() for p in self.params.values()))
+            self._lerped = ([local(t) for t in self.average.values()], [local(p.detach()) for p in self.params.values()])
         torch._foreach_lerp_(*self._lerped, 1 - self.decay_at(step))
 
     @contextlib.contextmanager
@@ -67,7 +68,3 @@ class WeightAverage:
             kept = param.detach().clone()
             param.copy_(self.average[name])
             self.average[name].copy_(kept)
-
-
-def _local(tensors) -> list[torch.Tensor]:
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]

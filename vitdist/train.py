@@ -40,6 +40,8 @@ from .tracing import StepProfiler
 from .validation import best_to_beat, evaluate_and_keep_best, owed_validation_logged, record_owed_validation
 
 log = logging.getLogger(__name__)
+# What locating a checkpoint raises: rank 0's, raised on every rank (distributed.from_rank_zero).
+_LOCATING = (OSError, ConfigError, HandoffError)
 
 
 @dataclass
@@ -104,7 +106,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
     # finetune.init naming its checkpoints/) may be another step by the time each rank looks, and
     # FSDP keeps each rank's shard of what it loaded.
     resume_from = distributed.from_rank_zero(lambda: checkpoint.resume_path(cfg.train.resume, run_dir / "checkpoints"),
-                                             ctx.control, expected=(OSError, ConfigError, HandoffError))
+                                             ctx.control, expected=_LOCATING)
     if checkpoint.passed_over(cfg.train.resume, resume_from):
         log.warning("train.resume='%s', but this run has checkpointed since: resuming from %s (move its newer "
                     "checkpoints away to go back)", cfg.train.resume, resume_from)
@@ -112,8 +114,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, preemption: Preemption) ->
         log.warning("not resuming from %s: a save that did not finish (the run was killed or the save failed), "
                     "deleted once a checkpoint of a later step is complete", partial)
     if resume_from is None and cfg.finetune.init:
-        init = distributed.from_rank_zero(lambda: locate(cfg.finetune.init), ctx.control,
-                                          expected=(OSError, ConfigError, HandoffError))
+        init = distributed.from_rank_zero(lambda: locate(cfg.finetune.init), ctx.control, expected=_LOCATING)
         kind, fresh = load_located(model, init, cfg.finetune.new_head, cfg.finetune.init_ema)
         log.info("initialised from %s (%s); freshly initialised: %s", init, kind, fresh or "nothing")
     if cfg.finetune.freeze == "backbone":
